@@ -1,0 +1,1 @@
+"""The creditmeter agent: meters GPU compute seconds on one host and ships signed records."""

@@ -1,0 +1,74 @@
+"""Errors the agent raises at its seams. Foreign exceptions never cross a seam."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+# -- NVML -------------------------------------------------------------------------------------
+
+
+class NvmlError(AgentError):
+    """An NVML call failed. ``code`` is the NVML return code (0 when pynvml gave none)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NvmlUnavailable(NvmlError):
+    """NVML cannot be used on this host at all; the agent cannot meter and exits.
+
+    ``exit_code`` is distinct per cause so that systemd and operators can tell them apart.
+    """
+
+    exit_code = 70
+
+
+class LibraryNotFound(NvmlUnavailable):
+    """libnvidia-ml.so.1 is not installed or not on the loader path (no NVIDIA driver)."""
+
+    exit_code = 71
+
+
+class DriverNotLoaded(NvmlUnavailable):
+    """The library is present but the kernel module is not loaded (driver not running)."""
+
+    exit_code = 72
+
+
+class DriverMismatch(NvmlUnavailable):
+    """The user-space library and the kernel module differ in version.
+
+    Raised when the driver was upgraded without reloading the kernel module or rebooting.
+    """
+
+    exit_code = 73
+
+
+class NoPermission(NvmlUnavailable):
+    """The agent's user may not open the GPU device nodes (/dev/nvidia*)."""
+
+    exit_code = 74
+
+
+class GpuLost(NvmlError):
+    """The GPU fell off the bus or needs a reset; its time is recorded as a gap until it returns."""
+
+
+class NotSupported(NvmlError):
+    """This device or driver does not offer the query (e.g. per-process utilization on MIG)."""
+
+
+class NoData(NvmlError):
+    """NVML has no sample newer than the cursor: the device was idle. Not a failure."""
+
+
+class ProcessGone(AgentError):
+    """The process exited between NVML listing it and the agent reading /proc."""

@@ -1,0 +1,1 @@
+"""The creditmeter collector: verifies, stores and prices the usage records of many agents."""

@@ -1,0 +1,1 @@
+"""Wire contract of creditmeter, generated from the .proto files beside this module."""

@@ -1,0 +1,135 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MeasurementSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEASUREMENT_SOURCE_UNSPECIFIED: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_NVML_PROCESS_UTIL: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_GPM_MIG_INSTANCE: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_GPM_MIG_SHARED: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_NONE: _ClassVar[MeasurementSource]
+
+class GapReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GAP_REASON_UNSPECIFIED: _ClassVar[GapReason]
+    GAP_REASON_RING_OVERFLOW: _ClassVar[GapReason]
+    GAP_REASON_GPU_LOST: _ClassVar[GapReason]
+    GAP_REASON_NVML_ERROR: _ClassVar[GapReason]
+    GAP_REASON_NO_UTILIZATION_SIGNAL: _ClassVar[GapReason]
+    GAP_REASON_AGENT_DOWN: _ClassVar[GapReason]
+
+class AttributionSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTRIBUTION_SOURCE_UNSPECIFIED: _ClassVar[AttributionSource]
+    ATTRIBUTION_SOURCE_JOB_API: _ClassVar[AttributionSource]
+    ATTRIBUTION_SOURCE_ENVIRONMENT: _ClassVar[AttributionSource]
+    ATTRIBUTION_SOURCE_NONE: _ClassVar[AttributionSource]
+MEASUREMENT_SOURCE_UNSPECIFIED: MeasurementSource
+MEASUREMENT_SOURCE_NVML_PROCESS_UTIL: MeasurementSource
+MEASUREMENT_SOURCE_GPM_MIG_INSTANCE: MeasurementSource
+MEASUREMENT_SOURCE_GPM_MIG_SHARED: MeasurementSource
+MEASUREMENT_SOURCE_NONE: MeasurementSource
+GAP_REASON_UNSPECIFIED: GapReason
+GAP_REASON_RING_OVERFLOW: GapReason
+GAP_REASON_GPU_LOST: GapReason
+GAP_REASON_NVML_ERROR: GapReason
+GAP_REASON_NO_UTILIZATION_SIGNAL: GapReason
+GAP_REASON_AGENT_DOWN: GapReason
+ATTRIBUTION_SOURCE_UNSPECIFIED: AttributionSource
+ATTRIBUTION_SOURCE_JOB_API: AttributionSource
+ATTRIBUTION_SOURCE_ENVIRONMENT: AttributionSource
+ATTRIBUTION_SOURCE_NONE: AttributionSource
+
+class Gap(_message.Message):
+    __slots__ = ("duration_us", "reason")
+    DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    duration_us: int
+    reason: GapReason
+    def __init__(self, duration_us: _Optional[int] = ..., reason: _Optional[_Union[GapReason, str]] = ...) -> None: ...
+
+class GpuRef(_message.Message):
+    __slots__ = ("uuid", "index", "name", "parent_uuid", "gpu_instance_id", "compute_instance_id")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARENT_UUID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    index: int
+    name: str
+    parent_uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+    def __init__(self, uuid: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., parent_uuid: _Optional[str] = ..., gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ...) -> None: ...
+
+class ProcessRef(_message.Message):
+    __slots__ = ("pid", "create_time_us", "name", "container_id", "pod_uid")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    create_time_us: int
+    name: str
+    container_id: str
+    pod_uid: str
+    def __init__(self, pid: _Optional[int] = ..., create_time_us: _Optional[int] = ..., name: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ...) -> None: ...
+
+class Attribution(_message.Message):
+    __slots__ = ("account", "model", "job_id", "source", "fallback")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    model: str
+    job_id: str
+    source: AttributionSource
+    fallback: bool
+    def __init__(self, account: _Optional[str] = ..., model: _Optional[str] = ..., job_id: _Optional[str] = ..., source: _Optional[_Union[AttributionSource, str]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
+class UsageRecord(_message.Message):
+    __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    WALL_US_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MJ_FIELD_NUMBER: _ClassVar[int]
+    GAPS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    seq: int
+    prev_hash: bytes
+    host: str
+    start_unix_us: int
+    end_unix_us: int
+    gpu: GpuRef
+    process: ProcessRef
+    attribution: Attribution
+    busy_us: int
+    wall_us: int
+    peak_memory_bytes: int
+    energy_mj: int
+    gaps: _containers.RepeatedCompositeFieldContainer[Gap]
+    source: MeasurementSource
+    final: bool
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., host: _Optional[str] = ..., start_unix_us: _Optional[int] = ..., end_unix_us: _Optional[int] = ..., gpu: _Optional[_Union[GpuRef, _Mapping]] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., busy_us: _Optional[int] = ..., wall_us: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., energy_mj: _Optional[int] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ..., source: _Optional[_Union[MeasurementSource, str]] = ..., final: _Optional[bool] = ...) -> None: ...
