@@ -1,0 +1,280 @@
+"""The simulated hardware: GPUs, MIG instances and the processes on them.
+
+Everything observable here is a pure function of sim time (and the clock's wall jumps): a
+process's activity is fixed by the scenario, so a period's samples, the energy counter and
+the context list come out the same whenever and however often they are asked for. The only
+state is a cache of per-period results, which that purity makes safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from creditmeter.simnvml.activity import Segment, StepFunction
+from creditmeter.simnvml.clock import SimTime
+from creditmeter.simnvml.sampling import (
+    PeriodActivity,
+    PeriodGrid,
+    ProcSample,
+    per_period_samples,
+    per_query_samples,
+)
+from creditmeter.simnvml.scenario import GpuSpec, MigSpec, ProcessSpec, Scenario
+from creditmeter.simnvml.units import US_PER_S, round_half_up
+
+LABEL_PREFIX = "CREDITMETER_"
+
+
+def derived_uuid(prefix: str, seed: int, *parts: object) -> str:
+    """A stable "GPU-…"/"MIG-…" UUID from the host seed and the device's place."""
+    h = hashlib.sha256(":".join(map(str, (seed, prefix, *parts))).encode()).hexdigest()
+    return f"{prefix}{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SimProcess:
+    """A scenario process as the host runs it."""
+
+    spec: ProcessSpec
+    device_uuid: str  # the GPU's, or the MIG instance's for a process on an instance
+    create_time_s: float  # what /proc (psutil) reports: the wall time it started
+    activity: StepFunction  # level = SM percent
+    labels: Mapping[str, str]
+
+    @property
+    def pid(self) -> int:
+        return self.spec.pid
+
+    def holds_context(self, now_us: int) -> bool:
+        return self.spec.alive_at(now_us)
+
+    def in_proc(self, now_us: int) -> bool:
+        """Whether /proc still has it: it vanishes ``proc_exit_lead_us`` before NVML drops it."""
+        s = self.spec
+        return s.start_us <= now_us and (
+            s.exit_us is None or now_us < s.exit_us - s.proc_exit_lead_us
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SimMigDevice:
+    spec: MigSpec
+    uuid: str
+    name: str
+    processes: tuple[SimProcess, ...]
+
+
+class SimGpu:
+    """One physical GPU: sampling, energy and contexts, each asked at a given sim time."""
+
+    def __init__(
+        self,
+        spec: GpuSpec,
+        uuid: str,
+        processes: Sequence[SimProcess],
+        migs: Sequence[SimMigDevice],
+        clock: SimTime,
+        phase_us: int,
+    ) -> None:
+        self.spec = spec
+        self.index = spec.index
+        self.uuid = uuid
+        self.name = spec.product
+        self.processes = tuple(processes)
+        self.migs = tuple(migs)
+        self.grid = PeriodGrid(spec.sample_period_us, phase_us, spec.ring_periods)
+        self._clock = clock
+        self._gi_activity = _gi_activities(self.migs)
+        self.activity, self.full_scale = self._whole_gpu_activity()
+        self._cache: dict[int, PeriodActivity] = {}
+
+    @property
+    def mig_enabled(self) -> bool:
+        return self.spec.mig_enabled
+
+    def _whole_gpu_activity(self) -> tuple[StepFunction, int]:
+        """The GPU's busy level, and the level meaning "100 % busy".
+
+        Contexts time-slice, so a GPU is at most fully busy; under MIG each GPU instance is
+        its own engine, weighted by the slices it holds.
+        """
+        if not self.spec.mig_enabled:
+            return StepFunction.sum_of([(1, p.activity) for p in self.processes], cap=100), 100
+        slices = {m.spec.gi: m.spec.gpu_slices for m in self.migs}
+        parts = [(slices[gi], fn) for gi, fn in self._gi_activity.items()]
+        return StepFunction.sum_of(parts), 100 * self.spec.mig_slices
+
+    # -- GPM scopes ---------------------------------------------------------------------------
+
+    def gpu_instance_ids(self) -> list[int]:
+        return sorted(self._gi_activity)
+
+    def scope_activity(self, gi: int | None) -> tuple[StepFunction, int]:
+        """Activity of the whole GPU (gi None) or of one GPU instance, with its full scale."""
+        if gi is None:
+            return self.activity, self.full_scale
+        return self._gi_activity[gi], 100
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def stamp_us(self, k: int) -> int:
+        return self._clock.wall_us_at(self.grid.end_us(k))
+
+    def period_activity(self, k: int) -> PeriodActivity:
+        return self._activities(range(k, k + 1))[0]
+
+    def _activities(self, ks: Sequence[int]) -> list[PeriodActivity]:
+        cache = self._cache
+        missing = [k for k in ks if k not in cache]
+        if missing:
+            self._compute(missing[0], missing[-1])
+        return [cache[k] for k in ks]
+
+    def _compute(self, k_lo: int, k_hi: int) -> None:
+        """Compute and cache periods ``k_lo..k_hi`` in one pass over the activity."""
+        period_us, count = self.grid.period_us, k_hi - k_lo + 1
+        start_us = self.grid.end_us(k_lo) - period_us
+        device = self.activity.windows(start_us, period_us, count)
+        per_period: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+        if device and not self.spec.mig_enabled:  # an idle device has no busy process
+            for p in self.processes:
+                for j, x in sorted(p.activity.windows(start_us, period_us, count).items()):
+                    per_period[j].append((p.pid, x))
+        for j in range(count):
+            device_x = device.get(j, 0)
+            util = self.util_percent(device_x)
+            self._cache[k_lo + j] = PeriodActivity.of(device_x, util, per_period[j], period_us)
+        self._evict()
+
+    def _evict(self) -> None:
+        # list() copies the keys in one C call: safe while another thread adds a period.
+        keys = list(self._cache)
+        if len(keys) > 4 * self.grid.ring_periods + 64:
+            horizon = max(keys) - 2 * self.grid.ring_periods
+            for old in keys:
+                if old <= horizon:
+                    self._cache.pop(old, None)
+
+    def periods_since(self, now_us: int, cursor_us: int) -> list[tuple[int, PeriodActivity]]:
+        """(stamp, activity) of the ring's periods stamped after ``cursor_us``, oldest first."""
+        ring = self.grid.ring(now_us)
+        if not ring:
+            return []
+        lo_end, hi_end = self.grid.end_us(ring.start), self.grid.end_us(ring.stop - 1)
+        if self._clock.wall_jumps_between(lo_end, hi_end):
+            # Stamps are not monotonic across a wall jump: compare each, as the driver does.
+            stamped = [(self.stamp_us(k), k) for k in ring]
+            kept = [(stamp, k) for stamp, k in stamped if stamp > cursor_us]
+            activities = self._activities([k for _, k in kept])
+            return [(stamp, a) for (stamp, _), a in zip(kept, activities, strict=True)]
+        g = self.grid
+        offset_us = self._clock.wall_us_at(lo_end) - lo_end  # stamp(k) = offset + end(k)
+        first = (cursor_us - offset_us - g.phase_us) // g.period_us + 1
+        ks = range(max(ring.start, first), ring.stop)
+        return [(offset_us + g.end_us(k), a) for k, a in zip(ks, self._activities(ks), strict=True)]
+
+    def latest_stamp_us(self, now_us: int) -> int | None:
+        ring = self.grid.ring(now_us)
+        return self.stamp_us(ring.stop - 1) if ring else None
+
+    def process_samples(self, now_us: int, cursor_us: int) -> list[ProcSample]:
+        periods = self.periods_since(now_us, cursor_us)
+        if not periods:
+            return []
+        if self.spec.sample_reading == "per_period":
+            return per_period_samples(periods)
+        latest = self.latest_stamp_us(now_us)
+        assert latest is not None  # periods is not empty, so the ring is not
+        return per_query_samples(periods, self.grid.period_us, latest)
+
+    def device_samples(self, now_us: int, cursor_us: int) -> list[tuple[int, int]]:
+        """(stamp µs, util %) for each ring period stamped after ``cursor_us``, idle included."""
+        return [(stamp, a.device_util) for stamp, a in self.periods_since(now_us, cursor_us)]
+
+    def util_percent(self, device_x: int) -> int:
+        return round_half_up(100 * device_x, self.full_scale * self.grid.period_us)
+
+    def latest_util_percent(self, now_us: int) -> int:
+        ring = self.grid.ring(now_us)
+        return self.period_activity(ring.stop - 1).device_util if ring else 0
+
+    # -- energy and power ---------------------------------------------------------------------
+
+    def energy_mj(self, now_us: int) -> int:
+        """mJ since the driver loaded: idle power always, plus the busy share when active."""
+        idle_mw, busy_mw = round(self.spec.idle_w * 1000), round(self.spec.busy_w * 1000)
+        busy_integral = self.activity.integral(0, now_us)
+        nanojoules_x_scale = (
+            idle_mw * now_us * self.full_scale + (busy_mw - idle_mw) * busy_integral
+        )
+        return nanojoules_x_scale // (self.full_scale * 1_000_000)
+
+    def power_mw(self, now_us: int) -> int:
+        idle_mw, busy_mw = round(self.spec.idle_w * 1000), round(self.spec.busy_w * 1000)
+        return idle_mw + (busy_mw - idle_mw) * self.activity.level_at(now_us) // self.full_scale
+
+    # -- contexts -----------------------------------------------------------------------------
+
+    def context_processes(self, now_us: int, mig: SimMigDevice | None = None) -> list[SimProcess]:
+        """Processes holding a context now: all of the GPU's, or one MIG instance's."""
+        procs = mig.processes if mig is not None else self.processes
+        return [p for p in procs if p.holds_context(now_us)]
+
+    def accounted_process(self, pid: int, now_us: int) -> SimProcess | None:
+        """The latest process with ``pid`` that started on this GPU by ``now_us``."""
+        started = [p for p in self.processes if p.pid == pid and p.spec.start_us <= now_us]
+        return max(started, key=lambda p: p.spec.start_us) if started else None
+
+
+def _gi_activities(migs: Sequence[SimMigDevice]) -> dict[int, StepFunction]:
+    by_gi: dict[int, list[SimProcess]] = {}
+    for m in migs:
+        by_gi.setdefault(m.spec.gi, []).extend(m.processes)
+    return {
+        gi: StepFunction.sum_of([(1, p.activity) for p in procs], cap=100)
+        for gi, procs in by_gi.items()
+    }
+
+
+# -- building from a scenario -----------------------------------------------------------------
+
+
+def build_gpus(scenario: Scenario, clock: SimTime) -> tuple[SimGpu, ...]:
+    seed = scenario.host.seed
+    gpus = []
+    for spec in scenario.gpus:
+        uuid = spec.uuid or derived_uuid("GPU-", seed, spec.index)
+        migs_uuids: dict[tuple[int | None, int | None], str] = {
+            (m.gi, m.ci): m.uuid or derived_uuid("MIG-", seed, spec.index, m.gi, m.ci)
+            for m in spec.mig
+        }
+        procs = [
+            _process(p, migs_uuids.get((p.gi, p.ci), uuid), clock.start_wall_us)
+            for p in scenario.processes
+            if p.gpu == spec.index
+        ]
+        migs = [
+            SimMigDevice(
+                m,
+                migs_uuids[(m.gi, m.ci)],
+                f"{spec.product} MIG {m.profile}",
+                tuple(p for p in procs if (p.spec.gi, p.spec.ci) == (m.gi, m.ci)),
+            )
+            for m in spec.mig
+        ]
+        phase_us = spec.phase_us
+        if phase_us is None:
+            phase_us = (
+                int(derived_uuid("", seed, "phase", spec.index)[:8], 16) % spec.sample_period_us
+            )
+        gpus.append(SimGpu(spec, uuid, procs, migs, clock, phase_us))
+    return tuple(gpus)
+
+
+def _process(spec: ProcessSpec, device_uuid: str, start_wall_us: int) -> SimProcess:
+    activity = StepFunction(Segment(b.start_us, b.end_us, b.sm) for b in spec.busy)
+    labels = {k: v for k, v in spec.env.items() if k.startswith(LABEL_PREFIX)}
+    create_time_s = (start_wall_us + spec.start_us) / US_PER_S
+    return SimProcess(spec, device_uuid, create_time_s, activity, labels)

@@ -1,0 +1,36 @@
+"""The simulated /proc: ``agent.gpu.ProcessTable`` over the scenario's processes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from creditmeter.agent.errors import ProcessGone
+from creditmeter.agent.gpu import ProcessInfo
+from creditmeter.simnvml.clock import SimTime
+from creditmeter.simnvml.hardware import SimProcess
+
+
+class SimProcessTable:
+    """Answers for the process holding a pid *now*, as /proc does: with PID reuse, the same
+    pid names a different process (another create time) later on."""
+
+    def __init__(self, processes: Sequence[SimProcess], clock: SimTime) -> None:
+        self._clock = clock
+        self._by_pid: dict[int, list[SimProcess]] = {}
+        for p in processes:
+            self._by_pid.setdefault(p.pid, []).append(p)
+
+    def info(self, pid: int) -> ProcessInfo:
+        """Raises ProcessGone when no live process has ``pid``."""
+        now_us = self._clock.now_us()
+        for p in self._by_pid.get(pid, ()):
+            if p.in_proc(now_us):
+                return ProcessInfo(
+                    pid=pid,
+                    create_time=p.create_time_s,
+                    name=p.spec.name,
+                    labels=dict(p.labels),
+                    container_id=p.spec.container_id,
+                    pod_uid=p.spec.pod_uid,
+                )
+        raise ProcessGone(f"pid {pid}: no such process")

@@ -1,0 +1,178 @@
+"""Device entry points: handles, identity, memory, contexts, energy, accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from creditmeter.simnvml.abi import (
+    NO_INSTANCE_ID,
+    NOT_AVAILABLE_ULL,
+    ProcessInfo,
+    Ret,
+    copy_out,
+    fail,
+    scalar,
+    target,
+    text_arg,
+    write_text,
+)
+from creditmeter.simnvml.driver import DeviceRef, DriverCore
+from creditmeter.simnvml.hardware import SimProcess
+from creditmeter.simnvml.units import mem_util_for, round_half_up
+
+MEMORY_V2_VERSION = 0x02000028  # nvmlMemory_v2
+
+
+def handle_by_index(core: DriverCore, index: Any, out: Any) -> int:
+    core.require_init()
+    i = scalar(index)
+    if not 0 <= i < len(core.gpu_refs):
+        fail(Ret.INVALID_ARGUMENT)
+    core.hand_out(out, core.gpu_refs[i], core.now_us())
+    return Ret.SUCCESS
+
+
+def handle_by_uuid(core: DriverCore, uuid: Any, out: Any) -> int:
+    """Accepts GPU and MIG UUIDs, as current drivers do."""
+    core.require_init()
+    wanted = text_arg(uuid)
+    refs = (*core.gpu_refs, *core.mig_refs.values())
+    ref = next((r for r in refs if r.uuid == wanted), None)
+    if ref is None:
+        fail(Ret.NOT_FOUND)
+    core.hand_out(out, ref, core.now_us())
+    return Ret.SUCCESS
+
+
+def get_uuid(core: DriverCore, handle: Any, buf: Any, length: Any) -> int:
+    write_text(buf, length, core.device(handle, core.now_us()).uuid)
+    return Ret.SUCCESS
+
+
+def get_name(core: DriverCore, handle: Any, buf: Any, length: Any) -> int:
+    write_text(buf, length, core.device(handle, core.now_us()).name)
+    return Ret.SUCCESS
+
+
+def get_index(core: DriverCore, handle: Any, out: Any) -> int:
+    """NOT_SUPPORTED on MIG handles: the real answer is undocumented, so the stricter one."""
+    ref = core.device(handle, core.now_us())
+    if ref.mig is not None:
+        fail(Ret.NOT_SUPPORTED)
+    target(out).value = ref.gpu.index
+    return Ret.SUCCESS
+
+
+def _memory(ref: DeviceRef, now_us: int) -> tuple[int, int]:
+    total = ref.mig.spec.memory_total_bytes if ref.mig else ref.gpu.spec.memory_total_bytes
+    procs = ref.gpu.context_processes(now_us, ref.mig)
+    used = sum(p.spec.memory_bytes or 0 for p in procs)
+    return total, min(used, total)
+
+
+def memory_info(core: DriverCore, handle: Any, out: Any) -> int:
+    now_us = core.now_us()
+    total, used = _memory(core.device(handle, now_us), now_us)
+    mem = target(out)
+    mem.total, mem.used, mem.free = total, used, total - used
+    return Ret.SUCCESS
+
+
+def memory_info_v2(core: DriverCore, handle: Any, out: Any) -> int:
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    mem = target(out)
+    if mem.version != MEMORY_V2_VERSION:
+        fail(Ret.ARGUMENT_VERSION_MISMATCH)
+    total, used = _memory(ref, now_us)
+    mem.total, mem.reserved, mem.used, mem.free = total, 0, used, total - used
+    return Ret.SUCCESS
+
+
+def compute_processes(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+    """Contexts held now. On a MIG parent: all, with their instance ids; on an instance:
+    its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count."""
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    procs = ref.gpu.context_processes(now_us, ref.mig)
+    n = target(count)
+    if infos is None or n.value < len(procs):
+        n.value = len(procs)
+        if procs:
+            fail(Ret.INSUFFICIENT_SIZE)
+        return Ret.SUCCESS
+    copy_out(infos, ProcessInfo, [_process_info(p) for p in procs])
+    n.value = len(procs)
+    return Ret.SUCCESS
+
+
+def _process_info(p: SimProcess) -> tuple[int, int, int, int]:
+    s = p.spec
+    return (
+        p.pid,
+        NOT_AVAILABLE_ULL if s.memory_bytes is None else s.memory_bytes,
+        NO_INSTANCE_ID if s.gi is None else s.gi,
+        NO_INSTANCE_ID if s.ci is None else s.ci,
+    )
+
+
+def total_energy(core: DriverCore, handle: Any, out: Any) -> int:
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    if ref.mig is not None or not ref.gpu.spec.energy_supported:
+        fail(Ret.NOT_SUPPORTED)
+    target(out).value = ref.gpu.energy_mj(now_us)
+    return Ret.SUCCESS
+
+
+def power_usage(core: DriverCore, handle: Any, out: Any) -> int:
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    if ref.mig is not None:
+        fail(Ret.NOT_SUPPORTED)
+    target(out).value = ref.gpu.power_mw(now_us)
+    return Ret.SUCCESS
+
+
+def accounting_stats(core: DriverCore, handle: Any, pid: Any, out: Any) -> int:
+    """The quirk worth showing: ``time`` stays 0 until the process has exited."""
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    if ref.on_mig:
+        fail(Ret.NOT_SUPPORTED)
+    proc = ref.gpu.accounted_process(scalar(pid), now_us)
+    if proc is None:
+        fail(Ret.NOT_FOUND)
+    s = proc.spec
+    running = s.exit_us is None or now_us < s.exit_us
+    end_us = now_us if running or s.exit_us is None else s.exit_us
+    life_us = end_us - s.start_us
+    gpu_util = round_half_up(proc.activity.integral(s.start_us, end_us), life_us) if life_us else 0
+    stats = target(out)
+    stats.gpuUtilization = gpu_util
+    stats.memoryUtilization = mem_util_for(gpu_util)
+    stats.maxMemoryUsage = NOT_AVAILABLE_ULL if s.memory_bytes is None else s.memory_bytes
+    stats.time = 0 if running else life_us // 1000
+    stats.startTime = core.host.clock.wall_us_at(s.start_us)
+    stats.isRunning = int(running)
+    return Ret.SUCCESS
+
+
+def symbols(has_v3: bool) -> dict[str, Callable[..., object]]:
+    table: dict[str, Callable[..., object]] = {
+        "nvmlDeviceGetHandleByIndex_v2": handle_by_index,
+        "nvmlDeviceGetHandleByUUID": handle_by_uuid,
+        "nvmlDeviceGetUUID": get_uuid,
+        "nvmlDeviceGetName": get_name,
+        "nvmlDeviceGetIndex": get_index,
+        "nvmlDeviceGetMemoryInfo": memory_info,
+        "nvmlDeviceGetMemoryInfo_v2": memory_info_v2,
+        "nvmlDeviceGetComputeRunningProcesses_v2": compute_processes,
+        "nvmlDeviceGetTotalEnergyConsumption": total_energy,
+        "nvmlDeviceGetPowerUsage": power_usage,
+        "nvmlDeviceGetAccountingStats": accounting_stats,
+    }
+    if has_v3:
+        table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes
+    return table

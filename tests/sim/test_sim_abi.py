@@ -1,0 +1,60 @@
+"""The fake library's C surface agrees with pynvml's: codes, strings, struct layouts."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pynvml
+import pytest
+
+from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost
+from creditmeter.simnvml.abi import (
+    ERROR_STRINGS,
+    ProcessInfo,
+    ProcessUtilizationSample,
+    Ret,
+    Sample,
+)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (ProcessUtilizationSample, pynvml.c_nvmlProcessUtilizationSample_t),
+        (ProcessInfo, pynvml.c_nvmlProcessInfo_v3_t),
+        (Sample, pynvml.c_nvmlSample_t),
+    ],
+)
+def test_result_records_have_nvml_layouts(ours: type, theirs: type) -> None:
+    assert ctypes.sizeof(ours) == ctypes.sizeof(theirs)
+    assert [(name, getattr(ours, name).offset) for name, _ in ours._fields_] == [
+        (name, getattr(theirs, name).offset) for name, _ in theirs._fields_
+    ]
+
+
+def test_return_codes_match_pynvml() -> None:
+    for ret in Ret:
+        assert (
+            getattr(pynvml, f"NVML_{ret.name}" if ret is Ret.SUCCESS else f"NVML_ERROR_{ret.name}")
+            == ret
+        )
+
+
+def test_error_strings_agree_with_pynvmls_table() -> None:
+    table = {
+        pynvml.NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+        pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "RM has detected an NVML/RM version mismatch.",
+        pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+        pynvml.NVML_ERROR_NOT_FOUND: "Not Found",
+    }
+    for code, text in table.items():
+        assert ERROR_STRINGS[code].decode() == text
+
+
+def test_symbols_take_attributes_and_missing_ones_raise_attribute_error() -> None:
+    lib = FakeNvmlLibrary(SimHost(Scenario.from_toml('[[gpu]]\nproduct = "H100"\n'), ManualClock()))
+    lib.nvmlErrorString.restype = ctypes.c_char_p  # what pynvml does
+    assert lib.nvmlErrorString(pynvml.NVML_ERROR_NOT_SUPPORTED) == b"Not Supported"
+    assert "nvmlDeviceGetComputeRunningProcesses_v3" in lib.symbol_names
+    with pytest.raises(AttributeError):
+        lib.nvmlDeviceGetTemperature  # noqa: B018
