@@ -71,7 +71,7 @@ class ProcessInfo:
     pid: int
     create_time: float  # seconds since the epoch, as psutil reports it; pairs with pid
     name: str
-    labels: dict[str, str]  # CREDITMETER_* environment labels present; absent ones stay absent
+    labels: dict[str, str]  # CREDITMETER_* variables by full name; absent ones stay absent
     container_id: str = ""
     pod_uid: str = ""
 
@@ -126,6 +126,13 @@ class ProcessTable(Protocol):
 
     def info(self, pid: int) -> ProcessInfo:
         """Raises ProcessGone when the pid no longer exists."""
+        ...
+
+    def create_time(self, pid: int) -> float:
+        """Just the start time (seconds since the epoch), cheaply: checked at every poll so
+        that a pid reused between two polls is seen as the new process it is.
+
+        Raises ProcessGone when the pid no longer exists."""
         ...
 
 

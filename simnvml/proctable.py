@@ -22,15 +22,23 @@ class SimProcessTable:
 
     def info(self, pid: int) -> ProcessInfo:
         """Raises ProcessGone when no live process has ``pid``."""
+        p = self._live(pid)
+        return ProcessInfo(
+            pid=pid,
+            create_time=p.create_time_s,
+            name=p.spec.name,
+            labels=dict(p.labels),
+            container_id=p.spec.container_id,
+            pod_uid=p.spec.pod_uid,
+        )
+
+    def create_time(self, pid: int) -> float:
+        """Raises ProcessGone when no live process has ``pid``."""
+        return self._live(pid).create_time_s
+
+    def _live(self, pid: int) -> SimProcess:
         now_us = self._clock.now_us()
         for p in self._by_pid.get(pid, ()):
             if p.in_proc(now_us):
-                return ProcessInfo(
-                    pid=pid,
-                    create_time=p.create_time_s,
-                    name=p.spec.name,
-                    labels=dict(p.labels),
-                    container_id=p.spec.container_id,
-                    pod_uid=p.spec.pod_uid,
-                )
+                return p
         raise ProcessGone(f"pid {pid}: no such process")

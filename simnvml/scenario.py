@@ -75,11 +75,7 @@ class Scenario:
         """A scenario shipped in ``simnvml/scenarios`` by name (``"demo"``), or a file path."""
         if name.endswith(".toml") or "/" in name:
             return cls.from_file(name)
-        resource = importlib.resources.files("creditmeter.simnvml") / "scenarios" / f"{name}.toml"
-        if not resource.is_file():
-            known = ", ".join(shipped_scenarios())
-            raise ScenarioError(name, "<file>", f"no shipped scenario of that name ({known})")
-        return cls.from_toml(resource.read_text(encoding="utf-8"), f"scenarios/{name}.toml")
+        return cls.from_toml(shipped_text(name), f"scenarios/{name}.toml")
 
     def with_overrides(
         self,
@@ -111,6 +107,15 @@ class Scenario:
             if g.phase_us is not None and not 0 <= g.phase_us < g.sample_period_us:
                 raise ScenarioError(self.source, "phase_us", "must be in [0, sample period)")
         return dataclasses.replace(self, gpus=gpus)
+
+
+def shipped_text(name: str) -> str:
+    """The TOML text of a shipped scenario: a starting point for variations in tests."""
+    resource = importlib.resources.files("creditmeter.simnvml") / "scenarios" / f"{name}.toml"
+    if not resource.is_file():
+        known = ", ".join(shipped_scenarios())
+        raise ScenarioError(name, "<file>", f"no shipped scenario of that name ({known})")
+    return resource.read_text(encoding="utf-8")
 
 
 def shipped_scenarios() -> list[str]:

@@ -1,0 +1,328 @@
+"""The NVML seam: the only module that imports pynvml.
+
+Everything the agent needs from NVML comes out of here as the small typed values of
+``agent.gpu``, and every pynvml exception is translated into an ``agent.errors`` type at this
+boundary. The simulator (``creditmeter.simnvml``) installs itself *under* pynvml, so this
+module runs the same code on a test machine as on an H100 host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pynvml
+
+from creditmeter.agent.errors import (
+    DriverMismatch,
+    DriverNotLoaded,
+    GpuLost,
+    LibraryNotFound,
+    NoData,
+    NoPermission,
+    NotSupported,
+    NvmlError,
+    NvmlUnavailable,
+)
+from creditmeter.agent.gpu import ComputeProcess, Device, DeviceSample, UtilSample
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# NVML return codes, keyed by value: NVMLError instances define __eq__ without __hash__, so
+# they cannot be looked up in a dict themselves.
+_GPU_LOST_CODES = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED}
+_UNAVAILABLE: dict[int, type[NvmlUnavailable]] = {
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: LibraryNotFound,
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: DriverNotLoaded,
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: DriverMismatch,
+    pynvml.NVML_ERROR_NO_PERMISSION: NoPermission,
+}
+_UNAVAILABLE_HINTS = {
+    LibraryNotFound: "libnvidia-ml.so.1 is not installed or not on the loader path "
+    "(is the NVIDIA driver installed?)",
+    DriverNotLoaded: "the NVIDIA kernel module is not loaded",
+    DriverMismatch: "the NVIDIA driver library and kernel module differ in version "
+    "(driver upgraded without reloading the module or rebooting)",
+    NoPermission: "this user may not open the GPU device nodes /dev/nvidia*",
+}
+_NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG
+_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
+
+
+def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
+    """Our error type for a pynvml error raised while doing ``what``."""
+    code = int(exc.value)
+    if code in _GPU_LOST_CODES:
+        return GpuLost(f"{what}: {exc}", code)
+    if code == pynvml.NVML_ERROR_NOT_SUPPORTED:
+        return NotSupported(f"{what}: not supported by this device or driver", code)
+    if code == pynvml.NVML_ERROR_NOT_FOUND:
+        return NoData(f"{what}: no data", code)
+    return NvmlError(f"{what}: {exc} (NVML error {code})", code)
+
+
+def _call(what: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except pynvml.NVMLError as exc:
+        raise translate(exc, what) from exc
+
+
+class PynvmlNvml:
+    """The agent's NVML, through pynvml. One instance per process; not thread-safe.
+
+    Handles are cached by UUID and looked up again after ``reopen``: a GPU that fell off the
+    bus invalidates every handle, and NVML only finds it again after a fresh nvmlInit.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+        self._devices: dict[str, Device] = {}
+        self._v2_processes = False  # driver lacks nvmlDeviceGetComputeRunningProcesses_v3
+        self._gpm_samples: dict[str, Any] = {}  # device uuid -> previous GPM sample
+        self._open = False
+
+    @classmethod
+    def open(cls) -> PynvmlNvml:
+        """Initialise NVML. Raises an NvmlUnavailable subtype naming the cause."""
+        nvml = cls()
+        nvml._init()
+        return nvml
+
+    def _init(self) -> None:
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            kind = _UNAVAILABLE.get(int(exc.value))
+            if kind is None:
+                raise NvmlUnavailable(f"NVML initialisation failed: {exc}", int(exc.value)) from exc
+            raise kind(f"NVML unavailable: {_UNAVAILABLE_HINTS[kind]}", int(exc.value)) from exc
+        self._open = True
+
+    def reopen(self) -> None:
+        self.shutdown()
+        self._init()
+
+    def shutdown(self) -> None:
+        self._free_gpm_samples()
+        self._handles.clear()
+        if self._open:
+            self._open = False
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError as exc:  # shutting down anyway: nothing to recover
+                log.warning("nvmlShutdown failed: %s", exc)
+
+    def driver_version(self) -> str:
+        return str(_call("driver version", pynvml.nvmlSystemGetDriverVersion))
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def devices(self) -> list[Device]:
+        found: list[Device] = []
+        for index in range(_call("device count", pynvml.nvmlDeviceGetCount)):
+            handle = _call(f"GPU {index}", pynvml.nvmlDeviceGetHandleByIndex, index)
+            found.extend(self._enumerate(index, handle))
+        self._devices = {d.uuid: d for d in found}
+        return found
+
+    def _enumerate(self, index: int, handle: Any) -> list[Device]:
+        uuid = str(_call(f"GPU {index} uuid", pynvml.nvmlDeviceGetUUID, handle))
+        name = str(_call(f"GPU {index} name", pynvml.nvmlDeviceGetName, handle))
+        self._handles[uuid] = handle
+        if not self._mig_enabled(index, handle):
+            return [Device(index=index, uuid=uuid, name=name, mig_enabled=False)]
+        instances = self._mig_instances(index, handle, uuid, name)
+        # The parent in MIG mode runs nothing itself; its instances are the metered devices.
+        return instances
+
+    def _mig_enabled(self, index: int, handle: Any) -> bool:
+        try:
+            current, _pending = _call(f"GPU {index} MIG mode", pynvml.nvmlDeviceGetMigMode, handle)
+        except NotSupported:
+            return False
+        return bool(current == pynvml.NVML_DEVICE_MIG_ENABLE)
+
+    def _mig_instances(self, index: int, parent: Any, parent_uuid: str, name: str) -> list[Device]:
+        count = _call(f"GPU {index} MIG count", pynvml.nvmlDeviceGetMaxMigDeviceCount, parent)
+        instances = []
+        for slot in range(count):
+            what = f"GPU {index} MIG slot {slot}"
+            try:
+                handle = _call(what, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, parent, slot)
+            except NoData:  # an empty slot: no instance created there
+                continue
+            uuid = str(_call(what, pynvml.nvmlDeviceGetUUID, handle))
+            self._handles[uuid] = handle
+            instances.append(
+                Device(
+                    index=index,
+                    uuid=uuid,
+                    name=name,
+                    mig_enabled=True,
+                    parent_uuid=parent_uuid,
+                    gpu_instance_id=_call(what, pynvml.nvmlDeviceGetGpuInstanceId, handle),
+                    compute_instance_id=_call(what, pynvml.nvmlDeviceGetComputeInstanceId, handle),
+                    mig_index=slot,
+                )
+            )
+        return instances
+
+    def _handle(self, uuid: str) -> Any:
+        handle = self._handles.get(uuid)
+        if handle is None:
+            # After reopen: whole GPUs by UUID; MIG instances through a fresh enumeration.
+            self.devices()
+            handle = self._handles.get(uuid)
+            if handle is None:
+                raise GpuLost(f"device {uuid} is no longer present", 0)
+        return handle
+
+    # -- processes and samples ---------------------------------------------------------------
+
+    def compute_processes(self, device: Device) -> list[ComputeProcess]:
+        handle = self._handle(device.uuid)
+        what = f"{device.uuid} compute processes"
+        raw = _call(what, self._running_processes, handle)
+        return [_compute_process(p) for p in raw]
+
+    def _running_processes(self, handle: Any) -> Any:
+        if not self._v2_processes:
+            try:
+                return pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except pynvml.NVMLLibraryMismatchError:
+                # An older driver without the _v3 symbol: pynvml refuses the unversioned call.
+                log.info("driver lacks nvmlDeviceGetComputeRunningProcesses_v3; using _v2")
+                self._v2_processes = True
+        return pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+
+    def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
+        handle = self._handle(device.uuid)
+        what = f"{device.uuid} process utilization"
+        try:
+            raw = _with_size_retry(lambda: pynvml.nvmlDeviceGetProcessUtilization(handle, since_us))
+        except pynvml.NVMLError as exc:
+            if int(exc.value) == pynvml.NVML_SUCCESS:
+                # The size query returned SUCCESS (no samples) and pynvml raised a base
+                # NVMLError with value 0: an empty answer, not a failure.
+                raise NoData(f"{what}: no samples", 0) from exc
+            raise translate(exc, what) from exc
+        return [
+            UtilSample(
+                pid=int(s.pid),
+                timestamp_us=int(s.timeStamp),
+                sm_util=int(s.smUtil),
+                mem_util=int(s.memUtil),
+                enc_util=int(s.encUtil),
+                dec_util=int(s.decUtil),
+            )
+            for s in raw
+        ]
+
+    def device_samples(self, device: Device, since_us: int) -> list[DeviceSample]:
+        handle = self._handle(device.uuid)
+        what = f"{device.uuid} utilization samples"
+        value_type, raw = _call(
+            what,
+            pynvml.nvmlDeviceGetSamples,
+            handle,
+            pynvml.NVML_GPU_UTILIZATION_SAMPLES,
+            since_us,
+        )
+        samples = [DeviceSample(int(s.timeStamp), _sample_value(value_type, s)) for s in raw]
+        samples.sort(key=lambda s: s.timestamp_us)
+        return samples
+
+    def total_energy_mj(self, device: Device) -> int | None:
+        handle = self._handle(device.parent_uuid or device.uuid)
+        try:
+            return int(
+                _call(f"{device.uuid} energy", pynvml.nvmlDeviceGetTotalEnergyConsumption, handle)
+            )
+        except NotSupported:
+            return None
+
+    # -- MIG: GPU performance monitoring ---------------------------------------------------------
+
+    def instance_busy_fraction(self, device: Device) -> float | None:
+        if not device.is_mig or device.parent_uuid is None or device.gpu_instance_id is None:
+            raise NotSupported(f"{device.uuid}: GPM instance metrics need a MIG instance", 0)
+        parent = self._handle(device.parent_uuid)
+        what = f"{device.uuid} GPM"
+        sample = _call(what, pynvml.nvmlGpmSampleAlloc)
+        try:
+            _call(what, pynvml.nvmlGpmMigSampleGet, parent, device.gpu_instance_id, sample)
+        except NvmlError:
+            _free_gpm(sample)
+            raise
+        previous = self._gpm_samples.pop(device.uuid, None)
+        self._gpm_samples[device.uuid] = sample
+        if previous is None:
+            return None
+        try:
+            return _graphics_util(what, previous, sample) / 100.0
+        finally:
+            _free_gpm(previous)
+
+    def _free_gpm_samples(self) -> None:
+        for sample in self._gpm_samples.values():
+            _free_gpm(sample)
+        self._gpm_samples.clear()
+
+
+def _with_size_retry(fetch: Callable[[], T]) -> T:
+    """pynvml sizes the buffer, then fills it; a process or period appearing in between makes
+    the second call fail with INSUFFICIENT_SIZE. One more try sizes it afresh."""
+    try:
+        return fetch()
+    except pynvml.NVMLError_InsufficientSize:
+        return fetch()
+
+
+def _compute_process(p: Any) -> ComputeProcess:
+    memory = p.usedGpuMemory
+    gi = getattr(p, "gpuInstanceId", _NOT_MIG)
+    ci = getattr(p, "computeInstanceId", _NOT_MIG)
+    return ComputeProcess(
+        pid=int(p.pid),
+        used_memory_bytes=None if memory is None or memory == _NOT_AVAILABLE else int(memory),
+        gpu_instance_id=None if gi in (None, _NOT_MIG) else int(gi),
+        compute_instance_id=None if ci in (None, _NOT_MIG) else int(ci),
+    )
+
+
+def _sample_value(value_type: int, sample: Any) -> int:
+    value = sample.sampleValue
+    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return int(value.uiVal)
+    if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return round(float(value.dVal))
+    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
+        return int(value.ullVal)
+    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
+        return int(value.ulVal)
+    raise NvmlError(f"unexpected utilization sample value type {value_type}", 0)
+
+
+def _graphics_util(what: str, first: Any, second: Any) -> float:
+    request = pynvml.c_nvmlGpmMetricsGet_t()
+    request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = 1
+    request.sample1 = first
+    request.sample2 = second
+    request.metrics[0].metricId = pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
+    _call(what, pynvml.nvmlGpmMetricsGet, request)
+    metric = request.metrics[0]
+    if metric.nvmlReturn != pynvml.NVML_SUCCESS:
+        raise translate(pynvml.NVMLError(metric.nvmlReturn), f"{what} GRAPHICS_UTIL")
+    return float(metric.value)
+
+
+def _free_gpm(sample: Any) -> None:
+    try:
+        pynvml.nvmlGpmSampleFree(sample)
+    except pynvml.NVMLError as exc:  # a leak of one sample is not worth failing a poll for
+        log.debug("nvmlGpmSampleFree failed: %s", exc)

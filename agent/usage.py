@@ -1,0 +1,81 @@
+"""What the meter accumulates per process, and what it hands on when a window closes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from creditmeter.agent.gpu import Device, ProcessInfo
+from creditmeter.v1 import usage_pb2
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ProcessKey:
+    """A process's identity: PID reuse never inherits another's seconds."""
+
+    gpu_uuid: str
+    pid: int
+    create_time_us: int  # 0 when the process was gone before /proc could be read
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Measured busy time over a span of driver time; jobs are split along these."""
+
+    start_us: int  # µs since the epoch (driver CPU clock)
+    end_us: int
+    pct_us: int  # busy µs × 100, exact
+
+
+@dataclass(slots=True)
+class Usage:
+    """One process's accumulators for the window now open."""
+
+    start_us: int  # wall µs the window opened for this process
+    slices: list[Slice] = field(default_factory=list)
+    pct_us: int = 0
+    wall_us: int = 0
+    peak_memory_bytes: int | None = None
+    energy_mj: int | None = None  # None: the GPU has no energy counter
+    gaps_us: dict[int, int] = field(default_factory=dict)  # GapReason -> µs
+    source: int = usage_pb2.MEASUREMENT_SOURCE_NVML_PROCESS_UTIL
+
+    def add(self, piece: Slice) -> None:
+        self.slices.append(piece)
+        self.pct_us += piece.pct_us
+
+    def add_gap(self, reason: int, duration_us: int) -> None:
+        if duration_us > 0:
+            self.gaps_us[reason] = self.gaps_us.get(reason, 0) + duration_us
+
+    def add_energy(self, energy_mj: int) -> None:
+        self.energy_mj = (self.energy_mj or 0) + energy_mj
+
+    def saw_memory(self, used_bytes: int | None) -> None:
+        if used_bytes is not None and (
+            self.peak_memory_bytes is None or used_bytes > self.peak_memory_bytes
+        ):
+            self.peak_memory_bytes = used_bytes
+
+    @property
+    def has_activity(self) -> bool:
+        """Compute or missing time to report. Idle alone produces nothing: it is never billed."""
+        return self.pct_us > 0 or bool(self.gaps_us)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUsage:
+    """One process over one closed window: the input of a usage record."""
+
+    key: ProcessKey
+    device: Device
+    info: ProcessInfo | None
+    start_us: int  # wall µs
+    end_us: int
+    busy_us: int
+    wall_us: int
+    peak_memory_bytes: int | None
+    energy_mj: int | None
+    gaps_us: tuple[tuple[int, int], ...]  # (GapReason, µs)
+    source: int  # MeasurementSource
+    final: bool  # the process exited: its last record
+    slices: tuple[Slice, ...]

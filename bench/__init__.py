@@ -1,0 +1,1 @@
+"""Benchmarks: `./dev bench [name]`. Figures are medians, beside a baseline run alongside."""

@@ -1,0 +1,136 @@
+"""Run the real meter against a simulated host on a manual clock, and compare with the truth.
+
+Shared by the accuracy tests and the benchmarks: the meter sees the host only through
+pynvml (the simulator is installed underneath it) and the simulated process table, exactly
+as the daemon does.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from creditmeter.agent.meter import Meter
+from creditmeter.agent.nvml import PynvmlNvml
+from creditmeter.agent.usage import ProcessKey, WindowUsage
+from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost, installed
+from creditmeter.simnvml.truth import ProcessTruth
+
+DRAIN_S = 5.0  # polls after the scenario's end, so exits drain and last periods are read
+
+
+def scenario_end_s(scenario: Scenario) -> float:
+    """Simulated seconds until every process has exited or done its last kernel."""
+    ends = []
+    for p in scenario.processes:
+        ends.append(p.exit_us if p.exit_us is not None else p.start_us)
+        ends.extend(span.end_us for span in p.busy)
+    return max(ends, default=0) / 1e6
+
+
+def key_of(truth: ProcessTruth) -> ProcessKey:
+    t = truth.key
+    return ProcessKey(t.gpu_uuid, t.pid, round(t.create_time * 1_000_000))
+
+
+@dataclass
+class Run:
+    """What the meter wrote, beside what the simulated processes really did."""
+
+    host: SimHost
+    clock: ManualClock
+    lib: FakeNvmlLibrary
+    usages: list[WindowUsage] = field(default_factory=list)
+
+    def measured_us(self) -> dict[ProcessKey, int]:
+        totals: dict[ProcessKey, int] = defaultdict(int)
+        for u in self.usages:
+            totals[u.key] += u.busy_us
+        return dict(totals)
+
+    def truth(self) -> dict[ProcessKey, ProcessTruth]:
+        return {key_of(t): t for t in self.host.truth().values()}
+
+    def truth_us(self) -> dict[ProcessKey, Fraction]:
+        return {k: t.busy_us for k, t in self.truth().items()}
+
+    def burst_errors_us(self) -> list[tuple[Fraction, Fraction]]:
+        """(truth, measured − truth) per burst: slices assigned to the burst they overlap."""
+        slices = defaultdict(list)
+        for u in self.usages:
+            slices[u.key].extend(u.slices)
+        out = []
+        for key, truth in self.truth().items():
+            bursts = truth.bursts
+            measured = [Fraction(0)] * len(bursts)
+            for s in slices.get(key, []):
+                i = _nearest_burst(bursts, s.start_us, s.end_us)
+                if i is not None:
+                    measured[i] += Fraction(s.pct_us, 100)
+            out.extend((b.busy_us, m - b.busy_us) for b, m in zip(bursts, measured, strict=True))
+        return out
+
+    def gaps_us(self) -> dict[int, int]:
+        totals: dict[int, int] = defaultdict(int)
+        for u in self.usages:
+            for reason, us in u.gaps_us:
+                totals[reason] += us
+        return dict(totals)
+
+
+def _nearest_burst(bursts: tuple[object, ...], start_us: int, end_us: int) -> int | None:
+    best, best_overlap = None, -1
+    for i, b in enumerate(bursts):
+        b_start = int(b.start_wall_s * 1e6)  # type: ignore[attr-defined]
+        b_end = int(b.end_wall_s * 1e6)  # type: ignore[attr-defined]
+        overlap = min(end_us, b_end) - max(start_us, b_start)
+        if overlap > best_overlap:
+            best, best_overlap = i, overlap
+    return best
+
+
+@contextmanager
+def metered(
+    scenario: Scenario, state: bytes | None = None, *, start_s: float = 0.0
+) -> Iterator[tuple[Run, Meter]]:
+    """A meter started at simulated ``start_s`` on a fresh host; yields the run and the meter."""
+    host, clock = SimHost.manual(scenario)
+    clock.advance(start_s)
+    with installed(host) as lib:
+        nvml = PynvmlNvml.open()
+        meter = Meter(nvml, host.process_table(), clock, state=state)
+        try:
+            yield Run(host, clock, lib), meter
+        finally:
+            meter.shutdown()
+
+
+def drive(
+    run: Run,
+    meter: Meter,
+    until_s: float,
+    *,
+    poll_s: float = 1.0,
+    window_s: float = 10.0,
+    each_poll: Callable[[], None] = lambda: None,
+) -> None:
+    """Poll every ``poll_s`` and close every ``window_s`` until simulated ``until_s``."""
+    next_close = run.clock.monotonic() + window_s
+    while run.clock.monotonic() + poll_s <= until_s + 1e-9:
+        run.clock.advance(poll_s)
+        each_poll()
+        run.usages.extend(meter.poll())
+        if run.clock.monotonic() >= next_close - 1e-9:
+            run.usages.extend(meter.close_window())
+            next_close += window_s
+
+
+def run_scenario(scenario: Scenario, *, poll_s: float = 1.0, window_s: float = 10.0) -> Run:
+    """Meter a whole scenario, draining exits at the end."""
+    with metered(scenario) as (run, meter):
+        drive(run, meter, scenario_end_s(scenario) + DRAIN_S, poll_s=poll_s, window_s=window_s)
+        run.usages.extend(meter.close_window())
+    return run

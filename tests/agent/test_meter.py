@@ -1,0 +1,241 @@
+"""The meter against the simulated NVML: accuracy, identity, gaps and the driver's quirks.
+
+Every test runs the real meter through real pynvml calls; the simulator underneath knows
+the truth the meter is compared with.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from bench.harness import drive, metered, run_scenario, scenario_end_s
+from creditmeter.agent.records import reportable
+from creditmeter.agent.usage import ProcessKey
+from creditmeter.simnvml import Scenario
+from creditmeter.simnvml.scenario import shipped_text
+from creditmeter.v1 import usage_pb2
+
+PERIODS_US = (166_667, 500_000, 1_000_000)
+READINGS = ("per_period", "per_query")
+GAP_RING = usage_pb2.GAP_REASON_RING_OVERFLOW
+GAP_LOST = usage_pb2.GAP_REASON_GPU_LOST
+
+
+def relative_error(measured: int, truth: Fraction) -> float:
+    return abs(measured - truth) / truth if truth else float(measured != 0)
+
+
+@pytest.mark.parametrize("reading", READINGS)
+@pytest.mark.parametrize("period_us", PERIODS_US)
+@pytest.mark.parametrize(
+    "name", ["sdxl", "flux", "upscale", "timeslice", "training", "exit_mid_window", "pid_reuse"]
+)
+def test_accuracy_bar(name: str, period_us: int, reading: str) -> None:
+    scenario = Scenario.load(name).with_overrides(
+        sample_period_us=period_us, sample_reading=reading
+    )
+    run = run_scenario(scenario)
+    measured, truth = run.measured_us(), run.truth_us()
+    assert set(measured) == {k for k, t in truth.items() if t > 0}
+    for key, busy in truth.items():
+        assert relative_error(measured.get(key, 0), busy) <= 0.001, key  # ≤ 0.1 % per process
+    for burst_truth, error in run.burst_errors_us():
+        assert abs(error) <= period_us, (burst_truth, error)  # ≤ one sample period per burst
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_an_idle_context_costs_exactly_nothing(reading: str) -> None:
+    run = run_scenario(Scenario.load("idle_context").with_overrides(sample_reading=reading))
+    assert run.usages  # the meter saw the process, and its exit
+    assert reportable(run.usages) == []  # but no record at all: idle is never billed
+    assert all(t == 0 for t in run.truth_us().values())
+
+
+def test_exact_scenario_is_measured_to_the_microsecond() -> None:
+    run = run_scenario(Scenario.load("exact"))
+    measured = run.measured_us()
+    assert measured == {k: int(t) for k, t in run.truth_us().items()}
+    assert sum(measured.values()) == 34_300_000  # 14.4 s + 7.5 s + 12.4 s, by hand
+
+
+def test_eight_gpus_of_eight_processes() -> None:
+    run = run_scenario(Scenario.load("eight_gpus").with_overrides(sample_period_us=1_000_000))
+    measured, truth = run.measured_us(), run.truth_us()
+    assert len(truth) == 64
+    for key, busy in truth.items():
+        assert relative_error(measured.get(key, 0), busy) <= 0.001, key
+
+
+def test_pid_reuse_between_two_polls_does_not_inherit_seconds() -> None:
+    # Pid 77 exits at 5.1 s and a new process takes pid 77 at 5.5 s: the meter polls at 5 s
+    # and 6 s, so the list shows "pid 77" both times.
+    scenario = Scenario.from_toml(
+        """
+        [host]
+        seed = 3
+        [[gpu]]
+        product = "H100"
+        sample_period_us = 100_000
+        phase_us = 0
+        [[process]]
+        pid = 77
+        gpu = 0
+        start_s = 0.5
+        exit_s = 5.1
+        busy = [[1.0, 5.0, 100]]
+        [[process]]
+        pid = 77
+        gpu = 0
+        start_s = 5.5
+        exit_s = 9.0
+        busy = [[6.0, 8.0, 50]]
+        """
+    )
+    run = run_scenario(scenario)
+    by_start = sorted(run.measured_us().items(), key=lambda kv: kv[0].create_time_us)
+    assert [busy for _, busy in by_start] == [4_000_000, 1_000_000]
+    assert by_start[0][0].create_time_us != by_start[1][0].create_time_us
+
+
+def test_driver_quirks_change_nothing() -> None:
+    clean = run_scenario(Scenario.load("sdxl"))
+    scenario = Scenario.load("sdxl")
+    with metered(scenario) as (run, meter):
+        run.host.inject("garbage_samples", gpu=0)
+        drive(run, meter, scenario_end_s(scenario) + 5)
+        run.usages.extend(meter.close_window())
+        discarded = dict(meter.stats.discarded_samples)
+    assert run.measured_us() == clean.measured_us()
+    assert discarded.get("util_over_100", 0) > 0
+    assert discarded.get("stale_timestamp", 0) > 0
+    assert discarded.get("pid_not_on_device", 0) > 0
+
+
+def test_size_query_success_is_no_data_not_a_failure() -> None:
+    scenario = Scenario.load("sdxl")
+    with metered(scenario) as (run, meter):
+        run.host.inject("size_query_success", gpu=0)
+        drive(run, meter, 30)
+        assert meter.stats.nvml_errors == {}
+
+
+def test_an_old_driver_without_the_v3_symbol_still_lists_processes() -> None:
+    text = shipped_text("exact")
+    scenario = Scenario.from_toml(text.replace("[host]\n", "[host]\nhas_v3_symbol = false\n", 1))
+    run = run_scenario(scenario)
+    assert sum(run.measured_us().values()) == 34_300_000
+
+
+def test_a_period_ending_between_the_two_queries_is_not_lost() -> None:
+    scenario = Scenario.load("exact")
+    with metered(scenario) as (run, meter):
+        lib = run.lib
+
+        def nudge(name: str) -> None:
+            # Move time by most of a period right before the per-process query, so a period
+            # often ends between the device query and the process query.
+            if name == "nvmlDeviceGetProcessUtilization":
+                run.clock.advance_us(150_000)
+
+        lib.before_call = nudge
+        drive(run, meter, scenario_end_s(scenario) + 5)
+        lib.before_call = None
+        drive(run, meter, run.clock.monotonic() + 5)
+        run.usages.extend(meter.close_window())
+    assert sum(run.measured_us().values()) == 34_300_000
+
+
+def test_a_slow_poller_records_ring_overflow_as_a_gap() -> None:
+    # Ring: 50 periods of 0.2 s = 10 s; polling every 30 s loses 20 s of every 30.
+    scenario = Scenario.load("training").with_overrides(sample_period_us=200_000, ring_periods=50)
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 600, poll_s=30, window_s=60)
+        run.usages.extend(meter.close_window())
+    gaps = run.gaps_us()
+    measured = sum(run.measured_us().values())
+    truth_so_far = sum(t.busy_us for t in run.host.truth(until_s=600).values())
+    assert gaps.get(GAP_RING, 0) >= 19 * 20_000_000  # ~20 s lost in each 30 s poll
+    assert measured < truth_so_far * Fraction(1, 2)  # the lost time is not filled in
+    # What was read is right: 95 % of the seconds the ring still held.
+    read_s = 600 - gaps[GAP_RING] / 1e6
+    assert measured == pytest.approx(0.95 * read_s * 1e6, rel=0.01)
+
+
+def test_a_lost_gpu_is_a_gap_and_metering_resumes() -> None:
+    scenario = Scenario.load("training")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 100)
+        run.host.inject("gpu_lost", gpu=0, duration_s=20)
+        drive(run, meter, 300)
+        run.usages.extend(meter.close_window())
+        errors = dict(meter.stats.nvml_errors)
+    gaps = run.gaps_us()
+    assert errors.get("GpuLost", 0) >= 1
+    assert 20_000_000 <= gaps[GAP_LOST] <= 30_000_000  # found again within the reopen interval
+    measured = sum(run.measured_us().values())
+    truth = sum(t.busy_us for t in run.host.truth(until_s=300).values())
+    # Everything but the lost stretch is measured.
+    assert truth - Fraction(gaps[GAP_LOST]) * Fraction(95, 100) - 1_000_000 <= measured <= truth
+
+
+def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
+    run = run_scenario(Scenario.load("mig"))
+    sources: dict[int, set[int]] = {}
+    for u in reportable(run.usages):
+        sources.setdefault(u.key.pid, set()).add(u.source)
+    assert sources[9103] == {usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE}
+    assert sources[9101] == sources[9102] == {usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_SHARED}
+    measured, truth = run.measured_us(), run.truth_us()
+    alone = next(k for k in truth if k.pid == 9103)
+    assert relative_error(measured[alone], truth[alone]) <= 0.001
+    shared = [k for k in truth if k.pid in (9101, 9102)]
+    # The shared instance is split evenly; the instance's total is what GPM measured.
+    assert sum(measured[k] for k in shared) <= sum(truth[k] for k in shared)
+    assert all(k.gpu_uuid.startswith("MIG-") for k in measured)
+
+
+def test_mig_without_gpm_records_wall_time_and_a_gap_never_zero_busy() -> None:
+    text = shipped_text("mig")
+    run = run_scenario(Scenario.from_toml(text.replace('product = "H100"', 'product = "A100"')))
+    assert reportable(run.usages)
+    for u in reportable(run.usages):
+        assert u.busy_us == 0
+        assert u.source == usage_pb2.MEASUREMENT_SOURCE_NONE
+        assert dict(u.gaps_us)[usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL] > 0
+
+
+def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
+    # Crash 6 s after the close at 20 s: that window's state is all that survives; the
+    # driver's ring (600 periods of 0.2 s) still holds what ran in between.
+    scenario = Scenario.load("exact")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 20)
+        run.usages.extend(meter.close_window())
+        state = meter.state()
+        drive(run, meter, 26, window_s=100)  # polled but never written: lost in the crash
+    with metered(scenario, state=state, start_s=26) as (rerun, meter2):
+        drive(rerun, meter2, scenario_end_s(scenario) + 5)
+        rerun.usages.extend(meter2.close_window())
+    total = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
+    assert total == 34_300_000
+
+
+def test_energy_goes_to_busy_processes_only() -> None:
+    run = run_scenario(Scenario.load("timeslice"))
+    busy = [u for u in run.usages if u.slices]  # (a final may hold only a rounding carry)
+    assert busy and all(u.energy_mj is not None for u in busy)
+    assert sum(u.energy_mj or 0 for u in busy) > 0
+    idle = [u for u in run.usages if u.busy_us == 0]
+    assert all(not u.energy_mj for u in idle)
+
+
+def test_records_carry_identity_labels_and_memory() -> None:
+    run = run_scenario(Scenario.load("exact"))
+    first = next(u for u in run.usages if u.key.pid == 1101)
+    assert first.key == ProcessKey(first.device.uuid, 1101, 1_750_000_000_400_000)
+    assert first.info is not None and first.info.labels["CREDITMETER_ACCOUNT"] == "acme"
+    assert first.peak_memory_bytes == 512 * 1024 * 1024
+    finals = [u for u in run.usages if u.final]
+    assert sorted(u.key.pid for u in finals) == [1101, 1102, 1201]
