@@ -71,7 +71,7 @@ class ProcessInfo:
     pid: int
     create_time: float  # seconds since the epoch, as psutil reports it; pairs with pid
     name: str
-    labels: dict[str, str]  # CREDITMETER_* variables by full name; absent ones stay absent
+    labels: dict[str, str]  # "account"/"model"/"job" from CREDITMETER_*; absent stay absent
     container_id: str = ""
     pod_uid: str = ""
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from creditmeter.agent.errors import ProcessGone
 from creditmeter.agent.gpu import ProcessInfo
+from creditmeter.agent.procfs import labels_from_environment
 from creditmeter.simnvml.clock import SimTime
 from creditmeter.simnvml.hardware import SimProcess
 
@@ -27,7 +28,7 @@ class SimProcessTable:
             pid=pid,
             create_time=p.create_time_s,
             name=p.spec.name,
-            labels=dict(p.labels),
+            labels=labels_from_environment(dict(p.labels)),  # as agent.procfs reads /proc
             container_id=p.spec.container_id,
             pod_uid=p.spec.pod_uid,
         )

@@ -235,7 +235,7 @@ def test_records_carry_identity_labels_and_memory() -> None:
     run = run_scenario(Scenario.load("exact"))
     first = next(u for u in run.usages if u.key.pid == 1101)
     assert first.key == ProcessKey(first.device.uuid, 1101, 1_750_000_000_400_000)
-    assert first.info is not None and first.info.labels["CREDITMETER_ACCOUNT"] == "acme"
+    assert first.info is not None and first.info.labels["account"] == "acme"
     assert first.peak_memory_bytes == 512 * 1024 * 1024
     finals = [u for u in run.usages if u.final]
     assert sorted(u.key.pid for u in finals) == [1101, 1102, 1201]

@@ -22,14 +22,14 @@ def test_pid_reuse_gives_two_identities() -> None:
         table.info(4242)  # not started yet
     clock.advance(10)
     first = table.info(4242)
-    assert (first.create_time, first.labels["CREDITMETER_JOB"]) == (W0_S + 1.25, "job-a")
+    assert (first.create_time, first.labels["job"]) == (W0_S + 1.25, "job-a")
     clock.advance(30.6)  # t = 40.6: the first exited at 40.5, the second starts at 41
     with pytest.raises(ProcessGone):
         table.info(4242)
     clock.advance(9.4)
     second = table.info(4242)
-    assert (second.create_time, second.labels["CREDITMETER_JOB"]) == (W0_S + 41.0, "job-b")
-    assert second.labels["CREDITMETER_ACCOUNT"] == "globex"
+    assert (second.create_time, second.labels["job"]) == (W0_S + 41.0, "job-b")
+    assert second.labels["account"] == "globex"
 
 
 def test_info_carries_only_creditmeter_labels_and_container_ids() -> None:
@@ -55,7 +55,7 @@ gpu = 0
         pid=10,
         create_time=W0_S,
         name="worker",
-        labels={"CREDITMETER_ACCOUNT": "acme"},
+        labels={"account": "acme"},
         container_id="abc123",
         pod_uid="pod-1",
     )
