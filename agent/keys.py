@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from creditmeter import chain
 from creditmeter.agent.errors import AgentError
 
-DEFAULT_KEY_PATH: Final = "/var/lib/creditmeter/agent/signing-key.pem"
+DEFAULT_KEY_PATH: Final = "/var/lib/creditmeter-agent/signing-key.pem"  # the unit's StateDirectory=
 _PRIVATE_MODE: Final = 0o600
 _MAX_KEY_FILE_BYTES: Final = 64 * 1024  # a PEM Ed25519 key is ~120 bytes
 

@@ -505,6 +505,13 @@ class Meter:
             slices=tuple(usage.slices),
         )
 
+    def written_through_us(self) -> int:
+        """Driver time up to which every device's usage is in closed windows."""
+        cursors = [
+            ds.committed_cursor_us for ds in self._devices.values() if ds.committed_cursor_us
+        ]
+        return min(cursors, default=_us(self._clock.wall()))
+
     def shutdown(self) -> None:
         self._nvml.shutdown()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from creditmeter.agent.errors import AgentError, ProcessGone
+from creditmeter.agent.gpu import ProcessTable
 
 _NS_LINK = re.compile(r"^pid:\[(\d+)\]$")
 
@@ -180,3 +181,18 @@ class PidResolver:
         self._cache[key] = found
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+class ProcessTableResolver:
+    """Resolves callers through a ``ProcessTable`` alone, without PID namespaces: for the
+    simulated host, whose processes live in its own table rather than in /proc."""
+
+    def __init__(self, table: ProcessTable) -> None:
+        self._table = table
+
+    def resolve(self, pid: int, pid_namespace: int) -> HostProcess:
+        try:
+            created_s = self._table.create_time(pid)
+        except ProcessGone as exc:
+            raise PidNotFound(f"pid {pid}: no such process") from exc
+        return HostProcess(pid, round(created_s * 1_000_000))

@@ -54,9 +54,13 @@ class AnchorFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def open_or_create(self, speed: float, start_wall_s: float | None) -> Anchor:
-        wall_s = time.time() if start_wall_s is None else start_wall_s
-        fresh = Anchor(time.monotonic_ns(), s_to_us(wall_s), speed, ())
+    def open_or_create(
+        self, speed: float, start_wall_s: float | None, *, starts_in_s: float = 0.0
+    ) -> Anchor:
+        """The timeline in the file, or a new one whose sim t=0 is ``starts_in_s`` from now
+        (before then sim time is negative: the driver is loading, nothing has run)."""
+        wall_s = time.time() + starts_in_s if start_wall_s is None else start_wall_s
+        fresh = Anchor(time.monotonic_ns() + round(starts_in_s * 1e9), s_to_us(wall_s), speed, ())
         if self._create(fresh):
             return fresh
         return self.read()

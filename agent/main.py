@@ -1,0 +1,304 @@
+"""``creditmeter-agent``: the daemon (``run``) and its key tool (``keygen``).
+
+Startup is ordered so that nothing meters before its records have somewhere durable to go:
+NVML, key, outbox (with the meter's saved state), meter, shipper, metrics, then READY=1.
+Shutdown runs the other way: the loop closes every open window into the outbox, the
+shipper gets a bounded drain, then the outbox and NVML are closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from creditmeter.agent import keys, settings
+from creditmeter.agent.attribution import RecordBuilder
+from creditmeter.agent.backoff import Backoff
+from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone
+from creditmeter.agent.gpu import Clock, Nvml, ProcessTable, SystemClock
+from creditmeter.agent.jobapi import CallerResolver, create_server
+from creditmeter.agent.jobs import JobRegistry, Owner
+from creditmeter.agent.loop import MeterLoop
+from creditmeter.agent.meter import Meter
+from creditmeter.agent.nvml import PynvmlNvml
+from creditmeter.agent.outbox import Outbox
+from creditmeter.agent.pidns import PidResolver, ProcessTableResolver
+from creditmeter.agent.procfs import ProcFs, PsutilProcessTable
+from creditmeter.agent.records import STATE_KEY, Flusher
+from creditmeter.agent.shipper import Shipper, insecure_channel_factory
+from creditmeter.agent.telemetry import AgentTelemetry
+from creditmeter.config import Config
+from creditmeter.logs import setup_logging
+from creditmeter.metrics import Registry, serve_metrics
+from creditmeter.sdnotify import Notifier
+
+log = logging.getLogger("creditmeter.agent")
+
+EXIT_FAILURE = 1
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the agent meters: the real host, or a simulated one standing in under pynvml."""
+
+    clock: Clock
+    processes: ProcessTable
+    callers: CallerResolver  # maps job API callers' PIDs to host processes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="creditmeter-agent", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="meter this host's GPUs (the daemon)")
+    cli = settings.config_args()
+    cli.add_arguments(run_parser)
+    commands.add_parser("keygen", help="create the signing key", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "keygen":
+        return keys.keygen_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    config = cli.load_or_exit(args)
+    setup_logging(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT])
+    try:
+        return run(config)
+    except NvmlUnavailable as exc:
+        print(f"creditmeter-agent: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except AgentError as exc:
+        print(f"creditmeter-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+def run(config: Config) -> int:
+    stop = threading.Event()
+    _on_signals(stop)
+    notifier = Notifier.from_environment()
+    agent_id = config[settings.AGENT_ID] or socket.gethostname()
+    with ExitStack() as stack:
+        host = stack.enter_context(_host(config))
+        nvml = _open_nvml()
+        stack.callback(nvml.shutdown)
+        log.info("NVML open: driver %s", nvml.driver_version())
+        outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
+        meter = Meter(
+            nvml,
+            host.processes,
+            host.clock,
+            state=outbox.state().get(STATE_KEY),
+            reopen_interval_s=config[settings.REOPEN_INTERVAL],
+        )
+        flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
+        registry = stack.enter_context(_job_registry(config))
+        if config[settings.JOBS_ENABLED]:
+            _serve_jobs(stack, config, registry, host)
+        telemetry = AgentTelemetry(Registry())
+        _gauges(telemetry, outbox, flusher)
+        shipper = Shipper(
+            outbox,
+            insecure_channel_factory(config[settings.COLLECTOR]),
+            agent_id,
+            batch_max=config[settings.BATCH_MAX],
+            ack_timeout_s=config[settings.ACK_TIMEOUT],
+            backoff=Backoff(cap_s=config[settings.BACKOFF_MAX]),
+            clock=host.clock,
+            observer=telemetry,
+        )
+        _metrics_server(stack, config, telemetry.registry)
+        loop = _meter_loop(config, meter, flusher, host, notifier, telemetry, registry)
+        ship_stop = threading.Event()
+        shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
+        shipping.start()
+        notifier.ready(f"metering {len(nvml.devices())} devices as {agent_id}")
+        log.info("metering as agent %s, shipping to %s", agent_id, config[settings.COLLECTOR])
+        loop.run(stop)
+        notifier.stopping("windows closed; delivering the outbox")
+        ship_stop.set()
+        shipping.join()
+        deadline = host.clock.monotonic() + config[settings.DRAIN_TIMEOUT]
+        if not shipper.drain(deadline):
+            log.warning("%d records wait in the outbox for the next start", outbox.depth())
+    return 0
+
+
+def _on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: closing windows and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@contextmanager
+def _host(config: Config) -> Iterator[Host]:
+    if config[settings.BACKEND] == "nvml":
+        read_env = config[settings.ENV_LABELS]
+        yield Host(
+            SystemClock(), PsutilProcessTable(read_environment=read_env), PidResolver(ProcFs())
+        )
+        return
+    # The simulator is imported only here: the agent gets it the way it gets the real library.
+    from creditmeter.simnvml import Scenario, ScenarioError, SimClock, SimHost, installed
+
+    name = config[settings.SCENARIO]
+    if not name:
+        raise AgentError("nvml.backend = simulated needs nvml.scenario")
+    try:
+        scenario = Scenario.load(name)
+    except (ScenarioError, OSError) as exc:
+        raise AgentError(f"nvml.scenario: {exc}") from exc
+    speed = config[settings.SPEED]
+    anchor = config[settings.CLOCK_ANCHOR]
+    clock = SimClock.shared(Path(anchor), speed) if anchor else SimClock(speed)
+    sim = SimHost(scenario, clock)
+    with installed(sim):
+        table = sim.process_table()
+        yield Host(clock, table, ProcessTableResolver(table))
+
+
+def _open_nvml() -> Nvml:
+    return PynvmlNvml.open()
+
+
+@contextmanager
+def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
+    state_dir = config[settings.STATE_DIR]
+    key_file = Path(config[settings.KEY_FILE] or state_dir / "signing-key.pem")
+    path = Path(config[settings.OUTBOX_PATH] or state_dir / "outbox.db")
+    outbox = Outbox.open(
+        path,
+        agent_id,
+        keys.load(key_file),
+        max_records=config[settings.OUTBOX_MAX_RECORDS],
+        max_segment=config[settings.OUTBOX_MAX_SEGMENT],
+        keep_acked=config[settings.OUTBOX_KEEP_ACKED],
+        clock=clock,
+    )
+    try:
+        yield outbox
+    finally:
+        outbox.close()
+
+
+def _gauges(telemetry: AgentTelemetry, outbox: Outbox, flusher: Flusher) -> None:
+    telemetry.gauge(
+        "creditmeter_agent_outbox_records", "Records not yet acknowledged.", outbox.depth
+    )
+    telemetry.gauge(
+        "creditmeter_agent_outbox_oldest_age_seconds",
+        "Age of the oldest record not yet acknowledged.",
+        outbox.oldest_unacked_age_s,
+    )
+    telemetry.gauge(
+        "creditmeter_agent_held_records",
+        "Records held in memory because the outbox cannot take them.",
+        lambda: flusher.pending,
+    )
+
+
+def _metrics_server(stack: ExitStack, config: Config, registry: Registry) -> None:
+    listen = config[settings.METRICS_LISTEN]
+    if not listen:
+        return
+    host, _, port = listen.rpartition(":")
+    server, bound = serve_metrics(registry, host or "127.0.0.1", int(port))
+    stack.callback(server.shutdown)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+
+
+def _meter_loop(
+    config: Config,
+    meter: Meter,
+    flusher: Flusher,
+    host: Host,
+    notifier: Notifier,
+    telemetry: AgentTelemetry,
+    registry: JobRegistry,
+) -> MeterLoop:
+    drafts = RecordBuilder(config[settings.HOST] or socket.gethostname(), registry)
+
+    def written(through_us: int) -> None:
+        registry.prune_before(through_us)
+        registry.reap(lambda owner: _alive(host.processes, owner), through_us)
+
+    def observe(seconds: float) -> None:
+        telemetry.poll_seconds.observe(seconds)
+        telemetry.after_cycle(meter.stats, flusher.dropped_busy_us)
+
+    return MeterLoop(
+        meter,
+        flusher,
+        drafts,
+        host.clock,
+        poll_interval_s=config[settings.POLL_INTERVAL],
+        window_s=config[settings.WINDOW],
+        heartbeat=_watchdog(notifier),
+        observe_cycle=observe,
+        on_written=written,
+    )
+
+
+def _alive(processes: ProcessTable, owner: Owner) -> bool:
+    try:
+        return round(processes.create_time(owner.pid) * 1_000_000) == owner.create_time_us
+    except ProcessGone:
+        return False
+
+
+@contextmanager
+def _job_registry(config: Config) -> Iterator[JobRegistry]:
+    registry = JobRegistry(config[settings.STATE_DIR] / "jobs.db")
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def _serve_jobs(stack: ExitStack, config: Config, registry: JobRegistry, host: Host) -> None:
+    text = config[settings.JOBS_MODE]
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise AgentError(f"jobs.socket_mode: not an octal file mode: {text!r}") from None
+    server = create_server(
+        config[settings.JOBS_SOCKET],
+        registry,
+        mode=mode,
+        group=config[settings.JOBS_GROUP] or None,
+        resolver=host.callers,
+        clock=host.clock,
+    )
+    stack.callback(server.stop, 5.0)
+    log.info("job API on %s", server.socket_path)
+
+
+def _watchdog(notifier: Notifier) -> Callable[[], None]:
+    """Pings systemd's watchdog from the metering loop, at most every half interval."""
+    interval = notifier.watchdog_interval_s()
+    if interval is None:
+        return lambda: None
+    next_ping = 0.0
+
+    def ping() -> None:
+        nonlocal next_ping
+        now = time.monotonic()  # real time: the watchdog is systemd's, not the simulation's
+        if now >= next_ping:
+            notifier.watchdog()
+            next_ping = now + interval
+
+    return ping
