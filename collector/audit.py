@@ -1,0 +1,209 @@
+"""Re-verifies everything a store holds, from the stored record bytes alone.
+
+For every agent: the chain runs from seq 1 without holes; each stored hash is the SHA-256
+of the stored bytes and each prev_hash the hash of the record before; every record still
+passes the verifier's checks; every stored signature verifies under the agent's key and the
+last record is covered by one; the columns extracted at ingest still say what the bytes
+say; the agent's head is its last record. Then the hourly rollups must equal the sums of
+the records. Anything else is a finding: a database edited behind the collector's back, a
+bug, or a disk error. Audit works on one snapshot, so a running collector does not cause
+findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from creditmeter import chain
+from creditmeter.collector.errors import RejectedBatch
+from creditmeter.collector.rollup import Rollup, RollupKey, RollupSums, hour_text
+from creditmeter.collector.rows import ROW_COLUMNS, SEQ
+from creditmeter.collector.store import AgentInfo, Snapshot, Store, StoredRecord
+from creditmeter.collector.verifier import Verifier
+
+# Columns not derived from the bytes (or compared on their own).
+_UNCHECKED_COLUMNS = frozenset({"hash", "record", "received_at_us"})
+
+
+@dataclass(frozen=True)
+class Finding:
+    agent_id: str | None  # None for findings about rollups
+    seq: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"agent {self.agent_id!r}" if self.agent_id is not None else "rollups"
+        if self.seq is not None:
+            where += f" seq {self.seq}"
+        return f"{where}: {self.problem}"
+
+
+@dataclass
+class AuditResult:
+    agent_count: int = 0
+    record_count: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+def audit(store: Store, verifier: Verifier) -> AuditResult:
+    with store.snapshot() as snapshot:
+        return audit_snapshot(snapshot, verifier)
+
+
+def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
+    result = AuditResult()
+    agents = {agent.agent_id: agent for agent in snapshot.agents()}
+    result.agent_count = len(agents)
+    sums: dict[RollupKey, RollupSums] = {}
+    audited: set[str] = set()
+    for agent_id, records in groupby(snapshot.records(), key=lambda record: record.agent_id):
+        audited.add(agent_id)
+        chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, sums)
+        chain_audit.run(records)
+    for agent_id in agents.keys() - audited:
+        if agents[agent_id].head.seq != 0:
+            result.findings.append(
+                Finding(
+                    agent_id, None, f"head is seq {agents[agent_id].head.seq}, no record stored"
+                )
+            )
+    result.findings.extend(_rollup_findings(snapshot.rollups(), sums))
+    return result
+
+
+class _ChainAudit:
+    """Walks one agent's stored records in seq order."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        agent: AgentInfo | None,
+        verifier: Verifier,
+        result: AuditResult,
+        sums: dict[RollupKey, RollupSums],
+    ) -> None:
+        self.agent_id = agent_id
+        self.agent = agent
+        self.verifier = verifier
+        self.result = result
+        self.sums = sums
+        self.public_key = self._public_key()
+
+    def run(self, records: Iterable[StoredRecord]) -> None:
+        expected_seq = 1
+        prev_hash = chain.GENESIS_HASH
+        last: StoredRecord | None = None
+        last_signed_seq = 0
+        for record in records:
+            self.result.record_count += 1
+            actual_hash = chain.record_hash(record.record)
+            if record.seq != expected_seq:
+                self._find(
+                    record.seq,
+                    f"chain broken: follows seq {expected_seq - 1} "
+                    f"(seqs {expected_seq}..{record.seq - 1} missing)"
+                    if record.seq > expected_seq
+                    else f"chain broken: seq out of order after {expected_seq - 1}",
+                )
+            if actual_hash != record.hash:
+                self._find(record.seq, "stored hash is not the SHA-256 of the stored bytes")
+            self._check_bytes(record, prev_hash if record.seq == expected_seq else None)
+            if record.signature is not None:
+                self._check_signature(record, actual_hash)
+                last_signed_seq = record.seq
+            prev_hash = actual_hash
+            expected_seq = record.seq + 1
+            last = record
+        if last is not None:
+            self._check_end(last, prev_hash, last_signed_seq)
+
+    def _check_bytes(self, record: StoredRecord, prev_hash: bytes | None) -> None:
+        """The bytes pass the verifier, link to the record before, and agree with the
+        stored columns; they (not the columns) feed the expected rollups."""
+        try:
+            checked = self.verifier.check_records(self.agent_id, [record.record])
+        except RejectedBatch as exc:
+            self._find(record.seq, f"stored bytes fail verification: {exc.problem}")
+            return
+        row = checked.rows[0]
+        if row[SEQ] != record.seq:
+            self._find(record.seq, f"stored bytes say seq {row[SEQ]}")
+        if prev_hash is not None and checked.first_prev_hash != prev_hash:
+            self._find(record.seq, "chain broken: prev_hash is not the hash of the record before")
+        for index, name in enumerate(ROW_COLUMNS):
+            if name not in _UNCHECKED_COLUMNS and row[index] != record.columns[index]:
+                self._find(
+                    record.seq,
+                    f"column {name} holds {record.columns[index]!r}, the bytes say {row[index]!r}",
+                )
+        for key, part in checked.sums.items():
+            total = self.sums.setdefault(key, [0, 0, 0])
+            for i, value in enumerate(part):
+                total[i] += value
+
+    def _check_signature(self, record: StoredRecord, actual_hash: bytes) -> None:
+        if self.public_key is None:
+            return
+        try:
+            chain.verify_head(self.public_key, actual_hash, record.signature or b"")
+        except chain.ChainError:
+            self._find(record.seq, "stored signature does not verify under the agent's key")
+
+    def _check_end(self, last: StoredRecord, last_hash: bytes, last_signed_seq: int) -> None:
+        if last_signed_seq != last.seq:
+            self._find(
+                last.seq,
+                f"no signature covers the records after seq {last_signed_seq}",
+            )
+        if self.agent is not None and (
+            self.agent.head.seq != last.seq or self.agent.head.hash != last_hash
+        ):
+            self._find(
+                None, f"stored head (seq {self.agent.head.seq}) is not the last record {last.seq}"
+            )
+
+    def _public_key(self) -> Ed25519PublicKey | None:
+        if self.agent is None:
+            self._find(None, "records stored for an agent that is not enrolled")
+            return None
+        try:
+            return chain.load_public_key_hex(self.agent.public_key_hex)
+        except chain.BadKey as exc:
+            self._find(None, f"enrolled public key unusable: {exc}")
+            return None
+
+    def _find(self, seq: int | None, problem: str) -> None:
+        self.result.findings.append(Finding(self.agent_id, seq, problem))
+
+
+def _rollup_findings(
+    stored: Iterator[Rollup], expected: dict[RollupKey, RollupSums]
+) -> Iterator[Finding]:
+    remaining = dict(expected)
+    for rollup in stored:
+        key = (rollup.hour_start_us, rollup.account, rollup.model)
+        want = remaining.pop(key, [0, 0, 0])
+        have = [rollup.busy_us, rollup.wall_us, rollup.record_count]
+        if have != want:
+            yield Finding(
+                None,
+                None,
+                f"hour {hour_text(rollup.hour_start_us)} account {rollup.account!r} model "
+                f"{rollup.model!r}: stored busy_us, wall_us, records {have}, the records "
+                f"sum to {want}",
+            )
+    for (hour_us, account, model), want in sorted(remaining.items()):
+        yield Finding(
+            None,
+            None,
+            f"hour {hour_text(hour_us)} account {account!r} model {model!r}: no rollup stored, "
+            f"the records sum to {want}",
+        )

@@ -1,0 +1,303 @@
+"""The gRPC side: the Ingest servicer and the server around it. The only module that
+imports grpc.
+
+The servicer is thin: it authenticates the stream, hands each batch to the verifier and the
+store, and acknowledges after the store has committed. Every decision lives in those
+classes; this module only translates their errors (CollectorError.status) into gRPC
+statuses and keeps one bad stream from affecting any other.
+
+Stream protocol (ingest.proto): the client opens with Hello{agent_id}; the server answers
+with an Ack of what it holds for the agent (the resume point); then each RecordBatch is
+answered by an Ack once committed. Requests are deserialized here rather than by grpc, so
+that malformed bytes end the stream with INVALID_ARGUMENT and a reason, not grpc's
+generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from creditmeter import chain
+from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, Peer
+from creditmeter.collector.errors import (
+    AgentMismatch,
+    AgentRevoked,
+    ChainConflict,
+    CollectorError,
+    ListenError,
+    MalformedMessage,
+    StoreCorrupt,
+    StoreError,
+    TooManyStreams,
+    UnknownAgent,
+)
+from creditmeter.collector.store import ChainHead, Store
+from creditmeter.collector.verifier import VerifiedBatch, Verifier
+from creditmeter.v1 import ingest_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
+# Threads beyond max_streams, so that health checks and refusals of surplus streams are
+# still answered when every stream slot is taken.
+SPARE_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Largest request grpc accepts; larger ones end the stream with RESOURCE_EXHAUSTED.
+    # A batch of 1000 typical records is ~250 KB.
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Each stream holds a worker thread for its lifetime (one per connected agent).
+    max_streams: int = 256
+    # After this long, a stream ends cleanly after its next Ack and the agent reconnects:
+    # gives load balancers a chance to move it.
+    max_stream_age_s: float = 300.0
+    # grpc's own connection recycling (GOAWAY), for L4 load balancers; after the grace,
+    # streams still open on the connection are cut (the agent resends unacked batches).
+    max_connection_age_s: float = 600.0
+    connection_age_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class _Session:
+    agent_id: str
+    public_key: Ed25519PublicKey
+
+
+@dataclass(frozen=True)
+class _Hello:
+    """A stream's Hello, accepted: who speaks, and where the agent resumes."""
+
+    session: _Session
+    head: ChainHead
+
+
+class IngestServicer:
+    """creditmeter.v1.Ingest/Stream over a Store, a Verifier and an Authenticator."""
+
+    def __init__(
+        self,
+        store: Store,
+        verifier: Verifier,
+        authenticator: Authenticator,
+        config: ServerConfig,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._verifier = verifier
+        self._authenticator = authenticator
+        self._config = config
+        self._monotonic = monotonic
+        self._stream_slots = threading.BoundedSemaphore(config.max_streams)
+        self._draining = threading.Event()
+
+    def rpc_handler(self) -> Any:
+        """The generic handler to register with a grpc.Server (requests arrive as bytes)."""
+        method = grpc.stream_stream_rpc_method_handler(
+            self.Stream,
+            request_deserializer=None,
+            response_serializer=ingest_pb2.IngestResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": method})
+
+    def drain(self) -> None:
+        """Ends every stream after its next Ack (shutdown)."""
+        self._draining.set()
+
+    def Stream(  # the RPC's name in ingest.proto
+        self, requests: Iterator[bytes], context: Any
+    ) -> Iterator[ingest_pb2.IngestResponse]:
+        if not self._stream_slots.acquire(blocking=False):
+            self._abort(
+                context,
+                TooManyStreams(f"collector serves its limit of {self._config.max_streams} streams"),
+            )
+        try:
+            yield from self._serve(requests, context)
+        except CollectorError as exc:
+            self._abort(context, exc)
+        except grpc.RpcError:
+            # The client went away (or grpc refused a message, e.g. too large); the stream
+            # is over and there is nobody to tell.
+            log.info("stream from %s ended by the transport", context.peer())
+        except Exception:
+            # A bug costs this stream, never the server; the agent retries.
+            log.exception("ingest stream from %s failed", context.peer())
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in the collector (logged)")
+        finally:
+            self._stream_slots.release()
+
+    def _serve(
+        self, requests: Iterator[bytes], context: Any
+    ) -> Iterator[ingest_pb2.IngestResponse]:
+        started = self._monotonic()
+        peer = _peer(context)
+        session: _Session | None = None
+        for raw in requests:
+            item = self._read_request(raw, session, peer)
+            if isinstance(item, _Hello):
+                session = item.session
+                yield _ack(item.head)
+                continue
+            yield _ack(self._store.ingest(item.agent_id, item))  # after commit
+            if self._draining.is_set() or self._monotonic() - started >= (
+                self._config.max_stream_age_s
+            ):
+                log.debug("recycling the stream of agent %s", item.agent_id)
+                return
+
+    def _read_request(
+        self, raw: bytes, session: _Session | None, peer: Peer
+    ) -> _Hello | VerifiedBatch:
+        """What one request asks for, checked as far as that needs no store transaction."""
+        request = _parse_request(raw)
+        kind = request.WhichOneof("body")
+        if kind == "hello":
+            if session is not None:
+                raise MalformedMessage("a stream says Hello once", agent_id=session.agent_id)
+            return self._open(request.hello.agent_id, peer)
+        if kind == "batch":
+            if session is None:
+                raise MalformedMessage("a stream must open with Hello, not a batch")
+            return self._verify(session, request.batch)
+        raise MalformedMessage("request holds neither a Hello nor a batch")
+
+    def _open(self, agent_id: str, peer: Peer) -> _Hello:
+        agent = self._store.get_agent(agent_id)
+        if agent is None:
+            raise UnknownAgent("is not enrolled", agent_id=agent_id)
+        if agent.revoked:
+            raise AgentRevoked(f"was revoked at {agent.revoked_at_us} µs", agent_id=agent_id)
+        self._authenticator.authorize(agent_id, peer)
+        try:
+            public_key = chain.load_public_key_hex(agent.public_key_hex)
+        except chain.BadKey as exc:
+            raise StoreCorrupt(f"enrolled public key unusable: {exc}", agent_id=agent_id) from exc
+        log.info(
+            "agent %s connected from %s; it resumes after seq %d",
+            agent_id,
+            peer.address,
+            agent.head.seq,
+        )
+        return _Hello(_Session(agent_id, public_key), agent.head)
+
+    def _verify(self, session: _Session, batch: ingest_pb2.RecordBatch) -> VerifiedBatch:
+        if batch.agent_id != session.agent_id:
+            raise AgentMismatch(
+                f"batch names agent {batch.agent_id!r}, the stream's Hello another",
+                agent_id=session.agent_id,
+                field="agent_id",
+            )
+        return self._verifier.verify(batch, session.public_key)
+
+    @staticmethod
+    def _abort(context: Any, error: CollectorError) -> None:
+        """Logs why a stream ends and ends it with the error's status (raises)."""
+        level = logging.ERROR if isinstance(error, ChainConflict | StoreError) else logging.WARNING
+        log.log(
+            level, "refused stream from %s: %s: %s", context.peer(), type(error).__name__, error
+        )
+        context.abort(grpc.StatusCode[error.status.name], str(error))
+
+
+class IngestServer:
+    """A started-or-stoppable collector server: gRPC, the Ingest servicer, health."""
+
+    def __init__(self, server: Any, servicer: IngestServicer, health_servicer: Any) -> None:
+        self.grpc_server = server
+        self._servicer = servicer
+        self._health = health_servicer
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float) -> None:
+        """Ordered shutdown: health says NOT_SERVING, streams end after their next Ack, no
+        new RPC is accepted; after ``grace_s`` the remaining ones are cancelled (agents
+        resend what was not acknowledged). Returns once the server has stopped; the caller
+        closes the store afterwards."""
+        self._health.enter_graceful_shutdown()
+        self._servicer.drain()
+        self.grpc_server.stop(grace_s).wait()
+
+
+def create_server(
+    addr: str,
+    store: Store,
+    *,
+    verifier: Verifier | None = None,
+    authenticator: Authenticator | None = None,
+    config: ServerConfig | None = None,
+    credentials: Any = None,
+) -> tuple[IngestServer, int]:
+    """A collector server bound to ``addr`` ("host:port"; port 0 picks a free one), not yet
+    started, and the port it is bound to. ``credentials`` (grpc.ServerCredentials) makes
+    it listen with TLS. Raises ListenError when the address cannot be bound."""
+    config = config or ServerConfig()
+    servicer = IngestServicer(
+        store, verifier or Verifier(), authenticator or AllowEnrolledAgents(), config
+    )
+    workers = config.max_streams + SPARE_WORKERS
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=_options(config),
+        maximum_concurrent_rpcs=workers,
+    )
+    server.add_generic_rpc_handlers((servicer.rpc_handler(),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(addr)
+        else:
+            port = server.add_secure_port(addr, credentials)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {addr}: {exc}") from exc
+    if port == 0:  # older grpc reports failure this way
+        raise ListenError(f"cannot listen on {addr}")
+    return IngestServer(server, servicer, health_servicer), port
+
+
+def _options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.connection_age_grace_s * 1000)),
+        # Notice agents that vanished without closing their connection.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Let agents keep their (often idle) streams alive with pings of their own.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # A second collector on the same port must fail to start, not share the port.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _parse_request(raw: bytes) -> ingest_pb2.IngestRequest:
+    try:
+        return ingest_pb2.IngestRequest.FromString(raw)
+    except DecodeError as exc:
+        raise MalformedMessage(f"request is not an IngestRequest ({exc})") from exc
+
+
+def _peer(context: Any) -> Peer:
+    return Peer(context.peer(), dict(context.auth_context()))
+
+
+def _ack(head: ChainHead) -> ingest_pb2.IngestResponse:
+    return ingest_pb2.IngestResponse(ack=ingest_pb2.Ack(acked_seq=head.seq, head_hash=head.hash))

@@ -1,0 +1,217 @@
+"""The collector's storage interface, and the chain decisions every store makes alike.
+
+``Store`` is what the servicer, the CLI, the audit and the reports see; ``SQLiteStore``
+(sqlite_store.py) implements it and a PostgreSQL store will. Several collectors may share
+one PostgreSQL, so the decisions that depend on what is stored (is this a duplicate, a
+conflict, a hole?) are made by ``first_new_index`` *inside* the store's ingest transaction,
+after the store has locked the agent's row: two collectors receiving the same agent's batch
+then serialize on that lock and the second one sees the first one's records as duplicates.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from creditmeter import chain
+from creditmeter.collector.errors import (
+    ChainFork,
+    ChainHole,
+    EnrollmentError,
+    SeqConflict,
+    StoreCorrupt,
+)
+from creditmeter.collector.rollup import Rollup
+from creditmeter.collector.rows import HASH
+from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
+
+MAX_AGENT_ID_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The last record of an agent that is stored: what an Ack reports."""
+
+    seq: int  # 0 when nothing is stored yet
+    hash: bytes  # b"" when seq is 0
+
+
+NO_HEAD = ChainHead(0, b"")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    agent_id: str
+    public_key_hex: str
+    enrolled_at_us: int
+    revoked_at_us: int | None
+    head: ChainHead
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_us is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as stored, for the audit. ``columns`` holds every stored column in
+    rows.ROW_COLUMNS order (energy_mj as ENERGY_ABSENT where NULL)."""
+
+    agent_id: str
+    seq: int
+    hash: bytes
+    record: bytes
+    signature: bytes | None
+    columns: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """Rollups summed over a period for one (account, model). account "" is unattributed."""
+
+    account: str
+    model: str
+    busy_us: int
+    wall_us: int
+    record_count: int
+
+
+class Snapshot(Protocol):
+    """A consistent read-only view of a store, for the audit (records and rollups must come
+    from the same moment, or records committed in between would look like findings)."""
+
+    def agents(self) -> list[AgentInfo]: ...
+
+    def records(self) -> Iterator[StoredRecord]:
+        """Every stored record, ordered by agent_id, then seq."""
+        ...
+
+    def rollups(self) -> Iterator[Rollup]: ...
+
+
+class Store(Protocol):
+    def enroll_agent(self, agent_id: str, public_key_hex: str) -> AgentInfo:
+        """Enrolls an agent; enrolling it again with the same key changes nothing.
+
+        Raises EnrollmentError for a malformed id or key, another key already enrolled
+        under the id, or an id that was revoked.
+        """
+        ...
+
+    def revoke_agent(self, agent_id: str) -> AgentInfo:
+        """Revokes an agent (again: no change). Raises EnrollmentError for an unknown id."""
+        ...
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None: ...
+
+    def ingest(self, agent_id: str, batch: VerifiedBatch) -> ChainHead:
+        """Stores a verified batch in one transaction and returns the agent's new head.
+
+        Records already stored are checked byte for byte (by hash) and acknowledged again
+        without being stored twice. Raises UnknownAgent / AgentRevoked, ChainConflict
+        subclasses (nothing stored) or StoreError (nothing stored).
+        """
+        ...
+
+    def usage(self, from_us: int | None, to_us: int | None) -> list[UsageTotal]:
+        """Rollups of the hours starting in [from_us, to_us) (None: unbounded), summed per
+        (account, model), ordered by account then model."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[Snapshot]: ...
+
+    def close(self) -> None: ...
+
+
+# Reads the stored (seq, hash) of an agent's records first..last, in seq order.
+StoredHashes = Callable[[int, int], Sequence[tuple[int, bytes]]]
+
+
+def first_new_index(
+    agent_id: str, head: ChainHead, records: CheckedRecords, stored_hashes: StoredHashes
+) -> int:
+    """Index of the first record of ``records`` that is not stored yet (len(rows) when
+    none is). Call inside the ingest transaction, with the agent's row locked.
+
+    Raises SeqConflict when a stored seq arrives with other bytes, ChainHole when the batch
+    starts beyond head + 1, ChainFork when the first new record does not link to the head.
+    """
+    rows = records.rows
+    first_seq, last_seq = records.first_seq, records.last_seq
+    if first_seq > head.seq + 1:
+        raise ChainHole(
+            f"batch starts at seq {first_seq} but the collector holds up to seq {head.seq}: "
+            f"seqs {head.seq + 1}..{first_seq - 1} never arrived",
+            agent_id=agent_id,
+            seq=first_seq,
+        )
+    index = 0
+    if first_seq <= head.seq:
+        last_duplicate = min(last_seq, head.seq)
+        _check_duplicates(
+            agent_id, records, last_duplicate, stored_hashes(first_seq, last_duplicate)
+        )
+        index = last_duplicate - first_seq + 1
+    if index < len(rows):
+        expected = head.hash if head.seq else chain.GENESIS_HASH
+        claimed = records.first_prev_hash if index == 0 else bytes(rows[index - 1][HASH])
+        if claimed != expected:
+            raise ChainFork(
+                f"prev_hash does not match the stored head (seq {head.seq}): "
+                "another chain is speaking for this agent",
+                agent_id=agent_id,
+                seq=head.seq + 1,
+                field="prev_hash",
+            )
+    return index
+
+
+def _check_duplicates(
+    agent_id: str,
+    records: CheckedRecords,
+    last_duplicate: int,
+    stored: Sequence[tuple[int, bytes]],
+) -> None:
+    """Every record up to ``last_duplicate`` must equal the stored one (by hash)."""
+    rows = records.rows
+    first_seq = records.first_seq
+    stored_seqs = [seq for seq, _ in stored]
+    if stored_seqs != list(range(first_seq, last_duplicate + 1)):
+        raise StoreCorrupt(
+            f"stored chain lacks records between seq {first_seq} and {last_duplicate}, "
+            "below its head",
+            agent_id=agent_id,
+        )
+    for offset, (seq, stored_hash) in enumerate(stored):
+        if bytes(rows[offset][HASH]) != stored_hash:
+            raise SeqConflict(
+                "already stored with different bytes (tampering, or two outboxes for one "
+                "agent id); the stored record is kept",
+                agent_id=agent_id,
+                seq=seq,
+            )
+
+
+def check_agent_id(agent_id: str) -> None:
+    """Raises EnrollmentError unless ``agent_id`` is a usable id: non-empty, at most 256
+    bytes, no whitespace or control characters (it appears in logs and on command lines)."""
+    if not agent_id:
+        raise EnrollmentError("agent id is empty")
+    if len(agent_id.encode()) > MAX_AGENT_ID_BYTES:
+        raise EnrollmentError(f"agent id is longer than {MAX_AGENT_ID_BYTES} bytes")
+    for char in agent_id:
+        if char.isspace() or unicodedata.category(char).startswith("C"):
+            raise EnrollmentError(
+                f"agent id {agent_id!r} contains whitespace or a control character"
+            )
+
+
+def canonical_public_key_hex(public_key_hex: str) -> str:
+    """The key as lower-case hex; raises EnrollmentError if it is not an Ed25519 key."""
+    try:
+        return chain.public_key_hex(chain.load_public_key_hex(public_key_hex))
+    except chain.BadKey as exc:
+        raise EnrollmentError(f"public key: {exc}") from exc

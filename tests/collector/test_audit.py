@@ -1,0 +1,144 @@
+"""The audit re-verifies a store from the stored bytes and finds what was changed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from creditmeter.collector.audit import AuditResult, Finding, audit
+from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.verifier import Verifier
+
+from .records import BUSY_US, WALL_US, AgentChain
+
+HOUR0_US = 1_749_999_600_000_000  # the hour the test records start in
+
+
+@pytest.fixture
+def filled(store: SQLiteStore, agent: AgentChain, verifier: Verifier) -> AgentChain:
+    """agent-1 with seqs 1..10 stored as batches 1..5 and 4..10 (an overlapping retry)."""
+    key = agent.key.public_key()
+    store.ingest(agent.agent_id, verifier.verify(agent.extend(5), key))
+    agent.extend(5)
+    store.ingest(agent.agent_id, verifier.verify(agent.batch(4, 10), key))
+    return agent
+
+
+def run_audit(store: SQLiteStore, verifier: Verifier) -> AuditResult:
+    return audit(store, verifier)
+
+
+def edit(db_path: Path, sql: str, *params: object) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(sql, params)
+
+
+def test_a_clean_store_passes(store: SQLiteStore, filled: AgentChain, verifier: Verifier) -> None:
+    idle = AgentChain("agent-idle")
+    store.enroll_agent(idle.agent_id, idle.public_key_hex)
+    result = run_audit(store, verifier)
+    assert result.findings == []
+    assert (result.agent_count, result.record_count, result.clean) == (2, 10, True)
+
+
+def test_an_empty_store_passes(store: SQLiteStore, verifier: Verifier) -> None:
+    assert run_audit(store, verifier) == AuditResult(0, 0, [])
+
+
+def test_altered_record_bytes_break_hash_signature_link_columns_and_rollups(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    altered = filled.record(5)
+    altered.busy_us = 1
+    edit(db_path, "UPDATE records SET record = ? WHERE seq = 5", altered.SerializeToString())
+
+    result = run_audit(store, verifier)
+    assert [str(f) for f in result.findings] == [
+        "agent 'agent-1' seq 5: stored hash is not the SHA-256 of the stored bytes",
+        f"agent 'agent-1' seq 5: column busy_us holds {BUSY_US}, the bytes say 1",
+        "agent 'agent-1' seq 5: stored signature does not verify under the agent's key",
+        "agent 'agent-1' seq 6: chain broken: prev_hash is not the hash of the record before",
+        "rollups: hour 2025-06-15T15:00Z account 'acme' model 'llama-3-70b': stored busy_us, "
+        f"wall_us, records [{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
+        f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
+    ]
+
+
+def test_a_deleted_record_is_a_hole(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "DELETE FROM records WHERE seq = 3")
+    result = run_audit(store, verifier)
+    assert result.findings[0] == Finding(
+        "agent-1", 4, "chain broken: follows seq 2 (seqs 3..3 missing)"
+    )
+    assert len(result.findings) == 2  # and the rollup still counts seq 3
+    assert "the records sum to" in result.findings[1].problem
+
+
+def test_an_edited_column_is_found_even_with_its_rollup_fixed_to_match(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "UPDATE records SET busy_us = 0, account = 'other' WHERE seq = 7")
+    result = run_audit(store, verifier)
+    assert result.findings == [
+        Finding("agent-1", 7, "column account holds 'other', the bytes say 'acme'"),
+        Finding("agent-1", 7, f"column busy_us holds 0, the bytes say {BUSY_US}"),
+    ]
+
+
+def test_an_edited_rollup_is_found(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "UPDATE rollups_hourly SET busy_us = busy_us - 1")
+    edit(
+        db_path,
+        "INSERT INTO rollups_hourly VALUES (?, 'ghost', 'm', 5, 5, 1)",
+        HOUR0_US,
+    )
+    problems = [f.problem for f in run_audit(store, verifier).findings]
+    assert len(problems) == 2
+    assert problems[0].endswith(
+        f"stored busy_us, wall_us, records [{10 * BUSY_US - 1}, {10 * WALL_US}, 10], "
+        f"the records sum to [{10 * BUSY_US}, {10 * WALL_US}, 10]"
+    )
+    assert "account 'ghost'" in problems[1]
+    assert problems[1].endswith("the records sum to [0, 0, 0]")
+
+
+def test_records_after_the_last_signature_are_found(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "UPDATE records SET signature = NULL WHERE seq = 10")
+    assert run_audit(store, verifier).findings == [
+        Finding("agent-1", 10, "no signature covers the records after seq 5")
+    ]
+
+
+def test_a_forged_signature_is_found(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "UPDATE records SET signature = ? WHERE seq = 5", b"\x00" * 64)
+    assert run_audit(store, verifier).findings == [
+        Finding("agent-1", 5, "stored signature does not verify under the agent's key")
+    ]
+
+
+def test_a_wrong_head_is_found(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "UPDATE agents SET head_seq = 9")
+    assert run_audit(store, verifier).findings == [
+        Finding("agent-1", None, "stored head (seq 9) is not the last record 10")
+    ]
+
+
+def test_records_of_an_agent_that_is_not_enrolled_are_found(
+    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+) -> None:
+    edit(db_path, "DELETE FROM agents")
+    assert run_audit(store, verifier).findings == [
+        Finding("agent-1", None, "records stored for an agent that is not enrolled")
+    ]

@@ -1,0 +1,312 @@
+"""The verifier: what a batch must be before anything of it is stored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from creditmeter import chain
+from creditmeter.collector.errors import (
+    AgentMismatch,
+    BadBatchSignature,
+    BatchTooLarge,
+    BrokenChain,
+    CollectorError,
+    InsaneField,
+    MalformedMessage,
+    MalformedRecord,
+    Status,
+)
+from creditmeter.collector.rollup import hourly_sums
+from creditmeter.collector.rows import ENERGY_ABSENT, HASH, RECORD, ROW_COLUMNS
+from creditmeter.collector.verifier import Limits, Verifier
+from creditmeter.v1 import ingest_pb2, usage_pb2
+
+from .conftest import NOW_US
+from .records import BUSY_US, T0_US, WALL_US, WINDOW_US, AgentChain, signed_batch
+
+Mutator = Callable[[usage_pb2.UsageRecord], None]
+
+
+def column(row: tuple[object, ...], name: str) -> object:
+    return row[ROW_COLUMNS.index(name)]
+
+
+def test_a_healthy_batch_becomes_rows_with_the_bytes_as_received(verifier: Verifier) -> None:
+    agent = AgentChain()
+    batch = agent.extend(3)
+    verified = verifier.verify(batch, agent.key.public_key())
+
+    rows = verified.records.rows
+    assert [column(row, "seq") for row in rows] == [1, 2, 3]
+    assert [bytes(row[RECORD]) for row in rows] == agent.records
+    assert bytes(rows[2][HASH]) == chain.record_hash(agent.records[2])
+    assert verified.records.head_hash == chain.record_hash(agent.records[2])
+    assert verified.records.first_prev_hash == chain.GENESIS_HASH
+    assert verified.signature == batch.signature
+    first = rows[0]
+    assert column(first, "start_us") == T0_US
+    assert column(first, "end_us") == T0_US + WINDOW_US
+    assert column(first, "busy_us") == BUSY_US
+    assert column(first, "account") == "acme"
+    assert column(first, "model") == "llama-3-70b"
+    assert column(first, "gpu_uuid") == "GPU-8f3c2a1e-0000-4000-8000-000000000017"
+    assert column(first, "gpu_index") == 3
+    assert column(first, "pid") == 4242
+    assert column(first, "energy_mj") == 5_000
+    assert column(first, "gap_us") == 0
+    assert column(first, "received_at_us") == NOW_US
+
+
+def test_a_batch_may_start_mid_chain(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(10)
+    verified = verifier.verify(agent.batch(4, 6), agent.key.public_key())
+    assert verified.records.first_seq == 4
+    assert verified.records.last_seq == 6
+    assert verified.records.first_prev_hash == chain.record_hash(agent.records[2])
+
+
+def test_gaps_are_summed_and_absent_energy_is_marked(verifier: Verifier) -> None:
+    def with_gaps(rec: usage_pb2.UsageRecord) -> None:
+        rec.gaps.add(duration_us=1_500, reason=usage_pb2.GAP_REASON_RING_OVERFLOW)
+        rec.gaps.add(duration_us=2_000_000, reason=usage_pb2.GAP_REASON_AGENT_DOWN)
+        rec.ClearField("energy_mj")
+
+    agent = AgentChain()
+    row = verifier.verify(agent.extend(1, with_gaps), agent.key.public_key()).records.rows[0]
+    assert column(row, "gap_us") == 2_001_500
+    assert column(row, "energy_mj") == ENERGY_ABSENT
+
+
+def test_an_energy_reading_of_zero_is_kept(verifier: Verifier) -> None:
+    def zero_energy(rec: usage_pb2.UsageRecord) -> None:
+        rec.energy_mj = 0
+
+    agent = AgentChain()
+    row = verifier.verify(agent.extend(1, zero_energy), agent.key.public_key()).records.rows[0]
+    assert column(row, "energy_mj") == 0
+
+
+def rejection(
+    verifier: Verifier, agent: AgentChain, batch: ingest_pb2.RecordBatch
+) -> CollectorError:
+    with pytest.raises(CollectorError) as caught:
+        verifier.verify(batch, agent.key.public_key())
+    return caught.value
+
+
+def test_a_signature_by_another_key_is_refused(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(3)
+    forged = signed_batch(agent.agent_id, chain.generate_key(), agent.records)
+    error = rejection(verifier, agent, forged)
+    assert isinstance(error, BadBatchSignature)
+    assert error.status is Status.INVALID_ARGUMENT
+    assert error.field == "signature"
+
+
+def test_a_record_altered_after_signing_is_refused(verifier: Verifier) -> None:
+    agent = AgentChain()
+    batch = agent.extend(3)
+    altered = agent.record(3)
+    altered.busy_us += 1_000_000  # bill one more second
+    batch.records[2] = altered.SerializeToString()
+    assert isinstance(rejection(verifier, agent, batch), BadBatchSignature)
+
+
+def test_a_record_altered_mid_batch_breaks_the_chain(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(3)
+    altered = agent.record(2)
+    altered.busy_us = 1
+    records = list(agent.records)
+    records[1] = altered.SerializeToString()
+    # Re-signed by the agent's own key: only the link from record 3 gives it away.
+    error = rejection(verifier, agent, signed_batch(agent.agent_id, agent.key, records))
+    assert isinstance(error, BrokenChain)
+    assert (error.seq, error.field) == (3, "prev_hash")
+
+
+def test_a_missing_record_inside_a_batch_breaks_the_chain(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(4)
+    records = [agent.records[0], agent.records[2], agent.records[3]]
+    error = rejection(verifier, agent, signed_batch(agent.agent_id, agent.key, records))
+    assert isinstance(error, BrokenChain)
+    assert (error.seq, error.field) == (3, "seq")
+    assert "expected 2" in str(error)
+
+
+def test_seq_1_must_start_from_the_genesis_hash(verifier: Verifier) -> None:
+    def bad_genesis(rec: usage_pb2.UsageRecord) -> None:
+        rec.prev_hash = b"\x01" * 32
+
+    agent = AgentChain()
+    error = rejection(verifier, agent, agent.extend(1, bad_genesis))
+    assert isinstance(error, BrokenChain)
+    assert (error.seq, error.field) == (1, "prev_hash")
+
+
+def test_seq_0_is_refused(verifier: Verifier) -> None:
+    rec = usage_pb2.UsageRecord(agent_id="agent-1", seq=0, prev_hash=chain.GENESIS_HASH)
+    agent = AgentChain()
+    batch = signed_batch(agent.agent_id, agent.key, [rec.SerializeToString()])
+    error = rejection(verifier, agent, batch)
+    assert isinstance(error, BrokenChain)
+    assert error.field == "seq"
+
+
+def test_a_record_of_another_agent_is_refused(verifier: Verifier) -> None:
+    def other_agent(rec: usage_pb2.UsageRecord) -> None:
+        rec.agent_id = "agent-2"
+
+    agent = AgentChain()
+    error = rejection(verifier, agent, agent.extend(1, other_agent))
+    assert isinstance(error, AgentMismatch)
+    assert error.status is Status.INVALID_ARGUMENT
+
+
+def test_bytes_that_are_no_record_are_refused(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(2)
+    records = [agent.records[0], b"\xff\xff\xff\xff"]
+    error = rejection(verifier, agent, signed_batch(agent.agent_id, agent.key, records))
+    assert isinstance(error, MalformedRecord)
+    assert error.index == 1
+    assert "record #2 of the batch" in str(error)
+
+
+def test_a_truncated_record_is_refused(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(1)
+    records = [agent.records[0][:-3]]  # cut inside the last field
+    error = rejection(verifier, agent, signed_batch(agent.agent_id, agent.key, records))
+    assert isinstance(error, MalformedRecord)
+    assert "does not parse" in str(error)
+
+
+def test_an_oversize_record_is_refused() -> None:
+    verifier = Verifier(Limits(max_record_bytes=100), clock_us=lambda: NOW_US)
+    agent = AgentChain()
+    error = rejection(verifier, agent, agent.extend(1))
+    assert isinstance(error, MalformedRecord)
+    assert "more than the limit of 100" in str(error)
+
+
+def test_an_empty_batch_is_refused(verifier: Verifier) -> None:
+    agent = AgentChain()
+    batch = ingest_pb2.RecordBatch(agent_id=agent.agent_id, signature=b"x" * 64)
+    assert isinstance(rejection(verifier, agent, batch), MalformedMessage)
+
+
+def test_a_batch_of_too_many_records_is_resource_exhausted() -> None:
+    verifier = Verifier(Limits(max_batch_records=5), clock_us=lambda: NOW_US)
+    agent = AgentChain()
+    error = rejection(verifier, agent, agent.extend(6))
+    assert isinstance(error, BatchTooLarge)
+    assert error.status is Status.RESOURCE_EXHAUSTED
+
+
+def set_field(path: str, value: object) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        target: object = rec
+        *parents, name = path.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
+
+    return mutate
+
+
+def add_gap(duration_us: int, reason: int) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.gaps.add(duration_us=duration_us, reason=reason)
+
+    return mutate
+
+
+def shift_interval(start_us: int, end_us: int) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.start_unix_us = start_us
+        rec.end_unix_us = end_us
+
+    return mutate
+
+
+LONG = "x" * 257  # one byte over
+LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "problem"),
+    [
+        (set_field("busy_us", -1), "busy_us", "negative"),
+        (set_field("busy_us", WINDOW_US + 2_000_001), "busy_us", "tolerance"),
+        (set_field("wall_us", -5), "wall_us", "negative"),
+        (shift_interval(T0_US + 10, T0_US), "end_unix_us", "before start"),
+        (
+            shift_interval(NOW_US + 86_400_000_001 - WINDOW_US, NOW_US + 86_400_000_001),
+            "end_unix_us",
+            "ahead of the collector's clock",
+        ),
+        (shift_interval(1_000_000, 1_000_000 + WINDOW_US), "start_unix_us", "before 2020"),
+        (set_field("gpu.uuid", ""), "gpu.uuid", "missing"),
+        (set_field("source", 99), "source", "unknown MeasurementSource 99"),
+        (set_field("attribution.source", 7), "attribution.source", "unknown AttributionSource"),
+        (set_field("energy_mj", 2**63), "energy_mj", "signed 64-bit"),
+        (set_field("attribution.account", LONG), "attribution.account", "257 bytes"),
+        (set_field("attribution.model", LONG), "attribution.model", "257 bytes"),
+        (set_field("attribution.job_id", LONG_UTF8), "attribution.job_id", "258 bytes"),
+        (set_field("process.name", LONG), "process.name", "257 bytes"),
+        (set_field("host", LONG), "host", "257 bytes"),
+        (add_gap(-1, usage_pb2.GAP_REASON_GPU_LOST), "gaps.duration_us", "negative"),
+        (add_gap(10, usage_pb2.GAP_REASON_UNSPECIFIED), "gaps.reason", "unspecified"),
+        (add_gap(10, 42), "gaps.reason", "unknown"),
+    ],
+)
+def test_an_insane_field_is_named(
+    verifier: Verifier, mutate: Mutator, field: str, problem: str
+) -> None:
+    agent = AgentChain()
+    agent.extend(2)
+    batch = agent.extend(1, mutate)  # seq 3
+    error = rejection(verifier, agent, batch)
+    assert isinstance(error, InsaneField)
+    assert error.status is Status.INVALID_ARGUMENT
+    assert (error.agent_id, error.seq, error.field) == ("agent-1", 3, field)
+    assert problem in str(error)
+
+
+def test_busy_within_the_tolerance_and_labels_at_the_limit_pass(verifier: Verifier) -> None:
+    def at_limits(rec: usage_pb2.UsageRecord) -> None:
+        rec.busy_us = WINDOW_US + 2_000_000
+        rec.attribution.account = "x" * 256
+        rec.attribution.model = "é" * 128  # 256 bytes: long in characters, fine in bytes
+        rec.end_unix_us = NOW_US + 86_400_000_000
+        rec.start_unix_us = rec.end_unix_us - WINDOW_US
+
+    agent = AgentChain()
+    rows = verifier.verify(agent.extend(1, at_limits), agent.key.public_key()).records.rows
+    assert column(rows[0], "model") == "é" * 128
+
+
+def test_rollup_sums_of_a_batch_equal_the_sums_of_its_rows(verifier: Verifier) -> None:
+    def mixed(rec: usage_pb2.UsageRecord) -> None:
+        if rec.seq // 7 % 2:  # runs of 7 records alternate between two accounts
+            rec.attribution.account = ""
+        rec.busy_us = rec.seq
+
+    agent = AgentChain()
+    records = verifier.verify(agent.extend(330, mixed), agent.key.public_key()).records
+    assert records.sums == hourly_sums(records.rows)
+    hour0, hour1 = 1_749_999_600_000_000, 1_750_003_200_000_000  # seqs 1..320, 321..330
+    # By hand: seq // 7 is odd for 321 (45) and 329, 330 (47), even for 322..328 (46).
+    assert records.sums[(hour1, "", "llama-3-70b")] == [321 + 329 + 330, 3 * WALL_US, 3]
+    assert records.sums[(hour1, "acme", "llama-3-70b")] == [
+        sum(range(322, 329)),
+        7 * WALL_US,
+        7,
+    ]
+    assert sum(total[2] for key, total in records.sums.items() if key[0] == hour0) == 320
