@@ -90,7 +90,7 @@ MAX_HELD = Option(
     ge=1,
 )
 
-COLLECTOR = Option("collector.address", STR, "127.0.0.1:7443", "Collector host:port.")
+COLLECTOR = Option("collector.address", STR, "127.0.0.1:7300", "Collector host:port.")
 BATCH_MAX = Option("collector.batch_max", INT, 1000, "Records per batch at most.", ge=1)
 ACK_TIMEOUT = Option(
     "collector.ack_timeout", DURATION, 20.0, "A batch not acked this long ends the stream.", gt=0

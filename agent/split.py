@@ -158,7 +158,8 @@ def _pct_per_part(
     for piece in slices:
         if piece.end_us < piece.start_us or piece.pct_us < 0:
             raise ValueError(f"bad slice {piece}")
-        amount = piece.end_us - piece.start_us if by_time else piece.pct_us
+        # By time, an instant (a zero-length slice) still counts once: it is where it is.
+        amount = max(1, piece.end_us - piece.start_us) if by_time else piece.pct_us
         if amount == 0:
             continue
         exact = _slice_shares(piece, jobs, weights, undelivered)
