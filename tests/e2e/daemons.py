@@ -1,0 +1,133 @@
+"""Real daemons for end-to-end tests: the collector and the agent as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A port that was free a moment ago: daemons restarted on it keep one address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """One daemon process with its log; restartable with the same arguments."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind, as a crash or an OOM kill."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Collector(Daemon):
+    def __init__(self, work: Path, port: int, db: str | None = None) -> None:
+        self.db = db or f"sqlite:///{work / 'collector.db'}"
+        self.port = port
+        self.port_file = work / f"collector-{port}.port"
+        args = [str(BIN / "creditmeter-collector"), "serve", "--db", self.db]
+        args += ["--listen", f"127.0.0.1:{port}", "--port-file", str(self.port_file)]
+        args += ["--grace-s", "2"]
+        super().__init__(f"collector-{port}", args, work)
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        super().start()
+        wait_for(f"{self.name} to listen", self._listening)
+
+    def _listening(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+        return self.port_file.exists() and bool(self.port_file.read_text().strip())
+
+    def cli(self, *args: str) -> str:
+        command = [str(BIN / "creditmeter-collector"), args[0], "--db", self.db, *args[1:]]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(command)}: {done.returncode}\n{done.stderr}")
+        return done.stdout
+
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("report", "--format", "json")))
+
+
+def make_key(work: Path, agent_id: str, collector: Collector) -> Path:
+    """A signing key for ``agent_id``, enrolled at the collector."""
+    state = work / agent_id
+    state.mkdir(parents=True, exist_ok=True)
+    key = state / "signing-key.pem"
+    out = subprocess.run(
+        [str(BIN / "creditmeter-agent"), "keygen", "--key", str(key), "--agent-id", agent_id],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    collector.cli("enroll", agent_id, out.split()[0])
+    return state
+
+
+class Agent(Daemon):
+    def __init__(self, state: Path, agent_id: str, settings: dict[str, str]) -> None:
+        base = {
+            "agent.id": agent_id,
+            "agent.state_dir": str(state),
+            "nvml.backend": "simulated",
+            "metrics.listen": "",
+            "jobs.enabled": "false",
+            "collector.backoff_max": "2s",
+        }
+        args = [str(BIN / "creditmeter-agent"), "run"]
+        for key, value in {**base, **settings}.items():
+            args += ["--set", f"{key}={value}"]
+        super().__init__(agent_id, args, state)
+
+
+def environment_without_notify() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    return env

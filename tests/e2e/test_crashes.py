@@ -1,0 +1,143 @@
+"""Exactly once from the GPU to the collector's database, through crashes of both daemons.
+
+The collector and the agent run as real processes over a real socket; both are killed with
+SIGKILL several times at random moments while a simulated host computes. The scenario's
+every sample is exact (busy edges on the period grid, SM a multiple of 25), so at the end
+the stored busy seconds must equal the simulator's ground truth to the microsecond: nothing
+lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from creditmeter.simnvml import ManualClock, Scenario, SimHost
+from creditmeter.simnvml.anchor import AnchorFile
+from tests.e2e.daemons import Agent, Collector, free_port, make_key, wait_for
+
+pytestmark = pytest.mark.slow
+
+SPEED = 20.0  # simulated seconds per real second
+PERIOD_S = 0.2
+SCENARIO_S = 240.0
+
+
+def exact_scenario(seed: int) -> str:
+    """Two GPUs, four processes; every busy edge on the 0.2 s grid, SM a multiple of 25, at
+    most 100 % per GPU at any moment, and a ring long enough to ride out agent restarts."""
+    rng = random.Random(seed)
+    gpus = "".join(
+        """
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 3000
+sample_reading = "per_period"
+"""
+        for _ in range(2)
+    )
+    processes = []
+    accounts = ["acme", "globex", "initech", "hooli"]
+    for i in range(4):
+        gpu, share = i // 2, i % 2  # two processes per GPU, each busy in its own half
+        spans = []
+        t = 4.0 + 5.0 * share
+        while t < SCENARIO_S - 20:
+            length = rng.randrange(5, 26) * PERIOD_S
+            sm = rng.choice([25, 50, 75, 100])
+            spans.append(f"[{t:.1f}, {t + length:.1f}, {sm}]")
+            t += 10.0
+        exit_s = SCENARIO_S - 10 if i == 3 else SCENARIO_S + 60
+        processes.append(
+            f"""
+[[process]]
+pid = {3000 + i}
+gpu = {gpu}
+start_s = 1.0
+exit_s = {exit_s:.1f}
+env = {{ CREDITMETER_ACCOUNT = "{accounts[i]}", CREDITMETER_MODEL = "m{i}" }}
+busy = [{", ".join(spans)}]
+"""
+        )
+    return f'[host]\nseed = {seed}\nname = "crash-host"\n{gpus}{"".join(processes)}'
+
+
+def truth_busy_us(scenario: Scenario) -> Fraction:
+    host = SimHost(scenario, ManualClock())
+    return sum((t.busy_us for t in host.truth(until_s=SCENARIO_S + 60).values()), Fraction(0))
+
+
+def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    text = exact_scenario(seed)
+    scenario_file = tmp_path / "scenario.toml"
+    scenario_file.write_text(text)
+    truth = truth_busy_us(Scenario.from_toml(text))
+    assert truth.denominator == 1 and truth > 0
+
+    collector = Collector(tmp_path, free_port())
+    collector.start()
+    state = make_key(tmp_path, "crash-agent", collector)
+    anchor = tmp_path / "clock.anchor"
+    AnchorFile(anchor).open_or_create(SPEED, None, starts_in_s=2.0)
+    agent = Agent(
+        state,
+        "crash-agent",
+        {
+            "nvml.scenario": str(scenario_file),
+            "nvml.speed": str(SPEED),
+            "nvml.clock_anchor": str(anchor),
+            "collector.address": f"127.0.0.1:{collector.port}",
+            "meter.window": "5s",
+            "collector.ack_timeout": "5s",
+        },
+    )
+    agent.start()
+    try:
+        crash_while_running(rng, agent, collector, real_s=(SCENARIO_S + 20) / SPEED)
+        if not collector.alive():
+            collector.start()
+        if not agent.alive():
+            agent.start()
+        time.sleep(20 / SPEED)  # a few windows on the live pair, then a clean stop
+        assert agent.stop() == 0, agent.log()[-3000:]
+        report = collector.report()
+        collector.cli("audit")
+    finally:
+        for daemon in (agent, collector):
+            if daemon.alive():
+                daemon.kill()
+    stored = Decimal(report["totals"]["busy_seconds"])
+    assert stored == Decimal(int(truth)) / 1_000_000, f"seed {seed}"
+    assert agent.starts >= 3 and collector.starts >= 3, f"seed {seed}"
+
+
+def crash_while_running(
+    rng: random.Random, agent: Agent, collector: Collector, real_s: float
+) -> None:
+    """Kill each daemon three times at random moments, restarting it after a random pause."""
+    deadline = time.monotonic() + real_s
+    kills = sorted(
+        [(rng.uniform(0.1, 0.9) * real_s, "agent") for _ in range(3)]
+        + [(rng.uniform(0.1, 0.9) * real_s, "collector") for _ in range(3)]
+    )
+    start = time.monotonic()
+    for at_s, which in kills:
+        due = start + at_s
+        wait_for("the next kill", lambda due=due: time.monotonic() >= due, timeout_s=real_s)
+        daemon = agent if which == "agent" else collector
+        if daemon.alive():
+            daemon.kill()
+        time.sleep(rng.uniform(0.1, 0.8))
+        daemon.start()
+    wait_for("the scenario to end", lambda: time.monotonic() >= deadline, timeout_s=real_s)
