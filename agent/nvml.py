@@ -8,6 +8,7 @@ module runs the same code on a test machine as on an H100 host.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -49,6 +50,8 @@ _UNAVAILABLE_HINTS = {
     NoPermission: "this user may not open the GPU device nodes /dev/nvidia*",
 }
 _NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG
+_PROCESSES_V3 = "nvmlDeviceGetComputeRunningProcesses_v3"
+_PROCESSES_V2 = "nvmlDeviceGetComputeRunningProcesses_v2"
 _NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
 
 
@@ -186,18 +189,27 @@ class PynvmlNvml:
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         handle = self._handle(device.uuid)
         what = f"{device.uuid} compute processes"
-        raw = _call(what, self._running_processes, handle)
-        return [_compute_process(p) for p in raw]
+        try:
+            return self._running_processes(handle)
+        except pynvml.NVMLError as exc:
+            raise translate(exc, what) from exc
 
-    def _running_processes(self, handle: Any) -> Any:
+    def _running_processes(self, handle: Any) -> list[ComputeProcess]:
+        """nvmlDeviceGetComputeRunningProcesses_v3 (or _v2 on older drivers), read straight
+        from the ctypes structs: pynvml's wrapper turns each entry into a "friendly object"
+        whose attribute access costs more than everything else the agent does per process,
+        and this list is read for every device at every poll."""
         if not self._v2_processes:
             try:
-                return pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            except pynvml.NVMLLibraryMismatchError:
-                # An older driver without the _v3 symbol: pynvml refuses the unversioned call.
-                log.info("driver lacks nvmlDeviceGetComputeRunningProcesses_v3; using _v2")
+                fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V3)
+            except pynvml.NVMLError_FunctionNotFound:
+                # An older driver without the _v3 symbol (where pynvml's unversioned call
+                # raises NVMLLibraryMismatchError): its _v2 has the same entries.
+                log.info("driver lacks %s; using _v2", _PROCESSES_V3)
                 self._v2_processes = True
-        return pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+        if self._v2_processes:
+            fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V2)
+        return _sized_call(fn, handle)
 
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
         handle = self._handle(device.uuid)
@@ -282,15 +294,30 @@ def _with_size_retry(fetch: Callable[[], T]) -> T:
         return fetch()
 
 
+def _sized_call(fn: Any, handle: Any) -> list[ComputeProcess]:
+    """NVML's two-call protocol: ask for the count, then fill a buffer with headroom (more
+    processes may start in between; INSUFFICIENT_SIZE then, and the next poll tries again)."""
+    count = ctypes.c_uint(0)
+    ret = fn(handle, ctypes.byref(count), None)
+    if ret == pynvml.NVML_SUCCESS:
+        return []  # no process holds a context
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    count.value = count.value * 2 + 5
+    entries = (pynvml.c_nvmlProcessInfo_v3_t * count.value)()
+    ret = fn(handle, ctypes.byref(count), entries)
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return [_compute_process(p) for p in entries[: count.value]]
+
+
 def _compute_process(p: Any) -> ComputeProcess:
-    memory = p.usedGpuMemory
-    gi = getattr(p, "gpuInstanceId", _NOT_MIG)
-    ci = getattr(p, "computeInstanceId", _NOT_MIG)
+    memory, gi, ci = p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId
     return ComputeProcess(
-        pid=int(p.pid),
-        used_memory_bytes=None if memory is None or memory == _NOT_AVAILABLE else int(memory),
-        gpu_instance_id=None if gi in (None, _NOT_MIG) else int(gi),
-        compute_instance_id=None if ci in (None, _NOT_MIG) else int(ci),
+        pid=p.pid,
+        used_memory_bytes=None if memory == _NOT_AVAILABLE else memory,
+        gpu_instance_id=None if gi == _NOT_MIG else gi,
+        compute_instance_id=None if ci == _NOT_MIG else ci,
     )
 
 

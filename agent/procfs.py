@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -55,12 +57,15 @@ def create_time_us(create_time_s: float) -> int:
 class ProcFs:
     """Raw /proc files psutil does not offer: cgroups, PID namespaces.
 
-    ``root`` is the procfs mount; tests point it at a folder of samples. Create times always
-    come from psutil (the real /proc), because they must equal the meter's.
+    ``root`` is the procfs mount; tests point it at a folder of samples. Every create time
+    the agent uses comes from ``create_time_s`` here, so the meter's, the job registry's and
+    the process table's always agree.
     """
 
     def __init__(self, root: Path = PROC_ROOT) -> None:
         self._root = root
+        self._clock_ticks = os.sysconf("SC_CLK_TCK")
+        self._boot_time_s: float | None = None
 
     def pids(self) -> list[int]:
         """Every process (thread group) visible in /proc."""
@@ -109,12 +114,41 @@ class ProcFs:
             return True
 
     def create_time_us(self, pid: int) -> int:
+        return create_time_us(self.create_time_s(pid))
+
+    def create_time_s(self, pid: int) -> float:
+        """Start time, seconds since the epoch: field 22 of /proc/PID/stat (clock ticks since
+        boot) plus the boot time, as psutil computes it. One small read, several times
+        cheaper than psutil.Process(): it runs for every listed process at every poll, to
+        catch a pid reused between two polls."""
+        path = f"{self._root}/{pid}/stat"
         try:
-            return create_time_us(psutil.Process(pid).create_time())
-        except psutil.NoSuchProcess as exc:
-            raise ProcessGone(f"pid {pid} exited") from exc
-        except psutil.AccessDenied as exc:
-            raise NamespaceUnreadable(f"pid {pid}: access denied to its stat") from exc
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise ProcessGone(f"{path}: no such process") from exc
+        except PermissionError as exc:
+            raise NamespaceUnreadable(f"{path}: permission denied") from exc
+        try:
+            data = os.read(fd, 4096)
+        except OSError as exc:  # ESRCH while the process is being reaped
+            raise ProcessGone(f"{path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        try:
+            ticks = int(data[data.rindex(b")") + 2 :].split()[19])  # fields[0] is field 3
+        except (ValueError, IndexError) as exc:
+            raise ProcessGone(f"{path}: unreadable ({exc})") from exc
+        return ticks / self._clock_ticks + self._boot_time()
+
+    def _boot_time(self) -> float:
+        if self._boot_time_s is None:
+            for line in self._read_file(self._root / "stat").splitlines():
+                if line.startswith("btime "):
+                    self._boot_time_s = float(line.split()[1])
+                    break
+            else:
+                raise NamespaceUnreadable(f"{self._root}/stat has no btime line")
+        return self._boot_time_s
 
     def _namespace_of(self, who: str) -> int:
         path = self._root / who / "ns" / "pid"
@@ -129,7 +163,10 @@ class ProcFs:
             raise ProcessGone(f"{path}: {exc}") from exc
 
     def _read(self, pid: int, name: str) -> str:
-        path = self._root / str(pid) / name
+        return self._read_file(self._root / str(pid) / name)
+
+    @staticmethod
+    def _read_file(path: Path) -> str:
         try:
             return path.read_text(encoding="utf-8", errors="replace")
         except (FileNotFoundError, ProcessLookupError) as exc:
@@ -140,6 +177,62 @@ class ProcFs:
             raise ProcessGone(f"{path}: {exc}") from exc
 
 
+class _Liveness:
+    """pidfds of processes whose create time was read: while a pidfd is not readable its
+    process has not exited, so the pid still names it and /proc need not be read again.
+    A select() on one descriptor costs a fraction of reading /proc/PID/stat."""
+
+    SWEEP_EVERY = 1024  # calls between sweeps that close the pidfds of exited processes
+
+    def __init__(self) -> None:
+        self._fds: dict[int, tuple[int, float]] = {}  # pid -> (pidfd, create time s)
+        self._calls = 0
+
+    def known(self, pid: int) -> float | None:
+        self._calls += 1
+        if self._calls % self.SWEEP_EVERY == 0:
+            self._sweep()
+        entry = self._fds.get(pid)
+        if entry is None:
+            return None
+        if _exited(entry[0]):
+            self._forget(pid)
+            return None
+        return entry[1]
+
+    def watch(self, pid: int, read: Callable[[int], float]) -> float:
+        """``read(pid)``, remembered with a pidfd opened *before* it: if the pid was reused
+        in between, the pidfd names the exited process, is readable, and nothing is kept."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # no pidfd on this kernel, or the process is already gone
+            return read(pid)
+        try:
+            created = read(pid)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _exited(fd):
+            os.close(fd)
+        else:
+            self._fds[pid] = (fd, created)
+        return created
+
+    def _forget(self, pid: int) -> None:
+        fd, _ = self._fds.pop(pid)
+        os.close(fd)
+
+    def _sweep(self) -> None:
+        for pid, (fd, _) in list(self._fds.items()):
+            if _exited(fd):
+                self._forget(pid)
+
+
+def _exited(pidfd: int) -> bool:
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
 class PsutilProcessTable:
     """Processes of this host as psutil sees them in /proc."""
 
@@ -147,16 +240,16 @@ class PsutilProcessTable:
         self._read_environment = read_environment
         self._procfs = procfs or ProcFs()
         self._denied_logged = False
+        self._liveness = _Liveness()
 
     def info(self, pid: int) -> ProcessInfo:
         try:
+            create_time = self._procfs.create_time_s(pid)
             proc = psutil.Process(pid)
-            with proc.oneshot():
-                create_time = proc.create_time()
-                name = proc.name()
+            name = proc.name()
         except psutil.NoSuchProcess as exc:
             raise ProcessGone(f"pid {pid} exited before /proc was read") from exc
-        except psutil.AccessDenied:
+        except (psutil.AccessDenied, NamespaceUnreadable):
             # Without CAP_SYS_PTRACE even the name can be hidden (hidepid): bill the seconds
             # with the identity we have rather than dropping them.
             return ProcessInfo(pid=pid, create_time=0.0, name="", labels={})
@@ -175,11 +268,12 @@ class PsutilProcessTable:
 
         0.0 when hidden from the agent (as ``info`` reports it then). Raises ProcessGone.
         """
+        known = self._liveness.known(pid)
+        if known is not None:
+            return known
         try:
-            return psutil.Process(pid).create_time()
-        except psutil.NoSuchProcess as exc:
-            raise ProcessGone(f"pid {pid} exited") from exc
-        except psutil.AccessDenied:
+            return self._liveness.watch(pid, self._procfs.create_time_s)
+        except NamespaceUnreadable:
             return 0.0
 
     def _labels(self, proc: psutil.Process) -> dict[str, str]:

@@ -249,10 +249,12 @@ def test_labels_from_environment_keeps_only_the_label_variables() -> None:
 def test_container_identity_is_filled_from_the_process_cgroup(
     labelled_child: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
-    # A /proc root holding a Docker sample as the child's cgroup file; identity and labels of
-    # the same child still come from the real /proc.
+    # A /proc root holding a Docker sample as the child's cgroup file (and copies of its real
+    # stat and of /proc/stat, where its create time comes from); labels still come from psutil.
     folder = tmp_path / str(labelled_child.pid)
     folder.mkdir()
+    (folder / "stat").write_bytes(Path(f"/proc/{labelled_child.pid}/stat").read_bytes())
+    (tmp_path / "stat").write_bytes(Path("/proc/stat").read_bytes())
     (folder / "cgroup").write_text(
         (SAMPLES / "cgroup" / "k8s_containerd_systemd_v2.txt").read_text()
     )
