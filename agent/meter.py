@@ -29,6 +29,7 @@ from creditmeter.v1 import usage_pb2
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+WALL_STEP_US = 250_000  # wall − monotonic moving more than this between polls is a step
 _GPM_SINGLE = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE
 _GPM_SHARED = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_SHARED
 _NO_SIGNAL = usage_pb2.MEASUREMENT_SOURCE_NONE
@@ -62,9 +63,12 @@ class DeviceState:
     cursor_us: int = 0  # driver time of the newest period consumed
     committed_cursor_us: int = 0  # cursor as of the last window close (what records cover)
     processes: dict[int, list[Tracked]] = field(default_factory=dict)  # pid -> oldest first
-    last_poll_us: int | None = None  # wall µs
+    last_poll_mono_us: int | None = None  # monotonic µs: durations never follow wall steps
     lost_at_us: int | None = None  # wall µs the GPU was found lost
     gpm_supported: bool = True
+
+    def elapsed_us(self, now_mono_us: int) -> int:
+        return now_mono_us - (self.last_poll_mono_us or now_mono_us)
 
     def tracked(self) -> Iterable[Tracked]:
         for entries in self.processes.values():
@@ -114,6 +118,8 @@ class Meter:
         self._energy = _EnergyLedger()
         self._finished: dict[ProcessKey, int] = {}  # exited since the last close: -> cursor_us
         self.stats = MeterStats()
+        self._now_mono_us = _us(clock.monotonic())
+        self._wall_offset_us = _us(clock.wall()) - self._now_mono_us  # wall − monotonic
         self._start(_decode_state(state))
 
     # -- start and state ------------------------------------------------------------------
@@ -125,7 +131,7 @@ class Meter:
             ds = DeviceState(device)
             self._devices[device.uuid] = ds
             self._resume(ds, saved_devices.get(device.uuid))
-            ds.last_poll_us = now_us
+            ds.last_poll_mono_us = self._now_mono_us
         for gpu, states in self._physical_gpus().items():
             if self._energy.committed(gpu) is None:
                 self._energy.restore(gpu, self._energy_counter(states[0].device))
@@ -206,34 +212,49 @@ class Meter:
         """One pass over every device. Returns the final usage of processes that exited."""
         self.stats.polls += 1
         now_us = _us(self._clock.wall())
+        self._now_mono_us = _us(self._clock.monotonic())
+        step_us = self._wall_step(now_us)
         before = {id(t): t.usage.pct_us for ds in self._devices.values() for t in ds.tracked()}
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
-                self._while_lost(ds, now_us)
+                self._while_lost(ds)
                 continue
             try:
-                self._poll_device(ds, now_us)
+                self._poll_device(ds, now_us, step_us)
             except GpuLost as exc:
                 self._lose(ds, now_us, exc)
             except NvmlError as exc:
                 # The cursor did not move: the next poll reads these periods again.
                 self._count_error(exc)
                 log.warning("%s: poll failed: %s", ds.device.uuid, exc)
-            ds.last_poll_us = now_us
+            ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before)
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
         self._recover_lost()
         return finals
 
-    def _poll_device(self, ds: DeviceState, now_us: int) -> None:
+    def _wall_step(self, now_us: int) -> int:
+        """How far the wall clock stepped since the last poll (0 when it did not)."""
+        offset = now_us - self._now_mono_us
+        step_us, self._wall_offset_us = offset - self._wall_offset_us, offset
+        if abs(step_us) < WALL_STEP_US:
+            return 0  # ordinary slewing and jitter
+        log.warning("the wall clock stepped by %+.3f s", step_us / 1e6)
+        return step_us
+
+    def _poll_device(self, ds: DeviceState, now_us: int, step_us: int) -> None:
         listed = self._nvml.compute_processes(ds.device)
         self._update_processes(ds, listed, now_us)
         if ds.device.is_mig:
-            self._poll_instance(ds, now_us)
-        else:
-            self._poll_samples(ds)
+            self._poll_instance(ds, now_us)  # GPM counts time itself: no driver timestamps
+            return
+        if step_us < 0:
+            # Samples stamped before the clock reaches the cursor again look exactly like
+            # ones already billed: that stretch is a gap, never a guess.
+            self._gap_all(ds, usage_pb2.GAP_REASON_CLOCK_STEP, -step_us)
+        self._poll_samples(ds, max(step_us, 0))
 
-    def _poll_samples(self, ds: DeviceState) -> None:
+    def _poll_samples(self, ds: DeviceState, forward_step_us: int) -> None:
         periods = self._device_samples(ds, ds.cursor_us)
         if not periods:
             return
@@ -248,8 +269,10 @@ class Meter:
             periods = [p for p in periods if p.timestamp_us <= newest]
         result = ds.interpreter.interpret(ds.cursor_us, periods, samples, set(ds.processes))
         self.stats.discarded_samples.update(result.discarded)
-        for start_us, end_us in result.lost:
-            self._gap_all(ds, usage_pb2.GAP_REASON_RING_OVERFLOW, end_us - start_us)
+        # A forward wall step leaves a hole in the driver's timestamps that is no lost time.
+        lost_us = sum(end - start for start, end in result.lost) - forward_step_us
+        if lost_us > (ds.interpreter.period_us or 0) // 2:
+            self._gap_all(ds, usage_pb2.GAP_REASON_RING_OVERFLOW, lost_us)
         for busy in result.busy:
             owner = ds.owner(busy.pid, busy.end_us)
             if owner is not None and not self._already_written(owner.key, busy.end_us):
@@ -274,7 +297,7 @@ class Meter:
 
     def _poll_instance(self, ds: DeviceState, now_us: int) -> None:
         """MIG: GPM says how busy the instance was; its processes share that evenly."""
-        elapsed_us = now_us - (ds.last_poll_us or now_us)
+        elapsed_us = ds.elapsed_us(self._now_mono_us)
         present = [t for t in ds.tracked() if t.listed]
         if not ds.gpm_supported:
             self._no_signal(present, elapsed_us)
@@ -307,12 +330,12 @@ class Meter:
     # -- processes --------------------------------------------------------------------------
 
     def _update_processes(self, ds: DeviceState, listed: list[ComputeProcess], now_us: int) -> None:
-        elapsed_us = now_us - (ds.last_poll_us or now_us)
+        elapsed_us = ds.elapsed_us(self._now_mono_us)
         seen: set[int] = set()
         for proc in listed:
             tracked = self._listed(ds, proc.pid, now_us)
             seen.add(id(tracked))
-            tracked.usage.wall_us += min(elapsed_us, now_us - tracked.usage.start_us)
+            tracked.usage.wall_us += min(elapsed_us, max(0, now_us - tracked.usage.start_us))
             tracked.usage.saw_memory(proc.used_memory_bytes)
         for t in ds.tracked():
             if id(t) not in seen and t.gone_at_us is None:
@@ -422,10 +445,9 @@ class Meter:
         ds.lost_at_us = now_us
         self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
 
-    def _while_lost(self, ds: DeviceState, now_us: int) -> None:
-        elapsed_us = now_us - (ds.last_poll_us or now_us)
-        self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, elapsed_us)
-        ds.last_poll_us = now_us
+    def _while_lost(self, ds: DeviceState) -> None:
+        self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, ds.elapsed_us(self._now_mono_us))
+        ds.last_poll_mono_us = self._now_mono_us
 
     def _recover_lost(self) -> None:
         lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]

@@ -117,18 +117,17 @@ class SampleInterpreter:
     def _periods(
         self, cursor_us: int, fresh: Sequence[DeviceSample]
     ) -> tuple[list[_Period], list[tuple[int, int]]]:
-        first = fresh[0].timestamp_us
-        period = self.period_us or (first - cursor_us)
-        start = max(cursor_us, first - period)
-        lost = []
-        # More than half a period unaccounted for before the oldest sample the ring still
-        # holds: the driver dropped periods we never read.
-        if start - cursor_us > period // 2:
-            lost.append((cursor_us, start))
-        else:
-            start = cursor_us
-        periods = []
+        """The periods since the cursor, each at most one sample period long, and the spans
+        between them that no sample covers: periods the ring dropped before we read them
+        (or, after the wall clock stepped forward, time that never was)."""
+        period = self.period_us or (fresh[0].timestamp_us - cursor_us)
+        periods, lost = [], []
+        start = cursor_us
         for s in fresh:
+            # More than half a period unaccounted for before this sample: a hole.
+            if s.timestamp_us - start > period + period // 2:
+                lost.append((start, s.timestamp_us - period))
+                start = s.timestamp_us - period
             periods.append(_Period(start, s.timestamp_us, s.util))
             start = s.timestamp_us
         return periods, lost
@@ -172,11 +171,11 @@ class SampleInterpreter:
 
     def _busy(self, periods: list[_Period], placed: list[tuple[UtilSample, int]]) -> list[Busy]:
         if self.reading is Reading.PER_QUERY:
+            # The driver averaged over the periods it still held: their total length, which
+            # excludes any hole the ring dropped.
+            covered = sum(p.end_us - p.start_us for p in periods)
             span_start, span_end = periods[0].start_us, periods[-1].end_us
-            return [
-                Busy(s.pid, span_start, span_end, (span_end - span_start) * s.sm_util)
-                for s, _ in placed
-            ]
+            return [Busy(s.pid, span_start, span_end, covered * s.sm_util) for s, _ in placed]
         busy = []
         for s, i in placed:
             p = periods[i]

@@ -120,7 +120,12 @@ class SimGpu:
     # -- sampling -----------------------------------------------------------------------------
 
     def stamp_us(self, k: int) -> int:
-        return self._clock.wall_us_at(self.grid.end_us(k))
+        return self._stamp(self.grid.end_us(k))
+
+    def _stamp(self, end_us: int) -> int:
+        """The wall clock as the period ended, before any step made at that very instant: a
+        sample already read keeps the stamp it was read with."""
+        return self._clock.wall_us_at(end_us - 1) + 1
 
     def period_activity(self, k: int) -> PeriodActivity:
         return self._activities(range(k, k + 1))[0]
@@ -163,14 +168,14 @@ class SimGpu:
         if not ring:
             return []
         lo_end, hi_end = self.grid.end_us(ring.start), self.grid.end_us(ring.stop - 1)
-        if self._clock.wall_jumps_between(lo_end, hi_end):
+        if self._clock.wall_jumps_between(lo_end - 1, hi_end - 1):
             # Stamps are not monotonic across a wall jump: compare each, as the driver does.
             stamped = [(self.stamp_us(k), k) for k in ring]
             kept = [(stamp, k) for stamp, k in stamped if stamp > cursor_us]
             activities = self._activities([k for _, k in kept])
             return [(stamp, a) for (stamp, _), a in zip(kept, activities, strict=True)]
         g = self.grid
-        offset_us = self._clock.wall_us_at(lo_end) - lo_end  # stamp(k) = offset + end(k)
+        offset_us = self._stamp(lo_end) - lo_end  # stamp(k) = offset + end(k)
         first = (cursor_us - offset_us - g.phase_us) // g.period_us + 1
         ks = range(max(ring.start, first), ring.stop)
         return [(offset_us + g.end_us(k), a) for k, a in zip(ks, self._activities(ks), strict=True)]

@@ -239,3 +239,31 @@ def test_records_carry_identity_labels_and_memory() -> None:
     assert first.peak_memory_bytes == 512 * 1024 * 1024
     finals = [u for u in run.usages if u.final]
     assert sorted(u.key.pid for u in finals) == [1101, 1102, 1201]
+
+
+def test_a_forward_wall_step_loses_nothing_and_is_no_gap() -> None:
+    scenario = Scenario.load("exact")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 15.1)
+        run.clock.jump_wall(30)  # NTP steps the clock half a minute ahead
+        drive(run, meter, scenario_end_s(scenario) + 5)
+        run.usages.extend(meter.close_window())
+    assert sum(run.measured_us().values()) == 34_300_000
+    assert run.gaps_us() == {}
+
+
+def test_a_backward_wall_step_is_a_gap_and_nothing_is_billed_twice() -> None:
+    scenario = Scenario.load("exact")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 15.1)
+        run.clock.jump_wall(-5)  # the clock goes back 5 s
+        drive(run, meter, scenario_end_s(scenario) + 5)
+        run.usages.extend(meter.close_window())
+    measured = sum(run.measured_us().values())
+    # Samples stamped before the clock is back where it was (5 s) look like ones already
+    # billed: pid 1101 and 1102 run 50 % each over 20.0-20.1 s and pid 1201 25 % all along.
+    invisible_us = 100_000 * 50 // 100 * 2 + 5_000_000 * 25 // 100
+    assert 34_300_000 - invisible_us - 400_000 <= measured <= 34_300_000
+    gaps = run.gaps_us()
+    assert set(gaps) == {usage_pb2.GAP_REASON_CLOCK_STEP}
+    assert gaps[usage_pb2.GAP_REASON_CLOCK_STEP] >= 3 * 5_000_000  # each process on a GPU

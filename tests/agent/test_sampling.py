@@ -124,3 +124,22 @@ def test_the_period_is_learnt_from_the_device_grid_not_assumed() -> None:
         set(),
     )
     assert interp.period_us == 166_667
+
+
+def test_a_hole_between_periods_is_lost_time_and_no_period_stretches_over_it() -> None:
+    # Periods 1-2, then nothing until period 10 (a forward clock step, or a driver hiccup):
+    # the sample at period 10 covers one period, not the eight before it.
+    interp = SampleInterpreter(P)
+    series = [*periods(100, 100), DeviceSample(T0 + 10 * P, 100)]
+    samples = [sample(7, 1, 100), sample(7, 2, 100), sample(7, 10, 100)]
+    result = interp.interpret(T0, series, samples, {7})
+    assert result.lost == [(T0 + 2 * P, T0 + 9 * P)]
+    assert sum(b.pct_us for b in result.busy) == 3 * P * 100
+
+
+def test_per_query_coverage_excludes_the_hole() -> None:
+    interp = SampleInterpreter(P, Reading.PER_QUERY)
+    late = T0 + 5 * P
+    result = interp.interpret(T0, periods(50, 50, start=late), [sample(7, 2, 50, start=late)], {7})
+    assert result.lost == [(T0, late)]
+    assert result.busy[0].pct_us == 2 * P * 50

@@ -266,5 +266,6 @@ def test_scheduled_wall_jump_applies_from_its_start(sim: Callable[[str], Sim]) -
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     s.clock.advance(3)
-    assert [t for t, _ in _device(h)] == [1 * S, 102 * S, 103 * S]
+    # The period ending at 2.0 s, the very instant of the step, was stamped before it.
+    assert [t for t, _ in _device(h)] == [1 * S, 2 * S, 103 * S]
     assert s.clock.wall() == (W0_US + 103 * S) / S
