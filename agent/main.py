@@ -26,6 +26,7 @@ from creditmeter.agent.attribution import RecordBuilder
 from creditmeter.agent.backoff import Backoff
 from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone
 from creditmeter.agent.gpu import Clock, Nvml, ProcessTable, SystemClock
+from creditmeter.agent.health import AgentHealth, serve_health
 from creditmeter.agent.jobapi import CallerResolver, create_server
 from creditmeter.agent.jobs import JobRegistry, Owner
 from creditmeter.agent.loop import MeterLoop
@@ -35,16 +36,23 @@ from creditmeter.agent.outbox import Outbox
 from creditmeter.agent.pidns import PidResolver, ProcessTableResolver
 from creditmeter.agent.procfs import ProcFs, PsutilProcessTable
 from creditmeter.agent.records import STATE_KEY, Flusher
-from creditmeter.agent.shipper import Shipper, insecure_channel_factory
+from creditmeter.agent.shipper import (
+    ChannelFactory,
+    Shipper,
+    insecure_channel_factory,
+    secure_channel_factory,
+)
 from creditmeter.agent.telemetry import AgentTelemetry
-from creditmeter.config import Config
+from creditmeter.config import Config, ConfigError
 from creditmeter.logs import setup_logging
 from creditmeter.metrics import Registry, serve_metrics
 from creditmeter.sdnotify import Notifier
+from creditmeter.tls import TlsError, TlsFiles, client_credentials, common_name, load_material
 
 log = logging.getLogger("creditmeter.agent")
 
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # as creditmeter.config exits: the unit's RestartPreventExitStatus=2
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     config = cli.load_or_exit(args)
+    try:
+        settings.check(config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT])
     try:
         return run(config)
@@ -110,7 +123,7 @@ def run(config: Config) -> int:
         _gauges(telemetry, outbox, flusher)
         shipper = Shipper(
             outbox,
-            insecure_channel_factory(config[settings.COLLECTOR]),
+            _channel_factory(config, agent_id),
             agent_id,
             batch_max=config[settings.BATCH_MAX],
             ack_timeout_s=config[settings.ACK_TIMEOUT],
@@ -119,7 +132,8 @@ def run(config: Config) -> int:
             observer=telemetry,
         )
         _metrics_server(stack, config, telemetry.registry)
-        loop = _meter_loop(config, meter, flusher, host, notifier, telemetry, registry)
+        cycle_done = _health_server(stack, config, lambda: shipper.stats().connected)
+        loop = _meter_loop(config, meter, flusher, host, notifier, telemetry, registry, cycle_done)
         ship_stop = threading.Event()
         shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
         shipping.start()
@@ -187,6 +201,7 @@ def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
         max_records=config[settings.OUTBOX_MAX_RECORDS],
         max_segment=config[settings.OUTBOX_MAX_SEGMENT],
         keep_acked=config[settings.OUTBOX_KEEP_ACKED],
+        max_db_bytes=config[settings.OUTBOX_MAX_DB_BYTES],
         clock=clock,
     )
     try:
@@ -216,9 +231,62 @@ def _metrics_server(stack: ExitStack, config: Config, registry: Registry) -> Non
     if not listen:
         return
     host, _, port = listen.rpartition(":")
-    server, bound = serve_metrics(registry, host or "127.0.0.1", int(port))
+    try:
+        server, bound = serve_metrics(registry, host.strip("[]") or "127.0.0.1", int(port))
+    except OSError as exc:
+        raise AgentError(f"metrics.listen {listen}: cannot listen: {exc.strerror or exc}") from None
     stack.callback(server.shutdown)
     log.info("metrics on http://%s:%d/metrics", host, bound)
+
+
+def _health_server(
+    stack: ExitStack, config: Config, connected: Callable[[], bool]
+) -> Callable[[], None]:
+    """Serves gRPC health when ``health.listen`` is set; returns the per-cycle hook."""
+    listen = config[settings.HEALTH_LISTEN]
+    if not listen:
+        return lambda: None
+    # Three missed polls, but never less than 10 s: one slow NVML call is not a failure.
+    servicer = AgentHealth(connected, stale_after_s=max(10.0, 3 * config[settings.POLL_INTERVAL]))
+    server = serve_health(listen, servicer)
+    stack.callback(server.stop)
+    log.info("gRPC health on %s:%d", listen.rpartition(":")[0], server.port)
+    return servicer.cycle_done
+
+
+def _channel_factory(config: Config, agent_id: str) -> ChannelFactory:
+    """Plain-text or TLS channels to the collector. TLS files that cannot be used are
+    logged, not fatal: metering goes on, records wait in the outbox, and every reconnect
+    reads the files again until they are fixed."""
+    target = config[settings.COLLECTOR]
+    if not config[settings.TLS_ENABLED]:
+        return insecure_channel_factory(target)
+    files = TlsFiles(config[settings.TLS_CA], config[settings.TLS_CERT], config[settings.TLS_KEY])
+    _check_client_certificate(files, agent_id)
+    return secure_channel_factory(
+        target, lambda: client_credentials(files), config[settings.TLS_SERVER_NAME]
+    )
+
+
+def _check_client_certificate(files: TlsFiles, agent_id: str) -> None:
+    """Says at startup what the collector would refuse on every connection."""
+    try:
+        material = load_material(files)
+    except TlsError as exc:
+        log.error("TLS to the collector will fail until this is fixed: %s", exc)
+        return
+    if material.leaf is None:
+        log.info("TLS without a client certificate (the collector may require one)")
+        return
+    name = common_name(material.leaf)
+    if name != agent_id:
+        log.error(
+            "tls.cert_file %s names %r (subject CN), not this agent's id %r: a collector "
+            "with mutual TLS refuses its records",
+            files.cert_file,
+            name,
+            agent_id,
+        )
 
 
 def _meter_loop(
@@ -229,6 +297,7 @@ def _meter_loop(
     notifier: Notifier,
     telemetry: AgentTelemetry,
     registry: JobRegistry,
+    cycle_done: Callable[[], None],
 ) -> MeterLoop:
     drafts = RecordBuilder(config[settings.HOST] or socket.gethostname(), registry)
 
@@ -239,6 +308,7 @@ def _meter_loop(
     def observe(seconds: float) -> None:
         telemetry.poll_seconds.observe(seconds)
         telemetry.after_cycle(meter.stats, flusher.dropped_busy_us)
+        cycle_done()
 
     return MeterLoop(
         meter,

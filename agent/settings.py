@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from creditmeter.config import (
     BOOL,
@@ -12,7 +13,10 @@ from creditmeter.config import (
     PATH,
     STR,
     Choice,
+    Config,
     ConfigArgs,
+    ConfigError,
+    Maybe,
     Option,
 )
 
@@ -89,6 +93,14 @@ MAX_HELD = Option(
     "Process/job identities held in memory while the outbox cannot take records.",
     ge=1,
 )
+OUTBOX_MAX_DB_BYTES = Option(
+    "outbox.max_db_bytes",
+    Maybe(INT),
+    None,
+    "Largest outbox file (bytes); beyond it writes fail as on a full disk and usage waits "
+    "in memory; unset: no cap.",
+    ge=65_536,
+)
 
 COLLECTOR = Option("collector.address", STR, "127.0.0.1:7300", "Collector host:port.")
 BATCH_MAX = Option("collector.batch_max", INT, 1000, "Records per batch at most.", ge=1)
@@ -115,8 +127,39 @@ JOBS_GROUP = Option(
     "jobs.socket_group", STR, "", "Group that may connect to the job API; empty: the agent's."
 )
 
+TLS_ENABLED = Option(
+    "tls.enabled", BOOL, False, "Connect to the collector over TLS; off: plain text."
+)
+TLS_CA = Option(
+    "tls.ca_file",
+    Maybe(PATH),
+    None,
+    "CA bundle that issued the collector's certificate; empty: gRPC's default roots.",
+)
+TLS_CERT = Option(
+    "tls.cert_file",
+    Maybe(PATH),
+    None,
+    "Client certificate for mutual TLS, its subject CN the agent id; re-read at reconnects.",
+)
+TLS_KEY = Option(
+    "tls.key_file", Maybe(PATH), None, "Private key of tls.cert_file (PEM, unencrypted, 0600)."
+)
+TLS_SERVER_NAME = Option(
+    "tls.server_name",
+    STR,
+    "",
+    "Name to expect in the collector's certificate; empty: the host of collector.address.",
+)
+
 METRICS_LISTEN = Option(
     "metrics.listen", STR, "127.0.0.1:9464", "host:port serving /metrics; empty: off."
+)
+HEALTH_LISTEN = Option(
+    "health.listen",
+    STR,
+    "",
+    "host:port serving gRPC health (grpc.health.v1) for probes; empty: off.",
 )
 LOG_LEVEL = Option(
     "log.level", Choice("debug", "info", "warning", "error"), "info", "Least severe level logged."
@@ -141,6 +184,7 @@ OPTIONS = (
     OUTBOX_MAX_SEGMENT,
     OUTBOX_KEEP_ACKED,
     MAX_HELD,
+    OUTBOX_MAX_DB_BYTES,
     COLLECTOR,
     BATCH_MAX,
     ACK_TIMEOUT,
@@ -150,7 +194,13 @@ OPTIONS = (
     JOBS_SOCKET,
     JOBS_MODE,
     JOBS_GROUP,
+    TLS_ENABLED,
+    TLS_CA,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_SERVER_NAME,
     METRICS_LISTEN,
+    HEALTH_LISTEN,
     LOG_LEVEL,
     LOG_FORMAT,
 )
@@ -167,3 +217,25 @@ def config_args() -> ConfigArgs:
             "--metrics-listen": METRICS_LISTEN,
         },
     )
+
+
+def check(config: Config) -> None:
+    """What one option's kind and bounds cannot say; raises ConfigError naming the key."""
+    for option in (METRICS_LISTEN, HEALTH_LISTEN):
+        value = config[option]
+        host, _, port = value.rpartition(":")
+        if value and (not host or not port.isdigit() or int(port) > 65535):
+            raise ConfigError(_where(config, option, f"{value!r} is not HOST:PORT"))
+    if (config[TLS_CERT] is None) != (config[TLS_KEY] is None):
+        present, absent = (TLS_CERT, TLS_KEY) if config[TLS_KEY] is None else (TLS_KEY, TLS_CERT)
+        problem = f"set without {absent.name}; the two go together"
+        raise ConfigError(_where(config, present, problem))
+    if not config[TLS_ENABLED]:
+        for tls_option in (TLS_CA, TLS_CERT, TLS_KEY):
+            if config[tls_option] is not None:
+                problem = "is set but tls.enabled is false; enable TLS or unset it"
+                raise ConfigError(_where(config, tls_option, problem))
+
+
+def _where(config: Config, option: Option[Any], problem: str) -> str:
+    return f"{config.sources.get(option.name, 'default')}: {option.name}: {problem}"

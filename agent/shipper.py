@@ -83,6 +83,19 @@ def insecure_channel_factory(target: str) -> ChannelFactory:
     return lambda: grpc.insecure_channel(target, options=KEEPALIVE_OPTIONS)
 
 
+def secure_channel_factory(
+    target: str, credentials: Callable[[], Any], server_name: str = ""
+) -> ChannelFactory:
+    """TLS channels to ``target``, with keepalive. ``credentials()`` (grpc.ChannelCredentials)
+    runs for every channel, so certificate files rotated on disk are used from the next
+    reconnect on, and one that cannot be read fails that attempt like a network error.
+    ``server_name`` overrides the name expected in the collector's certificate."""
+    options: tuple[tuple[str, int | str], ...] = KEEPALIVE_OPTIONS
+    if server_name:
+        options += (("grpc.ssl_target_name_override", server_name),)
+    return lambda: grpc.secure_channel(target, credentials(), options=options)
+
+
 class ShipperOutbox(Protocol):
     """What the shipper uses of ``agent.outbox.Outbox``."""
 

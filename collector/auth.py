@@ -1,10 +1,11 @@
-"""Who may speak for an agent: the seam where mTLS will bind agent ids to certificates.
+"""Who may speak for an agent: the seam where mutual TLS binds agent ids to certificates.
 
 The servicer first checks that the agent is enrolled and not revoked (the store knows), then
-asks an ``Authenticator`` whether this peer may deliver records for that agent. Until mTLS
-lands, ``AllowEnrolledAgents`` says yes to everyone: the head signatures still prove that
-records come from the holder of the agent's key, so a stranger can replay records but never
-forge or alter them.
+asks an ``Authenticator`` whether this peer may deliver records for that agent. With mutual
+TLS (``tls.ca_file`` set) the collector uses ``CertificateBoundAgents``: the client
+certificate's CN must be the agent id. Without it, ``AllowEnrolledAgents`` says yes to
+everyone: the head signatures still prove that records come from the holder of the agent's
+key, so a stranger can replay records but never forge or alter them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from creditmeter.collector.errors import NotAuthorized
+from creditmeter.tls import peer_common_name
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,31 @@ class AllowEnrolledAgents:
 
     def authorize(self, agent_id: str, peer: Peer) -> None:
         return None
+
+
+class CertificateBoundAgents:
+    """Mutual TLS: a peer speaks only for the agent its client certificate names.
+
+    The rule: the subject Common Name of the certificate gRPC verified during the handshake
+    (against ``tls.ca_file``) equals the agent id of the stream's Hello, byte for byte. Then
+    the head signatures, checked against the key enrolled for that id, bind the records to
+    the agent's signing key as well: a stolen certificate without the key cannot forge
+    records, and a stolen key without the certificate cannot deliver them.
+    """
+
+    def authorize(self, agent_id: str, peer: Peer) -> None:
+        """Raises NotAuthorized when the peer sent no certificate (not mutual TLS) or the
+        certificate was issued for another agent (or has no single CN)."""
+        name = peer_common_name(peer.auth_properties)
+        if name is None:
+            raise NotAuthorized(
+                "no client certificate with a single subject CN: the collector requires "
+                "mutual TLS (tls.cert_file and tls.key_file on the agent)",
+                agent_id=agent_id,
+            )
+        if name != agent_id:
+            raise NotAuthorized(
+                f"the client certificate was issued for agent {name!r} (subject CN), "
+                "not for the agent id the stream claims",
+                agent_id=agent_id,
+            )

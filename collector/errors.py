@@ -16,6 +16,8 @@ class Status(enum.Enum):
     """The gRPC status an error ends a stream with (same names as ``grpc.StatusCode``)."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
@@ -173,8 +175,8 @@ class AgentRevoked(NotAuthenticated):
 
 
 class NotAuthorized(NotAuthenticated):
-    """The peer's transport identity (later: its client certificate) does not match the
-    agent id it claims."""
+    """The peer's client certificate (its subject CN) names another agent than the one its
+    Hello claims, or it presented none where mutual TLS binds agents to certificates."""
 
 
 # -- enrolment ------------------------------------------------------------------------------
@@ -218,3 +220,54 @@ class StoreCorrupt(StoreError):
     all of it."""
 
     status = Status.INTERNAL
+
+
+# -- the ledger: credits, accounts, plans, API charges ---------------------------------------
+
+
+class InvalidRequest(CollectorError):
+    """A ledger request (an API charge, a balance query, an amount) is malformed: an empty or
+    overlong name, a count or amount out of range, a time before 2020 or in the future."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class PriceFileError(ConfigError):
+    """The price list (TOML) is unreadable or names an impossible price; the collector keeps
+    none of it, so fix the file and start again."""
+
+
+class LedgerError(CollectorError):
+    """A ledger request conflicts with what is stored; nothing of it was stored."""
+
+    status = Status.FAILED_PRECONDITION
+
+
+class UnknownAccount(LedgerError):
+    """No account of this name was opened (``creditmeter-collector account open``). Usage
+    labelled with it is still stored and reported, only it has no balance."""
+
+    status = Status.NOT_FOUND
+
+
+class UnknownPlan(LedgerError):
+    """No plan of this name was defined (``creditmeter-collector plan define``)."""
+
+    status = Status.NOT_FOUND
+
+
+class PeriodClosed(LedgerError):
+    """The request would change a billing period that was closed (an entry or plan change
+    dated inside it). Closed periods never change: date it now, in the open period."""
+
+
+class DuplicateCharge(CollectorError):
+    """An API charge with this request id and the same content is already stored: a retry.
+    Nothing changed; the gateway treats it as success."""
+
+    status = Status.ALREADY_EXISTS
+
+
+class ChargeConflict(LedgerError):
+    """An API charge with this request id but other content (account, model, count or time)
+    is already stored. The stored one is kept: the gateway reused a request id."""

@@ -1,14 +1,21 @@
 """creditmeter-collector: the collector daemon and its administration commands.
 
-    creditmeter-collector serve  --db sqlite:///var/lib/creditmeter/collector.db
-                                 [--listen 0.0.0.0:7300] [--port-file PATH] [--grace-s 10]
+    creditmeter-collector serve  [--config /etc/creditmeter/collector.toml] [--set KEY=VALUE]
+                                 [--db URL] [--listen 0.0.0.0:7300] [--port-file PATH]
+                                 [--grace-s 10] [--metrics-listen HOST:PORT] [--log-level L]
     creditmeter-collector enroll --db URL AGENT_ID PUBLIC_KEY_HEX
     creditmeter-collector revoke --db URL AGENT_ID
     creditmeter-collector audit  --db URL
     creditmeter-collector report --db URL [--from 2025-06-01] [--to 2025-07-01]
-                                 [--format table|csv|json]
+                                 [--group-by account,model] [--format table|csv|json]
+    creditmeter-collector plan|account|top-up|grant|adjust|entries|balance|period|charge|export
+                                 (credits: see collector/admin_cli.py)
 
---db defaults to $CREDITMETER_COLLECTOR_DB. Exit codes: 0 success; 1 audit findings;
+``serve`` reads every option from collector.toml (collector/settings.py declares them); the
+flags override the file. --db defaults to $CREDITMETER_COLLECTOR_DB, then to store.url of
+the configuration file (``--config``, or /etc/creditmeter/collector.toml when it exists), so
+on the collector host the administration commands find the daemon's database by themselves.
+Exit codes: 0 success; 1 audit findings;
 2 bad arguments or configuration; 3 the command failed (database unusable, address in
 use). Errors are one line on stderr. ``serve`` logs to stdout; the other commands print
 their result to stdout, so that ``report --format json`` can be piped.
@@ -23,26 +30,33 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from creditmeter.collector import admin_cli, settings
+from creditmeter.collector.access import ApiAccess, load_access
 from creditmeter.collector.audit import audit
-from creditmeter.collector.errors import CollectorError, ConfigError, EnrollmentError
-from creditmeter.collector.report import (
-    build_report,
-    parse_period,
-    render_csv,
-    render_json,
-    render_table,
+from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, CertificateBoundAgents
+from creditmeter.collector.errors import (
+    CollectorError,
+    ConfigError,
+    EnrollmentError,
+    ListenError,
 )
-from creditmeter.collector.server import ServerConfig, create_server
-from creditmeter.collector.stores import open_store
+from creditmeter.collector.server import IngestServer, ServerConfig, create_server
+from creditmeter.collector.store import Store
+from creditmeter.collector.stores import open_store, redacted
+from creditmeter.collector.telemetry import PROBE_AGENT_ID, CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
+from creditmeter.config import Config
+from creditmeter.logs import setup_logging
+from creditmeter.metrics import Registry, serve_metrics
+from creditmeter.sdnotify import Notifier
+from creditmeter.tls import ReloadingServerCredentials, TlsError, TlsFiles, describe
 
 PROG = "creditmeter-collector"
-DB_ENV = "CREDITMETER_COLLECTOR_DB"
-DEFAULT_LISTEN = "0.0.0.0:7300"
+DB_ENV = settings.DB_ENV
 SWITCH_INTERVAL_S = 0.0002  # see _switching_threads_every
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -73,13 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command: Command = args.command
     try:
-        if not args.db:
-            raise ConfigError(f"no database: pass --db sqlite:///absolute/path or set {DB_ENV}")
+        if hasattr(args, "db"):  # an administration command; serve reads store.url itself
+            args.db = settings.admin_store_url(getattr(args, "config", None), args.db)
+            if not args.db:
+                raise ConfigError(
+                    f"no database: pass --db sqlite:///absolute/path or set {DB_ENV} "
+                    f"(or store.url in {settings.DEFAULT_CONFIG})"
+                )
         return command(args)
     except (ConfigError, EnrollmentError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except CollectorError as exc:
+    except (CollectorError, TlsError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -97,18 +116,20 @@ def _parser() -> argparse.ArgumentParser:
         "--db",
         default=os.environ.get(DB_ENV),
         metavar="URL",
-        help=f"store URL, sqlite:///absolute/path (default: ${DB_ENV})",
+        help=f"store URL, sqlite:///absolute/path (default: ${DB_ENV}, then store.url of "
+        "the configuration file)",
+    )
+    db.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"collector.toml to take store.url from (default: {settings.DEFAULT_CONFIG}, "
+        "if present)",
     )
 
-    serve = commands.add_parser("serve", parents=[db], help="run the collector")
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT")
-    serve.add_argument(
-        "--port-file", type=Path, help="write the bound port here while listening (port 0)"
-    )
-    serve.add_argument("--grace-s", type=float, default=10.0, help="shutdown grace for streams")
-    serve.add_argument("--max-stream-age-s", type=float, default=ServerConfig.max_stream_age_s)
-    serve.add_argument("--max-streams", type=int, default=ServerConfig.max_streams)
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    serve = commands.add_parser("serve", help="run the collector (the daemon)")
+    settings.config_args().add_arguments(serve)
     serve.set_defaults(command=_serve)
 
     enroll = commands.add_parser("enroll", parents=[db], help="enroll an agent's public key")
@@ -123,11 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     audit_cmd = commands.add_parser("audit", parents=[db], help="re-verify every stored record")
     audit_cmd.set_defaults(command=_audit)
 
-    report = commands.add_parser("report", parents=[db], help="busy seconds and credits")
-    report.add_argument("--from", dest="from_", metavar="DATE", help="ISO date/datetime, UTC")
-    report.add_argument("--to", metavar="DATE", help="ISO date/datetime, UTC, exclusive")
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    report.set_defaults(command=_report)
+    admin_cli.add_commands(commands, db)  # credits: plans, accounts, balances, report, export
     return parser
 
 
@@ -135,34 +152,144 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _check_listen(args.listen)
-    config = ServerConfig(max_stream_age_s=args.max_stream_age_s, max_streams=args.max_streams)
+    config = settings.load_serve(args)
     stopping = threading.Event()
+    notifier = Notifier.from_environment()
     with (
-        _logging_to_stdout(args.log_level),
+        _logging_to_stdout(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT]),
         _setting_on_signals(stopping),
         _switching_threads_every(SWITCH_INTERVAL_S),
     ):
-        store = open_store(args.db, create=True)
         try:
-            server, port = create_server(args.listen, store, config=config)
-            server.start()
-            try:
-                if args.port_file is not None:
-                    _write_port_file(args.port_file, port)
-                log.info(
-                    "collector listening on %s (port %d), store %s", args.listen, port, args.db
-                )
-                stopping.wait()
-                log.info("stopping: refusing new streams, %.0f s grace for open ones", args.grace_s)
-            finally:
-                server.stop(args.grace_s)
-                if args.port_file is not None:
-                    args.port_file.unlink(missing_ok=True)  # exists while we listen
+            _run_server(config, notifier, stopping)
         finally:
-            store.close()
+            notifier.close()
         log.info("stopped")
     return EXIT_OK
+
+
+def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -> None:
+    """Starts in order (TLS and API credentials, store, the gRPC port, metrics, health
+    watchdog, then READY=1) and unwinds the other way on SIGTERM: STOPPING=1, the server refuses new
+    streams and lets open ones commit their batch (``server.grace``), then the store closes.
+    """
+    telemetry = CollectorTelemetry(Registry())
+    credentials, authenticator = _transport_security(config)
+    access = _api_access(config)
+    listen = config[settings.LISTEN]
+    with ExitStack() as stack:
+        store = _open_store(config)
+        stack.callback(store.close)
+        server, port = create_server(
+            listen,
+            store,
+            config=ServerConfig(
+                max_stream_age_s=config[settings.MAX_STREAM_AGE],
+                max_streams=config[settings.MAX_STREAMS],
+            ),
+            credentials=credentials,
+            authenticator=authenticator,
+            observer=telemetry,
+            api_auth=access,
+            on_api_refused=telemetry.api_refused,
+            extra_handlers=admin_cli.serve_handlers(store),
+        )
+        # The agents' port first: when it is taken, that is the error worth reporting. The
+        # server is stopped after the metrics (LIFO), so /metrics shows the drain too.
+        try:
+            _serve_metrics(stack, config, telemetry.registry)
+        except BaseException:
+            server.stop(0)
+            raise
+        stack.callback(_stop_server, server, config)
+        server.start()
+        port_file = config[settings.PORT_FILE]
+        if port_file is not None:
+            _write_port_file(port_file, port)
+        url = redacted(config[settings.STORE_URL])
+        with _watchdog(store, notifier, server, telemetry):
+            notifier.ready(f"listening on {listen} (port {port})")
+            log.info("collector listening on %s (port %d), store %s", listen, port, url)
+            stopping.wait()
+            notifier.stopping("refusing new streams; draining open ones")
+            log.info(
+                "stopping: refusing new streams, %.0f s grace for open ones",
+                config[settings.GRACE],
+            )
+
+
+def _stop_server(server: IngestServer, config: Config) -> None:
+    server.stop(config[settings.GRACE])
+    port_file = config[settings.PORT_FILE]
+    if port_file is not None:
+        port_file.unlink(missing_ok=True)  # exists while we listen
+
+
+@contextmanager
+def _watchdog(
+    store: Store, notifier: Notifier, server: IngestServer, telemetry: CollectorTelemetry
+) -> Iterator[None]:
+    """The store is probed (and systemd's watchdog fed) while the body runs."""
+    stop = threading.Event()
+    watchdog = HealthWatchdog(lambda: store.get_agent(PROBE_AGENT_ID), notifier, server, telemetry)
+    watchdog.check()  # the first verdict before READY=1, so health never starts wrong
+    watchdog.start(stop)
+    try:
+        yield
+    finally:
+        stop.set()
+        watchdog.join()
+
+
+def _transport_security(config: Config) -> tuple[object, Authenticator]:
+    """(grpc server credentials or None, the Ingest authenticator). Raises TlsError."""
+    if not config[settings.TLS_ENABLED]:
+        log.warning("serving without TLS (tls.enabled = false): only for a trusted network")
+        return None, AllowEnrolledAgents()
+    files = TlsFiles(config[settings.TLS_CA], config[settings.TLS_CERT], config[settings.TLS_KEY])
+    mutual = files.ca_file is not None
+    tls = ReloadingServerCredentials(files, require_client_cert=mutual)
+    assert tls.material.leaf is not None
+    log.info("TLS certificate %s", describe(tls.material.leaf))
+    if not mutual:
+        log.warning(
+            "no tls.ca_file: agents present no certificate; their ids are bound only to "
+            "their signing keys"
+        )
+        return tls.credentials(), AllowEnrolledAgents()
+    log.info("mutual TLS: an agent's certificate CN must be its agent id")
+    return tls.credentials(), CertificateBoundAgents()
+
+
+def _api_access(config: Config) -> ApiAccess:
+    access = load_access(config[settings.API_TOKEN_FILE], config[settings.API_CLIENTS])
+    if not access.configured:
+        log.info("Query and admin APIs closed to all: no api.token_file, no api.clients")
+    elif access.tokens and not config[settings.TLS_ENABLED]:
+        log.warning("API bearer tokens would travel in plain text: enable TLS")
+    return access
+
+
+def _open_store(config: Config) -> Store:
+    try:
+        return open_store(config[settings.STORE_URL], create=True)
+    except ConfigError as exc:
+        source = config.sources.get(settings.STORE_URL.name, "default")
+        raise ConfigError(f"{source}: {settings.STORE_URL.name}: {exc}") from None
+
+
+def _serve_metrics(stack: ExitStack, config: Config, registry: Registry) -> None:
+    listen = config[settings.METRICS_LISTEN]
+    if not listen:
+        return
+    host, _, port = listen.rpartition(":")
+    try:
+        server, bound = serve_metrics(registry, host.strip("[]"), int(port))
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+        raise ListenError(f"metrics.listen {listen}: cannot listen: {problem}") from None
+    stack.callback(server.shutdown)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -200,34 +327,21 @@ def _audit(args: argparse.Namespace) -> int:
     return EXIT_OK if result.clean else EXIT_FINDINGS
 
 
-def _report(args: argparse.Namespace) -> int:
-    period = parse_period(args.from_, args.to)
-    store = open_store(args.db, create=False, migrate=False)
-    try:
-        report = build_report(store, period)
-    finally:
-        store.close()
-    render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]
-    sys.stdout.write(render(report))
-    return EXIT_OK
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 
 @contextmanager
-def _logging_to_stdout(level: str) -> Iterator[None]:
-    """Daemon logging for the time ``serve`` runs; main() leaves no global state behind."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def _logging_to_stdout(level: str, fmt: str) -> Iterator[None]:
+    """Daemon logging (creditmeter.logs: levels, journald priorities, text or JSON) for the
+    time ``serve`` runs; main() leaves no global state behind."""
     root = logging.getLogger()
-    previous_level = root.level
-    root.addHandler(handler)
-    root.setLevel(level)
+    previous_level, previous_handlers = root.level, list(root.handlers)
+    setup_logging(level, fmt)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        for handler in [h for h in root.handlers if h not in previous_handlers]:
+            root.removeHandler(handler)
         root.setLevel(previous_level)
 
 
@@ -260,12 +374,6 @@ def _setting_on_signals(event: threading.Event) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _check_listen(listen: str) -> None:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--listen {listen!r} is not HOST:PORT (e.g. 0.0.0.0:7300)")
-
-
 def _write_port_file(path: Path, port: int) -> None:
     """Written whole or not at all: a reader polling for the file never sees half a port."""
     partial = path.with_name(path.name + ".partial")
@@ -273,7 +381,7 @@ def _write_port_file(path: Path, port: int) -> None:
         partial.write_text(f"{port}\n")
         os.replace(partial, path)
     except OSError as exc:
-        raise ConfigError(f"--port-file {path}: {exc.strerror}") from exc
+        raise ConfigError(f"server.port_file {path}: {exc.strerror}") from exc
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""Usage reports: busy seconds and credits per account and model over a period.
+"""Usage reports: busy seconds, API requests and credits over a time range, grouped by any
+of account, model, day, host and GPU.
 
-Reports read the hourly rollups, never raw records, so a period is a range of whole hours
-(UTC): a report covers the records whose interval starts in [from, to). Busy seconds are
-exact (integer µs printed as decimal seconds); credits are busy seconds times the rate,
-1.0 credit per busy second until the ledger brings prices and plans.
+Reports read rollups, never raw records, so a range is whole hours (UTC): a report covers
+the records whose interval starts in [from, to) and the API charges timed in it. It shows
+what ran when, live: usage of a closed period that arrived late appears here under its own
+hours, and on the account's balance as a late line of the next open period (ledger.py).
+
+Credits come from the price list (prices.py). Within each report row, each model's busy µs
+are priced once, by the rounding rule of prices.py, and totals are the sum of the rows;
+grouped by account and model, the rows are exactly what balances charge (at a whole-credit
+rate, such as the default 1.0, every grouping adds up to the same credits). Busy
+seconds are exact (integer µs printed as decimal seconds), credits exact µcredits. Idle time
+never appears: wall seconds are not reported, and a group without busy time or requests is
+left out.
 
 JSON format (``render_json``), stable for scripts; decimals are strings so that no reader
 turns them into binary floats::
@@ -11,17 +20,21 @@ turns them into binary floats::
     {
       "from": "2025-06-01T00:00:00Z",      # null: from the first record
       "to": "2025-07-01T00:00:00Z",        # null: up to the last record; exclusive
-      "credits_per_busy_second": "1",
-      "rows": [                            # ordered by account (as shown), then model
-        {"account": "acme", "model": "llama-3-70b",
-         "busy_seconds": "12.345678", "credits": "12.345678", "records": 3}
+      "group_by": ["account", "model"],
+      "prices": "/etc/creditmeter/prices.toml",
+      "rows": [                            # ordered by the grouped fields (as shown)
+        {"account": "acme", "model": "llama-3-70b", "busy_seconds": "12.345678",
+         "requests": 0, "credits": "12.345678", "records": 3, "default_price": false}
       ],
-      "totals": {"busy_seconds": "12.345678", "credits": "12.345678", "records": 3}
+      "totals": {"busy_seconds": "12.345678", "requests": 0, "credits": "12.345678",
+                 "records": 3}
     }
 
-``account`` "" (records nobody could be attributed to) is shown as "unattributed" in every
-format. CSV has the row fields as columns (account,model,busy_seconds,credits,records) and
-no totals line; the table ends with a TOTAL line.
+Only the grouped fields appear in a row. ``account`` "" (records nobody could be attributed
+to) is shown as "unattributed" in every format; ``day`` is "2025-06-15"; host and gpu are
+"-" on API request rows. ``default_price``: a model of the row is not in the price list and
+was billed at the default rate (the table marks such credits with "*"). CSV has the row
+fields as columns and no totals line; the table ends with a TOTAL line.
 """
 
 from __future__ import annotations
@@ -29,17 +42,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Protocol, runtime_checkable
 
 from creditmeter.collector.errors import ConfigError
+from creditmeter.collector.ledger import micro_text
+from creditmeter.collector.ledger_store import Dimension, LedgerStore, UsageGroup
+from creditmeter.collector.periods import iso_text
+from creditmeter.collector.prices import PriceBook
 from creditmeter.collector.rollup import HOUR_US
 from creditmeter.collector.store import Store
 
 UNATTRIBUTED = "unattributed"
-DEFAULT_CREDITS_PER_BUSY_SECOND = Decimal(1)
-_MICRO = Decimal("0.000001")
+NOT_ON_A_GPU = "-"  # host and gpu of API request rows
+DEFAULT_GROUP_BY = (Dimension.ACCOUNT, Dimension.MODEL)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -53,17 +71,19 @@ class Period:
 
 @dataclass(frozen=True)
 class ReportRow:
-    account: str  # "unattributed" for records without an account
-    model: str
+    keys: tuple[str, ...]  # the grouped fields as shown, in the report's group_by order
     busy_us: int
-    credits: Decimal
+    requests: int
+    credits_micro: int
     record_count: int
+    default_price: bool
 
 
 @dataclass(frozen=True)
 class Report:
     period: Period
-    credits_per_busy_second: Decimal
+    group_by: tuple[Dimension, ...]
+    prices_source: str
     rows: list[ReportRow]
 
     @property
@@ -71,8 +91,12 @@ class Report:
         return sum(row.busy_us for row in self.rows)
 
     @property
-    def credits(self) -> Decimal:
-        return sum((row.credits for row in self.rows), Decimal(0))
+    def requests(self) -> int:
+        return sum(row.requests for row in self.rows)
+
+    @property
+    def credits_micro(self) -> int:
+        return sum(row.credits_micro for row in self.rows)
 
     @property
     def record_count(self) -> int:
@@ -91,9 +115,9 @@ def parse_period(from_text: str | None, to_text: str | None) -> Period:
     return period
 
 
-def parse_hour_us(flag: str, text: str) -> int:
+def parse_time_us(flag: str, text: str) -> int:
     """An ISO date (midnight UTC) or datetime (UTC unless it carries an offset) as µs since
-    the epoch; it must fall on a whole hour since rollups are hourly."""
+    the epoch. Raises ConfigError naming the flag."""
     try:
         if len(text) == 10:  # YYYY-MM-DD
             moment = datetime.combine(date.fromisoformat(text), datetime.min.time(), UTC)
@@ -105,7 +129,12 @@ def parse_hour_us(flag: str, text: str) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    time_us = (moment - _EPOCH) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def parse_hour_us(flag: str, text: str) -> int:
+    """As parse_time_us; the time must fall on a whole hour since rollups are hourly."""
+    time_us = parse_time_us(flag, text)
     if time_us % HOUR_US:
         raise ConfigError(
             f"{flag} {text!r} is not on a whole hour in UTC: reports are built from hourly rollups"
@@ -113,30 +142,109 @@ def parse_hour_us(flag: str, text: str) -> int:
     return time_us
 
 
+def parse_group_by(text: str) -> tuple[Dimension, ...]:
+    """ "account,model" -> (ACCOUNT, MODEL). Raises ConfigError naming an unknown field."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = {dimension.value: dimension for dimension in Dimension}
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"--group-by {name!r} is not one of {', '.join(d.value for d in Dimension)}"
+            )
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--group-by {text!r} must name each field once")
+    return tuple(known[name] for name in names)
+
+
 def build_report(
-    store: Store,
+    store: LedgerStore | Store,
     period: Period,
-    credits_per_busy_second: Decimal = DEFAULT_CREDITS_PER_BUSY_SECOND,
+    group_by: Sequence[Dimension] = DEFAULT_GROUP_BY,
+    prices: PriceBook | None = None,
+    account: str | None = None,
 ) -> Report:
-    rows = [
-        ReportRow(
-            usage.account or UNATTRIBUTED,
-            usage.model,
-            usage.busy_us,
-            credits(usage.busy_us, credits_per_busy_second),
-            usage.record_count,
-        )
-        for usage in store.usage(period.from_us, period.to_us)
-    ]
-    rows.sort(key=lambda row: (row.account, row.model))  # as shown: "unattributed" in order
-    return Report(period, credits_per_busy_second, rows)
-
-
-def credits(busy_us: int, credits_per_busy_second: Decimal) -> Decimal:
-    """Credits for busy_us at the rate, to the µ-credit (exact at rate 1)."""
-    return (Decimal(busy_us).scaleb(-6) * credits_per_busy_second).quantize(
-        _MICRO, rounding=ROUND_HALF_EVEN
+    """The report of ``period`` grouped by ``group_by`` (of one account when given)."""
+    prices = prices or PriceBook()
+    groups = _usage_groups(store, period, frozenset(group_by), account)
+    rows: dict[tuple[str, ...], list[int]] = {}  # keys -> [busy, requests, credits, records, dflt]
+    for group in groups:
+        if group.busy_us == 0 and group.requests == 0:
+            continue  # idle: nothing billed, nothing shown
+        credits_micro, default = _priced(group, prices)
+        sums = rows.setdefault(_keys(group, group_by), [0, 0, 0, 0, 0])
+        sums[0] += group.busy_us
+        sums[1] += group.requests
+        sums[2] += credits_micro
+        sums[3] += group.record_count
+        sums[4] |= default
+    return Report(
+        period,
+        tuple(group_by),
+        prices.source,
+        [
+            ReportRow(keys, busy_us, requests, credits_micro, records, bool(default))
+            for keys, (busy_us, requests, credits_micro, records, default) in sorted(rows.items())
+        ],
     )
+
+
+def _usage_groups(
+    store: LedgerStore | Store,
+    period: Period,
+    dimensions: frozenset[Dimension],
+    account: str | None,
+) -> list[UsageGroup]:
+    """The store's grouped rollups. A store that keeps no ledger yet (the PostgreSQL store
+    for now) still reports busy time by account and model from its hourly rollups."""
+    if isinstance(store, _Grouping):
+        return store.grouped_usage(period.from_us, period.to_us, dimensions, account)
+    if dimensions - {Dimension.ACCOUNT, Dimension.MODEL}:
+        raise ConfigError(
+            f"the {type(store).__name__} reports by account and model only (no ledger yet)"
+        )
+    return [
+        UsageGroup(
+            total.account, total.model, None, None, None, total.busy_us, 0, total.record_count
+        )
+        for total in store.usage(period.from_us, period.to_us)
+        if account is None or total.account == account
+    ]
+
+
+@runtime_checkable
+class _Grouping(Protocol):
+    def grouped_usage(
+        self,
+        from_us: int | None,
+        to_us: int | None,
+        dimensions: frozenset[Dimension],
+        account: str | None = None,
+    ) -> list[UsageGroup]: ...
+
+
+def _priced(group: UsageGroup, prices: PriceBook) -> tuple[int, bool]:
+    """Credits of one (…, account, model) group, and whether a default price applied."""
+    if group.requests:
+        return (
+            prices.request_credits_micro(group.model, group.requests),
+            prices.request_price(group.model).default,
+        )
+    return (
+        prices.busy_credits_micro(group.model, group.busy_us),
+        prices.busy_second_price(group.model).default,
+    )
+
+
+def _keys(group: UsageGroup, group_by: Sequence[Dimension]) -> tuple[str, ...]:
+    on_gpu = group.requests == 0
+    shown = {
+        Dimension.ACCOUNT: group.account or UNATTRIBUTED,  # None only when not grouped
+        Dimension.MODEL: group.model,
+        Dimension.DAY: "" if group.day_start_us is None else iso_text(group.day_start_us)[:10],
+        Dimension.HOST: (group.host or "") if on_gpu else NOT_ON_A_GPU,
+        Dimension.GPU: (group.gpu_uuid or "") if on_gpu else NOT_ON_A_GPU,
+    }
+    return tuple(shown[dimension] for dimension in group_by)
 
 
 def seconds_text(time_us: int) -> str:
@@ -147,23 +255,27 @@ def seconds_text(time_us: int) -> str:
 
 
 def render_json(report: Report) -> str:
+    names = [dimension.value for dimension in report.group_by]
     document = {
         "from": _time_text(report.period.from_us),
         "to": _time_text(report.period.to_us),
-        "credits_per_busy_second": str(report.credits_per_busy_second),
+        "group_by": names,
+        "prices": report.prices_source,
         "rows": [
             {
-                "account": row.account,
-                "model": row.model,
+                **dict(zip(names, row.keys, strict=True)),
                 "busy_seconds": seconds_text(row.busy_us),
-                "credits": str(row.credits),
+                "requests": row.requests,
+                "credits": micro_text(row.credits_micro),
                 "records": row.record_count,
+                "default_price": row.default_price,
             }
             for row in report.rows
         ],
         "totals": {
             "busy_seconds": seconds_text(report.busy_us),
-            "credits": str(report.credits.quantize(_MICRO)),
+            "requests": report.requests,
+            "credits": micro_text(report.credits_micro),
             "records": report.record_count,
         },
     }
@@ -173,45 +285,68 @@ def render_json(report: Report) -> str:
 def render_csv(report: Report) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["account", "model", "busy_seconds", "credits", "records"])
+    writer.writerow(
+        [dimension.value for dimension in report.group_by]
+        + ["busy_seconds", "requests", "credits", "records", "default_price"]
+    )
     for row in report.rows:
         writer.writerow(
-            [row.account, row.model, seconds_text(row.busy_us), row.credits, row.record_count]
+            [
+                *row.keys,
+                seconds_text(row.busy_us),
+                row.requests,
+                micro_text(row.credits_micro),
+                row.record_count,
+                str(row.default_price).lower(),
+            ]
         )
     return out.getvalue()
 
 
 def render_table(report: Report) -> str:
-    header = ("ACCOUNT", "MODEL", "BUSY_SECONDS", "CREDITS", "RECORDS")
+    keys = len(report.group_by)
+    header = (
+        *(dimension.value.upper() for dimension in report.group_by),
+        "BUSY_SECONDS",
+        "REQUESTS",
+        "CREDITS",
+        "RECORDS",
+    )
     lines = [
-        (row.account, row.model, seconds_text(row.busy_us), str(row.credits), str(row.record_count))
+        (
+            *row.keys,
+            seconds_text(row.busy_us),
+            str(row.requests),
+            micro_text(row.credits_micro) + ("*" if row.default_price else " "),
+            str(row.record_count),
+        )
         for row in report.rows
     ]
     total = (
         "TOTAL",
-        "",
+        *([""] * (keys - 1)),
         seconds_text(report.busy_us),
-        str(report.credits.quantize(_MICRO)),
+        str(report.requests),
+        micro_text(report.credits_micro) + " ",
         str(report.record_count),
     )
-    widths = [max(len(cells[i]) for cells in (header, *lines, total)) for i in range(5)]
+    widths = [max(len(cells[i]) for cells in (header, *lines, total)) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
-        left = [cells[i].ljust(widths[i]) for i in (0, 1)]
-        right = [cells[i].rjust(widths[i]) for i in (2, 3, 4)]
+        left = [cells[i].ljust(widths[i]) for i in range(keys)]
+        right = [cells[i].rjust(widths[i]) for i in range(keys, len(header))]
         return "  ".join(left + right).rstrip()
 
     period = (
         f"period: {_time_text(report.period.from_us) or 'first record'} .. "
         f"{_time_text(report.period.to_us) or 'last record'} "
-        f"(UTC, hours starting in [from, to)); {report.credits_per_busy_second} credit "
-        "per busy second"
+        f"(UTC, hours starting in [from, to)); prices: {report.prices_source}"
     )
-    return "\n".join([period, line(header), *(line(cells) for cells in lines), line(total)]) + "\n"
+    out = [period, line(header), *(line(cells) for cells in lines), line(total)]
+    if any(row.default_price for row in report.rows):
+        out.append("* includes models billed at the default price (not in the price list)")
+    return "\n".join(out) + "\n"
 
 
 def _time_text(time_us: int | None) -> str | None:
-    if time_us is None:
-        return None
-    moment = _EPOCH + timedelta(microseconds=time_us)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if time_us is None else iso_text(time_us)

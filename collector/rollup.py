@@ -1,4 +1,5 @@
-"""Hourly rollups: busy and wall µs and record counts per (hour, account, model).
+"""Hourly rollups: busy and wall µs and record counts per (hour, account, model), and per
+(hour, host, gpu, account, model) for reports by host or GPU.
 
 Reports and balances read rollups, never raw records, so every store keeps them in the same
 transaction as the records they sum. A record counts wholly in the hour its interval starts
@@ -11,14 +12,28 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
-from creditmeter.collector.rows import ACCOUNT, BUSY_US, MODEL, START_US, WALL_US, RecordRow
+from creditmeter.collector.rows import (
+    ACCOUNT,
+    BUSY_US,
+    MODEL,
+    ROW_COLUMNS,
+    START_US,
+    WALL_US,
+    RecordRow,
+)
 
 HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+_HOST: Final = 6
+_GPU_UUID: Final = 7
+assert (ROW_COLUMNS[_HOST], ROW_COLUMNS[_GPU_UUID]) == ("host", "gpu_uuid")
 
 RollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 # [busy_us, wall_us, record_count]; a list so that summing a batch updates in place.
 RollupSums = list[int]
+DeviceRollupKey = tuple[int, str, str, str, str]  # (hour_start_us, host, gpu_uuid, account, model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,23 @@ def hourly_sums(rows: Iterable[RecordRow]) -> dict[RollupKey, RollupSums]:
     for row in rows:
         start_us = row[START_US]
         key = (start_us - start_us % HOUR_US, row[ACCOUNT], row[MODEL])
+        acc = get(key)
+        if acc is None:
+            sums[key] = [row[BUSY_US], row[WALL_US], 1]
+        else:
+            acc[0] += row[BUSY_US]
+            acc[1] += row[WALL_US]
+            acc[2] += 1
+    return sums
+
+
+def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, RollupSums]:
+    """What ``rows`` add to each per-device rollup (same shape as ``hourly_sums``)."""
+    sums: dict[DeviceRollupKey, RollupSums] = {}
+    get = sums.get
+    for row in rows:
+        start_us = row[START_US]
+        key = (start_us - start_us % HOUR_US, row[_HOST], row[_GPU_UUID], row[ACCOUNT], row[MODEL])
         acc = get(key)
         if acc is None:
             sums[key] = [row[BUSY_US], row[WALL_US], 1]

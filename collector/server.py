@@ -1,5 +1,6 @@
-"""The gRPC side: the Ingest servicer and the server around it. The only module that
-imports grpc.
+"""The gRPC side: the Ingest servicer and the server around it. With access.py (the guard
+of the Query and admin APIs) and creditmeter.tls (TLS credentials), the only modules that
+import grpc.
 
 The servicer is thin: it authenticates the stream, hands each batch to the verifier and the
 store, and acknowledges after the store has committed. Every decision lives in those
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from creditmeter import chain
+from creditmeter.collector.access import ApiAccess, ApiAuthenticator, ApiAuthInterceptor, Refusal
 from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, Peer
 from creditmeter.collector.errors import (
     AgentMismatch,
@@ -43,6 +45,7 @@ from creditmeter.collector.errors import (
     UnknownAgent,
 )
 from creditmeter.collector.store import ChainHead, Store
+from creditmeter.collector.telemetry import IngestObserver, NullIngestObserver
 from creditmeter.collector.verifier import VerifiedBatch, Verifier
 from creditmeter.v1 import ingest_pb2
 
@@ -94,12 +97,14 @@ class IngestServicer:
         authenticator: Authenticator,
         config: ServerConfig,
         monotonic: Callable[[], float] = time.monotonic,
+        observer: IngestObserver | None = None,
     ) -> None:
         self._store = store
         self._verifier = verifier
         self._authenticator = authenticator
         self._config = config
         self._monotonic = monotonic
+        self._observer: IngestObserver = observer or NullIngestObserver()
         self._stream_slots = threading.BoundedSemaphore(config.max_streams)
         self._draining = threading.Event()
 
@@ -125,6 +130,7 @@ class IngestServicer:
                 TooManyStreams(f"collector serves its limit of {self._config.max_streams} streams"),
             )
         try:
+            self._observer.stream_opened()
             yield from self._serve(requests, context)
         except CollectorError as exc:
             self._abort(context, exc)
@@ -137,6 +143,7 @@ class IngestServicer:
             log.exception("ingest stream from %s failed", context.peer())
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the collector (logged)")
         finally:
+            self._observer.stream_closed()
             self._stream_slots.release()
 
     def _serve(
@@ -145,18 +152,30 @@ class IngestServicer:
         started = self._monotonic()
         peer = _peer(context)
         session: _Session | None = None
+        head = ChainHead(0, b"")
         for raw in requests:
             item = self._read_request(raw, session, peer)
             if isinstance(item, _Hello):
-                session = item.session
+                session, head = item.session, item.head
                 yield _ack(item.head)
                 continue
-            yield _ack(self._store.ingest(item.agent_id, item))  # after commit
+            head = self._ingest(item, head)
+            yield _ack(head)  # after commit
             if self._draining.is_set() or self._monotonic() - started >= (
                 self._config.max_stream_age_s
             ):
                 log.debug("recycling the stream of agent %s", item.agent_id)
                 return
+
+    def _ingest(self, batch: VerifiedBatch, head: ChainHead) -> ChainHead:
+        """Commits ``batch``; ``head`` is the agent's head as this stream last saw it, so
+        the records beyond it are the ones newly stored (for the metrics)."""
+        started = self._monotonic()
+        new_head = self._store.ingest(batch.agent_id, batch)
+        received = len(batch.records.rows)
+        stored = min(received, max(0, new_head.seq - head.seq))
+        self._observer.batch_committed(received, stored, self._monotonic() - started)
+        return new_head
 
     def _read_request(
         self, raw: bytes, session: _Session | None, peer: Peer
@@ -202,9 +221,9 @@ class IngestServicer:
             )
         return self._verifier.verify(batch, session.public_key)
 
-    @staticmethod
-    def _abort(context: Any, error: CollectorError) -> None:
+    def _abort(self, context: Any, error: CollectorError) -> None:
         """Logs why a stream ends and ends it with the error's status (raises)."""
+        self._observer.refused(error)
         level = logging.ERROR if isinstance(error, ChainConflict | StoreError) else logging.WARNING
         log.log(
             level, "refused stream from %s: %s: %s", context.peer(), type(error).__name__, error
@@ -225,6 +244,14 @@ class IngestServer:
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    def set_serving(self, serving: bool) -> None:
+        """What health checks answer while running (the store may stop answering and come
+        back); ignored once ``stop`` began, which answers NOT_SERVING for good."""
+        response = health_pb2.HealthCheckResponse
+        status = response.SERVING if serving else response.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, status)
+
     def stop(self, grace_s: float) -> None:
         """Ordered shutdown: health says NOT_SERVING, streams end after their next Ack, no
         new RPC is accepted; after ``grace_s`` the remaining ones are cancelled (agents
@@ -243,21 +270,35 @@ def create_server(
     authenticator: Authenticator | None = None,
     config: ServerConfig | None = None,
     credentials: Any = None,
+    observer: IngestObserver | None = None,
+    api_auth: ApiAuthenticator | None = None,
+    on_api_refused: Refusal = lambda method, error: None,
+    extra_handlers: Sequence[Any] = (),
 ) -> tuple[IngestServer, int]:
     """A collector server bound to ``addr`` ("host:port"; port 0 picks a free one), not yet
     started, and the port it is bound to. ``credentials`` (grpc.ServerCredentials) makes
-    it listen with TLS. Raises ListenError when the address cannot be bound."""
+    it listen with TLS. Raises ListenError when the address cannot be bound.
+
+    Every service on the server other than Ingest and health requires an API credential
+    checked by ``api_auth`` (see collector/access.py); without ``api_auth`` those services
+    refuse every call."""
     config = config or ServerConfig()
     servicer = IngestServicer(
-        store, verifier or Verifier(), authenticator or AllowEnrolledAgents(), config
+        store,
+        verifier or Verifier(),
+        authenticator or AllowEnrolledAgents(),
+        config,
+        observer=observer,
     )
     workers = config.max_streams + SPARE_WORKERS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=_options(config),
         maximum_concurrent_rpcs=workers,
+        interceptors=(ApiAuthInterceptor(api_auth or ApiAccess(), on_api_refused),),
     )
-    server.add_generic_rpc_handlers((servicer.rpc_handler(),))
+    # extra_handlers: further services (Query, Charges), guarded by the API interceptor.
+    server.add_generic_rpc_handlers((servicer.rpc_handler(), *extra_handlers))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -9,6 +9,9 @@ pages); a background checkpoint thread was measured and made no difference.
 
 The schema is versioned: ``MIGRATIONS`` is applied forward at open, all pending steps in
 one transaction, and a database migrated by newer code is refused.
+
+The store is also the SQLite ``LedgerStore`` (ledger_store.py): plans, accounts, audited
+credit entries, API charges with their hourly rollup, and closed periods.
 """
 
 from __future__ import annotations
@@ -21,19 +24,41 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
     AgentMismatch,
     AgentRevoked,
+    ChargeConflict,
     EnrollmentError,
+    LedgerError,
+    PeriodClosed,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
     StoreError,
+    UnknownAccount,
     UnknownAgent,
+    UnknownPlan,
 )
-from creditmeter.collector.rollup import Rollup, hourly_sums
+from creditmeter.collector.ledger_store import (
+    Account,
+    ApiCharge,
+    Dimension,
+    EntryKind,
+    LedgerEntry,
+    LineKind,
+    ModelUsage,
+    Plan,
+    PlanChange,
+    Statement,
+    StatementLine,
+    UsageEvent,
+    UsageGroup,
+)
+from creditmeter.collector.periods import iso_text
+from creditmeter.collector.rollup import DAY_US, HOUR_US, Rollup, device_hourly_sums, hourly_sums
 from creditmeter.collector.rows import ENERGY_ABSENT, HASH, ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
@@ -122,6 +147,109 @@ MIGRATIONS: tuple[Migration, ...] = (
                 FROM records GROUP BY 1, 2, 3""",
         ),
     ),
+    Migration(
+        3,
+        "hourly rollups per device for reports by host and GPU; rollups by account for balances",
+        (
+            # Balances read one account's hours: without this they would scan every account.
+            "CREATE INDEX rollups_hourly_by_account ON rollups_hourly (account, hour_start_us)",
+            """CREATE TABLE rollups_device_hourly (
+                hour_start_us INTEGER NOT NULL,
+                host TEXT NOT NULL,
+                gpu_uuid TEXT NOT NULL,
+                account TEXT NOT NULL,
+                model TEXT NOT NULL,
+                busy_us INTEGER NOT NULL,
+                wall_us INTEGER NOT NULL,
+                record_count INTEGER NOT NULL,
+                PRIMARY KEY (hour_start_us, host, gpu_uuid, account, model)
+            ) WITHOUT ROWID""",
+            """INSERT INTO rollups_device_hourly
+                SELECT start_us - start_us % 3600000000, host, gpu_uuid, account, model,
+                       SUM(busy_us), SUM(wall_us), COUNT(*)
+                FROM records GROUP BY 1, 2, 3, 4, 5""",
+        ),
+    ),
+    Migration(
+        4,
+        "the credit ledger: plans, accounts, credit entries, API charges, closed periods",
+        (
+            """CREATE TABLE plans (
+                name TEXT PRIMARY KEY NOT NULL,
+                grant_micro INTEGER NOT NULL,
+                created_at_us INTEGER NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            """CREATE TABLE accounts (
+                name TEXT PRIMARY KEY NOT NULL,
+                anchor_day INTEGER NOT NULL,
+                first_period_start_us INTEGER NOT NULL,
+                created_at_us INTEGER NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            # Several changes may name the same period: the last one made wins, and all of
+            # them stay for the audit trail.
+            """CREATE TABLE plan_changes (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                account TEXT NOT NULL,
+                effective_us INTEGER NOT NULL,
+                plan TEXT NOT NULL,
+                created_at_us INTEGER NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            "CREATE INDEX plan_changes_by_account ON plan_changes (account, effective_us)",
+            """CREATE TABLE ledger_entries (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                account TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                amount_micro INTEGER NOT NULL,
+                effective_us INTEGER NOT NULL,
+                expires_us INTEGER,
+                reason TEXT NOT NULL,
+                created_by TEXT NOT NULL,
+                created_at_us INTEGER NOT NULL
+            )""",
+            "CREATE INDEX ledger_entries_by_account ON ledger_entries (account, id)",
+            """CREATE TABLE api_charges (
+                request_id TEXT PRIMARY KEY NOT NULL,
+                account TEXT NOT NULL,
+                model TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                time_us INTEGER NOT NULL,
+                received_at_us INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """CREATE TABLE api_rollups_hourly (
+                hour_start_us INTEGER NOT NULL,
+                account TEXT NOT NULL,
+                model TEXT NOT NULL,
+                requests INTEGER NOT NULL,
+                charge_count INTEGER NOT NULL,
+                PRIMARY KEY (hour_start_us, account, model)
+            ) WITHOUT ROWID""",
+            "CREATE INDEX api_rollups_hourly_by_account "
+            "ON api_rollups_hourly (account, hour_start_us)",
+            """CREATE TABLE statements (
+                account TEXT NOT NULL,
+                start_us INTEGER NOT NULL,
+                end_us INTEGER NOT NULL,
+                plan TEXT NOT NULL,
+                plan_grant_micro INTEGER NOT NULL,
+                closed_at_us INTEGER NOT NULL,
+                closed_by TEXT NOT NULL,
+                PRIMARY KEY (account, start_us)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE statement_lines (
+                account TEXT NOT NULL,
+                start_us INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                model TEXT NOT NULL,
+                quantity INTEGER NOT NULL,
+                credits_micro INTEGER NOT NULL,
+                default_price INTEGER NOT NULL,
+                PRIMARY KEY (account, start_us, kind, model)
+            ) WITHOUT ROWID""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -152,6 +280,21 @@ _UPSERT_ROLLUP = """
         busy_us = busy_us + excluded.busy_us,
         wall_us = wall_us + excluded.wall_us,
         record_count = record_count + excluded.record_count"""
+_UPSERT_DEVICE_ROLLUP = """
+    INSERT INTO rollups_device_hourly
+        (hour_start_us, host, gpu_uuid, account, model, busy_us, wall_us, record_count)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (hour_start_us, host, gpu_uuid, account, model) DO UPDATE SET
+        busy_us = busy_us + excluded.busy_us,
+        wall_us = wall_us + excluded.wall_us,
+        record_count = record_count + excluded.record_count"""
+_UPSERT_API_ROLLUP = """
+    INSERT INTO api_rollups_hourly (hour_start_us, account, model, requests, charge_count)
+    VALUES (?, ?, ?, ?, 1)
+    ON CONFLICT (hour_start_us, account, model) DO UPDATE SET
+        requests = requests + excluded.requests,
+        charge_count = charge_count + 1"""
+_MIN_US, _MAX_US = -(2**63), 2**63 - 1  # unbounded ends of a time range
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
     FROM agents"""
@@ -268,6 +411,15 @@ class SQLiteStore:
                     for key, (busy_us, wall_us, count) in sorted(sums.items())
                 ],
             )
+            conn.executemany(
+                _UPSERT_DEVICE_ROLLUP,
+                [
+                    (*key, busy_us, wall_us, count)
+                    for key, (busy_us, wall_us, count) in sorted(
+                        device_hourly_sums(new_rows).items()
+                    )
+                ],
+            )
             new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
             conn.execute(
                 "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",
@@ -303,6 +455,291 @@ class SQLiteStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    # -- the ledger (LedgerStore) --------------------------------------------------------
+
+    def define_plan(self, plan: Plan) -> Plan:
+        with self._write(f"defining plan {plan.name!r}") as conn:
+            stored = _plan(conn, plan.name)
+            if stored is None:
+                conn.execute(
+                    "INSERT INTO plans VALUES (?, ?, ?, ?)",
+                    (plan.name, plan.grant_micro, plan.created_at_us, plan.created_by),
+                )
+                return plan
+        if stored.grant_micro != plan.grant_micro:
+            raise LedgerError(
+                f"plan {plan.name!r} is already defined with a grant of "
+                f"{stored.grant_micro} µcredits; plans never change (define a new one)"
+            )
+        return stored
+
+    def plans(self) -> list[Plan]:
+        with self._lock, _translated("reading plans"):
+            rows = self._connection().execute(_SELECT_PLAN + " ORDER BY name").fetchall()
+        return [Plan(*row) for row in rows]
+
+    def open_account(self, account: Account, plan: str) -> Account:
+        with self._write(f"opening account {account.name!r}") as conn:
+            if _plan(conn, plan) is None:
+                raise UnknownPlan(f"no plan {plan!r} is defined")
+            stored = _account(conn, account.name)
+            if stored is None:
+                conn.execute(
+                    "INSERT INTO accounts VALUES (?, ?, ?, ?, ?)",
+                    (
+                        account.name,
+                        account.anchor_day,
+                        account.first_period_start_us,
+                        account.created_at_us,
+                        account.created_by,
+                    ),
+                )
+                _insert_plan_change(
+                    conn,
+                    PlanChange(
+                        account.name,
+                        plan,
+                        account.first_period_start_us,
+                        account.created_at_us,
+                        account.created_by,
+                    ),
+                )
+                return account
+            first_plan = _plan_changes(conn, account.name)[0].plan
+        if (stored.anchor_day, stored.first_period_start_us, first_plan) != (
+            account.anchor_day,
+            account.first_period_start_us,
+            plan,
+        ):
+            raise LedgerError(
+                f"account {account.name!r} is already open (anchor day {stored.anchor_day}, "
+                f"first period {iso_text(stored.first_period_start_us)}, plan {first_plan!r})"
+            )
+        return stored
+
+    def account(self, name: str) -> Account | None:
+        with self._lock, _translated(f"reading account {name!r}"):
+            return _account(self._connection(), name)
+
+    def accounts(self) -> list[Account]:
+        with self._lock, _translated("reading accounts"):
+            rows = self._connection().execute(_SELECT_ACCOUNT + " ORDER BY name").fetchall()
+        return [Account(*row) for row in rows]
+
+    def change_plan(self, change: PlanChange) -> None:
+        with self._write(f"changing the plan of {change.account!r}") as conn:
+            _check_open(conn, change.account, change.effective_us, "a plan change")
+            if _plan(conn, change.plan) is None:
+                raise UnknownPlan(f"no plan {change.plan!r} is defined")
+            _insert_plan_change(conn, change)
+
+    def plan_changes(self, account: str) -> list[PlanChange]:
+        with self._lock, _translated(f"reading plan changes of {account!r}"):
+            return _plan_changes(self._connection(), account)
+
+    def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        with self._write(f"adding a {entry.kind.value} to {entry.account!r}") as conn:
+            _check_open(conn, entry.account, entry.effective_us, f"a {entry.kind.value}")
+            cursor = conn.execute(
+                """INSERT INTO ledger_entries (account, kind, amount_micro, effective_us,
+                       expires_us, reason, created_by, created_at_us)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    entry.account,
+                    entry.kind.value,
+                    entry.amount_micro,
+                    entry.effective_us,
+                    entry.expires_us,
+                    entry.reason,
+                    entry.created_by,
+                    entry.created_at_us,
+                ),
+            )
+            entry_id = cursor.lastrowid
+        assert entry_id is not None
+        return LedgerEntry(
+            entry.account,
+            entry.kind,
+            entry.amount_micro,
+            entry.effective_us,
+            entry.expires_us,
+            entry.reason,
+            entry.created_by,
+            entry.created_at_us,
+            entry_id,
+        )
+
+    def entries(self, account: str) -> list[LedgerEntry]:
+        with self._lock, _translated(f"reading entries of {account!r}"):
+            rows = self._connection().execute(
+                """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
+                          created_by, created_at_us, id
+                   FROM ledger_entries WHERE account = ? ORDER BY id""",
+                (account,),
+            )
+            return [LedgerEntry(row[0], EntryKind(row[1]), *row[2:]) for row in rows.fetchall()]
+
+    def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool:
+        content = (charge.account, charge.model, charge.count, charge.time_us)
+        with self._write(f"storing API charge {charge.request_id!r}") as conn:
+            stored = conn.execute(
+                "SELECT account, model, count, time_us FROM api_charges WHERE request_id = ?",
+                (charge.request_id,),
+            ).fetchone()
+            if stored is None:
+                conn.execute(
+                    "INSERT INTO api_charges VALUES (?, ?, ?, ?, ?, ?)",
+                    (charge.request_id, *content, received_at_us),
+                )
+                hour_us = charge.time_us - charge.time_us % HOUR_US
+                conn.execute(
+                    _UPSERT_API_ROLLUP, (hour_us, charge.account, charge.model, charge.count)
+                )
+                return True
+        if tuple(stored) != content:
+            raise ChargeConflict(
+                f"request id {charge.request_id!r} is already charged as account "
+                f"{stored[0]!r} model {stored[1]!r} count {stored[2]} at "
+                f"{iso_text(stored[3])}; the stored charge is kept"
+            )
+        return False
+
+    def model_usage(self, account: str, from_us: int, to_us: int) -> dict[str, ModelUsage]:
+        with self._lock, _translated(f"reading usage of {account!r}"):
+            conn = self._connection()
+            busy = conn.execute(
+                """SELECT model, SUM(busy_us) FROM rollups_hourly
+                   WHERE account = ? AND hour_start_us >= ? AND hour_start_us < ?
+                   GROUP BY model""",
+                (account, from_us, to_us),
+            ).fetchall()
+            requests = dict(
+                conn.execute(
+                    """SELECT model, SUM(requests) FROM api_rollups_hourly
+                       WHERE account = ? AND hour_start_us >= ? AND hour_start_us < ?
+                       GROUP BY model""",
+                    (account, from_us, to_us),
+                ).fetchall()
+            )
+        usage = {model: ModelUsage(busy_us, requests.pop(model, 0)) for model, busy_us in busy}
+        usage.update((model, ModelUsage(0, count)) for model, count in requests.items())
+        return usage
+
+    def grouped_usage(
+        self,
+        from_us: int | None,
+        to_us: int | None,
+        dimensions: frozenset[Dimension],
+        account: str | None = None,
+    ) -> list[UsageGroup]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        with self._lock, _translated("reading usage"):
+            conn = self._connection()
+            busy = conn.execute(*_grouped_sql(dimensions, account, bounds, api=False))
+            groups = [UsageGroup(*row) for row in busy.fetchall()]
+            api = conn.execute(*_grouped_sql(dimensions, account, bounds, api=True))
+            groups.extend(UsageGroup(*row) for row in api.fetchall())
+        return groups
+
+    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        for row in self._read_rows(
+            """SELECT agent_id, seq, start_us, end_us, host, gpu_uuid, account, model, job_id,
+                      busy_us
+               FROM records WHERE busy_us > 0 AND start_us >= ? AND start_us < ?
+               ORDER BY agent_id, seq""",
+            bounds,
+        ):
+            yield UsageEvent(*row)
+
+    def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        for row in self._read_rows(
+            """SELECT request_id, account, model, count, time_us FROM api_charges
+               WHERE time_us >= ? AND time_us < ? ORDER BY request_id""",
+            bounds,
+        ):
+            yield ApiCharge(*row)
+
+    def close_period(self, statement: Statement) -> None:
+        account = statement.account
+        with self._write(f"closing a period of {account!r}") as conn:
+            stored = _account(conn, account)
+            if stored is None:
+                raise UnknownAccount(f"no account {account!r} is open")
+            closed_through_us = _closed_through_us(conn, stored)
+            if statement.start_us != closed_through_us:
+                raise PeriodClosed(
+                    f"account {account!r}: the period starting {iso_text(statement.start_us)} "
+                    + (
+                        "is already closed"
+                        if statement.start_us < closed_through_us
+                        else f"cannot close before the one starting {iso_text(closed_through_us)}"
+                    )
+                )
+            conn.execute(
+                "INSERT INTO statements VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    account,
+                    statement.start_us,
+                    statement.end_us,
+                    statement.plan,
+                    statement.plan_grant_micro,
+                    statement.closed_at_us,
+                    statement.closed_by,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO statement_lines VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        account,
+                        statement.start_us,
+                        line.kind.value,
+                        line.model,
+                        line.quantity,
+                        line.credits_micro,
+                        int(line.default_price),
+                    )
+                    for line in statement.lines
+                ],
+            )
+
+    def statements(self, account: str) -> list[Statement]:
+        with self._lock, _translated(f"reading statements of {account!r}"):
+            conn = self._connection()
+            heads = conn.execute(
+                """SELECT start_us, end_us, plan, plan_grant_micro, closed_at_us, closed_by
+                   FROM statements WHERE account = ? ORDER BY start_us""",
+                (account,),
+            ).fetchall()
+            lines: dict[int, list[StatementLine]] = {}
+            for start_us, kind, model, quantity, credits_micro, default_price in conn.execute(
+                """SELECT start_us, kind, model, quantity, credits_micro, default_price
+                   FROM statement_lines WHERE account = ? ORDER BY start_us, kind, model""",
+                (account,),
+            ):
+                lines.setdefault(start_us, []).append(
+                    StatementLine(
+                        LineKind(kind), model, quantity, credits_micro, bool(default_price)
+                    )
+                )
+        return [
+            Statement(account, start, end, plan, grant, tuple(lines.get(start, ())), at, by)
+            for start, end, plan, grant, at, by in heads
+        ]
+
+    def _read_rows(self, sql: str, parameters: tuple[int, int]) -> Iterator[tuple[Any, ...]]:
+        """Streams a long read on its own connection and read transaction: one consistent
+        view, and ingest is not held up meanwhile."""
+        with _translated(f"reading {self.path}"):
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN")
+                yield from conn.execute(sql, parameters)
+            finally:
+                conn.close()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -493,3 +930,90 @@ def _hashes(
         "SELECT seq, hash FROM records WHERE agent_id = ? AND seq BETWEEN ? AND ? ORDER BY seq",
         (agent_id, first, last),
     ).fetchall()
+
+
+# -- ledger helpers --------------------------------------------------------------------------
+
+_SELECT_PLAN = "SELECT name, grant_micro, created_at_us, created_by FROM plans"
+_SELECT_ACCOUNT = (
+    "SELECT name, anchor_day, first_period_start_us, created_at_us, created_by FROM accounts"
+)
+
+
+def _plan(conn: sqlite3.Connection, name: str) -> Plan | None:
+    row = conn.execute(_SELECT_PLAN + " WHERE name = ?", (name,)).fetchone()
+    return None if row is None else Plan(*row)
+
+
+def _account(conn: sqlite3.Connection, name: str) -> Account | None:
+    row = conn.execute(_SELECT_ACCOUNT + " WHERE name = ?", (name,)).fetchone()
+    return None if row is None else Account(*row)
+
+
+def _plan_changes(conn: sqlite3.Connection, account: str) -> list[PlanChange]:
+    rows = conn.execute(
+        """SELECT account, plan, effective_us, created_at_us, created_by FROM plan_changes
+           WHERE account = ? ORDER BY effective_us, id""",
+        (account,),
+    ).fetchall()
+    return [PlanChange(*row) for row in rows]
+
+
+def _insert_plan_change(conn: sqlite3.Connection, change: PlanChange) -> None:
+    conn.execute(
+        """INSERT INTO plan_changes (account, effective_us, plan, created_at_us, created_by)
+           VALUES (?, ?, ?, ?, ?)""",
+        (change.account, change.effective_us, change.plan, change.created_at_us, change.created_by),
+    )
+
+
+def _closed_through_us(conn: sqlite3.Connection, account: Account) -> int:
+    """Where the account's closed periods end: the start of its first open period."""
+    end_us = conn.execute(
+        "SELECT MAX(end_us) FROM statements WHERE account = ?", (account.name,)
+    ).fetchone()[0]
+    return account.first_period_start_us if end_us is None else int(end_us)
+
+
+def _check_open(conn: sqlite3.Connection, name: str, effective_us: int, what: str) -> None:
+    """Raises UnknownAccount, or PeriodClosed when ``effective_us`` is in a closed period."""
+    account = _account(conn, name)
+    if account is None:
+        raise UnknownAccount(f"no account {name!r} is open")
+    closed_through_us = _closed_through_us(conn, account)
+    if effective_us < closed_through_us:
+        raise PeriodClosed(
+            f"account {name!r}: {what} dated {iso_text(effective_us)} falls in a closed period "
+            f"(closed up to {iso_text(closed_through_us)}); date it in the open period"
+        )
+
+
+def _grouped_sql(
+    dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
+) -> tuple[str, list[object]]:
+    """A grouped rollup query whose rows are UsageGroup fields. Busy time comes from the
+    per-device rollups only when a report groups by host or GPU (they are larger)."""
+    by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
+    table = (
+        "api_rollups_hourly" if api else "rollups_device_hourly" if by_device else "rollups_hourly"
+    )
+    columns = {
+        "account": "account" if Dimension.ACCOUNT in dimensions else None,
+        "model": "model",
+        "day": f"hour_start_us - hour_start_us % {DAY_US}" if Dimension.DAY in dimensions else None,
+        "host": "host" if by_device and Dimension.HOST in dimensions else None,
+        "gpu": "gpu_uuid" if by_device and Dimension.GPU in dimensions else None,
+    }
+    grouped = [expression for expression in columns.values() if expression is not None]
+    selected = [expression or "NULL" for expression in columns.values()]
+    sums = "0, SUM(requests), SUM(charge_count)" if api else "SUM(busy_us), 0, SUM(record_count)"
+    where = "hour_start_us >= ? AND hour_start_us < ?"
+    parameters: list[object] = list(bounds)
+    if account is not None:
+        where += " AND account = ?"
+        parameters.append(account)
+    sql = (
+        f"SELECT {', '.join(selected)}, {sums} FROM {table} WHERE {where} "
+        f"GROUP BY {', '.join(grouped)}"
+    )
+    return sql, parameters

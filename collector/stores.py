@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from creditmeter.collector.errors import ConfigError
@@ -9,16 +10,24 @@ from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.store import Store
 
 SQLITE_PREFIX = "sqlite://"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str, *, create: bool, migrate: bool = True) -> Store:
-    """Opens ``sqlite:///absolute/path``. Raises ConfigError for a URL it cannot use and
-    StoreError when the database cannot be opened (see SQLiteStore)."""
+    """Opens ``sqlite:///absolute/path`` or ``postgresql://user@host:port/dbname`` (any
+    libpq URI; ``?options=-csearch_path%3Dschema`` selects a schema). Raises ConfigError
+    for a URL it cannot use and StoreError when the database cannot be opened (see
+    SQLiteStore and PostgresStore)."""
     if url.startswith(SQLITE_PREFIX):
         return SQLiteStore(sqlite_path(url), create=create, migrate=migrate)
-    if url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"store URL {url!r}: the PostgreSQL store is not implemented yet")
-    raise ConfigError(f"store URL {url!r} is not sqlite:///absolute/path")
+    if url.startswith(POSTGRES_PREFIXES):
+        # Imported here: a SQLite deployment never loads psycopg and libpq.
+        from creditmeter.collector.pg_store import PostgresStore
+
+        return PostgresStore(url, create=create, migrate=migrate)
+    raise ConfigError(
+        f"store URL {redacted(url)!r} is not sqlite:///absolute/path or postgresql://…"
+    )
 
 
 def sqlite_path(url: str) -> Path:
@@ -30,3 +39,13 @@ def sqlite_path(url: str) -> Path:
     if not Path(path).parent.is_dir():
         raise ConfigError(f"store URL {url!r}: directory {Path(path).parent} does not exist")
     return Path(path)
+
+
+def redacted(url: str) -> str:
+    """``url`` without a password, for logs and messages: scheme://user:***@host/… and
+    ?password=*** (libpq takes it in either place)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)

@@ -99,6 +99,8 @@ class Demo:
                 "127.0.0.1:0",
                 "--port-file",
                 str(port_file),
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
         )
         deadline = time.monotonic() + START_TIMEOUT_S

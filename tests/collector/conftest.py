@@ -1,4 +1,8 @@
-"""Fixtures for the collector's tests: a real SQLite file, a real server on port 0."""
+"""Fixtures for the collector's tests: a real store (a SQLite file, or PostgreSQL in a fresh
+schema), a real server on port 0.
+
+``store`` is SQLite unless a test module parametrizes ``backend`` over ``BACKENDS``
+(backends.py): then the same tests run against both stores."""
 
 from __future__ import annotations
 
@@ -9,10 +13,17 @@ import grpc
 import pytest
 
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
-from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import ingest_pb2_grpc
 
+from .backends import (
+    Backend,
+    PostgresBackend,
+    SQLiteBackend,
+    postgres_server,  # noqa: F401  (a fixture: pytest finds it by name)
+    postgres_url,  # noqa: F401  (a fixture)
+)
 from .records import T0_US, AgentChain
 
 NOW_US = T0_US + 86_400_000_000  # the collector's clock in tests: a day after the first record
@@ -29,14 +40,26 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(db_path, clock_us=lambda: NOW_US)
+def backend(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Backend]:
+    """SQLite by default; "postgres" (parametrized, see BACKENDS) gets a fresh schema."""
+    chosen: SQLiteBackend | PostgresBackend
+    if getattr(request, "param", "sqlite") == "sqlite":
+        chosen = SQLiteBackend(db_path, clock_us=lambda: NOW_US)
+    else:
+        chosen = PostgresBackend(request.getfixturevalue("postgres_url"), clock_us=lambda: NOW_US)
+    yield chosen
+    chosen.close()  # every store the test opened: no connections outlive the schema
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    opened = backend.open()
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def agent(store: SQLiteStore) -> AgentChain:
+def agent(store: Store) -> AgentChain:
     """An enrolled agent with no records yet."""
     chain = AgentChain("agent-1")
     store.enroll_agent(chain.agent_id, chain.public_key_hex)
@@ -54,7 +77,7 @@ class RunningServer:
 
 
 def start_server(
-    store: SQLiteStore, verifier: Verifier, config: ServerConfig | None = None
+    store: Store, verifier: Verifier, config: ServerConfig | None = None
 ) -> RunningServer:
     server, port = create_server("127.0.0.1:0", store, verifier=verifier, config=config)
     server.start()
@@ -62,7 +85,7 @@ def start_server(
 
 
 @pytest.fixture
-def running(store: SQLiteStore, verifier: Verifier) -> Iterator[RunningServer]:
+def running(store: Store, verifier: Verifier) -> Iterator[RunningServer]:
     started = start_server(store, verifier)
     yield started
     started.server.stop(grace_s=0)

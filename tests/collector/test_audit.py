@@ -1,23 +1,24 @@
-"""The audit re-verifies a store from the stored bytes and finds what was changed."""
+"""The audit re-verifies a store from the stored bytes and finds what was changed, on SQLite
+and PostgreSQL alike."""
 
 from __future__ import annotations
-
-import sqlite3
-from pathlib import Path
 
 import pytest
 
 from creditmeter.collector.audit import AuditResult, Finding, audit
-from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Verifier
 
+from .backends import BACKENDS, Backend
 from .records import BUSY_US, WALL_US, AgentChain
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 HOUR0_US = 1_749_999_600_000_000  # the hour the test records start in
 
 
 @pytest.fixture
-def filled(store: SQLiteStore, agent: AgentChain, verifier: Verifier) -> AgentChain:
+def filled(store: Store, agent: AgentChain, verifier: Verifier) -> AgentChain:
     """agent-1 with seqs 1..10 stored as batches 1..5 and 4..10 (an overlapping retry)."""
     key = agent.key.public_key()
     store.ingest(agent.agent_id, verifier.verify(agent.extend(5), key))
@@ -26,16 +27,16 @@ def filled(store: SQLiteStore, agent: AgentChain, verifier: Verifier) -> AgentCh
     return agent
 
 
-def run_audit(store: SQLiteStore, verifier: Verifier) -> AuditResult:
+def run_audit(store: Store, verifier: Verifier) -> AuditResult:
     return audit(store, verifier)
 
 
-def edit(db_path: Path, sql: str, *params: object) -> None:
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(sql, params)
+def edit(backend: Backend, sql: str, *params: object) -> None:
+    """Changes the database behind the store's back."""
+    backend.execute(sql, *params)
 
 
-def test_a_clean_store_passes(store: SQLiteStore, filled: AgentChain, verifier: Verifier) -> None:
+def test_a_clean_store_passes(store: Store, filled: AgentChain, verifier: Verifier) -> None:
     idle = AgentChain("agent-idle")
     store.enroll_agent(idle.agent_id, idle.public_key_hex)
     result = run_audit(store, verifier)
@@ -43,16 +44,16 @@ def test_a_clean_store_passes(store: SQLiteStore, filled: AgentChain, verifier: 
     assert (result.agent_count, result.record_count, result.clean) == (2, 10, True)
 
 
-def test_an_empty_store_passes(store: SQLiteStore, verifier: Verifier) -> None:
+def test_an_empty_store_passes(store: Store, verifier: Verifier) -> None:
     assert run_audit(store, verifier) == AuditResult(0, 0, [])
 
 
 def test_altered_record_bytes_break_hash_signature_link_columns_and_rollups(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
     altered = filled.record(5)
     altered.busy_us = 1
-    edit(db_path, "UPDATE records SET record = ? WHERE seq = 5", altered.SerializeToString())
+    edit(backend, "UPDATE records SET record = ? WHERE seq = 5", altered.SerializeToString())
 
     result = run_audit(store, verifier)
     assert [str(f) for f in result.findings] == [
@@ -67,9 +68,9 @@ def test_altered_record_bytes_break_hash_signature_link_columns_and_rollups(
 
 
 def test_a_deleted_record_is_a_hole(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "DELETE FROM records WHERE seq = 3")
+    edit(backend, "DELETE FROM records WHERE seq = 3")
     result = run_audit(store, verifier)
     assert result.findings[0] == Finding(
         "agent-1", 4, "chain broken: follows seq 2 (seqs 3..3 missing)"
@@ -79,9 +80,9 @@ def test_a_deleted_record_is_a_hole(
 
 
 def test_an_edited_column_is_found_even_with_its_rollup_fixed_to_match(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "UPDATE records SET busy_us = 0, account = 'other' WHERE seq = 7")
+    edit(backend, "UPDATE records SET busy_us = 0, account = 'other' WHERE seq = 7")
     result = run_audit(store, verifier)
     assert result.findings == [
         Finding("agent-1", 7, "column account holds 'other', the bytes say 'acme'"),
@@ -90,12 +91,13 @@ def test_an_edited_column_is_found_even_with_its_rollup_fixed_to_match(
 
 
 def test_an_edited_rollup_is_found(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "UPDATE rollups_hourly SET busy_us = busy_us - 1")
+    edit(backend, "UPDATE rollups_hourly SET busy_us = busy_us - 1")
     edit(
-        db_path,
-        "INSERT INTO rollups_hourly VALUES (?, 'ghost', 'm', 5, 5, 1)",
+        backend,
+        "INSERT INTO rollups_hourly (hour_start_us, account, model, busy_us, wall_us, "
+        "record_count) VALUES (?, 'ghost', 'm', 5, 5, 1)",
         HOUR0_US,
     )
     problems = [f.problem for f in run_audit(store, verifier).findings]
@@ -109,36 +111,36 @@ def test_an_edited_rollup_is_found(
 
 
 def test_records_after_the_last_signature_are_found(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "UPDATE records SET signature = NULL WHERE seq = 10")
+    edit(backend, "UPDATE records SET signature = NULL WHERE seq = 10")
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", 10, "no signature covers the records after seq 5")
     ]
 
 
 def test_a_forged_signature_is_found(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "UPDATE records SET signature = ? WHERE seq = 5", b"\x00" * 64)
+    edit(backend, "UPDATE records SET signature = ? WHERE seq = 5", b"\x00" * 64)
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", 5, "stored signature does not verify under the agent's key")
     ]
 
 
 def test_a_wrong_head_is_found(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "UPDATE agents SET head_seq = 9")
+    edit(backend, "UPDATE agents SET head_seq = 9")
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", None, "stored head (seq 9) is not the last record 10")
     ]
 
 
 def test_records_of_an_agent_that_is_not_enrolled_are_found(
-    store: SQLiteStore, filled: AgentChain, verifier: Verifier, db_path: Path
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    edit(db_path, "DELETE FROM agents")
+    edit(backend, "DELETE FROM agents")
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", None, "records stored for an agent that is not enrolled")
     ]

@@ -74,7 +74,7 @@ def test_the_database_may_come_from_the_environment(
         (["enroll", "--db", "sqlite:///x.db"], "the following arguments are required"),
         (["enroll", "--db", "sqlite://relative.db", "a", "ab" * 32], "must be absolute"),
         (["audit", "--db", "sqlite:///no/such/dir/x.db"], "does not exist"),
-        (["audit", "--db", "postgresql://localhost/cm"], "PostgreSQL store is not implemented"),
+        (["audit", "--db", "postgresql://localhost/cm?bogus=1"], "not a usable PostgreSQL URL"),
         (["audit", "--db", "mysql://x"], "is not sqlite:///absolute/path"),
         (["enroll", "--db", "sqlite:///tmp/x.db", "a b", "ab" * 32], "whitespace"),
         (["report", "--db", "sqlite:///tmp/x.db", "--from", "soon"], "--from 'soon' is not"),
@@ -136,15 +136,17 @@ def test_report_json_reads_what_was_ingested(
             "account": "acme",
             "model": "llama-3-70b",
             "busy_seconds": "28.493824",  # 4 × 7.123456
+            "requests": 0,
             "credits": "28.493824",
             "records": 4,
+            "default_price": True,
         }
     ]
     code, out, _ = run(capsys, "report", "--db", db_url, "--from", "2025-06-16")
     assert code == 0
-    assert out.splitlines()[-1].split() == ["TOTAL", "0.000000", "0.000000", "0"]
+    assert out.splitlines()[-1].split() == ["TOTAL", "0.000000", "0", "0.000000", "0"]
     code, out, _ = run(capsys, "report", "--db", db_url, "--format", "csv", "--to", "2025-06-16")
-    assert out.splitlines()[1] == "acme,llama-3-70b,28.493824,28.493824,4"
+    assert out.splitlines()[1] == "acme,llama-3-70b,28.493824,0,28.493824,4,true"
 
 
 def test_audit_exits_0_when_clean_and_1_with_findings(
@@ -197,6 +199,8 @@ def daemon(tmp_path: Path, db_url: str) -> Iterator[tuple[subprocess.Popen[str],
             str(port_file),
             "--grace-s",
             "1",
+            "--metrics-listen",  # off: the default port may be another collector's
+            "",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal
 
 import pytest
 
 from creditmeter.collector.errors import ConfigError
+from creditmeter.collector.prices import busy_credits_micro
 from creditmeter.collector.report import (
     Period,
     build_report,
-    credits,
     parse_hour_us,
     parse_period,
     render_csv,
@@ -89,8 +88,8 @@ def test_seconds_are_exact() -> None:
 
 
 def test_credits_are_busy_seconds_times_the_rate_to_the_micro_credit() -> None:
-    assert credits(2_279_505_920, Decimal(1)) == Decimal("2279.505920")
-    assert credits(1_234_567, Decimal("0.5")) == Decimal("0.617284")  # 0.6172835, half-even
+    assert busy_credits_micro(2_279_505_920, 1_000_000) == 2_279_505_920
+    assert busy_credits_micro(1_234_567, 500_000) == 617_284  # 617283.5, half-even
 
 
 def test_json_report(usage_store: SQLiteStore) -> None:
@@ -98,24 +97,34 @@ def test_json_report(usage_store: SQLiteStore) -> None:
     assert document == {
         "from": None,
         "to": None,
-        "credits_per_busy_second": "1",
+        "group_by": ["account", "model"],
+        "prices": "built-in defaults",
         "rows": [
             {
                 "account": "acme",
                 "model": "llama-3-70b",
                 "busy_seconds": "2279.505920",
+                "requests": 0,
                 "credits": "2279.505920",
                 "records": 320,
+                "default_price": True,
             },
             {
                 "account": "unattributed",
                 "model": "bert",
                 "busy_seconds": "5.000000",
+                "requests": 0,
                 "credits": "5.000000",
                 "records": 5,
+                "default_price": True,
             },
         ],
-        "totals": {"busy_seconds": "2284.505920", "credits": "2284.505920", "records": 325},
+        "totals": {
+            "busy_seconds": "2284.505920",
+            "requests": 0,
+            "credits": "2284.505920",
+            "records": 325,
+        },
     }
 
 
@@ -129,9 +138,9 @@ def test_a_period_selects_hours(usage_store: SQLiteStore) -> None:
 
 def test_csv_report(usage_store: SQLiteStore) -> None:
     assert render_csv(build_report(usage_store, Period())) == (
-        "account,model,busy_seconds,credits,records\n"
-        "acme,llama-3-70b,2279.505920,2279.505920,320\n"
-        "unattributed,bert,5.000000,5.000000,5\n"
+        "account,model,busy_seconds,requests,credits,records,default_price\n"
+        "acme,llama-3-70b,2279.505920,0,2279.505920,320,true\n"
+        "unattributed,bert,5.000000,0,5.000000,5,true\n"
     )
 
 
@@ -139,11 +148,12 @@ def test_table_report(usage_store: SQLiteStore) -> None:
     period = Period(HOUR0_US, HOUR1_US + 3_600_000_000)
     assert render_table(build_report(usage_store, period)) == (
         "period: 2025-06-15T15:00:00Z .. 2025-06-15T17:00:00Z (UTC, hours starting in "
-        "[from, to)); 1 credit per busy second\n"
-        "ACCOUNT       MODEL        BUSY_SECONDS      CREDITS  RECORDS\n"
-        "acme          llama-3-70b   2279.505920  2279.505920      320\n"
-        "unattributed  bert             5.000000     5.000000        5\n"
-        "TOTAL                       2284.505920  2284.505920      325\n"
+        "[from, to)); prices: built-in defaults\n"
+        "ACCOUNT       MODEL        BUSY_SECONDS  REQUESTS       CREDITS  RECORDS\n"
+        "acme          llama-3-70b   2279.505920         0  2279.505920*      320\n"
+        "unattributed  bert             5.000000         0     5.000000*        5\n"
+        "TOTAL                       2284.505920         0  2284.505920       325\n"
+        "* includes models billed at the default price (not in the price list)\n"
     )
 
 
@@ -151,7 +161,10 @@ def test_an_empty_report(store: SQLiteStore) -> None:
     report = build_report(store, Period())
     assert json.loads(render_json(report))["totals"] == {
         "busy_seconds": "0.000000",
+        "requests": 0,
         "credits": "0.000000",
         "records": 0,
     }
-    assert render_csv(report) == "account,model,busy_seconds,credits,records\n"
+    assert render_csv(report) == (
+        "account,model,busy_seconds,requests,credits,records,default_price\n"
+    )

@@ -1,4 +1,5 @@
-"""The SQLite store: dedup and chain decisions, rollups, enrolment, schema versions."""
+"""The SQLite store: what only it does (its file, its locking, its schema versions). What
+every store guarantees is tested against SQLite and PostgreSQL in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -7,229 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from creditmeter import chain
 from creditmeter.collector.errors import (
-    AgentRevoked,
-    ChainFork,
-    ChainHole,
-    EnrollmentError,
     SchemaTooNew,
-    SeqConflict,
     Status,
     StoreBusy,
-    StoreClosed,
     StoreError,
-    UnknownAgent,
 )
+from creditmeter.collector.ledger_store import Dimension
 from creditmeter.collector.rows import ROW_COLUMNS
 from creditmeter.collector.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
-from creditmeter.collector.store import ChainHead, UsageTotal
+from creditmeter.collector.store import UsageTotal
 from creditmeter.collector.verifier import VerifiedBatch, Verifier
-from creditmeter.v1 import ingest_pb2, usage_pb2
+from creditmeter.v1 import ingest_pb2
 
-from .conftest import NOW_US
 from .records import BUSY_US, WALL_US, AgentChain
-
-# T0 is 400 s into its hour, so seqs 1..320 (10 s each) start in the first hour, 321.. in
-# the next.
-HOUR0_US = 1_749_999_600_000_000
-HOUR1_US = HOUR0_US + 3_600_000_000
 
 
 def verified(verifier: Verifier, agent: AgentChain, batch: ingest_pb2.RecordBatch) -> VerifiedBatch:
     return verifier.verify(batch, agent.key.public_key())
-
-
-def count(db_path: Path, sql: str) -> int:
-    with sqlite3.connect(db_path) as conn:
-        value: int = conn.execute(sql).fetchone()[0]
-    return value
-
-
-def head(agent: AgentChain, seq: int) -> ChainHead:
-    return ChainHead(seq, chain.record_hash(agent.records[seq - 1]))
-
-
-def test_a_batch_is_stored_with_its_bytes_and_signature(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    batch = agent.extend(3)
-    assert store.ingest(agent.agent_id, verified(verifier, agent, batch)) == head(agent, 3)
-
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute(
-            "SELECT seq, record, hash, signature, busy_us, account, energy_mj, received_at_us "
-            "FROM records ORDER BY seq"
-        ).fetchall()
-    assert [row[0] for row in rows] == [1, 2, 3]
-    assert [row[1] for row in rows] == agent.records
-    assert rows[2][2] == chain.record_hash(agent.records[2])
-    assert [row[3] for row in rows] == [None, None, batch.signature]
-    assert rows[0][4:] == (BUSY_US, "acme", 5_000, NOW_US)
-    stored = store.get_agent(agent.agent_id)
-    assert stored is not None and stored.head == head(agent, 3)
-
-
-def test_absent_energy_is_stored_as_null(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    def no_energy(rec: usage_pb2.UsageRecord) -> None:
-        rec.ClearField("energy_mj")
-
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(1, no_energy)))
-    assert count(db_path, "SELECT COUNT(*) FROM records WHERE energy_mj IS NULL") == 1
-
-
-def test_a_resent_batch_is_acked_again_and_stored_once(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    batch = agent.extend(50)
-    first = store.ingest(agent.agent_id, verified(verifier, agent, batch))
-    again = store.ingest(agent.agent_id, verified(verifier, agent, batch))
-    assert first == again == head(agent, 50)
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 50
-    assert count(db_path, "SELECT SUM(record_count) FROM rollups_hourly") == 50
-
-
-def test_an_overlapping_retry_stores_only_the_new_records(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(50)))
-    agent.extend(30)
-    acked = store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(31, 80)))
-    assert acked == head(agent, 80)
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 80
-    assert count(db_path, "SELECT COUNT(*) FROM records WHERE signature IS NOT NULL") == 2
-    assert count(db_path, "SELECT SUM(record_count) FROM rollups_hourly") == 80
-
-
-def test_a_batch_wholly_below_the_head_is_acked_with_the_head(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier
-) -> None:
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(20)))
-    acked = store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(5, 9)))
-    assert acked == head(agent, 20)
-
-
-def diverging_chain(agent: AgentChain, from_seq: int, count: int) -> AgentChain:
-    """The same agent id and key, but records from ``from_seq`` on say something else."""
-    other = AgentChain(agent.agent_id, agent.key)
-
-    def diverge(rec: usage_pb2.UsageRecord) -> None:
-        if rec.seq >= from_seq:
-            rec.busy_us = 1
-
-    for _ in range(count):
-        other.append(diverge)
-    return other
-
-
-def test_a_stored_seq_with_other_bytes_is_a_conflict_and_nothing_is_stored(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(5)))
-    other = diverging_chain(agent, from_seq=3, count=8)
-    with pytest.raises(SeqConflict) as caught:
-        store.ingest(agent.agent_id, verified(verifier, other, other.batch(1, 8)))
-    assert caught.value.status is Status.FAILED_PRECONDITION
-    assert (caught.value.agent_id, caught.value.seq) == ("agent-1", 3)
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 5
-    assert count(db_path, "SELECT SUM(record_count) FROM rollups_hourly") == 5
-    assert count(db_path, "SELECT head_seq FROM agents") == 5
-
-
-def test_a_batch_beyond_the_head_is_a_hole(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(5)))
-    agent.extend(4)
-    with pytest.raises(ChainHole) as caught:
-        store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(7, 9)))
-    assert caught.value.status is Status.FAILED_PRECONDITION
-    assert "seqs 6..6 never arrived" in str(caught.value)
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 5
-
-
-def test_a_first_batch_must_start_at_seq_1(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier
-) -> None:
-    agent.extend(5)
-    with pytest.raises(ChainHole):
-        store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(2, 5)))
-
-
-def test_a_batch_continuing_another_chain_is_a_fork(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(5)))
-    other = diverging_chain(agent, from_seq=3, count=7)
-    with pytest.raises(ChainFork) as caught:
-        store.ingest(agent.agent_id, verified(verifier, other, other.batch(6, 7)))
-    assert (caught.value.seq, caught.value.field) == (6, "prev_hash")
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 5
-
-
-def test_unknown_and_revoked_agents_are_refused(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier
-) -> None:
-    stranger = AgentChain("agent-unknown")
-    with pytest.raises(UnknownAgent) as unknown:
-        store.ingest(stranger.agent_id, verified(verifier, stranger, stranger.extend(1)))
-    assert unknown.value.status is Status.UNAUTHENTICATED
-
-    store.revoke_agent(agent.agent_id)
-    with pytest.raises(AgentRevoked) as revoked:
-        store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(1)))
-    assert revoked.value.status is Status.UNAUTHENTICATED
-
-
-def test_rollups_sum_busy_and_wall_per_hour_account_and_model(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    def unattributed_bert(rec: usage_pb2.UsageRecord) -> None:
-        rec.attribution.account = ""
-        rec.attribution.model = "bert"
-        rec.busy_us = 1_000_000
-
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(320)))  # hour 0
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(5, unattributed_bert)))
-
-    acme = UsageTotal("acme", "llama-3-70b", 320 * BUSY_US, 320 * WALL_US, 320)
-    bert = UsageTotal("", "bert", 5_000_000, 5 * WALL_US, 5)
-    assert acme.busy_us == 2_279_505_920  # by hand: 320 × 7.123456 s
-    assert store.usage(None, None) == [bert, acme]  # ordered by account: "" first
-    assert store.usage(HOUR1_US, None) == [bert]
-    assert store.usage(None, HOUR1_US) == [acme]
-    assert store.usage(HOUR0_US, HOUR1_US) == [acme]
-    assert store.usage(HOUR1_US + 3_600_000_000, None) == []
-    with sqlite3.connect(db_path) as conn:
-        by_records = conn.execute(
-            "SELECT start_us - start_us % 3600000000, account, model, SUM(busy_us), "
-            "SUM(wall_us), COUNT(*) FROM records GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-        ).fetchall()
-        rollups = conn.execute(
-            "SELECT * FROM rollups_hourly ORDER BY hour_start_us, account, model"
-        ).fetchall()
-    assert rollups == by_records
-    assert rollups == [
-        (HOUR0_US, "acme", "llama-3-70b", 320 * BUSY_US, 320 * WALL_US, 320),
-        (HOUR1_US, "", "bert", 5_000_000, 5 * WALL_US, 5),
-    ]
-
-
-def test_two_stores_on_one_file_see_each_others_records_as_duplicates(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier, db_path: Path
-) -> None:
-    """Two collectors (or a collector and a retry through another one) on one database."""
-    other = SQLiteStore(db_path, clock_us=lambda: NOW_US)
-    try:
-        agent.extend(15)
-        store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, 10)))
-        acked = other.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, 15)))
-    finally:
-        other.close()
-    assert acked == head(agent, 15)
-    assert count(db_path, "SELECT COUNT(*) FROM records") == 15
 
 
 def test_a_database_locked_by_another_writer_is_busy_and_stores_nothing(
@@ -249,55 +45,6 @@ def test_a_database_locked_by_another_writer_is_busy_and_stores_nothing(
         impatient.close()
 
 
-def test_a_closed_store_refuses_requests(store: SQLiteStore, agent: AgentChain) -> None:
-    store.close()
-    with pytest.raises(StoreClosed):
-        store.get_agent(agent.agent_id)
-
-
-# -- enrolment -------------------------------------------------------------------------------
-
-
-def test_enrolling_again_with_the_same_key_changes_nothing(store: SQLiteStore) -> None:
-    key_hex = chain.public_key_hex(chain.generate_key())
-    first = store.enroll_agent("agent-9", key_hex.upper())
-    assert first.public_key_hex == key_hex  # stored canonical: lower case
-    assert first.enrolled_at_us == NOW_US
-    assert first.head == ChainHead(0, b"")
-    assert store.enroll_agent("agent-9", key_hex) == first
-
-
-@pytest.mark.parametrize(
-    ("agent_id", "key_hex", "problem"),
-    [
-        ("agent-1", "ab" * 32, "another public key"),
-        ("", "ab" * 32, "empty"),
-        ("agent 2", "ab" * 32, "whitespace"),
-        ("a" * 257, "ab" * 32, "longer than 256 bytes"),
-        ("agent-3", "zz", "not hex"),
-        ("agent-3", "abcd", "32 bytes"),
-    ],
-)
-def test_bad_enrolments_are_refused(
-    store: SQLiteStore, agent: AgentChain, agent_id: str, key_hex: str, problem: str
-) -> None:
-    with pytest.raises(EnrollmentError, match=problem):
-        store.enroll_agent(agent_id, key_hex)
-
-
-def test_revocation_is_final(store: SQLiteStore, agent: AgentChain) -> None:
-    revoked = store.revoke_agent(agent.agent_id)
-    assert revoked.revoked_at_us == NOW_US
-    assert store.revoke_agent(agent.agent_id) == revoked  # again: no change
-    with pytest.raises(EnrollmentError, match="revoked"):
-        store.enroll_agent(agent.agent_id, agent.public_key_hex)
-
-
-def test_revoking_an_unknown_agent_is_refused(store: SQLiteStore) -> None:
-    with pytest.raises(EnrollmentError, match="no such agent"):
-        store.revoke_agent("agent-404")
-
-
 # -- schema ----------------------------------------------------------------------------------
 
 
@@ -307,8 +54,8 @@ def schema_versions(db_path: Path) -> list[int]:
 
 
 def test_a_new_database_gets_every_migration(store: SQLiteStore, db_path: Path) -> None:
-    assert schema_versions(db_path) == [1, 2] == [m.version for m in MIGRATIONS]
-    assert SCHEMA_VERSION == 2
+    assert schema_versions(db_path) == [1, 2, 3, 4] == [m.version for m in MIGRATIONS]
+    assert SCHEMA_VERSION == 4
 
 
 def test_an_older_database_is_migrated_and_its_rollups_backfilled(
@@ -329,9 +76,13 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
 
     current = SQLiteStore(db_path)
     try:
-        assert schema_versions(db_path) == [1, 2]
+        assert schema_versions(db_path) == [1, 2, 3, 4]
         assert current.usage(None, None) == [
             UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
+        ]
+        by_host = current.grouped_usage(None, None, frozenset({Dimension.HOST, Dimension.ACCOUNT}))
+        assert [(g.host, g.account, g.busy_us, g.record_count) for g in by_host] == [
+            ("gpu-host-17", "acme", 4 * BUSY_US, 4)
         ]
     finally:
         current.close()
@@ -346,17 +97,17 @@ def test_an_older_database_is_not_migrated_by_read_only_commands(db_path: Path) 
 
 def test_a_database_from_newer_code_is_refused(store: SQLiteStore, db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
-        conn.execute("INSERT INTO schema_version VALUES (3, 'from the future', 0)")
-    with pytest.raises(SchemaTooNew, match="version 3 is newer than this collector's \\(2\\)"):
+        conn.execute("INSERT INTO schema_version VALUES (5, 'from the future', 0)")
+    with pytest.raises(SchemaTooNew, match="version 5 is newer than this collector's \\(4\\)"):
         SQLiteStore(db_path)
 
 
 def test_a_failed_migration_leaves_the_database_as_it_was(db_path: Path) -> None:
     SQLiteStore(db_path, migrations=MIGRATIONS[:1]).close()
-    broken = (*MIGRATIONS, type(MIGRATIONS[0])(3, "broken", ("CREATE TABLE agents (x)",)))
+    broken = (*MIGRATIONS, type(MIGRATIONS[0])(5, "broken", ("CREATE TABLE agents (x)",)))
     with pytest.raises(StoreError, match="already exists"):
         SQLiteStore(db_path, migrations=broken)
-    assert schema_versions(db_path) == [1]  # version 2 rolled back with 3
+    assert schema_versions(db_path) == [1]  # versions 2-4 rolled back with 5
 
 
 def test_a_missing_database_is_not_created_when_asked_not_to(tmp_path: Path) -> None:
@@ -370,28 +121,6 @@ def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="file is not a database"):
         SQLiteStore(path)
-
-
-def test_a_snapshot_lists_records_in_agent_and_seq_order(
-    store: SQLiteStore, agent: AgentChain, verifier: Verifier
-) -> None:
-    second = AgentChain("agent-0")
-    store.enroll_agent(second.agent_id, second.public_key_hex)
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(2)))
-    batch = second.extend(2)
-    store.ingest(second.agent_id, verified(verifier, second, batch))
-    with store.snapshot() as snapshot:
-        records = list(snapshot.records())
-        agents = snapshot.agents()
-    assert [(r.agent_id, r.seq) for r in records] == [
-        ("agent-0", 1),
-        ("agent-0", 2),
-        ("agent-1", 1),
-        ("agent-1", 2),
-    ]
-    assert records[1].signature == batch.signature
-    assert records[1].record == second.records[1]
-    assert [a.agent_id for a in agents] == ["agent-0", "agent-1"]
 
 
 def test_a_new_database_uses_16_kib_pages_in_wal_mode(store: SQLiteStore, db_path: Path) -> None:

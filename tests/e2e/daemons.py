@@ -72,7 +72,7 @@ class Collector(Daemon):
         self.port_file = work / f"collector-{port}.port"
         args = [str(BIN / "creditmeter-collector"), "serve", "--db", self.db]
         args += ["--listen", f"127.0.0.1:{port}", "--port-file", str(self.port_file)]
-        args += ["--grace-s", "2"]
+        args += ["--grace-s", "2", "--metrics-listen", ""]
         super().__init__(f"collector-{port}", args, work)
 
     def start(self) -> None:

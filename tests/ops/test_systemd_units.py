@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,3 +212,30 @@ def test_collector_unit_is_fully_hardened() -> None:
     assert d["Service.UMask"] == ["0077"]
     assert d["Service.User"] != ["root"]
     assert int(d["Service.TimeoutStopSec"][0]) >= 30
+
+
+@pytest.mark.parametrize(
+    ("unit", "daemon"),
+    [
+        ("creditmeter-agent.service", "creditmeter-agent"),
+        ("creditmeter-collector.service", "creditmeter-collector"),
+    ],
+)
+def test_execstart_is_accepted_by_the_daemons_cli(unit: str, daemon: str, tmp_path: Path) -> None:
+    """The unit's arguments parse, and the file it names is read: proven with a file whose
+    one mistake the daemon names (exit 2) before it would touch GPUs, stores or ports."""
+    (exec_start,) = _directives(unit)["Service.ExecStart"]
+    words = [word for word in exec_start.split() if not word.startswith("$")]
+    assert words[0] == INSTALL_BIN + daemon
+    config = tmp_path / Path(words[words.index("--config") + 1]).name
+    config.write_text("[log]\nlevle = 'debug'\n", encoding="utf-8")
+    words[words.index("--config") + 1] = str(config)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / daemon), *words[1:]],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"{config}: log.levle: unknown key; did you mean log.level?" in done.stderr

@@ -1,0 +1,491 @@
+"""The collector's credit commands: plans, accounts, credits, balances, periods, reports,
+API charges and exports. ``main.py`` adds them to its parser with ``add_commands``::
+
+    creditmeter-collector plan define NAME (--hours H | --credits C)
+    creditmeter-collector plan list
+    creditmeter-collector account open NAME --plan PLAN [--anchor-day D] [--since DATE]
+    creditmeter-collector account set-plan NAME PLAN [--from DATE]
+    creditmeter-collector account list
+    creditmeter-collector top-up ACCOUNT CREDITS --reason WHY [--expires DATE]
+    creditmeter-collector grant ACCOUNT CREDITS --reason WHY [--expires DATE]
+    creditmeter-collector adjust ACCOUNT CREDITS --reason WHY   (> 0 refunds, < 0 charges)
+    creditmeter-collector entries ACCOUNT
+    creditmeter-collector balance ACCOUNT [--at DATE] [--format table|json]
+    creditmeter-collector period close (--account NAME | --all) [--through DATE]
+    creditmeter-collector period list ACCOUNT
+    creditmeter-collector charge ACCOUNT MODEL REQUEST_ID --at TIME [--count N]
+    creditmeter-collector report [--from DATE] [--to DATE] [--group-by account,model]
+                                 [--account NAME] [--format table|csv|json]
+    creditmeter-collector export --format cloudevents [--from DATE] [--to DATE]
+                                 [--source NAME] [--out FILE]
+
+Every command takes --db; those that price (balance, period close, report, export, charge)
+take --prices PATH (default $CREDITMETER_PRICES; none: 1 credit per busy second and per
+request). Commands that change credits record who (--by, default the login name) and why.
+Periods close explicitly: run ``period close --all`` daily (a timer); it closes the periods
+that ended more than --grace-hours (default 24) ago, so that records still in agents'
+outboxes when a period ends land before it is frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from creditmeter.collector.errors import ConfigError, InvalidRequest
+from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
+from creditmeter.collector.ledger import Balance, Ledger, credits_micro, micro_text
+from creditmeter.collector.ledger_store import ApiCharge, LedgerEntry, LedgerStore, as_ledger_store
+from creditmeter.collector.periods import iso_text
+from creditmeter.collector.prices import PriceBook, load_prices
+from creditmeter.collector.query import ledger_handlers
+from creditmeter.collector.report import (
+    DEFAULT_GROUP_BY,
+    build_report,
+    parse_group_by,
+    parse_period,
+    parse_time_us,
+    render_csv,
+    render_json,
+    render_table,
+    seconds_text,
+)
+from creditmeter.collector.rollup import HOUR_US
+from creditmeter.collector.stores import open_store
+
+PRICES_ENV = "CREDITMETER_PRICES"
+DEFAULT_GRACE_HOURS = 24
+EXIT_OK = 0
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_commands(commands: Any, db: argparse.ArgumentParser) -> None:
+    """Adds the credit commands to ``commands`` (main's subparsers); ``db`` is the parent
+    parser that contributes --db."""
+    who = argparse.ArgumentParser(add_help=False)
+    who.add_argument("--by", default=_login_name(), help="who does this (default: login name)")
+    priced = argparse.ArgumentParser(add_help=False)
+    priced.add_argument(
+        "--prices",
+        type=Path,
+        default=os.environ.get(PRICES_ENV),
+        metavar="PATH",
+        help=f"price list TOML (default: ${PRICES_ENV}; none: 1 credit per busy second)",
+    )
+    _add_plan_commands(commands, db, who)
+    _add_account_commands(commands, db, who)
+    _add_credit_commands(commands, db, who, priced)
+    _add_reading_commands(commands, db, priced)
+
+
+def serve_handlers(store: object, prices_path: Path | None = None) -> list[Any]:
+    """The Query and Charges handlers for ``serve``; none for a store without a ledger (the
+    services then answer UNIMPLEMENTED). The price list is ``prices_path``, by default
+    $CREDITMETER_PRICES. Raises PriceFileError for a bad price list."""
+    if prices_path is None and os.environ.get(PRICES_ENV):
+        prices_path = Path(os.environ[PRICES_ENV])
+    prices = _prices(prices_path)
+    try:
+        ledger_store = as_ledger_store(store)
+    except ConfigError as exc:
+        log.warning("not serving Query and Charges: %s", exc)
+        return []
+    return ledger_handlers(Ledger(ledger_store, prices), ledger_store)
+
+
+# -- parsers ---------------------------------------------------------------------------------
+
+
+def _add_plan_commands(commands: Any, db: argparse.ArgumentParser, who: Any) -> None:
+    plan = commands.add_parser("plan", help="define and list plans")
+    verbs = plan.add_subparsers(title="plan commands", required=True, metavar="VERB")
+    define = verbs.add_parser("define", parents=[db, who], help="define a plan")
+    define.add_argument("name", metavar="NAME")
+    grant = define.add_mutually_exclusive_group(required=True)
+    grant.add_argument("--hours", type=_decimal, help="compute hours a period (1 h = 3600 credits)")
+    grant.add_argument("--credits", type=_decimal, help="credits a period")
+    define.set_defaults(command=_plan_define)
+    listing = verbs.add_parser("list", parents=[db], help="list plans")
+    listing.set_defaults(command=_plan_list)
+
+
+def _add_account_commands(commands: Any, db: argparse.ArgumentParser, who: Any) -> None:
+    account = commands.add_parser("account", help="open accounts and change their plans")
+    verbs = account.add_subparsers(title="account commands", required=True, metavar="VERB")
+    opening = verbs.add_parser("open", parents=[db, who], help="open an account")
+    opening.add_argument("name", metavar="NAME")
+    opening.add_argument("--plan", required=True)
+    opening.add_argument("--anchor-day", type=int, help="periods start on this day (1-31)")
+    opening.add_argument("--since", metavar="DATE", help="first period contains DATE (now)")
+    opening.set_defaults(command=_account_open)
+    change = verbs.add_parser("set-plan", parents=[db, who], help="change an account's plan")
+    change.add_argument("name", metavar="NAME")
+    change.add_argument("plan", metavar="PLAN")
+    change.add_argument("--from", dest="from_", metavar="DATE", help="from the period of DATE")
+    change.set_defaults(command=_account_set_plan)
+    listing = verbs.add_parser("list", parents=[db], help="list accounts")
+    listing.set_defaults(command=_account_list)
+
+
+def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, priced: Any) -> None:
+    for name, help_text in (("top-up", "add bought credits"), ("grant", "give credits")):
+        lot = commands.add_parser(name, parents=[db, who], help=help_text)
+        lot.add_argument("account", metavar="ACCOUNT")
+        lot.add_argument("credits", metavar="CREDITS")
+        lot.add_argument("--reason", required=True)
+        lot.add_argument("--expires", metavar="DATE", help="default: never")
+        lot.set_defaults(command=_add_lot, kind=name)
+    adjust = commands.add_parser(
+        "adjust", parents=[db, who], help="correct credits: > 0 refunds, < 0 charges"
+    )
+    adjust.add_argument("account", metavar="ACCOUNT")
+    adjust.add_argument("credits", metavar="CREDITS")
+    adjust.add_argument("--reason", required=True)
+    adjust.set_defaults(command=_adjust)
+    charge = commands.add_parser(
+        "charge", parents=[db, priced], help="record API requests (as the gateway does)"
+    )
+    charge.add_argument("account", metavar="ACCOUNT")
+    charge.add_argument("model", metavar="MODEL")
+    charge.add_argument("request_id", metavar="REQUEST_ID")
+    charge.add_argument("--count", type=int, default=1)
+    charge.add_argument("--at", required=True, metavar="TIME", help="when the request was made")
+    charge.set_defaults(command=_charge)
+    period = commands.add_parser("period", help="close billing periods")
+    verbs = period.add_subparsers(title="period commands", required=True, metavar="VERB")
+    close = verbs.add_parser("close", parents=[db, who, priced], help="freeze ended periods")
+    target = close.add_mutually_exclusive_group(required=True)
+    target.add_argument("--account")
+    target.add_argument("--all", action="store_true", help="every account")
+    close.add_argument("--through", metavar="DATE", help="close periods ended by DATE")
+    close.add_argument(
+        "--grace-hours",
+        type=int,
+        default=DEFAULT_GRACE_HOURS,
+        help="without --through: close periods ended this long ago",
+    )
+    close.set_defaults(command=_period_close)
+    listing = verbs.add_parser("list", parents=[db], help="closed periods of an account")
+    listing.add_argument("account", metavar="ACCOUNT")
+    listing.set_defaults(command=_period_list)
+
+
+def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: Any) -> None:
+    entries = commands.add_parser("entries", parents=[db], help="an account's credit entries")
+    entries.add_argument("account", metavar="ACCOUNT")
+    entries.set_defaults(command=_entries)
+    balance = commands.add_parser("balance", parents=[db, priced], help="an account's credits")
+    balance.add_argument("account", metavar="ACCOUNT")
+    balance.add_argument("--at", metavar="DATE", help="the period containing DATE (now)")
+    balance.add_argument("--format", choices=["table", "json"], default="table")
+    balance.set_defaults(command=_balance)
+    report = commands.add_parser(
+        "report", parents=[db, priced], help="busy seconds, requests and credits"
+    )
+    report.add_argument("--from", dest="from_", metavar="DATE", help="ISO date/datetime, UTC")
+    report.add_argument("--to", metavar="DATE", help="ISO date/datetime, UTC, exclusive")
+    report.add_argument(
+        "--group-by",
+        default=",".join(d.value for d in DEFAULT_GROUP_BY),
+        metavar="FIELDS",
+        help="comma-separated: account, model, day, host, gpu (default: account,model)",
+    )
+    report.add_argument("--account", help="only this account")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(command=_report)
+    export = commands.add_parser("export", parents=[db, priced], help="usage as CloudEvents")
+    export.add_argument("--format", choices=["cloudevents"], default="cloudevents")
+    export.add_argument("--from", dest="from_", metavar="DATE", help="ISO date/datetime, UTC")
+    export.add_argument("--to", metavar="DATE", help="ISO date/datetime, UTC, exclusive")
+    export.add_argument("--source", default=DEFAULT_SOURCE, help="CloudEvents source prefix")
+    export.add_argument("--out", type=Path, help="write here instead of stdout")
+    export.set_defaults(command=_export)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _plan_define(args: argparse.Namespace) -> int:
+    with _ledger(args, writing=True) as (ledger, _):
+        plan = ledger.define_plan(args.name, by=args.by, hours=args.hours, credits=args.credits)
+    print(f"plan {plan.name}: {micro_text(plan.grant_micro)} credits a period")
+    return EXIT_OK
+
+
+def _plan_list(args: argparse.Namespace) -> int:
+    with _store(args, writing=False) as store:
+        plans = store.plans()
+    for plan in plans:
+        print(f"{plan.name}\t{micro_text(plan.grant_micro)}\t{iso_text(plan.created_at_us)}")
+    return EXIT_OK
+
+
+def _account_open(args: argparse.Namespace) -> int:
+    since_us = None if args.since is None else parse_time_us("--since", args.since)
+    with _ledger(args, writing=True) as (ledger, _):
+        account = ledger.open_account(
+            args.name, args.plan, by=args.by, anchor_day=args.anchor_day, since_us=since_us
+        )
+    print(
+        f"account {account.name}: plan {args.plan}, periods from day {account.anchor_day}, "
+        f"first period {iso_text(account.first_period_start_us)}"
+    )
+    return EXIT_OK
+
+
+def _account_set_plan(args: argparse.Namespace) -> int:
+    from_us = None if args.from_ is None else parse_time_us("--from", args.from_)
+    with _ledger(args, writing=True) as (ledger, _):
+        change = ledger.change_plan(args.name, args.plan, by=args.by, from_us=from_us)
+    print(f"account {change.account}: plan {change.plan} from {iso_text(change.effective_us)}")
+    return EXIT_OK
+
+
+def _account_list(args: argparse.Namespace) -> int:
+    with _store(args, writing=False) as store:
+        accounts = store.accounts()
+    for account in accounts:
+        print(f"{account.name}\tday {account.anchor_day}\t{iso_text(account.created_at_us)}")
+    return EXIT_OK
+
+
+def _add_lot(args: argparse.Namespace) -> int:
+    amount_micro = _amount_micro(args.credits, args.kind)
+    expires_us = None if args.expires is None else parse_time_us("--expires", args.expires)
+    with _ledger(args, writing=True) as (ledger, _):
+        add = ledger.top_up if args.kind == "top-up" else ledger.grant
+        entry = add(
+            args.account, amount_micro, by=args.by, reason=args.reason, expires_us=expires_us
+        )
+    print(_entry_text(entry))
+    return EXIT_OK
+
+
+def _adjust(args: argparse.Namespace) -> int:
+    amount_micro = _amount_micro(args.credits, "adjustment")
+    with _ledger(args, writing=True) as (ledger, _):
+        entry = ledger.adjust(args.account, amount_micro, by=args.by, reason=args.reason)
+    print(_entry_text(entry))
+    return EXIT_OK
+
+
+def _entries(args: argparse.Namespace) -> int:
+    with _store(args, writing=False) as store:
+        if store.account(args.account) is None:
+            raise ConfigError(f"no account {args.account!r} is open")
+        entries = store.entries(args.account)
+    for entry in entries:
+        print(_entry_text(entry))
+    return EXIT_OK
+
+
+def _charge(args: argparse.Namespace) -> int:
+    at_us = parse_time_us("--at", args.at)
+    charge = ApiCharge(args.request_id, args.account, args.model, args.count, at_us)
+    with _ledger(args, writing=True) as (ledger, _):
+        receipt = ledger.record_charge(charge)
+    state = "charged" if receipt.new else "already charged (nothing changed)"
+    print(f"{state}: {args.request_id} {micro_text(receipt.credits_micro)} credits")
+    return EXIT_OK
+
+
+def _period_close(args: argparse.Namespace) -> int:
+    with _ledger(args, writing=True) as (ledger, store):
+        if args.through is not None:
+            through_us = parse_time_us("--through", args.through)
+        else:
+            through_us = ledger.now_us() - args.grace_hours * HOUR_US
+        names = [a.name for a in store.accounts()] if args.all else [args.account]
+        for name in names:
+            for statement in ledger.close_periods(name, through_us, by=args.by):
+                print(
+                    f"closed {name} {iso_text(statement.start_us)} .. "
+                    f"{iso_text(statement.end_us)}: {micro_text(statement.charged_micro)} credits"
+                )
+    return EXIT_OK
+
+
+def _period_list(args: argparse.Namespace) -> int:
+    with _store(args, writing=False) as store:
+        statements = store.statements(args.account)
+    for statement in statements:
+        print(
+            f"{iso_text(statement.start_us)} .. {iso_text(statement.end_us)}\t"
+            f"plan {statement.plan}\t{micro_text(statement.charged_micro)} credits\t"
+            f"closed {iso_text(statement.closed_at_us)} by {statement.closed_by}"
+        )
+    return EXIT_OK
+
+
+def _balance(args: argparse.Namespace) -> int:
+    at_us = None if args.at is None else parse_time_us("--at", args.at)
+    with _ledger(args, writing=False) as (ledger, _):
+        balance = ledger.balance(args.account, at_us)
+    render = balance_json if args.format == "json" else balance_table
+    sys.stdout.write(render(balance))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    period = parse_period(args.from_, args.to)
+    group_by = parse_group_by(args.group_by)
+    prices = _prices(args.prices)
+    store = open_store(args.db, create=False, migrate=False)
+    try:
+        report = build_report(store, period, group_by, prices, args.account)
+    finally:
+        store.close()
+    render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]
+    sys.stdout.write(render(report))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    period = parse_period(args.from_, args.to)
+    prices = _prices(args.prices)
+    with _store(args, writing=False) as store:
+        events = cloudevents(store, prices, period.from_us, period.to_us, args.source)
+        if args.out is None:
+            count = write_json_lines(events, sys.stdout)
+        else:
+            with _output(args.out) as out:
+                count = write_json_lines(events, out)
+    print(f"exported {count} events", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def balance_table(balance: Balance) -> str:
+    state = "closed" if balance.closed else "open"
+    lines = [
+        f"account {balance.account}  plan {balance.plan}  period "
+        f"{iso_text(balance.period.start_us)} .. {iso_text(balance.period.end_us)} ({state})",
+    ]
+    rows = [
+        ("plan grant", balance.plan_grant_micro),
+        ("top-ups and grants", balance.lot_credits_micro),
+    ]
+    for line in balance.lines:
+        quantity = (
+            f"{seconds_text(line.quantity)} busy s" if line.kind.is_busy else f"{line.quantity} req"
+        )
+        marker = ", default price" if line.default_price else ""
+        rows.append((f"{line.kind.value} {line.model} ({quantity}{marker})", -line.credits_micro))
+    rows.append(("adjustments", balance.adjustments_micro))
+    rows.append(("remaining", balance.remaining_micro))
+    width = max(len(label) for label, _ in rows)
+    lines.extend(f"  {label.ljust(width)}  {micro_text(amount):>18}" for label, amount in rows)
+    return "\n".join(lines) + "\n"
+
+
+def balance_json(balance: Balance) -> str:
+    document = {
+        "account": balance.account,
+        "plan": balance.plan,
+        "period": {
+            "start": iso_text(balance.period.start_us),
+            "end": iso_text(balance.period.end_us),
+            "closed": balance.closed,
+        },
+        "plan_grant": micro_text(balance.plan_grant_micro),
+        "top_ups_and_grants": micro_text(balance.lot_credits_micro),
+        "lines": [
+            {
+                "kind": line.kind.value,
+                "model": line.model,
+                "quantity": line.quantity,
+                "credits": micro_text(line.credits_micro),
+                "default_price": line.default_price,
+            }
+            for line in balance.lines
+        ],
+        "adjustments": micro_text(balance.adjustments_micro),
+        "granted": micro_text(balance.granted_micro),
+        "used": micro_text(balance.used_micro),
+        "remaining": micro_text(balance.remaining_micro),
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _entry_text(entry: LedgerEntry) -> str:
+    expires = "never" if entry.expires_us is None else iso_text(entry.expires_us)
+    return (
+        f"#{entry.entry_id} {entry.account} {entry.kind.value} {micro_text(entry.amount_micro)} "
+        f"at {iso_text(entry.effective_us)} expires {expires} by {entry.created_by}: "
+        f"{entry.reason}"
+    )
+
+
+# -- plumbing --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _store(args: argparse.Namespace, *, writing: bool) -> Iterator[LedgerStore]:
+    """The ledger store of --db; reading commands neither create nor migrate it (they may
+    run beside a collector of another version)."""
+    store = open_store(args.db, create=writing, migrate=writing)
+    try:
+        yield as_ledger_store(store)
+    finally:
+        store.close()
+
+
+@contextmanager
+def _ledger(args: argparse.Namespace, *, writing: bool) -> Iterator[tuple[Ledger, LedgerStore]]:
+    """A Ledger over --db and --prices. Its InvalidRequest (a malformed name, amount or
+    date) becomes a ConfigError: on the command line that is a bad argument (exit 2)."""
+    prices = _prices(getattr(args, "prices", None))
+    with _store(args, writing=writing) as store:
+        try:
+            yield Ledger(store, prices), store
+        except InvalidRequest as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def _amount_micro(text: str, what: str) -> int:
+    try:
+        return credits_micro(text, what)
+    except InvalidRequest as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _decimal(text: str) -> Decimal:
+    """An argparse type: a decimal number, exactly as written."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decimal number") from None
+
+
+def _prices(path: Path | None) -> PriceBook:
+    return PriceBook() if path is None else load_prices(path)
+
+
+@contextmanager
+def _output(path: Path) -> Iterator[Any]:
+    try:
+        with path.open("w") as out:
+            yield out
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: {exc.strerror}") from exc
+
+
+def _login_name() -> str:
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid, e.g. in a container
+        return "unknown"

@@ -1,0 +1,278 @@
+"""What the ledger needs from a database: ``LedgerStore``, and the rows it stores.
+
+Kept apart from ``Store`` (ingest, agents, audit) so that a store can implement ingest first
+and the ledger after. A store holds facts and enforces only what must be decided inside its
+own transaction (is this request id taken, is this period already closed, is this date in a
+closed period); prices, periods and balances are worked out by ``ledger.Ledger``.
+
+Amounts are integer µcredits (``_micro``), times µs since the epoch (``_us``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from creditmeter.collector.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Credits granted per billing period. Plans never change once defined (closed periods
+    refer to them); a new price is a new plan."""
+
+    name: str
+    grant_micro: int
+    created_at_us: int
+    created_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    anchor_day: int  # periods start on this day of the month (see periods.py)
+    first_period_start_us: int  # usage before this is reported but never charged
+    created_at_us: int
+    created_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """From the period starting at ``effective_us`` on, the account has ``plan``."""
+
+    account: str
+    plan: str
+    effective_us: int  # a period start
+    created_at_us: int
+    created_by: str
+
+
+class EntryKind(enum.Enum):
+    TOP_UP = "top_up"  # credits bought
+    GRANT = "grant"  # credits given (promotion, goodwill)
+    ADJUSTMENT = "adjustment"  # signed: > 0 gives credits back (refund), < 0 charges more
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """An audited change of an account's credits: who, when, why, how much. Entries are
+    only ever added; a mistake is undone by another entry."""
+
+    account: str
+    kind: EntryKind
+    amount_micro: int
+    effective_us: int  # counts from the period containing this time on
+    expires_us: int | None  # None: never (adjustments: the end of their period)
+    reason: str
+    created_by: str
+    created_at_us: int
+    entry_id: int = 0  # assigned by the store
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCharge:
+    """Requests to an outside API model, reported by the gateway. ``request_id`` is the
+    idempotency key: one id, one charge, forever."""
+
+    request_id: str
+    account: str
+    model: str
+    count: int
+    time_us: int
+
+
+class LineKind(enum.Enum):
+    USAGE = "usage"  # busy µs of the period's own hours
+    API = "api"  # requests of the period's own hours
+    LATE_USAGE = "late_usage"  # busy µs of closed periods that arrived after their close
+    LATE_API = "late_api"
+
+    @property
+    def is_busy(self) -> bool:
+        return self in (LineKind.USAGE, LineKind.LATE_USAGE)
+
+    @property
+    def is_late(self) -> bool:
+        return self in (LineKind.LATE_USAGE, LineKind.LATE_API)
+
+
+@dataclass(frozen=True, slots=True)
+class StatementLine:
+    kind: LineKind
+    model: str
+    quantity: int  # busy µs or requests
+    credits_micro: int
+    default_price: bool  # the model was not in the price list
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A closed billing period, frozen: what was charged for it, at the prices of its close."""
+
+    account: str
+    start_us: int
+    end_us: int
+    plan: str
+    plan_grant_micro: int
+    lines: tuple[StatementLine, ...]
+    closed_at_us: int
+    closed_by: str
+
+    @property
+    def charged_micro(self) -> int:
+        return sum(line.credits_micro for line in self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """One model's usage of one account over a time range."""
+
+    busy_us: int = 0
+    requests: int = 0
+
+
+class Dimension(enum.Enum):
+    """What a report can group by."""
+
+    ACCOUNT = "account"
+    MODEL = "model"
+    DAY = "day"  # UTC
+    HOST = "host"
+    GPU = "gpu"  # the device's uuid (MIG instance or whole GPU)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """Rollups summed for one group. Model is always grouped on (prices are per model); the
+    other dimensions are None unless asked for, and host and gpu are None on API request
+    rows (requests run on no GPU of ours)."""
+
+    account: str | None  # "" is unattributed
+    model: str
+    day_start_us: int | None
+    host: str | None
+    gpu_uuid: str | None
+    busy_us: int
+    requests: int
+    record_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A stored usage record with busy time, as exported."""
+
+    agent_id: str
+    seq: int
+    start_us: int
+    end_us: int
+    host: str
+    gpu_uuid: str
+    account: str
+    model: str
+    job_id: str
+    busy_us: int
+
+
+class LedgerStore(Protocol):
+    # -- plans and accounts ----------------------------------------------------------------
+
+    def define_plan(self, plan: Plan) -> Plan:
+        """Stores a plan and returns it; the same plan again returns the stored one.
+        Raises LedgerError when the name is taken by another grant."""
+        ...
+
+    def plans(self) -> list[Plan]: ...
+
+    def open_account(self, account: Account, plan: str) -> Account:
+        """Stores an account with its first plan (effective from its first period); the same
+        account again returns the stored one. Raises UnknownPlan, or LedgerError when the
+        name is taken with other settings."""
+        ...
+
+    def account(self, name: str) -> Account | None: ...
+
+    def accounts(self) -> list[Account]: ...
+
+    def change_plan(self, change: PlanChange) -> None:
+        """Raises UnknownAccount, UnknownPlan, or PeriodClosed when ``effective_us`` lies
+        in a closed period of the account."""
+        ...
+
+    def plan_changes(self, account: str) -> list[PlanChange]:
+        """Ordered by effective_us."""
+        ...
+
+    # -- credits ---------------------------------------------------------------------------
+
+    def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        """Stores an entry and returns it with its id. Raises UnknownAccount, or
+        PeriodClosed when ``effective_us`` lies in a closed period of the account."""
+        ...
+
+    def entries(self, account: str) -> list[LedgerEntry]:
+        """Ordered by entry id (the order they were made in)."""
+        ...
+
+    def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool:
+        """Stores an API charge durably (committed when this returns) with its rollup.
+        Returns False when the same charge was stored before (a retry: nothing changes).
+        Raises ChargeConflict when the request id is stored with other content."""
+        ...
+
+    # -- usage -----------------------------------------------------------------------------
+
+    def model_usage(self, account: str, from_us: int, to_us: int) -> dict[str, ModelUsage]:
+        """Busy µs (rollup hours starting in [from_us, to_us)) and API requests (charges
+        timed in the same hours) of one account, per model."""
+        ...
+
+    def grouped_usage(
+        self,
+        from_us: int | None,
+        to_us: int | None,
+        dimensions: frozenset[Dimension],
+        account: str | None = None,
+    ) -> list[UsageGroup]:
+        """Rollups of the hours starting in [from_us, to_us) (None: unbounded), grouped by
+        ``dimensions`` plus model, of one ``account`` or all; busy rows and API request
+        rows separately."""
+        ...
+
+    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+        """Stored records with busy time that start in [from_us, to_us), by agent and seq.
+        Reads its own snapshot: ingest goes on meanwhile."""
+        ...
+
+    def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:
+        """Stored API charges timed in [from_us, to_us), by request id."""
+        ...
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def close_period(self, statement: Statement) -> None:
+        """Stores a closed period. Raises UnknownAccount, or PeriodClosed unless the
+        statement starts where the account's closed periods end (periods close in order,
+        once)."""
+        ...
+
+    def statements(self, account: str) -> list[Statement]:
+        """Ordered by start."""
+        ...
+
+
+@runtime_checkable
+class _LedgerCapable(Protocol):
+    """The methods that tell a store with a ledger from one without (runtime check only)."""
+
+    def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool: ...
+
+    def close_period(self, statement: Statement) -> None: ...
+
+
+def as_ledger_store(store: object) -> LedgerStore:
+    """The store as a LedgerStore; raises ConfigError for a store that keeps no ledger yet."""
+    if not isinstance(store, _LedgerCapable):
+        raise ConfigError(f"the {type(store).__name__} does not keep a credit ledger yet")
+    return store  # type: ignore[return-value]

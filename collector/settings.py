@@ -1,0 +1,216 @@
+"""Every option of ``creditmeter-collector serve``, declared once: loader, --help, the README's
+reference and the example file ``systemd/collector.toml.example`` all come from here.
+
+Precedence, lowest first: the defaults, ``/etc/creditmeter/collector.toml`` (or ``--config``),
+``$CREDITMETER_COLLECTOR_DB``, ``--set KEY=VALUE``, then the flags (``--db``, ``--listen``,
+…). The administration commands (``enroll``, ``report``, …) read only ``store.url`` from the
+same file, so that on the collector host they find the daemon's database by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from creditmeter import config as cfg
+from creditmeter.collector.errors import ConfigError
+from creditmeter.config import (
+    BOOL,
+    DURATION,
+    INT,
+    PATH,
+    STR,
+    STR_LIST,
+    Choice,
+    Config,
+    ConfigArgs,
+    Maybe,
+    Option,
+    Override,
+)
+
+DEFAULT_CONFIG = Path("/etc/creditmeter/collector.toml")
+DB_ENV = "CREDITMETER_COLLECTOR_DB"
+
+STORE_URL = Option(
+    "store.url",
+    STR,
+    "sqlite:///var/lib/creditmeter-collector/collector.db",
+    "Where records are stored: sqlite:///absolute/path, or postgresql://user@host/db "
+    "(its password in a ?passfile=, not here).",
+)
+
+LISTEN = Option("server.listen", STR, "0.0.0.0:7300", "host:port the agents connect to.")
+PORT_FILE = Option(
+    "server.port_file",
+    Maybe(PATH),
+    None,
+    "Write the bound port here while listening (for port 0 in tests); removed at exit.",
+)
+GRACE = Option(
+    "server.grace",
+    DURATION,
+    10.0,
+    "At shutdown, how long open streams may finish their batch; keep below TimeoutStopSec=.",
+    ge=0,
+)
+MAX_STREAM_AGE = Option(
+    "server.max_stream_age",
+    DURATION,
+    300.0,
+    "A stream older than this ends after its next ack and the agent reconnects (balancing).",
+    gt=0,
+)
+MAX_STREAMS = Option(
+    "server.max_streams",
+    INT,
+    256,
+    "Concurrent agent streams at most (one thread each); more are refused with UNAVAILABLE.",
+    ge=1,
+    le=100_000,
+)
+
+TLS_ENABLED = Option(
+    "tls.enabled", BOOL, False, "Serve TLS; off: plain text (only on a trusted network)."
+)
+TLS_CERT = Option(
+    "tls.cert_file",
+    Maybe(PATH),
+    None,
+    "The collector's certificate chain (PEM), leaf first; re-read when it changes.",
+)
+TLS_KEY = Option(
+    "tls.key_file", Maybe(PATH), None, "The private key of tls.cert_file (PEM, unencrypted)."
+)
+TLS_CA = Option(
+    "tls.ca_file",
+    Maybe(PATH),
+    None,
+    "CA bundle that issues agent certificates; set: mutual TLS, and an agent's certificate "
+    "CN must equal its agent id.",
+)
+
+API_TOKEN_FILE = Option(
+    "api.token_file",
+    Maybe(PATH),
+    None,
+    'Bearer tokens for the Query and admin APIs, one per line: "NAME TOKEN" (mode 0640).',
+)
+API_CLIENTS = Option(
+    "api.clients",
+    STR_LIST,
+    (),
+    "Client certificate CNs (issued by tls.ca_file) that may call the Query and admin APIs.",
+)
+
+METRICS_LISTEN = Option(
+    "metrics.listen", STR, "127.0.0.1:9465", "host:port serving /metrics; empty: off."
+)
+LOG_LEVEL = Option(
+    "log.level", Choice("debug", "info", "warning", "error"), "info", "Least severe level logged."
+)
+LOG_FORMAT = Option("log.format", Choice("text", "json"), "text", "Log line format.")
+
+OPTIONS = (
+    STORE_URL,
+    LISTEN,
+    PORT_FILE,
+    GRACE,
+    MAX_STREAM_AGE,
+    MAX_STREAMS,
+    TLS_ENABLED,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CA,
+    API_TOKEN_FILE,
+    API_CLIENTS,
+    METRICS_LISTEN,
+    LOG_LEVEL,
+    LOG_FORMAT,
+)
+
+# The flags ``serve`` has always had, kept so that scripts and the demo keep working.
+FLAGS: dict[str, Option[Any]] = {
+    "--db": STORE_URL,
+    "--listen": LISTEN,
+    "--port-file": PORT_FILE,
+    "--grace-s": GRACE,
+    "--max-stream-age-s": MAX_STREAM_AGE,
+    "--max-streams": MAX_STREAMS,
+    "--metrics-listen": METRICS_LISTEN,
+    "--log-level": LOG_LEVEL,
+}
+
+
+def config_args() -> ConfigArgs:
+    return ConfigArgs(OPTIONS, default_path=DEFAULT_CONFIG, flags=FLAGS)
+
+
+def load_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The daemon's configuration; raises ConfigError (one line naming source, key, problem)."""
+    cli = config_args()
+    env = os.environ if environ is None else environ
+    overrides: list[Override] = []
+    if env.get(DB_ENV):
+        overrides.append(Override(f"${DB_ENV}", STORE_URL.name, env[DB_ENV]))
+    try:
+        overrides += cli.overrides(args)
+        config = cfg.load(OPTIONS, args.config, default_path=DEFAULT_CONFIG, overrides=overrides)
+    except cfg.ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    check(config)
+    return config
+
+
+def admin_store_url(config_path: Path | None, db: str | None) -> str | None:
+    """The store an administration command opens: ``--db`` (or ``$CREDITMETER_COLLECTOR_DB``),
+    else ``store.url`` from the configuration file when there is one; None if neither."""
+    if db:
+        return db
+    if config_path is None and not DEFAULT_CONFIG.exists():
+        return None
+    try:
+        config = cfg.load(OPTIONS, config_path, default_path=DEFAULT_CONFIG)
+    except cfg.ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return config[STORE_URL]
+
+
+# -- checks across options ----------------------------------------------------------------
+
+
+def check(config: Config) -> None:
+    """What one option's kind and bounds cannot say. Raises ConfigError naming the key."""
+    _check_host_port(config, LISTEN, config[LISTEN])
+    if config[METRICS_LISTEN]:
+        _check_host_port(config, METRICS_LISTEN, config[METRICS_LISTEN])
+    if config[TLS_ENABLED]:
+        missing = [option.name for option in (TLS_CERT, TLS_KEY) if config[option] is None]
+        if missing:
+            raise ConfigError(_where(config, TLS_ENABLED, f"true needs {' and '.join(missing)}"))
+    else:
+        for path_option in (TLS_CERT, TLS_KEY, TLS_CA):
+            if config[path_option] is not None:
+                problem = "is set but tls.enabled is false; enable TLS or unset it"
+                raise ConfigError(_where(config, path_option, problem))
+    if config[API_CLIENTS] and config[TLS_CA] is None:
+        raise ConfigError(
+            _where(config, API_CLIENTS, "client certificates need tls.ca_file (mutual TLS)")
+        )
+
+
+def _check_host_port(config: Config, option: Option[str], value: str) -> None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            _where(config, option, f"{value!r} is not HOST:PORT (e.g. {option.default})")
+        )
+
+
+def _where(config: Config, option: Option[Any], problem: str) -> str:
+    """The message "<source>: <key>: <problem>"; the source is the file or flag."""
+    source = config.sources.get(option.name, "default")
+    return f"{source}: {option.name}: {problem}"

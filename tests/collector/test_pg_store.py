@@ -1,0 +1,408 @@
+"""The PostgreSQL store: what only it does. Several stores (collectors) on one database,
+row locks, connections that break, schema versions, the URL. What every store guarantees is
+in test_store_contract.py, which runs here too."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from creditmeter import chain
+from creditmeter.collector import pg_store
+from creditmeter.collector.audit import audit
+from creditmeter.collector.errors import (
+    ConfigError,
+    InsaneField,
+    SchemaTooNew,
+    Status,
+    StoreBusy,
+    StoreCorrupt,
+    StoreError,
+)
+from creditmeter.collector.pg_store import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+from creditmeter.collector.rows import ROW_COLUMNS
+from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.store import ChainHead, UsageTotal
+from creditmeter.collector.stores import open_store, redacted
+from creditmeter.collector.verifier import VerifiedBatch, Verifier
+from creditmeter.v1 import ingest_pb2, usage_pb2
+
+from .backends import PostgresBackend, with_search_path
+from .conftest import NOW_US
+from .records import BUSY_US, WALL_US, AgentChain
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[PostgresBackend]:
+    """The test's schema, and every store opened on it closed at the end."""
+    backend = PostgresBackend(postgres_url, clock_us=lambda: NOW_US)
+    yield backend
+    backend.close()
+
+
+def verified(verifier: Verifier, agent: AgentChain, batch: ingest_pb2.RecordBatch) -> VerifiedBatch:
+    return verifier.verify(batch, agent.key.public_key())
+
+
+def head(agent: AgentChain, seq: int) -> ChainHead:
+    return ChainHead(seq, chain.record_hash(agent.records[seq - 1]))
+
+
+def count(pg: PostgresBackend, sql: str) -> int:
+    return int(pg.rows(sql)[0][0])
+
+
+def enrolled(store: PostgresStore, agent_id: str = "agent-1") -> AgentChain:
+    agent = AgentChain(agent_id)
+    store.enroll_agent(agent.agent_id, agent.public_key_hex)
+    return agent
+
+
+def in_threads(*calls: Callable[[], object]) -> list[object]:
+    """Runs ``calls`` at the same moment (a barrier), one thread each; returns their results
+    in order, or raises the first exception one of them raised."""
+    barrier = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(index: int, call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            results[index] = call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- several collectors on one database --------------------------------------------------------
+
+
+def test_two_collectors_receiving_the_same_retries_at_once_store_them_once(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """An agent that timed out on collector A resends to collector B while A still works on
+    the batch: both transactions run at once. The agent row lock makes the second one see the
+    first one's records as duplicates; without it both would insert (a unique violation, or
+    rollups counted twice)."""
+    first, second = pg.open(), pg.open()
+    agent = enrolled(first)
+    for _ in range(25):
+        start = len(agent.records) + 1
+        agent.extend(8)
+        retry = verified(verifier, agent, agent.batch(start, len(agent.records)))
+        overlap = verified(verifier, agent, agent.batch(max(1, start - 3), len(agent.records)))
+        acks = in_threads(
+            partial(first.ingest, agent.agent_id, retry),
+            partial(second.ingest, agent.agent_id, overlap),
+        )
+        assert acks == [head(agent, len(agent.records))] * 2
+    assert count(pg, "SELECT COUNT(*) FROM records") == 200
+    assert count(pg, "SELECT COUNT(*) FROM records WHERE signature IS NOT NULL") == 25
+    assert first.usage(None, None) == [
+        UsageTotal("acme", "llama-3-70b", 200 * BUSY_US, 200 * WALL_US, 200)
+    ]
+    assert audit(first, verifier).findings == []
+
+
+def test_writers_sharing_rollup_rows_do_not_deadlock(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """Four collectors, agents whose batches touch the same rollup rows in opposite orders
+    (acme then bert, bert then acme), one rollup shard so that every writer meets every
+    other: rows upserted in key order never deadlock (PostgreSQL would abort one writer of a
+    deadlock after deadlock_timeout, StoreBusy here)."""
+    stores = [pg.open(rollup_shards=1, lock_timeout_s=30.0) for _ in range(4)]
+    agents = [enrolled(stores[0], f"agent-{i}") for i in range(8)]
+
+    def accounts(first: str, then: str) -> Callable[[usage_pb2.UsageRecord], None]:
+        def label(rec: usage_pb2.UsageRecord) -> None:
+            rec.attribution.account = first if rec.seq % 10 < 5 else then
+
+        return label
+
+    def deliver(store: PostgresStore, pair: Sequence[AgentChain]) -> None:
+        for _ in range(10):
+            for index, agent in enumerate(pair):
+                label = accounts("acme", "bert") if index == 0 else accounts("bert", "acme")
+                store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(10, label)))
+
+    in_threads(*(lambda i=i: deliver(stores[i], agents[2 * i : 2 * i + 2]) for i in range(4)))
+    assert [(u.account, u.busy_us, u.record_count) for u in stores[0].usage(None, None)] == [
+        ("acme", 400 * BUSY_US, 400),
+        ("bert", 400 * BUSY_US, 400),
+    ]
+    assert audit(stores[0], verifier).findings == []
+
+
+def test_rollups_of_agents_in_different_shards_are_summed(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    store = pg.open(rollup_shards=4)
+    agents = [enrolled(store, f"agent-{i}") for i in range(6)]
+    for agent in agents:
+        store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(3)))
+    assert count(pg, "SELECT COUNT(DISTINCT shard) FROM rollups_hourly") > 1
+    assert store.usage(None, None) == [
+        UsageTotal("acme", "llama-3-70b", 18 * BUSY_US, 18 * WALL_US, 18)
+    ]
+    with store.snapshot() as snapshot:
+        assert [r.record_count for r in snapshot.rollups()] == [18]
+
+
+def test_collectors_starting_together_migrate_once(pg: PostgresBackend) -> None:
+    opened = in_threads(*(pg.open for _ in range(4)))
+    assert len(opened) == 4
+    assert pg.rows("SELECT version FROM schema_version ORDER BY 1") == [
+        (m.version,) for m in MIGRATIONS
+    ]
+
+
+def test_an_agent_locked_by_another_collector_is_busy_and_nothing_is_stored(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """A collector that hangs inside a transaction holds the agent's row: the others give
+    up after the lock timeout with StoreBusy (UNAVAILABLE: the agent retries later)."""
+    impatient = pg.open(lock_timeout_s=0.2)
+    agent = enrolled(impatient)
+    with psycopg.connect(pg.url) as hung, hung.transaction():
+        hung.execute("SELECT 1 FROM agents WHERE agent_id = %s FOR UPDATE", (agent.agent_id,))
+        with pytest.raises(StoreBusy) as caught:
+            impatient.ingest(agent.agent_id, verified(verifier, agent, agent.extend(2)))
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "lock timeout" in str(caught.value)
+    assert count(pg, "SELECT COUNT(*) FROM records") == 0
+    assert impatient.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, 2))) == head(
+        agent, 2
+    )
+
+
+def test_a_snapshot_is_one_moment_while_ingest_goes_on(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    store = pg.open()
+    agent = enrolled(store)
+    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(3)))
+    with store.snapshot() as snapshot:
+        agents = snapshot.agents()
+        store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(2)))
+        assert [r.seq for r in snapshot.records()] == [1, 2, 3]
+        assert [r.record_count for r in snapshot.rollups()] == [3]
+    assert agents[0].head == head(agent, 3)
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+def test_a_lost_connection_fails_one_request_and_the_next_one_reconnects(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """The database restarted, failed over or dropped us: the request in hand fails with
+    UNAVAILABLE (the agent resends it) and the store connects afresh for the next."""
+    name = f"cm-test-{uuid.uuid4().hex[:8]}"
+    store = pg.open(pool_size=2)
+    labelled = PostgresStore(f"{pg.url}&application_name={name}", clock_us=lambda: NOW_US)
+    try:
+        agent = enrolled(store)
+        labelled.ingest(agent.agent_id, verified(verifier, agent, agent.extend(2)))
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = ?",
+            name,
+        )
+        batch = verified(verifier, agent, agent.extend(3))
+        with pytest.raises(StoreError) as caught:
+            labelled.ingest(agent.agent_id, batch)
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "unavailable" in str(caught.value)
+        assert labelled.ingest(agent.agent_id, batch) == head(agent, 5)
+    finally:
+        labelled.close()
+    assert count(pg, "SELECT COUNT(*) FROM records") == 5
+
+
+def test_more_streams_than_connections_wait_their_turn(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    store = pg.open(pool_size=1)
+    agents = [enrolled(store, f"agent-{i}") for i in range(6)]
+    batches = [verified(verifier, agent, agent.extend(50)) for agent in agents]
+    acks = in_threads(
+        *(
+            lambda a=a, b=b: store.ingest(a.agent_id, b)
+            for a, b in zip(agents, batches, strict=True)
+        )
+    )
+    assert acks == [head(agent, 50) for agent in agents]
+    assert count(pg, "SELECT COUNT(*) FROM records") == 300
+
+
+def test_an_unreachable_database_is_named_without_its_password() -> None:
+    with pytest.raises(StoreError) as caught:
+        PostgresStore("postgresql://collector:s3cret@127.0.0.1:1/creditmeter")
+    message = str(caught.value)
+    assert "PostgreSQL collector@127.0.0.1:1/creditmeter unavailable" in message
+    assert "s3cret" not in message
+    assert caught.value.status is Status.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://cm:s3cret@db:5432/cm", "postgresql://cm:***@db:5432/cm"),
+        (
+            "postgresql://cm@db/cm?password=s3cret&sslmode=require",
+            "postgresql://cm@db/cm?password=***&sslmode=require",
+        ),
+        (
+            "postgresql://cm@db/cm?passfile=/etc/pgpass",
+            "postgresql://cm@db/cm?passfile=/etc/pgpass",
+        ),
+        ("sqlite:///var/lib/c.db", "sqlite:///var/lib/c.db"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+def test_a_malformed_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a usable PostgreSQL URL"):
+        open_store("postgresql://localhost/cm?no_such_setting=1", create=True)
+
+
+def test_the_url_selects_the_store(postgres_url: str, tmp_path: Path) -> None:
+    postgres = open_store(postgres_url, create=True)
+    sqlite = open_store(f"sqlite://{tmp_path / 'c.db'}", create=True)
+    try:
+        assert isinstance(postgres, PostgresStore)
+        assert isinstance(sqlite, SQLiteStore)
+    finally:
+        postgres.close()
+        sqlite.close()
+
+
+# -- what PostgreSQL refuses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("records", [1, 100], ids=["inserted", "copied"])
+def test_a_label_postgresql_cannot_hold_is_refused_and_nothing_is_stored(
+    pg: PostgresBackend, verifier: Verifier, records: int
+) -> None:
+    """Text columns cannot hold NUL; the verifier lets it through (SQLite stores it), so the
+    store refuses the batch as INVALID_ARGUMENT rather than failing it as UNAVAILABLE, which
+    the agent would retry forever."""
+    store = pg.open()
+    agent = enrolled(store)
+
+    def nul(rec: usage_pb2.UsageRecord) -> None:
+        if rec.seq == records:
+            rec.process.name = "py\x00thon"
+
+    with pytest.raises(InsaneField) as caught:
+        store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(records, nul)))
+    assert caught.value.status is Status.INVALID_ARGUMENT
+    assert count(pg, "SELECT COUNT(*) FROM records") == 0
+    assert count(pg, "SELECT head_seq FROM agents") == 0
+
+
+@pytest.mark.parametrize("records", [1, 100], ids=["inserted", "copied"])
+def test_records_above_the_head_are_a_corrupt_store_and_nothing_is_stored(
+    pg: PostgresBackend, verifier: Verifier, records: int
+) -> None:
+    """A head that lags its records (a database restored in part, or edited): the dedup key
+    refuses the second copy instead of the store storing it twice."""
+    store = pg.open()
+    agent = enrolled(store)
+    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(records)))
+    pg.execute("UPDATE agents SET head_seq = 0, head_hash = ''")
+    with pytest.raises(StoreCorrupt, match="above the stored head"):
+        store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, records)))
+    assert count(pg, "SELECT SUM(record_count) FROM rollups_hourly") == records
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+
+def versions(pg: PostgresBackend) -> list[int]:
+    return [row[0] for row in pg.rows("SELECT version FROM schema_version ORDER BY 1")]
+
+
+def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
+    pg.open()
+    assert versions(pg) == [m.version for m in MIGRATIONS] == [1, 2]
+    assert SCHEMA_VERSION == 2
+
+
+def test_an_older_database_is_migrated_and_its_rollups_backfilled(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    old = pg.open(migrations=MIGRATIONS[:1])  # as schema version 1 left it
+    agent = enrolled(old)
+    old.close()
+    rows = verified(verifier, agent, agent.extend(4)).records.rows
+    columns = ", ".join(ROW_COLUMNS)
+    for row in rows:
+        pg.execute(f"INSERT INTO records ({columns}) VALUES ({', '.join('?' * len(row))})", *row)
+    pg.execute(  # as version 1's ingest left it
+        "UPDATE agents SET head_seq = 4, head_hash = ?", chain.record_hash(agent.records[3])
+    )
+    assert versions(pg) == [1]
+
+    current = pg.open()
+    assert versions(pg) == [1, 2]
+    assert current.usage(None, None) == [
+        UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
+    ]
+    # Ingest then adds to its own shard; readers sum the backfilled one with it.
+    current.ingest(agent.agent_id, verified(verifier, agent, agent.extend(1)))
+    assert current.usage(None, None)[0].record_count == 5
+    assert audit(current, verifier).findings == []
+
+
+def test_an_older_database_is_not_migrated_by_read_only_commands(pg: PostgresBackend) -> None:
+    pg.open(migrations=MIGRATIONS[:1]).close()
+    with pytest.raises(StoreError, match="older than this collector's"):
+        pg.open(migrate=False)
+    assert versions(pg) == [1]
+
+
+def test_a_database_from_newer_code_is_refused(pg: PostgresBackend) -> None:
+    pg.open().close()
+    newer = SCHEMA_VERSION + 1
+    pg.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)", newer)
+    with pytest.raises(SchemaTooNew, match=f"version {newer} is newer than this collector's"):
+        pg.open()
+
+
+def test_a_failed_migration_leaves_the_database_as_it_was(pg: PostgresBackend) -> None:
+    pg.open(migrations=MIGRATIONS[:1]).close()
+    broken = (*MIGRATIONS, pg_store.Migration(99, "broken", ("CREATE TABLE agents (x INT)",)))
+    with pytest.raises(StoreError, match="already exists"):
+        pg.open(migrations=broken)
+    assert versions(pg) == [1]  # version 2 rolled back with 99
+    assert pg.rows("SELECT to_regclass('rollups_hourly')") == [(None,)]
+
+
+def test_an_empty_database_is_not_set_up_by_reading_commands(pg: PostgresBackend) -> None:
+    with pytest.raises(StoreError, match="no creditmeter database in schema"):
+        pg.open(create=False)
+    assert pg.rows("SELECT to_regclass('schema_version')") == [(None,)]
+
+
+def test_a_schema_that_does_not_exist_is_named(postgres_server: str) -> None:
+    with pytest.raises(StoreError, match="schema"):
+        PostgresStore(with_search_path(postgres_server, f"absent_{uuid.uuid4().hex[:8]}"))

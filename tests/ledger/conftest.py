@@ -1,0 +1,116 @@
+"""Fixtures for the ledger's tests: a real SQLite store on a clock the test sets, and a
+feeder that sends signed records through the real verifier and the store's ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from creditmeter.collector.ledger import Ledger
+from creditmeter.collector.prices import PriceBook, parse_prices
+from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.verifier import Verifier
+from creditmeter.v1 import usage_pb2
+from tests.collector.records import T0_US, WINDOW_US, AgentChain
+
+DAY_US = 86_400_000_000
+HOUR_US = 3_600_000_000
+JUNE_1_US = 1_748_736_000_000_000  # 2025-06-01T00:00:00Z
+JULY_1_US = JUNE_1_US + 30 * DAY_US
+AUGUST_1_US = JULY_1_US + 31 * DAY_US
+NOW_US = T0_US + DAY_US  # 2025-06-16T15:06:40Z, inside June
+PRICES = {
+    "self_hosted": {"sdxl": 1, "llama-3-70b": "2.5"},
+    "api": {"gpt-4o": 4},
+}
+
+
+@dataclass
+class Clock:
+    now_us: int = NOW_US
+
+    def __call__(self) -> int:
+        return self.now_us
+
+
+@dataclass
+class Feeder:
+    """Plays one agent: sends records (7.5 busy s of sdxl for acme unless told otherwise)."""
+
+    store: SQLiteStore
+    verifier: Verifier
+    agent: AgentChain
+
+    def send(
+        self,
+        count: int = 1,
+        *,
+        account: str = "acme",
+        model: str = "sdxl",
+        busy_us: int = 7_500_000,
+        start_us: int | None = None,
+        host: str | None = None,
+        gpu_uuid: str | None = None,
+    ) -> None:
+        def mutate(rec: usage_pb2.UsageRecord) -> None:
+            rec.attribution.account = account
+            rec.attribution.model = model
+            rec.busy_us = busy_us
+            if start_us is not None:
+                rec.start_unix_us = start_us
+                rec.end_unix_us = start_us + WINDOW_US
+            if host is not None:
+                rec.host = host
+            if gpu_uuid is not None:
+                rec.gpu.uuid = gpu_uuid
+
+        batch = self.agent.extend(count, mutate)
+        self.store.ingest(
+            self.agent.agent_id, self.verifier.verify(batch, self.agent.key.public_key())
+        )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "collector.db"
+
+
+@pytest.fixture
+def store(db_path: Path, clock: Clock) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(db_path, clock_us=clock)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def prices() -> PriceBook:
+    return parse_prices(dict(PRICES), "test prices")
+
+
+@pytest.fixture
+def ledger(store: SQLiteStore, prices: PriceBook, clock: Clock) -> Ledger:
+    return Ledger(store, prices, clock)
+
+
+@pytest.fixture
+def feeder(store: SQLiteStore, clock: Clock) -> Feeder:
+    agent = AgentChain("agent-1")
+    store.enroll_agent(agent.agent_id, agent.public_key_hex)
+    return Feeder(store, Verifier(clock_us=clock), agent)
+
+
+@pytest.fixture
+def acme(ledger: Ledger) -> str:
+    """acme on the 10-hour plan (36,000 credits), periods from the 1st, since June."""
+    ledger.define_plan("pro", by="ops", hours=Decimal(10))
+    ledger.open_account("acme", "pro", by="ops", anchor_day=1, since_us=JUNE_1_US)
+    return "acme"

@@ -1,0 +1,161 @@
+"""The credit commands, in-process through main(), on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from creditmeter.collector.main import main
+from creditmeter.collector.sqlite_store import SQLiteStore
+
+from .conftest import DAY_US, JUNE_1_US, Feeder
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def db(db_path: Path) -> list[str]:
+    return ["--db", f"sqlite://{db_path}"]
+
+
+@pytest.fixture
+def prices_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prices.toml"
+    path.write_text('[self_hosted]\nsdxl = 1\n[api]\n"gpt-4o" = 4\n')
+    return path
+
+
+def test_an_account_from_plan_to_closed_period(
+    capsys: pytest.CaptureFixture[str],
+    db: list[str],
+    store: SQLiteStore,
+    feeder: Feeder,
+    prices_file: Path,
+    tmp_path: Path,
+) -> None:
+    priced = ["--prices", str(prices_file)]
+    assert run(capsys, "plan", "define", *db, "basic", "--hours", "5", "--by", "ops")[:2] == (
+        0,
+        "plan basic: 18000.000000 credits a period\n",
+    )
+    code, out, _ = run(
+        capsys,
+        "account",
+        "open",
+        *db,
+        "acme",
+        "--plan",
+        "basic",
+        "--since",
+        "2025-06-01",
+        "--anchor-day",
+        "1",
+        "--by",
+        "ops",
+    )
+    assert (code, out) == (
+        0,
+        "account acme: plan basic, periods from day 1, first period 2025-06-01T00:00:00Z\n",
+    )
+    feeder.send(2, start_us=JUNE_1_US + 9 * DAY_US)  # 15 credits of sdxl on June 10
+    code, out, _ = run(
+        capsys, "charge", *db, *priced, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
+    )
+    assert (code, out) == (0, "charged: req-1 4.000000 credits\n")
+    code, out, _ = run(
+        capsys, "charge", *db, *priced, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
+    )
+    assert out == "already charged (nothing changed): req-1 4.000000 credits\n"
+    code, out, _ = run(
+        capsys, "adjust", *db, "acme", "2.5", "--reason", "slow job", "--by", "alice"
+    )
+    assert code == 0 and "adjustment 2.500000" in out and "by alice: slow job" in out
+
+    code, out, _ = run(
+        capsys, "balance", *db, *priced, "acme", "--at", "2025-06-20", "--format", "json"
+    )
+    balance = json.loads(out)
+    assert (balance["plan_grant"], balance["used"], balance["remaining"]) == (
+        "18000.000000",
+        "19.000000",
+        "17981.000000",
+    )  # the adjustment was made today, in another period: June has none
+    assert [(line["kind"], line["model"], line["credits"]) for line in balance["lines"]] == [
+        ("api", "gpt-4o", "4.000000"),
+        ("usage", "sdxl", "15.000000"),
+    ]
+
+    code, out, _ = run(capsys, "report", *db, *priced, "--group-by", "day,model", "--format", "csv")
+    assert out.splitlines()[1:] == [
+        "2025-06-10,gpt-4o,0.000000,1,4.000000,1,false",
+        "2025-06-10,sdxl,15.000000,0,15.000000,2,false",
+    ]
+
+    events_path = tmp_path / "events.jsonl"
+    code, _, err = run(
+        capsys, "export", *db, *priced, "--from", "2025-06-01", "--out", str(events_path)
+    )
+    assert (code, err) == (0, "exported 3 events\n")
+    assert [json.loads(line)["id"] for line in events_path.read_text().splitlines()] == [
+        "agent-1:1",
+        "agent-1:2",
+        "req-1",
+    ]
+
+    code, out, _ = run(
+        capsys,
+        "period",
+        "close",
+        *db,
+        *priced,
+        "--account",
+        "acme",
+        "--through",
+        "2025-07-01",
+        "--by",
+        "ops",
+    )
+    assert out == "closed acme 2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z: 19.000000 credits\n"
+    code, out, _ = run(capsys, "period", "list", *db, "acme")
+    assert out.startswith("2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z\tplan basic\t19.000000")
+    code, out, _ = run(capsys, "entries", *db, "acme")
+    assert out.startswith("#1 acme adjustment 2.500000 at ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["plan", "define", "p"], "one of the arguments --hours --credits is required"),
+        (["plan", "define", "p", "--hours", "x"], "'x' is not a decimal number"),
+        (["adjust", "acme", "1"], "the following arguments are required: --reason"),
+        (["report", "--group-by", "colour"], "--group-by 'colour' is not one of"),
+        (["balance", "acme", "--prices", "/no/such/prices.toml"], "price file"),
+        (["top-up", "acme", "1.0000001", "--reason", "x"], "more than 6 decimal places"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    capsys: pytest.CaptureFixture[str],
+    db: list[str],
+    store: SQLiteStore,
+    argv: list[str],
+    problem: str,
+) -> None:
+    verb_at = 2 if argv[0] in ("plan", "account", "period") else 1
+    code, out, err = run(capsys, *argv[:verb_at], *db, *argv[verb_at:])
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and problem in err, err
+
+
+def test_ledger_refusals_fail_with_a_reason(
+    capsys: pytest.CaptureFixture[str], db: list[str], store: SQLiteStore
+) -> None:
+    code, _, err = run(capsys, "balance", *db, "nobody")
+    assert code == 3 and "no account 'nobody' is open" in err
+    code, _, err = run(capsys, "account", "open", *db, "acme", "--plan", "none")
+    assert code == 3 and "no plan 'none' is defined" in err

@@ -1,0 +1,179 @@
+"""Property tests: credits per account are additive and depend on nothing but the records.
+
+Generated record streams go through the real verifier and the real SQLite store's ingest,
+shuffled, spread over several agents, cut into batches and partly resent (retries and
+duplicates); the credits the ledger and the report show must equal the hand computation
+from the records alone: per (account, model), round_half_even(Σ busy µs × rate).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from creditmeter.collector.ledger import Ledger
+from creditmeter.collector.ledger_store import Dimension
+from creditmeter.collector.prices import MICRO, PriceBook
+from creditmeter.collector.report import Period, build_report
+from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.verifier import Verifier
+from creditmeter.v1 import usage_pb2
+from tests.collector.records import WINDOW_US, AgentChain
+
+from .conftest import DAY_US, HOUR_US, JULY_1_US, JUNE_1_US
+
+ACCOUNTS = ("acme", "globex", "")
+MODELS = ("sdxl", "llama", "whisper")
+RATES_MICRO = (0, 1, 333_333, 500_000, 1_000_000, 2_500_000)
+START_US = JUNE_1_US + 9 * DAY_US
+
+Record = tuple[str, str, int, int]  # account, model, busy_us, hour offset
+
+records_st = st.tuples(
+    st.sampled_from(ACCOUNTS),
+    st.sampled_from(MODELS),
+    st.integers(0, 12_000_000),
+    st.integers(0, 47),
+)
+rates_st = st.fixed_dictionaries({model: st.sampled_from(RATES_MICRO) for model in MODELS})
+
+
+def expected_credits(stream: Sequence[Record], rates: dict[str, int]) -> dict[str, int]:
+    """By hand: Σ busy per (account, model), times the rate, rounded half-even once."""
+    busy: dict[tuple[str, str], int] = defaultdict(int)
+    for account, model, busy_us, _ in stream:
+        busy[account, model] += busy_us
+    credits: dict[str, int] = defaultdict(int)
+    for (account, model), total_us in busy.items():
+        exact = Decimal(total_us * rates[model]) / MICRO
+        credits[account] += int(exact.quantize(Decimal(1), rounding="ROUND_HALF_EVEN"))
+    return dict(credits)
+
+
+def stored_credits(
+    stream: Sequence[Record],
+    rates: dict[str, int],
+    agents: int,
+    assignment: Sequence[int],
+    cuts: Sequence[int],
+    resends: Sequence[bool],
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Feeds ``stream`` through real ingest; returns credits per account from the ledger
+    (opened accounts) and from the report (every account, "" included)."""
+    clock = lambda: JULY_1_US  # noqa: E731 - the collector's clock: after every record
+    verifier = Verifier(clock_us=clock)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "c.db", clock_us=clock)
+        try:
+            chains = [AgentChain(f"agent-{n}") for n in range(agents)]
+            for chain in chains:
+                store.enroll_agent(chain.agent_id, chain.public_key_hex)
+            for index, chain in enumerate(chains):
+                mine = [r for r, a in zip(stream, assignment, strict=True) if a == index]
+                _feed(store, verifier, chain, mine, cuts, resends)
+            prices = PriceBook(busy_second_micro=dict(rates), default_busy_second_micro=0)
+            ledger = Ledger(store, prices, clock)
+            ledger.define_plan("p", by="t", credits=Decimal(1))
+            by_ledger = {}
+            for account in ACCOUNTS[:-1]:
+                ledger.open_account(account, "p", by="t", anchor_day=1, since_us=JUNE_1_US)
+                by_ledger[account] = ledger.balance(account, START_US).charged_micro
+            report = build_report(store, Period(), (Dimension.ACCOUNT,), prices)
+            by_report = {
+                ("" if row.keys[0] == "unattributed" else row.keys[0]): row.credits_micro
+                for row in report.rows
+            }
+        finally:
+            store.close()
+    return by_ledger, by_report
+
+
+def _feed(
+    store: SQLiteStore,
+    verifier: Verifier,
+    chain: AgentChain,
+    records: Sequence[Record],
+    cuts: Sequence[int],
+    resends: Sequence[bool],
+) -> None:
+    """Sends ``records`` in batches of sizes taken from ``cuts``; after a batch, a resend
+    of everything so far (as an agent that lost its acks does) when ``resends`` says so."""
+    key = chain.key.public_key()
+    position = 0
+    turn = 0
+    while position < len(records):
+        size = max(1, cuts[turn % len(cuts)])
+        first_seq = len(chain.records) + 1
+        for account, model, busy_us, hour in records[position : position + size]:
+            chain.append(_labelled(account, model, busy_us, START_US + hour * HOUR_US))
+        store.ingest(
+            chain.agent_id, verifier.verify(chain.batch(first_seq, len(chain.records)), key)
+        )
+        if resends[turn % len(resends)]:
+            store.ingest(chain.agent_id, verifier.verify(chain.batch(1, len(chain.records)), key))
+        position += size
+        turn += 1
+
+
+def _labelled(account: str, model: str, busy_us: int, start_us: int) -> object:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.attribution.account = account
+        rec.attribution.model = model
+        rec.busy_us = busy_us
+        rec.start_unix_us = start_us
+        rec.end_unix_us = start_us + WINDOW_US
+
+    return mutate
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    stream=st.lists(records_st, min_size=1, max_size=30),
+    rates=rates_st,
+    data=st.data(),
+)
+def test_credits_do_not_depend_on_order_batching_retries_or_duplicates(
+    stream: list[Record], rates: dict[str, int], data: st.DataObject
+) -> None:
+    shuffled = data.draw(st.permutations(stream))
+    agents = data.draw(st.integers(1, 3))
+    assignment = data.draw(
+        st.lists(st.integers(0, agents - 1), min_size=len(stream), max_size=len(stream))
+    )
+    cuts = data.draw(st.lists(st.integers(1, 8), min_size=1, max_size=5))
+    resends = data.draw(st.lists(st.booleans(), min_size=1, max_size=5))
+
+    expected = expected_credits(stream, rates)
+    by_ledger, by_report = stored_credits(shuffled, rates, agents, assignment, cuts, resends)
+    for account in ACCOUNTS[:-1]:
+        assert by_ledger[account] == expected.get(account, 0)
+    assert by_report == {a: c for a, c in expected.items() if c or a in by_report}
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    first=st.lists(records_st, min_size=1, max_size=15),
+    second=st.lists(records_st, min_size=1, max_size=15),
+    rates=st.fixed_dictionaries(
+        {model: st.sampled_from((0, 1_000_000, 2_000_000, 3_000_000)) for model in MODELS}
+    ),
+)
+def test_credits_are_additive(
+    first: list[Record], second: list[Record], rates: dict[str, int]
+) -> None:
+    """At whole-credit rates nothing is rounded: the credits of two streams together are the
+    sum of their credits apart, account by account."""
+    ones = [0] * 40
+
+    def credits(stream: list[Record]) -> dict[str, int]:
+        return stored_credits(stream, rates, 1, ones[: len(stream)], [5], [False])[0]
+
+    apart_a, apart_b, together = credits(first), credits(second), credits(first + second)
+    for account in ACCOUNTS[:-1]:
+        assert together[account] == apart_a[account] + apart_b[account]

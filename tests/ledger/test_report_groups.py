@@ -1,0 +1,160 @@
+"""Reports grouped by account, model, day, host and GPU, priced, with API requests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from creditmeter.collector.errors import ConfigError
+from creditmeter.collector.ledger import Ledger
+from creditmeter.collector.ledger_store import ApiCharge, Dimension
+from creditmeter.collector.prices import PriceBook
+from creditmeter.collector.report import (
+    DEFAULT_GROUP_BY,
+    Period,
+    build_report,
+    parse_group_by,
+    render_csv,
+    render_json,
+    render_table,
+)
+from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.store import UsageTotal
+
+from .conftest import DAY_US, JUNE_1_US, Feeder
+
+JUNE_10_US = JUNE_1_US + 9 * DAY_US
+JUNE_11_US = JUNE_10_US + DAY_US
+GPU_A, GPU_B = "GPU-aaaa", "GPU-bbbb"
+
+
+@pytest.fixture
+def usage(store: SQLiteStore, feeder: Feeder, ledger: Ledger) -> SQLiteStore:
+    """June 10: acme sdxl 2 × 7.5 s on host-1/GPU-a, acme llama 1 × 4 s on host-2/GPU-b,
+    an unattributed 1 s on host-1/GPU-a, an idle record; June 11: acme sdxl 1 × 7.5 s on
+    host-1/GPU-b and 3 gpt-4o requests."""
+    feeder.send(2, start_us=JUNE_10_US, host="host-1", gpu_uuid=GPU_A)
+    feeder.send(
+        1,
+        model="llama-3-70b",
+        busy_us=4_000_000,
+        start_us=JUNE_10_US,
+        host="host-2",
+        gpu_uuid=GPU_B,
+    )
+    feeder.send(
+        1,
+        account="",
+        model="bert",
+        busy_us=1_000_000,
+        start_us=JUNE_10_US,
+        host="host-1",
+        gpu_uuid=GPU_A,
+    )
+    feeder.send(
+        1, model="idle-model", busy_us=0, start_us=JUNE_10_US, host="host-1", gpu_uuid=GPU_A
+    )
+    feeder.send(1, start_us=JUNE_11_US, host="host-1", gpu_uuid=GPU_B)
+    ledger.record_charge(ApiCharge("r-1", "acme", "gpt-4o", 3, JUNE_11_US + 5))
+    return store
+
+
+def rows(store: SQLiteStore, prices: PriceBook, group_by: str) -> list[tuple[object, ...]]:
+    report = build_report(store, Period(), parse_group_by(group_by), prices)
+    return [(*row.keys, row.busy_us, row.requests, row.credits_micro) for row in report.rows]
+
+
+def test_by_account_and_model(usage: SQLiteStore, prices: PriceBook) -> None:
+    assert rows(usage, prices, "account,model") == [
+        ("acme", "gpt-4o", 0, 3, 12_000_000),
+        ("acme", "llama-3-70b", 4_000_000, 0, 10_000_000),
+        ("acme", "sdxl", 22_500_000, 0, 22_500_000),
+        ("unattributed", "bert", 1_000_000, 0, 1_000_000),  # operators must see it
+    ]  # the idle model does not appear
+
+
+def test_by_day(usage: SQLiteStore, prices: PriceBook) -> None:
+    assert rows(usage, prices, "day") == [
+        ("2025-06-10", 20_000_000, 0, 26_000_000),
+        ("2025-06-11", 7_500_000, 3, 19_500_000),
+    ]
+
+
+def test_by_host_and_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
+    assert rows(usage, prices, "host,gpu") == [
+        ("-", "-", 0, 3, 12_000_000),  # API requests ran on no GPU of ours
+        ("host-1", GPU_A, 16_000_000, 0, 16_000_000),
+        ("host-1", GPU_B, 7_500_000, 0, 7_500_000),
+        ("host-2", GPU_B, 4_000_000, 0, 10_000_000),
+    ]
+
+
+def test_one_account_by_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
+    report = build_report(usage, Period(), (Dimension.GPU,), prices, account="acme")
+    assert [(row.keys, row.credits_micro) for row in report.rows] == [
+        (("-",), 12_000_000),
+        ((GPU_A,), 15_000_000),
+        ((GPU_B,), 17_500_000),
+    ]
+    assert report.credits_micro == 44_500_000
+
+
+def test_a_period_selects_days(usage: SQLiteStore, prices: PriceBook) -> None:
+    report = build_report(usage, Period(JUNE_11_US, None), (Dimension.MODEL,), prices)
+    assert [(row.keys, row.busy_us, row.requests) for row in report.rows] == [
+        (("gpt-4o",), 0, 3),
+        (("sdxl",), 7_500_000, 0),
+    ]
+
+
+def test_formats_show_the_grouped_fields_and_default_prices(
+    usage: SQLiteStore, prices: PriceBook
+) -> None:
+    report = build_report(usage, Period(), (Dimension.ACCOUNT,), prices)
+    assert render_csv(report) == (
+        "account,busy_seconds,requests,credits,records,default_price\n"
+        "acme,26.500000,3,44.500000,5,false\n"
+        "unattributed,1.000000,0,1.000000,1,true\n"
+    )
+    document = json.loads(render_json(report))
+    assert document["group_by"] == ["account"]
+    assert document["totals"] == {
+        "busy_seconds": "27.500000",
+        "requests": 3,
+        "credits": "45.500000",
+        "records": 6,
+    }
+    table = render_table(report).splitlines()
+    assert table[1].split() == ["ACCOUNT", "BUSY_SECONDS", "REQUESTS", "CREDITS", "RECORDS"]
+    assert table[3].split() == ["unattributed", "1.000000", "0", "1.000000*", "1"]
+    assert table[-1].startswith("* includes models billed at the default price")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("account,colour", "'colour' is not one of"),
+        ("model,model", "each field once"),
+        (" , ", "each field once"),
+    ],
+)
+def test_bad_group_by_is_named(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_group_by(text)
+
+
+class _IngestOnlyStore:
+    """A store without a ledger yet (as the PostgreSQL store is for now): hourly rollups."""
+
+    def usage(self, from_us: int | None, to_us: int | None) -> list[UsageTotal]:
+        return [UsageTotal("acme", "sdxl", 7_500_000, 10_000_000, 1)]
+
+
+def test_a_store_without_a_ledger_still_reports_by_account_and_model(prices: PriceBook) -> None:
+    store: Any = _IngestOnlyStore()
+    report = build_report(store, Period(), DEFAULT_GROUP_BY, prices)
+    assert [(row.keys, row.credits_micro) for row in report.rows] == [(("acme", "sdxl"), 7_500_000)]
+    with pytest.raises(ConfigError, match="by account and model only"):
+        build_report(store, Period(), (Dimension.HOST,), prices)

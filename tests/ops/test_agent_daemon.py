@@ -1,0 +1,327 @@
+"""``creditmeter-agent run`` as systemd runs it, on a simulated GPU host: NOTIFY_SOCKET on a
+real datagram socket, /metrics parsed by prometheus_client, gRPC health, a GPU lost while
+running, the open windows written to the outbox on SIGTERM, and mutual TLS to a real
+collector process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from creditmeter.agent import keys
+from creditmeter.agent.main import main
+from creditmeter.agent.outbox import Outbox
+from creditmeter.collector.main import main as collector_main
+from creditmeter.v1 import usage_pb2
+
+from .certs import SERVER_NAME, Authority
+from .processes import (
+    BIN,
+    DEADLINE_S,
+    Daemon,
+    NotifySocket,
+    daemon_env,
+    sample_value,
+    scrape,
+    wait_until,
+)
+
+AGENT_ID = "ops-agent"
+STEADY_PID = 2001  # on GPU 0: runs and computes throughout, never exits
+# On GPU 1, which falls off the bus from t = 20 s to 30 s (2 to 3 real seconds at 10x).
+SCENARIO = """
+description = "Two GPUs with one busy process each; GPU 1 is lost for a while."
+
+[host]
+name = "sim-ops"
+seed = 3
+
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 600
+sample_reading = "per_period"
+
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 600
+sample_reading = "per_period"
+
+[[process]]
+pid = 2001
+gpu = 0
+start_s = 0.2
+busy = [[0.4, 100000.0, 50]]
+env = { CREDITMETER_ACCOUNT = "acme", CREDITMETER_MODEL = "sdxl" }
+
+[[process]]
+pid = 2002
+gpu = 1
+start_s = 0.2
+busy = [[0.4, 100000.0, 100]]
+
+[[fault]]
+kind = "gpu_lost"
+gpu = 1
+start_s = 20.0
+end_s = 30.0
+"""
+
+AGENT_SERIES = (
+    "creditmeter_agent_poll_duration_seconds",
+    "creditmeter_agent_nvml_errors",  # counters: the parser drops "_total" from the family
+    "creditmeter_agent_processes_seen",
+    "creditmeter_agent_busy_seconds",
+    "creditmeter_agent_outbox_records",
+    "creditmeter_agent_outbox_oldest_age_seconds",
+    "creditmeter_agent_delivery_lag_seconds",
+    "creditmeter_agent_reconnects",
+    "creditmeter_agent_gap_seconds",
+)
+
+
+def unused_port() -> int:
+    """A port nothing listens on (bound a moment ago, then closed): a collector that is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(tmp_path / "notify")
+    yield receiver
+    receiver.close()
+
+
+def agent_args(state: Path, agent_id: str, settings: dict[str, str]) -> list[str]:
+    base = {
+        "agent.id": agent_id,
+        "agent.state_dir": str(state),
+        "nvml.backend": "simulated",
+        "nvml.speed": "10",
+        "jobs.enabled": "false",
+        "metrics.listen": "",
+        "collector.backoff_max": "30s",  # simulated seconds: 3 s at 10x
+    }
+    args = [str(BIN / "creditmeter-agent"), "run"]
+    for key, value in {**base, **settings}.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def health_status(port: int, service: str) -> Any:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        request = health_pb2.HealthCheckRequest(service=service)
+        return stub.Check(request, timeout=DEADLINE_S).status
+
+
+@pytest.mark.slow
+def test_agent_daemon_lifecycle_metrics_health_and_a_lost_gpu(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    scenario = tmp_path / "lost.toml"
+    scenario.write_text(SCENARIO)
+    state = tmp_path / "state"
+    state.mkdir()
+    keys.generate(state / "signing-key.pem")
+    args = agent_args(
+        state,
+        AGENT_ID,
+        {
+            "nvml.scenario": str(scenario),
+            "meter.window": "1h",  # no window closes by itself: only SIGTERM closes them
+            "metrics.listen": "127.0.0.1:0",
+            "health.listen": "127.0.0.1:0",
+            "collector.address": f"127.0.0.1:{unused_port()}",
+            "collector.drain_timeout": "0",
+        },
+    )
+    daemon = Daemon(args, tmp_path / "agent.log", daemon_env(notify, watchdog_usec=1_000_000))
+    try:
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")  # from the metering loop
+        metrics_port = int(daemon.log_match(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+        health_port = int(daemon.log_match(r"gRPC health on 127\.0\.0\.1:(\d+)").group(1))
+
+        daemon.log_match(r"GPU lost .*its time is a gap")
+        daemon.log_match(r"GPU is back")  # retried and found again: not a crash
+        metrics = scrape(metrics_port)
+        assert daemon.alive()
+        check_metrics(metrics)
+        assert health_status(health_port, "") == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(health_port, "creditmeter.agent.Shipper") == (
+            health_pb2.HealthCheckResponse.NOT_SERVING  # the collector is down
+        )
+        before_stop = sample_value(metrics["creditmeter_agent_outbox_records"])
+
+        assert daemon.terminate() == 0
+        notify.wait_for("STOPPING=1")
+    finally:
+        daemon.close()
+    records = outbox_records(state)
+    steady = [r for r in records if r.process.pid == STEADY_PID]
+    # The steady process neither exited nor reached a window's end: its busy time reached
+    # the outbox only because SIGTERM closed the open windows before the agent exited.
+    assert len(records) > before_stop
+    assert steady and sum(r.busy_us for r in steady) > 0
+    assert steady[-1].attribution.account == "acme"
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    missing = [name for name in AGENT_SERIES if name not in metrics]
+    assert not missing, missing
+    assert sample_value(metrics["creditmeter_agent_poll_duration_seconds"], "_count") > 0
+    assert sample_value(metrics["creditmeter_agent_nvml_errors"], "_total", kind="GpuLost") >= 1
+    gaps = metrics["creditmeter_agent_gap_seconds"]
+    assert sample_value(gaps, "_total", reason="GAP_REASON_GPU_LOST") > 0
+    assert sample_value(metrics["creditmeter_agent_processes_seen"], "_total") >= 2
+    reconnects = metrics["creditmeter_agent_reconnects"]
+    assert sample_value(reconnects, "_total", outcome="transient") >= 1
+
+
+def outbox_records(state: Path) -> list[usage_pb2.UsageRecord]:
+    outbox = Outbox.open(state / "outbox.db", AGENT_ID, keys.load(state / "signing-key.pem"))
+    records: list[usage_pb2.UsageRecord] = []
+    try:
+        after = 0
+        while (batch := outbox.batch_after(after, 1000)) is not None:
+            records += [usage_pb2.UsageRecord.FromString(data) for data in batch.records]
+            after = batch.last_seq
+    finally:
+        outbox.close()
+    return records
+
+
+# -- mutual TLS between the two daemons -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_agent_delivers_to_the_collector_over_mutual_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = Authority(tmp_path / "pki")
+    server, client = ca.server(), ca.client(AGENT_ID)
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        f"""
+[store]
+url = "sqlite://{tmp_path / "collector.db"}"
+[server]
+listen = "127.0.0.1:0"
+port_file = "collector.port"
+[metrics]
+listen = ""
+[tls]
+enabled = true
+ca_file = "{ca.ca_file}"
+cert_file = "{server.cert_file}"
+key_file = "{server.key_file}"
+"""
+    )
+    state = tmp_path / "state"
+    state.mkdir()
+    public_hex = keys.generate(state / "signing-key.pem")
+    assert collector_main(["enroll", "--config", str(config), AGENT_ID, public_hex]) == 0
+    capsys.readouterr()
+    env = daemon_env_plain()
+    collector = Daemon(
+        [str(BIN / "creditmeter-collector"), "serve", "--config", str(config)],
+        tmp_path / "collector.log",
+        env,
+    )
+    agent: Daemon | None = None
+    try:
+        collector.log_match(r"collector listening")
+        port = int((tmp_path / "collector.port").read_text())
+        tls = {
+            "tls.enabled": "true",
+            "tls.ca_file": str(ca.ca_file),
+            "tls.cert_file": str(client.cert_file),
+            "tls.key_file": str(client.key_file),
+            "tls.server_name": SERVER_NAME,
+        }
+        settings = {"nvml.scenario": "exact", "meter.window": "2s", **tls}
+        settings["collector.address"] = f"127.0.0.1:{port}"
+        settings["metrics.listen"] = "127.0.0.1:0"
+        agent = Daemon(agent_args(state, AGENT_ID, settings), tmp_path / "agent.log", env)
+        metrics_port = int(agent.log_match(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
+        agent.log_match(r"stream to the collector open")
+        wait_until("records stored over mutual TLS", lambda: stored(tmp_path) > 0)
+        wait_until("an acknowledgement", lambda: delivered(scrape(metrics_port)) > 0)
+        metrics = scrape(metrics_port)
+        assert sample_value(metrics["creditmeter_agent_busy_seconds"], "_total") > 0
+        assert delivered(metrics) > 0
+        assert agent.terminate() == 0
+        assert collector.terminate() == 0
+    finally:
+        for daemon in (agent, collector):
+            if daemon is not None:
+                daemon.close()
+    assert "mutual TLS: an agent's certificate CN must be its agent id" in collector.log()
+    assert f"agent {AGENT_ID} connected" in collector.log()
+
+
+def delivered(metrics: dict[str, Any]) -> float:
+    """How many acknowledgements the delivery lag histogram has seen."""
+    return sample_value(metrics["creditmeter_agent_delivery_lag_seconds"], "_count")
+
+
+def daemon_env_plain() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+        env.pop(name, None)
+    return env
+
+
+def stored(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "collector.db") as conn:
+        count: int = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+    return count
+
+
+# -- configuration errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (["tls.cert_file=/etc/a.pem"], "--set: tls.cert_file: set without tls.key_file"),
+        (
+            ["tls.ca_file=/etc/ca.pem"],
+            "--set: tls.ca_file: is set but tls.enabled is false",
+        ),
+        (["health.listen=9466"], "--set: health.listen: '9466' is not HOST:PORT"),
+    ],
+)
+def test_a_bad_configuration_exits_2_naming_the_key(
+    capsys: pytest.CaptureFixture[str], settings: list[str], problem: str
+) -> None:
+    argv = ["run", "--config", "/dev/null"]
+    for setting in settings:
+        argv += ["--set", setting]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem in err, err
+
+
+def test_a_value_of_the_wrong_kind_exits_2_naming_the_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--config", "/dev/null", "--set", "tls.enabled=maybe"])
+    assert exited.value.code == 2
+    assert 'tls.enabled: expected true or false, got "maybe"' in capsys.readouterr().err
