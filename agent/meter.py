@@ -510,7 +510,10 @@ class Meter:
             busy_us += 1
         self.stats.busy_us_metered += busy_us
         start = min([usage.start_us, *(s.start_us for s in usage.slices)])
-        end = max([now_us, *(s.end_us for s in usage.slices)])
+        # A wall clock stepped back further than the window is long puts "now" before the
+        # window's start: it then ends where it began, never before (the collector refuses
+        # an end before the start, and would block the agent's chain on it).
+        end = max([start, now_us, *(s.end_us for s in usage.slices)])
         return WindowUsage(
             key=t.key,
             device=t.device,

@@ -20,11 +20,12 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
                                  [--source NAME] [--out FILE]
 
 Every command takes --db; those that price (balance, period close, report, export, charge)
-take --prices PATH (default $CREDITMETER_PRICES; none: 1 credit per busy second and per
-request). Commands that change credits record who (--by, default the login name) and why.
-Periods close explicitly: run ``period close --all`` daily (a timer); it closes the periods
-that ended more than --grace-hours (default 24) ago, so that records still in agents'
-outboxes when a period ends land before it is frozen.
+take --prices PATH (default $CREDITMETER_PRICES, then ledger.prices_file of the configuration
+file, as ``serve`` prices; none: 1 credit per busy second and per request). Commands that
+change credits record who (--by, default the login name) and why. Periods close explicitly:
+run ``period close --all`` daily (a timer); it closes the periods that ended more than
+--grace-hours (default 24) ago, so that records still in agents' outboxes when a period ends
+land before it is frozen.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from creditmeter.collector import settings
 from creditmeter.collector.errors import ConfigError, InvalidRequest
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
 from creditmeter.collector.ledger import Balance, Ledger, credits_micro, micro_text
@@ -62,7 +64,7 @@ from creditmeter.collector.report import (
 from creditmeter.collector.rollup import HOUR_US
 from creditmeter.collector.stores import open_store
 
-PRICES_ENV = "CREDITMETER_PRICES"
+PRICES_ENV = settings.PRICES_ENV
 DEFAULT_GRACE_HOURS = 24
 EXIT_OK = 0
 
@@ -82,7 +84,8 @@ def add_commands(commands: Any, db: argparse.ArgumentParser) -> None:
         type=Path,
         default=os.environ.get(PRICES_ENV),
         metavar="PATH",
-        help=f"price list TOML (default: ${PRICES_ENV}; none: 1 credit per busy second)",
+        help=f"price list TOML (default: ${PRICES_ENV}, then ledger.prices_file of the "
+        "configuration file; none: 1 credit per busy second)",
     )
     _add_plan_commands(commands, db, who)
     _add_account_commands(commands, db, who)
@@ -90,18 +93,17 @@ def add_commands(commands: Any, db: argparse.ArgumentParser) -> None:
     _add_reading_commands(commands, db, priced)
 
 
-def serve_handlers(store: object, prices_path: Path | None = None) -> list[Any]:
-    """The Query and Charges handlers for ``serve``; none for a store without a ledger (the
-    services then answer UNIMPLEMENTED). The price list is ``prices_path``, by default
-    $CREDITMETER_PRICES. Raises PriceFileError for a bad price list."""
-    if prices_path is None and os.environ.get(PRICES_ENV):
-        prices_path = Path(os.environ[PRICES_ENV])
+def serve_handlers(store: object, prices_path: Path | None) -> list[Any]:
+    """The Query and Charges handlers for ``serve``, pricing with ``prices_path`` (setting
+    ``ledger.prices_file``; None: the default prices); none for a store without a ledger
+    (the services then answer UNIMPLEMENTED). Raises PriceFileError for a bad price list."""
     prices = _prices(prices_path)
     try:
         ledger_store = as_ledger_store(store)
     except ConfigError as exc:
         log.warning("not serving Query and Charges: %s", exc)
         return []
+    log.info("serving Query and Charges, prices: %s", prices_path or "default (1 credit)")
     return ledger_handlers(Ledger(ledger_store, prices), ledger_store)
 
 

@@ -4,29 +4,44 @@ For every agent: the chain runs from seq 1 without holes; each stored hash is th
 of the stored bytes and each prev_hash the hash of the record before; every record still
 passes the verifier's checks; every stored signature verifies under the agent's key and the
 last record is covered by one; the columns extracted at ingest still say what the bytes
-say; the agent's head is its last record. Then the hourly rollups must equal the sums of
-the records. Anything else is a finding: a database edited behind the collector's back, a
-bug, or a disk error. Audit works on one snapshot, so a running collector does not cause
-findings.
+say; the agent's head is its last record. Then the rollups reports and balances read must
+equal the sums of their sources: the hourly and the per-device rollups those of the record
+bytes, and the hourly API rollups those of the stored API charges. Anything else is a
+finding: a database edited behind the collector's back, a bug, or a disk error. Audit works
+on one snapshot, so a running collector does not cause findings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from creditmeter import chain
 from creditmeter.collector.errors import RejectedBatch
-from creditmeter.collector.rollup import Rollup, RollupKey, RollupSums, hour_text
+from creditmeter.collector.ledger_store import ApiCharge, LedgerSnapshot
+from creditmeter.collector.rollup import (
+    DeviceRollupKey,
+    RollupKey,
+    RollupSums,
+    device_hourly_sums,
+    hour_start_us,
+    hour_text,
+)
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ
 from creditmeter.collector.store import AgentInfo, Snapshot, Store, StoredRecord
 from creditmeter.collector.verifier import Verifier
 
 # Columns not derived from the bytes (or compared on their own).
 _UNCHECKED_COLUMNS = frozenset({"hash", "record", "received_at_us"})
+_RECORD_SUMS = "busy_us, wall_us, records"
+_API_SUMS = "requests, charges"
+ApiRollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
+# Rollup keys: (hour, account, model) of the hourly and API rollups, or a device rollup key.
+Key = TypeVar("Key", RollupKey, DeviceRollupKey)
 
 
 @dataclass(frozen=True)
@@ -62,11 +77,11 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
     result = AuditResult()
     agents = {agent.agent_id: agent for agent in snapshot.agents()}
     result.agent_count = len(agents)
-    sums: dict[RollupKey, RollupSums] = {}
+    expected = _ExpectedSums()
     audited: set[str] = set()
     for agent_id, records in groupby(snapshot.records(), key=lambda record: record.agent_id):
         audited.add(agent_id)
-        chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, sums)
+        chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, expected)
         chain_audit.run(records)
     for agent_id in agents.keys() - audited:
         if agents[agent_id].head.seq != 0:
@@ -75,8 +90,61 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
                     agent_id, None, f"head is seq {agents[agent_id].head.seq}, no record stored"
                 )
             )
-    result.findings.extend(_rollup_findings(snapshot.rollups(), sums))
+    result.findings.extend(
+        _sum_findings(
+            (
+                ((r.hour_start_us, r.account, r.model), [r.busy_us, r.wall_us, r.record_count])
+                for r in snapshot.rollups()
+            ),
+            expected.hourly,
+            _hourly_where,
+            _RECORD_SUMS,
+            "records",
+        )
+    )
+    # Both stores' snapshots are LedgerSnapshots; store.Snapshot leaves these reads out so
+    # that a store may add its ledger after its ingest.
+    if isinstance(snapshot, LedgerSnapshot):
+        result.findings.extend(_ledger_rollup_findings(snapshot, expected.device))
     return result
+
+
+@dataclass
+class _ExpectedSums:
+    """What the record bytes say the rollups must hold."""
+
+    hourly: dict[RollupKey, RollupSums] = field(default_factory=dict)
+    device: dict[DeviceRollupKey, RollupSums] = field(default_factory=dict)
+
+
+def _ledger_rollup_findings(
+    snapshot: LedgerSnapshot, device: dict[DeviceRollupKey, RollupSums]
+) -> Iterator[Finding]:
+    """The per-device rollups against the record bytes, the API rollups against the stored
+    API charges."""
+    yield from _sum_findings(
+        (
+            (
+                (r.hour_start_us, r.host, r.gpu_uuid, r.account, r.model),
+                [r.busy_us, r.wall_us, r.record_count],
+            )
+            for r in snapshot.device_rollups()
+        ),
+        device,
+        _device_where,
+        _RECORD_SUMS,
+        "records",
+    )
+    yield from _sum_findings(
+        (
+            ((r.hour_start_us, r.account, r.model), [r.requests, r.charge_count])
+            for r in snapshot.api_rollups()
+        ),
+        _api_sums(snapshot.api_charges()),
+        _api_where,
+        _API_SUMS,
+        "charges",
+    )
 
 
 class _ChainAudit:
@@ -88,13 +156,13 @@ class _ChainAudit:
         agent: AgentInfo | None,
         verifier: Verifier,
         result: AuditResult,
-        sums: dict[RollupKey, RollupSums],
+        expected: _ExpectedSums,
     ) -> None:
         self.agent_id = agent_id
         self.agent = agent
         self.verifier = verifier
         self.result = result
-        self.sums = sums
+        self.expected = expected
         self.public_key = self._public_key()
 
     def run(self, records: Iterable[StoredRecord]) -> None:
@@ -144,10 +212,8 @@ class _ChainAudit:
                     record.seq,
                     f"column {name} holds {record.columns[index]!r}, the bytes say {row[index]!r}",
                 )
-        for key, part in checked.sums.items():
-            total = self.sums.setdefault(key, [0, 0, 0])
-            for i, value in enumerate(part):
-                total[i] += value
+        _add(self.expected.hourly, checked.sums)
+        _add(self.expected.device, device_hourly_sums(checked.rows))
 
     def _check_signature(self, record: StoredRecord, actual_hash: bytes) -> None:
         if self.public_key is None:
@@ -184,26 +250,58 @@ class _ChainAudit:
         self.result.findings.append(Finding(self.agent_id, seq, problem))
 
 
-def _rollup_findings(
-    stored: Iterator[Rollup], expected: dict[RollupKey, RollupSums]
+def _add(into: dict[Key, RollupSums], sums: dict[Key, RollupSums]) -> None:
+    for key, part in sums.items():
+        total = into.setdefault(key, [0] * len(part))
+        for i, value in enumerate(part):
+            total[i] += value
+
+
+def _api_sums(charges: Iterable[ApiCharge]) -> dict[ApiRollupKey, list[int]]:
+    """[requests, charges] per (hour, account, model), as the API rollups must hold."""
+    sums: dict[ApiRollupKey, list[int]] = {}
+    for charge in charges:
+        total = sums.setdefault(
+            (hour_start_us(charge.time_us), charge.account, charge.model), [0, 0]
+        )
+        total[0] += charge.count
+        total[1] += 1
+    return sums
+
+
+def _sum_findings(
+    stored: Iterable[tuple[Key, list[int]]],
+    expected: dict[Key, list[int]],
+    where: Callable[[Key], str],
+    what: str,
+    source: str,
 ) -> Iterator[Finding]:
+    """A finding for every stored rollup whose sums (``what``) differ from what its
+    ``source`` adds up to, and for every expected one that is not stored."""
     remaining = dict(expected)
-    for rollup in stored:
-        key = (rollup.hour_start_us, rollup.account, rollup.model)
-        want = remaining.pop(key, [0, 0, 0])
-        have = [rollup.busy_us, rollup.wall_us, rollup.record_count]
+    for key, have in stored:
+        want = remaining.pop(key, [0] * len(have))
         if have != want:
             yield Finding(
-                None,
-                None,
-                f"hour {hour_text(rollup.hour_start_us)} account {rollup.account!r} model "
-                f"{rollup.model!r}: stored busy_us, wall_us, records {have}, the records "
-                f"sum to {want}",
+                None, None, f"{where(key)}: stored {what} {have}, the {source} sum to {want}"
             )
-    for (hour_us, account, model), want in sorted(remaining.items()):
-        yield Finding(
-            None,
-            None,
-            f"hour {hour_text(hour_us)} account {account!r} model {model!r}: no rollup stored, "
-            f"the records sum to {want}",
-        )
+    for key, want in sorted(remaining.items()):
+        yield Finding(None, None, f"{where(key)}: no rollup stored, the {source} sum to {want}")
+
+
+def _hourly_where(key: RollupKey) -> str:
+    hour_us, account, model = key
+    return f"hour {hour_text(hour_us)} account {account!r} model {model!r}"
+
+
+def _device_where(key: DeviceRollupKey) -> str:
+    hour_us, host, gpu_uuid, account, model = key
+    return (
+        f"device hour {hour_text(hour_us)} host {host!r} gpu {gpu_uuid!r} account {account!r} "
+        f"model {model!r}"
+    )
+
+
+def _api_where(key: ApiRollupKey) -> str:
+    hour_us, account, model = key
+    return f"API hour {hour_text(hour_us)} account {account!r} model {model!r}"

@@ -175,6 +175,50 @@ class UsageEvent:
     busy_us: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceRollup:
+    """One stored per-device rollup row (shards summed)."""
+
+    hour_start_us: int
+    host: str
+    gpu_uuid: str
+    account: str
+    model: str
+    busy_us: int
+    wall_us: int
+    record_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRollup:
+    """One stored hourly rollup of API charges (shards summed)."""
+
+    hour_start_us: int
+    account: str
+    model: str
+    requests: int
+    charge_count: int
+
+
+@runtime_checkable
+class LedgerSnapshot(Protocol):
+    """What a store's audit snapshot (store.Snapshot) offers beyond records and hourly
+    rollups, read in the same consistent view: the rollups reports and balances read, and
+    the API charges those sum."""
+
+    def device_rollups(self) -> Iterator[DeviceRollup]:
+        """Ordered by hour, host, gpu, account, model."""
+        ...
+
+    def api_rollups(self) -> Iterator[ApiRollup]:
+        """Ordered by hour, account, model."""
+        ...
+
+    def api_charges(self) -> Iterator[ApiCharge]:
+        """Every stored API charge, by request id."""
+        ...
+
+
 class LedgerStore(Protocol):
     # -- plans and accounts ----------------------------------------------------------------
 

@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"no database: pass --db sqlite:///absolute/path or set {DB_ENV} "
                     f"(or store.url in {settings.DEFAULT_CONFIG})"
                 )
+        if hasattr(args, "prices"):  # a credit command that prices: as serve does
+            args.prices = settings.admin_prices_file(getattr(args, "config", None), args.prices)
         return command(args)
     except (ConfigError, EnrollmentError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -192,7 +194,7 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
             observer=telemetry,
             api_auth=access,
             on_api_refused=telemetry.api_refused,
-            extra_handlers=admin_cli.serve_handlers(store),
+            extra_handlers=admin_cli.serve_handlers(store, config[settings.PRICES_FILE]),
         )
         # The agents' port first: when it is taken, that is the error worth reporting. The
         # server is stopped after the metrics (LIFO), so /metrics shows the drain too.
@@ -272,7 +274,9 @@ def _api_access(config: Config) -> ApiAccess:
 
 def _open_store(config: Config) -> Store:
     try:
-        return open_store(config[settings.STORE_URL], create=True)
+        return open_store(
+            config[settings.STORE_URL], create=True, pool_size=config[settings.POOL_SIZE]
+        )
     except ConfigError as exc:
         source = config.sources.get(settings.STORE_URL.name, "default")
         raise ConfigError(f"{source}: {settings.STORE_URL.name}: {exc}") from None

@@ -20,13 +20,29 @@ StoreBusy, UNAVAILABLE: the agent retries) and ``idle_in_transaction_session_tim
 database ends the hung transaction); a killed collector's transactions end with its
 connection.
 
-Rollups are upserted in the same transaction, in the same statement that moves the head
-(``_advance``, the last before the commit), in key order everywhere, so two writers never
-wait for each other's rows in opposite orders (no deadlock). Each transaction takes exactly
-one agent lock, first, and only rollup locks after it. The rollup key carries a ``shard``
-(crc32 of the agent id mod ``ROLLUP_SHARDS``): an upserted rollup row stays locked until
-commit, WAL flush included, so if every agent of a large account shared one row per hour,
-all collectors would commit that account's batches one after another. Readers sum shards.
+Rollups (per account and model, and per device for reports by host and GPU) are upserted
+in the same transaction, in the same statement that moves the head (``_advance``, the last
+before the commit), device rows first, each table in key order, everywhere, so two writers
+never wait for each other's rows in opposite orders (no deadlock). Each transaction takes
+exactly one agent lock, first, and only rollup locks after it. The rollup key carries a
+``shard`` (crc32 of the agent id mod ``ROLLUP_SHARDS``): an upserted rollup row stays locked
+until commit, WAL flush included, so if every agent of a large account shared one row per
+hour, all collectors would commit that account's batches one after another. Readers sum
+shards.
+
+The ledger (``LedgerStore``) decides inside its transactions, as ingest does:
+  * an account's row is its lock. Closing a period locks it ``FOR UPDATE``; adding an entry
+    or a plan change locks it ``FOR SHARE`` (they may run beside each other, never beside a
+    close), then reads where the closed periods end. A close therefore waits for entries in
+    flight, and an entry waiting for a close reads (READ COMMITTED: a snapshot per
+    statement, taken after the lock was granted) the period that close froze, and is
+    refused; two closes of one period run one after the other and the second is refused.
+    No deadlock: the account row is the first lock of each of these transactions, and what
+    they lock after it (key-share locks of their foreign keys on plans) nothing updates.
+  * an API charge is one statement (``_RECORD_CHARGE``): the request id's unique index
+    decides whether it is new, the charge and its hourly rollup commit together, and a retry
+    of a charge still in flight at another collector waits for it. API rollups are sharded
+    by request id, for the same reason as the record rollups.
 
 Bulk path: after the agent's row is locked, ``first_new_index`` has already told which
 records are new (and compared every resent one with the stored hash), so the new rows are
@@ -67,7 +83,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import psycopg
@@ -81,17 +97,49 @@ from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
     AgentMismatch,
     AgentRevoked,
+    ChargeConflict,
     ConfigError,
     EnrollmentError,
     InsaneField,
+    LedgerError,
+    PeriodClosed,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
     StoreCorrupt,
     StoreError,
+    UnknownAccount,
     UnknownAgent,
+    UnknownPlan,
 )
-from creditmeter.collector.rollup import Rollup, RollupKey, RollupSums, hourly_sums
+from creditmeter.collector.ledger_store import (
+    Account,
+    ApiCharge,
+    ApiRollup,
+    DeviceRollup,
+    Dimension,
+    EntryKind,
+    LedgerEntry,
+    LineKind,
+    ModelUsage,
+    Plan,
+    PlanChange,
+    Statement,
+    StatementLine,
+    UsageEvent,
+    UsageGroup,
+)
+from creditmeter.collector.periods import iso_text
+from creditmeter.collector.rollup import (
+    DAY_US,
+    HOUR_US,
+    DeviceRollupKey,
+    Rollup,
+    RollupKey,
+    RollupSums,
+    device_hourly_sums,
+    hourly_sums,
+)
 from creditmeter.collector.rows import ENERGY_ABSENT, ENERGY_MJ, HASH, ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
@@ -187,6 +235,122 @@ MIGRATIONS: tuple[Migration, ...] = (
                 FROM records GROUP BY 1, 2, 3""",
         ),
     ),
+    Migration(
+        3,
+        "hourly rollups per device (sharded by agent) for reports by host and GPU, backfilled "
+        "from the records; rollups by account for balances",
+        (
+            # Balances read one account's hours: without this they would scan every account.
+            "CREATE INDEX rollups_hourly_by_account ON rollups_hourly (account, hour_start_us)",
+            # Sharded like rollups_hourly: several agents may report one host name (several
+            # agents on one machine), and would then queue on one row per hour.
+            """CREATE TABLE rollups_device_hourly (
+                hour_start_us BIGINT NOT NULL,
+                host TEXT COLLATE "C" NOT NULL,
+                gpu_uuid TEXT COLLATE "C" NOT NULL,
+                account TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                shard SMALLINT NOT NULL DEFAULT 0,
+                busy_us BIGINT NOT NULL,
+                wall_us BIGINT NOT NULL,
+                record_count BIGINT NOT NULL,
+                PRIMARY KEY (hour_start_us, host, gpu_uuid, account, model, shard)
+            )""",
+            # Runs inside the migration transaction, which collectors starting meanwhile
+            # wait for (one pass over records: minutes on a large database).
+            """INSERT INTO rollups_device_hourly
+                SELECT start_us - start_us % 3600000000, host, gpu_uuid, account, model, 0,
+                       SUM(busy_us), SUM(wall_us), COUNT(*)
+                FROM records GROUP BY 1, 2, 3, 4, 5""",
+        ),
+    ),
+    Migration(
+        4,
+        "the credit ledger: plans, accounts, credit entries, API charges, closed periods",
+        (
+            """CREATE TABLE plans (
+                name TEXT COLLATE "C" PRIMARY KEY,
+                grant_micro BIGINT NOT NULL,
+                created_at_us BIGINT NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            # The row every write of an account's credits locks (see the module docstring).
+            """CREATE TABLE accounts (
+                name TEXT COLLATE "C" PRIMARY KEY,
+                anchor_day BIGINT NOT NULL,
+                first_period_start_us BIGINT NOT NULL,
+                created_at_us BIGINT NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            # Several changes may name the same period: the last one made wins, and all of
+            # them stay for the audit trail.
+            """CREATE TABLE plan_changes (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                account TEXT COLLATE "C" NOT NULL REFERENCES accounts,
+                effective_us BIGINT NOT NULL,
+                plan TEXT COLLATE "C" NOT NULL REFERENCES plans,
+                created_at_us BIGINT NOT NULL,
+                created_by TEXT NOT NULL
+            )""",
+            "CREATE INDEX plan_changes_by_account ON plan_changes (account, effective_us, id)",
+            """CREATE TABLE ledger_entries (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                account TEXT COLLATE "C" NOT NULL REFERENCES accounts,
+                kind TEXT NOT NULL,
+                amount_micro BIGINT NOT NULL,
+                effective_us BIGINT NOT NULL,
+                expires_us BIGINT,
+                reason TEXT NOT NULL,
+                created_by TEXT NOT NULL,
+                created_at_us BIGINT NOT NULL
+            )""",
+            "CREATE INDEX ledger_entries_by_account ON ledger_entries (account, id)",
+            # No foreign key to accounts: the gateway may charge an account not opened yet
+            # (reported, never charged to a balance, as unattributed usage is).
+            """CREATE TABLE api_charges (
+                request_id TEXT COLLATE "C" PRIMARY KEY,
+                account TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                count BIGINT NOT NULL,
+                time_us BIGINT NOT NULL,
+                received_at_us BIGINT NOT NULL
+            )""",
+            # Sharded by request id, as rollups_hourly by agent: a gateway charging one
+            # account and model from many threads would otherwise queue on one row an hour.
+            """CREATE TABLE api_rollups_hourly (
+                hour_start_us BIGINT NOT NULL,
+                account TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                shard SMALLINT NOT NULL DEFAULT 0,
+                requests BIGINT NOT NULL,
+                charge_count BIGINT NOT NULL,
+                PRIMARY KEY (hour_start_us, account, model, shard)
+            )""",
+            "CREATE INDEX api_rollups_hourly_by_account "
+            "ON api_rollups_hourly (account, hour_start_us)",
+            """CREATE TABLE statements (
+                account TEXT COLLATE "C" NOT NULL REFERENCES accounts,
+                start_us BIGINT NOT NULL,
+                end_us BIGINT NOT NULL,
+                plan TEXT COLLATE "C" NOT NULL REFERENCES plans,
+                plan_grant_micro BIGINT NOT NULL,
+                closed_at_us BIGINT NOT NULL,
+                closed_by TEXT NOT NULL,
+                PRIMARY KEY (account, start_us)
+            )""",
+            """CREATE TABLE statement_lines (
+                account TEXT COLLATE "C" NOT NULL,
+                start_us BIGINT NOT NULL,
+                kind TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                quantity BIGINT NOT NULL,
+                credits_micro BIGINT NOT NULL,
+                default_price BOOLEAN NOT NULL,
+                PRIMARY KEY (account, start_us, kind, model),
+                FOREIGN KEY (account, start_us) REFERENCES statements
+            )""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -240,15 +404,30 @@ RECORD_COPY_TYPES: Final = (
 )
 assert len(RECORD_COPY_TYPES) == len(RECORD_COPY_COLUMNS)
 # The head moves and the batch's rollups are added in one statement, one round trip. The
-# agents row is the one the transaction locked first, so the UPDATE never waits; unnest
-# yields the rollup rows in array order and the INSERT takes them in that order, so they are
-# locked in the order the caller sorted them.
+# agents row is the one the transaction locked first, so the UPDATE never waits. Rollup rows
+# are locked in one order everywhere, so writers cannot deadlock: first the device rollups,
+# then the hourly ones, each in the order the caller sorted them (unnest yields rows in array
+# order and the INSERT takes them in that order). The device upsert comes first because the
+# hourly INSERT's WHERE reads its result: PostgreSQL must finish it (an InitPlan, run once
+# before the first hourly row) before it inserts any hourly row. Data-modifying CTEs that
+# nothing reads run in no documented order, so the order is forced this way, not assumed.
 _ADVANCE = """
-    WITH head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s)
+    WITH device AS (
+        INSERT INTO rollups_device_hourly (hour_start_us, host, gpu_uuid, account, model, shard,
+                                           busy_us, wall_us, record_count)
+        SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
+                             %s::smallint[], %s::bigint[], %s::bigint[], %s::bigint[])
+        ON CONFLICT (hour_start_us, host, gpu_uuid, account, model, shard) DO UPDATE SET
+            busy_us = rollups_device_hourly.busy_us + excluded.busy_us,
+            wall_us = rollups_device_hourly.wall_us + excluded.wall_us,
+            record_count = rollups_device_hourly.record_count + excluded.record_count
+        RETURNING 1
+    ), head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s)
     INSERT INTO rollups_hourly
         (hour_start_us, account, model, shard, busy_us, wall_us, record_count)
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::bigint[],
                          %s::bigint[], %s::bigint[])
+    WHERE (SELECT count(*) FROM device) >= 0
     ON CONFLICT (hour_start_us, account, model, shard) DO UPDATE SET
         busy_us = rollups_hourly.busy_us + excluded.busy_us,
         wall_us = rollups_hourly.wall_us + excluded.wall_us,
@@ -362,7 +541,8 @@ class PostgresStore:
                 _copy_records(cur, new_rows, batch.signature)
             new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
             sums = records.sums if start == 0 else hourly_sums(new_rows)
-            _advance(cur, agent_id, new_head, self._shard(agent_id), sums)
+            device_sums = device_hourly_sums(new_rows)
+            _advance(cur, agent_id, new_head, self._shard(agent_id), sums, device_sums)
         return new_head
 
     # -- reading -------------------------------------------------------------------------
@@ -396,11 +576,277 @@ class PostgresStore:
         connection. Later calls raise StoreClosed."""
         self._pool.close()
 
+    # -- the ledger (LedgerStore) --------------------------------------------------------
+
+    def define_plan(self, plan: Plan) -> Plan:
+        with self._transaction(f"defining plan {plan.name!r}") as cur:
+            # ON CONFLICT: of two definitions at once, the second waits for the first's
+            # commit, then reads its plan below.
+            cur.execute(
+                "INSERT INTO plans VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (plan.name, plan.grant_micro, plan.created_at_us, plan.created_by),
+            )
+            if cur.rowcount == 1:
+                return plan
+            stored = _plan(cur, plan.name)
+        assert stored is not None  # plans are never deleted
+        if stored.grant_micro != plan.grant_micro:
+            raise LedgerError(
+                f"plan {plan.name!r} is already defined with a grant of "
+                f"{stored.grant_micro} µcredits; plans never change (define a new one)"
+            )
+        return stored
+
+    def plans(self) -> list[Plan]:
+        with self._statement("reading plans") as cur:
+            return [Plan(*row) for row in cur.execute(_SELECT_PLAN + " ORDER BY name")]
+
+    def open_account(self, account: Account, plan: str) -> Account:
+        with self._transaction(f"opening account {account.name!r}") as cur:
+            if _plan(cur, plan) is None:
+                raise UnknownPlan(f"no plan {plan!r} is defined")
+            cur.execute(
+                "INSERT INTO accounts VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (
+                    account.name,
+                    account.anchor_day,
+                    account.first_period_start_us,
+                    account.created_at_us,
+                    account.created_by,
+                ),
+            )
+            if cur.rowcount == 1:
+                _insert_plan_change(
+                    cur,
+                    PlanChange(
+                        account.name,
+                        plan,
+                        account.first_period_start_us,
+                        account.created_at_us,
+                        account.created_by,
+                    ),
+                )
+                return account
+            stored = _account(cur, account.name)
+            first_plan = _plan_changes(cur, account.name)[0].plan
+        assert stored is not None  # accounts are never deleted
+        if (stored.anchor_day, stored.first_period_start_us, first_plan) != (
+            account.anchor_day,
+            account.first_period_start_us,
+            plan,
+        ):
+            raise LedgerError(
+                f"account {account.name!r} is already open (anchor day {stored.anchor_day}, "
+                f"first period {iso_text(stored.first_period_start_us)}, plan {first_plan!r})"
+            )
+        return stored
+
+    def account(self, name: str) -> Account | None:
+        with self._statement(f"reading account {name!r}") as cur:
+            return _account(cur, name)
+
+    def accounts(self) -> list[Account]:
+        with self._statement("reading accounts") as cur:
+            return [Account(*row) for row in cur.execute(_SELECT_ACCOUNT + " ORDER BY name")]
+
+    def change_plan(self, change: PlanChange) -> None:
+        with self._transaction(f"changing the plan of {change.account!r}") as cur:
+            _check_open(cur, change.account, change.effective_us, "a plan change")
+            if _plan(cur, change.plan) is None:
+                raise UnknownPlan(f"no plan {change.plan!r} is defined")
+            _insert_plan_change(cur, change)
+
+    def plan_changes(self, account: str) -> list[PlanChange]:
+        with self._statement(f"reading plan changes of {account!r}") as cur:
+            return _plan_changes(cur, account)
+
+    def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        with self._transaction(f"adding a {entry.kind.value} to {entry.account!r}") as cur:
+            _check_open(cur, entry.account, entry.effective_us, f"a {entry.kind.value}")
+            row = cur.execute(
+                """INSERT INTO ledger_entries (account, kind, amount_micro, effective_us,
+                       expires_us, reason, created_by, created_at_us)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                (
+                    entry.account,
+                    entry.kind.value,
+                    entry.amount_micro,
+                    entry.effective_us,
+                    entry.expires_us,
+                    entry.reason,
+                    entry.created_by,
+                    entry.created_at_us,
+                ),
+            ).fetchone()
+        assert row is not None
+        return replace(entry, entry_id=row[0])
+
+    def entries(self, account: str) -> list[LedgerEntry]:
+        with self._statement(f"reading entries of {account!r}") as cur:
+            cur.execute(
+                """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
+                          created_by, created_at_us, id
+                   FROM ledger_entries WHERE account = %s ORDER BY id""",
+                (account,),
+            )
+            return [LedgerEntry(row[0], EntryKind(row[1]), *row[2:]) for row in cur]
+
+    def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool:
+        """One statement, so its own transaction: the charge and its rollup commit together.
+        The request id's unique index decides: a charge with the same id in flight elsewhere
+        makes ON CONFLICT wait for that transaction, then do nothing if it committed (and
+        insert if it rolled back); the stored charge is then compared in a later statement,
+        which sees it (READ COMMITTED)."""
+        hour_us = charge.time_us - charge.time_us % HOUR_US
+        with self._statement(f"storing API charge {charge.request_id!r}") as cur:
+            cur.execute(
+                _RECORD_CHARGE,
+                (
+                    charge.request_id,
+                    charge.account,
+                    charge.model,
+                    charge.count,
+                    charge.time_us,
+                    received_at_us,
+                    hour_us,
+                    self._shard(charge.request_id),
+                ),
+            )
+            if cur.rowcount == 1:
+                return True
+            stored = cur.execute(
+                "SELECT account, model, count, time_us FROM api_charges WHERE request_id = %s",
+                (charge.request_id,),
+            ).fetchone()
+        assert stored is not None  # charges are never deleted
+        if tuple(stored) != (charge.account, charge.model, charge.count, charge.time_us):
+            raise ChargeConflict(
+                f"request id {charge.request_id!r} is already charged as account "
+                f"{stored[0]!r} model {stored[1]!r} count {stored[2]} at "
+                f"{iso_text(stored[3])}; the stored charge is kept"
+            )
+        return False
+
+    def model_usage(self, account: str, from_us: int, to_us: int) -> dict[str, ModelUsage]:
+        # One statement: busy time and requests from one snapshot.
+        with self._statement(f"reading usage of {account!r}") as cur:
+            cur.execute(
+                """SELECT model, SUM(busy_us)::bigint, 0::bigint FROM rollups_hourly
+                   WHERE account = %(account)s
+                     AND hour_start_us >= %(from_us)s AND hour_start_us < %(to_us)s
+                   GROUP BY model
+                   UNION ALL
+                   SELECT model, 0::bigint, SUM(requests)::bigint FROM api_rollups_hourly
+                   WHERE account = %(account)s
+                     AND hour_start_us >= %(from_us)s AND hour_start_us < %(to_us)s
+                   GROUP BY model""",
+                {"account": account, "from_us": from_us, "to_us": to_us},
+            )
+            rows = cur.fetchall()
+        usage: dict[str, ModelUsage] = {}
+        for model, busy_us, requests in rows:
+            sofar = usage.get(model, ModelUsage())
+            usage[model] = ModelUsage(sofar.busy_us + busy_us, sofar.requests + requests)
+        return usage
+
+    def grouped_usage(
+        self,
+        from_us: int | None,
+        to_us: int | None,
+        dimensions: frozenset[Dimension],
+        account: str | None = None,
+    ) -> list[UsageGroup]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        busy_sql, busy_parameters = _grouped_sql(dimensions, account, bounds, api=False)
+        api_sql, api_parameters = _grouped_sql(dimensions, account, bounds, api=True)
+        # One statement: busy rows and request rows from one snapshot.
+        with self._statement("reading usage") as cur:
+            cur.execute(f"{busy_sql} UNION ALL {api_sql}", (*busy_parameters, *api_parameters))
+            return [UsageGroup(*row) for row in cur]
+
+    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        for row in self._read_rows(
+            """SELECT agent_id, seq, start_us, end_us, host, gpu_uuid, account, model, job_id,
+                      busy_us
+               FROM records WHERE busy_us > 0 AND start_us >= %s AND start_us < %s
+               ORDER BY agent_id, seq""",
+            bounds,
+        ):
+            yield UsageEvent(*row)
+
+    def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:
+        bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        for row in self._read_rows(
+            """SELECT request_id, account, model, count, time_us FROM api_charges
+               WHERE time_us >= %s AND time_us < %s ORDER BY request_id""",
+            bounds,
+        ):
+            yield ApiCharge(*row)
+
+    def close_period(self, statement: Statement) -> None:
+        account = statement.account
+        with self._transaction(f"closing a period of {account!r}") as cur:
+            # FOR UPDATE: waits for entries and plan changes being added (they hold the row
+            # FOR SHARE) and for another close of the account; each then sees this one.
+            closed_through_us = _closed_through_us(cur, _locked_account(cur, account, _CLOSING))
+            if statement.start_us != closed_through_us:
+                raise PeriodClosed(
+                    f"account {account!r}: the period starting {iso_text(statement.start_us)} "
+                    + (
+                        "is already closed"
+                        if statement.start_us < closed_through_us
+                        else f"cannot close before the one starting {iso_text(closed_through_us)}"
+                    )
+                )
+            _insert_statement(cur, statement)
+
+    def statements(self, account: str) -> list[Statement]:
+        # One statement (a join): heads and lines from one snapshot.
+        with self._statement(f"reading statements of {account!r}") as cur:
+            cur.execute(
+                """SELECT s.start_us, s.end_us, s.plan, s.plan_grant_micro, s.closed_at_us,
+                          s.closed_by, l.kind, l.model, l.quantity, l.credits_micro,
+                          l.default_price
+                   FROM statements s LEFT JOIN statement_lines l
+                        ON l.account = s.account AND l.start_us = s.start_us
+                   WHERE s.account = %s ORDER BY s.start_us, l.kind, l.model""",
+                (account,),
+            )
+            rows = cur.fetchall()
+        heads: dict[int, tuple[Any, ...]] = {}
+        lines: dict[int, list[StatementLine]] = {}
+        for row in rows:
+            start_us, kind = row[0], row[6]
+            heads[start_us] = row[:6]
+            lines.setdefault(start_us, [])
+            if kind is not None:  # a period without charges has no lines
+                lines[start_us].append(StatementLine(LineKind(kind), *row[7:]))
+        return [
+            Statement(account, start, end, plan, grant, tuple(lines[start]), at, by)
+            for start, end, plan, grant, at, by in heads.values()
+        ]
+
+    def _read_rows(self, sql: str, parameters: tuple[int, int]) -> Iterator[TupleRow]:
+        """Streams a long read (an export) on a connection of its own, in one REPEATABLE
+        READ transaction: one consistent view, no pool connection held, ingest goes on."""
+        with _translated(f"reading {self.where}", self.where):
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                with conn.cursor(name="export") as cur:
+                    cur.itersize = _AUDIT_FETCH_ROWS
+                    cur.execute(sql, parameters)
+                    yield from cur
+            finally:
+                conn.close()
+
     # -- plumbing ------------------------------------------------------------------------
 
-    def _shard(self, agent_id: str) -> int:
-        # crc32, not hash(): the same agent must map to the same shard in every process.
-        return zlib.crc32(agent_id.encode()) % self._rollup_shards
+    def _shard(self, key: str) -> int:
+        """The rollup shard of an agent id (ingest) or a request id (API charges). crc32,
+        not hash(): the same key must map to the same shard in every process."""
+        return zlib.crc32(key.encode()) % self._rollup_shards
 
     def _connect(self) -> Connection:
         # autocommit: transactions are explicit (conn.transaction()), and a lone read is
@@ -485,6 +931,39 @@ class PostgresSnapshot:
             )
             for row in cursor:
                 yield Rollup(*row)
+
+    def device_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading device rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, account, model, SUM(busy_us)::bigint,
+                          SUM(wall_us)::bigint, SUM(record_count)::bigint
+                   FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
+    def api_rollups(self) -> Iterator[ApiRollup]:
+        with _translated("reading API rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, account, model, SUM(requests)::bigint,
+                          SUM(charge_count)::bigint
+                   FROM api_rollups_hourly GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"""
+            )
+            for row in cursor:
+                yield ApiRollup(*row)
+
+    def api_charges(self) -> Iterator[ApiCharge]:
+        with (
+            _translated("reading API charges", self._where),
+            self._conn.cursor(name="audit_charges") as cur,
+        ):
+            cur.itersize = _AUDIT_FETCH_ROWS
+            cur.execute(
+                "SELECT request_id, account, model, count, time_us FROM api_charges "
+                "ORDER BY request_id"
+            )
+            for row in cur:
+                yield ApiCharge(*row)
 
 
 class _Pool:
@@ -756,25 +1235,193 @@ def _copy_records(cur: Cursor, rows: Sequence[RecordRow], signature: bytes) -> N
 
 
 def _advance(
-    cur: Cursor, agent_id: str, head: ChainHead, shard: int, sums: dict[RollupKey, RollupSums]
+    cur: Cursor,
+    agent_id: str,
+    head: ChainHead,
+    shard: int,
+    sums: dict[RollupKey, RollupSums],
+    device_sums: dict[DeviceRollupKey, RollupSums],
 ) -> None:
-    """Moves the agent's head and adds ``sums`` to the rollups. Rollups are upserted in key
-    order: writers that lock rows in one order everywhere cannot deadlock. This is the
-    transaction's last statement: an upserted rollup row stays locked until the commit ends,
-    and other agents of the same account and hour may be waiting for it."""
+    """Moves the agent's head and adds ``sums`` and ``device_sums`` to the rollups, each in
+    key order (see ``_ADVANCE``). This is the transaction's last statement: an upserted
+    rollup row stays locked until the commit ends, and other agents of the same account and
+    hour may be waiting for it."""
     keys = sorted(sums)
+    device_keys = sorted(device_sums)
     cur.execute(
         _ADVANCE,
         (
+            *_columns(device_keys, 5),
+            [shard] * len(device_keys),
+            *_columns([device_sums[key] for key in device_keys], 3),
             head.seq,
             head.hash,
             agent_id,
-            [hour_us for hour_us, _, _ in keys],
-            [account for _, account, _ in keys],
-            [model for _, _, model in keys],
+            *_columns(keys, 3),
             [shard] * len(keys),
-            [sums[key][0] for key in keys],
-            [sums[key][1] for key in keys],
-            [sums[key][2] for key in keys],
+            *_columns([sums[key] for key in keys], 3),
         ),
     )
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """``rows`` as ``width`` column lists: the arrays unnest turns back into rows."""
+    return [[row[index] for row in rows] for index in range(width)]
+
+
+# -- ledger helpers --------------------------------------------------------------------------
+
+_MIN_US, _MAX_US = -(2**63), 2**63 - 1  # unbounded ends of a time range
+_SELECT_PLAN = "SELECT name, grant_micro, created_at_us, created_by FROM plans"
+_SELECT_ACCOUNT = (
+    "SELECT name, anchor_day, first_period_start_us, created_at_us, created_by FROM accounts"
+)
+# Row locks on an account (see the module docstring): a close takes it exclusively, entries
+# and plan changes shared, so that they run beside each other but never beside a close.
+_CLOSING, _DATING = "FOR UPDATE", "FOR SHARE"
+# The charge and its rollup in one statement; the outer INSERT inserts (or updates) one row
+# exactly when the charge was new, which its row count tells.
+_RECORD_CHARGE = """
+    WITH charge AS (
+        INSERT INTO api_charges (request_id, account, model, count, time_us, received_at_us)
+        VALUES (%s, %s, %s, %s, %s, %s)
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING account, model, count
+    )
+    INSERT INTO api_rollups_hourly (hour_start_us, account, model, shard, requests, charge_count)
+    SELECT %s, account, model, %s, count, 1 FROM charge
+    ON CONFLICT (hour_start_us, account, model, shard) DO UPDATE SET
+        requests = api_rollups_hourly.requests + excluded.requests,
+        charge_count = api_rollups_hourly.charge_count + 1"""
+
+
+def _plan(cur: Cursor, name: str) -> Plan | None:
+    row = cur.execute(_SELECT_PLAN + " WHERE name = %s", (name,)).fetchone()
+    return None if row is None else Plan(*row)
+
+
+def _account(cur: Cursor, name: str) -> Account | None:
+    row = cur.execute(_SELECT_ACCOUNT + " WHERE name = %s", (name,)).fetchone()
+    return None if row is None else Account(*row)
+
+
+def _locked_account(cur: Cursor, name: str, lock: str) -> Account:
+    """The account, its row locked (``_CLOSING`` or ``_DATING``) until the transaction
+    ends. Raises UnknownAccount. Statements after this one see every close committed
+    before the lock was granted (READ COMMITTED takes a snapshot per statement)."""
+    row = cur.execute(_SELECT_ACCOUNT + f" WHERE name = %s {lock}", (name,)).fetchone()
+    if row is None:
+        raise UnknownAccount(f"no account {name!r} is open")
+    return Account(*row)
+
+
+def _plan_changes(cur: Cursor, account: str) -> list[PlanChange]:
+    cur.execute(
+        """SELECT account, plan, effective_us, created_at_us, created_by FROM plan_changes
+           WHERE account = %s ORDER BY effective_us, id""",
+        (account,),
+    )
+    return [PlanChange(*row) for row in cur]
+
+
+def _insert_plan_change(cur: Cursor, change: PlanChange) -> None:
+    cur.execute(
+        """INSERT INTO plan_changes (account, effective_us, plan, created_at_us, created_by)
+           VALUES (%s, %s, %s, %s, %s)""",
+        (change.account, change.effective_us, change.plan, change.created_at_us, change.created_by),
+    )
+
+
+def _closed_through_us(cur: Cursor, account: Account) -> int:
+    """Where the account's closed periods end: the start of its first open period."""
+    row = cur.execute(
+        "SELECT MAX(end_us) FROM statements WHERE account = %s", (account.name,)
+    ).fetchone()
+    end_us = None if row is None else row[0]
+    return account.first_period_start_us if end_us is None else int(end_us)
+
+
+def _check_open(cur: Cursor, name: str, effective_us: int, what: str) -> None:
+    """Raises UnknownAccount, or PeriodClosed when ``effective_us`` is in a closed period.
+    The account stays locked FOR SHARE: no close can commit before this transaction ends,
+    so what is checked here still holds at its commit."""
+    closed_through_us = _closed_through_us(cur, _locked_account(cur, name, _DATING))
+    if effective_us < closed_through_us:
+        raise PeriodClosed(
+            f"account {name!r}: {what} dated {iso_text(effective_us)} falls in a closed period "
+            f"(closed up to {iso_text(closed_through_us)}); date it in the open period"
+        )
+
+
+def _insert_statement(cur: Cursor, statement: Statement) -> None:
+    cur.execute(
+        "INSERT INTO statements VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            statement.account,
+            statement.start_us,
+            statement.end_us,
+            statement.plan,
+            statement.plan_grant_micro,
+            statement.closed_at_us,
+            statement.closed_by,
+        ),
+    )
+    cur.executemany(
+        "INSERT INTO statement_lines VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        [
+            (
+                statement.account,
+                statement.start_us,
+                line.kind.value,
+                line.model,
+                line.quantity,
+                line.credits_micro,
+                line.default_price,
+            )
+            for line in statement.lines
+        ],
+    )
+
+
+def _grouped_sql(
+    dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
+) -> tuple[str, list[object]]:
+    """A grouped rollup query whose rows are UsageGroup fields (shards summed). Busy time
+    comes from the per-device rollups only when a report groups by host or GPU (they are
+    larger). Typed NULLs and casts: the busy and API queries are joined by UNION ALL."""
+    by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
+    table = (
+        "api_rollups_hourly" if api else "rollups_device_hourly" if by_device else "rollups_hourly"
+    )
+    day = f"hour_start_us - hour_start_us %% {DAY_US}"  # %%: a literal % for psycopg
+    columns = {
+        "account": "account" if Dimension.ACCOUNT in dimensions else None,
+        "model": "model",
+        "day": day if Dimension.DAY in dimensions else None,
+        "host": "host" if by_device and Dimension.HOST in dimensions else None,
+        "gpu": "gpu_uuid" if by_device and Dimension.GPU in dimensions else None,
+    }
+    null_types = {
+        "account": "text",
+        "model": "text",
+        "day": "bigint",
+        "host": "text",
+        "gpu": "text",
+    }
+    grouped = [expression for expression in columns.values() if expression is not None]
+    selected = [expression or f"NULL::{null_types[name]}" for name, expression in columns.items()]
+    sums = (
+        "0::bigint, SUM(requests)::bigint, SUM(charge_count)::bigint"
+        if api
+        else "SUM(busy_us)::bigint, 0::bigint, SUM(record_count)::bigint"
+    )
+    where = "hour_start_us >= %s AND hour_start_us < %s"
+    parameters: list[object] = list(bounds)
+    if account is not None:
+        where += " AND account = %s"
+        parameters.append(account)
+    sql = (
+        f"(SELECT {', '.join(selected)}, {sums} FROM {table} WHERE {where} "
+        f"GROUP BY {', '.join(grouped)})"
+    )
+    return sql, parameters

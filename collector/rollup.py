@@ -89,3 +89,22 @@ def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, Rollu
             acc[1] += row[WALL_US]
             acc[2] += 1
     return sums
+
+
+def account_sums(
+    device_sums: dict[DeviceRollupKey, RollupSums],
+) -> dict[RollupKey, RollupSums]:
+    """The per-account rollups that per-device sums add up to (one entry per device key,
+    not per record: the verifier sums by device and derives these)."""
+    sums: dict[RollupKey, RollupSums] = {}
+    get = sums.get
+    for (hour_us, _host, _gpu_uuid, account, model), total in device_sums.items():
+        key = (hour_us, account, model)
+        acc = get(key)
+        if acc is None:
+            sums[key] = total.copy()  # a list of its own: the device sums stay as they are
+        else:
+            acc[0] += total[0]
+            acc[1] += total[1]
+            acc[2] += total[2]
+    return sums

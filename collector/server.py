@@ -55,6 +55,9 @@ SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
 # Threads beyond max_streams, so that health checks and refusals of surplus streams are
 # still answered when every stream slot is taken.
 SPARE_WORKERS = 4
+# Status details and log lines quote at most this much of an error's text (percent-encoded
+# in the grpc-message trailer, a character may take 12 bytes: 6 KiB at most).
+MAX_DETAILS_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -225,10 +228,9 @@ class IngestServicer:
         """Logs why a stream ends and ends it with the error's status (raises)."""
         self._observer.refused(error)
         level = logging.ERROR if isinstance(error, ChainConflict | StoreError) else logging.WARNING
-        log.log(
-            level, "refused stream from %s: %s: %s", context.peer(), type(error).__name__, error
-        )
-        context.abort(grpc.StatusCode[error.status.name], str(error))
+        text = _clipped(str(error))
+        log.log(level, "refused stream from %s: %s: %s", context.peer(), type(error).__name__, text)
+        context.abort(grpc.StatusCode[error.status.name], text)
 
 
 class IngestServer:
@@ -327,6 +329,16 @@ def _options(config: ServerConfig) -> list[tuple[str, int]]:
         # A second collector on the same port must fail to start, not share the port.
         ("grpc.so_reuseport", 0),
     ]
+
+
+def _clipped(text: str) -> str:
+    """An error's text as the status details and the log show it. Errors quote what the
+    peer sent (an agent id, a label); a megabyte of it would flood the log, and details
+    beyond grpc's 16 KiB metadata limit reach the peer as RESOURCE_EXHAUSTED instead of
+    the real status."""
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARS]}… ({len(text) - MAX_DETAILS_CHARS} characters cut)"
 
 
 def _parse_request(raw: bytes) -> ingest_pb2.IngestRequest:

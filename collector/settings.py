@@ -2,9 +2,10 @@
 reference and the example file ``systemd/collector.toml.example`` all come from here.
 
 Precedence, lowest first: the defaults, ``/etc/creditmeter/collector.toml`` (or ``--config``),
-``$CREDITMETER_COLLECTOR_DB``, ``--set KEY=VALUE``, then the flags (``--db``, ``--listen``,
-…). The administration commands (``enroll``, ``report``, …) read only ``store.url`` from the
-same file, so that on the collector host they find the daemon's database by themselves.
+``$CREDITMETER_COLLECTOR_DB`` and ``$CREDITMETER_PRICES``, ``--set KEY=VALUE``, then the flags
+(``--db``, ``--listen``, …). The administration commands (``enroll``, ``report``, …) read only
+``store.url`` and ``ledger.prices_file`` from the same file, so that on the collector host they
+find the daemon's database and price it as the daemon does by themselves.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from creditmeter.config import (
 
 DEFAULT_CONFIG = Path("/etc/creditmeter/collector.toml")
 DB_ENV = "CREDITMETER_COLLECTOR_DB"
+PRICES_ENV = "CREDITMETER_PRICES"
 
 STORE_URL = Option(
     "store.url",
@@ -41,6 +43,16 @@ STORE_URL = Option(
     "sqlite:///var/lib/creditmeter-collector/collector.db",
     "Where records are stored: sqlite:///absolute/path, or postgresql://user@host/db "
     "(its password in a ?passfile=, not here).",
+)
+
+POOL_SIZE = Option(
+    "store.pool_size",
+    INT,
+    4,  # pg_store.DEFAULT_POOL_SIZE (not imported here: SQLite hosts never load psycopg)
+    "PostgreSQL: connections this collector keeps, shared by all streams and API calls (plus "
+    "one per audit or export); see docs/capacity.md. SQLite: unused.",
+    ge=1,
+    le=1000,
 )
 
 LISTEN = Option("server.listen", STR, "0.0.0.0:7300", "host:port the agents connect to.")
@@ -106,6 +118,14 @@ API_CLIENTS = Option(
     "Client certificate CNs (issued by tls.ca_file) that may call the Query and admin APIs.",
 )
 
+PRICES_FILE = Option(
+    "ledger.prices_file",
+    Maybe(PATH),
+    None,
+    f"Price list (TOML) of the Query and Charges services; ${PRICES_ENV} overrides it; unset: "
+    "1 credit per busy second and per request.",
+)
+
 METRICS_LISTEN = Option(
     "metrics.listen", STR, "127.0.0.1:9465", "host:port serving /metrics; empty: off."
 )
@@ -116,6 +136,7 @@ LOG_FORMAT = Option("log.format", Choice("text", "json"), "text", "Log line form
 
 OPTIONS = (
     STORE_URL,
+    POOL_SIZE,
     LISTEN,
     PORT_FILE,
     GRACE,
@@ -127,6 +148,7 @@ OPTIONS = (
     TLS_CA,
     API_TOKEN_FILE,
     API_CLIENTS,
+    PRICES_FILE,
     METRICS_LISTEN,
     LOG_LEVEL,
     LOG_FORMAT,
@@ -156,6 +178,8 @@ def load_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     overrides: list[Override] = []
     if env.get(DB_ENV):
         overrides.append(Override(f"${DB_ENV}", STORE_URL.name, env[DB_ENV]))
+    if env.get(PRICES_ENV):
+        overrides.append(Override(f"${PRICES_ENV}", PRICES_FILE.name, env[PRICES_ENV]))
     try:
         overrides += cli.overrides(args)
         config = cfg.load(OPTIONS, args.config, default_path=DEFAULT_CONFIG, overrides=overrides)
@@ -170,13 +194,28 @@ def admin_store_url(config_path: Path | None, db: str | None) -> str | None:
     else ``store.url`` from the configuration file when there is one; None if neither."""
     if db:
         return db
+    config = _admin_config(config_path)
+    return None if config is None else config[STORE_URL]
+
+
+def admin_prices_file(config_path: Path | None, prices: Path | None) -> Path | None:
+    """The price list an administration command prices with: ``--prices`` (or
+    ``$CREDITMETER_PRICES``), else ``ledger.prices_file`` from the configuration file when
+    there is one (the daemon's prices); None: the default prices."""
+    if prices is not None:
+        return prices
+    config = _admin_config(config_path)
+    return None if config is None else config[PRICES_FILE]
+
+
+def _admin_config(config_path: Path | None) -> Config | None:
+    """``config_path``, else the default file if present; None when there is neither."""
     if config_path is None and not DEFAULT_CONFIG.exists():
         return None
     try:
-        config = cfg.load(OPTIONS, config_path, default_path=DEFAULT_CONFIG)
+        return cfg.load(OPTIONS, config_path, default_path=DEFAULT_CONFIG)
     except cfg.ConfigError as exc:
         raise ConfigError(str(exc)) from None
-    return config[STORE_URL]
 
 
 # -- checks across options ----------------------------------------------------------------

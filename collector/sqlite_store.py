@@ -22,7 +22,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,8 @@ from creditmeter.collector.errors import (
 from creditmeter.collector.ledger_store import (
     Account,
     ApiCharge,
+    ApiRollup,
+    DeviceRollup,
     Dimension,
     EntryKind,
     LedgerEntry,
@@ -58,7 +59,16 @@ from creditmeter.collector.ledger_store import (
     UsageGroup,
 )
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.rollup import DAY_US, HOUR_US, Rollup, device_hourly_sums, hourly_sums
+from creditmeter.collector.rollup import (
+    DAY_US,
+    HOUR_US,
+    DeviceRollupKey,
+    Rollup,
+    RollupKey,
+    RollupSums,
+    device_hourly_sums,
+    hourly_sums,
+)
 from creditmeter.collector.rows import ENERGY_ABSENT, HASH, ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
@@ -401,25 +411,10 @@ class SQLiteStore:
             new_rows = rows[start:] if start else rows
             _insert_rows(conn, new_rows[:-1], self._chunk_sizes)
             conn.execute(_INSERT_SIGNED, (*new_rows[-1], bytearray(batch.signature)))
-            sums = records.sums if start == 0 else hourly_sums(new_rows)
-            # In key order: where several writers share the rollups (PostgreSQL), rows locked
-            # in one order everywhere cannot deadlock.
-            conn.executemany(
-                _UPSERT_ROLLUP,
-                [
-                    (*key, busy_us, wall_us, count)
-                    for key, (busy_us, wall_us, count) in sorted(sums.items())
-                ],
-            )
-            conn.executemany(
-                _UPSERT_DEVICE_ROLLUP,
-                [
-                    (*key, busy_us, wall_us, count)
-                    for key, (busy_us, wall_us, count) in sorted(
-                        device_hourly_sums(new_rows).items()
-                    )
-                ],
-            )
+            if start == 0:
+                _add_rollups(conn, records.sums, records.device_sums)
+            else:
+                _add_rollups(conn, hourly_sums(new_rows), device_hourly_sums(new_rows))
             new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
             conn.execute(
                 "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",
@@ -810,6 +805,34 @@ class SQLiteSnapshot:
             for row in cursor:
                 yield Rollup(*row)
 
+    def device_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading device rollups"):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, account, model, busy_us, wall_us,
+                          record_count
+                   FROM rollups_device_hourly ORDER BY 1, 2, 3, 4, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
+    def api_rollups(self) -> Iterator[ApiRollup]:
+        with _translated("reading API rollups"):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, account, model, requests, charge_count
+                   FROM api_rollups_hourly ORDER BY 1, 2, 3"""
+            )
+            for row in cursor:
+                yield ApiRollup(*row)
+
+    def api_charges(self) -> Iterator[ApiCharge]:
+        with _translated("reading API charges"):
+            cursor = self._conn.execute(
+                "SELECT request_id, account, model, count, time_us FROM api_charges "
+                "ORDER BY request_id"
+            )
+            for row in cursor:
+                yield ApiCharge(*row)
+
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -919,8 +942,27 @@ def _insert_rows(
     start = 0
     for size in chunk_sizes:  # largest first
         while len(rows) - start >= size:
-            conn.execute(_CHUNK_SQL[size], list(chain.from_iterable(rows[start : start + size])))
+            # list.extend copies a tuple's items in C: 0.06 µs a row, where
+            # list(chain.from_iterable(...)) took 0.2 (measured at 1000 rows).
+            params: list[object] = []
+            extend = params.extend
+            for row in rows[start : start + size]:
+                extend(row)
+            conn.execute(_CHUNK_SQL[size], params)
             start += size
+
+
+def _add_rollups(
+    conn: sqlite3.Connection,
+    sums: dict[RollupKey, RollupSums],
+    device_sums: dict[DeviceRollupKey, RollupSums],
+) -> None:
+    """Adds a batch's sums to both hourly rollups. In no particular order: PostgreSQL
+    upserts in key order so that its writers lock rows in one order, but SQLite's write lock
+    already makes each transaction wait for the one before, and sorting the ~200 keys of a
+    batch cost 0.15 µs a record (measured)."""
+    conn.executemany(_UPSERT_ROLLUP, [(*key, *total) for key, total in sums.items()])
+    conn.executemany(_UPSERT_DEVICE_ROLLUP, [(*key, *total) for key, total in device_sums.items()])
 
 
 def _hashes(

@@ -13,18 +13,23 @@ SQLITE_PREFIX = "sqlite://"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-def open_store(url: str, *, create: bool, migrate: bool = True) -> Store:
+def open_store(
+    url: str, *, create: bool, migrate: bool = True, pool_size: int | None = None
+) -> Store:
     """Opens ``sqlite:///absolute/path`` or ``postgresql://user@host:port/dbname`` (any
-    libpq URI; ``?options=-csearch_path%3Dschema`` selects a schema). Raises ConfigError
-    for a URL it cannot use and StoreError when the database cannot be opened (see
-    SQLiteStore and PostgresStore)."""
+    libpq URI; ``?options=-csearch_path%3Dschema`` selects a schema). ``pool_size``: the
+    PostgreSQL store's connections (None: its default). Raises ConfigError for a URL it
+    cannot use and StoreError when the database cannot be opened (see SQLiteStore and
+    PostgresStore)."""
     if url.startswith(SQLITE_PREFIX):
         return SQLiteStore(sqlite_path(url), create=create, migrate=migrate)
     if url.startswith(POSTGRES_PREFIXES):
         # Imported here: a SQLite deployment never loads psycopg and libpq.
-        from creditmeter.collector.pg_store import PostgresStore
+        from creditmeter.collector.pg_store import DEFAULT_POOL_SIZE, PostgresStore
 
-        return PostgresStore(url, create=create, migrate=migrate)
+        return PostgresStore(
+            url, create=create, migrate=migrate, pool_size=pool_size or DEFAULT_POOL_SIZE
+        )
     raise ConfigError(
         f"store URL {redacted(url)!r} is not sqlite:///absolute/path or postgresql://…"
     )

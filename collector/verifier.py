@@ -33,7 +33,13 @@ from creditmeter.collector.errors import (
     MalformedMessage,
     MalformedRecord,
 )
-from creditmeter.collector.rollup import HOUR_US, RollupKey, RollupSums
+from creditmeter.collector.rollup import (
+    HOUR_US,
+    DeviceRollupKey,
+    RollupKey,
+    RollupSums,
+    account_sums,
+)
 from creditmeter.collector.rows import ENERGY_ABSENT, HASH, SEQ, RecordRow
 from creditmeter.v1 import ingest_pb2, usage_pb2
 
@@ -65,15 +71,16 @@ class CheckedRecords:
     """Consecutive records of one agent that passed every check that needs no key.
 
     ``rows`` are in seq order; ``first_prev_hash`` is what the first record claims to
-    follow, which only the store can judge. ``sums`` is what all the rows add to the
-    hourly rollups (see rollup.py), summed while the fields are at hand: a store whose
-    batch is all new uses it as is.
+    follow, which only the store can judge. ``sums`` and ``device_sums`` are what all the
+    rows add to the hourly rollups per account and per device (see rollup.py), summed while
+    the fields are at hand: a store whose batch is all new uses them as they are.
     """
 
     agent_id: str
     rows: list[RecordRow]
     first_prev_hash: bytes
     sums: dict[RollupKey, RollupSums]
+    device_sums: dict[DeviceRollupKey, RollupSums]
 
     @property
     def first_seq(self) -> int:
@@ -158,11 +165,18 @@ class Verifier:
 
         rows: list[RecordRow] = []
         append = rows.append
-        # Rollup sums: records of a batch mostly share their (hour, account, model), so
-        # runs of equal keys are summed in locals and only a change of key touches the dict.
-        sums: dict[RollupKey, RollupSums] = {}
-        run_hour_us, run_account, run_model = -1, "", ""
-        run_busy_us = run_wall_us = run_count = 0
+        # Per-device rollup sums, one dict update a record; the per-account sums are added
+        # up from them after the loop (~100 device keys in a batch of 1000). Records of a
+        # batch interleave GPUs, so runs of equal keys are short, and the run-length summing
+        # this replaced called a function for almost every record: the loop now sums by
+        # device in what it used to spend summing by account (45.4k instructions a record
+        # against 46.4k, callgrind), and the store's own pass over the rows for the device
+        # rollup (0.9 µs a record) is gone.
+        device_sums: dict[DeviceRollupKey, RollupSums] = {}
+        get_sums = device_sums.get
+        # The hour a record starts in, worked out again only when a record leaves it: two
+        # comparisons cost less than the modulo of a 51-bit integer.
+        hour_us = next_hour_us = 0
         for data in records:
             if len(data) > max_record_bytes:
                 raise _oversize_record(agent_id, len(rows), len(data), max_record_bytes)
@@ -217,25 +231,39 @@ class Verifier:
                         and len(gpu_parent_uuid) <= safe_label_chars
                     )
                 )
+                # No NUL in a label (PostgreSQL's text cannot hold one). NUL is a zero byte in
+                # UTF-8 and strings travel as their UTF-8 bytes, so a record without a zero
+                # byte has none: one memchr spares the seven label tests for the 88 % of
+                # records whose prev_hash, varints and lengths hold no zero byte. The operand
+                # is the int 0 because bytes ``in`` tries a bytes operand as an int first and
+                # pays for the TypeError (~1,800 instructions, 0.3 µs).
+                and (
+                    0 not in data
+                    or not (
+                        "\0" in account
+                        or "\0" in model
+                        or "\0" in job_id
+                        or "\0" in process_name
+                        or "\0" in host
+                        or "\0" in gpu_uuid
+                        or "\0" in gpu_parent_uuid
+                    )
+                )
             ):
                 # Raises unless only the quick label test was too strict.
                 self._raise_insane_field(agent_id, len(rows), rec, now_us)
 
-            hour_us = start_us - start_us % HOUR_US
-            if hour_us != run_hour_us or account != run_account or model != run_model:
-                if run_count:
-                    _add_sums(
-                        sums,
-                        (run_hour_us, run_account, run_model),
-                        run_busy_us,
-                        run_wall_us,
-                        run_count,
-                    )
-                run_hour_us, run_account, run_model = hour_us, account, model
-                run_busy_us = run_wall_us = run_count = 0
-            run_busy_us += busy_us
-            run_wall_us += wall_us
-            run_count += 1
+            if not hour_us <= start_us < next_hour_us:
+                hour_us = start_us - start_us % HOUR_US
+                next_hour_us = hour_us + HOUR_US
+            key = (hour_us, host, gpu_uuid, account, model)
+            total = get_sums(key)
+            if total is None:
+                device_sums[key] = [busy_us, wall_us, 1]
+            else:
+                total[0] += busy_us
+                total[1] += wall_us
+                total[2] += 1
 
             digest = sha256(data).digest()
             append(
@@ -267,8 +295,9 @@ class Verifier:
             )
             prev_hash = digest
             expected_seq = seq + 1
-        _add_sums(sums, (run_hour_us, run_account, run_model), run_busy_us, run_wall_us, run_count)
-        return CheckedRecords(agent_id, rows, first_prev_hash, sums)
+        return CheckedRecords(
+            agent_id, rows, first_prev_hash, account_sums(device_sums), device_sums
+        )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:
         if len(data) > self.limits.max_record_bytes:
@@ -358,18 +387,9 @@ class Verifier:
             size = len(text.encode())  # bytes
             if size > limits.max_label_bytes:
                 raise insane(field, f"{size} bytes long, more than {limits.max_label_bytes}")
-
-
-def _add_sums(
-    sums: dict[RollupKey, RollupSums], key: RollupKey, busy_us: int, wall_us: int, count: int
-) -> None:
-    total = sums.get(key)
-    if total is None:
-        sums[key] = [busy_us, wall_us, count]
-    else:
-        total[0] += busy_us
-        total[1] += wall_us
-        total[2] += count
+            if "\0" in text:
+                # PostgreSQL's text cannot hold one: every store must refuse the same records.
+                raise insane(field, f"contains a NUL character (at {text.index(chr(0))})")
 
 
 def _oversize_record(agent_id: str, index: int, size: int, limit: int) -> MalformedRecord:

@@ -116,6 +116,16 @@ def _pg(sql: str) -> Any:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def chosen_backend(
+    request: pytest.FixtureRequest, db_path: Path, clock_us: Any
+) -> SQLiteBackend | PostgresBackend:
+    """The backend a parametrized ``backend`` fixture asks for (``request.param``: "sqlite",
+    the default, or "postgres", which gets a fresh schema), on the test's clock."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return SQLiteBackend(db_path, clock_us=clock_us)
+    return PostgresBackend(request.getfixturevalue("postgres_url"), clock_us=clock_us)
+
+
 # -- PostgreSQL fixtures ---------------------------------------------------------------------
 
 

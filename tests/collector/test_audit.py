@@ -15,6 +15,7 @@ from .records import BUSY_US, WALL_US, AgentChain
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 HOUR0_US = 1_749_999_600_000_000  # the hour the test records start in
+GPU_UUID = "GPU-8f3c2a1e-0000-4000-8000-000000000017"  # of every test record
 
 
 @pytest.fixture
@@ -64,6 +65,10 @@ def test_altered_record_bytes_break_hash_signature_link_columns_and_rollups(
         "rollups: hour 2025-06-15T15:00Z account 'acme' model 'llama-3-70b': stored busy_us, "
         f"wall_us, records [{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
         f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
+        f"rollups: device hour 2025-06-15T15:00Z host 'gpu-host-17' gpu '{GPU_UUID}' account "
+        "'acme' model 'llama-3-70b': stored busy_us, wall_us, records "
+        f"[{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
+        f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
     ]
 
 
@@ -75,8 +80,10 @@ def test_a_deleted_record_is_a_hole(
     assert result.findings[0] == Finding(
         "agent-1", 4, "chain broken: follows seq 2 (seqs 3..3 missing)"
     )
-    assert len(result.findings) == 2  # and the rollup still counts seq 3
-    assert "the records sum to" in result.findings[1].problem
+    assert len(result.findings) == 3  # and both rollups still count seq 3
+    assert result.findings[1].problem.startswith("hour ")
+    assert result.findings[2].problem.startswith("device hour ")
+    assert all("the records sum to" in f.problem for f in result.findings[1:])
 
 
 def test_an_edited_column_is_found_even_with_its_rollup_fixed_to_match(

@@ -25,6 +25,7 @@ from creditmeter.collector.errors import (
     StoreCorrupt,
     StoreError,
 )
+from creditmeter.collector.ledger_store import DeviceRollup
 from creditmeter.collector.pg_store import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 from creditmeter.collector.rows import ROW_COLUMNS
 from creditmeter.collector.sqlite_store import SQLiteStore
@@ -38,6 +39,9 @@ from .conftest import NOW_US
 from .records import BUSY_US, WALL_US, AgentChain
 
 pytestmark = pytest.mark.postgres
+
+HOUR0_US = 1_749_999_600_000_000  # the hour the test records start in
+GPU_UUID = "GPU-8f3c2a1e-0000-4000-8000-000000000017"  # of every test record
 
 
 @pytest.fixture
@@ -343,8 +347,8 @@ def versions(pg: PostgresBackend) -> list[int]:
 
 def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
     pg.open()
-    assert versions(pg) == [m.version for m in MIGRATIONS] == [1, 2]
-    assert SCHEMA_VERSION == 2
+    assert versions(pg) == [m.version for m in MIGRATIONS] == [1, 2, 3, 4]
+    assert SCHEMA_VERSION == 4
 
 
 def test_an_older_database_is_migrated_and_its_rollups_backfilled(
@@ -363,13 +367,20 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     assert versions(pg) == [1]
 
     current = pg.open()
-    assert versions(pg) == [1, 2]
+    assert versions(pg) == [1, 2, 3, 4]
     assert current.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
     ]
+    device = DeviceRollup(
+        HOUR0_US, "gpu-host-17", GPU_UUID, "acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4
+    )
+    with current.snapshot() as snapshot:
+        assert list(snapshot.device_rollups()) == [device]
     # Ingest then adds to its own shard; readers sum the backfilled one with it.
     current.ingest(agent.agent_id, verified(verifier, agent, agent.extend(1)))
     assert current.usage(None, None)[0].record_count == 5
+    with current.snapshot() as snapshot:
+        assert [r.record_count for r in snapshot.device_rollups()] == [5]
     assert audit(current, verifier).findings == []
 
 

@@ -18,7 +18,7 @@ from creditmeter.collector.errors import (
     MalformedRecord,
     Status,
 )
-from creditmeter.collector.rollup import hourly_sums
+from creditmeter.collector.rollup import device_hourly_sums, hourly_sums
 from creditmeter.collector.rows import ENERGY_ABSENT, HASH, RECORD, ROW_COLUMNS
 from creditmeter.collector.verifier import Limits, Verifier
 from creditmeter.v1 import ingest_pb2, usage_pb2
@@ -264,6 +264,14 @@ LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
         (add_gap(-1, usage_pb2.GAP_REASON_GPU_LOST), "gaps.duration_us", "negative"),
         (add_gap(10, usage_pb2.GAP_REASON_UNSPECIFIED), "gaps.reason", "unspecified"),
         (add_gap(10, 42), "gaps.reason", "unknown"),
+        # PostgreSQL's text cannot hold NUL: every store must refuse what one store cannot.
+        (set_field("attribution.account", "ac\x00me"), "attribution.account", "NUL"),
+        (set_field("attribution.model", "\x00"), "attribution.model", "NUL"),
+        (set_field("attribution.job_id", "job-1\x00"), "attribution.job_id", "NUL"),
+        (set_field("process.name", "py\x00thon"), "process.name", "NUL"),
+        (set_field("host", "gpu-host\x00-17"), "host", "NUL"),
+        (set_field("gpu.uuid", "GPU-\x00"), "gpu.uuid", "NUL"),
+        (set_field("gpu.parent_uuid", "\x00GPU-1"), "gpu.parent_uuid", "NUL"),
     ],
 )
 def test_an_insane_field_is_named(
@@ -297,10 +305,13 @@ def test_rollup_sums_of_a_batch_equal_the_sums_of_its_rows(verifier: Verifier) -
         if rec.seq // 7 % 2:  # runs of 7 records alternate between two accounts
             rec.attribution.account = ""
         rec.busy_us = rec.seq
+        rec.gpu.uuid = f"GPU-{rec.seq % 3}"  # and records interleave three GPUs
 
     agent = AgentChain()
     records = verifier.verify(agent.extend(330, mixed), agent.key.public_key()).records
     assert records.sums == hourly_sums(records.rows)
+    assert records.device_sums == device_hourly_sums(records.rows)
+    assert len(records.device_sums) > len(records.sums)
     hour0, hour1 = 1_749_999_600_000_000, 1_750_003_200_000_000  # seqs 1..320, 321..330
     # By hand: seq // 7 is odd for 321 (45) and 329, 330 (47), even for 322..328 (46).
     assert records.sums[(hour1, "", "llama-3-70b")] == [321 + 329 + 330, 3 * WALL_US, 3]
@@ -310,3 +321,30 @@ def test_rollup_sums_of_a_batch_equal_the_sums_of_its_rows(verifier: Verifier) -
         7,
     ]
     assert sum(total[2] for key, total in records.sums.items() if key[0] == hour0) == 320
+
+
+def test_zero_bytes_outside_labels_pass(verifier: Verifier) -> None:
+    """A zero byte in a record is no NUL in a label: a genesis prev_hash, a zero energy
+    reading, an empty submessage."""
+
+    def zero_bytes(rec: usage_pb2.UsageRecord) -> None:
+        rec.energy_mj = 0  # present, so encoded as a zero byte
+        rec.process.container_id = "c"
+        rec.gpu.gpu_instance_id = 0
+
+    agent = AgentChain()
+    batch = agent.extend(1, zero_bytes)  # seq 1: prev_hash is 32 zero bytes
+    assert 0 in batch.records[0]
+    rows = verifier.verify(batch, agent.key.public_key()).records.rows
+    assert column(rows[0], "energy_mj") == 0
+
+
+def test_a_nul_in_an_unstored_string_passes(verifier: Verifier) -> None:
+    """Only strings that land in a column are labels: the GPU's product name is not one."""
+
+    def nul_name(rec: usage_pb2.UsageRecord) -> None:
+        rec.gpu.name = "H100\x00"
+
+    agent = AgentChain()
+    rows = verifier.verify(agent.extend(1, nul_name), agent.key.public_key()).records.rows
+    assert len(rows) == 1

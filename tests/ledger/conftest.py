@@ -1,5 +1,12 @@
-"""Fixtures for the ledger's tests: a real SQLite store on a clock the test sets, and a
-feeder that sends signed records through the real verifier and the store's ingest."""
+"""Fixtures for the ledger's tests: a real store on a clock the test sets, and a feeder that
+sends signed records through the real verifier and the store's ingest.
+
+``backend`` is parametrized over both stores (tests/collector/backends.py): every test that
+uses a store (``store``, ``ledger``, ``feeder``, ``acme``, …) runs on SQLite and on
+PostgreSQL, each in a database of its own; tests without a store run once. A fixture
+parameter rather than each module's ``pytestmark`` (as in tests/collector): these modules
+mix tests with and without a store, and a test added later cannot forget PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol, cast
 
 import pytest
 
 from creditmeter.collector.ledger import Ledger
+from creditmeter.collector.ledger_store import LedgerStore
 from creditmeter.collector.prices import PriceBook, parse_prices
-from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import usage_pb2
+from tests.collector.backends import (
+    BACKENDS,
+    Backend,
+    chosen_backend,
+    postgres_server,  # noqa: F401  (a fixture: pytest finds it by name)
+    postgres_url,  # noqa: F401  (a fixture)
+)
 from tests.collector.records import T0_US, WINDOW_US, AgentChain
 
 DAY_US = 86_400_000_000
@@ -29,6 +45,10 @@ PRICES = {
 }
 
 
+class LedgerTestStore(Store, LedgerStore, Protocol):
+    """Both stores are both: ingest for the feeder, the ledger for the tests."""
+
+
 @dataclass
 class Clock:
     now_us: int = NOW_US
@@ -41,7 +61,7 @@ class Clock:
 class Feeder:
     """Plays one agent: sends records (7.5 busy s of sdxl for acme unless told otherwise)."""
 
-    store: SQLiteStore
+    store: LedgerTestStore
     verifier: Verifier
     agent: AgentChain
 
@@ -84,9 +104,16 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "collector.db"
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, db_path: Path, clock: Clock) -> Iterator[Backend]:
+    chosen = chosen_backend(request, db_path, clock)
+    yield chosen
+    chosen.close()  # every store the test opened: no connections outlive the schema
+
+
 @pytest.fixture
-def store(db_path: Path, clock: Clock) -> Iterator[SQLiteStore]:
-    opened = SQLiteStore(db_path, clock_us=clock)
+def store(backend: Backend) -> Iterator[LedgerTestStore]:
+    opened = cast(LedgerTestStore, backend.open())
     yield opened
     opened.close()
 
@@ -97,12 +124,12 @@ def prices() -> PriceBook:
 
 
 @pytest.fixture
-def ledger(store: SQLiteStore, prices: PriceBook, clock: Clock) -> Ledger:
+def ledger(store: LedgerTestStore, prices: PriceBook, clock: Clock) -> Ledger:
     return Ledger(store, prices, clock)
 
 
 @pytest.fixture
-def feeder(store: SQLiteStore, clock: Clock) -> Feeder:
+def feeder(store: LedgerTestStore, clock: Clock) -> Feeder:
     agent = AgentChain("agent-1")
     store.enroll_agent(agent.agent_id, agent.public_key_hex)
     return Feeder(store, Verifier(clock_us=clock), agent)

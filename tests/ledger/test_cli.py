@@ -1,4 +1,4 @@
-"""The credit commands, in-process through main(), on a real SQLite file."""
+"""The credit commands, in-process through main(), on a real database of each store."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from creditmeter.collector.main import main
-from creditmeter.collector.sqlite_store import SQLiteStore
+from tests.collector.backends import Backend
 
-from .conftest import DAY_US, JUNE_1_US, Feeder
+from .conftest import DAY_US, JUNE_1_US, Feeder, LedgerTestStore
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -20,8 +20,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def db(db_path: Path) -> list[str]:
-    return ["--db", f"sqlite://{db_path}"]
+def db(backend: Backend) -> list[str]:
+    return ["--db", backend.url]
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def prices_file(tmp_path: Path) -> Path:
 def test_an_account_from_plan_to_closed_period(
     capsys: pytest.CaptureFixture[str],
     db: list[str],
-    store: SQLiteStore,
+    store: LedgerTestStore,
     feeder: Feeder,
     prices_file: Path,
     tmp_path: Path,
@@ -142,7 +142,7 @@ def test_an_account_from_plan_to_closed_period(
 def test_bad_arguments_are_one_line(
     capsys: pytest.CaptureFixture[str],
     db: list[str],
-    store: SQLiteStore,
+    store: LedgerTestStore,
     argv: list[str],
     problem: str,
 ) -> None:
@@ -153,7 +153,7 @@ def test_bad_arguments_are_one_line(
 
 
 def test_ledger_refusals_fail_with_a_reason(
-    capsys: pytest.CaptureFixture[str], db: list[str], store: SQLiteStore
+    capsys: pytest.CaptureFixture[str], db: list[str], store: LedgerTestStore
 ) -> None:
     code, _, err = run(capsys, "balance", *db, "nobody")
     assert code == 3 and "no account 'nobody' is open" in err

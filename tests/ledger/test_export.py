@@ -9,13 +9,12 @@ from creditmeter.collector.export import cloudevents, write_json_lines
 from creditmeter.collector.ledger import Ledger
 from creditmeter.collector.ledger_store import ApiCharge
 from creditmeter.collector.prices import PriceBook
-from creditmeter.collector.sqlite_store import SQLiteStore
 
-from .conftest import DAY_US, JUNE_1_US, WINDOW_US, Feeder
+from .conftest import DAY_US, JUNE_1_US, WINDOW_US, Feeder, LedgerTestStore
 
 
 def exported(
-    store: SQLiteStore, prices: PriceBook, **bounds: int | None
+    store: LedgerTestStore, prices: PriceBook, **bounds: int | None
 ) -> list[dict[str, object]]:
     out = io.StringIO()
     write_json_lines(
@@ -25,7 +24,7 @@ def exported(
 
 
 def test_usage_and_api_charges_as_cloudevents(
-    store: SQLiteStore, feeder: Feeder, ledger: Ledger, prices: PriceBook
+    store: LedgerTestStore, feeder: Feeder, ledger: Ledger, prices: PriceBook
 ) -> None:
     start_us = JUNE_1_US + 9 * DAY_US
     feeder.send(1, model="llama-3-70b", busy_us=7_500_000, start_us=start_us)

@@ -16,9 +16,18 @@ from creditmeter.collector.errors import (
 from creditmeter.collector.ledger import Ledger, credits_micro
 from creditmeter.collector.ledger_store import ApiCharge, EntryKind, LineKind, StatementLine
 from creditmeter.collector.periods import BillingPeriod
-from creditmeter.collector.sqlite_store import SQLiteStore
 
-from .conftest import AUGUST_1_US, DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, NOW_US, Clock, Feeder
+from .conftest import (
+    AUGUST_1_US,
+    DAY_US,
+    HOUR_US,
+    JULY_1_US,
+    JUNE_1_US,
+    NOW_US,
+    Clock,
+    Feeder,
+    LedgerTestStore,
+)
 
 CREDIT = 1_000_000  # µcredits
 
@@ -182,7 +191,7 @@ def test_closing_freezes_a_period_and_late_usage_lands_in_the_next(
 
 
 @pytest.fixture
-def prices_changed(store: SQLiteStore, clock: Clock) -> Ledger:
+def prices_changed(store: LedgerTestStore, clock: Clock) -> Ledger:
     from creditmeter.collector.prices import parse_prices
 
     return Ledger(store, parse_prices({"self_hosted": {"sdxl": 2}}, "new prices"), clock)

@@ -20,10 +20,9 @@ from creditmeter.collector.report import (
     render_json,
     render_table,
 )
-from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.store import UsageTotal
 
-from .conftest import DAY_US, JUNE_1_US, Feeder
+from .conftest import DAY_US, JUNE_1_US, Feeder, LedgerTestStore
 
 JUNE_10_US = JUNE_1_US + 9 * DAY_US
 JUNE_11_US = JUNE_10_US + DAY_US
@@ -31,7 +30,7 @@ GPU_A, GPU_B = "GPU-aaaa", "GPU-bbbb"
 
 
 @pytest.fixture
-def usage(store: SQLiteStore, feeder: Feeder, ledger: Ledger) -> SQLiteStore:
+def usage(store: LedgerTestStore, feeder: Feeder, ledger: Ledger) -> LedgerTestStore:
     """June 10: acme sdxl 2 × 7.5 s on host-1/GPU-a, acme llama 1 × 4 s on host-2/GPU-b,
     an unattributed 1 s on host-1/GPU-a, an idle record; June 11: acme sdxl 1 × 7.5 s on
     host-1/GPU-b and 3 gpt-4o requests."""
@@ -61,12 +60,12 @@ def usage(store: SQLiteStore, feeder: Feeder, ledger: Ledger) -> SQLiteStore:
     return store
 
 
-def rows(store: SQLiteStore, prices: PriceBook, group_by: str) -> list[tuple[object, ...]]:
+def rows(store: LedgerTestStore, prices: PriceBook, group_by: str) -> list[tuple[object, ...]]:
     report = build_report(store, Period(), parse_group_by(group_by), prices)
     return [(*row.keys, row.busy_us, row.requests, row.credits_micro) for row in report.rows]
 
 
-def test_by_account_and_model(usage: SQLiteStore, prices: PriceBook) -> None:
+def test_by_account_and_model(usage: LedgerTestStore, prices: PriceBook) -> None:
     assert rows(usage, prices, "account,model") == [
         ("acme", "gpt-4o", 0, 3, 12_000_000),
         ("acme", "llama-3-70b", 4_000_000, 0, 10_000_000),
@@ -75,14 +74,14 @@ def test_by_account_and_model(usage: SQLiteStore, prices: PriceBook) -> None:
     ]  # the idle model does not appear
 
 
-def test_by_day(usage: SQLiteStore, prices: PriceBook) -> None:
+def test_by_day(usage: LedgerTestStore, prices: PriceBook) -> None:
     assert rows(usage, prices, "day") == [
         ("2025-06-10", 20_000_000, 0, 26_000_000),
         ("2025-06-11", 7_500_000, 3, 19_500_000),
     ]
 
 
-def test_by_host_and_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
+def test_by_host_and_gpu(usage: LedgerTestStore, prices: PriceBook) -> None:
     assert rows(usage, prices, "host,gpu") == [
         ("-", "-", 0, 3, 12_000_000),  # API requests ran on no GPU of ours
         ("host-1", GPU_A, 16_000_000, 0, 16_000_000),
@@ -91,7 +90,7 @@ def test_by_host_and_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
     ]
 
 
-def test_one_account_by_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
+def test_one_account_by_gpu(usage: LedgerTestStore, prices: PriceBook) -> None:
     report = build_report(usage, Period(), (Dimension.GPU,), prices, account="acme")
     assert [(row.keys, row.credits_micro) for row in report.rows] == [
         (("-",), 12_000_000),
@@ -101,7 +100,7 @@ def test_one_account_by_gpu(usage: SQLiteStore, prices: PriceBook) -> None:
     assert report.credits_micro == 44_500_000
 
 
-def test_a_period_selects_days(usage: SQLiteStore, prices: PriceBook) -> None:
+def test_a_period_selects_days(usage: LedgerTestStore, prices: PriceBook) -> None:
     report = build_report(usage, Period(JUNE_11_US, None), (Dimension.MODEL,), prices)
     assert [(row.keys, row.busy_us, row.requests) for row in report.rows] == [
         (("gpt-4o",), 0, 3),
@@ -110,7 +109,7 @@ def test_a_period_selects_days(usage: SQLiteStore, prices: PriceBook) -> None:
 
 
 def test_formats_show_the_grouped_fields_and_default_prices(
-    usage: SQLiteStore, prices: PriceBook
+    usage: LedgerTestStore, prices: PriceBook
 ) -> None:
     report = build_report(usage, Period(), (Dimension.ACCOUNT,), prices)
     assert render_csv(report) == (
@@ -146,7 +145,8 @@ def test_bad_group_by_is_named(text: str, problem: str) -> None:
 
 
 class _IngestOnlyStore:
-    """A store without a ledger yet (as the PostgreSQL store is for now): hourly rollups."""
+    """A store that keeps no ledger yet (a new store implements ingest first): hourly
+    rollups only."""
 
     def usage(self, from_us: int | None, to_us: int | None) -> list[UsageTotal]:
         return [UsageTotal("acme", "sdxl", 7_500_000, 10_000_000, 1)]

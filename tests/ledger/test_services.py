@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -13,11 +13,11 @@ from creditmeter.collector.ledger import Ledger
 from creditmeter.collector.prices import PriceBook
 from creditmeter.collector.query import ledger_handlers
 from creditmeter.collector.server import create_server
-from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import charges_pb2, charges_pb2_grpc, query_pb2, query_pb2_grpc
+from tests.collector.backends import Backend
 
-from .conftest import DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, NOW_US, Clock, Feeder
+from .conftest import DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, NOW_US, Clock, Feeder, LedgerTestStore
 
 TOKEN = "s3cret-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -25,7 +25,7 @@ TIMEOUT_S = 10.0
 
 
 @pytest.fixture
-def channel(store: SQLiteStore, ledger: Ledger, clock: Clock) -> Iterator[grpc.Channel]:
+def channel(store: LedgerTestStore, ledger: Ledger, clock: Clock) -> Iterator[grpc.Channel]:
     server, port = create_server(
         "127.0.0.1:0",
         store,
@@ -70,7 +70,7 @@ def status(call: Any, request: Any, metadata: Any = AUTH) -> tuple[grpc.StatusCo
 
 
 def test_a_charge_is_stored_once_and_billed(
-    charges: Any, query: Any, acme: str, db_path: Any, clock: Clock
+    charges: Any, query: Any, acme: str, backend: Backend, clock: Clock
 ) -> None:
     response = charges.RecordCharge(charge_request(), metadata=AUTH, timeout=TIMEOUT_S)
     assert (response.credits_micro, response.default_price) == (4_000_000, False)
@@ -85,9 +85,9 @@ def test_a_charge_is_stored_once_and_billed(
     assert [(line.kind, line.model, line.quantity) for line in balance.lines] == [
         (query_pb2.LINE_KIND_API, "gpt-4o", 1)
     ]
-    # Durable: another store on the same file (a restarted collector) has it; at the
+    # Durable: another store on the same database (a restarted collector) has it; at the
     # default price of 1 credit a request.
-    reopened = SQLiteStore(db_path, clock_us=clock)
+    reopened = cast(LedgerTestStore, backend.open())
     try:
         assert Ledger(reopened, PriceBook(), clock).balance(acme).api_micro == 1_000_000
     finally:
@@ -168,16 +168,14 @@ def test_usage_grouped(query: Any, feeder: Feeder) -> None:
 
 
 def test_serve_registers_both_services_for_a_store_with_a_ledger(
-    store: SQLiteStore, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    store: LedgerTestStore, tmp_path: Any
 ) -> None:
-    from creditmeter.collector.admin_cli import PRICES_ENV, serve_handlers
+    from creditmeter.collector.admin_cli import serve_handlers
     from creditmeter.collector.errors import PriceFileError
 
-    monkeypatch.delenv(PRICES_ENV, raising=False)
-    assert len(serve_handlers(store)) == 2
-    assert serve_handlers(object()) == []  # a store without a ledger: not served
+    assert len(serve_handlers(store, None)) == 2  # both stores keep a ledger
+    assert serve_handlers(object(), None) == []  # a store without a ledger: not served
     bad = tmp_path / "prices.toml"
     bad.write_text("[self_hosted]\nsdxl = -1\n")
-    monkeypatch.setenv(PRICES_ENV, str(bad))
     with pytest.raises(PriceFileError, match="sdxl"):
-        serve_handlers(store)
+        serve_handlers(store, bad)
