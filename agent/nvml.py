@@ -215,36 +215,24 @@ class PynvmlNvml:
         handle = self._handle(device.uuid)
         what = f"{device.uuid} process utilization"
         try:
-            raw = _with_size_retry(lambda: pynvml.nvmlDeviceGetProcessUtilization(handle, since_us))
+            raw = _with_size_retry(lambda: _process_utilization(handle, since_us))
         except pynvml.NVMLError as exc:
-            if int(exc.value) == pynvml.NVML_SUCCESS:
-                # The size query returned SUCCESS (no samples) and pynvml raised a base
-                # NVMLError with value 0: an empty answer, not a failure.
-                raise NoData(f"{what}: no samples", 0) from exc
             raise translate(exc, what) from exc
         return [
-            UtilSample(
-                pid=int(s.pid),
-                timestamp_us=int(s.timeStamp),
-                sm_util=int(s.smUtil),
-                mem_util=int(s.memUtil),
-                enc_util=int(s.encUtil),
-                dec_util=int(s.decUtil),
-            )
-            for s in raw
+            UtilSample(s.pid, s.timeStamp, s.smUtil, s.memUtil, s.encUtil, s.decUtil) for s in raw
         ]
 
     def device_samples(self, device: Device, since_us: int) -> list[DeviceSample]:
         handle = self._handle(device.uuid)
         what = f"{device.uuid} utilization samples"
-        value_type, raw = _call(
-            what,
-            pynvml.nvmlDeviceGetSamples,
-            handle,
-            pynvml.NVML_GPU_UTILIZATION_SAMPLES,
-            since_us,
-        )
-        samples = [DeviceSample(int(s.timeStamp), _sample_value(value_type, s)) for s in raw]
+        try:
+            value_type, raw = _with_size_retry(lambda: _utilization_samples(handle, since_us))
+        except pynvml.NVMLError as exc:
+            raise translate(exc, what) from exc
+        read = _SAMPLE_FIELDS.get(value_type)
+        if read is None:
+            raise NvmlError(f"{what}: unexpected sample value type {value_type}", 0)
+        samples = [DeviceSample(s.timeStamp, round(getattr(s.sampleValue, read))) for s in raw]
         samples.sort(key=lambda s: s.timestamp_us)
         return samples
 
@@ -285,13 +273,101 @@ class PynvmlNvml:
         self._gpm_samples.clear()
 
 
+# -- the per-poll queries, on plain ctypes structs ----------------------------------------
+# These run for every device at every poll. pynvml's own structs override __getattribute__
+# (to decode bytes), which made reading their fields the largest part of the agent's CPU per
+# poll; these mirror the same nvml.h layouts (a test checks the sizes against pynvml's) and
+# are filled by the same C functions, called through pynvml's symbol lookup.
+
+
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_v2_t, which _v3 shares."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
+
+
+class _UtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("timeStamp", ctypes.c_ulonglong),
+        ("smUtil", ctypes.c_uint),
+        ("memUtil", ctypes.c_uint),
+        ("encUtil", ctypes.c_uint),
+        ("decUtil", ctypes.c_uint),
+    ]
+
+
+class _Value(ctypes.Union):
+    """nvmlValue_t."""
+
+    _fields_ = [
+        ("dVal", ctypes.c_double),
+        ("uiVal", ctypes.c_uint),
+        ("ulVal", ctypes.c_ulong),
+        ("ullVal", ctypes.c_ulonglong),
+    ]
+
+
+class _Sample(ctypes.Structure):
+    """nvmlSample_t."""
+
+    _fields_ = [("timeStamp", ctypes.c_ulonglong), ("sampleValue", _Value)]
+
+
+_SAMPLE_FIELDS = {  # nvmlValueType_t -> the union member holding the value
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+}
+
+
 def _with_size_retry(fetch: Callable[[], T]) -> T:
-    """pynvml sizes the buffer, then fills it; a process or period appearing in between makes
+    """NVML sizes the buffer, then fills it; a process or period appearing in between makes
     the second call fail with INSUFFICIENT_SIZE. One more try sizes it afresh."""
     try:
         return fetch()
     except pynvml.NVMLError_InsufficientSize:
         return fetch()
+
+
+def _process_utilization(handle: Any, since_us: int) -> list[_UtilizationSample]:
+    """nvmlDeviceGetProcessUtilization. NOT_FOUND (no sample since the cursor: idle) becomes
+    NoData through ``translate``; so does SUCCESS from the size query, which the driver
+    returns in rare cases with nothing to report (where pynvml raises NVMLError(0))."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+    count, cursor = ctypes.c_uint(0), ctypes.c_ulonglong(since_us)
+    ret = fn(handle, None, ctypes.byref(count), cursor)
+    if ret == pynvml.NVML_SUCCESS:
+        ret = pynvml.NVML_ERROR_NOT_FOUND
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    samples = (_UtilizationSample * count.value)()
+    _check(fn(handle, samples, ctypes.byref(count), cursor))
+    return samples[: count.value]
+
+
+def _utilization_samples(handle: Any, since_us: int) -> tuple[int, list[_Sample]]:
+    """nvmlDeviceGetSamples(NVML_GPU_UTILIZATION_SAMPLES): (value type, samples)."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetSamples")
+    kind, cursor = ctypes.c_uint(pynvml.NVML_GPU_UTILIZATION_SAMPLES), ctypes.c_ulonglong(since_us)
+    value_type, count = ctypes.c_uint(0), ctypes.c_uint(0)
+    _check(fn(handle, kind, cursor, ctypes.byref(value_type), ctypes.byref(count), None))
+    samples = (_Sample * count.value)()
+    _check(fn(handle, kind, cursor, ctypes.byref(value_type), ctypes.byref(count), samples))
+    return value_type.value, samples[: count.value]
+
+
+def _check(ret: int) -> None:
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
 
 
 def _sized_call(fn: Any, handle: Any) -> list[ComputeProcess]:
@@ -304,14 +380,12 @@ def _sized_call(fn: Any, handle: Any) -> list[ComputeProcess]:
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
     count.value = count.value * 2 + 5
-    entries = (pynvml.c_nvmlProcessInfo_v3_t * count.value)()
-    ret = fn(handle, ctypes.byref(count), entries)
-    if ret != pynvml.NVML_SUCCESS:
-        raise pynvml.NVMLError(ret)
+    entries = (_ProcessInfo * count.value)()
+    _check(fn(handle, ctypes.byref(count), entries))
     return [_compute_process(p) for p in entries[: count.value]]
 
 
-def _compute_process(p: Any) -> ComputeProcess:
+def _compute_process(p: _ProcessInfo) -> ComputeProcess:
     memory, gi, ci = p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId
     return ComputeProcess(
         pid=p.pid,
@@ -319,19 +393,6 @@ def _compute_process(p: Any) -> ComputeProcess:
         gpu_instance_id=None if gi == _NOT_MIG else gi,
         compute_instance_id=None if ci == _NOT_MIG else ci,
     )
-
-
-def _sample_value(value_type: int, sample: Any) -> int:
-    value = sample.sampleValue
-    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return int(value.uiVal)
-    if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return round(float(value.dVal))
-    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-        return int(value.ullVal)
-    if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return int(value.ulVal)
-    raise NvmlError(f"unexpected utilization sample value type {value_type}", 0)
 
 
 def _graphics_util(what: str, first: Any, second: Any) -> float:

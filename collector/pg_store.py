@@ -540,8 +540,10 @@ class PostgresStore:
             with _refused_rows(agent_id, head):
                 _copy_records(cur, new_rows, batch.signature)
             new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
-            sums = records.sums if start == 0 else hourly_sums(new_rows)
-            device_sums = device_hourly_sums(new_rows)
+            if start == 0:  # all new: the verifier summed while it had the fields at hand
+                sums, device_sums = records.sums, records.device_sums
+            else:
+                sums, device_sums = hourly_sums(new_rows), device_hourly_sums(new_rows)
             _advance(cur, agent_id, new_head, self._shard(agent_id), sums, device_sums)
         return new_head
 

@@ -194,14 +194,12 @@ def _usage_groups(
     dimensions: frozenset[Dimension],
     account: str | None,
 ) -> list[UsageGroup]:
-    """The store's grouped rollups. A store that keeps no ledger yet (the PostgreSQL store
-    for now) still reports busy time by account and model from its hourly rollups."""
+    """The store's grouped rollups. A store without the grouping rollups (one implementing only
+    the ingest-side Store) still reports busy time by account and model from its hourly ones."""
     if isinstance(store, _Grouping):
         return store.grouped_usage(period.from_us, period.to_us, dimensions, account)
     if dimensions - {Dimension.ACCOUNT, Dimension.MODEL}:
-        raise ConfigError(
-            f"the {type(store).__name__} reports by account and model only (no ledger yet)"
-        )
+        raise ConfigError(f"the {type(store).__name__} reports by account and model only")
     return [
         UsageGroup(
             total.account, total.model, None, None, None, total.busy_us, 0, total.record_count

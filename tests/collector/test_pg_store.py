@@ -306,9 +306,9 @@ def test_the_url_selects_the_store(postgres_url: str, tmp_path: Path) -> None:
 def test_a_label_postgresql_cannot_hold_is_refused_and_nothing_is_stored(
     pg: PostgresBackend, verifier: Verifier, records: int
 ) -> None:
-    """Text columns cannot hold NUL; the verifier lets it through (SQLite stores it), so the
-    store refuses the batch as INVALID_ARGUMENT rather than failing it as UNAVAILABLE, which
-    the agent would retry forever."""
+    """Text columns cannot hold NUL. The verifier refuses such labels first; should one reach
+    the store anyway, it refuses the batch as INVALID_ARGUMENT rather than failing it as
+    UNAVAILABLE, which the agent would retry forever."""
     store = pg.open()
     agent = enrolled(store)
 
