@@ -27,6 +27,7 @@ from creditmeter.agent.errors import (
     NvmlUnavailable,
 )
 from creditmeter.agent.gpu import ComputeProcess, Device, DeviceSample, UtilSample
+from creditmeter.nvml_abi import ProcessInfo, ProcessUtilizationSample, Sample
 
 log = logging.getLogger(__name__)
 
@@ -276,49 +277,8 @@ class PynvmlNvml:
 # -- the per-poll queries, on plain ctypes structs ----------------------------------------
 # These run for every device at every poll. pynvml's own structs override __getattribute__
 # (to decode bytes), which made reading their fields the largest part of the agent's CPU per
-# poll; these mirror the same nvml.h layouts (a test checks the sizes against pynvml's) and
-# are filled by the same C functions, called through pynvml's symbol lookup.
-
-
-class _ProcessInfo(ctypes.Structure):
-    """nvmlProcessInfo_v2_t, which _v3 shares."""
-
-    _fields_ = [
-        ("pid", ctypes.c_uint),
-        ("usedGpuMemory", ctypes.c_ulonglong),
-        ("gpuInstanceId", ctypes.c_uint),
-        ("computeInstanceId", ctypes.c_uint),
-    ]
-
-
-class _UtilizationSample(ctypes.Structure):
-    """nvmlProcessUtilizationSample_t."""
-
-    _fields_ = [
-        ("pid", ctypes.c_uint),
-        ("timeStamp", ctypes.c_ulonglong),
-        ("smUtil", ctypes.c_uint),
-        ("memUtil", ctypes.c_uint),
-        ("encUtil", ctypes.c_uint),
-        ("decUtil", ctypes.c_uint),
-    ]
-
-
-class _Value(ctypes.Union):
-    """nvmlValue_t."""
-
-    _fields_ = [
-        ("dVal", ctypes.c_double),
-        ("uiVal", ctypes.c_uint),
-        ("ulVal", ctypes.c_ulong),
-        ("ullVal", ctypes.c_ulonglong),
-    ]
-
-
-class _Sample(ctypes.Structure):
-    """nvmlSample_t."""
-
-    _fields_ = [("timeStamp", ctypes.c_ulonglong), ("sampleValue", _Value)]
+# poll; creditmeter.nvml_abi has the same nvml.h layouts, filled by the same C functions,
+# called through pynvml's symbol lookup.
 
 
 _SAMPLE_FIELDS = {  # nvmlValueType_t -> the union member holding the value
@@ -338,7 +298,7 @@ def _with_size_retry(fetch: Callable[[], T]) -> T:
         return fetch()
 
 
-def _process_utilization(handle: Any, since_us: int) -> list[_UtilizationSample]:
+def _process_utilization(handle: Any, since_us: int) -> list[ProcessUtilizationSample]:
     """nvmlDeviceGetProcessUtilization. NOT_FOUND (no sample since the cursor: idle) becomes
     NoData through ``translate``; so does SUCCESS from the size query, which the driver
     returns in rare cases with nothing to report (where pynvml raises NVMLError(0))."""
@@ -349,18 +309,18 @@ def _process_utilization(handle: Any, since_us: int) -> list[_UtilizationSample]
         ret = pynvml.NVML_ERROR_NOT_FOUND
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
-    samples = (_UtilizationSample * count.value)()
+    samples = (ProcessUtilizationSample * count.value)()
     _check(fn(handle, samples, ctypes.byref(count), cursor))
     return samples[: count.value]
 
 
-def _utilization_samples(handle: Any, since_us: int) -> tuple[int, list[_Sample]]:
+def _utilization_samples(handle: Any, since_us: int) -> tuple[int, list[Sample]]:
     """nvmlDeviceGetSamples(NVML_GPU_UTILIZATION_SAMPLES): (value type, samples)."""
     fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetSamples")
     kind, cursor = ctypes.c_uint(pynvml.NVML_GPU_UTILIZATION_SAMPLES), ctypes.c_ulonglong(since_us)
     value_type, count = ctypes.c_uint(0), ctypes.c_uint(0)
     _check(fn(handle, kind, cursor, ctypes.byref(value_type), ctypes.byref(count), None))
-    samples = (_Sample * count.value)()
+    samples = (Sample * count.value)()
     _check(fn(handle, kind, cursor, ctypes.byref(value_type), ctypes.byref(count), samples))
     return value_type.value, samples[: count.value]
 
@@ -380,12 +340,12 @@ def _sized_call(fn: Any, handle: Any) -> list[ComputeProcess]:
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
     count.value = count.value * 2 + 5
-    entries = (_ProcessInfo * count.value)()
+    entries = (ProcessInfo * count.value)()
     _check(fn(handle, ctypes.byref(count), entries))
     return [_compute_process(p) for p in entries[: count.value]]
 
 
-def _compute_process(p: _ProcessInfo) -> ComputeProcess:
+def _compute_process(p: ProcessInfo) -> ComputeProcess:
     memory, gi, ci = p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId
     return ComputeProcess(
         pid=p.pid,

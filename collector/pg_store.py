@@ -137,8 +137,8 @@ from creditmeter.collector.rollup import (
     Rollup,
     RollupKey,
     RollupSums,
+    account_sums,
     device_hourly_sums,
-    hourly_sums,
 )
 from creditmeter.collector.rows import ENERGY_ABSENT, ENERGY_MJ, HASH, ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
@@ -543,7 +543,8 @@ class PostgresStore:
             if start == 0:  # all new: the verifier summed while it had the fields at hand
                 sums, device_sums = records.sums, records.device_sums
             else:
-                sums, device_sums = hourly_sums(new_rows), device_hourly_sums(new_rows)
+                device_sums = device_hourly_sums(new_rows)
+                sums = account_sums(device_sums)
             _advance(cur, agent_id, new_head, self._shard(agent_id), sums, device_sums)
         return new_head
 

@@ -58,20 +58,9 @@ def hour_text(hour_start_us: int) -> str:
 
 
 def hourly_sums(rows: Iterable[RecordRow]) -> dict[RollupKey, RollupSums]:
-    """What ``rows`` add to each rollup (one pass, plain tuples: this is the ingest path)."""
-    sums: dict[RollupKey, RollupSums] = {}
-    get = sums.get
-    for row in rows:
-        start_us = row[START_US]
-        key = (start_us - start_us % HOUR_US, row[ACCOUNT], row[MODEL])
-        acc = get(key)
-        if acc is None:
-            sums[key] = [row[BUSY_US], row[WALL_US], 1]
-        else:
-            acc[0] += row[BUSY_US]
-            acc[1] += row[WALL_US]
-            acc[2] += 1
-    return sums
+    """What ``rows`` add to each (hour, account, model) rollup: their per-device sums, added
+    up. Only for batches partly resent; a batch all new comes with its sums (verifier)."""
+    return account_sums(device_hourly_sums(rows))
 
 
 def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, RollupSums]:

@@ -66,8 +66,8 @@ from creditmeter.collector.rollup import (
     Rollup,
     RollupKey,
     RollupSums,
+    account_sums,
     device_hourly_sums,
-    hourly_sums,
 )
 from creditmeter.collector.rows import ENERGY_ABSENT, HASH, ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
@@ -414,7 +414,8 @@ class SQLiteStore:
             if start == 0:
                 _add_rollups(conn, records.sums, records.device_sums)
             else:
-                _add_rollups(conn, hourly_sums(new_rows), device_hourly_sums(new_rows))
+                device_sums = device_hourly_sums(new_rows)
+                _add_rollups(conn, account_sums(device_sums), device_sums)
             new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
             conn.execute(
                 "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",

@@ -127,54 +127,9 @@ def text_arg(arg: Any) -> str:
     return value.decode(errors="replace")
 
 
-# -- result records, laid out as nvml.h lays them out ----------------------------------------
+# -- result records: laid out as nvml.h lays them out (creditmeter.nvml_abi) ---------------
 # The library writes arrays of results into the caller's buffer as raw bytes, as the C
-# library does. Plain ctypes structures are also much faster to fill than pynvml's
-# _PrintableStructure, whose __setattr__ runs Python code per field.
-
-
-class ProcessUtilizationSample(ctypes.Structure):
-    """nvmlProcessUtilizationSample_t."""
-
-    _fields_ = [
-        ("pid", ctypes.c_uint),
-        ("timeStamp", ctypes.c_ulonglong),
-        ("smUtil", ctypes.c_uint),
-        ("memUtil", ctypes.c_uint),
-        ("encUtil", ctypes.c_uint),
-        ("decUtil", ctypes.c_uint),
-    ]
-
-
-class ProcessInfo(ctypes.Structure):
-    """nvmlProcessInfo_v2_t, which is also nvmlProcessInfo_t (v3)."""
-
-    _fields_ = [
-        ("pid", ctypes.c_uint),
-        ("usedGpuMemory", ctypes.c_ulonglong),
-        ("gpuInstanceId", ctypes.c_uint),
-        ("computeInstanceId", ctypes.c_uint),
-    ]
-
-
-class Value(ctypes.Union):
-    """nvmlValue_t."""
-
-    _fields_ = [
-        ("dVal", ctypes.c_double),
-        ("uiVal", ctypes.c_uint),
-        ("ulVal", ctypes.c_ulong),
-        ("ullVal", ctypes.c_ulonglong),
-        ("sllVal", ctypes.c_longlong),
-        ("siVal", ctypes.c_int),
-        ("usVal", ctypes.c_ushort),
-    ]
-
-
-class Sample(ctypes.Structure):
-    """nvmlSample_t."""
-
-    _fields_ = [("timeStamp", ctypes.c_ulonglong), ("sampleValue", Value)]
+# library does.
 
 
 def copy_out(buffer: Any, record: type[ctypes.Structure], rows: list[Any]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from creditmeter.nvml_abi import ProcessInfo
 from creditmeter.simnvml.abi import (
     NO_INSTANCE_ID,
     NOT_AVAILABLE_ULL,
-    ProcessInfo,
     Ret,
     copy_out,
     fail,

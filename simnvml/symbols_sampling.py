@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from creditmeter.nvml_abi import ProcessUtilizationSample, Sample, Value
 from creditmeter.simnvml.abi import (
-    ProcessUtilizationSample,
     Ret,
-    Sample,
-    Value,
     copy_out,
     fail,
     scalar,

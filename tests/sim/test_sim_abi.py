@@ -1,4 +1,5 @@
-"""The fake library's C surface agrees with pynvml's: codes, strings, struct layouts."""
+"""The fake library's C surface agrees with pynvml's: codes, strings, and the struct layouts
+(creditmeter.nvml_abi) through which the simulator writes and the agent reads."""
 
 from __future__ import annotations
 
@@ -7,14 +8,9 @@ import ctypes
 import pynvml
 import pytest
 
+from creditmeter.nvml_abi import ProcessInfo, ProcessUtilizationSample, Sample, Value
 from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost
-from creditmeter.simnvml.abi import (
-    ERROR_STRINGS,
-    ProcessInfo,
-    ProcessUtilizationSample,
-    Ret,
-    Sample,
-)
+from creditmeter.simnvml.abi import ERROR_STRINGS, Ret
 
 
 @pytest.mark.parametrize(
@@ -23,6 +19,7 @@ from creditmeter.simnvml.abi import (
         (ProcessUtilizationSample, pynvml.c_nvmlProcessUtilizationSample_t),
         (ProcessInfo, pynvml.c_nvmlProcessInfo_v3_t),
         (Sample, pynvml.c_nvmlSample_t),
+        (Value, pynvml.c_nvmlValue_t),
     ],
 )
 def test_result_records_have_nvml_layouts(ours: type, theirs: type) -> None:

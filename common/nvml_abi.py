@@ -1,0 +1,56 @@
+"""The nvml.h structures NVML fills in bulk, as plain ctypes structures.
+
+One definition serves the agent, which reads the arrays the driver fills at every poll, and
+the simulated library, which fills them as the C library does (raw bytes into the caller's
+buffer). pynvml has its own copies, but they override __getattribute__/__setattr__ to
+convert strings, which makes each field access cost Python code: too slow for the per-poll
+path. A test checks these layouts against pynvml's field by field.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+
+class ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_v2_t, which is also nvmlProcessInfo_t (v3)."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
+
+
+class ProcessUtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("timeStamp", ctypes.c_ulonglong),
+        ("smUtil", ctypes.c_uint),
+        ("memUtil", ctypes.c_uint),
+        ("encUtil", ctypes.c_uint),
+        ("decUtil", ctypes.c_uint),
+    ]
+
+
+class Value(ctypes.Union):
+    """nvmlValue_t."""
+
+    _fields_ = [
+        ("dVal", ctypes.c_double),
+        ("uiVal", ctypes.c_uint),
+        ("ulVal", ctypes.c_ulong),
+        ("ullVal", ctypes.c_ulonglong),
+        ("sllVal", ctypes.c_longlong),
+        ("siVal", ctypes.c_int),
+        ("usVal", ctypes.c_ushort),
+    ]
+
+
+class Sample(ctypes.Structure):
+    """nvmlSample_t."""
+
+    _fields_ = [("timeStamp", ctypes.c_ulonglong), ("sampleValue", Value)]
