@@ -21,7 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -554,17 +554,7 @@ class SQLiteStore:
             )
             entry_id = cursor.lastrowid
         assert entry_id is not None
-        return LedgerEntry(
-            entry.account,
-            entry.kind,
-            entry.amount_micro,
-            entry.effective_us,
-            entry.expires_us,
-            entry.reason,
-            entry.created_by,
-            entry.created_at_us,
-            entry_id,
-        )
+        return replace(entry, entry_id=entry_id)
 
     def entries(self, account: str) -> list[LedgerEntry]:
         with self._lock, _translated(f"reading entries of {account!r}"):

@@ -19,6 +19,7 @@ import math
 import re
 import socket
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar, Generic, TypeVar
 
@@ -126,7 +127,7 @@ class HistogramChild:
 Child = TypeVar("Child", CounterChild, GaugeChild, HistogramChild)
 
 
-class _Metric(Generic[Child]):
+class _Metric(ABC, Generic[Child]):
     """A named metric family: one child per combination of label values."""
 
     type_name: ClassVar[str]
@@ -173,8 +174,9 @@ class _Metric(Generic[Child]):
             raise ValueError(f"{self.name} has labels {list(self.labelnames)}: use .labels()")
         return self._children[()]
 
+    @abstractmethod
     def _new_child(self) -> Child:
-        raise NotImplementedError
+        """A child for one combination of label values, at zero."""
 
     def _items(self) -> list[tuple[LabelValues, Child]]:
         with self._lock:
@@ -186,7 +188,9 @@ class _Metric(Generic[Child]):
             yield self.name, self.labelnames, key, self._child_value(child)
 
     def _child_value(self, child: Child) -> float:
-        raise NotImplementedError
+        """The one value a child exposes. Histograms expose several and override ``samples``
+        instead, so they never get here."""
+        raise NotImplementedError(f"{type(self).__name__} has no single value per child")
 
 
 class Counter(_Metric[CounterChild]):
