@@ -128,40 +128,41 @@ def generate(path: Path, count: int) -> None:
         # i = k·GPUS + gpu: the k-th window of each GPU, in time order. Each GPU serves one
         # model, to one customer for 4 windows (~17 min at 10 M records) then the next;
         # 1 GPU in 97 runs unattributed work.
+        # The fields live in a scratch table the rollups are summed from; the records
+        # table gets what the collector stores (record bytes stand in as zeroes).
         conn.execute(
             f"""
+            CREATE TEMP TABLE fields AS
             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?)
-            INSERT INTO records (agent_id, seq, hash, record, signature, start_us, end_us,
-                host, gpu_uuid, gpu_index, gpu_parent_uuid, pid, create_time_us, process_name,
-                account, model, job_id, attribution_source, busy_us, wall_us, energy_mj,
-                gap_us, source, received_at_us)
-            SELECT 'agent-' || (gpu / {GPUS_PER_HOST}),
-                   k * {GPUS_PER_HOST} + gpu % {GPUS_PER_HOST} + 1,
-                   zeroblob(32), zeroblob({RECORD_BYTES}), NULL,
-                   {MONTH_START_US} + k * {step_us} + gpu,
-                   {MONTH_START_US} + (k + 1) * {step_us} + gpu,
-                   'host-' || (gpu / {GPUS_PER_HOST}), 'GPU-' || gpu, gpu % {GPUS_PER_HOST}, '',
-                   4000 + gpu, {MONTH_START_US}, 'python3',
+            SELECT 'agent-' || (gpu / {GPUS_PER_HOST}) AS agent_id,
+                   k * {GPUS_PER_HOST} + gpu % {GPUS_PER_HOST} + 1 AS seq,
+                   {MONTH_START_US} + k * {step_us} + gpu AS start_us,
+                   'host-' || (gpu / {GPUS_PER_HOST}) AS host, 'GPU-' || gpu AS gpu_uuid,
                    CASE WHEN gpu % 97 = 0 THEN ''
-                        ELSE 'account-' || printf('%03d', (k / 4 * 7 + gpu * 13) % {ACCOUNTS}) END,
-                   CASE gpu % {len(MODELS)} {model_case} END,
-                   'job-' || k, 2, (i * 2654435761) % {step_us}, {step_us}, 5000, 0, 1,
-                   {MONTH_START_US} + (k + 1) * {step_us}
+                        ELSE 'account-' || printf('%03d', (k / 4 * 7 + gpu * 13) % {ACCOUNTS})
+                   END AS account,
+                   CASE gpu % {len(MODELS)} {model_case} END AS model,
+                   (i * 2654435761) % {step_us} AS busy_us, {step_us} AS wall_us
             FROM (SELECT i, i / {GPUS} AS k, i % {GPUS} AS gpu FROM n)
             """,
             (per_gpu * GPUS,),
         )
         conn.execute(
+            f"""INSERT INTO records (agent_id, seq, start_us, record)
+                SELECT agent_id, seq, start_us, zeroblob({RECORD_BYTES}) FROM fields
+                ORDER BY agent_id, seq"""
+        )
+        conn.execute(
             """INSERT INTO rollups_hourly
                 SELECT start_us - start_us % 3600000000, account, model,
                        SUM(busy_us), SUM(wall_us), COUNT(*)
-                FROM records GROUP BY 1, 2, 3"""
+                FROM fields GROUP BY 1, 2, 3"""
         )
         conn.execute(
             """INSERT INTO rollups_device_hourly
                 SELECT start_us - start_us % 3600000000, host, gpu_uuid, account, model,
                        SUM(busy_us), SUM(wall_us), COUNT(*)
-                FROM records GROUP BY 1, 2, 3, 4, 5"""
+                FROM fields GROUP BY 1, 2, 3, 4, 5"""
         )
         conn.execute(
             """INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us, head_seq)
@@ -175,7 +176,7 @@ def generate(path: Path, count: int) -> None:
 def _full_scan(path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
-        conn.execute("SELECT COUNT(*), SUM(busy_us) FROM records").fetchone()
+        conn.execute("SELECT COUNT(*), SUM(length(record)) FROM records").fetchone()
     finally:
         conn.close()
 

@@ -5,9 +5,11 @@ Every figure is records/s with one commit per batch, the median over repeats; ba
 unless said otherwise:
 
   raw COPY         the rows, binary COPY into a scratch table shaped like ``records`` (same
-                   columns, same primary key): what the database itself costs (baseline)
+                   columns, same primary key), and the batch's signature INSERTed into one
+                   shaped like ``segments``: what the database itself costs (baseline)
   staging COPY     the same rows through a temporary staging table and INSERT … SELECT … ON
-                   CONFLICT DO NOTHING: the bulk path the store does not take (pg_store.py)
+                   CONFLICT DO NOTHING (and the same segment INSERT): the bulk path the store
+                   does not take (pg_store.py)
   store            PostgresStore.ingest of batches verified beforehand: row lock, dedup
                    decision, COPY, head, rollups, commit
   verified         Verifier.verify + PostgresStore.ingest, in 1 and in 2 threads (streams;
@@ -42,8 +44,9 @@ from psycopg.types.string import BytesBinaryDumper
 
 from bench.common import Result, median
 from bench.records import Chain
+from creditmeter.collector.clock import wall_clock_us
 from creditmeter.collector.pg_store import RECORD_COPY_COLUMNS, RECORD_COPY_TYPES, PostgresStore
-from creditmeter.collector.rows import ENERGY_ABSENT, ENERGY_MJ, RecordRow
+from creditmeter.collector.rows import AGENT_ID, SEQ, RecordRow
 from creditmeter.collector.verifier import VerifiedBatch, Verifier
 from creditmeter.v1 import ingest_pb2
 
@@ -59,6 +62,7 @@ SWITCH_INTERVAL_S = 0.0002  # as `creditmeter-collector serve` runs (see collect
 _COLUMNS = ", ".join(RECORD_COPY_COLUMNS)
 
 Conn = psycopg.Connection[tuple[object, ...]]
+Segment = tuple[Sequence[RecordRow], bytes]  # a batch's rows and its head signature
 
 
 def run(quick: bool = False) -> tuple[list[Result], str]:
@@ -76,14 +80,16 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
                     # The store's connections dump bytea with psycopg's C dumper
                     # (pg_store.PostgresStore._connect); so does the baseline.
                     conn.adapters.register_dumper(bytearray, BytesBinaryDumper)
-                    conn.execute("CREATE TABLE raw_records (LIKE records INCLUDING ALL)")
-                    conn.execute("CREATE TABLE staged_records (LIKE records INCLUDING ALL)")
+                    for table in ("records", "segments"):
+                        conn.execute(f"CREATE TABLE raw_{table} (LIKE {table} INCLUDING ALL)")
+                        conn.execute(f"CREATE TABLE staged_{table} (LIKE {table} INCLUDING ALL)")
                     for repeat in range(repeats):
                         figures = _one_repeat(store, conn, url, repeat, batches, small_batches)
                         for name, value in figures.items():
                             samples.setdefault(name, []).append(value)
                     row = conn.execute(
-                        "SELECT pg_total_relation_size('records')::float8 / COUNT(*) FROM records"
+                        "SELECT (pg_total_relation_size('records')"
+                        " + pg_total_relation_size('segments'))::float8 / COUNT(*) FROM records"
                     ).fetchone()
                     samples["stored_bytes_per_record"] = [float(row[0]) if row else 0.0]  # type: ignore[arg-type]
             finally:
@@ -103,10 +109,10 @@ def _one_repeat(
         for agent, agent_batches in _enrolled(store, f"store{repeat}", 2, batches // 2)
         for batch in agent_batches
     ]
-    rows = [batch.records.rows for _, batch in verified]
-    figures["raw"] = _rate(len(rows), lambda: _raw_copy(conn, rows))
-    figures["staging"] = _rate(len(rows), lambda: _staging_copy(conn, rows))
-    figures["store"] = _rate(len(rows), lambda: _ingest_all(store, verified))
+    segments = [(batch.records.rows, batch.signature) for _, batch in verified]
+    figures["raw"] = _rate(len(segments), lambda: _raw_copy(conn, segments))
+    figures["staging"] = _rate(len(segments), lambda: _staging_copy(conn, segments))
+    figures["store"] = _rate(len(verified), lambda: _ingest_all(store, verified))
     costs = []
     for streams in (1, 2):
         work = _enrolled(store, f"v{streams}-{repeat}", streams, batches // streams)
@@ -243,7 +249,12 @@ def _results(m: dict[str, float]) -> tuple[list[Result], str]:
         Result(name, "PostgreSQL CPU per commit", m["postgres_cpu_s_per_commit"] * 1e6, "µs"),
         Result(name, "WAL per record", m["wal_bytes_per_record"], "bytes"),
         Result(name, "WAL per commit", m["wal_bytes_per_commit"], "bytes"),
-        Result(name, "stored per record (table + index)", m["stored_bytes_per_record"], "bytes"),
+        Result(
+            name,
+            "stored per record (records + segments, tables + indexes)",
+            m["stored_bytes_per_record"],
+            "bytes",
+        ),
     ]
     detail = (
         f"batch {BATCH}: verified + committed {m['verified_1']:,.0f} rec/s in 1 stream, "
@@ -347,29 +358,41 @@ def _copy_rows(
 ) -> None:
     with cur.copy(f"COPY {table} ({_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(RECORD_COPY_TYPES)
+        write = copy.write_row
         for row in rows:
-            values: tuple[object, ...] = row
-            if row[ENERGY_MJ] == ENERGY_ABSENT:
-                values = (*row[:ENERGY_MJ], None, *row[ENERGY_MJ + 1 :])
-            copy.write_row((*values, None))
+            write(row)
 
 
-def _raw_copy(conn: Conn, batches: Sequence[Sequence[RecordRow]]) -> None:
-    for rows in batches:
+def _insert_segment(
+    cur: psycopg.Cursor[tuple[object, ...]], table: str, rows: Sequence[RecordRow], signature: bytes
+) -> None:
+    """The batch's segment row, as the store writes one per batch (it folds the INSERT into
+    the statement that moves the head; here it is a statement of its own)."""
+    cur.execute(
+        f"INSERT INTO {table} (agent_id, last_seq, signature, received_at_us) "
+        "VALUES (%s, %s, %s, %s)",
+        (rows[-1][AGENT_ID], rows[-1][SEQ], signature, wall_clock_us()),
+    )
+
+
+def _raw_copy(conn: Conn, batches: Sequence[Segment]) -> None:
+    for rows, signature in batches:
         with conn.transaction(), conn.cursor() as cur:
             _copy_rows(cur, "raw_records", rows)
+            _insert_segment(cur, "raw_segments", rows, signature)
 
 
-def _staging_copy(conn: Conn, batches: Sequence[Sequence[RecordRow]]) -> None:
+def _staging_copy(conn: Conn, batches: Sequence[Segment]) -> None:
     conn.execute("CREATE TEMPORARY TABLE staging (LIKE records) ON COMMIT DELETE ROWS")
     try:
-        for rows in batches:
+        for rows, signature in batches:
             with conn.transaction(), conn.cursor() as cur:
                 _copy_rows(cur, "staging", rows)
                 cur.execute(
                     f"INSERT INTO staged_records ({_COLUMNS}) SELECT {_COLUMNS} FROM staging "
                     "ON CONFLICT DO NOTHING"
                 )
+                _insert_segment(cur, "staged_segments", rows, signature)
     finally:
         conn.execute("DROP TABLE staging")
 

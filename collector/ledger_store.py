@@ -11,11 +11,12 @@ Amounts are integer µcredits (``_micro``), times µs since the epoch (``_us``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from creditmeter.collector.errors import ConfigError
+from creditmeter.v1 import usage_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,27 @@ class UsageEvent:
     model: str
     job_id: str
     busy_us: int
+
+
+def usage_events(rows: Iterable[tuple[str, int, bytes]]) -> Iterator[UsageEvent]:
+    """The events of stored (agent_id, seq, record bytes) rows that have busy time, read
+    from the bytes (the stores keep no other copy of these fields; see rows.py)."""
+    rec = usage_pb2.UsageRecord()
+    for agent_id, seq, record in rows:
+        rec.ParseFromString(record)
+        if rec.busy_us > 0:
+            yield UsageEvent(
+                agent_id,
+                seq,
+                rec.start_unix_us,
+                rec.end_unix_us,
+                rec.host,
+                rec.gpu.uuid,
+                rec.attribution.account,
+                rec.attribution.model,
+                rec.attribution.job_id,
+                rec.busy_us,
+            )
 
 
 @dataclass(frozen=True, slots=True)

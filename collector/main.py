@@ -44,6 +44,7 @@ from creditmeter.collector.errors import (
     EnrollmentError,
     ListenError,
 )
+from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
 from creditmeter.collector.store import Store
 from creditmeter.collector.stores import open_store, redacted
@@ -171,9 +172,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -> None:
-    """Starts in order (TLS and API credentials, store, the gRPC port, metrics, health
-    watchdog, then READY=1) and unwinds the other way on SIGTERM: STOPPING=1, the server refuses new
-    streams and lets open ones commit their batch (``server.grace``), then the store closes.
+    """Starts in order (TLS and API credentials, store, ingest workers, the gRPC port,
+    metrics, health watchdog, then READY=1) and unwinds the other way on SIGTERM:
+    STOPPING=1, the server refuses new streams and lets open ones commit their batch
+    (``server.grace``), then the workers stop and the store closes.
     """
     telemetry = CollectorTelemetry(Registry())
     credentials, authenticator = _transport_security(config)
@@ -182,9 +184,11 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
     with ExitStack() as stack:
         store = _open_store(config)
         stack.callback(store.close)
+        ingestor = _start_ingest_workers(stack, config)
         server, port = create_server(
             listen,
             store,
+            ingestor=ingestor,
             config=ServerConfig(
                 max_stream_age_s=config[settings.MAX_STREAM_AGE],
                 max_streams=config[settings.MAX_STREAMS],
@@ -218,6 +222,24 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
                 "stopping: refusing new streams, %.0f s grace for open ones",
                 config[settings.GRACE],
             )
+
+
+def _start_ingest_workers(stack: ExitStack, config: Config) -> WorkerPool | None:
+    """The worker processes (after the store: it has migrated the database they open),
+    stopped after the server (LIFO) so that draining streams still commit. None when
+    ``server.ingest_workers`` is 0."""
+    count = config[settings.INGEST_WORKERS]
+    if count == 0:
+        return None
+    setup = WorkerSetup(
+        config[settings.STORE_URL],
+        log_level=config[settings.LOG_LEVEL],
+        log_format=config[settings.LOG_FORMAT],
+    )
+    pool = WorkerPool(setup, count)
+    pool.start()
+    stack.callback(pool.close)
+    return pool
 
 
 def _stop_server(server: IngestServer, config: Config) -> None:

@@ -21,14 +21,15 @@ database ends the hung transaction); a killed collector's transactions end with 
 connection.
 
 Rollups (per account and model, and per device for reports by host and GPU) are upserted
-in the same transaction, in the same statement that moves the head (``_advance``, the last
-before the commit), device rows first, each table in key order, everywhere, so two writers
-never wait for each other's rows in opposite orders (no deadlock). Each transaction takes
-exactly one agent lock, first, and only rollup locks after it. The rollup key carries a
-``shard`` (crc32 of the agent id mod ``ROLLUP_SHARDS``): an upserted rollup row stays locked
-until commit, WAL flush included, so if every agent of a large account shared one row per
-hour, all collectors would commit that account's batches one after another. Readers sum
-shards.
+in the same transaction, in the same statement that moves the head and stores the batch's
+segment (``_advance``, the last before the commit), device rows first, each table in key
+order, everywhere, so two writers never wait for each other's rows in opposite orders (no
+deadlock). Each transaction takes exactly one agent lock, first, and only rollup locks
+after it (the records and segment it inserts are keyed by that agent: no other writer can
+hold them). The rollup key carries a ``shard`` (crc32 of the agent id mod
+``ROLLUP_SHARDS``): an upserted rollup row stays locked until commit, WAL flush included,
+so if every agent of a large account shared one row per hour, all collectors would commit
+that account's batches one after another. Readers sum shards.
 
 The ledger (``LedgerStore``) decides inside its transactions, as ingest does:
   * an account's row is its lock. Closing a period locks it ``FOR UPDATE``; adding an entry
@@ -44,16 +45,24 @@ The ledger (``LedgerStore``) decides inside its transactions, as ingest does:
     of a charge still in flight at another collector waits for it. API rollups are sharded
     by request id, for the same reason as the record rollups.
 
+Records: a row of ``records`` is the evidence and its key: (agent_id, seq), start_us for
+exports by time range, and the record's bytes exactly as received (rows.py). Every other
+field lives in the bytes only: reports read the rollups, the audit and exports parse the
+bytes. The batch's head signature is one row of ``segments``, keyed by the agent and the
+seq of the last record it covers.
+
 Bulk path: after the agent's row is locked, ``first_new_index`` has already told which
-records are new (and compared every resent one with the stored hash), so the new rows are
+records are new (and compared every resent one with the stored bytes), so the new rows are
 written with one binary ``COPY`` straight into ``records``; the primary key (agent_id, seq)
 is the dedup key, claimed in the commit. A staging table plus ``INSERT … SELECT … ON
 CONFLICT DO NOTHING`` writes every row twice to settle a question the row lock has already
-settled (bench/pg_ingest.py measures both). A unique violation in the COPY means records
-above the stored head exist: StoreCorrupt. An ingest is six round trips (BEGIN, lock,
-COPY's two, advance, COMMIT; seven when resent records are compared). Measured and left
-out: psycopg's pipeline mode (more CPU than the round trips it saves on a local network)
-and INSERTs instead of COPY for small batches (cheaper below about three rows only).
+settled (bench/pg_ingest.py measures both). A unique violation in the COPY, or of the
+segment, means rows above the stored head exist: StoreCorrupt. The segment's row is
+inserted by the statement that moves the head (``_ADVANCE``), so an ingest is six round
+trips (BEGIN, lock, COPY's two, advance, COMMIT; seven when resent records are compared).
+Measured and left out: psycopg's pipeline mode (more CPU than the round trips it saves on a
+local network) and INSERTs instead of COPY for small batches (cheaper below about three
+rows only).
 
 Connections: a small pool (``_Pool``), each connection lent to one thread for one
 transaction; writes from several gRPC streams of one collector run in parallel and share
@@ -128,6 +137,7 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    usage_events,
 )
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.rollup import (
@@ -140,7 +150,7 @@ from creditmeter.collector.rollup import (
     account_sums,
     device_hourly_sums,
 )
-from creditmeter.collector.rows import ENERGY_ABSENT, ENERGY_MJ, HASH, ROW_COLUMNS, SEQ, RecordRow
+from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
     AgentInfo,
@@ -182,7 +192,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 head_hash BYTEA NOT NULL DEFAULT ''
             )""",
             # record holds the bytes exactly as received: the evidence. The other columns
-            # are extracted from them for queries; audit checks they still agree. No FOREIGN
+            # were extracted from them for queries, and migration 5 drops them. No FOREIGN
             # KEY to agents: it would cost an index probe per row, and ingest only inserts
             # for the agent whose row it holds locked.
             """CREATE TABLE records (
@@ -351,6 +361,53 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "records keep only the evidence and its key; segment signatures in their own table",
+        (
+            # A batch's head signature covers its last record: one row per batch, not a
+            # mostly-NULL column of every record. received_at_us is when the batch was
+            # stored. Keyed like records (no FOREIGN KEY, for the same reason).
+            """CREATE TABLE segments (
+                agent_id TEXT COLLATE "C" NOT NULL,
+                last_seq BIGINT NOT NULL,
+                signature BYTEA NOT NULL,
+                received_at_us BIGINT NOT NULL,
+                PRIMARY KEY (agent_id, last_seq)
+            )""",
+            """INSERT INTO segments (agent_id, last_seq, signature, received_at_us)
+                SELECT agent_id, seq, signature, received_at_us FROM records
+                WHERE signature IS NOT NULL""",
+            # The bytes are the one copy of every other field (see rows.py): reports read
+            # the rollups (migrations 2 and 3 built them from these columns, ingest keeps
+            # them), the audit and exports parse the bytes. Extracted copies could disagree
+            # with the bytes they came from, and binding them is the ingest's cost (23
+            # values a record instead of 4). DROP COLUMN only marks the columns dropped, so
+            # this step is quick; existing rows keep their space until they are rewritten
+            # (VACUUM FULL reclaims it).
+            """ALTER TABLE records
+                DROP COLUMN hash,
+                DROP COLUMN signature,
+                DROP COLUMN end_us,
+                DROP COLUMN host,
+                DROP COLUMN gpu_uuid,
+                DROP COLUMN gpu_index,
+                DROP COLUMN gpu_parent_uuid,
+                DROP COLUMN pid,
+                DROP COLUMN create_time_us,
+                DROP COLUMN process_name,
+                DROP COLUMN account,
+                DROP COLUMN model,
+                DROP COLUMN job_id,
+                DROP COLUMN attribution_source,
+                DROP COLUMN busy_us,
+                DROP COLUMN wall_us,
+                DROP COLUMN energy_mj,
+                DROP COLUMN gap_us,
+                DROP COLUMN source,
+                DROP COLUMN received_at_us""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -373,44 +430,28 @@ _CONNECT_DEFAULTS: Final = {
 # Serializes migrations of collectors that start together (with the schema's name hash).
 _MIGRATION_LOCK_CLASS: Final = 0x43524D31  # "CRM1"
 
-# The binary COPY of records (public for bench/pg_ingest.py's raw COPY of the same rows).
-RECORD_COPY_COLUMNS = (*ROW_COLUMNS, "signature")
+# The binary COPY of records: the rows as the verifier made them (public for
+# bench/pg_ingest.py's raw COPY of the same rows).
+RECORD_COPY_COLUMNS = ROW_COLUMNS
 _COPY_RECORDS = f"COPY records ({', '.join(RECORD_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 RECORD_COPY_TYPES: Final = (
     "text",  # agent_id
     "int8",  # seq
-    "bytea",  # hash
-    "bytea",  # record
     "int8",  # start_us
-    "int8",  # end_us
-    "text",  # host
-    "text",  # gpu_uuid
-    "int8",  # gpu_index
-    "text",  # gpu_parent_uuid
-    "int8",  # pid
-    "int8",  # create_time_us
-    "text",  # process_name
-    "text",  # account
-    "text",  # model
-    "text",  # job_id
-    "int8",  # attribution_source
-    "int8",  # busy_us
-    "int8",  # wall_us
-    "int8",  # energy_mj
-    "int8",  # gap_us
-    "int8",  # source
-    "int8",  # received_at_us
-    "bytea",  # signature
+    "bytea",  # record
 )
 assert len(RECORD_COPY_TYPES) == len(RECORD_COPY_COLUMNS)
-# The head moves and the batch's rollups are added in one statement, one round trip. The
-# agents row is the one the transaction locked first, so the UPDATE never waits. Rollup rows
-# are locked in one order everywhere, so writers cannot deadlock: first the device rollups,
-# then the hourly ones, each in the order the caller sorted them (unnest yields rows in array
-# order and the INSERT takes them in that order). The device upsert comes first because the
-# hourly INSERT's WHERE reads its result: PostgreSQL must finish it (an InitPlan, run once
-# before the first hourly row) before it inserts any hourly row. Data-modifying CTEs that
-# nothing reads run in no documented order, so the order is forced this way, not assumed.
+# The head moves, the batch's segment is stored and its rollups are added in one statement,
+# one round trip. The agents row is the one the transaction locked first, so the UPDATE
+# never waits; the segment's key is the locked agent's, so no other writer can hold it (a
+# duplicate means a segment above the stored head: StoreCorrupt), and neither needs an
+# order. Rollup rows are locked in one order everywhere, so writers cannot deadlock: first
+# the device rollups, then the hourly ones, each in the order the caller sorted them (unnest
+# yields rows in array order and the INSERT takes them in that order). The device upsert
+# comes first because the hourly INSERT's WHERE reads its result: PostgreSQL must finish it
+# (an InitPlan, run once before the first hourly row) before it inserts any hourly row.
+# Data-modifying CTEs that nothing reads (head, segment) run to completion but in no
+# documented order, so the rollups' order is forced this way, not assumed.
 _ADVANCE = """
     WITH device AS (
         INSERT INTO rollups_device_hourly (hour_start_us, host, gpu_uuid, account, model, shard,
@@ -422,7 +463,11 @@ _ADVANCE = """
             wall_us = rollups_device_hourly.wall_us + excluded.wall_us,
             record_count = rollups_device_hourly.record_count + excluded.record_count
         RETURNING 1
-    ), head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s)
+    ), head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s),
+    segment AS (
+        INSERT INTO segments (agent_id, last_seq, signature, received_at_us)
+        VALUES (%s, %s, %s, %s)
+    )
     INSERT INTO rollups_hourly
         (hour_start_us, account, model, shard, busy_us, wall_us, record_count)
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::bigint[],
@@ -435,14 +480,11 @@ _ADVANCE = """
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
     FROM agents"""
-_SELECT_RECORDS = (
-    "SELECT "
-    + ", ".join(
-        f"COALESCE(energy_mj, {ENERGY_ABSENT})" if name == "energy_mj" else name
-        for name in ROW_COLUMNS
-    )
-    + ", signature FROM records ORDER BY agent_id, seq"
-)
+# Every record, with the signature of the segment it ends (NULL inside a segment).
+_SELECT_RECORDS = """
+    SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature
+    FROM records r LEFT JOIN segments s ON s.agent_id = r.agent_id AND s.last_seq = r.seq
+    ORDER BY r.agent_id, r.seq"""
 _AUDIT_FETCH_ROWS = 5000  # records fetched per round trip while the audit streams them
 
 
@@ -531,21 +573,29 @@ class PostgresStore:
         with self._transaction(f"storing records of agent {agent_id!r}") as cur:
             head = _locked_head(cur, agent_id)
             start = first_new_index(
-                agent_id, head, records, lambda first, last: _hashes(cur, agent_id, first, last)
+                agent_id, head, records, lambda first, last: _records(cur, agent_id, first, last)
             )
             rows = records.rows
             if start == len(rows):
                 return head  # all duplicates: acknowledge again, store nothing
             new_rows = rows[start:] if start else rows
-            with _refused_rows(agent_id, head):
-                _copy_records(cur, new_rows, batch.signature)
-            new_head = ChainHead(new_rows[-1][SEQ], bytes(new_rows[-1][HASH]))
+            new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
             if start == 0:  # all new: the verifier summed while it had the fields at hand
                 sums, device_sums = records.sums, records.device_sums
             else:
                 device_sums = device_hourly_sums(new_rows)
                 sums = account_sums(device_sums)
-            _advance(cur, agent_id, new_head, self._shard(agent_id), sums, device_sums)
+            with _refused_rows(agent_id, head):
+                _copy_records(cur, new_rows)
+                _advance(
+                    cur,
+                    agent_id,
+                    new_head,
+                    (batch.signature, self._clock_us()),
+                    self._shard(agent_id),
+                    sums,
+                    device_sums,
+                )
         return new_head
 
     # -- reading -------------------------------------------------------------------------
@@ -768,15 +818,16 @@ class PostgresStore:
             return [UsageGroup(*row) for row in cur]
 
     def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+        """Read from the record bytes (the only copy of their fields): every record in the
+        range is fetched, those without busy time are left out here."""
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
-        for row in self._read_rows(
-            """SELECT agent_id, seq, start_us, end_us, host, gpu_uuid, account, model, job_id,
-                      busy_us
-               FROM records WHERE busy_us > 0 AND start_us >= %s AND start_us < %s
-               ORDER BY agent_id, seq""",
-            bounds,
-        ):
-            yield UsageEvent(*row)
+        yield from usage_events(
+            self._read_rows(
+                """SELECT agent_id, seq, record FROM records
+                   WHERE start_us >= %s AND start_us < %s ORDER BY agent_id, seq""",
+                bounds,
+            )
+        )
 
     def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
@@ -922,8 +973,8 @@ class PostgresSnapshot:
         ):
             cur.itersize = _AUDIT_FETCH_ROWS
             cur.execute(_SELECT_RECORDS)
-            for row in cur:
-                yield StoredRecord(row[0], row[1], row[2], row[3], row[-1], tuple(row[:-1]))
+            for agent_id, seq, start_us, record, signature in cur:
+                yield StoredRecord(agent_id, seq, start_us, record, signature)
 
     def rollups(self) -> Iterator[Rollup]:
         with _translated("reading rollups", self._where):
@@ -1193,64 +1244,61 @@ def _locked_head(cur: Cursor, agent_id: str) -> ChainHead:
     return ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
 
 
-def _hashes(cur: Cursor, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:
+def _records(cur: Cursor, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:
+    """The stored (seq, record bytes) of the agent's records first..last, in seq order."""
     cur.execute(
-        "SELECT seq, hash FROM records WHERE agent_id = %s AND seq BETWEEN %s AND %s ORDER BY seq",
+        "SELECT seq, record FROM records WHERE agent_id = %s AND seq BETWEEN %s AND %s "
+        "ORDER BY seq",
         (agent_id, first, last),
     )
-    return [(seq, hash_) for seq, hash_ in cur]
+    return [(seq, record) for seq, record in cur]
 
 
 @contextmanager
 def _refused_rows(agent_id: str, head: ChainHead) -> Iterator[None]:
-    """Raises StoreCorrupt when a seq above the head is already stored, and InsaneField when
-    PostgreSQL refuses a value (a NUL character in a label, which text columns cannot hold:
-    the verifier lets it through, and UNAVAILABLE would have the agent retry it for ever)."""
+    """Raises StoreCorrupt when a record or segment above the head is already stored, and
+    InsaneField when PostgreSQL refuses a value: a NUL character in a label the rollups'
+    text columns cannot hold (host, GPU, account, model). The verifier refuses such labels
+    first; should one get past it, UNAVAILABLE would have the agent retry it for ever."""
     try:
         yield
     except pg_errors.UniqueViolation as exc:
+        table = exc.diag.table_name or "records"
         raise StoreCorrupt(
-            f"records above the stored head (seq {head.seq}) are already stored",
+            f"{table} above the stored head (seq {head.seq}) are already stored",
             agent_id=agent_id,
         ) from exc
-    except psycopg.DataError as exc:  # raised by psycopg itself, or by the server's COPY
+    except psycopg.DataError as exc:  # raised by psycopg itself, or by the server
         raise InsaneField(
-            f"a label cannot be stored: {_first_line(exc)}", agent_id=agent_id
+            f"a value cannot be stored: {_first_line(exc)}", agent_id=agent_id
         ) from exc
 
 
-def _record_values(rows: Sequence[RecordRow], signature: bytes) -> Iterator[tuple[object, ...]]:
-    """The rows as stored: energy_mj NULL when absent, the last one with the signature."""
-    last = len(rows) - 1
-    for index, row in enumerate(rows):
-        values: tuple[object, ...] = row
-        if row[ENERGY_MJ] == ENERGY_ABSENT:
-            values = (*row[:ENERGY_MJ], None, *row[ENERGY_MJ + 1 :])
-        yield (*values, signature if index == last else None)
-
-
-def _copy_records(cur: Cursor, rows: Sequence[RecordRow], signature: bytes) -> None:
+def _copy_records(cur: Cursor, rows: Sequence[RecordRow]) -> None:
     with cur.copy(_COPY_RECORDS) as copy:
         copy.set_types(RECORD_COPY_TYPES)
         write = copy.write_row
-        for values in _record_values(rows, signature):
-            write(values)
+        for row in rows:
+            write(row)
 
 
 def _advance(
     cur: Cursor,
     agent_id: str,
     head: ChainHead,
+    segment: tuple[bytes, int],
     shard: int,
     sums: dict[RollupKey, RollupSums],
     device_sums: dict[DeviceRollupKey, RollupSums],
 ) -> None:
-    """Moves the agent's head and adds ``sums`` and ``device_sums`` to the rollups, each in
-    key order (see ``_ADVANCE``). This is the transaction's last statement: an upserted
-    rollup row stays locked until the commit ends, and other agents of the same account and
-    hour may be waiting for it."""
+    """Moves the agent's head, stores the batch's ``segment`` (its signature and when it
+    was received) under the head's seq, and adds ``sums`` and ``device_sums`` to the
+    rollups, each in key order (see ``_ADVANCE``). This is the transaction's last statement:
+    an upserted rollup row stays locked until the commit ends, and other agents of the same
+    account and hour may be waiting for it."""
     keys = sorted(sums)
     device_keys = sorted(device_sums)
+    signature, received_at_us = segment
     cur.execute(
         _ADVANCE,
         (
@@ -1260,6 +1308,10 @@ def _advance(
             head.seq,
             head.hash,
             agent_id,
+            agent_id,
+            head.seq,
+            signature,
+            received_at_us,
             *_columns(keys, 3),
             [shard] * len(keys),
             *_columns([sums[key] for key in keys], 3),

@@ -12,23 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
 
-from creditmeter.collector.rows import (
-    ACCOUNT,
-    BUSY_US,
-    MODEL,
-    ROW_COLUMNS,
-    START_US,
-    WALL_US,
-    RecordRow,
-)
+from creditmeter.collector.rows import RECORD, RecordRow
+from creditmeter.v1 import usage_pb2
 
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
-_HOST: Final = 6
-_GPU_UUID: Final = 7
-assert (ROW_COLUMNS[_HOST], ROW_COLUMNS[_GPU_UUID]) == ("host", "gpu_uuid")
 
 RollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 # [busy_us, wall_us, record_count]; a list so that summing a batch updates in place.
@@ -57,25 +46,28 @@ def hour_text(hour_start_us: int) -> str:
     return datetime.fromtimestamp(hour_start_us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
-def hourly_sums(rows: Iterable[RecordRow]) -> dict[RollupKey, RollupSums]:
-    """What ``rows`` add to each (hour, account, model) rollup: their per-device sums, added
-    up. Only for batches partly resent; a batch all new comes with its sums (verifier)."""
-    return account_sums(device_hourly_sums(rows))
-
-
 def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, RollupSums]:
-    """What ``rows`` add to each per-device rollup (same shape as ``hourly_sums``)."""
+    """What verified ``rows`` add to each per-device rollup, read from their record bytes.
+    Only for batches partly resent (a batch all new comes with its sums, added up by the
+    verifier while it had the fields at hand)."""
     sums: dict[DeviceRollupKey, RollupSums] = {}
-    get = sums.get
+    rec = usage_pb2.UsageRecord()
     for row in rows:
-        start_us = row[START_US]
-        key = (start_us - start_us % HOUR_US, row[_HOST], row[_GPU_UUID], row[ACCOUNT], row[MODEL])
-        acc = get(key)
+        rec.ParseFromString(bytes(row[RECORD]))
+        start_us = rec.start_unix_us
+        key = (
+            start_us - start_us % HOUR_US,
+            rec.host,
+            rec.gpu.uuid,
+            rec.attribution.account,
+            rec.attribution.model,
+        )
+        acc = sums.get(key)
         if acc is None:
-            sums[key] = [row[BUSY_US], row[WALL_US], 1]
+            sums[key] = [rec.busy_us, rec.wall_us, 1]
         else:
-            acc[0] += row[BUSY_US]
-            acc[1] += row[WALL_US]
+            acc[0] += rec.busy_us
+            acc[1] += rec.wall_us
             acc[2] += 1
     return sums
 

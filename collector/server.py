@@ -2,10 +2,11 @@
 of the Query and admin APIs) and creditmeter.tls (TLS credentials), the only modules that
 import grpc.
 
-The servicer is thin: it authenticates the stream, hands each batch to the verifier and the
-store, and acknowledges after the store has committed. Every decision lives in those
-classes; this module only translates their errors (CollectorError.status) into gRPC
-statuses and keeps one bad stream from affecting any other.
+The servicer is thin: it authenticates the stream, hands each batch to an Ingestor (the
+verifier and the store, on this thread or in worker processes) and acknowledges after the
+store has committed. Every decision lives in those classes; this module only translates
+their errors (CollectorError.status) into gRPC statuses and keeps one bad stream from
+affecting any other.
 
 Stream protocol (ingest.proto): the client opens with Hello{agent_id}; the server answers
 with an Ack of what it holds for the agent (the resume point); then each RecordBatch is
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -44,9 +44,10 @@ from creditmeter.collector.errors import (
     TooManyStreams,
     UnknownAgent,
 )
+from creditmeter.collector.ingest import EnrolledAgent, Ingestor, InProcessIngestor
 from creditmeter.collector.store import ChainHead, Store
 from creditmeter.collector.telemetry import IngestObserver, NullIngestObserver
-from creditmeter.collector.verifier import VerifiedBatch, Verifier
+from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -77,33 +78,36 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class _Session:
-    agent_id: str
-    public_key: Ed25519PublicKey
-
-
-@dataclass(frozen=True)
 class _Hello:
     """A stream's Hello, accepted: who speaks, and where the agent resumes."""
 
-    session: _Session
+    agent: EnrolledAgent
     head: ChainHead
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A batch of the stream's agent, as parsed and as received."""
+
+    batch: ingest_pb2.RecordBatch
+    request: bytes
+
+
 class IngestServicer:
-    """creditmeter.v1.Ingest/Stream over a Store, a Verifier and an Authenticator."""
+    """creditmeter.v1.Ingest/Stream over a Store (for Hello), an Ingestor (for batches)
+    and an Authenticator."""
 
     def __init__(
         self,
         store: Store,
-        verifier: Verifier,
+        ingestor: Ingestor,
         authenticator: Authenticator,
         config: ServerConfig,
         monotonic: Callable[[], float] = time.monotonic,
         observer: IngestObserver | None = None,
     ) -> None:
         self._store = store
-        self._verifier = verifier
+        self._ingestor = ingestor
         self._authenticator = authenticator
         self._config = config
         self._monotonic = monotonic
@@ -154,46 +158,51 @@ class IngestServicer:
     ) -> Iterator[ingest_pb2.IngestResponse]:
         started = self._monotonic()
         peer = _peer(context)
-        session: _Session | None = None
+        agent: EnrolledAgent | None = None
         head = ChainHead(0, b"")
         for raw in requests:
-            item = self._read_request(raw, session, peer)
+            item = self._read_request(raw, agent, peer)
             if isinstance(item, _Hello):
-                session, head = item.session, item.head
+                agent, head = item.agent, item.head
                 yield _ack(item.head)
                 continue
-            head = self._ingest(item, head)
+            assert agent is not None
+            head = self._ingest(agent, item, head)
             yield _ack(head)  # after commit
             if self._draining.is_set() or self._monotonic() - started >= (
                 self._config.max_stream_age_s
             ):
-                log.debug("recycling the stream of agent %s", item.agent_id)
+                log.debug("recycling the stream of agent %s", agent.agent_id)
                 return
 
-    def _ingest(self, batch: VerifiedBatch, head: ChainHead) -> ChainHead:
-        """Commits ``batch``; ``head`` is the agent's head as this stream last saw it, so
-        the records beyond it are the ones newly stored (for the metrics)."""
+    def _ingest(self, agent: EnrolledAgent, item: _Batch, head: ChainHead) -> ChainHead:
+        """Verifies and commits a batch; ``head`` is the agent's head as this stream last
+        saw it, so the records beyond it are the ones newly stored (for the metrics)."""
         started = self._monotonic()
-        new_head = self._store.ingest(batch.agent_id, batch)
-        received = len(batch.records.rows)
+        new_head = self._ingestor.ingest(agent, item.batch, item.request)
+        received = len(item.batch.records)
         stored = min(received, max(0, new_head.seq - head.seq))
         self._observer.batch_committed(received, stored, self._monotonic() - started)
         return new_head
 
-    def _read_request(
-        self, raw: bytes, session: _Session | None, peer: Peer
-    ) -> _Hello | VerifiedBatch:
+    def _read_request(self, raw: bytes, agent: EnrolledAgent | None, peer: Peer) -> _Hello | _Batch:
         """What one request asks for, checked as far as that needs no store transaction."""
         request = _parse_request(raw)
         kind = request.WhichOneof("body")
         if kind == "hello":
-            if session is not None:
-                raise MalformedMessage("a stream says Hello once", agent_id=session.agent_id)
+            if agent is not None:
+                raise MalformedMessage("a stream says Hello once", agent_id=agent.agent_id)
             return self._open(request.hello.agent_id, peer)
         if kind == "batch":
-            if session is None:
+            if agent is None:
                 raise MalformedMessage("a stream must open with Hello, not a batch")
-            return self._verify(session, request.batch)
+            if request.batch.agent_id != agent.agent_id:
+                raise AgentMismatch(
+                    f"batch names agent {request.batch.agent_id!r}, the stream's Hello another",
+                    agent_id=agent.agent_id,
+                    field="agent_id",
+                )
+            return _Batch(request.batch, raw)
         raise MalformedMessage("request holds neither a Hello nor a batch")
 
     def _open(self, agent_id: str, peer: Peer) -> _Hello:
@@ -213,16 +222,7 @@ class IngestServicer:
             peer.address,
             agent.head.seq,
         )
-        return _Hello(_Session(agent_id, public_key), agent.head)
-
-    def _verify(self, session: _Session, batch: ingest_pb2.RecordBatch) -> VerifiedBatch:
-        if batch.agent_id != session.agent_id:
-            raise AgentMismatch(
-                f"batch names agent {batch.agent_id!r}, the stream's Hello another",
-                agent_id=session.agent_id,
-                field="agent_id",
-            )
-        return self._verifier.verify(batch, session.public_key)
+        return _Hello(EnrolledAgent(agent_id, public_key, agent.public_key_hex), agent.head)
 
     def _abort(self, context: Any, error: CollectorError) -> None:
         """Logs why a stream ends and ends it with the error's status (raises)."""
@@ -269,6 +269,7 @@ def create_server(
     store: Store,
     *,
     verifier: Verifier | None = None,
+    ingestor: Ingestor | None = None,
     authenticator: Authenticator | None = None,
     config: ServerConfig | None = None,
     credentials: Any = None,
@@ -283,11 +284,12 @@ def create_server(
 
     Every service on the server other than Ingest and health requires an API credential
     checked by ``api_auth`` (see collector/access.py); without ``api_auth`` those services
-    refuse every call."""
+    refuse every call. Batches are verified and stored by ``ingestor`` (e.g. a WorkerPool),
+    by default on the stream's thread with ``verifier``."""
     config = config or ServerConfig()
     servicer = IngestServicer(
         store,
-        verifier or Verifier(),
+        ingestor or InProcessIngestor(store, verifier or Verifier()),
         authenticator or AllowEnrolledAgents(),
         config,
         observer=observer,

@@ -25,7 +25,7 @@ from creditmeter.collector.errors import (
     StoreCorrupt,
 )
 from creditmeter.collector.rollup import Rollup
-from creditmeter.collector.rows import HASH
+from creditmeter.collector.rows import RECORD
 from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 
 MAX_AGENT_ID_BYTES = 256
@@ -57,15 +57,14 @@ class AgentInfo:
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """A record as stored, for the audit. ``columns`` holds every stored column in
-    rows.ROW_COLUMNS order (energy_mj as ENERGY_ABSENT where NULL)."""
+    """A record as stored, for the audit: its row, and the signature of the segment it
+    ends (None inside a segment)."""
 
     agent_id: str
     seq: int
-    hash: bytes
+    start_us: int
     record: bytes
     signature: bytes | None
-    columns: tuple[object, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +109,7 @@ class Store(Protocol):
     def ingest(self, agent_id: str, batch: VerifiedBatch) -> ChainHead:
         """Stores a verified batch in one transaction and returns the agent's new head.
 
-        Records already stored are checked byte for byte (by hash) and acknowledged again
+        Records already stored are checked byte for byte and acknowledged again
         without being stored twice. Raises UnknownAgent / AgentRevoked, ChainConflict
         subclasses (nothing stored) or StoreError (nothing stored).
         """
@@ -126,12 +125,12 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-# Reads the stored (seq, hash) of an agent's records first..last, in seq order.
-StoredHashes = Callable[[int, int], Sequence[tuple[int, bytes]]]
+# Reads the stored (seq, record bytes) of an agent's records first..last, in seq order.
+StoredRecords = Callable[[int, int], Sequence[tuple[int, bytes]]]
 
 
 def first_new_index(
-    agent_id: str, head: ChainHead, records: CheckedRecords, stored_hashes: StoredHashes
+    agent_id: str, head: ChainHead, records: CheckedRecords, stored_records: StoredRecords
 ) -> int:
     """Index of the first record of ``records`` that is not stored yet (len(rows) when
     none is). Call inside the ingest transaction, with the agent's row locked.
@@ -152,12 +151,12 @@ def first_new_index(
     if first_seq <= head.seq:
         last_duplicate = min(last_seq, head.seq)
         _check_duplicates(
-            agent_id, records, last_duplicate, stored_hashes(first_seq, last_duplicate)
+            agent_id, records, last_duplicate, stored_records(first_seq, last_duplicate)
         )
         index = last_duplicate - first_seq + 1
     if index < len(rows):
         expected = head.hash if head.seq else chain.GENESIS_HASH
-        claimed = records.first_prev_hash if index == 0 else bytes(rows[index - 1][HASH])
+        claimed = records.first_prev_hash if index == 0 else records.hashes[index - 1]
         if claimed != expected:
             raise ChainFork(
                 f"prev_hash does not match the stored head (seq {head.seq}): "
@@ -175,7 +174,7 @@ def _check_duplicates(
     last_duplicate: int,
     stored: Sequence[tuple[int, bytes]],
 ) -> None:
-    """Every record up to ``last_duplicate`` must equal the stored one (by hash)."""
+    """Every record up to ``last_duplicate`` must equal the stored one, byte for byte."""
     rows = records.rows
     first_seq = records.first_seq
     stored_seqs = [seq for seq, _ in stored]
@@ -185,8 +184,8 @@ def _check_duplicates(
             "below its head",
             agent_id=agent_id,
         )
-    for offset, (seq, stored_hash) in enumerate(stored):
-        if bytes(rows[offset][HASH]) != stored_hash:
+    for offset, (seq, stored_record) in enumerate(stored):
+        if rows[offset][RECORD] != stored_record:
             raise SeqConflict(
                 "already stored with different bytes (tampering, or two outboxes for one "
                 "agent id); the stored record is kept",

@@ -45,7 +45,7 @@ class IngestObserver(Protocol):
 
     def batch_committed(self, received: int, stored: int, store_s: float) -> None:
         """``received`` records in the batch, ``stored`` of them new (the rest were resent);
-        ``store_s`` the store's commit took."""
+        ``store_s`` verifying and committing it took."""
         ...
 
     def refused(self, error: CollectorError) -> None:
@@ -98,7 +98,8 @@ class CollectorTelemetry:
         )
         self.store_seconds = r.histogram(
             "creditmeter_collector_store_duration_seconds",
-            "Time the store took, by operation (ingest: one batch's commit; probe: health).",
+            "Time the store took, by operation (ingest: one batch verified and committed; "
+            "probe: health).",
             ["operation"],
             buckets=_STORE_BUCKETS_S,
         )

@@ -40,7 +40,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
 )
-from creditmeter.collector.rows import ENERGY_ABSENT, HASH, SEQ, RecordRow
+from creditmeter.collector.rows import SEQ, RecordRow
 from creditmeter.v1 import ingest_pb2, usage_pb2
 
 MIN_START_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z: nothing was metered before
@@ -70,14 +70,16 @@ class Limits:
 class CheckedRecords:
     """Consecutive records of one agent that passed every check that needs no key.
 
-    ``rows`` are in seq order; ``first_prev_hash`` is what the first record claims to
-    follow, which only the store can judge. ``sums`` and ``device_sums`` are what all the
-    rows add to the hourly rollups per account and per device (see rollup.py), summed while
-    the fields are at hand: a store whose batch is all new uses them as they are.
+    ``rows`` are in seq order and ``hashes`` their records' SHA-256; ``first_prev_hash`` is
+    what the first record claims to follow, which only the store can judge. ``sums`` and
+    ``device_sums`` are what all the rows add to the hourly rollups per account and per
+    device (see rollup.py), summed while the fields are at hand: a store whose batch is all
+    new uses them as they are.
     """
 
     agent_id: str
     rows: list[RecordRow]
+    hashes: list[bytes]
     first_prev_hash: bytes
     sums: dict[RollupKey, RollupSums]
     device_sums: dict[DeviceRollupKey, RollupSums]
@@ -92,7 +94,7 @@ class CheckedRecords:
 
     @property
     def head_hash(self) -> bytes:
-        return bytes(self.rows[-1][HASH])
+        return self.hashes[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,8 @@ class Verifier:
 
         rows: list[RecordRow] = []
         append = rows.append
+        hashes: list[bytes] = []
+        append_hash = hashes.append
         # Per-device rollup sums, one dict update a record; the per-account sums are added
         # up from them after the loop (~100 device keys in a batch of 1000). Records of a
         # batch interleave GPUs, so runs of equal keys are short, and the run-length summing
@@ -189,7 +193,6 @@ class Verifier:
                 raise _broken_link(agent_id, len(rows), seq, expected_seq)
 
             gpu = rec.gpu
-            process = rec.process
             attribution = rec.attribution
             start_us = rec.start_unix_us
             end_us = rec.end_unix_us
@@ -198,17 +201,16 @@ class Verifier:
             host = rec.host
             gpu_uuid = gpu.uuid
             gpu_parent_uuid = gpu.parent_uuid
-            process_name = process.name
+            process_name = rec.process.name
             account = attribution.account
             model = attribution.model
             job_id = attribution.job_id
             attribution_source = attribution.source
             source = rec.source
             energy_mj = rec.energy_mj
-            if energy_mj == 0 and not rec.HasField("energy_mj"):
-                energy_mj = ENERGY_ABSENT
             gaps = rec.gaps
-            gap_us = _gap_total_us(agent_id, len(rows), seq, gaps) if gaps else 0
+            if gaps:
+                _check_gaps(agent_id, len(rows), seq, gaps)
             if not (
                 rec.agent_id == agent_id
                 and min_start_us <= start_us <= end_us <= latest_end_us
@@ -266,37 +268,12 @@ class Verifier:
                 total[2] += 1
 
             digest = sha256(data).digest()
-            append(
-                (
-                    agent_id,
-                    seq,
-                    bytearray(digest),
-                    bytearray(data),
-                    start_us,
-                    end_us,
-                    host,
-                    gpu_uuid,
-                    gpu.index,
-                    gpu_parent_uuid,
-                    process.pid,
-                    process.create_time_us,
-                    process_name,
-                    account,
-                    model,
-                    job_id,
-                    attribution_source,
-                    busy_us,
-                    wall_us,
-                    energy_mj,
-                    gap_us,
-                    source,
-                    now_us,
-                )
-            )
+            append((agent_id, seq, start_us, bytearray(data)))
+            append_hash(digest)
             prev_hash = digest
             expected_seq = seq + 1
         return CheckedRecords(
-            agent_id, rows, first_prev_hash, account_sums(device_sums), device_sums
+            agent_id, rows, hashes, first_prev_hash, account_sums(device_sums), device_sums
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:
@@ -451,8 +428,8 @@ def _broken_link(agent_id: str, index: int, seq: int, expected_seq: int) -> Brok
     )
 
 
-def _gap_total_us(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.Gap]) -> int:
-    """Sum of a record's gap durations; raises on a negative gap or an unknown reason."""
+def _check_gaps(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.Gap]) -> None:
+    """Raises on a negative gap, an unknown reason, or gaps summing past 64 bits."""
     total_us = 0
     for gap in gaps:
         if gap.duration_us < 0:
@@ -480,4 +457,3 @@ def _gap_total_us(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.
             field="gaps.duration_us",
             index=index,
         )
-    return total_us

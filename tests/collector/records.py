@@ -24,6 +24,9 @@ WALL_US = 10_000_000
 Mutator = Callable[[usage_pb2.UsageRecord], None]
 
 
+GPU_UUID = "GPU-8f3c2a1e-0000-4000-8000-000000000017"
+
+
 def usage_record(agent_id: str, seq: int, prev_hash: bytes) -> usage_pb2.UsageRecord:
     """A healthy record: seq n covers [T0 + (n-1)·10 s, T0 + n·10 s)."""
     start_us = T0_US + (seq - 1) * WINDOW_US
@@ -34,7 +37,7 @@ def usage_record(agent_id: str, seq: int, prev_hash: bytes) -> usage_pb2.UsageRe
         host="gpu-host-17",
         start_unix_us=start_us,
         end_unix_us=start_us + WINDOW_US,
-        gpu=usage_pb2.GpuRef(uuid="GPU-8f3c2a1e-0000-4000-8000-000000000017", index=3),
+        gpu=usage_pb2.GpuRef(uuid=GPU_UUID, index=3),
         process=usage_pb2.ProcessRef(pid=4242, create_time_us=T0_US - 1_000_000, name="python3"),
         attribution=usage_pb2.Attribution(
             account="acme",

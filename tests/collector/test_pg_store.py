@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from creditmeter.collector.errors import (
 )
 from creditmeter.collector.ledger_store import DeviceRollup
 from creditmeter.collector.pg_store import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+from creditmeter.collector.rollup import account_sums
 from creditmeter.collector.rows import ROW_COLUMNS
 from creditmeter.collector.sqlite_store import SQLiteStore
-from creditmeter.collector.store import ChainHead, UsageTotal
+from creditmeter.collector.store import ChainHead, StoredRecord, UsageTotal
 from creditmeter.collector.stores import open_store, redacted
 from creditmeter.collector.verifier import VerifiedBatch, Verifier
 from creditmeter.v1 import ingest_pb2, usage_pb2
@@ -117,7 +119,7 @@ def test_two_collectors_receiving_the_same_retries_at_once_store_them_once(
         )
         assert acks == [head(agent, len(agent.records))] * 2
     assert count(pg, "SELECT COUNT(*) FROM records") == 200
-    assert count(pg, "SELECT COUNT(*) FROM records WHERE signature IS NOT NULL") == 25
+    assert count(pg, "SELECT COUNT(*) FROM segments") == 25
     assert first.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 200 * BUSY_US, 200 * WALL_US, 200)
     ]
@@ -302,24 +304,28 @@ def test_the_url_selects_the_store(postgres_url: str, tmp_path: Path) -> None:
 # -- what PostgreSQL refuses -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("records", [1, 100], ids=["inserted", "copied"])
 def test_a_label_postgresql_cannot_hold_is_refused_and_nothing_is_stored(
-    pg: PostgresBackend, verifier: Verifier, records: int
+    pg: PostgresBackend, verifier: Verifier
 ) -> None:
-    """Text columns cannot hold NUL. The verifier refuses such labels first; should one reach
-    the store anyway, it refuses the batch as INVALID_ARGUMENT rather than failing it as
-    UNAVAILABLE, which the agent would retry forever."""
+    """Text columns (the rollups' labels) cannot hold NUL. The verifier refuses such labels
+    first; should one reach the store anyway, it refuses the batch as INVALID_ARGUMENT
+    rather than failing it as UNAVAILABLE, which the agent would retry forever."""
     store = pg.open()
     agent = enrolled(store)
-
-    def nul(rec: usage_pb2.UsageRecord) -> None:
-        if rec.seq == records:
-            rec.process.name = "py\x00thon"
-
+    batch = verified(verifier, agent, agent.extend(3))
+    device_sums = {
+        (hour, host, gpu, "ac\x00me", model): sums
+        for (hour, host, gpu, _, model), sums in batch.records.device_sums.items()
+    }
+    smuggled = replace(
+        batch,
+        records=replace(batch.records, sums=account_sums(device_sums), device_sums=device_sums),
+    )
     with pytest.raises(InsaneField) as caught:
-        store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(records, nul)))
+        store.ingest(agent.agent_id, smuggled)
     assert caught.value.status is Status.INVALID_ARGUMENT
     assert count(pg, "SELECT COUNT(*) FROM records") == 0
+    assert count(pg, "SELECT COUNT(*) FROM segments") == 0
     assert count(pg, "SELECT head_seq FROM agents") == 0
 
 
@@ -333,9 +339,25 @@ def test_records_above_the_head_are_a_corrupt_store_and_nothing_is_stored(
     agent = enrolled(store)
     store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(records)))
     pg.execute("UPDATE agents SET head_seq = 0, head_hash = ''")
-    with pytest.raises(StoreCorrupt, match="above the stored head"):
+    with pytest.raises(StoreCorrupt, match="records above the stored head"):
         store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, records)))
     assert count(pg, "SELECT SUM(record_count) FROM rollups_hourly") == records
+
+
+def test_a_segment_above_the_head_is_a_corrupt_store_and_nothing_is_stored(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """Records deleted behind the collector's back, their segment kept: the segment's key
+    refuses the second one."""
+    store = pg.open()
+    agent = enrolled(store)
+    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(3)))
+    pg.execute("DELETE FROM records")
+    pg.execute("UPDATE agents SET head_seq = 0, head_hash = ''")
+    with pytest.raises(StoreCorrupt, match="segments above the stored head"):
+        store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(1, 3)))
+    assert count(pg, "SELECT COUNT(*) FROM records") == 0
+    assert count(pg, "SELECT SUM(record_count) FROM rollups_hourly") == 3
 
 
 # -- schema ----------------------------------------------------------------------------------
@@ -347,8 +369,70 @@ def versions(pg: PostgresBackend) -> list[int]:
 
 def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
     pg.open()
-    assert versions(pg) == [m.version for m in MIGRATIONS] == [1, 2, 3, 4]
-    assert SCHEMA_VERSION == 4
+    assert versions(pg) == [m.version for m in MIGRATIONS] == [1, 2, 3, 4, 5]
+    assert SCHEMA_VERSION == 5
+    assert columns(pg, "records") == sorted(ROW_COLUMNS)
+
+
+def columns(pg: PostgresBackend, table: str) -> list[str]:
+    """The table's column names, sorted (migration 1 made records' physical order)."""
+    return sorted(
+        row[0]
+        for row in pg.rows(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            table,
+        )
+    )
+
+
+def store_the_old_way(pg: PostgresBackend, agent: AgentChain, last_seqs: Sequence[int]) -> None:
+    """Stores the agent's records up to the last of ``last_seqs`` as schema versions 1 to 4
+    did (every field also in a column of records, each batch's signature on its last
+    record), one batch ending at each of ``last_seqs``, and moves its head."""
+    first = 1
+    for batch, last in enumerate(last_seqs):
+        signature = agent.batch(first, last).signature
+        for seq in range(first, last + 1):
+            data = agent.records[seq - 1]
+            rec = usage_pb2.UsageRecord.FromString(data)
+            row = {
+                "agent_id": agent.agent_id,
+                "seq": seq,
+                "hash": chain.record_hash(data),
+                "record": data,
+                "signature": signature if seq == last else None,
+                "start_us": rec.start_unix_us,
+                "end_us": rec.end_unix_us,
+                "host": rec.host,
+                "gpu_uuid": rec.gpu.uuid,
+                "gpu_index": rec.gpu.index,
+                "gpu_parent_uuid": rec.gpu.parent_uuid,
+                "pid": rec.process.pid,
+                "create_time_us": rec.process.create_time_us,
+                "process_name": rec.process.name,
+                "account": rec.attribution.account,
+                "model": rec.attribution.model,
+                "job_id": rec.attribution.job_id,
+                "attribution_source": rec.attribution.source,
+                "busy_us": rec.busy_us,
+                "wall_us": rec.wall_us,
+                "energy_mj": rec.energy_mj if rec.HasField("energy_mj") else None,
+                "gap_us": sum(gap.duration_us for gap in rec.gaps),
+                "source": rec.source,
+                "received_at_us": NOW_US + batch,
+            }
+            pg.execute(
+                f"INSERT INTO records ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                *row.values(),
+            )
+        first = last + 1
+    pg.execute(
+        "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",
+        last_seqs[-1],
+        chain.record_hash(agent.records[last_seqs[-1] - 1]),
+        agent.agent_id,
+    )
 
 
 def test_an_older_database_is_migrated_and_its_rollups_backfilled(
@@ -357,17 +441,12 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     old = pg.open(migrations=MIGRATIONS[:1])  # as schema version 1 left it
     agent = enrolled(old)
     old.close()
-    rows = verified(verifier, agent, agent.extend(4)).records.rows
-    columns = ", ".join(ROW_COLUMNS)
-    for row in rows:
-        pg.execute(f"INSERT INTO records ({columns}) VALUES ({', '.join('?' * len(row))})", *row)
-    pg.execute(  # as version 1's ingest left it
-        "UPDATE agents SET head_seq = 4, head_hash = ?", chain.record_hash(agent.records[3])
-    )
+    agent.extend(4)
+    store_the_old_way(pg, agent, [4])
     assert versions(pg) == [1]
 
     current = pg.open()
-    assert versions(pg) == [1, 2, 3, 4]
+    assert versions(pg) == [1, 2, 3, 4, 5]
     assert current.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
     ]
@@ -381,6 +460,75 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     assert current.usage(None, None)[0].record_count == 5
     with current.snapshot() as snapshot:
         assert [r.record_count for r in snapshot.device_rollups()] == [5]
+    assert audit(current, verifier).findings == []
+
+
+def test_records_of_schema_version_4_keep_their_bytes_and_signatures(
+    pg: PostgresBackend, verifier: Verifier
+) -> None:
+    """Migration 5 moves each batch's signature into segments and drops every column of
+    records but the evidence and its key; what the bytes and the rollups say is unchanged."""
+    old = pg.open(migrations=MIGRATIONS[:4])
+    agents = [enrolled(old, "agent-1"), enrolled(old, "agent-2")]
+    old.close()
+    for agent, last_seqs in zip(agents, ([3, 5, 6], [2]), strict=True):
+        agent.extend(last_seqs[-1])
+        store_the_old_way(pg, agent, last_seqs)
+    pg.execute(  # the rollups as version 4's ingest kept them
+        """INSERT INTO rollups_hourly
+           SELECT start_us - start_us % 3600000000, account, model, 0, SUM(busy_us),
+                  SUM(wall_us), COUNT(*) FROM records GROUP BY 1, 2, 3"""
+    )
+    pg.execute(
+        """INSERT INTO rollups_device_hourly
+           SELECT start_us - start_us % 3600000000, host, gpu_uuid, account, model, 0,
+                  SUM(busy_us), SUM(wall_us), COUNT(*) FROM records GROUP BY 1, 2, 3, 4, 5"""
+    )
+    assert versions(pg) == [1, 2, 3, 4]
+
+    current = pg.open()
+    assert versions(pg) == [1, 2, 3, 4, 5]
+    assert columns(pg, "records") == sorted(ROW_COLUMNS)
+    signatures = {
+        (agent.agent_id, last): agent.batch(first, last).signature
+        for agent, bounds in zip(agents, ([(1, 3), (4, 5), (6, 6)], [(1, 2)]), strict=True)
+        for first, last in bounds
+    }
+    assert pg.rows(
+        "SELECT agent_id, last_seq, signature, received_at_us FROM segments ORDER BY 1, 2"
+    ) == [
+        ("agent-1", 3, signatures["agent-1", 3], NOW_US),
+        ("agent-1", 5, signatures["agent-1", 5], NOW_US + 1),
+        ("agent-1", 6, signatures["agent-1", 6], NOW_US + 2),
+        ("agent-2", 2, signatures["agent-2", 2], NOW_US),
+    ]
+    expected = [
+        StoredRecord(
+            agent.agent_id,
+            seq,
+            agent.record(seq).start_unix_us,
+            data,
+            signatures.get((agent.agent_id, seq)),
+        )
+        for agent in agents
+        for seq, data in enumerate(agent.records, 1)
+    ]
+    with current.snapshot() as snapshot:
+        assert list(snapshot.records()) == expected
+    assert audit(current, verifier).findings == []
+
+    # Ingest goes on from the migrated head, resends compared with the migrated bytes.
+    first = agents[0]
+    first.extend(2)
+    assert current.ingest(first.agent_id, verified(verifier, first, first.batch(5, 8))) == head(
+        first, 8
+    )
+    assert count(pg, "SELECT COUNT(*) FROM records") == 10
+    added = pg.rows("SELECT agent_id, last_seq, received_at_us FROM segments WHERE last_seq > 6")
+    assert added == [("agent-1", 8, NOW_US)]
+    assert current.usage(None, None) == [
+        UsageTotal("acme", "llama-3-70b", 10 * BUSY_US, 10 * WALL_US, 10)
+    ]
     assert audit(current, verifier).findings == []
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from creditmeter import chain
+from creditmeter.collector.audit import audit
 from creditmeter.collector.errors import (
     SchemaTooNew,
     Status,
@@ -15,13 +17,13 @@ from creditmeter.collector.errors import (
     StoreError,
 )
 from creditmeter.collector.ledger_store import Dimension
-from creditmeter.collector.rows import ROW_COLUMNS
 from creditmeter.collector.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from creditmeter.collector.store import UsageTotal
 from creditmeter.collector.verifier import VerifiedBatch, Verifier
-from creditmeter.v1 import ingest_pb2
+from creditmeter.v1 import ingest_pb2, usage_pb2
 
-from .records import BUSY_US, WALL_US, AgentChain
+from .conftest import NOW_US
+from .records import BUSY_US, T0_US, WALL_US, WINDOW_US, AgentChain
 
 
 def verified(verifier: Verifier, agent: AgentChain, batch: ingest_pb2.RecordBatch) -> VerifiedBatch:
@@ -54,8 +56,47 @@ def schema_versions(db_path: Path) -> list[int]:
 
 
 def test_a_new_database_gets_every_migration(store: SQLiteStore, db_path: Path) -> None:
-    assert schema_versions(db_path) == [1, 2, 3, 4] == [m.version for m in MIGRATIONS]
-    assert SCHEMA_VERSION == 4
+    assert schema_versions(db_path) == [1, 2, 3, 4, 5] == [m.version for m in MIGRATIONS]
+    assert SCHEMA_VERSION == 5
+
+
+# The records table as schema version 1 made it: every field extracted into a column.
+V1_COLUMNS = (
+    "agent_id, seq, hash, record, signature, start_us, end_us, host, gpu_uuid, gpu_index, "
+    "gpu_parent_uuid, pid, create_time_us, process_name, account, model, job_id, "
+    "attribution_source, busy_us, wall_us, energy_mj, gap_us, source, received_at_us"
+)
+
+
+def v1_row(record: bytes, signature: bytes | None) -> tuple[object, ...]:
+    rec = usage_pb2.UsageRecord.FromString(record)
+    gpu, process, attribution = rec.gpu, rec.process, rec.attribution
+    return (
+        rec.agent_id,
+        rec.seq,
+        chain.record_hash(record),
+        record,
+        signature,
+        rec.start_unix_us,
+        rec.end_unix_us,
+        rec.host,
+        gpu.uuid,
+        gpu.index,
+        gpu.parent_uuid,
+        process.pid,
+        process.create_time_us,
+        process.name,
+        attribution.account,
+        attribution.model,
+        attribution.job_id,
+        attribution.source,
+        rec.busy_us,
+        rec.wall_us,
+        rec.energy_mj,
+        0,
+        rec.source,
+        NOW_US,
+    )
 
 
 def test_an_older_database_is_migrated_and_its_rollups_backfilled(
@@ -65,18 +106,33 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     agent = AgentChain()
     old.enroll_agent(agent.agent_id, agent.public_key_hex)
     old.close()
-    rows = verified(verifier, agent, agent.extend(4)).records.rows
+    batch = agent.extend(4)
     with sqlite3.connect(db_path) as conn:
         conn.executemany(
-            f"INSERT INTO records ({', '.join(ROW_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(ROW_COLUMNS))})",
-            rows,
+            f"INSERT INTO records ({V1_COLUMNS}) VALUES ({', '.join('?' * 24)})",
+            [
+                v1_row(record, batch.signature if seq == 4 else None)
+                for seq, record in enumerate(batch.records, 1)
+            ],
+        )
+        conn.execute(
+            "UPDATE agents SET head_seq = 4, head_hash = ?",
+            (chain.record_hash(batch.records[-1]),),
         )
     assert schema_versions(db_path) == [1]
 
     current = SQLiteStore(db_path)
     try:
-        assert schema_versions(db_path) == [1, 2, 3, 4]
+        assert schema_versions(db_path) == [1, 2, 3, 4, 5]
+        with sqlite3.connect(db_path) as conn:
+            assert conn.execute("SELECT * FROM records ORDER BY seq").fetchall() == [
+                (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)
+                for seq, record in enumerate(batch.records, 1)
+            ]
+            assert conn.execute(
+                "SELECT agent_id, last_seq, signature FROM segments"
+            ).fetchall() == [(agent.agent_id, 4, batch.signature)]
+        assert audit(current, verifier).findings == []
         assert current.usage(None, None) == [
             UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
         ]
@@ -97,14 +153,20 @@ def test_an_older_database_is_not_migrated_by_read_only_commands(db_path: Path) 
 
 def test_a_database_from_newer_code_is_refused(store: SQLiteStore, db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
-        conn.execute("INSERT INTO schema_version VALUES (5, 'from the future', 0)")
-    with pytest.raises(SchemaTooNew, match="version 5 is newer than this collector's \\(4\\)"):
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)
+        )
+    newer = f"version {SCHEMA_VERSION + 1} is newer than this collector's \\({SCHEMA_VERSION}\\)"
+    with pytest.raises(SchemaTooNew, match=newer):
         SQLiteStore(db_path)
 
 
 def test_a_failed_migration_leaves_the_database_as_it_was(db_path: Path) -> None:
     SQLiteStore(db_path, migrations=MIGRATIONS[:1]).close()
-    broken = (*MIGRATIONS, type(MIGRATIONS[0])(5, "broken", ("CREATE TABLE agents (x)",)))
+    broken = (
+        *MIGRATIONS,
+        type(MIGRATIONS[0])(SCHEMA_VERSION + 1, "broken", ("CREATE TABLE agents (x)",)),
+    )
     with pytest.raises(StoreError, match="already exists"):
         SQLiteStore(db_path, migrations=broken)
     assert schema_versions(db_path) == [1]  # versions 2-4 rolled back with 5

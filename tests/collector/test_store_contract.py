@@ -24,7 +24,7 @@ from creditmeter.v1 import ingest_pb2, usage_pb2
 
 from .backends import BACKENDS, Backend
 from .conftest import NOW_US
-from .records import BUSY_US, WALL_US, AgentChain
+from .records import BUSY_US, T0_US, WALL_US, WINDOW_US, AgentChain
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
@@ -52,27 +52,29 @@ def test_a_batch_is_stored_with_its_bytes_and_signature(
     batch = agent.extend(3)
     assert store.ingest(agent.agent_id, verified(verifier, agent, batch)) == head(agent, 3)
 
-    rows = backend.rows(
-        "SELECT seq, record, hash, signature, busy_us, account, energy_mj, received_at_us "
-        "FROM records ORDER BY seq"
-    )
-    assert [row[0] for row in rows] == [1, 2, 3]
-    assert [row[1] for row in rows] == agent.records
-    assert rows[2][2] == chain.record_hash(agent.records[2])
-    assert [row[3] for row in rows] == [None, None, batch.signature]
-    assert rows[0][4:] == (BUSY_US, "acme", 5_000, NOW_US)
+    rows = backend.rows("SELECT agent_id, seq, start_us, record FROM records ORDER BY seq")
+    assert rows == [
+        (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)
+        for seq, record in enumerate(agent.records, 1)
+    ]
+    segments = backend.rows("SELECT agent_id, last_seq, signature, received_at_us FROM segments")
+    assert segments == [(agent.agent_id, 3, batch.signature, NOW_US)]
     stored = store.get_agent(agent.agent_id)
     assert stored is not None and stored.head == head(agent, 3)
 
 
-def test_absent_energy_is_stored_as_null(
+def test_each_batch_that_stores_records_is_a_segment(
     store: Store, agent: AgentChain, verifier: Verifier, backend: Backend
 ) -> None:
-    def no_energy(rec: usage_pb2.UsageRecord) -> None:
-        rec.ClearField("energy_mj")
-
-    store.ingest(agent.agent_id, verified(verifier, agent, agent.extend(1, no_energy)))
-    assert count(backend, "SELECT COUNT(*) FROM records WHERE energy_mj IS NULL") == 1
+    first = agent.extend(4)
+    store.ingest(agent.agent_id, verified(verifier, agent, first))
+    agent.extend(3)
+    resent_and_more = agent.batch(3, 7)
+    store.ingest(agent.agent_id, verified(verifier, agent, resent_and_more))
+    store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(5, 7)))  # all stored
+    segments = backend.rows("SELECT last_seq, signature FROM segments ORDER BY last_seq")
+    assert segments == [(4, first.signature), (7, resent_and_more.signature)]
+    assert count(backend, "SELECT COUNT(*) FROM records") == 7
 
 
 def test_a_resent_batch_is_acked_again_and_stored_once(
@@ -94,7 +96,7 @@ def test_an_overlapping_retry_stores_only_the_new_records(
     acked = store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(31, 80)))
     assert acked == head(agent, 80)
     assert count(backend, "SELECT COUNT(*) FROM records") == 80
-    assert count(backend, "SELECT COUNT(*) FROM records WHERE signature IS NOT NULL") == 2
+    assert count(backend, "SELECT COUNT(*) FROM segments") == 2
     assert count(backend, "SELECT SUM(record_count) FROM rollups_hourly") == 80
 
 
@@ -197,13 +199,15 @@ def test_rollups_sum_busy_and_wall_per_hour_account_and_model(
     assert store.usage(None, HOUR1_US) == [acme]
     assert store.usage(HOUR0_US, HOUR1_US) == [acme]
     assert store.usage(HOUR1_US + 3_600_000_000, None) == []
-    by_records = backend.rows(
-        "SELECT start_us - start_us % 3600000000, account, model, SUM(busy_us), "
-        "SUM(wall_us), COUNT(*) FROM records GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-    )
+    by_records: dict[tuple[int, str, str], list[int]] = {}
+    for (record,) in backend.rows("SELECT record FROM records"):
+        rec = usage_pb2.UsageRecord.FromString(bytes(record))
+        key = (rec.start_unix_us - rec.start_unix_us % 3_600_000_000, rec.attribution.account)
+        sums = by_records.setdefault((*key, rec.attribution.model), [0, 0, 0])
+        sums[0], sums[1], sums[2] = sums[0] + rec.busy_us, sums[1] + rec.wall_us, sums[2] + 1
     with store.snapshot() as snapshot:
         rollups = list(snapshot.rollups())
-    assert rollups == [Rollup(*row) for row in by_records]
+    assert rollups == [Rollup(*key, *sums) for key, sums in sorted(by_records.items())]
     assert rollups == [
         Rollup(HOUR0_US, "acme", "llama-3-70b", 320 * BUSY_US, 320 * WALL_US, 320),
         Rollup(HOUR1_US, "", "bert", 5_000_000, 5 * WALL_US, 5),

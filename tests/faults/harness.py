@@ -91,9 +91,7 @@ def context_us(text: str, until_s: float) -> dict[int, int]:
 @dataclass(frozen=True)
 class StoredRecord:
     seq: int
-    received_at_us: int
-    busy_us: int
-    gap_us: int
+    received_at_us: int  # when the segment (batch) holding the record was committed
     record: usage_pb2.UsageRecord
 
 
@@ -101,13 +99,16 @@ def stored_records(db_path: Path, agent_id: str) -> list[StoredRecord]:
     """What the collector committed for ``agent_id``, in seq order (read-only, beside it)."""
     with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
         rows = conn.execute(
-            "SELECT seq, received_at_us, busy_us, gap_us, record FROM records"
-            " WHERE agent_id = ? ORDER BY seq",
+            """SELECT r.seq, s.received_at_us, r.record FROM records r JOIN segments s
+               ON s.agent_id = r.agent_id
+               AND s.last_seq = (SELECT MIN(last_seq) FROM segments
+                                 WHERE agent_id = r.agent_id AND last_seq >= r.seq)
+               WHERE r.agent_id = ? ORDER BY r.seq""",
             (agent_id,),
         ).fetchall()
     return [
-        StoredRecord(seq, received, busy, gap, usage_pb2.UsageRecord.FromString(data))
-        for seq, received, busy, gap, data in rows
+        StoredRecord(seq, received, usage_pb2.UsageRecord.FromString(data))
+        for seq, received, data in rows
     ]
 
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from creditmeter.collector.errors import CollectorError
-from creditmeter.collector.rows import ROW_COLUMNS
+from creditmeter.collector.rows import RECORD, SEQ, START_US
 from creditmeter.collector.verifier import INT64_MAX, Limits, Verifier
 from creditmeter.v1 import ingest_pb2, usage_pb2
 from tests.collector.records import (
@@ -43,7 +43,6 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 UINT64 = st.integers(0, 2**64 - 1)
 UINT32 = st.integers(0, 2**32 - 1)
 NOW_US = T0_US + 86_400_000_000
-COLUMN = {name: i for i, name in enumerate(ROW_COLUMNS)}
 
 
 # -- 1. bytes on the wire --------------------------------------------------------------------
@@ -212,15 +211,24 @@ def check_accepted(verifier: Verifier, batch: ingest_pb2.RecordBatch) -> None:
     limits = verifier.limits
     verified = verifier.verify(batch, AGENT.key.public_key())
     for row, data in zip(verified.records.rows, batch.records, strict=True):
+        assert bytes(row[RECORD]) == data and row[SEQ] >= 1
         rec = usage_pb2.UsageRecord.FromString(data)
-        start, end, busy = row[COLUMN["start_us"]], row[COLUMN["end_us"]], row[COLUMN["busy_us"]]
+        start, end, busy = rec.start_unix_us, rec.end_unix_us, rec.busy_us
+        assert row[START_US] == start
         assert limits.min_start_us <= start <= end <= NOW_US + limits.max_future_us
         assert 0 <= busy <= end - start + limits.busy_tolerance_us
-        assert row[COLUMN["wall_us"]] >= 0 and 0 <= row[COLUMN["gap_us"]] <= INT64_MAX
-        assert row[COLUMN["energy_mj"]] <= INT64_MAX and row[COLUMN["gpu_uuid"]]
-        for name in ("account", "model", "job_id", "host", "process_name", "gpu_uuid"):
-            assert len(str(row[COLUMN[name]]).encode()) <= limits.max_label_bytes
-        assert (start, end, busy) == (rec.start_unix_us, rec.end_unix_us, rec.busy_us)
+        assert rec.wall_us >= 0 and 0 <= sum(g.duration_us for g in rec.gaps) <= INT64_MAX
+        assert rec.energy_mj <= INT64_MAX and rec.gpu.uuid
+        labels = (
+            rec.attribution.account,
+            rec.attribution.model,
+            rec.attribution.job_id,
+            rec.host,
+            rec.process.name,
+            rec.gpu.uuid,
+        )
+        for label in labels:
+            assert len(label.encode()) <= limits.max_label_bytes and "\0" not in label
 
 
 AGENT = AgentChain("verified-agent")

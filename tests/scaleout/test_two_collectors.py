@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from creditmeter.collector.pg_store import PostgresStore
+from creditmeter.v1 import usage_pb2
 from tests.collector.backends import postgres_server, postgres_url  # noqa: F401  (fixtures)
 from tests.e2e.daemons import Collector, free_port, wait_for
 from tests.scaleout.simulator import Endpoint, SimAgent, make_agents
@@ -157,13 +158,18 @@ def assert_stored_equals_truth(
     url: str, agents: Sequence[SimAgent], last_seqs: dict[str, int], seed: int
 ) -> None:
     with psycopg.connect(url) as conn:
-        stored = {
-            agent_id: (int(head_seq), int(records), int(busy_us))
-            for agent_id, head_seq, records, busy_us in conn.execute(
-                """SELECT a.agent_id, a.head_seq, COUNT(r.seq), COALESCE(SUM(r.busy_us), 0)
-                   FROM agents a LEFT JOIN records r USING (agent_id) GROUP BY 1, 2"""
-            )
-        }
+        stored: dict[str, tuple[int, int, int]] = {}
+        rec = usage_pb2.UsageRecord()
+        rows = conn.execute(
+            """SELECT a.agent_id, a.head_seq, r.record
+               FROM agents a LEFT JOIN records r USING (agent_id)"""
+        )
+        for agent_id, head_seq, record in rows:  # busy µs from the stored bytes themselves
+            head_seq, count, busy_us = stored.get(agent_id, (int(head_seq), 0, 0))
+            if record is not None:
+                rec.ParseFromString(record)
+                count, busy_us = count + 1, busy_us + rec.busy_us
+            stored[agent_id] = (head_seq, count, busy_us)
         rollup_busy_us = conn.execute("SELECT SUM(busy_us) FROM rollups_hourly").fetchone()
     truth = {
         agent.agent_id: (last_seqs[agent.agent_id], agent.truth_records, agent.truth_busy_us)
