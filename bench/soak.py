@@ -271,7 +271,14 @@ def _worker(
 # -- the collector and its memory -----------------------------------------------------------
 
 
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    """The collector and its ingest worker processes."""
+    return [process, *process.children(recursive=True)]
+
+
 class RssSampler(threading.Thread):
+    """Samples the RSS of the collector's whole process tree (server and ingest workers)."""
+
     def __init__(self, pid: int, every_s: float) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.process = psutil.Process(pid)
@@ -282,7 +289,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            rss_mib = self.process.memory_info().rss / 2**20
+            rss_mib = sum(p.memory_info().rss for p in _tree(self.process)) / 2**20
             self.samples.append((time.monotonic() - self.started_at, rss_mib))
             self.stop.wait(self.every_s)
 
@@ -319,11 +326,14 @@ def _enroll(url: str, seeds: dict[str, bytes]) -> None:
 
 
 def _stored(db: Path) -> tuple[int, int]:
+    """(records, busy µs) the collector stored, the busy time read from the record bytes."""
+    count = busy_us = 0
+    rec = usage_pb2.UsageRecord()
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        count, busy = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(busy_us), 0) FROM records"
-        ).fetchone()
-    return int(count), int(busy)
+        for (record,) in conn.execute("SELECT record FROM records"):
+            rec.ParseFromString(record)
+            count, busy_us = count + 1, busy_us + rec.busy_us
+    return count, busy_us
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -363,12 +373,12 @@ def soak(plan: Plan) -> SoakRun:
             real_s = time.monotonic() - started
             sampler.stop.set()
             sampler.join()
-            cpu = psutil.Process(collector.pid).cpu_times()
+            cpu_s = sum(sum(p.cpu_times()[:2]) for p in _tree(psutil.Process(collector.pid)))
             stored = _stored(db)
         finally:
             collector.terminate()
             collector.wait(timeout=60)
-    return SoakRun(plan, totals, *stored, sampler.samples, cpu.user + cpu.system, real_s)
+    return SoakRun(plan, totals, *stored, sampler.samples, cpu_s, real_s)
 
 
 def _drive(address: str, seeds: dict[str, bytes], plan: Plan) -> AgentTotals:

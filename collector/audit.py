@@ -80,6 +80,10 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
         audited.add(agent_id)
         chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, expected)
         chain_audit.run(records)
+    for agent_id, last_seq in snapshot.orphan_segments():
+        result.findings.append(
+            Finding(agent_id, last_seq, "a stored signature ends a segment whose records are gone")
+        )
     for agent_id in agents.keys() - audited:
         if agents[agent_id].head.seq != 0:
             result.findings.append(

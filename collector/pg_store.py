@@ -485,6 +485,10 @@ _SELECT_RECORDS = """
     SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature
     FROM records r LEFT JOIN segments s ON s.agent_id = r.agent_id AND s.last_seq = r.seq
     ORDER BY r.agent_id, r.seq"""
+_SELECT_ORPHAN_SEGMENTS = """
+    SELECT s.agent_id, s.last_seq
+    FROM segments s LEFT JOIN records r ON r.agent_id = s.agent_id AND r.seq = s.last_seq
+    WHERE r.seq IS NULL ORDER BY s.agent_id, s.last_seq"""
 _AUDIT_FETCH_ROWS = 5000  # records fetched per round trip while the audit streams them
 
 
@@ -975,6 +979,12 @@ class PostgresSnapshot:
             cur.execute(_SELECT_RECORDS)
             for agent_id, seq, start_us, record, signature in cur:
                 yield StoredRecord(agent_id, seq, start_us, record, signature)
+
+    def orphan_segments(self) -> list[tuple[str, int]]:
+        with _translated("reading segments", self._where):
+            return [
+                (agent_id, seq) for agent_id, seq in self._conn.execute(_SELECT_ORPHAN_SEGMENTS)
+            ]
 
     def rollups(self) -> Iterator[Rollup]:
         with _translated("reading rollups", self._where):

@@ -2,10 +2,12 @@
 
 One file, WAL journal, synchronous=FULL (a commit that returned survives power loss: the
 collector acks only after commit, and an acked record is deleted from the agent's outbox).
-One connection, guarded by a lock, serves every gRPC stream: SQLite has one writer at a
-time anyway. Reads for the audit use their own connection (``snapshot``), so a long audit
-never holds up ingest. SQLite's own automatic checkpoints keep the WAL near 16 MiB (1000
-pages); a background checkpoint thread was measured and made no difference.
+One connection a process, guarded by a lock, serves every thread: SQLite has one writer at
+a time anyway. Ingest worker processes (ingest_workers.py) each open a store on the same
+file and take turns writing (writer_turn.py). Reads for the audit use their own connection
+(``snapshot``), so a long audit never holds up ingest. SQLite's own automatic checkpoints
+keep the WAL near 16 MiB (1000 pages); a background checkpoint thread was measured and made
+no difference.
 
 The schema is versioned: ``MIGRATIONS`` is applied forward at open, all pending steps in
 one transaction, and a database migrated by newer code is refused.
@@ -108,7 +110,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 head_hash BLOB NOT NULL DEFAULT x''
             )""",
             # record holds the bytes exactly as received: the evidence. The other columns
-            # are extracted from them for queries; audit checks they still agree.
+            # were extracted from them for queries (until migration 5 dropped them).
             # No FOREIGN KEY to agents: SQLite would look the agent up for every row, and
             # ingest only inserts for the agent whose row it has just read.
             """CREATE TABLE records (
@@ -340,6 +342,10 @@ _SELECT_RECORDS = """
     FROM records r LEFT JOIN segments s ON s.agent_id = r.agent_id AND s.last_seq = r.seq
     ORDER BY r.agent_id, r.seq"""
 
+_SELECT_ORPHAN_SEGMENTS = """
+    SELECT s.agent_id, s.last_seq
+    FROM segments s LEFT JOIN records r ON r.agent_id = s.agent_id AND r.seq = s.last_seq
+    WHERE r.seq IS NULL ORDER BY s.agent_id, s.last_seq"""
 PAGE_SIZE = 16384  # bytes
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another writer (a CLI enroll) to finish
 
@@ -813,6 +819,10 @@ class SQLiteSnapshot:
         with _translated("reading records"):
             for row in self._conn.execute(_SELECT_RECORDS):
                 yield StoredRecord(*row)
+
+    def orphan_segments(self) -> list[tuple[str, int]]:
+        with _translated("reading segments"):
+            return self._conn.execute(_SELECT_ORPHAN_SEGMENTS).fetchall()
 
     def rollups(self) -> Iterator[Rollup]:
         with _translated("reading rollups"):

@@ -88,6 +88,10 @@ class Snapshot(Protocol):
         """Every stored record, ordered by agent_id, then seq."""
         ...
 
+    def orphan_segments(self) -> list[tuple[str, int]]:
+        """(agent_id, last_seq) of every segment whose last record is not stored."""
+        ...
+
     def rollups(self) -> Iterator[Rollup]: ...
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from creditmeter.chain import record_hash
 from creditmeter.collector.audit import AuditResult, Finding, audit
 from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Verifier
@@ -122,6 +123,19 @@ def test_records_after_the_last_signature_are_found(
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", 10, "no signature covers the records after seq 5")
     ]
+
+
+def test_a_segment_whose_records_are_gone_is_found(
+    store: Store, filled: AgentChain, verifier: Verifier, backend: Backend
+) -> None:
+    edit(backend, "DELETE FROM records WHERE seq = 10")
+    edit(backend, "UPDATE agents SET head_seq = 9, head_hash = ?", record_hash(filled.records[8]))
+    findings = run_audit(store, verifier).findings
+    assert findings[:2] == [
+        Finding("agent-1", 9, "no signature covers the records after seq 5"),
+        Finding("agent-1", 10, "a stored signature ends a segment whose records are gone"),
+    ]
+    assert [f.agent_id for f in findings[2:]] == [None, None]  # both rollups still count it
 
 
 def test_a_forged_signature_is_found(
