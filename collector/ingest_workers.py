@@ -105,9 +105,11 @@ class WorkerPool:
     def ingest(
         self, agent: EnrolledAgent, batch: ingest_pb2.RecordBatch, request: bytes
     ) -> ChainHead:
+        if self._closed.is_set() or not self._workers:
+            raise StoreClosed("no ingest worker is running (the collector is stopping)")
         worker = self._idle.get()
         try:
-            if self._closed.is_set():
+            if self._closed.is_set():  # closed while this call waited for a worker
                 raise StoreClosed("the collector is stopping")
             return worker.call((agent.agent_id, agent.public_key_hex, request))
         finally:
@@ -194,8 +196,8 @@ class _Worker:
         if not self._idle_and_alive():
             log.warning("ingest worker %d was gone; starting a new one", self.number)
             self._replace()
-        self._send(request)
         try:
+            self._send(request)
             answer = self._receive()
         except (EOFError, OSError) as exc:
             code = self._process.exitcode if self._process is not None else None
