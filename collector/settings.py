@@ -49,8 +49,9 @@ POOL_SIZE = Option(
     "store.pool_size",
     INT,
     4,  # pg_store.DEFAULT_POOL_SIZE (not imported here: SQLite hosts never load psycopg)
-    "PostgreSQL: connections this collector keeps, shared by all streams and API calls (plus "
-    "one per audit or export); see docs/capacity.md. SQLite: unused.",
+    "PostgreSQL: connections the server process keeps, shared by streams' Hellos and API calls "
+    "(plus one per audit or export, and one per ingest worker); see docs/capacity.md. SQLite: "
+    "unused.",
     ge=1,
     le=1000,
 )
