@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +40,7 @@ class ComputeProcess:
     compute_instance_id: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class UtilSample:
+class UtilSample(NamedTuple):
     """One nvmlProcessUtilizationSample_t, as the driver returned it (quirks included)."""
 
     pid: int
@@ -52,8 +51,7 @@ class UtilSample:
     dec_util: int
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceSample:
+class DeviceSample(NamedTuple):
     """One nvmlSample_t of NVML_GPU_UTILIZATION_SAMPLES: the device over one sample period.
 
     The driver keeps one per period whether or not anything ran, so consecutive timestamps
@@ -62,6 +60,17 @@ class DeviceSample:
 
     timestamp_us: int  # end of the period, driver CPU clock, µs since the epoch
     util: int  # percent of the period in which a kernel of any process ran
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingCounters:
+    """nvmlAccountingStats_v2 of one process: cumulative since it started."""
+
+    pid: int
+    sample_count: int  # samples the driver took of it
+    sum_gpu_util: int  # their utilization summed, in percent × 100
+    time_ms: int  # ms its context was active
+    running: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,8 @@ class Nvml(Protocol):
     def driver_version(self) -> str: ...
 
     def devices(self) -> list[Device]:
-        """Whole GPUs not in MIG mode, and every MIG instance of GPUs that are."""
+        """Whole GPUs not in MIG mode, and every MIG instance of GPUs that are. A GPU that
+        is lost now is left out (and logged); the others are listed all the same."""
         ...
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]: ...
@@ -93,6 +103,20 @@ class Nvml(Protocol):
         Raises NoData when the driver has no sample since the cursor (idle), NotSupported on
         MIG instances.
         """
+        ...
+
+    def processes_utilization_info(self, device: Device, since_us: int) -> list[UtilSample]:
+        """nvmlDeviceGetProcessesUtilizationInfo (driver >= 550): the same rows as
+        ``process_samples`` through the newer call. NotSupported where it is missing."""
+        ...
+
+    def accounting_enabled(self, device: Device) -> bool:
+        """Whether accounting mode is on (NotSupported: the device has none)."""
+        ...
+
+    def accounting_counters(self, device: Device, pid: int) -> AccountingCounters | None:
+        """nvmlAccountingStats_v2 of ``pid``; None when the GPU never accounted it.
+        NotSupported without the _v2 call, or with accounting mode off."""
         ...
 
     def device_samples(self, device: Device, since_us: int) -> list[DeviceSample]:
@@ -115,7 +139,8 @@ class Nvml(Protocol):
         ...
 
     def reopen(self) -> None:
-        """Shut NVML down and initialise it again: how a GPU that was lost is found again."""
+        """Shut NVML down and initialise it again: how a GPU that was lost is found again.
+        Every other device's handle is found again by its UUID at its next call."""
         ...
 
     def shutdown(self) -> None: ...

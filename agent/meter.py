@@ -1,14 +1,23 @@
 """The meter: polls every device, measures busy time per process, closes windows.
 
-Identity is ``(gpu_uuid, pid, create_time)``. Busy time comes from NVML per-process samples
-on whole GPUs (``agent.sampling`` reads them) and from GPM instance utilisation on MIG
-instances, where NVML has no per-process signal. Time the meter could not see is a *gap*
-with its reason, never filled in and never turned into zero.
+Identity is ``(gpu_uuid, pid, create_time)``. On a whole GPU the device's utilization series
+is the total that gets billed (``agent.sampling``); per-process evidence only apportions it
+(``agent.evidence`` reads it, ``agent.apportion`` splits): a process alone gets the device's
+busy time, shared time is split by the evidence, and what nobody can take is unattributed
+with its reason. Per GPU and window, billed plus unattributed busy time equals the device's
+busy time, exactly, and every window ends in a *device record* carrying those books. MIG
+instances, where NVML has no per-process signal, are measured by GPM instance utilisation.
+Time the meter could not see is a *gap* with its reason, never filled in and never zero.
 
-The meter's committed state (cursors, carried remainders, the processes it knows) is
-serialised with every batch of records written to the outbox, in the same transaction, so
-an agent killed at any moment resumes exactly where its written records end: the driver's
-ring buffer still holds the samples of the time in between, or the lost time is a gap.
+Evidence arrives late on real drivers (a PID's sample covers seconds before its stamp), so
+device periods wait until every listed process's evidence of them can have arrived (the
+*settlement lag*, learnt from the evidence) before they are apportioned.
+
+The meter's committed state (cursors, carried remainders, learnt evidence, unsettled
+evidence, the processes it knows) is serialised with every batch of records written to the
+outbox, in the same transaction, so an agent killed at any moment resumes exactly where its
+written records end: the driver's ring buffer still holds the samples of the time in
+between, or the lost time is a gap.
 """
 
 from __future__ import annotations
@@ -16,23 +25,42 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from creditmeter.agent import apportion
+from creditmeter.agent.apportion import Evidence, Period, Presence, Unattributed
 from creditmeter.agent.errors import GpuLost, NoData, NotSupported, NvmlError, ProcessGone
+from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
-from creditmeter.agent.sampling import Reading, SampleInterpreter
-from creditmeter.agent.usage import ProcessKey, Slice, Usage, WindowUsage
+from creditmeter.agent.sampling import DeviceSeries
+from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
 from creditmeter.v1 import usage_pb2
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 WALL_STEP_US = 250_000  # wall − monotonic moving more than this between polls is a step
+DEFAULT_RING_US = 20_000_000  # a ring this long is assumed until the driver shows its own
+# While a GPU is lost, time older than this (or than its ring, if longer) is given up as a
+# gap at each window close; a shorter ring learnt at start may only mean a young driver.
+MIN_HOLD_US = 60_000_000
+# Busy time is apportioned this often (and at every window close): each settlement costs
+# a fixed part plus the periods it reads again, so settling every poll would cost twice as
+# much for nothing (what settles, and how, does not depend on when).
+SETTLE_INTERVAL_US = 2_000_000
 _GPM_SINGLE = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE
 _GPM_SHARED = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_SHARED
 _NO_SIGNAL = usage_pb2.MEASUREMENT_SOURCE_NONE
+_DEVICE_UTIL = usage_pb2.MEASUREMENT_SOURCE_NVML_DEVICE_UTIL
+_PROCESS_EVIDENCE = usage_pb2.MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE
+EVIDENCE_CODES = {
+    None: usage_pb2.EVIDENCE_SOURCE_NONE,
+    Source.UTILIZATION_INFO: usage_pb2.EVIDENCE_SOURCE_PROCESSES_UTILIZATION_INFO,
+    Source.PROCESS_UTILIZATION: usage_pb2.EVIDENCE_SOURCE_PROCESS_UTILIZATION,
+    Source.ACCOUNTING: usage_pb2.EVIDENCE_SOURCE_ACCOUNTING_STATS,
+}
 
 
 def _us(seconds: float) -> int:
@@ -47,6 +75,7 @@ class Tracked:
     device: Device
     info: ProcessInfo | None
     usage: Usage
+    seen_from_us: int  # wall µs from which it may have held a context
     carry_pct_us: int = 0  # remainder below 1 µs, carried into the next window
     listed: bool = False  # in the driver's process list at the latest poll
     gone_at_us: int | None = None  # wall µs it was first missing from the list
@@ -55,20 +84,53 @@ class Tracked:
         previous, self.usage = self.usage, Usage(start_us=start_us, source=self.usage.source)
         return previous
 
+    def presence(self) -> Presence:
+        return Presence(self.key.pid, self.seen_from_us, self.gone_at_us)
+
+
+@dataclass(slots=True)
+class Books:
+    """A whole GPU's books since its previous device record."""
+
+    start_us: int
+    attributed_us: int = 0  # µs of process usage emitted for the GPU since then
+    unattributed_pct_us: Counter[int] = field(default_factory=Counter)  # by reason
+    carry_pct_us: Counter[int] = field(default_factory=Counter)  # below 1 µs, by reason
+
+    @property
+    def empty(self) -> bool:
+        return not self.attributed_us and not any(self.unattributed_pct_us.values())
+
 
 @dataclass(slots=True)
 class DeviceState:
     device: Device
-    interpreter: SampleInterpreter = field(default_factory=SampleInterpreter)
-    cursor_us: int = 0  # driver time of the newest period consumed
-    committed_cursor_us: int = 0  # cursor as of the last window close (what records cover)
+    series: DeviceSeries = field(default_factory=DeviceSeries)
+    evidence: EvidenceReader | None = None  # whole GPUs
+    cursor_us: int = 0  # driver time of the newest device period read
+    settled_us: int = 0  # driver time up to which busy time is apportioned
+    committed_us: int = 0  # settled_us as of the last window close (what records cover)
+    pending: list[Period] = field(default_factory=list)  # read, not yet settled
+    pieces: list[Evidence] = field(default_factory=list)  # evidence not yet spent
+    used: list[float] = field(default_factory=list)  # what settled time took of each piece
     processes: dict[int, list[Tracked]] = field(default_factory=dict)  # pid -> oldest first
     last_poll_mono_us: int | None = None  # monotonic µs: durations never follow wall steps
     lost_at_us: int | None = None  # wall µs the GPU was found lost
+    was_lost: bool = False  # lost since its cursor: a hole at the cursor is GPU_LOST
     gpm_supported: bool = True
+    has_series: bool = True  # False: nvmlDeviceGetSamples is not supported
+    ring_us: int = DEFAULT_RING_US  # how far back the driver's ring reaches
+    books: Books = field(default_factory=lambda: Books(0))
+    # The state as of the last window close, which a restart resumes from (the books'
+    # attributed µs excepted: those follow every write, finals between closes included).
+    committed: dict[str, Any] = field(default_factory=dict)
+    next_settle_mono_us: int = 0  # monotonic µs of the next settlement
+    settled_now: bool = False  # settled at this poll (energy goes with settled busy time)
 
     def elapsed_us(self, now_mono_us: int) -> int:
-        return now_mono_us - (self.last_poll_mono_us or now_mono_us)
+        if self.last_poll_mono_us is None:
+            return 0
+        return now_mono_us - self.last_poll_mono_us
 
     def tracked(self) -> Iterable[Tracked]:
         for entries in self.processes.values():
@@ -92,8 +154,11 @@ class MeterStats:
     polls: int = 0
     nvml_errors: Counter[str] = field(default_factory=Counter)  # by error class
     discarded_samples: Counter[str] = field(default_factory=Counter)  # by quirk
+    evidence_switches: Counter[str] = field(default_factory=Counter)  # sources left, by why
     processes_seen: int = 0
     busy_us_metered: int = 0
+    device_busy_us: int = 0  # the devices' own busy time (whole GPUs)
+    unattributed_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gaps_us: Counter[str] = field(default_factory=Counter)  # by reason name
 
 
@@ -116,7 +181,8 @@ class Meter:
         self._next_reopen = 0.0
         self._devices: dict[str, DeviceState] = {}
         self._energy = _EnergyLedger()
-        self._finished: dict[ProcessKey, int] = {}  # exited since the last close: -> cursor_us
+        self._finished: dict[ProcessKey, int] = {}  # exited since the last close: -> settled
+        self._evidence_stats = EvidenceStats()
         self.stats = MeterStats()
         self._now_mono_us = _us(clock.monotonic())
         self._wall_offset_us = _us(clock.wall()) - self._now_mono_us  # wall − monotonic
@@ -128,10 +194,7 @@ class Meter:
         now_us = _us(self._clock.wall())
         saved_devices = saved.get("devices", {})
         for device in self._nvml.devices():
-            ds = DeviceState(device)
-            self._devices[device.uuid] = ds
-            self._resume(ds, saved_devices.get(device.uuid))
-            ds.last_poll_mono_us = self._now_mono_us
+            self._add_device(device, saved_devices.get(device.uuid), now_us)
         for gpu, states in self._physical_gpus().items():
             if self._energy.committed(gpu) is None:
                 self._energy.restore(gpu, self._energy_counter(states[0].device))
@@ -141,37 +204,57 @@ class Meter:
             ProcessKey(u, p, c): through for u, p, c, through in saved.get("finished", [])
         }
 
-    def _resume(self, ds: DeviceState, saved: dict[str, Any] | None) -> None:
-        latest = self._latest_period(ds)
-        if latest is None:
-            latest = _us(self._clock.wall())  # no period yet: bill those ending from now on
+    def _add_device(self, device: Device, saved: dict[str, Any] | None, now_us: int) -> None:
+        ds = DeviceState(device, books=Books(now_us))
+        self._devices[device.uuid] = ds
+        if not device.is_mig:
+            ev_state = saved.get("evidence") if saved else None
+            ds.evidence = EvidenceReader(self._nvml, device, self._evidence_stats, ev_state)
+        self._resume(ds, saved, now_us)
+        ds.last_poll_mono_us = self._now_mono_us
+        ds.committed = self._snapshot(ds)
+
+    def _resume(self, ds: DeviceState, saved: dict[str, Any] | None, now_us: int) -> None:
+        latest = self._ring_bounds(ds)
+        newest = latest if latest is not None else now_us  # nothing yet: bill from now on
         if saved is not None:
-            ds.interpreter = SampleInterpreter(saved["period_us"], Reading(saved["reading"]))
+            ds.series = DeviceSeries(saved.get("period_us"))
             ds.cursor_us = int(saved["cursor_us"])
-            if ds.cursor_us > latest:
-                log.warning(
-                    "%s: saved cursor is ahead of the driver's newest sample (clock set back "
-                    "or driver reloaded); starting from the newest sample",
-                    ds.device.uuid,
-                )
-                ds.cursor_us = latest
+            if ds.cursor_us > newest and latest is not None:
+                # The driver's stamps went back (clock set back, driver reloaded): what it
+                # holds now is all new to us.
+                log.info("%s: resuming from the driver's newest sample", ds.device.uuid)
+                ds.cursor_us = newest
+            ds.books = _restore_books(saved.get("books"), now_us)
+            ds.pieces = [Evidence(*p) for p in saved.get("pieces", [])]
+            ds.used = [float(u) for u in saved.get("used", [0.0] * len(ds.pieces))]
             self._energy.restore(ds.device.parent_uuid or ds.device.uuid, saved.get("energy_mj"))
         else:
             # First start: what ran before the agent existed is not ours to bill.
-            ds.cursor_us = latest
-        ds.committed_cursor_us = ds.cursor_us
+            ds.cursor_us = newest
+        ds.settled_us = ds.committed_us = ds.cursor_us
+        if ds.evidence is not None:
+            ds.evidence.start(ds.cursor_us)
 
-    def _latest_period(self, ds: DeviceState) -> int | None:
+    def _ring_bounds(self, ds: DeviceState) -> int | None:
+        """The newest period the driver holds (learning how far back its ring reaches)."""
         if ds.device.is_mig:
             return None
         try:
             samples = self._nvml.device_samples(ds.device, 0)
         except NoData:
             return None
+        except NotSupported:
+            ds.has_series = False
+            return None
         except NvmlError as exc:
             self._count_error(exc)
             return None
-        return samples[-1].timestamp_us if samples else None
+        if not samples:
+            return None
+        if len(samples) > 1:
+            ds.ring_us = samples[-1].timestamp_us - samples[0].timestamp_us
+        return samples[-1].timestamp_us
 
     def _restore_process(self, entry: dict[str, Any], now_us: int) -> None:
         ds = self._devices.get(entry["gpu"])
@@ -186,25 +269,38 @@ class Meter:
             container_id=entry.get("container_id", ""),
             pod_uid=entry.get("pod_uid", ""),
         )
-        tracked = Tracked(key, ds.device, info, Usage(start_us=now_us))
+        seen_from = int(entry.get("seen_from_us", key.create_time_us or now_us))
+        tracked = Tracked(key, ds.device, info, Usage(start_us=now_us), seen_from)
         tracked.carry_pct_us = int(entry.get("carry_pct_us", 0))
         ds.processes.setdefault(key.pid, []).append(tracked)
 
     def state(self) -> bytes:
-        """The committed state, to be written with the records of the latest close."""
-        devices = {
-            uuid: {
-                "cursor_us": ds.committed_cursor_us,
-                "period_us": ds.interpreter.period_us,
-                "reading": ds.interpreter.reading.value,
-                "energy_mj": self._energy.committed(ds.device.parent_uuid or uuid),
-            }
-            for uuid, ds in self._devices.items()
-        }
+        """The committed state, to be written with the records of the latest close (and the
+        books of emitted usage, written with every batch)."""
+        devices = {uuid: self._device_state(ds) for uuid, ds in self._devices.items()}
         processes = [_process_entry(t) for ds in self._devices.values() for t in ds.tracked()]
         finished = [[k.gpu_uuid, k.pid, k.create_time_us, c] for k, c in self._finished.items()]
         doc = {"v": STATE_VERSION, "devices": devices, "processes": processes, "finished": finished}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    def _device_state(self, ds: DeviceState) -> dict[str, Any]:
+        doc = dict(ds.committed)
+        doc["books"] = dict(doc["books"], attributed_us=ds.books.attributed_us)
+        doc["energy_mj"] = self._energy.committed(ds.device.parent_uuid or ds.device.uuid)
+        return doc
+
+    def _snapshot(self, ds: DeviceState) -> dict[str, Any]:
+        """What a restart needs of a device, as it is now (taken at every close)."""
+        doc: dict[str, Any] = {
+            "cursor_us": ds.settled_us,
+            "period_us": ds.series.period_us,
+            "books": _books_entry(ds.books),
+        }
+        if ds.evidence is not None:
+            doc["evidence"] = json.loads(json.dumps(ds.evidence.state()))
+            doc["pieces"] = [list(_piece_entry(p)) for p in ds.pieces]
+            doc["used"] = list(ds.used)
+        return doc
 
     # -- polling --------------------------------------------------------------------------
 
@@ -216,21 +312,23 @@ class Meter:
         step_us = self._wall_step(now_us)
         before = {id(t): t.usage.pct_us for ds in self._devices.values() for t in ds.tracked()}
         for ds in self._devices.values():
+            ds.settled_now = ds.device.is_mig
             if ds.lost_at_us is not None:
-                self._while_lost(ds)
+                ds.last_poll_mono_us = self._now_mono_us
                 continue
             try:
                 self._poll_device(ds, now_us, step_us)
             except GpuLost as exc:
                 self._lose(ds, now_us, exc)
             except NvmlError as exc:
-                # The cursor did not move: the next poll reads these periods again.
+                # The cursors did not move: the next poll reads these periods again.
                 self._count_error(exc)
                 log.warning("%s: poll failed: %s", ds.device.uuid, exc)
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before)
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
-        self._recover_lost()
+        self._recover_lost(now_us)
+        self._sync_stats()
         return finals
 
     def _wall_step(self, now_us: int) -> int:
@@ -244,7 +342,7 @@ class Meter:
 
     def _poll_device(self, ds: DeviceState, now_us: int, step_us: int) -> None:
         listed = self._nvml.compute_processes(ds.device)
-        self._update_processes(ds, listed, now_us)
+        fresh = self._update_processes(ds, listed, now_us)
         if ds.device.is_mig:
             self._poll_instance(ds, now_us)  # GPM counts time itself: no driver timestamps
             return
@@ -252,44 +350,147 @@ class Meter:
             # Samples stamped before the clock reaches the cursor again look exactly like
             # ones already billed: that stretch is a gap, never a guess.
             self._gap_all(ds, usage_pb2.GAP_REASON_CLOCK_STEP, -step_us)
-        self._poll_samples(ds, max(step_us, 0))
+        busy_fraction = self._read_series(ds, max(step_us, 0)) if ds.has_series else 0.0
+        assert ds.evidence is not None
+        # Known: listed now, or exited and still draining (its last samples come late).
+        reading = ds.evidence.read(now_us, set(ds.processes), fresh, ds.cursor_us)
+        ds.evidence.judge(reading, busy_fraction)
+        self._take_evidence(ds, reading)
+        draining = any(t.gone_at_us is not None for t in ds.tracked())
+        if self._now_mono_us >= ds.next_settle_mono_us or draining:
+            self._settle_device(ds, now_us)
 
-    def _poll_samples(self, ds: DeviceState, forward_step_us: int) -> None:
-        periods = self._device_samples(ds, ds.cursor_us)
-        if not periods:
-            return
-        samples = self._process_samples(ds)
-        newest = max(
-            (s.timestamp_us for s in samples if s.pid in ds.processes and s.sm_util <= 100),
-            default=0,
-        )
-        if newest > periods[-1].timestamp_us:
-            # A period ended between the two queries; the process query saw it, so read it.
-            periods += self._device_samples(ds, periods[-1].timestamp_us)
-            periods = [p for p in periods if p.timestamp_us <= newest]
-        result = ds.interpreter.interpret(ds.cursor_us, periods, samples, set(ds.processes))
-        self.stats.discarded_samples.update(result.discarded)
+    def _settle_device(self, ds: DeviceState, now_us: int) -> None:
+        ds.next_settle_mono_us = self._now_mono_us + SETTLE_INTERVAL_US
+        ds.settled_now = True
+        if ds.has_series:
+            self._settle(ds, now_us)
+        else:
+            self._settle_by_evidence(ds)
+
+    def _read_series(self, ds: DeviceState, forward_step_us: int) -> float:
+        """Read new device periods; returns how busy they were (0..1)."""
+        try:
+            samples = self._nvml.device_samples(ds.device, ds.cursor_us)
+        except NoData:
+            return 0.0
+        except NotSupported:
+            log.warning(
+                "%s: no device utilization series: processes' own evidence is billed as it is",
+                ds.device.uuid,
+            )
+            ds.has_series = False
+            return 0.0
+        read = ds.series.read(ds.cursor_us, samples)
         # A forward wall step leaves a hole in the driver's timestamps that is no lost time.
-        lost_us = sum(end - start for start, end in result.lost) - forward_step_us
-        if lost_us > (ds.interpreter.period_us or 0) // 2:
-            self._gap_all(ds, usage_pb2.GAP_REASON_RING_OVERFLOW, lost_us)
-        for busy in result.busy:
-            owner = ds.owner(busy.pid, busy.end_us)
-            if owner is not None and not self._already_written(owner.key, busy.end_us):
-                owner.usage.add(Slice(busy.start_us, busy.end_us, busy.pct_us))
-        ds.cursor_us = result.cursor_us
+        lost_us = sum(end - start for start, end in read.lost) - forward_step_us
+        if lost_us > (ds.series.period_us or 0) // 2:
+            overflow = usage_pb2.GAP_REASON_RING_OVERFLOW
+            self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST if ds.was_lost else overflow, lost_us)
+        ds.was_lost = False
+        assert ds.evidence is not None
+        ds.evidence.on_periods(read.periods)
+        ds.pending.extend(read.periods)
+        ds.cursor_us = read.cursor_us
+        span = sum(p.end_us - p.start_us for p in read.periods)
+        return sum(p.busy_pct_us for p in read.periods) / (100 * span) if span else 0.0
 
-    def _device_samples(self, ds: DeviceState, since_us: int) -> list[Any]:
-        try:
-            return list(self._nvml.device_samples(ds.device, since_us))
-        except NoData:
-            return []
+    def _take_evidence(self, ds: DeviceState, reading: Reading) -> None:
+        """Keep this poll's evidence. A piece reaching back into settled time (an average
+        since an old lastSeen) keeps its whole claim on the time not settled: earlier answers
+        showed no activity of its process back there."""
+        for piece in reading.pieces:
+            if piece.end_us <= ds.settled_us:
+                self._evidence_stats.discarded["late_evidence"] += 1
+                continue
+            if piece.start_us < ds.settled_us:
+                piece = piece._replace(start_us=ds.settled_us)
+            ds.pieces.append(piece)
+            ds.used.append(0.0)
 
-    def _process_samples(self, ds: DeviceState) -> list[Any]:
-        try:
-            return list(self._nvml.process_samples(ds.device, ds.cursor_us))
-        except NoData:
-            return []
+    def _complete_us(self, ds: DeviceState, now_us: int) -> int:
+        """Up to when the evidence of every process that may have run is in. Alone on the
+        device a process needs no evidence: then everything read is complete."""
+        assert ds.evidence is not None
+        pids = {t.key.pid for t in ds.tracked()}
+        if len(pids) < 2 or ds.evidence.source is None:
+            return ds.cursor_us
+        return ds.evidence.complete_until_us(now_us, pids)
+
+    def _settle(self, ds: DeviceState, now_us: int) -> None:
+        """Apportion the periods old enough that their evidence is in."""
+        if not ds.pending:
+            return
+        complete = self._complete_us(ds, now_us)
+        # A piece that straddles the complete point can only be placed once the evidence
+        # after it is in.
+        straddling = [p.start_us for p in ds.pieces if p.start_us < complete < p.end_us]
+        settle_to = self._settle_point(ds, min([complete, *straddling]))
+        if settle_to <= ds.settled_us:
+            return
+        presence = [t.presence() for t in ds.tracked()]
+        result = apportion.apportion(
+            ds.pending, ds.pieces, presence, settle_to, ds.used, complete_until_us=complete
+        )
+        self._book(ds, result)
+        ds.pending = [p for p in ds.pending if p.end_us > settle_to]
+        self._spend(ds, result.used, settle_to)
+        ds.settled_us = settle_to
+
+    @staticmethod
+    def _settle_point(ds: DeviceState, horizon_us: int) -> int:
+        settle_to = ds.settled_us
+        for p in ds.pending:
+            if p.end_us > horizon_us:
+                break
+            settle_to = p.end_us
+        return settle_to
+
+    def _book(self, ds: DeviceState, result: apportion.Apportioned) -> None:
+        assert ds.evidence is not None
+        code = EVIDENCE_CODES[ds.evidence.source]
+        only: dict[int, Tracked] = {
+            pid: entries[0] for pid, entries in ds.processes.items() if len(entries) == 1
+        }
+        for share in result.shares:
+            owner = only.get(share.pid) or ds.owner(share.pid, share.end_us)
+            if owner is None:
+                ds.books.unattributed_pct_us[Unattributed.NO_PROCESS] += share.pct_us
+                continue
+            if self._finished and self._already_written(owner.key, share.end_us):
+                continue  # written before a restart: its µs are in the books already
+            piece = Slice(share.start_us, share.end_us, share.pct_us)
+            owner.usage.source = _DEVICE_UTIL
+            if share.exact:
+                owner.usage.add(piece)
+            else:
+                owner.usage.add_shared(piece, code)
+        for reason, pct in result.unattributed.items():
+            ds.books.unattributed_pct_us[reason] += pct
+        self.stats.device_busy_us += result.busy_pct_us // 100
+
+    def _spend(self, ds: DeviceState, used: dict[int, float], settle_to: int) -> None:
+        """Record what settled time took of each piece; drop pieces wholly settled."""
+        for i, amount in used.items():
+            ds.used[i] += amount
+        kept = [i for i, p in enumerate(ds.pieces) if p.end_us > settle_to]
+        ds.pieces = [ds.pieces[i] for i in kept]
+        ds.used = [ds.used[i] for i in kept]
+
+    def _settle_by_evidence(self, ds: DeviceState) -> None:
+        """No device series: each piece of evidence is the busy time of its own span."""
+        for piece in ds.pieces:
+            owner = ds.owner(piece.pid, piece.end_us) if piece.known else None
+            if owner is None or self._already_written(owner.key, piece.end_us):
+                if owner is None:
+                    ds.books.unattributed_pct_us[Unattributed.UNKNOWN_PROCESS] += piece.pct_us
+                continue
+            owner.usage.source = _PROCESS_EVIDENCE
+            owner.usage.add(Slice(piece.start_us, piece.end_us, piece.pct_us))
+            self.stats.device_busy_us += piece.pct_us // 100
+        if ds.pieces:
+            ds.settled_us = max(ds.settled_us, max(p.end_us for p in ds.pieces))
+        ds.pieces, ds.used = [], []
 
     def _already_written(self, key: ProcessKey, end_us: int) -> bool:
         through = self._finished.get(key)
@@ -321,6 +522,7 @@ class Meter:
         for i, t in enumerate(present):
             t.usage.source = source
             t.usage.add(Slice(start_us, now_us, share + (1 if i < extra else 0)))
+        ds.settled_us = now_us
 
     def _no_signal(self, present: list[Tracked], elapsed_us: int) -> None:
         for t in present:
@@ -329,20 +531,29 @@ class Meter:
 
     # -- processes --------------------------------------------------------------------------
 
-    def _update_processes(self, ds: DeviceState, listed: list[ComputeProcess], now_us: int) -> None:
+    def _update_processes(
+        self, ds: DeviceState, listed: list[ComputeProcess], now_us: int
+    ) -> set[int]:
+        """Track the listed processes; returns the pids first seen at this poll."""
         elapsed_us = ds.elapsed_us(self._now_mono_us)
         seen: set[int] = set()
+        fresh: set[int] = set()
         for proc in listed:
-            tracked = self._listed(ds, proc.pid, now_us)
+            tracked, new = self._listed(ds, proc.pid, now_us, elapsed_us)
             seen.add(id(tracked))
+            if new:
+                fresh.add(proc.pid)
             tracked.usage.wall_us += min(elapsed_us, max(0, now_us - tracked.usage.start_us))
             tracked.usage.saw_memory(proc.used_memory_bytes)
         for t in ds.tracked():
             if id(t) not in seen and t.gone_at_us is None:
                 t.listed = False
                 t.gone_at_us = now_us
+        return fresh
 
-    def _listed(self, ds: DeviceState, pid: int, now_us: int) -> Tracked:
+    def _listed(
+        self, ds: DeviceState, pid: int, now_us: int, elapsed_us: int
+    ) -> tuple[Tracked, bool]:
         entries = ds.processes.setdefault(pid, [])
         current = entries[-1] if entries else None
         if (
@@ -351,22 +562,26 @@ class Meter:
             and current.listed
             and self._same_process(current, pid)
         ):
-            return current
+            return current, False
         info = self._info(pid)
         key = ProcessKey(ds.device.uuid, pid, _us(info.create_time) if info else 0)
         if current is not None and current.key == key and current.gone_at_us is None:
             current.listed = True
             current.info = current.info or info
-            return current
+            return current, False
         if current is not None and current.gone_at_us is None:
             current.gone_at_us = now_us  # the pid was reused: the old holder has exited
             current.listed = False
-        created_us = key.create_time_us or now_us
-        tracked = Tracked(key, ds.device, info, Usage(start_us=max(created_us, now_us - 1)))
+        # Unlisted at the previous poll, it held no context then: from then at the earliest,
+        # or from its start when /proc says it started later.
+        seen_from = max(key.create_time_us, now_us - elapsed_us)
+        tracked = Tracked(
+            key, ds.device, info, Usage(start_us=max(seen_from, now_us - 1)), seen_from
+        )
         tracked.listed = True
         entries.append(tracked)
         self.stats.processes_seen += 1
-        return tracked
+        return tracked, True
 
     def _same_process(self, current: Tracked, pid: int) -> bool:
         """Whether ``pid`` still names ``current``: a pid reused between two polls must not
@@ -385,26 +600,28 @@ class Meter:
             return None
 
     def _drained(self, ds: DeviceState, now_us: int) -> list[WindowUsage]:
-        """Exited processes whose every sample period has been read: their final usage."""
-        period_us = ds.interpreter.period_us or 0
+        """Exited processes whose time is all settled: their final usage."""
         finals = []
         for pid, entries in list(ds.processes.items()):
             for t in list(entries):
-                if t.gone_at_us is None or not self._drain_complete(ds, t, period_us, now_us):
+                if t.gone_at_us is None or not self._drain_complete(ds, t):
                     continue
                 entries.remove(t)
-                self._finished[t.key] = ds.cursor_us
-                finals.append(self._emit(t, now_us, final=True))
+                self._finished[t.key] = ds.settled_us
+                finals.append(self._emit(ds, t, now_us, final=True))
             if not entries:
                 del ds.processes[pid]
+                if ds.evidence is not None:
+                    ds.evidence.forget(pid)
         return finals
 
     @staticmethod
-    def _drain_complete(ds: DeviceState, t: Tracked, period_us: int, now_us: int) -> bool:
-        if ds.device.is_mig or ds.lost_at_us is not None:
+    def _drain_complete(ds: DeviceState, t: Tracked) -> bool:
+        if ds.device.is_mig:
             return True
-        # Its last (partial) period ends at most one period after it left the list.
-        return t.gone_at_us is not None and ds.cursor_us >= t.gone_at_us + period_us
+        if ds.lost_at_us is not None:
+            return False  # its last seconds may still be in the ring when the GPU is back
+        return t.gone_at_us is not None and ds.settled_us >= t.gone_at_us
 
     # -- energy ---------------------------------------------------------------------------
 
@@ -414,6 +631,8 @@ class Meter:
         for gpu, states in self._physical_gpus().items():
             if any(ds.lost_at_us is not None for ds in states):
                 continue
+            if not any(ds.settled_now for ds in states):
+                continue  # its energy waits for the busy time it goes with
             counter = self._energy_counter(states[0].device)
             if counter is None:
                 continue
@@ -440,37 +659,47 @@ class Meter:
     # -- lost GPUs ------------------------------------------------------------------------
 
     def _lose(self, ds: DeviceState, now_us: int, exc: GpuLost) -> None:
+        """Only this device is lost: its cursors stay where its records end, and the ring
+        may still hold the time in between when it is found again."""
         self._count_error(exc)
-        log.error("%s: GPU lost (%s); its time is a gap until it returns", ds.device.uuid, exc)
+        log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
+        ds.was_lost = True
         self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
 
-    def _while_lost(self, ds: DeviceState) -> None:
-        self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, ds.elapsed_us(self._now_mono_us))
-        ds.last_poll_mono_us = self._now_mono_us
-
-    def _recover_lost(self) -> None:
+    def _recover_lost(self, now_us: int) -> None:
         lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
         if not lost or self._clock.monotonic() < self._next_reopen:
             return
         self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
         try:
             self._nvml.reopen()
-            present = {d.uuid for d in self._nvml.devices()}
+            present = {d.uuid: d for d in self._nvml.devices()}
         except NvmlError as exc:
             self._count_error(exc)
             return
         for ds in lost:
             if ds.device.uuid in present:
-                self._recovered(ds)
+                log.warning("%s: GPU is back", ds.device.uuid)
+                ds.lost_at_us = None
+        for uuid, device in present.items():
+            if uuid not in self._devices:
+                log.warning("%s: a GPU not seen before; metering it from now", uuid)
+                self._add_device(device, None, now_us)
 
-    def _recovered(self, ds: DeviceState) -> None:
-        log.warning("%s: GPU is back", ds.device.uuid)
-        ds.lost_at_us = None
-        latest = self._latest_period(ds)
-        if latest is not None:
-            # What the ring holds now was sampled around the loss: the gap already covers it.
-            ds.cursor_us = latest
+    def _give_up_lost(self, ds: DeviceState, now_us: int) -> None:
+        """Time a lost GPU's ring can no longer hold is a gap now."""
+        horizon = now_us - max(ds.ring_us, MIN_HOLD_US)
+        if ds.settled_us >= horizon:
+            return
+        self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, horizon - ds.settled_us)
+        ds.pending = [p for p in ds.pending if p.end_us > horizon]
+        keep = [i for i, p in enumerate(ds.pieces) if p.end_us > horizon]
+        ds.pieces, ds.used = [ds.pieces[i] for i in keep], [ds.used[i] for i in keep]
+        ds.cursor_us = max(ds.cursor_us, horizon)
+        ds.settled_us = horizon
+        if ds.evidence is not None:
+            ds.evidence.cursor_us = max(ds.evidence.cursor_us, horizon)
 
     def _gap_all(self, ds: DeviceState, reason: int, duration_us: int) -> None:
         if duration_us <= 0:
@@ -482,33 +711,49 @@ class Meter:
     def _count_error(self, exc: NvmlError) -> None:
         self.stats.nvml_errors[type(exc).__name__] += 1
 
+    def _sync_stats(self) -> None:
+        self.stats.discarded_samples = self._evidence_stats.discarded
+        self.stats.evidence_switches = self._evidence_stats.switches
+
     # -- windows --------------------------------------------------------------------------
 
     def close_window(self) -> list[WindowUsage]:
-        """Close every process's window: usage with activity, and a new committed state."""
+        """Close every process's window, then every whole GPU's books: usage with activity,
+        a device record per GPU, and a new committed state."""
         now_us = _us(self._clock.wall())
+        for ds in self._devices.values():
+            if ds.lost_at_us is not None:
+                self._give_up_lost(ds, now_us)
+            elif not ds.device.is_mig and not ds.settled_now:
+                self._settle_device(ds, now_us)
         closed = [
-            self._emit(t, now_us, final=False)
+            self._emit(ds, t, now_us, final=False)
             for ds in self._devices.values()
             for t in ds.tracked()
             if t.usage.has_activity
         ]
         for ds in self._devices.values():
-            ds.committed_cursor_us = ds.cursor_us
+            ds.committed_us = ds.settled_us
             for t in ds.tracked():
                 if not t.usage.has_activity:
                     t.usage.start_us = now_us
+            books = self._close_books(ds, now_us)
+            if books is not None:
+                closed.append(books)
+            ds.committed = self._snapshot(ds)
         self._energy.commit()
         self._finished.clear()
         return closed
 
-    def _emit(self, t: Tracked, now_us: int, *, final: bool) -> WindowUsage:
+    def _emit(self, ds: DeviceState, t: Tracked, now_us: int, *, final: bool) -> WindowUsage:
         usage = t.fresh_usage(now_us)
         total = t.carry_pct_us + usage.pct_us
         busy_us, t.carry_pct_us = divmod(total, 100)
         if final and t.carry_pct_us >= 50:
             busy_us += 1
         self.stats.busy_us_metered += busy_us
+        if not ds.device.is_mig:
+            ds.books.attributed_us += busy_us
         start = min([usage.start_us, *(s.start_us for s in usage.slices)])
         # A wall clock stepped back further than the window is long puts "now" before the
         # window's start: it then ends where it began, never before (the collector refuses
@@ -528,13 +773,48 @@ class Meter:
             source=usage.source,
             final=final,
             slices=tuple(usage.slices),
+            quality=usage.quality,
+            evidence=usage.evidence if usage.apportioned_pct_us else usage_pb2.EVIDENCE_SOURCE_NONE,
+        )
+
+    def _close_books(self, ds: DeviceState, now_us: int) -> WindowUsage | None:
+        """The device record of a whole GPU: its books since the previous one."""
+        books = ds.books
+        if ds.device.is_mig or books.empty:
+            books.start_us = now_us if books.empty else books.start_us
+            return None
+        unattributed = []
+        for reason in sorted(books.unattributed_pct_us):
+            carried = books.carry_pct_us[reason] + books.unattributed_pct_us[reason]
+            us, books.carry_pct_us[reason] = divmod(carried, 100)
+            if us:
+                unattributed.append((int(reason), us))
+                self.stats.unattributed_us[Unattributed(reason).name] += us
+        device_us = books.attributed_us + sum(us for _, us in unattributed)
+        start = min(books.start_us, now_us)
+        ds.books = Books(now_us, carry_pct_us=books.carry_pct_us)
+        return WindowUsage(
+            key=ProcessKey(ds.device.uuid, 0, 0),
+            device=ds.device,
+            info=None,
+            start_us=start,
+            end_us=now_us,
+            busy_us=0,
+            wall_us=0,
+            peak_memory_bytes=None,
+            energy_mj=None,
+            gaps_us=(),
+            source=_PROCESS_EVIDENCE if not ds.has_series else _DEVICE_UTIL,
+            final=False,
+            slices=(),
+            quality=usage_pb2.QUALITY_UNATTRIBUTED,
+            evidence=EVIDENCE_CODES[ds.evidence.source if ds.evidence else None],
+            books=DeviceBooks(device_us, books.attributed_us, tuple(unattributed)),
         )
 
     def written_through_us(self) -> int:
         """Driver time up to which every device's usage is in closed windows."""
-        cursors = [
-            ds.committed_cursor_us for ds in self._devices.values() if ds.committed_cursor_us
-        ]
+        cursors = [ds.committed_us for ds in self._devices.values() if ds.committed_us]
         return min(cursors, default=_us(self._clock.wall()))
 
     def shutdown(self) -> None:
@@ -578,12 +858,37 @@ class _EnergyLedger:
         self._leftover[gpu] = pool - handed
 
 
+def _piece_entry(p: Evidence) -> Sequence[Any]:
+    return (p.pid, p.start_us, p.end_us, p.pct_us, p.bound_pct_us, p.known)
+
+
+def _books_entry(books: Books) -> dict[str, Any]:
+    return {
+        "start_us": books.start_us,
+        "attributed_us": books.attributed_us,
+        "unattributed": {str(int(k)): v for k, v in books.unattributed_pct_us.items()},
+        "carry": {str(int(k)): v for k, v in books.carry_pct_us.items()},
+    }
+
+
+def _restore_books(doc: dict[str, Any] | None, now_us: int) -> Books:
+    if not doc:
+        return Books(now_us)
+    return Books(
+        int(doc.get("start_us", now_us)),
+        int(doc.get("attributed_us", 0)),
+        Counter({int(k): int(v) for k, v in doc.get("unattributed", {}).items()}),
+        Counter({int(k): int(v) for k, v in doc.get("carry", {}).items()}),
+    )
+
+
 def _process_entry(t: Tracked) -> dict[str, Any]:
     info = t.info
     return {
         "gpu": t.key.gpu_uuid,
         "pid": t.key.pid,
         "create_time_us": t.key.create_time_us,
+        "seen_from_us": t.seen_from_us,
         "name": info.name if info else "",
         "labels": dict(info.labels) if info else {},
         "container_id": info.container_id if info else "",

@@ -26,8 +26,21 @@ from creditmeter.agent.errors import (
     NvmlError,
     NvmlUnavailable,
 )
-from creditmeter.agent.gpu import ComputeProcess, Device, DeviceSample, UtilSample
-from creditmeter.nvml_abi import ProcessInfo, ProcessUtilizationSample, Sample
+from creditmeter.agent.gpu import (
+    AccountingCounters,
+    ComputeProcess,
+    Device,
+    DeviceSample,
+    UtilSample,
+)
+from creditmeter.nvml_abi import (
+    AccountingStatsV2,
+    ProcessesUtilizationInfo,
+    ProcessInfo,
+    ProcessUtilizationInfo,
+    ProcessUtilizationSample,
+    Sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +74,7 @@ def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
     code = int(exc.value)
     if code in _GPU_LOST_CODES:
         return GpuLost(f"{what}: {exc}", code)
-    if code == pynvml.NVML_ERROR_NOT_SUPPORTED:
+    if code in (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
         return NotSupported(f"{what}: not supported by this device or driver", code)
     if code == pynvml.NVML_ERROR_NOT_FOUND:
         return NoData(f"{what}: no data", code)
@@ -78,8 +91,10 @@ def _call(what: str, fn: Callable[..., T], *args: Any) -> T:
 class PynvmlNvml:
     """The agent's NVML, through pynvml. One instance per process; not thread-safe.
 
-    Handles are cached by UUID and looked up again after ``reopen``: a GPU that fell off the
-    bus invalidates every handle, and NVML only finds it again after a fresh nvmlInit.
+    Handles are per device, cached by UUID and found again by UUID
+    (nvmlDeviceGetHandleByUUID) after ``reopen``: a GPU that fell off the bus is only found
+    again after a fresh nvmlInit, and that re-init must never make the healthy GPUs look
+    lost. Enumeration skips a lost GPU instead of stopping at it.
     """
 
     def __init__(self) -> None:
@@ -128,8 +143,11 @@ class PynvmlNvml:
     def devices(self) -> list[Device]:
         found: list[Device] = []
         for index in range(_call("device count", pynvml.nvmlDeviceGetCount)):
-            handle = _call(f"GPU {index}", pynvml.nvmlDeviceGetHandleByIndex, index)
-            found.extend(self._enumerate(index, handle))
+            try:
+                handle = _call(f"GPU {index}", pynvml.nvmlDeviceGetHandleByIndex, index)
+                found.extend(self._enumerate(index, handle))
+            except GpuLost as exc:
+                log.warning("GPU %d is lost (%s); listing the others", index, exc)
         self._devices = {d.uuid: d for d in found}
         return found
 
@@ -178,11 +196,12 @@ class PynvmlNvml:
     def _handle(self, uuid: str) -> Any:
         handle = self._handles.get(uuid)
         if handle is None:
-            # After reopen: whole GPUs by UUID; MIG instances through a fresh enumeration.
-            self.devices()
-            handle = self._handles.get(uuid)
-            if handle is None:
-                raise GpuLost(f"device {uuid} is no longer present", 0)
+            # After reopen: this device alone, by its UUID (GPU and MIG UUIDs alike).
+            try:
+                handle = _call(uuid, pynvml.nvmlDeviceGetHandleByUUID, uuid.encode())
+            except NoData as exc:  # NOT_FOUND: not on this host any more
+                raise GpuLost(f"device {uuid} is no longer present", 0) from exc
+            self._handles[uuid] = handle
         return handle
 
     # -- processes and samples ---------------------------------------------------------------
@@ -222,6 +241,38 @@ class PynvmlNvml:
         return [
             UtilSample(s.pid, s.timeStamp, s.smUtil, s.memUtil, s.encUtil, s.decUtil) for s in raw
         ]
+
+    def processes_utilization_info(self, device: Device, since_us: int) -> list[UtilSample]:
+        handle = self._handle(device.uuid)
+        what = f"{device.uuid} processes utilization info"
+        try:
+            raw = _with_size_retry(lambda: _processes_utilization_info(handle, since_us))
+        except pynvml.NVMLError as exc:
+            raise translate(exc, what) from exc
+        return [
+            UtilSample(r.pid, r.timeStamp, r.smUtil, r.memUtil, r.encUtil, r.decUtil) for r in raw
+        ]
+
+    def accounting_enabled(self, device: Device) -> bool:
+        handle = self._handle(device.uuid)
+        mode = _call(f"{device.uuid} accounting mode", pynvml.nvmlDeviceGetAccountingMode, handle)
+        return bool(mode == pynvml.NVML_FEATURE_ENABLED)
+
+    def accounting_counters(self, device: Device, pid: int) -> AccountingCounters | None:
+        handle = self._handle(device.uuid)
+        what = f"{device.uuid} accounting stats of pid {pid}"
+        stats = AccountingStatsV2(pid=pid)
+        try:
+            fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetAccountingStats_v2")
+            _check(fn(handle, ctypes.byref(stats)))
+        except pynvml.NVMLError as exc:
+            error = translate(exc, what)
+            if isinstance(error, NoData):
+                return None
+            raise error from exc
+        return AccountingCounters(
+            pid, stats.sampleCount, stats.sumGpuUtil, stats.time, bool(stats.isRunning)
+        )
 
     def device_samples(self, device: Device, since_us: int) -> list[DeviceSample]:
         handle = self._handle(device.uuid)
@@ -312,6 +363,26 @@ def _process_utilization(handle: Any, since_us: int) -> list[ProcessUtilizationS
     samples = (ProcessUtilizationSample * count.value)()
     _check(fn(handle, samples, ctypes.byref(count), cursor))
     return samples[: count.value]
+
+
+def _processes_utilization_info(handle: Any, since_us: int) -> list[ProcessUtilizationInfo]:
+    """nvmlDeviceGetProcessesUtilizationInfo: a size query (no array: INSUFFICIENT_SIZE
+    with the count), then the fill. NOT_FOUND, as for the legacy call, is "idle"."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessesUtilizationInfo")
+    request = ProcessesUtilizationInfo(
+        version=pynvml.ProcessesUtilizationInfo_v1, lastSeenTimeStamp=since_us
+    )
+    ret = fn(handle, ctypes.byref(request))
+    if ret == pynvml.NVML_SUCCESS:
+        ret = pynvml.NVML_ERROR_NOT_FOUND  # nothing to report, as the legacy call's quirk
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    count = request.processSamplesCount
+    rows = (ProcessUtilizationInfo * count)()
+    request.procUtilArray = ctypes.cast(rows, ctypes.POINTER(ProcessUtilizationInfo))
+    _check(fn(handle, ctypes.byref(request)))
+    filled: list[ProcessUtilizationInfo] = rows[: request.processSamplesCount]
+    return filled
 
 
 def _utilization_samples(handle: Any, since_us: int) -> tuple[int, list[Sample]]:

@@ -119,6 +119,8 @@ def largest_remainders(total: int, weights: Sequence[int | Fraction]) -> list[in
     Each share is rounded down, and the units left over go to the largest fractional parts,
     ties to the lower index. Weights must be >= 0 and not all 0 unless total is 0.
     """
+    if all(type(w) is int for w in weights):
+        return _integer_remainders(total, weights)  # type: ignore[arg-type]
     weight_sum = sum(weights, Fraction(0))
     if weight_sum == 0:
         if total:
@@ -130,6 +132,27 @@ def largest_remainders(total: int, weights: Sequence[int | Fraction]) -> list[in
     by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - shares[i]), i))
     for i in by_remainder[:left]:
         shares[i] += 1
+    return shares
+
+
+def _integer_remainders(total: int, weights: Sequence[int]) -> list[int]:
+    """``largest_remainders`` for integer weights, in integers alone (the meter splits
+    every shared period with it): share i is total·w_i // W with remainder total·w_i % W,
+    and the remainders order exactly as the fractional parts do."""
+    weight_sum = sum(weights)
+    if weight_sum == 0:
+        if total:
+            raise ValueError("cannot apportion a non-zero total over zero weights")
+        return [0] * len(weights)
+    shares, remainders = [], []
+    for w in weights:
+        share, remainder = divmod(total * w, weight_sum)
+        shares.append(share)
+        remainders.append(remainder)
+    left = total - sum(shares)
+    if left:
+        for i in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:left]:
+            shares[i] += 1
     return shares
 
 

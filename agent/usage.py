@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from creditmeter.agent.gpu import Device, ProcessInfo
 from creditmeter.v1 import usage_pb2
@@ -17,8 +18,7 @@ class ProcessKey:
     create_time_us: int  # 0 when the process was gone before /proc could be read
 
 
-@dataclass(frozen=True, slots=True)
-class Slice:
+class Slice(NamedTuple):
     """Measured busy time over a span of driver time; jobs are split along these."""
 
     start_us: int  # µs since the epoch (driver CPU clock)
@@ -37,11 +37,28 @@ class Usage:
     peak_memory_bytes: int | None = None
     energy_mj: int | None = None  # None: the GPU has no energy counter
     gaps_us: dict[int, int] = field(default_factory=dict)  # GapReason -> µs
-    source: int = usage_pb2.MEASUREMENT_SOURCE_NVML_PROCESS_UTIL
+    source: int = usage_pb2.MEASUREMENT_SOURCE_NVML_DEVICE_UTIL
+    apportioned_pct_us: int = 0  # of pct_us: shared, split by per-process evidence
+    evidence: int = usage_pb2.EVIDENCE_SOURCE_NONE  # what split the shared part
 
     def add(self, piece: Slice) -> None:
         self.slices.append(piece)
         self.pct_us += piece.pct_us
+
+    def add_shared(self, piece: Slice, evidence: int) -> None:
+        self.add(piece)
+        self.apportioned_pct_us += piece.pct_us
+        self.evidence = evidence
+
+    @property
+    def quality(self) -> int:
+        if self.source == usage_pb2.MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE:
+            return usage_pb2.QUALITY_PROCESS_EVIDENCE
+        if self.source != usage_pb2.MEASUREMENT_SOURCE_NVML_DEVICE_UTIL or not self.pct_us:
+            return usage_pb2.QUALITY_UNSPECIFIED
+        if self.apportioned_pct_us:
+            return usage_pb2.QUALITY_APPORTIONED
+        return usage_pb2.QUALITY_EXACT
 
     def add_gap(self, reason: int, duration_us: int) -> None:
         if duration_us > 0:
@@ -63,8 +80,19 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceBooks:
+    """A whole GPU's books since its previous device record: its busy time, the part the
+    process records in between carry, and the part nobody could take, by reason."""
+
+    device_busy_us: int
+    attributed_busy_us: int
+    unattributed_us: tuple[tuple[int, int], ...]  # (UnattributedReason, µs)
+
+
+@dataclass(frozen=True, slots=True)
 class WindowUsage:
-    """One process over one closed window: the input of a usage record."""
+    """One process over one closed window: the input of a usage record. A *device record*
+    (``books`` set, pid 0) closes a whole GPU's books instead."""
 
     key: ProcessKey
     device: Device
@@ -79,3 +107,6 @@ class WindowUsage:
     source: int  # MeasurementSource
     final: bool  # the process exited: its last record
     slices: tuple[Slice, ...]
+    quality: int = usage_pb2.QUALITY_UNSPECIFIED
+    evidence: int = usage_pb2.EVIDENCE_SOURCE_UNSPECIFIED
+    books: DeviceBooks | None = None

@@ -1,7 +1,9 @@
 """The agent's own CPU per poll cycle on 8 GPUs × 8 processes, beside the simulator's cost.
 
-A cycle is what the daemon does every poll interval: one poll of every device, and every
-tenth cycle a window close turned into record drafts. CPU time is the process's (user +
+A cycle is what the daemon does every poll interval: one poll of every device (busy time is
+apportioned every second cycle, ``meter.SETTLE_INTERVAL_US``), and every tenth cycle a
+window close turned into record drafts. The median and the mean are both reported: the
+mean is what a core pays. CPU time is the process's (user +
 system), minus the time spent inside the simulated driver, which stands in for the real
 libnvidia-ml and is reported beside it. The /proc side (one create-time check per listed
 process per poll, on real processes) is measured separately.
@@ -73,6 +75,16 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
         ),
         Result(
             "agent cost",
+            "agent CPU per cycle (mean)",
+            sum(agent_s) / len(agent_s) * 1e3,
+            "ms",
+            "simulated driver per cycle (mean)",
+            sum(sim_s) / len(sim_s) * 1e3,
+            target="≤ 2 ms",
+            ok=sum(agent_s) / len(agent_s) * 1e3 <= 2.0,
+        ),
+        Result(
+            "agent cost",
             "agent CPU per cycle (p99)",
             percentile(agent_s, 99) * 1e3,
             "ms",
@@ -89,6 +101,6 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
     detail = (
         f"agent {agent_ms:.3f} ms/cycle (p99 {percentile(agent_s, 99) * 1e3:.3f}), simulated "
         f"driver {sim_ms:.3f} ms/cycle, /proc checks {proc_ms:.3f} ms/cycle; at 1 Hz the agent "
-        f"uses {agent_ms / 10:.3f} % of a core"
+        f"uses {sum(agent_s) / len(agent_s) * 1e2:.3f} % of a core (mean)"
     )
     return results, detail

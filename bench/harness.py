@@ -19,7 +19,7 @@ from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost, installed
 from creditmeter.simnvml.truth import ProcessTruth
 
-DRAIN_S = 5.0  # polls after the scenario's end, so exits drain and last periods are read
+DRAIN_S = 12.0  # polls after the scenario's end, so exits drain and the last periods settle
 
 
 def scenario_end_s(scenario: Scenario) -> float:
@@ -45,10 +45,30 @@ class Run:
     lib: FakeNvmlLibrary
     usages: list[WindowUsage] = field(default_factory=list)
 
+    def process_usages(self) -> list[WindowUsage]:
+        """The processes' usage, without the GPUs' device records."""
+        return [u for u in self.usages if u.books is None]
+
     def measured_us(self) -> dict[ProcessKey, int]:
         totals: dict[ProcessKey, int] = defaultdict(int)
-        for u in self.usages:
+        for u in self.process_usages():
             totals[u.key] += u.busy_us
+        return dict(totals)
+
+    def unattributed_us(self) -> dict[str, int]:
+        """Per GPU uuid, the busy µs the device records left to nobody."""
+        totals: dict[str, int] = defaultdict(int)
+        for u in self.usages:
+            if u.books is not None:
+                totals[u.device.uuid] += sum(us for _, us in u.books.unattributed_us)
+        return dict(totals)
+
+    def device_busy_us(self) -> dict[str, int]:
+        """Per GPU uuid, the device's busy µs as its device records carry it."""
+        totals: dict[str, int] = defaultdict(int)
+        for u in self.usages:
+            if u.books is not None:
+                totals[u.device.uuid] += u.books.device_busy_us
         return dict(totals)
 
     def truth(self) -> dict[ProcessKey, ProcessTruth]:
@@ -60,7 +80,7 @@ class Run:
     def burst_errors_us(self) -> list[tuple[Fraction, Fraction]]:
         """(truth, measured − truth) per burst: slices assigned to the burst they overlap."""
         slices = defaultdict(list)
-        for u in self.usages:
+        for u in self.process_usages():
             slices[u.key].extend(u.slices)
         out = []
         for key, truth in self.truth().items():
@@ -75,7 +95,7 @@ class Run:
 
     def gaps_us(self) -> dict[int, int]:
         totals: dict[int, int] = defaultdict(int)
-        for u in self.usages:
+        for u in self.process_usages():
             for reason, us in u.gaps_us:
                 totals[reason] += us
         return dict(totals)

@@ -36,6 +36,50 @@ class ProcessUtilizationSample(ctypes.Structure):
     ]
 
 
+class ProcessUtilizationInfo(ctypes.Structure):
+    """nvmlProcessUtilizationInfo_v1_t: one row of nvmlDeviceGetProcessesUtilizationInfo."""
+
+    _fields_ = [
+        ("timeStamp", ctypes.c_ulonglong),
+        ("pid", ctypes.c_uint),
+        ("smUtil", ctypes.c_uint),
+        ("memUtil", ctypes.c_uint),
+        ("encUtil", ctypes.c_uint),
+        ("decUtil", ctypes.c_uint),
+        ("jpgUtil", ctypes.c_uint),
+        ("ofaUtil", ctypes.c_uint),
+    ]
+
+
+class ProcessesUtilizationInfo(ctypes.Structure):
+    """nvmlProcessesUtilizationInfo_v1_t: the request and answer of that call."""
+
+    _fields_ = [
+        ("version", ctypes.c_uint),
+        ("processSamplesCount", ctypes.c_uint),
+        ("lastSeenTimeStamp", ctypes.c_ulonglong),
+        ("procUtilArray", ctypes.POINTER(ProcessUtilizationInfo)),
+    ]
+
+
+class AccountingStatsV2(ctypes.Structure):
+    """nvmlAccountingStats_v2_t: ``sumGpuUtil`` (percent × 100) and ``sampleCount`` count
+    every sample since the process started, a counter the per-process calls lack."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("isRunning", ctypes.c_uint),
+        ("gpuUtilization", ctypes.c_uint),
+        ("memoryUtilization", ctypes.c_uint),
+        ("maxMemoryUsage", ctypes.c_ulonglong),
+        ("sampleCount", ctypes.c_uint),
+        ("sumGpuUtil", ctypes.c_ulonglong),
+        ("sumFbUtil", ctypes.c_ulonglong),
+        ("time", ctypes.c_ulonglong),
+        ("startTime", ctypes.c_ulonglong),
+    ]
+
+
 class Value(ctypes.Union):
     """nvmlValue_t."""
 

@@ -138,3 +138,53 @@ def _sweep(events: dict[int, int], cap: int | None) -> list[Segment]:
         else:
             out.append(Segment(start, end, shown))
     return out
+
+
+SHARE_SCALE = 1_000_000  # shared levels are percent × this: integer shares of a capped device
+
+
+def capped_shares(parts: Sequence[StepFunction], cap: int = 100) -> list[StepFunction]:
+    """What each of ``parts`` (levels in percent) really gets of a device that runs at most
+    ``cap`` percent: its own level while the sum fits, its proportional share of ``cap`` while
+    the parts contend. Levels of the result are percent × SHARE_SCALE, apportioned by largest
+    remainders so that at every instant they add up to exactly min(cap, Σ) × SHARE_SCALE.
+
+    This is both what time-slicing contexts get (their kernels run in turn) and what billing
+    by conservation owes concurrent (MPS) kernels: one GPU-second is shared, never billed
+    twice.
+    """
+    events: dict[int, list[tuple[int, int]]] = {}
+    for i, fn in enumerate(parts):
+        for start, end, level in zip(fn._starts, fn._ends, fn._levels, strict=True):
+            events.setdefault(start, []).append((i, level))
+            events.setdefault(end, []).append((i, -level))
+    levels = [0] * len(parts)
+    out: list[list[Segment]] = [[] for _ in parts]
+    for start, end in itertools.pairwise(sorted(events)):
+        for i, delta in events[start]:
+            levels[i] += delta
+        for i, level in enumerate(_shared_levels(levels, cap)):
+            if level:
+                _append_merged(out[i], Segment(start, end, level))
+    return [StepFunction(segments) for segments in out]
+
+
+def _shared_levels(levels: Sequence[int], cap: int) -> list[int]:
+    total = sum(levels)
+    if total <= cap:
+        return [level * SHARE_SCALE for level in levels]
+    budget = cap * SHARE_SCALE
+    exact = [level * budget for level in levels]  # numerators over ``total``
+    shares = [x // total for x in exact]
+    left = budget - sum(shares)
+    by_remainder = sorted(range(len(levels)), key=lambda i: (-(exact[i] % total), i))
+    for i in by_remainder[:left]:
+        shares[i] += 1
+    return shares
+
+
+def _append_merged(segments: list[Segment], seg: Segment) -> None:
+    if segments and segments[-1].end_us == seg.start_us and segments[-1].level == seg.level:
+        segments[-1] = Segment(segments[-1].start_us, seg.end_us, seg.level)
+    else:
+        segments.append(seg)

@@ -19,7 +19,14 @@ class FaultBook:
         self._lock = threading.Lock()
         self._faults: list[FaultSpec] = [f for f in scheduled if f.kind != "wall_jump"]
 
-    def inject(self, kind: str, gpu: int | None, now_us: int, duration_us: int | None) -> None:
+    def inject(
+        self,
+        kind: str,
+        gpu: int | None,
+        now_us: int,
+        duration_us: int | None,
+        ring_cleared: bool = False,
+    ) -> None:
         """Start a fault now, for ``duration_us`` or until :meth:`clear`."""
         if kind not in FAULT_KINDS or kind == "wall_jump":
             raise ValueError(f"cannot inject {kind!r}; use the clock's jump_wall for wall jumps")
@@ -27,7 +34,7 @@ class FaultBook:
             raise ValueError(f"{kind} {'needs' if kind in GPU_FAULTS else 'takes no'} gpu")
         end_us = None if duration_us is None else now_us + duration_us
         with self._lock:
-            self._faults.append(FaultSpec(kind, gpu, now_us, end_us))
+            self._faults.append(FaultSpec(kind, gpu, now_us, end_us, 0, ring_cleared))
 
     def clear(self, kind: str, gpu: int | None, now_us: int) -> int:
         """End every fault of ``kind`` (on ``gpu``) in force now; returns how many."""
@@ -50,6 +57,17 @@ class FaultBook:
             and f.gpu == gpu
             and f.start_us <= end_us
             and (f.end_us is None or f.end_us > start_us)
+            for f in self._faults
+        )
+
+    def ring_cleared(self, gpu: int, lo_us: int, hi_us: int) -> bool:
+        """Whether a loss of ``gpu`` that took its samples with it covers any instant of
+        ``[lo_us, hi_us]``."""
+        return any(
+            f.ring_cleared
+            and f.gpu == gpu
+            and f.start_us <= hi_us
+            and (f.end_us is None or f.end_us > lo_us)
             for f in self._faults
         )
 

@@ -9,11 +9,12 @@ state is a cache of per-period results, which that purity makes safe.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from creditmeter.simnvml.activity import Segment, StepFunction
+from creditmeter.simnvml.activity import SHARE_SCALE, Segment, StepFunction, capped_shares
 from creditmeter.simnvml.clock import SimTime
+from creditmeter.simnvml.procsampler import Cadence, ProcessSampler, Sampled, cadences
 from creditmeter.simnvml.sampling import (
     PeriodActivity,
     PeriodGrid,
@@ -23,6 +24,9 @@ from creditmeter.simnvml.sampling import (
 )
 from creditmeter.simnvml.scenario import GpuSpec, MigSpec, ProcessSpec, Scenario
 from creditmeter.simnvml.units import US_PER_S, round_half_up
+
+# (gpu index, lo_us, hi_us) -> whether the GPU's ring lost samples ending in [lo_us, hi_us]
+Cleared = Callable[[int, int, int], bool]
 
 LABEL_PREFIX = "CREDITMETER_"
 
@@ -40,7 +44,10 @@ class SimProcess:
     spec: ProcessSpec
     device_uuid: str  # the GPU's, or the MIG instance's for a process on an instance
     create_time_s: float  # what /proc (psutil) reports: the wall time it started
-    activity: StepFunction  # level = SM percent
+    activity: StepFunction  # level = SM percent: what the process's kernels ask for
+    # Its share of a device capped at 100 %: level = percent × SHARE_SCALE. Equal to
+    # ``activity`` while nothing contends; the truth billing is measured against.
+    shared: StepFunction
     labels: Mapping[str, str]
 
     @property
@@ -77,8 +84,11 @@ class SimGpu:
         migs: Sequence[SimMigDevice],
         clock: SimTime,
         phase_us: int,
+        seed: int = 0,
+        cleared: Cleared = lambda gpu, lo_us, hi_us: False,
     ) -> None:
         self.spec = spec
+        self.driver = spec.driver
         self.index = spec.index
         self.uuid = uuid
         self.name = spec.product
@@ -89,6 +99,38 @@ class SimGpu:
         self._gi_activity = _gi_activities(self.migs)
         self.activity, self.full_scale = self._whole_gpu_activity()
         self._cache: dict[int, PeriodActivity] = {}
+        self._cleared_fn = cleared
+        # MPS runs kernels of several processes at once: each one's own samples then count
+        # all of its time, overlapping the others'. Time-slicing gives each its share.
+        self._evidence_scale = 1 if self.driver.mps else SHARE_SCALE
+        self.cadences = cadences(
+            [p.spec for p in self.processes],
+            self.driver,
+            spec.sample_period_us,
+            phase_us,
+            seed,
+            spec.index,
+        )
+        self._sampled = [
+            Sampled(p.spec, self._evidence(p), self._evidence_scale, c)
+            for p, c in zip(self.processes, self.cadences, strict=True)
+        ]
+        self.own_grid = self.driver.process_period_us is not None or bool(self.driver.stale_max_us)
+        self.sampler = ProcessSampler(
+            self._sampled,
+            self.driver.process_reading,
+            clock,
+            spec.ring_periods * spec.sample_period_us,
+            self.cleared,
+        )
+
+    def _evidence(self, p: SimProcess) -> StepFunction:
+        """What the process's own utilization samples measure."""
+        return p.activity if self.driver.mps else p.shared
+
+    def cleared(self, end_us: int) -> bool:
+        """Whether a sample ending at ``end_us`` went with the GPU when it fell off the bus."""
+        return self._cleared_fn(self.index, end_us, end_us)
 
     @property
     def mig_enabled(self) -> bool:
@@ -145,12 +187,16 @@ class SimGpu:
         per_period: list[list[tuple[int, int]]] = [[] for _ in range(count)]
         if device and not self.spec.mig_enabled:  # an idle device has no busy process
             for p in self.processes:
-                for j, x in sorted(p.activity.windows(start_us, period_us, count).items()):
+                windows = self._evidence(p).windows(start_us, period_us, count)
+                for j, x in sorted(windows.items()):
                     per_period[j].append((p.pid, x))
+        scale = self._evidence_scale
         for j in range(count):
             device_x = device.get(j, 0)
             util = self.util_percent(device_x)
-            self._cache[k_lo + j] = PeriodActivity.of(device_x, util, per_period[j], period_us)
+            self._cache[k_lo + j] = PeriodActivity.of(
+                device_x, util, per_period[j], period_us * scale
+            )
         self._evict()
 
     def _evict(self) -> None:
@@ -168,6 +214,11 @@ class SimGpu:
         if not ring:
             return []
         lo_end, hi_end = self.grid.end_us(ring.start), self.grid.end_us(ring.stop - 1)
+        if self._cleared_fn(self.index, lo_end, hi_end):
+            kept = [(self.stamp_us(k), k) for k in ring if not self.cleared(self.grid.end_us(k))]
+            kept = [(stamp, k) for stamp, k in kept if stamp > cursor_us]
+            activities = self._activities([k for _, k in kept])
+            return [(stamp, a) for (stamp, _), a in zip(kept, activities, strict=True)]
         if self._clock.wall_jumps_between(lo_end - 1, hi_end - 1):
             # Stamps are not monotonic across a wall jump: compare each, as the driver does.
             stamped = [(self.stamp_us(k), k) for k in ring]
@@ -185,6 +236,9 @@ class SimGpu:
         return self.stamp_us(ring.stop - 1) if ring else None
 
     def process_samples(self, now_us: int, cursor_us: int) -> list[ProcSample]:
+        """The per-process rows a clean driver answers for lastSeen = ``cursor_us``."""
+        if self.own_grid:
+            return self.sampler.rows(now_us, cursor_us)
         periods = self.periods_since(now_us, cursor_us)
         if not periods:
             return []
@@ -192,7 +246,19 @@ class SimGpu:
             return per_period_samples(periods)
         latest = self.latest_stamp_us(now_us)
         assert latest is not None  # periods is not empty, so the ring is not
-        return per_query_samples(periods, self.grid.period_us, latest)
+        return per_query_samples(periods, self.grid.period_us * self._evidence_scale, latest)
+
+    def accounting(self, pid: int, now_us: int) -> tuple[int, int] | None:
+        """nvmlAccountingStats_v2's (sampleCount, sumGpuUtil) of the latest process with
+        ``pid`` started on this GPU; None when there is none."""
+        proc = self.accounted_process(pid, now_us)
+        if proc is None:
+            return None
+        sampled = self._sampled[self.processes.index(proc)]
+        return self.sampler.accounting(sampled, now_us)
+
+    def cadence(self, proc: SimProcess) -> Cadence:
+        return self.cadences[self.processes.index(proc)]
 
     def device_samples(self, now_us: int, cursor_us: int) -> list[tuple[int, int]]:
         """(stamp µs, util %) for each ring period stamped after ``cursor_us``, idle included."""
@@ -208,7 +274,8 @@ class SimGpu:
     # -- energy and power ---------------------------------------------------------------------
 
     def energy_mj(self, now_us: int) -> int:
-        """mJ since the driver loaded: idle power always, plus the busy share when active."""
+        """mJ since sim t=0: idle power always, plus the busy share when active (0 before)."""
+        now_us = max(0, now_us)
         idle_mw, busy_mw = round(self.spec.idle_w * 1000), round(self.spec.busy_w * 1000)
         busy_integral = self.activity.integral(0, now_us)
         nanojoules_x_scale = (
@@ -246,7 +313,9 @@ def _gi_activities(migs: Sequence[SimMigDevice]) -> dict[int, StepFunction]:
 # -- building from a scenario -----------------------------------------------------------------
 
 
-def build_gpus(scenario: Scenario, clock: SimTime) -> tuple[SimGpu, ...]:
+def build_gpus(
+    scenario: Scenario, clock: SimTime, cleared: Cleared = lambda gpu, lo_us, hi_us: False
+) -> tuple[SimGpu, ...]:
     seed = scenario.host.seed
     gpus = []
     for spec in scenario.gpus:
@@ -255,10 +324,11 @@ def build_gpus(scenario: Scenario, clock: SimTime) -> tuple[SimGpu, ...]:
             (m.gi, m.ci): m.uuid or derived_uuid("MIG-", seed, spec.index, m.gi, m.ci)
             for m in spec.mig
         }
+        specs = [p for p in scenario.processes if p.gpu == spec.index]
+        shared = _shares(specs)
         procs = [
-            _process(p, migs_uuids.get((p.gi, p.ci), uuid), clock.start_wall_us)
-            for p in scenario.processes
-            if p.gpu == spec.index
+            _process(p, migs_uuids.get((p.gi, p.ci), uuid), clock.start_wall_us, shared[i])
+            for i, p in enumerate(specs)
         ]
         migs = [
             SimMigDevice(
@@ -274,12 +344,31 @@ def build_gpus(scenario: Scenario, clock: SimTime) -> tuple[SimGpu, ...]:
             phase_us = (
                 int(derived_uuid("", seed, "phase", spec.index)[:8], 16) % spec.sample_period_us
             )
-        gpus.append(SimGpu(spec, uuid, procs, migs, clock, phase_us))
+        gpus.append(SimGpu(spec, uuid, procs, migs, clock, phase_us, seed, cleared))
     return tuple(gpus)
 
 
-def _process(spec: ProcessSpec, device_uuid: str, start_wall_us: int) -> SimProcess:
-    activity = StepFunction(Segment(b.start_us, b.end_us, b.sm) for b in spec.busy)
+def _activity(spec: ProcessSpec) -> StepFunction:
+    return StepFunction(Segment(b.start_us, b.end_us, b.sm) for b in spec.busy)
+
+
+def _shares(specs: Sequence[ProcessSpec]) -> list[StepFunction]:
+    """Each process's share of the engine it runs on: the whole GPU, or its MIG GPU
+    instance (each instance is an engine of its own)."""
+    engines: dict[int | None, list[int]] = {}
+    for i, p in enumerate(specs):
+        engines.setdefault(p.gi, []).append(i)
+    out: list[StepFunction] = [StepFunction(()) for _ in specs]
+    for members in engines.values():
+        shares = capped_shares([_activity(specs[i]) for i in members])
+        for i, fn in zip(members, shares, strict=True):
+            out[i] = fn
+    return out
+
+
+def _process(
+    spec: ProcessSpec, device_uuid: str, start_wall_us: int, shared: StepFunction
+) -> SimProcess:
     labels = {k: v for k, v in spec.env.items() if k.startswith(LABEL_PREFIX)}
     create_time_s = (start_wall_us + spec.start_us) / US_PER_S
-    return SimProcess(spec, device_uuid, create_time_s, activity, labels)
+    return SimProcess(spec, device_uuid, create_time_s, _activity(spec), shared, labels)

@@ -36,7 +36,7 @@ class SimHost:
             if fault.kind == "wall_jump":
                 clock.schedule_wall_jump(fault.start_us, fault.jump_us)
         self.faults = FaultBook(scenario.faults)
-        self.gpus: tuple[SimGpu, ...] = build_gpus(scenario, clock)
+        self.gpus: tuple[SimGpu, ...] = build_gpus(scenario, clock, self.faults.ring_cleared)
         self.processes: tuple[SimProcess, ...] = tuple(
             sorted((p for g in self.gpus for p in g.processes), key=lambda p: p.spec.ordinal)
         )
@@ -73,11 +73,18 @@ class SimHost:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def inject(self, kind: str, gpu: int | None = None, duration_s: float | None = None) -> None:
+    def inject(
+        self,
+        kind: str,
+        gpu: int | None = None,
+        duration_s: float | None = None,
+        *,
+        ring_cleared: bool = False,
+    ) -> None:
         """Start a fault now (kinds as in a scenario's ``[[fault]]``, except wall_jump, which
         is the clock's ``jump_wall``)."""
         duration_us = None if duration_s is None else s_to_us(duration_s)
-        self.faults.inject(kind, gpu, self.now_us(), duration_us)
+        self.faults.inject(kind, gpu, self.now_us(), duration_us, ring_cleared)
 
     def clear(self, kind: str, gpu: int | None = None) -> int:
         """End the faults of ``kind`` (on ``gpu``) in force now; returns how many ended."""

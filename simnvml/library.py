@@ -65,7 +65,11 @@ class FakeNvmlLibrary:
         self._stats_lock = threading.Lock()
         table = {
             **symbols_system.SYMBOLS,
-            **symbols_device.symbols(has_v3=host.scenario.host.has_v3_symbol),
+            **symbols_device.symbols(
+                has_v3=host.scenario.host.has_v3_symbol,
+                # The symbol belongs to the library, not to one GPU: present when any asks.
+                accounting_v2=any(g.driver.accounting_v2 for g in host.scenario.gpus),
+            ),
             **symbols_sampling.SYMBOLS,
             **symbols_mig.SYMBOLS,
             **symbols_gpm.SYMBOLS,

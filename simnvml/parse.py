@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from creditmeter.simnvml.bursts import BusySpan, expand_bursts
 from creditmeter.simnvml.products import find_product
+from creditmeter.simnvml.profiles import find_profile, profile_names
 from creditmeter.simnvml.specs import (
     DEFAULT_CONTEXT_MEMORY_BYTES,
     DEFAULT_RING_PERIODS,
@@ -15,6 +16,7 @@ from creditmeter.simnvml.specs import (
     GPU_FAULTS,
     MAX_PID,
     READINGS,
+    DriverSpec,
     FaultSpec,
     GpuSpec,
     HostSpec,
@@ -41,7 +43,8 @@ def parse(top: Table) -> ScenarioParts:
     gpu_tables = top.tables("gpu")
     if not gpu_tables:
         raise top.error("gpu", "a scenario needs at least one [[gpu]]")
-    gpus = tuple(_parse_gpu(t, i, host.seed) for i, t in enumerate(gpu_tables))
+    driver = parse_driver(top.sub_table("driver"), DriverSpec())
+    gpus = tuple(_parse_gpu(t, i, driver) for i, t in enumerate(gpu_tables))
     processes = tuple(
         _parse_process(t, i, gpus, host.seed) for i, t in enumerate(top.tables("process"))
     )
@@ -73,7 +76,51 @@ def reading(source: str, key: str, value: str) -> SampleReading:
     return value
 
 
-def _parse_gpu(t: Table, position: int, seed: int) -> GpuSpec:
+def parse_driver(t: Table, base: DriverSpec) -> DriverSpec:
+    """A ``[driver]`` table: a named profile (default: ``base``), then keys overriding it."""
+    name = t.opt_string("profile")
+    if name is not None:
+        profile = find_profile(name)
+        if profile is None:
+            known = ", ".join(profile_names())
+            raise t.error("profile", f"no driver profile {name!r} (known: {known})")
+        base = profile.driver
+    period = t.opt_integer("process_period_us", minimum=1)
+    phase = t.opt_integer("process_phase_us", minimum=0)
+    if phase is not None and phase >= (period or base.process_period_us or phase + 1):
+        raise t.error("process_phase_us", "must be below process_period_us")
+    spec = dataclasses.replace(
+        base,
+        process_period_us=period or base.process_period_us,
+        process_phase_us=base.process_phase_us if phase is None else phase,
+        process_reading=reading(
+            t.source,
+            t.key("process_reading"),
+            t.string("process_reading", base.process_reading),
+        ),
+        stale_max_us=s_to_us(t.number("stale_max_s", base.stale_max_us / 1e6, minimum=0.0)),
+        padded_rows=t.integer("padded_rows", base.padded_rows, minimum=0),
+        duplicates_at_zero=t.boolean("duplicates_at_zero", base.duplicates_at_zero),
+        legacy_sm_zero=t.boolean("legacy_sm_zero", base.legacy_sm_zero),
+        legacy_process_utilization=t.boolean(
+            "legacy_process_utilization", base.legacy_process_utilization
+        ),
+        utilization_info=t.boolean("utilization_info", base.utilization_info),
+        not_found_below_pct=t.integer("not_found_below_pct", base.not_found_below_pct, minimum=0),
+        device_series=t.boolean("device_series", base.device_series),
+        accounting=t.boolean("accounting", base.accounting),
+        accounting_v2=t.boolean("accounting_v2", base.accounting_v2),
+        mps=t.boolean("mps", base.mps),
+    )
+    if spec.stale_max_us and spec.stale_max_us < 1_000_000:
+        raise t.error("stale_max_s", "must be 0 (off) or at least 1 s")
+    if spec.not_found_below_pct > 100:
+        raise t.error("not_found_below_pct", "must be a percent in 0..100")
+    t.finish()
+    return spec
+
+
+def _parse_gpu(t: Table, position: int, host_driver: DriverSpec) -> GpuSpec:
     index = t.integer("index", position)
     if index != position:
         raise t.error("index", f"GPUs must be listed in index order: expected {position}")
@@ -105,9 +152,7 @@ def _parse_gpu(t: Table, position: int, seed: int) -> GpuSpec:
         uuid=_opt_uuid(t, "uuid", "GPU-"),
         sample_period_us=period_us,
         ring_periods=t.integer("ring_periods", DEFAULT_RING_PERIODS, minimum=1),
-        sample_reading=reading(
-            t.source, t.key("sample_reading"), t.string("sample_reading", "per_period")
-        ),
+        driver=_gpu_driver(t, host_driver),
         phase_us=phase_us,
         idle_w=idle_w,
         busy_w=busy_w,
@@ -124,6 +169,18 @@ def _parse_gpu(t: Table, position: int, seed: int) -> GpuSpec:
     )
     t.finish()
     return spec
+
+
+def _gpu_driver(t: Table, host_driver: DriverSpec) -> DriverSpec:
+    """The host's ``[driver]``, then the GPU's ``[gpu.driver]``; ``sample_reading`` on the
+    GPU itself is the older spelling of ``process_reading``."""
+    driver = parse_driver(t.sub_table("driver"), host_driver)
+    old = t.opt_string("sample_reading")
+    if old is None:
+        return driver
+    return dataclasses.replace(
+        driver, process_reading=reading(t.source, t.key("sample_reading"), old)
+    )
 
 
 def _sample_period(t: Table, default_us: int | None) -> int:
@@ -335,8 +392,11 @@ def _parse_fault(t: Table, gpu_count: int) -> FaultSpec:
     if end_us is not None and end_us <= start_us:
         raise t.error("end_s", "must be after start_s")
     jump_us = _fault_jump(t, kind, end_us)
+    ring_cleared = t.boolean("ring_cleared", False)
+    if ring_cleared and kind != "gpu_lost":
+        raise t.error("ring_cleared", "only a gpu_lost fault clears the ring")
     t.finish()
-    return FaultSpec(kind, gpu, start_us, end_us, jump_us)
+    return FaultSpec(kind, gpu, start_us, end_us, jump_us, ring_cleared)
 
 
 def _fault_jump(t: Table, kind: str, end_us: int | None) -> int:

@@ -25,19 +25,16 @@ class PeriodGrid:
     def end_us(self, k: int) -> int:
         return self.phase_us + k * self.period_us
 
-    def first_k(self) -> int:
-        """The first period that ends after the driver loaded (sim t=0)."""
-        return (-self.phase_us) // self.period_us + 1
-
     def latest_k(self, now_us: int) -> int:
-        """The latest period ended at or before ``now_us`` (may be < first_k: none yet)."""
+        """The latest period ended at or before ``now_us``."""
         return (now_us - self.phase_us) // self.period_us
 
     def ring(self, now_us: int) -> range:
-        """Periods the ring buffer still holds at ``now_us``, oldest first."""
+        """Periods the ring buffer still holds at ``now_us``, oldest first. The driver was
+        loaded before the scenario's t=0, as on any real host (NVML opens only once it is):
+        the ring is full from the start, of idle periods before t=0."""
         k_hi = self.latest_k(now_us)
-        k_lo = max(self.first_k(), k_hi - self.ring_periods + 1)
-        return range(k_lo, k_hi + 1)
+        return range(k_hi - self.ring_periods + 1, k_hi + 1)
 
 
 class PeriodActivity(NamedTuple):

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from creditmeter.simnvml.bursts import BusySpan
 from creditmeter.simnvml.parse import parse, reading
+from creditmeter.simnvml.profiles import find_profile, profile_names
 from creditmeter.simnvml.specs import (
     FAULT_KINDS,
     GPU_FAULTS,
     INIT_FAULTS,
     READINGS,
+    DriverSpec,
     FaultSpec,
     GpuSpec,
     HostSpec,
@@ -34,6 +36,7 @@ __all__ = [
     "INIT_FAULTS",
     "READINGS",
     "BusySpan",
+    "DriverSpec",
     "FaultSpec",
     "GpuSpec",
     "HostSpec",
@@ -84,8 +87,11 @@ class Scenario:
         sample_reading: str | None = None,
         ring_periods: int | None = None,
         phase_us: int | None = None,
+        profile: str | None = None,
     ) -> Scenario:
-        """The same scenario with every GPU's sampling changed (benchmarks sweep these)."""
+        """The same scenario with every GPU's sampling changed (benchmarks sweep these):
+        ``profile`` replaces every GPU's driver by a named profile, then ``sample_reading``
+        sets its process reading."""
         if sample_period_us is not None and sample_period_us <= 0:
             raise ScenarioError(self.source, "sample_period_us", "must be > 0")
         if ring_periods is not None and ring_periods <= 0:
@@ -97,7 +103,7 @@ class Scenario:
             dataclasses.replace(
                 g,
                 sample_period_us=sample_period_us or g.sample_period_us,
-                sample_reading=new_reading or g.sample_reading,
+                driver=self._driver(g.driver, profile, new_reading),
                 ring_periods=ring_periods or g.ring_periods,
                 phase_us=g.phase_us if phase_us is None else phase_us,
             )
@@ -107,6 +113,19 @@ class Scenario:
             if g.phase_us is not None and not 0 <= g.phase_us < g.sample_period_us:
                 raise ScenarioError(self.source, "phase_us", "must be in [0, sample period)")
         return dataclasses.replace(self, gpus=gpus)
+
+    def _driver(
+        self, driver: DriverSpec, profile: str | None, process_reading: SampleReading | None
+    ) -> DriverSpec:
+        if profile is not None:
+            found = find_profile(profile)
+            if found is None:
+                known = ", ".join(profile_names())
+                raise ScenarioError(self.source, "profile", f"no profile {profile!r} ({known})")
+            driver = found.driver
+        if process_reading is not None:
+            driver = dataclasses.replace(driver, process_reading=process_reading)
+        return driver
 
 
 def shipped_text(name: str) -> str:

@@ -13,6 +13,7 @@ from creditmeter.simnvml.bursts import BusySpan
 
 SampleReading = Literal["per_period", "per_query"]
 READINGS: tuple[SampleReading, ...] = ("per_period", "per_query")
+DEFAULT_STALE_MIN_US = 1_000_000  # a stale PID is sampled every 1 s at the quickest (nvtop#110)
 DEFAULT_RING_PERIODS = 120
 DEFAULT_CONTEXT_MEMORY_BYTES = 512 * 1024**2
 MAX_PID = 4_194_304  # Linux pid_max ceiling
@@ -45,13 +46,43 @@ class MigSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """How one GPU's driver answers the utilization queries: a profile of documented
+    behaviour (``profiles.py`` names them and cites where each was seen).
+
+    The defaults are the driver we would like: per-process samples on the device's own
+    sample grid, one per busy period, from both per-process calls."""
+
+    profile: str = "ideal"  # the named profile this started from, for reports
+    # The per-process sampler's own grid; None: the device's sample period and phase.
+    process_period_us: int | None = None
+    process_phase_us: int | None = None
+    # per_period: one row per busy sample; per_query: one row per process, the mean of its
+    # samples since lastSeen (idle ones included), stamped with its latest sample.
+    process_reading: SampleReading = "per_period"
+    # > 0: each PID is sampled on a cadence of its own, between 1 s and this, at a phase of
+    # its own, so that stamps lag and differ per PID within one answer.
+    stale_max_us: int = 0
+    padded_rows: int = 0  # > 0: legacy answers padded to this many rows, zeros and garbage
+    duplicates_at_zero: bool = False  # lastSeen = 0: duplicate rows per PID, values differing
+    legacy_sm_zero: bool = False  # nvmlDeviceGetProcessUtilization reports smUtil 0
+    legacy_process_utilization: bool = True  # False: that call answers NOT_SUPPORTED
+    utilization_info: bool = True  # nvmlDeviceGetProcessesUtilizationInfo (driver >= 550)
+    not_found_below_pct: int = 0  # samples below this percent are left out (quiet: NOT_FOUND)
+    device_series: bool = True  # False: nvmlDeviceGetSamples(GPU_UTILIZATION) NOT_SUPPORTED
+    accounting: bool = False  # accounting mode on
+    accounting_v2: bool = True  # nvmlDeviceGetAccountingStats_v2 (sumGpuUtil, sampleCount)
+    mps: bool = False  # concurrent kernels: per-process samples overlap, their sum exceeds 100
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSpec:
     index: int
     product: str  # the name NVML reports
     uuid: str | None
     sample_period_us: int
     ring_periods: int
-    sample_reading: SampleReading
+    driver: DriverSpec
     phase_us: int | None  # None: derived from the host seed, so edges fall off the grid
     idle_w: float
     busy_w: float
@@ -63,6 +94,10 @@ class GpuSpec:
     mig_enabled: bool
     mig_pending: bool
     mig: tuple[MigSpec, ...]
+
+    @property
+    def sample_reading(self) -> SampleReading:
+        return self.driver.process_reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +129,9 @@ class FaultSpec:
     start_us: int
     end_us: int | None  # None: until the end of time
     jump_us: int = 0  # wall_jump only
+    # gpu_lost only: the driver records no sample while the GPU is off the bus (Xid 79), so
+    # its ring holds nothing of that time once the GPU is back. False: the ring kept them.
+    ring_cleared: bool = False
 
     def active_at(self, t_us: int) -> bool:
         return self.start_us <= t_us and (self.end_us is None or t_us < self.end_us)

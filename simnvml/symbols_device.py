@@ -135,6 +135,22 @@ def power_usage(core: DriverCore, handle: Any, out: Any) -> int:
     return Ret.SUCCESS
 
 
+def _fill_lifetime(core: DriverCore, stats: Any, proc: SimProcess, now_us: int) -> int:
+    """The fields both accounting structs share, over the process's life so far; returns
+    that life's length in µs."""
+    s = proc.spec
+    running = s.exit_us is None or now_us < s.exit_us
+    end_us = now_us if running or s.exit_us is None else s.exit_us
+    life_us = end_us - s.start_us
+    gpu_util = round_half_up(proc.activity.integral(s.start_us, end_us), life_us) if life_us else 0
+    stats.isRunning = int(running)
+    stats.gpuUtilization = gpu_util
+    stats.memoryUtilization = mem_util_for(gpu_util)
+    stats.maxMemoryUsage = NOT_AVAILABLE_ULL if s.memory_bytes is None else s.memory_bytes
+    stats.startTime = core.host.clock.wall_us_at(s.start_us)
+    return life_us
+
+
 def accounting_stats(core: DriverCore, handle: Any, pid: Any, out: Any) -> int:
     """The quirk worth showing: ``time`` stays 0 until the process has exited."""
     now_us = core.now_us()
@@ -144,22 +160,44 @@ def accounting_stats(core: DriverCore, handle: Any, pid: Any, out: Any) -> int:
     proc = ref.gpu.accounted_process(scalar(pid), now_us)
     if proc is None:
         fail(Ret.NOT_FOUND)
-    s = proc.spec
-    running = s.exit_us is None or now_us < s.exit_us
-    end_us = now_us if running or s.exit_us is None else s.exit_us
-    life_us = end_us - s.start_us
-    gpu_util = round_half_up(proc.activity.integral(s.start_us, end_us), life_us) if life_us else 0
     stats = target(out)
-    stats.gpuUtilization = gpu_util
-    stats.memoryUtilization = mem_util_for(gpu_util)
-    stats.maxMemoryUsage = NOT_AVAILABLE_ULL if s.memory_bytes is None else s.memory_bytes
-    stats.time = 0 if running else life_us // 1000
-    stats.startTime = core.host.clock.wall_us_at(s.start_us)
-    stats.isRunning = int(running)
+    life_us = _fill_lifetime(core, stats, proc, now_us)
+    stats.time = 0 if stats.isRunning else life_us // 1000
     return Ret.SUCCESS
 
 
-def symbols(has_v3: bool) -> dict[str, Callable[..., object]]:
+ENABLED, DISABLED = 1, 0  # nvmlEnableState_t
+
+
+def accounting_mode(core: DriverCore, handle: Any, out: Any) -> int:
+    ref = core.device(handle, core.now_us())
+    if ref.on_mig:
+        fail(Ret.NOT_SUPPORTED)
+    target(out).value = ENABLED if ref.gpu.driver.accounting else DISABLED
+    return Ret.SUCCESS
+
+
+def accounting_stats_v2(core: DriverCore, handle: Any, out: Any) -> int:
+    """nvmlDeviceGetAccountingStats_v2: the caller sets ``pid``; NOT_SUPPORTED while
+    accounting mode is off (nvml.h), NOT_FOUND for a pid the GPU never accounted."""
+    now_us = core.now_us()
+    ref = core.device(handle, now_us)
+    if ref.on_mig or not ref.gpu.driver.accounting:
+        fail(Ret.NOT_SUPPORTED)
+    stats = target(out)
+    pid = scalar(stats.pid)
+    proc = ref.gpu.accounted_process(pid, now_us)
+    counters = ref.gpu.accounting(pid, now_us)
+    if proc is None or counters is None:
+        fail(Ret.NOT_FOUND)
+    life_us = _fill_lifetime(core, stats, proc, now_us)
+    stats.sampleCount, stats.sumGpuUtil = counters
+    stats.sumFbUtil = mem_util_for(100) * counters[1] // 100
+    stats.time = life_us // 1000
+    return Ret.SUCCESS
+
+
+def symbols(has_v3: bool, accounting_v2: bool = True) -> dict[str, Callable[..., object]]:
     table: dict[str, Callable[..., object]] = {
         "nvmlDeviceGetHandleByIndex_v2": handle_by_index,
         "nvmlDeviceGetHandleByUUID": handle_by_uuid,
@@ -172,7 +210,10 @@ def symbols(has_v3: bool) -> dict[str, Callable[..., object]]:
         "nvmlDeviceGetTotalEnergyConsumption": total_energy,
         "nvmlDeviceGetPowerUsage": power_usage,
         "nvmlDeviceGetAccountingStats": accounting_stats,
+        "nvmlDeviceGetAccountingMode": accounting_mode,
     }
+    if accounting_v2:
+        table["nvmlDeviceGetAccountingStats_v2"] = accounting_stats_v2
     if has_v3:
         table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes
     return table

@@ -1,8 +1,13 @@
 """Ground truth: what each process really did, independent of how the driver sampled it.
 
-Busy time is ∫ s dt with s = sm/100 the fraction of time the process's kernels ran, kept as
-an exact :class:`~fractions.Fraction` of µs. Wall times here use the clock's wall at sim t=0
-plus sim time, ignoring wall jumps (identities must not move when the clock does).
+Busy time is ∫ s dt with s the fraction of time the process's kernels ran, kept as an exact
+:class:`~fractions.Fraction` of µs. Where processes contend for one engine (a GPU, or a MIG
+GPU instance) beyond 100 %, s is each one's proportional share of the engine: what
+time-slicing gives it, and what a GPU-second shared by concurrent (MPS) kernels is worth to
+each. Per engine, the truths then add up to the engine's busy time exactly.
+
+Wall times here use the clock's wall at sim t=0 plus sim time, ignoring wall jumps
+(identities must not move when the clock does).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
+from creditmeter.simnvml.activity import SHARE_SCALE
 from creditmeter.simnvml.hardware import SimProcess
 from creditmeter.simnvml.units import US_PER_S
 
@@ -77,7 +83,7 @@ def process_truth(proc: SimProcess, start_wall_us: int, until_us: int) -> Proces
 
 
 def busy_between(proc: SimProcess, start_us: int, end_us: int) -> Fraction:
-    return Fraction(proc.activity.integral(start_us, end_us), 100)
+    return Fraction(proc.shared.integral(start_us, end_us), 100 * SHARE_SCALE)
 
 
 def context_between(proc: SimProcess, start_us: int, end_us: int) -> int:
@@ -88,7 +94,7 @@ def context_between(proc: SimProcess, start_us: int, end_us: int) -> int:
 
 def _bursts(proc: SimProcess, start_wall_us: int, until_us: int) -> tuple[BurstTruth, ...]:
     runs: list[tuple[int, int]] = []
-    for seg in proc.activity.segments:
+    for seg in proc.shared.segments:
         if seg.start_us >= until_us:
             break
         end = min(seg.end_us, until_us)

@@ -11,9 +11,11 @@ from fractions import Fraction
 import pytest
 
 from bench.harness import drive, metered, run_scenario, scenario_end_s
+from creditmeter.agent.meter import Meter
+from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
 from creditmeter.agent.usage import ProcessKey
-from creditmeter.simnvml import Scenario
+from creditmeter.simnvml import ManualClock, Scenario, SimHost, installed
 from creditmeter.simnvml.scenario import shipped_text
 from creditmeter.v1 import usage_pb2
 
@@ -21,6 +23,8 @@ PERIODS_US = (166_667, 500_000, 1_000_000)
 READINGS = ("per_period", "per_query")
 GAP_RING = usage_pb2.GAP_REASON_RING_OVERFLOW
 GAP_LOST = usage_pb2.GAP_REASON_GPU_LOST
+# Issue 12's bars: a process alone within 0.1 %, time-slicing processes within 1 %.
+SHARING = {"timeslice": 0.01}
 
 
 def relative_error(measured: int, truth: Fraction) -> float:
@@ -39,8 +43,9 @@ def test_accuracy_bar(name: str, period_us: int, reading: str) -> None:
     run = run_scenario(scenario)
     measured, truth = run.measured_us(), run.truth_us()
     assert set(measured) == {k for k, t in truth.items() if t > 0}
+    bar = SHARING.get(name, 0.001)
     for key, busy in truth.items():
-        assert relative_error(measured.get(key, 0), busy) <= 0.001, key  # ≤ 0.1 % per process
+        assert relative_error(measured.get(key, 0), busy) <= bar, key
     for burst_truth, error in run.burst_errors_us():
         assert abs(error) <= period_us, (burst_truth, error)  # ≤ one sample period per burst
 
@@ -64,8 +69,8 @@ def test_eight_gpus_of_eight_processes() -> None:
     run = run_scenario(Scenario.load("eight_gpus").with_overrides(sample_period_us=1_000_000))
     measured, truth = run.measured_us(), run.truth_us()
     assert len(truth) == 64
-    for key, busy in truth.items():
-        assert relative_error(measured.get(key, 0), busy) <= 0.001, key
+    for key, busy in truth.items():  # eight processes time-slice each GPU: the 1 % bar
+        assert relative_error(measured.get(key, 0), busy) <= 0.01, key
 
 
 def test_pid_reuse_between_two_polls_does_not_inherit_seconds() -> None:
@@ -163,21 +168,37 @@ def test_a_slow_poller_records_ring_overflow_as_a_gap() -> None:
     assert measured == pytest.approx(0.95 * read_s * 1e6, rel=0.01)
 
 
-def test_a_lost_gpu_is_a_gap_and_metering_resumes() -> None:
+def test_a_lost_gpu_whose_ring_was_cleared_is_a_gap_and_metering_resumes() -> None:
     scenario = Scenario.load("training")
     with metered(scenario) as (run, meter):
         drive(run, meter, 100)
-        run.host.inject("gpu_lost", gpu=0, duration_s=20)
+        run.host.inject("gpu_lost", gpu=0, duration_s=20, ring_cleared=True)  # Xid 79
         drive(run, meter, 300)
         run.usages.extend(meter.close_window())
         errors = dict(meter.stats.nvml_errors)
     gaps = run.gaps_us()
     assert errors.get("GpuLost", 0) >= 1
-    assert 20_000_000 <= gaps[GAP_LOST] <= 30_000_000  # found again within the reopen interval
+    assert 19_000_000 <= gaps[GAP_LOST] <= 21_000_000  # the time the ring lost, no more
     measured = sum(run.measured_us().values())
     truth = sum(t.busy_us for t in run.host.truth(until_s=300).values())
     # Everything but the lost stretch is measured.
     assert truth - Fraction(gaps[GAP_LOST]) * Fraction(95, 100) - 1_000_000 <= measured <= truth
+
+
+def test_a_gpu_found_again_resumes_where_its_ring_still_holds_the_samples() -> None:
+    scenario = Scenario.load("training")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 100)
+        run.host.inject("gpu_lost", gpu=0, duration_s=10)  # the ring (20 s) keeps it all
+        drive(run, meter, 300)
+        run.usages.extend(meter.close_window())
+        errors = dict(meter.stats.nvml_errors)
+    assert errors.get("GpuLost", 0) >= 1
+    assert run.gaps_us().get(GAP_LOST, 0) == 0  # nothing truly gone
+    truth = {k: t.busy_us for k, t in run.host.truth(until_s=300).items()}
+    measured = run.measured_us()
+    for key, busy in run.truth_us().items():
+        assert relative_error(measured.get(key, 0), busy) <= 0.001, (key, truth)
 
 
 def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
@@ -191,8 +212,9 @@ def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
     alone = next(k for k in truth if k.pid == 9103)
     assert relative_error(measured[alone], truth[alone]) <= 0.001
     shared = [k for k in truth if k.pid in (9101, 9102)]
-    # The shared instance is split evenly; the instance's total is what GPM measured.
-    assert sum(measured[k] for k in shared) <= sum(truth[k] for k in shared)
+    # The shared instance is split evenly; the instance's total is what GPM measured, and
+    # the truth of an instance is its capped busy time too (each µs rounded once).
+    assert abs(sum(measured[k] for k in shared) - sum(truth[k] for k in shared)) <= len(shared)
     assert all(k.gpu_uuid.startswith("MIG-") for k in measured)
 
 
@@ -267,3 +289,25 @@ def test_a_backward_wall_step_is_a_gap_and_nothing_is_billed_twice() -> None:
     gaps = run.gaps_us()
     assert set(gaps) == {usage_pb2.GAP_REASON_CLOCK_STEP}
     assert gaps[usage_pb2.GAP_REASON_CLOCK_STEP] >= 3 * 5_000_000  # each process on a GPU
+
+
+def test_an_agent_started_well_before_the_work_records_no_gap_and_bills_exactly() -> None:
+    # The e2e harness starts agents before the scenario's t=0: the ring then holds idle
+    # periods, and nothing of the time before the work began is lost or billed.
+    scenario = Scenario.load("exact")
+    clock = ManualClock(start_us=-48_000_000)  # the work begins 48 s after the agent starts
+    host = SimHost(scenario, clock)
+    with installed(host):
+        meter = Meter(PynvmlNvml.open(), host.process_table(), clock)
+        usages = []
+        while clock.now_us() < 80_000_000:
+            clock.advance(1.0)
+            usages += meter.poll()
+        usages += meter.close_window()
+        meter.shutdown()
+    assert not any(u.gaps_us for u in usages)
+    measured = {u.key.pid: 0 for u in usages if u.books is None}
+    for u in usages:
+        if u.books is None:
+            measured[u.key.pid] += u.busy_us
+    assert measured == {1101: 14_400_000, 1102: 7_500_000, 1201: 12_400_000}

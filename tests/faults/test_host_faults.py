@@ -107,13 +107,16 @@ LOST_END_S = 160.0
 def test_a_lost_gpu_is_a_gap_and_everything_around_it_is_exact(tmp_path: Path) -> None:
     # GPU 1's process computes before and after the loss and idles around it, as a real
     # GPU's processes do when it falls off the bus: the truth is then exact, and the lost
-    # stretch must still be recorded as a GPU_LOST gap.
+    # stretch must still be recorded as a GPU_LOST gap. The driver keeps no sample of the
+    # time off the bus (Xid 79), so the gap is the hole in the device's own series: exactly
+    # the loss, whenever the agent's polls and re-opens happened to fall.
     faults = f"""
 [[fault]]
 kind = "gpu_lost"
 gpu = 1
 start_s = {LOST_FROM_S}
 end_s = {LOST_UNTIL_S}
+ring_cleared = true
 """
     text = scenario_text(
         [
@@ -132,12 +135,12 @@ end_s = {LOST_UNTIL_S}
         records = pair.records()
     assert_chain_in_order(records)
     lost_us = gaps_us(records)["GAP_REASON_GPU_LOST"]
-    # From the first poll that met the loss to the first reopen after it ended; polls and
-    # reopens may slip by a few simulated seconds on a loaded machine.
-    lost_s, reopen_s = LOST_UNTIL_S - LOST_FROM_S, 0.25 * SPEED  # harness: reopen_interval
-    assert (lost_s - 2) * 1e6 <= lost_us <= (lost_s + reopen_s + 10) * 1e6, lost_us
+    # The periods the ring lost, to within one sample period at either end.
+    lost_s = LOST_UNTIL_S - LOST_FROM_S
+    assert (lost_s - 1) * 1e6 <= lost_us <= (lost_s + 1) * 1e6, lost_us
     on_gpu0 = [r for r in records if r.record.gpu.index == 0]
-    assert on_gpu0 and all(not r.record.gaps for r in on_gpu0)  # the other GPU saw nothing
+    gaps_on_gpu0 = [(r.record.seq, list(r.record.gaps)) for r in on_gpu0 if r.record.gaps]
+    assert on_gpu0 and not gaps_on_gpu0  # the other GPU saw nothing
     assert lost_errors >= 1
     log = pair.agent.log()
     assert "GPU lost" in log and "GPU is back" in log

@@ -77,6 +77,7 @@ kind = "gpu_lost"
 gpu = 1
 start_s = 20.0
 end_s = 30.0
+ring_cleared = true
 """
 
 AGENT_SERIES = (
@@ -157,8 +158,13 @@ def test_agent_daemon_lifecycle_metrics_health_and_a_lost_gpu(
         metrics_port = int(daemon.log_match(r"metrics on http://127\.0\.0\.1:(\d+)/").group(1))
         health_port = int(daemon.log_match(r"gRPC health on 127\.0\.0\.1:(\d+)").group(1))
 
-        daemon.log_match(r"GPU lost .*its time is a gap")
+        daemon.log_match(r"GPU lost .*what its ring does not keep is a gap")
         daemon.log_match(r"GPU is back")  # retried and found again: not a crash
+        # The gap is the hole in the ring, known once the GPU is read again.
+        wait_until(
+            "a GPU_LOST gap in the metrics",
+            lambda: _gap_s(scrape(metrics_port), "GAP_REASON_GPU_LOST") > 0,
+        )
         metrics = scrape(metrics_port)
         assert daemon.alive()
         check_metrics(metrics)
@@ -179,6 +185,11 @@ def test_agent_daemon_lifecycle_metrics_health_and_a_lost_gpu(
     assert len(records) > before_stop
     assert steady and sum(r.busy_us for r in steady) > 0
     assert steady[-1].attribution.account == "acme"
+
+
+def _gap_s(metrics: dict[str, Any], reason: str) -> float:
+    series = metrics.get("creditmeter_agent_gap_seconds")
+    return sample_value(series, "_total", reason=reason) if series is not None else 0.0
 
 
 def check_metrics(metrics: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """Per-process and device samples, read through the real pynvml against the fake library.
 
 Expected values are computed by hand in the comments: period k ends at k seconds (1 s
-periods, phase 0) and the wall clock starts at W0.
+periods, phase 0) and the wall clock starts at W0. The driver was loaded before the
+scenario's t=0, so the ring holds idle periods from before it: queries ask for what came
+after W0 unless they say otherwise.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import pytest
 from sim_helpers import ONE_GPU, W0_US, S, Sim
 
 
-def _util(handle: object, cursor_us: int = 0) -> list[tuple[int, int, int, int]]:
+def _util(handle: object, cursor_us: int = W0_US) -> list[tuple[int, int, int, int]]:
     samples = pynvml.nvmlDeviceGetProcessUtilization(handle, cursor_us)
     return [(s.pid, s.timeStamp - W0_US, s.smUtil, s.memUtil) for s in samples]
 
 
-def _device(handle: object, cursor_us: int = 0) -> list[tuple[int, int]]:
+def _device(handle: object, cursor_us: int = W0_US) -> list[tuple[int, int]]:
     value_type, samples = pynvml.nvmlDeviceGetSamples(
         handle, pynvml.NVML_GPU_UTILIZATION_SAMPLES, cursor_us
     )
@@ -85,8 +87,10 @@ busy = [[2.0, 2.5, 10]]
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     s.clock.advance(4)
-    # pid 100: 0, 100, 100, 50 → 62.5 → 63; pid 200: 5 % in one of 4 periods → 1.25 → 1.
-    assert _util(h) == [(100, 4 * S, 63, 25), (200, 4 * S, 1, 0)]
+    # pid 100: 0, 100, 100, 50 asked for; while pid 200's 10 % contends for [2, 2.5) each
+    # gets its share of the capped device: 100/110 and 10/110. Means over 4 periods:
+    # pid 100 (0 + 100 + 95.45 + 50) / 4 → 61; pid 200 0.45 / 4 → 0.11 → ... 1.14 % → 1.
+    assert _util(h) == [(100, 4 * S, 61, 24), (200, 4 * S, 1, 0)]
 
 
 def test_sm_util_is_rounded_to_whole_percent_half_up(sim: Callable[[str], Sim]) -> None:
@@ -145,16 +149,47 @@ busy = [[2.0, 4.0, 60]]
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     s.clock.advance(4)
-    # [2,3): 70 + 60 contexts time-slice: the device is 100 % busy, each process shows its own.
+    # [2,3): 70 + 60 contexts time-slice: the device is 100 % busy, and each process's own
+    # samples show the share it got: 70/130 and 60/130 of the period.
     assert _device(h) == [(1 * S, 0), (2 * S, 70), (3 * S, 100), (4 * S, 60)]
     assert _util(h) == [
         (501, 2 * S, 70, 28),
-        (501, 3 * S, 70, 28),
-        (502, 3 * S, 60, 24),
+        (501, 3 * S, 54, 22),
+        (502, 3 * S, 46, 18),
         (502, 4 * S, 60, 24),
     ]
     rates = pynvml.nvmlDeviceGetUtilizationRates(h)
     assert (rates.gpu, rates.memory) == (60, 24)  # the latest period, [3,4)
+
+
+def test_concurrent_kernels_under_mps_each_show_their_own_time(sim: Callable[[str], Sim]) -> None:
+    s = sim(
+        "[driver]\nmps = true\n"
+        + ONE_GPU
+        + """
+[[process]]
+pid = 501
+gpu = 0
+busy = [[1.0, 3.0, 70]]
+[[process]]
+pid = 502
+gpu = 0
+busy = [[2.0, 4.0, 60]]
+"""
+    )
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    s.clock.advance(4)
+    assert _device(h) == [(1 * S, 0), (2 * S, 70), (3 * S, 100), (4 * S, 60)]
+    assert [(pid, stamp, sm) for pid, stamp, sm, _ in _util(h)] == [
+        (501, 2 * S, 70),
+        (501, 3 * S, 70),  # overlapping: together past 100 %
+        (502, 3 * S, 60),
+        (502, 4 * S, 60),
+    ]
+    # The truth shares the device second: 70/130 and 60/130 of [2, 3).
+    truth = {t.key.pid: t.busy_us for t in s.host.truth().values()}
+    assert truth[501] + truth[502] == 2_300_000
 
 
 def test_ring_buffer_drops_periods_a_slow_poller_did_not_read(
@@ -254,7 +289,7 @@ def test_wall_jump_moves_driver_stamps_but_not_monotonic(sim: Callable[[str], Si
     # Periods ending at 6, 7, 8 s are stamped 30 s earlier: all before the cursor.
     with pytest.raises(pynvml.NVMLError_NotFound):
         _util(h, cursor)
-    assert [t // S for _, t, _, _ in _util(h)] == [1, 2, 3, 4, 5, -24, -23, -22]
+    assert [t // S for _, t, _, _ in _util(h, 0)] == [1, 2, 3, 4, 5, -24, -23, -22]
 
 
 def test_scheduled_wall_jump_applies_from_its_start(sim: Callable[[str], Sim]) -> None:

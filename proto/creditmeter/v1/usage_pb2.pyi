@@ -14,6 +14,31 @@ class MeasurementSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEASUREMENT_SOURCE_GPM_MIG_INSTANCE: _ClassVar[MeasurementSource]
     MEASUREMENT_SOURCE_GPM_MIG_SHARED: _ClassVar[MeasurementSource]
     MEASUREMENT_SOURCE_NONE: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_NVML_DEVICE_UTIL: _ClassVar[MeasurementSource]
+    MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE: _ClassVar[MeasurementSource]
+
+class EvidenceSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVIDENCE_SOURCE_UNSPECIFIED: _ClassVar[EvidenceSource]
+    EVIDENCE_SOURCE_NONE: _ClassVar[EvidenceSource]
+    EVIDENCE_SOURCE_PROCESSES_UTILIZATION_INFO: _ClassVar[EvidenceSource]
+    EVIDENCE_SOURCE_PROCESS_UTILIZATION: _ClassVar[EvidenceSource]
+    EVIDENCE_SOURCE_ACCOUNTING_STATS: _ClassVar[EvidenceSource]
+
+class Quality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUALITY_UNSPECIFIED: _ClassVar[Quality]
+    QUALITY_EXACT: _ClassVar[Quality]
+    QUALITY_APPORTIONED: _ClassVar[Quality]
+    QUALITY_UNATTRIBUTED: _ClassVar[Quality]
+    QUALITY_PROCESS_EVIDENCE: _ClassVar[Quality]
+
+class UnattributedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UNATTRIBUTED_REASON_UNSPECIFIED: _ClassVar[UnattributedReason]
+    UNATTRIBUTED_REASON_NO_PROCESS: _ClassVar[UnattributedReason]
+    UNATTRIBUTED_REASON_UNKNOWN_PROCESS: _ClassVar[UnattributedReason]
+    UNATTRIBUTED_REASON_NO_EVIDENCE: _ClassVar[UnattributedReason]
 
 class GapReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +61,22 @@ MEASUREMENT_SOURCE_NVML_PROCESS_UTIL: MeasurementSource
 MEASUREMENT_SOURCE_GPM_MIG_INSTANCE: MeasurementSource
 MEASUREMENT_SOURCE_GPM_MIG_SHARED: MeasurementSource
 MEASUREMENT_SOURCE_NONE: MeasurementSource
+MEASUREMENT_SOURCE_NVML_DEVICE_UTIL: MeasurementSource
+MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE: MeasurementSource
+EVIDENCE_SOURCE_UNSPECIFIED: EvidenceSource
+EVIDENCE_SOURCE_NONE: EvidenceSource
+EVIDENCE_SOURCE_PROCESSES_UTILIZATION_INFO: EvidenceSource
+EVIDENCE_SOURCE_PROCESS_UTILIZATION: EvidenceSource
+EVIDENCE_SOURCE_ACCOUNTING_STATS: EvidenceSource
+QUALITY_UNSPECIFIED: Quality
+QUALITY_EXACT: Quality
+QUALITY_APPORTIONED: Quality
+QUALITY_UNATTRIBUTED: Quality
+QUALITY_PROCESS_EVIDENCE: Quality
+UNATTRIBUTED_REASON_UNSPECIFIED: UnattributedReason
+UNATTRIBUTED_REASON_NO_PROCESS: UnattributedReason
+UNATTRIBUTED_REASON_UNKNOWN_PROCESS: UnattributedReason
+UNATTRIBUTED_REASON_NO_EVIDENCE: UnattributedReason
 GAP_REASON_UNSPECIFIED: GapReason
 GAP_REASON_RING_OVERFLOW: GapReason
 GAP_REASON_GPU_LOST: GapReason
@@ -55,6 +96,24 @@ class Gap(_message.Message):
     duration_us: int
     reason: GapReason
     def __init__(self, duration_us: _Optional[int] = ..., reason: _Optional[_Union[GapReason, str]] = ...) -> None: ...
+
+class Unattributed(_message.Message):
+    __slots__ = ("reason", "busy_us")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    reason: UnattributedReason
+    busy_us: int
+    def __init__(self, reason: _Optional[_Union[UnattributedReason, str]] = ..., busy_us: _Optional[int] = ...) -> None: ...
+
+class DeviceBooks(_message.Message):
+    __slots__ = ("device_busy_us", "attributed_busy_us", "unattributed")
+    DEVICE_BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTED_BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    device_busy_us: int
+    attributed_busy_us: int
+    unattributed: _containers.RepeatedCompositeFieldContainer[Unattributed]
+    def __init__(self, device_busy_us: _Optional[int] = ..., attributed_busy_us: _Optional[int] = ..., unattributed: _Optional[_Iterable[_Union[Unattributed, _Mapping]]] = ...) -> None: ...
 
 class GpuRef(_message.Message):
     __slots__ = ("uuid", "index", "name", "parent_uuid", "gpu_instance_id", "compute_instance_id")
@@ -101,7 +160,7 @@ class Attribution(_message.Message):
     def __init__(self, account: _Optional[str] = ..., model: _Optional[str] = ..., job_id: _Optional[str] = ..., source: _Optional[_Union[AttributionSource, str]] = ..., fallback: _Optional[bool] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final")
+    __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final", "quality", "evidence", "device")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +177,9 @@ class UsageRecord(_message.Message):
     GAPS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     seq: int
     prev_hash: bytes
@@ -134,4 +196,7 @@ class UsageRecord(_message.Message):
     gaps: _containers.RepeatedCompositeFieldContainer[Gap]
     source: MeasurementSource
     final: bool
-    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., host: _Optional[str] = ..., start_unix_us: _Optional[int] = ..., end_unix_us: _Optional[int] = ..., gpu: _Optional[_Union[GpuRef, _Mapping]] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., busy_us: _Optional[int] = ..., wall_us: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., energy_mj: _Optional[int] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ..., source: _Optional[_Union[MeasurementSource, str]] = ..., final: _Optional[bool] = ...) -> None: ...
+    quality: Quality
+    evidence: EvidenceSource
+    device: DeviceBooks
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., host: _Optional[str] = ..., start_unix_us: _Optional[int] = ..., end_unix_us: _Optional[int] = ..., gpu: _Optional[_Union[GpuRef, _Mapping]] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., busy_us: _Optional[int] = ..., wall_us: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., energy_mj: _Optional[int] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ..., source: _Optional[_Union[MeasurementSource, str]] = ..., final: _Optional[bool] = ..., quality: _Optional[_Union[Quality, str]] = ..., evidence: _Optional[_Union[EvidenceSource, str]] = ..., device: _Optional[_Union[DeviceBooks, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,592 @@
+"""Apportioning a GPU's busy time among its processes: conservation, by construction.
+
+The device's utilization series (one sample per period, idle ones included) is the total
+that gets billed. Per-process evidence only decides who gets which part of it:
+
+- a process *alone* on the GPU over a period gets all of that period's busy time, whatever
+  its own samples say, and also when it has none;
+- where several processes held contexts, each period's busy time is split by the evidence:
+  each piece of evidence says how much busy time a process had over a span (a sample's
+  percent × the span it covers), and is trusted up to its *bound* (that plus its rounding);
+- busy time no listed process's evidence can take is *unattributed*, with the reason:
+  nobody held a context, the evidence of a process the driver never listed (a process that
+  lived between two polls, or garbage) claims it, or there is no evidence for it.
+
+Evidence spans and device periods need not line up (a 1 s process grid beside a 1/6 s
+device grid, or a cadence per PID): the shared time is cut into *rows* at every evidence
+boundary, each row gets the device busy time of the periods it covers (a period cut in two
+is split by time, in integers), and the pieces are fitted to the rows by iterative
+proportional fitting (rows to their busy time, pieces down to their bounds). Where every
+piece lies within one row, the split is direct.
+
+Exactness: every row's busy time is split in integers (largest remainders), so per GPU the
+shares, unattributed and alone parts add up to the periods' busy time to the µs × %.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from creditmeter.agent.split import largest_remainders
+
+IPF_ROUNDS = 100  # fitting rounds at most; it stops sooner once the rows fit
+IPF_TOLERANCE = 1e-4  # relative: a piece this little over its bound still fits
+
+
+class Unattributed(enum.IntEnum):
+    """Why busy time went to nobody (the values of the record's UnattributedReason)."""
+
+    NO_PROCESS = 1  # the device was busy while no process held a context on it
+    UNKNOWN_PROCESS = 2  # claimed by a pid the driver never listed on the device
+    NO_EVIDENCE = 3  # several processes held contexts and none has evidence for it
+
+
+class Period(NamedTuple):
+    """One device sample period: [start_us, end_us) and its busy µs × 100. (NamedTuples:
+    the meter makes thousands a minute, and a frozen dataclass costs several times more
+    to build.)"""
+
+    start_us: int
+    end_us: int
+    busy_pct_us: int
+
+
+class Evidence(NamedTuple):
+    """What one per-process sample says: ``pct_us`` of busy time (µs × %) over
+    [start_us, end_us), trusted up to ``bound_pct_us``. ``known``: the pid is one the driver
+    listed on this device; other pids' claims only ever become unattributed time."""
+
+    pid: int
+    start_us: int
+    end_us: int
+    pct_us: int
+    bound_pct_us: int
+    known: bool = True
+
+
+class Presence(NamedTuple):
+    """A process that may have held a context over [from_us, until_us)."""
+
+    pid: int
+    from_us: int
+    until_us: int | None  # None: still holds it
+
+
+class Share(NamedTuple):
+    pid: int
+    start_us: int
+    end_us: int
+    pct_us: int
+    exact: bool  # alone on the device: no evidence needed
+
+
+@dataclass(slots=True)
+class Apportioned:
+    """The committed part of one apportioning: shares, unattributed time by reason, and how
+    much of each piece of evidence the committed time used (by index in the input)."""
+
+    shares: list[Share] = field(default_factory=list)
+    unattributed: dict[Unattributed, int] = field(default_factory=dict)
+    used: dict[int, float] = field(default_factory=dict)
+    busy_pct_us: int = 0  # the committed periods' busy time: the total everything adds to
+
+    def leave(self, reason: Unattributed, pct_us: int) -> None:
+        if pct_us:
+            self.unattributed[reason] = self.unattributed.get(reason, 0) + pct_us
+
+
+def apportion(
+    periods: Sequence[Period],
+    evidence: Sequence[Evidence],
+    presence: Sequence[Presence],
+    commit_until_us: int,
+    used_before: Sequence[float] = (),
+    *,
+    complete_until_us: int | None = None,
+) -> Apportioned:
+    """Split the busy time of ``periods`` (sorted, disjoint) and commit the periods ending
+    at or before ``commit_until_us`` (a period end, or past the last).
+
+    ``used_before[i]`` is what earlier commits already took of ``evidence[i]``. The periods
+    after the commit are fitted too, so that evidence straddling the commit is shared
+    between both sides as it should be, but only the committed side is returned. Up to
+    ``complete_until_us`` (default: the commit) all evidence is in, and rows are filled to
+    their busy time; after it evidence may still be on its way, and rows are only held to
+    at most their busy time.
+    """
+    complete = commit_until_us if complete_until_us is None else complete_until_us
+    out = Apportioned()
+    remaining = [
+        max(0.0, e.bound_pct_us - (used_before[i] if i < len(used_before) else 0.0))
+        for i, e in enumerate(evidence)
+    ]
+    shared: list[Period] = []
+    claims = _claims(periods, evidence)
+    holders = [(p.pid, p.from_us, _NEVER if p.until_us is None else p.until_us) for p in presence]
+    steady = _steady(holders, periods)
+    shares, used = out.shares, out.used
+    for period, claimed in zip(periods, claims, strict=True):
+        start, end, busy = period.start_us, period.end_us, period.busy_pct_us
+        committed = end <= commit_until_us
+        if committed:
+            out.busy_pct_us += busy
+        present = steady if steady is not None else _holding(holders, period)
+        if len(claimed) == 1 and len(present) > 1:
+            # The common shared period: one process's sample, exactly the period.
+            i = claimed[0]
+            e = evidence[i]
+            if e.known and e.start_us == start and e.end_us == end:
+                if committed and busy:
+                    taken = min(busy, int(remaining[i]))
+                    if taken:
+                        shares.append(Share(e.pid, start, end, taken, False))
+                        used[i] = used.get(i, 0.0) + taken
+                        remaining[i] -= taken
+                    if busy > taken:
+                        out.leave(Unattributed.NO_EVIDENCE, busy - taken)
+                continue
+        if not claimed:  # nobody's evidence: alone, nobody, or nobody can tell
+            if committed and period.busy_pct_us:
+                _settle_unclaimed(period, present, out)
+            continue
+        if _settle_alone(period, evidence, claimed, present, committed, remaining, out):
+            continue
+        if _aligned(period, evidence, claimed):
+            if committed and period.busy_pct_us:  # else nothing to split: its evidence is its own
+                _split_aligned(period, claimed, evidence, presence, remaining, out)
+            continue
+        shared.append(period)
+    for run in _runs(shared):
+        _fit_run(run, evidence, presence, commit_until_us, complete, remaining, out)
+    return out
+
+
+# -- alone, and nobody -----------------------------------------------------------------------
+
+
+def _present(presence: Sequence[Presence], start_us: int, end_us: int) -> list[int]:
+    return [
+        p.pid
+        for p in presence
+        if p.from_us < end_us and (p.until_us is None or p.until_us > start_us)
+    ]
+
+
+def _overlap(e: Evidence, start_us: int, end_us: int) -> int:
+    return max(0, min(e.end_us, end_us) - max(e.start_us, start_us))
+
+
+def _claims(periods: Sequence[Period], evidence: Sequence[Evidence]) -> list[list[int]]:
+    """For each period, the pieces of evidence that overlap it (by index)."""
+    ends = [p.end_us for p in periods]
+    out: list[list[int]] = [[] for _ in periods]
+    for i, e in enumerate(evidence):
+        k = bisect.bisect_right(ends, e.start_us)
+        while k < len(periods) and periods[k].start_us < e.end_us:
+            out[k].append(i)
+            k += 1
+    return out
+
+
+_NEVER = 2**63  # an end later than any time: a context still held
+Holder = tuple[int, int, int]  # (pid, from_us, until_us)
+
+
+def _holding(holders: Sequence[Holder], period: Period) -> list[int]:
+    """The pids that may have held a context during ``period``."""
+    start, end = period.start_us, period.end_us
+    return sorted({pid for pid, from_us, until_us in holders if from_us < end and until_us > start})
+
+
+def _steady(holders: Sequence[Holder], periods: Sequence[Period]) -> list[int] | None:
+    """The holders, when every one held its context over all of ``periods`` (the common
+    case: then no period needs its own look)."""
+    if not periods:
+        return None
+    start, end = periods[0].start_us, periods[-1].end_us
+    if all(from_us <= start and until_us >= end for _, from_us, until_us in holders):
+        return sorted({pid for pid, _, _ in holders})
+    return None
+
+
+def _settle_unclaimed(period: Period, present: Sequence[int], out: Apportioned) -> None:
+    start, end = period.start_us, period.end_us
+    if len(present) == 1:
+        out.shares.append(Share(present[0], start, end, period.busy_pct_us, exact=True))
+    elif present:
+        out.leave(Unattributed.NO_EVIDENCE, period.busy_pct_us)
+    else:
+        out.leave(Unattributed.NO_PROCESS, period.busy_pct_us)
+
+
+def _aligned(period: Period, evidence: Sequence[Evidence], claims: Sequence[int]) -> bool:
+    """Whether every piece of evidence on the period is exactly the period (one row per
+    sample on the device's grid: the common case, split directly)."""
+    for i in claims:
+        e = evidence[i]
+        if e.start_us != period.start_us or e.end_us != period.end_us:
+            return False
+    return True
+
+
+def _split_aligned(
+    period: Period,
+    claims: Sequence[int],
+    evidence: Sequence[Evidence],
+    presence: Sequence[Presence],
+    remaining: list[float],
+    out: Apportioned,
+) -> None:
+    """A shared period whose every piece is exactly the period: split by the pieces'
+    claims, each held to its bound (``_commit_row`` without the rows)."""
+    if len(claims) == 1 and evidence[claims[0]].known:  # one process computed: the most common
+        i = claims[0]
+        taken = min(period.busy_pct_us, int(remaining[i]))
+        if taken:
+            out.shares.append(
+                Share(evidence[i].pid, period.start_us, period.end_us, taken, exact=False)
+            )
+            out.used[i] = out.used.get(i, 0.0) + taken
+            remaining[i] -= taken
+        out.leave(Unattributed.NO_EVIDENCE, period.busy_pct_us - taken)
+        return
+    if _split_exactly(period, claims, evidence, remaining, out):
+        return
+    known = [i for i in claims if evidence[i].known]
+    total = sum(evidence[i].pct_us for i in known)
+    cells = []
+    capped = False
+    for i in known:
+        w = evidence[i].pct_us * period.busy_pct_us / total if total else 0.0
+        if w > remaining[i]:
+            w, capped = remaining[i], True
+        cells.append(_Cell(i, w))
+    cells += [_Cell(i, float(evidence[i].pct_us)) for i in claims if not evidence[i].known]
+    row = _Row(period.start_us, period.end_us, period.busy_pct_us, cells, exact=not capped)
+    _commit_row(row, evidence, presence, remaining, out)
+
+
+def _split_exactly(
+    period: Period,
+    claims: Sequence[int],
+    evidence: Sequence[Evidence],
+    remaining: list[float],
+    out: Apportioned,
+) -> bool:
+    """The usual shared period: known processes' samples only, one each, that fit their
+    bounds when the period is split by their claims. False: take the general way."""
+    busy = period.busy_pct_us
+    pieces = [evidence[i] for i in claims]
+    total = 0
+    pids = set()
+    for e in pieces:
+        if not e.known or e.pid in pids:
+            return False
+        pids.add(e.pid)
+        total += e.pct_us
+    if not total:
+        return False
+    for i, e in zip(claims, pieces, strict=True):
+        if e.pct_us * busy > remaining[i] * total:
+            return False  # a claim over its bound: fitted the general way
+    order = sorted(range(len(pieces)), key=lambda k: pieces[k].pid)
+    split = largest_remainders(busy, [pieces[k].pct_us for k in order])
+    for k, pct in zip(order, split, strict=True):
+        i, e = claims[k], pieces[k]
+        if pct:
+            out.shares.append(Share(e.pid, period.start_us, period.end_us, pct, False))
+        w = e.pct_us * busy / total
+        out.used[i] = out.used.get(i, 0.0) + w
+        remaining[i] = max(0.0, remaining[i] - w)
+    return True
+
+
+def _settle_alone(
+    period: Period,
+    evidence: Sequence[Evidence],
+    claims: Sequence[int],
+    present: Sequence[int],
+    committed: bool,
+    remaining: list[float],
+    out: Apportioned,
+) -> bool:
+    """Settle a period nobody shares: alone, or nobody at all. False: it is shared."""
+    start, end = period.start_us, period.end_us
+    if len(present) > 1 or any(not evidence[i].known for i in claims):
+        return False
+    if not committed:
+        return True  # nothing to fit: settled when committed
+    if not present:
+        out.leave(Unattributed.NO_PROCESS, period.busy_pct_us)
+        return True
+    pid = present[0]
+    if period.busy_pct_us:
+        out.shares.append(Share(pid, start, end, period.busy_pct_us, exact=True))
+    for i in claims:  # its own evidence of this time is spent, whatever it said
+        e = evidence[i]
+        taken = e.pct_us * _overlap(e, start, end) / max(1, e.end_us - e.start_us)
+        out.used[i] = out.used.get(i, 0.0) + taken
+        remaining[i] = max(0.0, remaining[i] - taken)
+    return True
+
+
+def _runs(periods: Sequence[Period]) -> list[list[Period]]:
+    """Consecutive periods without a break in time."""
+    runs: list[list[Period]] = []
+    for p in periods:
+        if runs and runs[-1][-1].end_us == p.start_us:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+# -- shared time ------------------------------------------------------------------------------
+
+
+class _Cell:
+    """One piece of evidence's weight in one row."""
+
+    __slots__ = ("i", "w")
+
+    def __init__(self, i: int, w: float) -> None:
+        self.i = i  # the piece's index
+        self.w = w  # its busy time in the row, µs × %: fitted in place
+
+
+@dataclass(slots=True)
+class _Row:
+    start_us: int
+    end_us: int
+    busy_pct_us: int
+    cells: list[_Cell]
+    # Aligned rows whose pieces fit uncapped: the pieces' own integer claims, so that an
+    # exact driver is split exactly (float weights could move a unit between processes).
+    exact: bool = False
+
+
+def _fit_run(
+    run: Sequence[Period],
+    evidence: Sequence[Evidence],
+    presence: Sequence[Presence],
+    commit_until_us: int,
+    complete_until_us: int,
+    remaining: list[float],
+    out: Apportioned,
+) -> None:
+    rows = _rows(run, evidence, commit_until_us)
+    _fit([r for r in rows if r.busy_pct_us], evidence, remaining, complete_until_us)
+    for row in rows:
+        if row.end_us <= commit_until_us and row.busy_pct_us:
+            _commit_row(row, evidence, presence, remaining, out)
+
+
+def _rows(run: Sequence[Period], evidence: Sequence[Evidence], commit_until_us: int) -> list[_Row]:
+    """The run cut at every evidence boundary inside it (and at the commit), each part with
+    its periods' busy time split by time, and the evidence overlapping it as cells."""
+    start, end = run[0].start_us, run[-1].end_us
+    cuts = {start, end}
+    for e in evidence:
+        if start < e.start_us < end:
+            cuts.add(e.start_us)
+        if start < e.end_us < end:
+            cuts.add(e.end_us)
+    if start < commit_until_us < end:
+        cuts.add(commit_until_us)
+    bounds = sorted(cuts)
+    busy = [0] * (len(bounds) - 1)
+    for period in run:
+        _spread(period, bounds, busy)
+    rows = [_Row(a, b, busy[k], []) for k, (a, b) in enumerate(itertools.pairwise(bounds))]
+    for i, e in enumerate(evidence):
+        if e.end_us <= start or e.start_us >= end:
+            continue
+        length = max(1, e.end_us - e.start_us)
+        density = e.pct_us / length
+        k = max(0, bisect.bisect_right(bounds, e.start_us) - 1)
+        while k < len(rows) and rows[k].start_us < e.end_us:
+            row = rows[k]
+            part = min(e.end_us, row.end_us) - max(e.start_us, row.start_us)
+            if part > 0:
+                row.cells.append(_Cell(i, density * part))
+            k += 1
+    return rows
+
+
+def _spread(period: Period, bounds: Sequence[int], busy: list[int]) -> None:
+    """Add a period's busy time to the rows it covers, split by time in integers."""
+    lo = bisect.bisect_right(bounds, period.start_us) - 1
+    hi = bisect.bisect_left(bounds, period.end_us)
+    if hi - lo == 1:
+        busy[lo] += period.busy_pct_us
+        return
+    parts = [
+        min(bounds[k + 1], period.end_us) - max(bounds[k], period.start_us) for k in range(lo, hi)
+    ]
+    for k, amount in zip(range(lo, hi), largest_remainders(period.busy_pct_us, parts), strict=True):
+        busy[k] += amount
+
+
+def _fit(
+    rows: Sequence[_Row],
+    evidence: Sequence[Evidence],
+    bound: Sequence[float],
+    complete_until_us: int,
+) -> None:
+    """Fit the known pieces' cells: each row whose evidence is complete to its busy time,
+    each piece down to its bound. Later rows are only held to at most their busy time:
+    their evidence may still be on its way, and must not pull the others' share away.
+    Unknown pieces keep their own weights: they only take what is left over."""
+    mine = [[c for c in r.cells if evidence[c.i].known] for r in rows]
+    by_piece: dict[int, list[_Cell]] = {}
+    for cells in mine:
+        for c in cells:
+            by_piece.setdefault(c.i, []).append(c)
+    if all(len(cells) == 1 for cells in by_piece.values()):
+        for row, cells in zip(rows, mine, strict=True):
+            _fit_aligned(row, cells, bound)
+        return
+    for _ in range(IPF_ROUNDS):
+        for row, cells in zip(rows, mine, strict=True):
+            _scale_row(row.busy_pct_us, cells, up=row.end_us <= complete_until_us)
+        capped = False
+        for i, cells in by_piece.items():
+            total = sum(c.w for c in cells)
+            if total > bound[i] * (1 + IPF_TOLERANCE):
+                factor = bound[i] / total
+                for c in cells:
+                    c.w *= factor
+                capped = True
+        if not capped:
+            return
+    _top_up(rows, mine, by_piece, bound, complete_until_us)
+
+
+def _top_up(
+    rows: Sequence[_Row],
+    mine: Sequence[list[_Cell]],
+    by_piece: dict[int, list[_Cell]],
+    bound: Sequence[float],
+    complete_until_us: int,
+) -> None:
+    """Fitting converges only geometrically where bounds bind: give what each complete row
+    still lacks to its pieces that have room left under their bounds; failing that, move a
+    piece's weight into the row from another row where a third piece has room to take its
+    place (an augmenting path of one step)."""
+    room = {i: bound[i] - sum(c.w for c in cells) for i, cells in by_piece.items()}
+    where = {id(c): k for k, cells in enumerate(mine) for c in cells}
+    for row, cells in zip(rows, mine, strict=True):
+        if row.end_us > complete_until_us:
+            continue
+        lacking = row.busy_pct_us - sum(c.w for c in cells)
+        spare = sum(max(0.0, room[c.i]) for c in cells)
+        if lacking > 0 and spare > 0:
+            share = min(1.0, lacking / spare)
+            for c in cells:
+                extra = max(0.0, room[c.i]) * share
+                c.w += extra
+                room[c.i] -= extra
+            lacking -= min(lacking, spare)
+        for c in cells:
+            if lacking <= 0:
+                break
+            for other in by_piece[c.i]:
+                if other is c or lacking <= 0:
+                    continue
+                lacking -= _shift(c, other, mine[where[id(other)]], room, lacking)
+
+
+def _shift(
+    into: _Cell, away: _Cell, away_row: Sequence[_Cell], room: dict[int, float], want: float
+) -> float:
+    """Move up to ``want`` of a piece's weight from ``away`` to ``into`` where other pieces
+    in ``away``'s row have room to fill in for it; returns how much moved."""
+    spare = sum(max(0.0, room[c.i]) for c in away_row if c.i != away.i)
+    moved = min(want, away.w, spare)
+    if moved <= 0:
+        return 0.0
+    into.w += moved
+    away.w -= moved
+    for c in away_row:
+        if c.i != away.i and room[c.i] > 0:
+            fill = moved * room[c.i] / spare
+            c.w += fill
+            room[c.i] -= fill
+    return moved
+
+
+def _fit_aligned(row: _Row, cells: list[_Cell], bound: Sequence[float]) -> None:
+    """Every piece within this one row: split the row by the pieces' claims, directly."""
+    _scale_row(row.busy_pct_us, cells)
+    capped = False
+    for c in cells:
+        if c.w > bound[c.i]:
+            c.w = bound[c.i]
+            capped = True
+    row.exact = not capped
+
+
+def _scale_row(busy_pct_us: int, cells: list[_Cell], *, up: bool = True) -> None:
+    total = 0.0
+    for c in cells:
+        total += c.w
+    if total > 0 and (up or total > busy_pct_us):
+        factor = busy_pct_us / total
+        for c in cells:
+            c.w *= factor
+
+
+def _commit_row(
+    row: _Row,
+    evidence: Sequence[Evidence],
+    presence: Sequence[Presence],
+    remaining: list[float],
+    out: Apportioned,
+) -> None:
+    """Turn a fitted row into integer shares; what its known pieces cannot take goes to
+    unknown pids' claims (as unattributed), then to no evidence."""
+    busy = row.busy_pct_us
+    weights: dict[int, float] = {}
+    claims: dict[int, int] = {}
+    unknown = 0.0
+    for c in row.cells:
+        e = evidence[c.i]
+        if c.w <= 0:
+            continue
+        if not e.known:
+            unknown += min(c.w, remaining[c.i])
+            continue
+        weights[e.pid] = weights.get(e.pid, 0.0) + c.w
+        claims[e.pid] = claims.get(e.pid, 0) + e.pct_us
+        out.used[c.i] = out.used.get(c.i, 0.0) + c.w
+        remaining[c.i] = max(0.0, remaining[c.i] - c.w)
+    taken = min(busy, round(sum(weights.values())))
+    if taken:
+        pids = sorted(weights)
+        exact = [claims[p] for p in pids] if row.exact and all(claims.values()) else None
+        split = largest_remainders(taken, exact or _integral([weights[p] for p in pids]))
+        for pid, pct in zip(pids, split, strict=True):
+            if pct:
+                out.shares.append(Share(pid, row.start_us, row.end_us, pct, exact=False))
+    left = busy - taken
+    if not left:
+        return
+    claimed = min(left, round(unknown))
+    out.leave(Unattributed.UNKNOWN_PROCESS, claimed)
+    reason = Unattributed.NO_EVIDENCE
+    if not _present(presence, row.start_us, row.end_us):
+        reason = Unattributed.NO_PROCESS
+    out.leave(reason, left - claimed)
+
+
+def _integral(weights: Sequence[float]) -> list[int]:
+    """Float weights as integers good to a part in 2^40, for an exact integer split."""
+    top = max(weights, default=0.0)
+    if top <= 0:
+        return [1] * len(weights)
+    return [max(0, round(w / top * 2**40)) for w in weights]

@@ -1,0 +1,503 @@
+"""Per-process evidence of one GPU: which NVML source, which rows to trust, what span each
+row stands for.
+
+Per-process numbers only ever apportion the device's own busy time (``agent.apportion``),
+so what matters here is that each piece of evidence says the right amount over the right
+span, and that a source that lies is dropped. The sources, best first:
+
+1. ``nvmlDeviceGetProcessesUtilizationInfo`` (driver >= 550). On Blackwell it is right
+   where the legacy call reports smUtil 0 for every process (Project-HAMi/HAMi#2015).
+2. ``nvmlDeviceGetProcessUtilization``, the legacy call.
+3. ``nvmlDeviceGetAccountingStats_v2``, where accounting mode is on: its ``sumGpuUtil`` and
+   ``sampleCount`` count every sample since the process started, a cumulative counter whose
+   difference between two polls is the evidence of that span. Without _v2 the accounting
+   stats hold a lifetime average only, which is no evidence of a span, and are not used.
+
+A source is left for the next one, counted with the reason, when it answers NOT_SUPPORTED,
+when its rows are padding or duplicates (NVIDIA/go-nvml#11, Syllo/nvtop#110: 97 zero rows
+and smUtil 37100 in a 100-row answer), or when it answers zeros while the device is busy.
+With no source left, the device's busy time still gets billed where a process is alone, and
+is unattributed where several shared it.
+
+What one row stands for is not documented, and drivers differ: one row per sample on the
+device's grid, a process sampler on its own grid, a cadence per PID whose stamps lag by
+seconds (go-nvml#51, nvtop#110), or one row per PID averaging every sample since lastSeen
+(nvtop PR #91, nvitop PR #85). One rule covers them: a row stamped ``t`` covers one of the
+PID's own sample periods back from ``t``; where its stamp is one of the device's own period
+ends and rows are not known to be one per sample (several rows of one PID in one answer),
+it is the per-query average and covers back to the query's lastSeen. Never anything before
+the PID's previous row. A PID's sample period is learnt as the shortest step between its
+consecutive stamps; a row of a PID whose period is not known yet waits for the PID's next
+row (at most UNLEARNT_WAIT_US, then the shortest period seen on the device is assumed).
+
+On a cadence of its own, a PID's row is ambiguous when k >= 2 of its samples fall since
+lastSeen: one sample, or the mean of those k, diluted by the idle ones. The driver is asked
+again with lastSeen just before that row's stamp: a driver of one row per sample answers the
+same value, an averaging one the undiluted value of that one sample. The answer settles the
+row, and two answers alike settle the driver's reading (then a per-sample driver is not
+asked again).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from creditmeter.agent.apportion import Evidence, Period
+from creditmeter.agent.errors import NoData, NotSupported, NvmlError
+from creditmeter.agent.gpu import AccountingCounters, Device, Nvml, UtilSample
+
+log = logging.getLogger(__name__)
+
+FUTURE_SLACK_US = 1_000_000  # a stamp this far past the agent's clock is garbage
+ZERO_STRIKES = 3  # polls in a row of zero rows on a busy device before leaving a source
+BUSY_ENOUGH = 0.10  # the device this busy over a poll counts as busy
+MAX_SPAN_US = 10_000_000  # no row stands for more than this, whatever the stamps say
+UNLEARNT_WAIT_US = 5_000_000  # a row waits this long at most for its PID's next row
+
+
+class Source(enum.Enum):
+    """Where per-process evidence comes from (the values name the record's source)."""
+
+    UTILIZATION_INFO = "processes_utilization_info"
+    PROCESS_UTILIZATION = "process_utilization"
+    ACCOUNTING = "accounting_stats"
+
+
+ORDER = (Source.UTILIZATION_INFO, Source.PROCESS_UTILIZATION, Source.ACCOUNTING)
+# Left for these, a source is still better than none: its rows are usable once cleaned.
+SOFT_REASONS = frozenset({"padded_answer", "duplicate_rows"})
+
+
+@dataclass(slots=True)
+class EvidenceStats:
+    discarded: Counter[str] = field(default_factory=Counter)  # rows dropped, by reason
+    switches: Counter[str] = field(default_factory=Counter)  # sources left, by reason
+
+
+class RowReading(enum.Enum):
+    """What one row of a PID on a cadence of its own stands for, once known."""
+
+    UNKNOWN = "unknown"
+    PER_SAMPLE = "per_sample"  # one sample
+    AVERAGED = "averaged"  # the mean of its samples since lastSeen
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One poll's evidence, and whether the source answered with rows at all."""
+
+    pieces: list[Evidence]
+    rows: int  # valid rows
+    zero_rows: int  # valid rows whose smUtil was 0
+
+
+class EvidenceReader:
+    """The evidence of one whole GPU. Not thread-safe: the meter's thread reads it."""
+
+    def __init__(
+        self, nvml: Nvml, device: Device, stats: EvidenceStats, state: dict[str, Any] | None
+    ) -> None:
+        self._nvml = nvml
+        self._device = device
+        self.stats = stats
+        state = state or {}
+        self.left: dict[str, str] = dict(state.get("left", {}))  # source -> why it was left
+        self.cursor_us = int(state.get("cursor_us", 0))
+        self.strides: dict[int, int] = {int(k): v for k, v in state.get("strides", {}).items()}
+        self.last_stamp: dict[int, int] = {
+            int(k): v for k, v in state.get("last_stamp", {}).items()
+        }
+        # The stamp of each PID's latest row made evidence: no row reaches back past it.
+        self._previous: dict[int, int] = dict(self.last_stamp)
+        self.reading = RowReading(state.get("reading", RowReading.UNKNOWN.value))
+        self._votes: list[RowReading] = []
+        self._read_us = int(state.get("read_us", 0))  # when the previous answer was read
+        self._accounting: dict[int, tuple[int, int, int, int]] = {
+            int(k): tuple(v) for k, v in state.get("accounting", {}).items()
+        }
+        self._zero_strikes = 0
+        self._grid: set[int] = set()  # recent device period ends
+        self.busy_until_us = 0  # the end of the device's latest busy period
+        # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
+        self._waiting: dict[int, list[tuple[UtilSample, int, int, bool]]] = {}
+
+    def on_periods(self, periods: Sequence[Period]) -> None:
+        """The device periods just read: a row stamped at one's end is on the device grid."""
+        if len(self._grid) > 4096:
+            self._grid.clear()
+        for p in periods:
+            self._grid.add(p.end_us)
+            if p.busy_pct_us:
+                self.busy_until_us = max(self.busy_until_us, p.end_us)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "left": self.left,
+            "cursor_us": self.cursor_us,
+            "strides": self.strides,
+            "last_stamp": self.last_stamp,
+            "reading": self.reading.value,
+            "read_us": self._read_us,
+            "accounting": self._accounting,
+        }
+
+    @property
+    def source(self) -> Source | None:
+        """The source in use: the best one not left; else the best one left only for
+        padding or duplicates (cleaned, its rows still count); else none."""
+        for s in ORDER:
+            if s.value not in self.left:
+                return s
+        for s in ORDER:
+            if self.left[s.value] in SOFT_REASONS:
+                return s
+        return None
+
+    def start(self, cursor_us: int) -> None:
+        """Begin (or resume) reading rows stamped after ``cursor_us``."""
+        if not self.cursor_us:
+            self.cursor_us = cursor_us
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(
+        self,
+        now_us: int,
+        listed: Collection[int],
+        fresh: Collection[int],
+        device_cursor_us: int = 0,
+    ) -> Reading:
+        """This poll's evidence. ``listed``: pids the meter knows on the device (listed, or
+        exited and draining); ``fresh``: those first seen at this poll (their accounting
+        counters are all new). ``device_cursor_us``: the newest device period read; with no
+        row since lastSeen, the next query starts there (an average since lastSeen must not
+        reach back over idle time already settled)."""
+        while (source := self.source) is not None:
+            try:
+                if source is Source.ACCOUNTING:
+                    return self._accounting_reading(now_us, listed, fresh)
+                return self._rows_reading(source, now_us, listed, device_cursor_us)
+            except NotSupported:
+                self.leave(source, "not_supported")
+            except NoData:
+                self._nothing_since(device_cursor_us, now_us)
+                return Reading([], 0, 0)
+        return Reading([], 0, 0)
+
+    def _nothing_since(self, device_cursor_us: int, now_us: int) -> None:
+        """No row since lastSeen. If the device was idle all along, the next query starts at
+        its newest period (an average since lastSeen must not be diluted by idle time). If
+        it was busy, lastSeen stays: a driver that answers NOT_FOUND while the GPU looks
+        quiet (nvtop#364) shows the same sample to a query over a longer, busier span."""
+        if self.busy_until_us <= self.cursor_us:
+            self.cursor_us = max(self.cursor_us, min(device_cursor_us, now_us))
+        self._read_us = now_us
+
+    def leave(self, source: Source, reason: str) -> None:
+        if self.left.get(source.value) not in (None, *SOFT_REASONS):
+            return
+        if source.value in self.left and reason in SOFT_REASONS:
+            return
+        self.left[source.value] = reason
+        self.stats.switches[reason] += 1
+        following = self.source
+        log.warning(
+            "%s: per-process evidence from %s dropped (%s); using %s",
+            self._device.uuid,
+            source.value,
+            reason,
+            following.value if following else "none: shared busy time is unattributed",
+        )
+        self.reading = RowReading.UNKNOWN
+
+    def vote(self, reading: RowReading) -> None:
+        """A re-query's verdict; two alike settle how rows are read."""
+        self._votes = [*self._votes[-1:], reading]
+        if len(self._votes) == 2 and self._votes[0] is self._votes[1]:
+            if self.reading is not reading:
+                log.info("%s: per-process rows read as %s", self._device.uuid, reading.value)
+            self.reading = reading
+
+    def _rows_reading(
+        self, source: Source, now_us: int, listed: Collection[int], device_cursor_us: int
+    ) -> Reading:
+        since = max(1, self.cursor_us)  # lastSeen 0 invites duplicate rows (Kepler)
+        if source is Source.UTILIZATION_INFO:
+            raw = self._nvml.processes_utilization_info(self._device, since)
+        else:
+            raw = self._nvml.process_samples(self._device, since)
+        rows, suspect = self._clean(raw, now_us)
+        if suspect and self._another_after(source):
+            self.leave(source, suspect)
+        if not rows:  # padding and garbage only: as NOT_FOUND
+            self._nothing_since(device_cursor_us, now_us)
+            return Reading([], 0, 0)
+        recent = self._undiluted(source, rows, since, now_us)
+        reading = self._pieces(rows, since, listed, self._read_us or since, recent)
+        self._read_us = now_us
+        return reading
+
+    def _ambiguous(self, s: UtilSample, since_us: int) -> bool:
+        """Whether row ``s`` may be the mean of several of its PID's samples."""
+        if self.reading is RowReading.PER_SAMPLE or s.timestamp_us in self._grid:
+            return False
+        stride = self.strides.get(s.pid)
+        if stride is None:
+            return False  # it waits for its PID's period; asked again then, if need be
+        return s.timestamp_us - max(since_us, self._previous.get(s.pid, 0)) > stride
+
+    def _undiluted(
+        self, source: Source, rows: Sequence[UtilSample], since_us: int, now_us: int
+    ) -> dict[tuple[int, int], int]:
+        """For ambiguous rows, each one's own last sample's percent, asked of the driver
+        with lastSeen just before its stamp: (pid, stamp) -> percent."""
+        ambiguous = [s for s in rows if self._ambiguous(s, since_us)]
+        if not ambiguous:
+            return {}
+        since = min(s.timestamp_us for s in ambiguous) - 1
+        try:
+            if source is Source.UTILIZATION_INFO:
+                raw = self._nvml.processes_utilization_info(self._device, since)
+            else:
+                raw = self._nvml.process_samples(self._device, since)
+        except NvmlError:  # NOT_FOUND, or worse: the row is read as it came
+            return {}
+        again, _ = self._clean(raw, now_us, since)
+        answer = {(s.pid, s.timestamp_us): s.sm_util for s in again}
+        out = {}
+        for s in ambiguous:
+            recent = answer.get((s.pid, s.timestamp_us))
+            if recent is not None:
+                out[(s.pid, s.timestamp_us)] = recent
+                if recent > s.sm_util:
+                    self.vote(RowReading.AVERAGED)
+                elif s.sm_util:
+                    self.vote(RowReading.PER_SAMPLE)
+        return out
+
+    def _another_after(self, source: Source) -> bool:
+        return any(s.value not in self.left for s in ORDER[ORDER.index(source) + 1 :])
+
+    def _clean(
+        self, raw: Sequence[UtilSample], now_us: int, since_us: int | None = None
+    ) -> tuple[list[UtilSample], str]:
+        """The rows worth reading (stamped after ``since_us``, default lastSeen), and why
+        the answer as a whole is suspect ("" if not)."""
+        floor = self.cursor_us if since_us is None else since_us
+        discarded = self.stats.discarded
+        suspect = ""
+        seen: dict[tuple[int, int], UtilSample | None] = {}
+        for s in raw:
+            if s.pid == 0 or s.timestamp_us == 0:
+                discarded["padding"] += 1
+                suspect = suspect or "padded_answer"
+            elif s.sm_util > 100:
+                discarded["util_over_100"] += 1
+            elif s.timestamp_us <= floor:
+                discarded["stale_timestamp"] += 1
+            elif s.timestamp_us > now_us + FUTURE_SLACK_US:
+                discarded["future_timestamp"] += 1
+            else:
+                key = (s.pid, s.timestamp_us)
+                if key in seen:
+                    discarded["duplicate_row"] += 1
+                    suspect = suspect or "duplicate_rows"
+                    if seen[key] != s:
+                        seen[key] = None  # two different answers for one sample: neither
+                else:
+                    seen[key] = s
+        rows = [s for s in seen.values() if s is not None]
+        rows.sort(key=lambda s: (s.timestamp_us, s.pid))
+        return rows, suspect
+
+    def _pieces(
+        self,
+        rows: list[UtilSample],
+        since_us: int,
+        listed: Collection[int],
+        read_us: int,
+        recent: dict[tuple[int, int], int],
+    ) -> Reading:
+        """Rows as evidence (pieces of zero length dropped)."""
+        if len({s.pid for s in rows}) < len(rows):
+            self.reading = RowReading.PER_SAMPLE  # several rows of one PID in one answer
+        out = Reading([], len(rows), sum(s.sm_util == 0 for s in rows))
+        last_stamp, strides, waiting_rows = self.last_stamp, self.strides, self._waiting
+        for s in rows:
+            pid, stamp = s.pid, s.timestamp_us
+            known = pid in listed
+            if not known:
+                self.stats.discarded["pid_not_on_device"] += 1
+            previous = last_stamp.get(pid)
+            if previous is None or stamp > previous:
+                last_stamp[pid] = stamp
+                if previous is not None and stamp - previous < strides.get(pid, stamp):
+                    strides[pid] = stamp - previous  # the shortest step: its sample period
+            if pid not in strides:
+                waiting_rows.setdefault(pid, []).append((s, since_us, read_us, known))
+                continue
+            for row, row_since, row_read, row_known in waiting_rows.pop(pid, ()):
+                self._piece(row, row_since, row_read, row_known, out)
+            self._piece(s, since_us, read_us, known, out, recent.get((pid, stamp)))
+        if waiting_rows:
+            self._flush_waiting(out)
+        if rows:
+            self.cursor_us = max(self.cursor_us, rows[-1].timestamp_us)
+        out.pieces[:] = [p for p in out.pieces if p.end_us > p.start_us]
+        return out
+
+    def complete_until_us(self, now_us: int, pids: Collection[int]) -> int:
+        """Up to when every one of ``pids`` has shown all its evidence: a PID's rows up to
+        its latest stamp are in, and a PID quiet since then would have shown a row one of its
+        sample periods after; a PID whose period is not known yet may sample slowly (nvtop#110
+        saw 4.5 s) and a row still waiting for its PID's period may reach back that far."""
+        until = now_us
+        for pid in pids:
+            stride = self.strides.get(pid)
+            if stride is None:
+                until = min(until, now_us - UNLEARNT_WAIT_US)
+                continue
+            until = min(until, max(self.last_stamp.get(pid, 0), now_us - stride))
+        waiting = self.waiting_from_us()
+        return until if waiting is None else min(until, waiting)
+
+    def waiting_from_us(self) -> int | None:
+        """The earliest time a row still waiting for its PID's period may cover: nothing
+        from there on may be settled before the row is read."""
+        stamps = [rows[0][0].timestamp_us for rows in self._waiting.values()]
+        return min(stamps) - UNLEARNT_WAIT_US if stamps else None
+
+    def _flush_waiting(self, out: Reading) -> None:
+        """Rows that waited long enough for their PID's next row: read with the shortest
+        period seen on the device."""
+        for pid in list(self._waiting):
+            rows = self._waiting[pid]
+            if self.cursor_us - rows[0][0].timestamp_us >= UNLEARNT_WAIT_US:
+                del self._waiting[pid]
+                for row, row_since, row_read, row_known in rows:
+                    self._piece(row, row_since, row_read, row_known, out)
+
+    def _piece(
+        self,
+        s: UtilSample,
+        since_us: int,
+        read_us: int,
+        known: bool,
+        out: Reading,
+        recent: int | None = None,
+    ) -> None:
+        """Row ``s`` as evidence. ``recent``: its own last sample's percent, where the
+        driver was asked again because the row may be an average (``_undiluted``)."""
+        stamp = s.timestamp_us
+        stride = self.strides.get(s.pid) or self.default_stride()
+        previous = self._previous.get(s.pid)
+        self._previous[s.pid] = stamp
+        floor = previous if previous is not None else stamp - MAX_SPAN_US
+        last_start = stamp - stride if stamp - stride > floor else floor
+        if recent is None and (self.reading is RowReading.PER_SAMPLE or stamp not in self._grid):
+            out.pieces.append(_evidence(s, last_start, known))  # one sample: the common case
+            return
+        if self.reading is not RowReading.PER_SAMPLE and stamp in self._grid:
+            # On the device grid: the average of every period since lastSeen.
+            out.pieces.append(_evidence(s, max(floor, min(stamp - stride, since_us)), known))
+            return
+        if recent is None or recent <= s.sm_util:
+            out.pieces.append(_evidence(s, last_start, known))  # one sample
+            return
+        # An average: its last sample at ``recent``, the earlier ones since lastSeen the rest.
+        out.pieces.append(_evidence(s._replace(sm_util=recent), last_start, known))
+        start = max(floor, since_us)
+        samples = -(-(stamp - start) // stride)
+        rest_pct_us = s.sm_util * samples * stride - recent * (stamp - last_start)
+        if start < last_start and rest_pct_us > samples * stride // 2:
+            rest = Evidence(
+                s.pid, start, last_start, rest_pct_us, rest_pct_us + samples * stride // 2, known
+            )
+            out.pieces.append(rest)
+
+    def default_stride(self) -> int:
+        """A PID's sample period before it has shown its own: the device's shortest so far,
+        else one second (what every driver seen samples at most)."""
+        return min(self.strides.values(), default=1_000_000)
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def _accounting_reading(
+        self, now_us: int, listed: Collection[int], fresh: Collection[int]
+    ) -> Reading:
+        if not self._nvml.accounting_enabled(self._device):
+            raise NotSupported(f"{self._device.uuid}: accounting mode is off", 0)
+        pieces = []
+        for pid in sorted(listed):
+            counters = self._nvml.accounting_counters(self._device, pid)
+            if counters is None:
+                continue
+            piece = self._accounted(counters, now_us, pid in fresh)
+            if piece is not None:
+                pieces.append(piece)
+        for pid in [p for p in self._accounting if p not in listed]:
+            del self._accounting[pid]
+        return Reading(pieces, len(pieces), sum(p.pct_us == 0 for p in pieces))
+
+    def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:
+        before = self._accounting.get(c.pid)
+        self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, now_us)
+        if before is None:
+            if not fresh:
+                return None  # counted before the agent watched: not this span's evidence
+            before = (0, 0, 0, now_us - c.time_ms * 1000)
+        count, total, time_ms, read_us = before
+        samples = c.sample_count - count
+        if samples <= 0 or now_us <= read_us:
+            return None
+        period_us = max(1, (c.time_ms - time_ms) * 1000 // samples) if c.time_ms > time_ms else 0
+        period_us = period_us or (now_us - read_us) // samples
+        pct_us = (c.sum_gpu_util - total) * period_us // 100  # sumGpuUtil is percent × 100
+        bound = pct_us + samples * period_us // 2  # each sample's rounding, half a percent
+        return Evidence(c.pid, read_us, now_us, pct_us, bound, known=True)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def judge(self, reading: Reading, device_busy_fraction: float) -> None:
+        """Leave a source that answers only zeros while the device is busy (Blackwell's
+        legacy call, HAMi#2015), after ZERO_STRIKES polls in a row."""
+        source = self.source
+        if source is None:
+            return
+        if (
+            reading.rows
+            and reading.zero_rows == reading.rows
+            and device_busy_fraction > BUSY_ENOUGH
+        ):
+            self._zero_strikes += 1
+        else:
+            self._zero_strikes = 0
+        if self._zero_strikes >= ZERO_STRIKES and self._another_after(source):
+            self._zero_strikes = 0
+            self.leave(source, "zero_while_busy")
+
+    def forget(self, pid: int) -> None:
+        """A process left the device for good: its learnt stamps go with it."""
+        self.strides.pop(pid, None)
+        self.last_stamp.pop(pid, None)
+        self._previous.pop(pid, None)
+        self._waiting.pop(pid, None)
+        self._accounting.pop(pid, None)
+
+
+def _evidence(s: UtilSample, start_us: int, known: bool, samples: float = 1) -> Evidence:
+    """Row ``s`` as evidence of [start_us, stamp): its percent of the span, ``samples``
+    times over when it is the mean of that many times more samples, the others idle."""
+    span = s.timestamp_us - start_us
+    if samples == 1:
+        pct_us = s.sm_util * span
+        # A whole percent is the true value rounded: up to half a percent more is still true.
+        return Evidence(s.pid, start_us, s.timestamp_us, pct_us, pct_us + span // 2, known)
+    pct_us = round(s.sm_util * span * samples)
+    bound = round((s.sm_util + 0.5) * span * samples)
+    return Evidence(s.pid, start_us, s.timestamp_us, pct_us, bound, known)

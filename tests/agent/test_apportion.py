@@ -1,0 +1,142 @@
+"""Apportioning a GPU's busy time: alone, shared, unattributed, and exact conservation."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from creditmeter.agent.apportion import (
+    Evidence,
+    Period,
+    Presence,
+    Share,
+    Unattributed,
+    apportion,
+)
+
+P = 1_000_000
+T = 1_750_000_000_000_000
+
+
+def period(i: int, util: int) -> Period:
+    return Period(T + i * P, T + (i + 1) * P, util * P)
+
+
+def sample(pid: int, i: int, util: int, *, known: bool = True, periods: int = 1) -> Evidence:
+    pct = util * P * periods
+    return Evidence(pid, T + i * P, T + (i + periods) * P, pct, pct + periods * P // 2, known)
+
+
+def holding(*pids: int) -> list[Presence]:
+    return [Presence(pid, T - P, None) for pid in pids]
+
+
+def shares_by_pid(shares: list[Share]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for s in shares:
+        out[s.pid] = out.get(s.pid, 0) + s.pct_us
+    return out
+
+
+def test_a_process_alone_gets_the_device_whatever_its_samples_say() -> None:
+    periods = [period(0, 80), period(1, 60)]
+    result = apportion(periods, [sample(7, 0, 3)], holding(7), T + 2 * P)
+    assert shares_by_pid(result.shares) == {7: 140 * P}
+    assert all(s.exact for s in result.shares)
+    assert result.unattributed == {}
+
+
+def test_a_process_alone_without_any_sample_still_gets_it() -> None:
+    result = apportion([period(0, 55)], [], holding(7), T + P)
+    assert result.shares == [Share(7, T, T + P, 55 * P, True)]
+
+
+def test_busy_with_nobody_holding_a_context_is_unattributed_not_guessed() -> None:
+    result = apportion([period(0, 30)], [], holding(), T + P)
+    assert result.shares == []
+    assert result.unattributed == {Unattributed.NO_PROCESS: 30 * P}
+
+
+def test_shared_time_is_split_by_the_samples() -> None:
+    evidence = [sample(1, 0, 60), sample(2, 0, 40)]
+    result = apportion([period(0, 100)], evidence, holding(1, 2), T + P)
+    assert shares_by_pid(result.shares) == {1: 60 * P, 2: 40 * P}
+
+
+def test_concurrent_kernels_share_a_gpu_second_instead_of_billing_it_twice() -> None:
+    evidence = [sample(1, 0, 100), sample(2, 0, 100)]  # MPS: both ran the whole period
+    result = apportion([period(0, 100)], evidence, holding(1, 2), T + P)
+    assert shares_by_pid(result.shares) == {1: 50 * P, 2: 50 * P}
+
+
+def test_shared_time_without_evidence_is_unattributed() -> None:
+    result = apportion([period(0, 90)], [sample(1, 0, 30)], holding(1, 2), T + P)
+    assert shares_by_pid(result.shares) == {1: 30 * P + P // 2}  # its claim, rounding included
+    assert result.unattributed == {Unattributed.NO_EVIDENCE: 90 * P - 30 * P - P // 2}
+
+
+def test_a_pid_the_driver_never_listed_takes_only_what_listed_ones_cannot() -> None:
+    garbage = sample(999, 0, 10, known=False)
+    result = apportion([period(0, 97)], [sample(1, 0, 97), garbage], holding(1), T + P)
+    assert shares_by_pid(result.shares) == {1: 97 * P}
+    short_lived = sample(999, 0, 50, known=False)
+    result = apportion([period(0, 90)], [sample(1, 0, 40), short_lived], holding(1), T + P)
+    assert shares_by_pid(result.shares) == {1: 40 * P + P // 2}
+    assert result.unattributed == {Unattributed.UNKNOWN_PROCESS: 90 * P - 40 * P - P // 2}
+
+
+def test_samples_spanning_several_periods_are_fitted_to_the_device() -> None:
+    # pid 1 ran in the first second only, pid 2 in the last two; each sample spans 2 s.
+    periods = [period(0, 100), period(1, 100), period(2, 100)]
+    evidence = [sample(1, 0, 50, periods=2), sample(2, 1, 100, periods=2)]
+    result = apportion(periods, evidence, holding(1, 2), T + 3 * P)
+    got = shares_by_pid(result.shares)
+    # Within the samples' own rounding: half a percent of each 2 s sample.
+    assert abs(got[1] - 100 * P) <= P and abs(got[2] - 200 * P) <= P
+    assert sum(got.values()) + sum(result.unattributed.values()) == 300 * P
+
+
+def test_only_the_committed_periods_are_returned() -> None:
+    periods = [period(0, 50), period(1, 50)]
+    result = apportion(periods, [], holding(3), T + P)
+    assert result.busy_pct_us == 50 * P
+    assert shares_by_pid(result.shares) == {3: 50 * P}
+
+
+@st.composite
+def devices(draw: st.DrawFn) -> tuple[list[Period], list[Evidence], list[Presence], int]:
+    n = draw(st.integers(1, 12))
+    lengths = draw(st.lists(st.integers(1, 400_000), min_size=n, max_size=n))
+    periods, start = [], T
+    for length in lengths:
+        periods.append(Period(start, start + length, draw(st.integers(0, 100)) * length))
+        start += length
+    end = start
+    evidence = []
+    for _ in range(draw(st.integers(0, 10))):
+        a = draw(st.integers(T - 500_000, end))
+        b = draw(st.integers(a + 1, end + 500_000))
+        pct = draw(st.integers(0, 100)) * (b - a)
+        known = draw(st.booleans())
+        evidence.append(Evidence(draw(st.integers(1, 4)), a, b, pct, pct + (b - a) // 2, known))
+    presence = [
+        Presence(pid, draw(st.integers(T - P, end)), draw(st.none() | st.integers(T, end + P)))
+        for pid in draw(st.lists(st.integers(1, 4), max_size=4, unique=True))
+    ]
+    commit = periods[draw(st.integers(0, n - 1))].end_us
+    return periods, evidence, presence, commit
+
+
+@settings(max_examples=300, deadline=None)
+@given(devices())
+def test_conservation_billed_plus_unattributed_is_the_device_exactly(
+    device: tuple[list[Period], list[Evidence], list[Presence], int],
+) -> None:
+    periods, evidence, presence, commit = device
+    result = apportion(periods, evidence, presence, commit)
+    committed = sum(p.busy_pct_us for p in periods if p.end_us <= commit)
+    assert result.busy_pct_us == committed
+    billed = sum(s.pct_us for s in result.shares)
+    assert billed + sum(result.unattributed.values()) == committed
+    assert all(s.pct_us > 0 for s in result.shares)
+    assert all(s.end_us <= commit for s in result.shares)
