@@ -46,7 +46,7 @@ from creditmeter.collector.errors import (
 )
 from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
-from creditmeter.collector.store import Store
+from creditmeter.collector.store import Store, canonical_public_key_hex, check_agent_id
 from creditmeter.collector.stores import open_store, redacted
 from creditmeter.collector.telemetry import PROBE_AGENT_ID, CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
@@ -319,6 +319,10 @@ def _serve_metrics(stack: ExitStack, config: Config, registry: Registry) -> None
 
 
 def _enroll(args: argparse.Namespace) -> int:
+    # Bad arguments are refused before any database is opened or created: the error names
+    # the argument, not whatever happens to sit at the store URL.
+    check_agent_id(args.agent_id)
+    canonical_public_key_hex(args.public_key_hex)
     store = open_store(args.db, create=True)
     try:
         agent = store.enroll_agent(args.agent_id, args.public_key_hex)

@@ -83,11 +83,26 @@ def test_the_database_may_come_from_the_environment(
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
-    capsys: pytest.CaptureFixture[str], argv: list[str], problem: str
+    capsys: pytest.CaptureFixture[str], argv: list[str], problem: str, tmp_path: Path
 ) -> None:
+    # Each run gets its own database path: a shared one such as /tmp/x.db may hold anything.
+    argv = [arg.replace("sqlite:///tmp/x.db", f"sqlite://{tmp_path}/x.db") for arg in argv]
     code, out, err = run(capsys, *argv)
     assert (code, out) == (2, "")
     assert_one_line_error(err, problem)
+
+
+def test_a_bad_enrollment_is_refused_before_the_database_is_opened(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    not_a_database = tmp_path / "x.db"
+    not_a_database.write_bytes(b"garbage")
+    url = f"sqlite://{not_a_database}"
+    for agent_id, key, problem in (("a b", "ab" * 32, "whitespace"), ("a", "zz", "public key")):
+        code, _, err = run(capsys, "enroll", "--db", url, agent_id, key)
+        assert code == 2
+        assert_one_line_error(err, problem)
+    assert not_a_database.read_bytes() == b"garbage"
 
 
 def test_a_missing_database_is_not_created_by_reading_commands(
