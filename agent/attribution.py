@@ -33,7 +33,7 @@ class RecordBuilder:
         return drafts
 
     def _drafts(self, u: WindowUsage) -> list[usage_pb2.UsageRecord]:
-        if self._spans is None:
+        if self._spans is None or u.books is not None:  # a GPU's books: no jobs to split
             return [draft(u, self._host) for u in reportable([u])]
         window = self._spans.spans_for(
             u.key.pid, u.key.create_time_us, u.start_us, u.end_us, gpu_uuid=u.device.uuid

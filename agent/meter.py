@@ -160,6 +160,7 @@ class MeterStats:
     device_busy_us: int = 0  # the devices' own busy time (whole GPUs)
     unattributed_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gaps_us: Counter[str] = field(default_factory=Counter)  # by reason name
+    gpu_losses: Counter[str] = field(default_factory=Counter)  # by device uuid
 
 
 class Meter:
@@ -662,6 +663,7 @@ class Meter:
         """Only this device is lost: its cursors stay where its records end, and the ring
         may still hold the time in between when it is found again."""
         self._count_error(exc)
+        self.stats.gpu_losses[ds.device.uuid] += 1
         log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
         ds.was_lost = True

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from creditmeter.agent.errors import AgentError
-from creditmeter.agent.usage import WindowUsage
+from creditmeter.agent.usage import DeviceBooks, WindowUsage
 from creditmeter.v1 import usage_pb2
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,15 @@ _LABEL_KEYS = ("account", "model", "job")
 
 
 def reportable(usages: Iterable[WindowUsage]) -> list[WindowUsage]:
-    """Usage worth a record: compute or missing time. A process that exits after an idle
-    window still ends its life in the meter, but idle alone is never written, never billed."""
-    return [u for u in usages if u.busy_us > 0 or u.gaps_us]
+    """Usage worth a record: compute or missing time, and every GPU's books. A process that
+    exits after an idle window still ends its life in the meter, but idle alone is never
+    written, never billed."""
+    return [u for u in usages if u.busy_us > 0 or u.gaps_us or u.books is not None]
 
 
 def draft(usage: WindowUsage, host: str) -> usage_pb2.UsageRecord:
-    """The record of one process's window, attributed by its environment labels."""
+    """The record of one process's window, attributed by its environment labels; or, for
+    a device record, the GPU's books."""
     record = usage_pb2.UsageRecord(
         host=host,
         start_unix_us=usage.start_us,
@@ -42,8 +44,14 @@ def draft(usage: WindowUsage, host: str) -> usage_pb2.UsageRecord:
         wall_us=usage.wall_us,
         source=usage.source,  # type: ignore[arg-type]
         final=usage.final,
+        quality=usage.quality,  # type: ignore[arg-type]
+        evidence=usage.evidence,  # type: ignore[arg-type]
     )
     _fill_gpu(record.gpu, usage)
+    if usage.books is not None:
+        _fill_books(record.device, usage.books)
+        record.attribution.source = usage_pb2.ATTRIBUTION_SOURCE_NONE
+        return record
     _fill_process(record.process, usage)
     labels = usage.info.labels if usage.info else {}
     record.attribution.account = labels.get("account", "")
@@ -74,6 +82,13 @@ def _fill_gpu(gpu: usage_pb2.GpuRef, usage: WindowUsage) -> None:
         gpu.gpu_instance_id = device.gpu_instance_id
     if device.compute_instance_id is not None:
         gpu.compute_instance_id = device.compute_instance_id
+
+
+def _fill_books(books: usage_pb2.DeviceBooks, of: DeviceBooks) -> None:
+    books.device_busy_us = of.device_busy_us
+    books.attributed_busy_us = of.attributed_busy_us
+    for reason, busy_us in of.unattributed_us:
+        books.unattributed.add(reason=reason, busy_us=busy_us)
 
 
 def _fill_process(process: usage_pb2.ProcessRef, usage: WindowUsage) -> None:
@@ -122,12 +137,32 @@ def merge(into: usage_pb2.UsageRecord, more: usage_pb2.UsageRecord) -> None:
         into.peak_memory_bytes = max(into.peak_memory_bytes, more.peak_memory_bytes)
     if more.HasField("energy_mj"):
         into.energy_mj = into.energy_mj + more.energy_mj
-    gaps = {g.reason: g.duration_us for g in into.gaps}
-    for g in more.gaps:
-        gaps[g.reason] = gaps.get(g.reason, 0) + g.duration_us
+    gaps = _by_reason([(g.reason, g.duration_us) for g in (*into.gaps, *more.gaps)])
     del into.gaps[:]
-    for reason, duration_us in sorted(gaps.items()):
+    for reason, duration_us in gaps:
         into.gaps.add(duration_us=duration_us, reason=reason)
+    if more.quality == usage_pb2.QUALITY_APPORTIONED:  # shared somewhere: apportioned
+        into.quality = more.quality
+        into.evidence = more.evidence
+    if more.HasField("device"):
+        _merge_books(into.device, more.device)
+
+
+def _merge_books(into: usage_pb2.DeviceBooks, more: usage_pb2.DeviceBooks) -> None:
+    into.device_busy_us += more.device_busy_us
+    into.attributed_busy_us += more.attributed_busy_us
+    busy = _by_reason([(u.reason, u.busy_us) for u in (*into.unattributed, *more.unattributed)])
+    del into.unattributed[:]
+    for reason, busy_us in busy:
+        into.unattributed.add(reason=reason, busy_us=busy_us)
+
+
+def _by_reason(amounts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(reason, µs) pairs summed per reason, in reason order."""
+    totals: dict[int, int] = {}
+    for reason, amount_us in amounts:
+        totals[reason] = totals.get(reason, 0) + amount_us
+    return sorted(totals.items())
 
 
 class Flusher:

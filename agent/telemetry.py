@@ -59,6 +59,32 @@ class AgentTelemetry:
             ),
             "reason",
         )
+        self._unattributed = _Tallied(
+            r.counter(
+                "creditmeter_agent_unattributed_busy_seconds_total",
+                "Device busy time no process could take, by reason (reported, never billed).",
+                ["reason"],
+            ),
+            "reason",
+        )
+        self._switches = _Tallied(
+            r.counter(
+                "creditmeter_agent_evidence_source_switches_total",
+                "Per-process evidence sources left for the next one, by reason.",
+                ["reason"],
+            ),
+            "reason",
+        )
+        self._losses = _Tallied(
+            r.counter(
+                "creditmeter_agent_gpu_lost_total", "Times a device was found lost.", ["gpu"]
+            ),
+            "gpu",
+        )
+        self._device_busy = r.counter(
+            "creditmeter_agent_device_busy_seconds_total",
+            "The devices' own busy time (whole GPUs): billed plus unattributed.",
+        )
         self._processes = r.counter(
             "creditmeter_agent_processes_seen_total", "Distinct GPU processes seen."
         )
@@ -91,6 +117,11 @@ class AgentTelemetry:
         self._errors.follow(stats.nvml_errors)
         self._discarded.follow(stats.discarded_samples)
         self._gaps.follow(stats.gaps_us, scale=1e-6)
+        self._unattributed.follow(stats.unattributed_us, scale=1e-6)
+        self._switches.follow(stats.evidence_switches)
+        self._losses.follow(stats.gpu_losses)
+        self._device_busy.inc((stats.device_busy_us - self._last.device_busy_us) / 1e6)
+        self._last.device_busy_us = stats.device_busy_us
         self._processes.inc(stats.processes_seen - self._last.processes_seen)
         self._busy.inc((stats.busy_us_metered - self._last.busy_us_metered) / 1e6)
         self._last.processes_seen = stats.processes_seen

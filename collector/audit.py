@@ -4,9 +4,11 @@ For every agent: the chain runs from seq 1 without holes; each record's prev_has
 SHA-256 of the stored bytes of the record before; every record still passes the verifier's
 checks; every segment's signature verifies under the agent's key over the hash of the
 record that ends it, and the last record ends a segment; the start_us column still says
-what the bytes say; the agent's head is its last record. Then the rollups reports and
-balances read must equal the sums of their sources: the hourly and the per-device rollups
-those of the record bytes, and the hourly API rollups those of the stored API charges.
+what the bytes say; the agent's head is its last record; and, per GPU, the busy time of
+its process records between two of its device records is what the later one's books say
+was attributed (conservation). Then the rollups reports and balances read must equal the
+sums of their sources: the hourly, per-device and per-GPU rollups those of the record
+bytes, and the hourly API rollups those of the stored API charges.
 Anything else is a finding: a database edited behind the collector's back, a bug, or a
 disk error. Audit works on one snapshot, so a running collector does not cause findings.
 """
@@ -25,20 +27,24 @@ from creditmeter.collector.errors import RejectedBatch
 from creditmeter.collector.ledger_store import ApiCharge, LedgerSnapshot
 from creditmeter.collector.rollup import (
     DeviceRollupKey,
+    GpuRollupKey,
+    GpuSums,
     RollupKey,
     RollupSums,
     hour_start_us,
     hour_text,
+    is_device_record,
 )
 from creditmeter.collector.rows import SEQ, START_US
 from creditmeter.collector.store import AgentInfo, Snapshot, Store, StoredRecord
 from creditmeter.collector.verifier import Verifier
+from creditmeter.v1 import usage_pb2
 
 _RECORD_SUMS = "busy_us, wall_us, records"
 _API_SUMS = "requests, charges"
 ApiRollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 # Rollup keys: (hour, account, model) of the hourly and API rollups, or a device rollup key.
-Key = TypeVar("Key", RollupKey, DeviceRollupKey)
+Key = TypeVar("Key", RollupKey, DeviceRollupKey, GpuRollupKey)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,18 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
     # that a store may add its ledger after its ingest.
     if isinstance(snapshot, LedgerSnapshot):
         result.findings.extend(_ledger_rollup_findings(snapshot, expected.device))
+        result.findings.extend(
+            _sum_findings(
+                (
+                    ((r.hour_start_us, r.host, r.gpu_uuid, r.kind), [r.amount_us])
+                    for r in snapshot.gpu_rollups()
+                ),
+                {key: [us] for key, us in expected.gpu.items()},
+                _gpu_where,
+                "[µs]",
+                "records",
+            )
+        )
     return result
 
 
@@ -116,6 +134,7 @@ class _ExpectedSums:
 
     hourly: dict[RollupKey, RollupSums] = field(default_factory=dict)
     device: dict[DeviceRollupKey, RollupSums] = field(default_factory=dict)
+    gpu: GpuSums = field(default_factory=dict)
 
 
 def _ledger_rollup_findings(
@@ -165,6 +184,10 @@ class _ChainAudit:
         self.result = result
         self.expected = expected
         self.public_key = self._public_key()
+        # Conservation, per GPU: the busy µs of its process records since its last device
+        # record, which the next device record's attributed µs must equal. None until the
+        # GPU's first device record (records of older agents carry no books).
+        self.since_books: dict[str, int | None] = {}
 
     def run(self, records: Iterable[StoredRecord]) -> None:
         expected_seq = 1
@@ -212,6 +235,25 @@ class _ChainAudit:
             )
         _add(self.expected.hourly, checked.sums)
         _add(self.expected.device, checked.device_sums)
+        for key, amount_us in checked.gpu_sums.items():
+            self.expected.gpu[key] = self.expected.gpu.get(key, 0) + amount_us
+        self._check_conservation(record)
+
+    def _check_conservation(self, record: StoredRecord) -> None:
+        rec = usage_pb2.UsageRecord.FromString(record.record)
+        gpu = rec.gpu.uuid
+        if not is_device_record(rec):
+            if self.since_books.get(gpu) is not None:
+                self.since_books[gpu] = (self.since_books[gpu] or 0) + rec.busy_us
+            return
+        carried = self.since_books.get(gpu)
+        if carried is not None and carried != rec.device.attributed_busy_us:
+            self._find(
+                record.seq,
+                f"GPU {gpu}: its process records since its last device record carry "
+                f"{carried} busy µs, its books say {rec.device.attributed_busy_us}",
+            )
+        self.since_books[gpu] = 0
 
     def _check_signature(self, record: StoredRecord, actual_hash: bytes) -> None:
         if self.public_key is None:
@@ -298,6 +340,11 @@ def _device_where(key: DeviceRollupKey) -> str:
         f"device hour {hour_text(hour_us)} host {host!r} gpu {gpu_uuid!r} account {account!r} "
         f"model {model!r}"
     )
+
+
+def _gpu_where(key: GpuRollupKey) -> str:
+    hour_us, host, gpu_uuid, kind = key
+    return f"GPU hour {hour_text(hour_us)} host {host!r} gpu {gpu_uuid!r} {kind}"
 
 
 def _api_where(key: ApiRollupKey) -> str:

@@ -212,6 +212,17 @@ class DeviceRollup:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuRollup:
+    """One stored row of a GPU's books and gaps for an hour: an amount by kind (rollup.py)."""
+
+    hour_start_us: int
+    host: str
+    gpu_uuid: str
+    kind: str
+    amount_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class ApiRollup:
     """One stored hourly rollup of API charges (shards summed)."""
 
@@ -230,6 +241,10 @@ class LedgerSnapshot(Protocol):
 
     def device_rollups(self) -> Iterator[DeviceRollup]:
         """Ordered by hour, host, gpu, account, model."""
+        ...
+
+    def gpu_rollups(self) -> Iterator[GpuRollup]:
+        """Ordered by hour, host, gpu, kind."""
         ...
 
     def api_rollups(self) -> Iterator[ApiRollup]:

@@ -128,6 +128,7 @@ from creditmeter.collector.ledger_store import (
     DeviceRollup,
     Dimension,
     EntryKind,
+    GpuRollup,
     LedgerEntry,
     LineKind,
     ModelUsage,
@@ -144,6 +145,7 @@ from creditmeter.collector.rollup import (
     DAY_US,
     HOUR_US,
     DeviceRollupKey,
+    GpuSums,
     Rollup,
     RollupKey,
     RollupSums,
@@ -408,6 +410,23 @@ MIGRATIONS: tuple[Migration, ...] = (
                 DROP COLUMN received_at_us""",
         ),
     ),
+    Migration(
+        6,
+        "per GPU and hour: device busy, attributed and unattributed time, gaps by reason",
+        (
+            # Amounts by kind (rollup.py). A GPU belongs to one agent, so its rows have one
+            # writer at a time: no shards. Records stored before this migration keep their
+            # gaps in their bytes only: `audit` names any hour that differs.
+            """CREATE TABLE rollups_gpu_hourly (
+                hour_start_us BIGINT NOT NULL,
+                host TEXT COLLATE "C" NOT NULL,
+                gpu_uuid TEXT COLLATE "C" NOT NULL,
+                kind TEXT COLLATE "C" NOT NULL,
+                amount_us BIGINT NOT NULL,
+                PRIMARY KEY (hour_start_us, host, gpu_uuid, kind)
+            )""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -477,6 +496,12 @@ _ADVANCE = """
         busy_us = rollups_hourly.busy_us + excluded.busy_us,
         wall_us = rollups_hourly.wall_us + excluded.wall_us,
         record_count = rollups_hourly.record_count + excluded.record_count"""
+# A GPU's books and gaps, in key order (one writer per GPU, but the same order everywhere).
+_UPSERT_GPU_ROLLUPS = """
+    INSERT INTO rollups_gpu_hourly (hour_start_us, host, gpu_uuid, kind, amount_us)
+    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[])
+    ON CONFLICT (hour_start_us, host, gpu_uuid, kind) DO UPDATE SET
+        amount_us = rollups_gpu_hourly.amount_us + excluded.amount_us"""
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
     FROM agents"""
@@ -586,11 +611,13 @@ class PostgresStore:
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
             if start == 0:  # all new: the verifier summed while it had the fields at hand
                 sums, device_sums = records.sums, records.device_sums
+                gpu_sums = records.gpu_sums
             else:
-                device_sums = device_hourly_sums(new_rows)
+                device_sums, gpu_sums = device_hourly_sums(new_rows)
                 sums = account_sums(device_sums)
             with _refused_rows(agent_id, head):
                 _copy_records(cur, new_rows)
+                _add_gpu_rollups(cur, gpu_sums)
                 _advance(
                     cur,
                     agent_id,
@@ -1006,6 +1033,15 @@ class PostgresSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
+    def gpu_rollups(self) -> Iterator[GpuRollup]:
+        with _translated("reading GPU rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, kind, amount_us
+                   FROM rollups_gpu_hourly ORDER BY 1, 2, 3, 4"""
+            )
+            for row in cursor:
+                yield GpuRollup(*row)
+
     def api_rollups(self) -> Iterator[ApiRollup]:
         with _translated("reading API rollups", self._where):
             cursor = self._conn.execute(
@@ -1327,6 +1363,12 @@ def _advance(
             *_columns([sums[key] for key in keys], 3),
         ),
     )
+
+
+def _add_gpu_rollups(cur: Cursor, gpu_sums: GpuSums) -> None:
+    if gpu_sums:
+        keys = sorted(gpu_sums)
+        cur.execute(_UPSERT_GPU_ROLLUPS, (*_columns(keys, 4), [gpu_sums[k] for k in keys]))
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:

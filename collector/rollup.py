@@ -1,5 +1,6 @@
 """Hourly rollups: busy and wall µs and record counts per (hour, account, model), and per
-(hour, host, gpu, account, model) for reports by host or GPU.
+(hour, host, gpu, account, model) for reports by host or GPU; and per (hour, host, gpu) the
+GPU's books and gaps, amounts by kind (``GpuRollupKey``).
 
 Reports and balances read rollups, never raw records, so every store keeps them in the same
 transaction as the records they sum. A record counts wholly in the hour its interval starts
@@ -23,6 +24,22 @@ RollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 # [busy_us, wall_us, record_count]; a list so that summing a batch updates in place.
 RollupSums = list[int]
 DeviceRollupKey = tuple[int, str, str, str, str]  # (hour_start_us, host, gpu_uuid, account, model)
+# (hour_start_us, host, gpu_uuid, kind): a GPU's device busy, attributed and unattributed µs
+# (from its device records) and its gap µs (from its process records), one kind each.
+GpuRollupKey = tuple[int, str, str, str]
+GpuSums = dict[GpuRollupKey, int]
+DEVICE_BUSY = "device_busy"
+ATTRIBUTED = "attributed"
+UNATTRIBUTED = "unattributed:"  # + UnattributedReason name
+GAP = "gap:"  # + GapReason name
+_UNATTRIBUTED_KINDS = {
+    v: UNATTRIBUTED + usage_pb2.UnattributedReason.Name(v).removeprefix("UNATTRIBUTED_REASON_")
+    for v in usage_pb2.UnattributedReason.values()
+}
+_GAP_KINDS = {
+    v: GAP + usage_pb2.GapReason.Name(v).removeprefix("GAP_REASON_")
+    for v in usage_pb2.GapReason.values()
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +63,51 @@ def hour_text(hour_start_us: int) -> str:
     return datetime.fromtimestamp(hour_start_us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
-def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, RollupSums]:
-    """What verified ``rows`` add to each per-device rollup, read from their record bytes.
-    Only for batches partly resent (a batch all new comes with its sums, added up by the
-    verifier while it had the fields at hand)."""
+def add_gpu_books(into: GpuSums, hour_us: int, rec: usage_pb2.UsageRecord) -> None:
+    """A device record's books, added to its GPU's hour."""
+    key = (hour_us, rec.host, rec.gpu.uuid)
+    books = rec.device
+    _add_gpu(into, (*key, DEVICE_BUSY), books.device_busy_us)
+    _add_gpu(into, (*key, ATTRIBUTED), books.attributed_busy_us)
+    for u in books.unattributed:
+        _add_gpu(into, (*key, _UNATTRIBUTED_KINDS[u.reason]), u.busy_us)
+
+
+def add_gaps(into: GpuSums, hour_us: int, rec: usage_pb2.UsageRecord) -> None:
+    """A process record's gaps, added to its GPU's hour by reason."""
+    for g in rec.gaps:
+        _add_gpu(into, (hour_us, rec.host, rec.gpu.uuid, _GAP_KINDS[g.reason]), g.duration_us)
+
+
+def _add_gpu(into: GpuSums, key: GpuRollupKey, amount_us: int) -> None:
+    into[key] = into.get(key, 0) + amount_us
+
+
+def is_device_record(rec: usage_pb2.UsageRecord) -> bool:
+    """A GPU's books, not a process's usage: it adds to no account's rollups."""
+    return rec.quality == usage_pb2.QUALITY_UNATTRIBUTED
+
+
+def device_hourly_sums(
+    rows: Iterable[RecordRow],
+) -> tuple[dict[DeviceRollupKey, RollupSums], GpuSums]:
+    """What verified ``rows`` add to each per-device rollup and to each GPU's books and
+    gaps, read from their record bytes. Only for batches partly resent (a batch all new
+    comes with its sums, added up by the verifier while it had the fields at hand)."""
     sums: dict[DeviceRollupKey, RollupSums] = {}
+    gpu_sums: GpuSums = {}
     rec = usage_pb2.UsageRecord()
     for row in rows:
         rec.ParseFromString(bytes(row[RECORD]))
         start_us = rec.start_unix_us
+        hour_us = start_us - start_us % HOUR_US
+        if is_device_record(rec):
+            add_gpu_books(gpu_sums, hour_us, rec)
+            continue
+        if rec.gaps:
+            add_gaps(gpu_sums, hour_us, rec)
         key = (
-            start_us - start_us % HOUR_US,
+            hour_us,
             rec.host,
             rec.gpu.uuid,
             rec.attribution.account,
@@ -69,7 +120,7 @@ def device_hourly_sums(rows: Iterable[RecordRow]) -> dict[DeviceRollupKey, Rollu
             acc[0] += rec.busy_us
             acc[1] += rec.wall_us
             acc[2] += 1
-    return sums
+    return sums, gpu_sums
 
 
 def account_sums(

@@ -36,9 +36,12 @@ from creditmeter.collector.errors import (
 from creditmeter.collector.rollup import (
     HOUR_US,
     DeviceRollupKey,
+    GpuSums,
     RollupKey,
     RollupSums,
     account_sums,
+    add_gaps,
+    add_gpu_books,
 )
 from creditmeter.collector.rows import SEQ, RecordRow
 from creditmeter.v1 import ingest_pb2, usage_pb2
@@ -50,6 +53,13 @@ _KNOWN_SOURCES = frozenset(usage_pb2.MeasurementSource.values())
 _KNOWN_ATTRIBUTION_SOURCES = frozenset(usage_pb2.AttributionSource.values())
 # A gap must say why it is a gap: UNSPECIFIED would be an agent bug.
 _KNOWN_GAP_REASONS = frozenset(usage_pb2.GapReason.values()) - {usage_pb2.GAP_REASON_UNSPECIFIED}
+_KNOWN_UNATTRIBUTED_REASONS = frozenset(usage_pb2.UnattributedReason.values()) - {
+    usage_pb2.UNATTRIBUTED_REASON_UNSPECIFIED
+}
+# Process records; a device record (QUALITY_UNATTRIBUTED) takes its own path.
+_PROCESS_QUALITIES = frozenset(usage_pb2.Quality.values()) - {usage_pb2.QUALITY_UNATTRIBUTED}
+_KNOWN_EVIDENCE = frozenset(usage_pb2.EvidenceSource.values())
+_DEVICE_RECORD = usage_pb2.QUALITY_UNATTRIBUTED
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class CheckedRecords:
     what the first record claims to follow, which only the store can judge. ``sums`` and
     ``device_sums`` are what all the rows add to the hourly rollups per account and per
     device (see rollup.py), summed while the fields are at hand: a store whose batch is all
-    new uses them as they are.
+    new uses them as they are; ``gpu_sums`` what they add to the GPUs' books and gaps.
     """
 
     agent_id: str
@@ -83,6 +93,7 @@ class CheckedRecords:
     first_prev_hash: bytes
     sums: dict[RollupKey, RollupSums]
     device_sums: dict[DeviceRollupKey, RollupSums]
+    gpu_sums: GpuSums
 
     @property
     def first_seq(self) -> int:
@@ -178,6 +189,9 @@ class Verifier:
         # rollup (0.9 µs a record) is gone.
         device_sums: dict[DeviceRollupKey, RollupSums] = {}
         get_sums = device_sums.get
+        gpu_sums: GpuSums = {}
+        process_qualities = _PROCESS_QUALITIES
+        known_evidence = _KNOWN_EVIDENCE
         # The hour a record starts in, worked out again only when a record leaves it: two
         # comparisons cost less than the modulo of a 51-bit integer.
         hour_us = next_hour_us = 0
@@ -211,6 +225,20 @@ class Verifier:
             gaps = rec.gaps
             if gaps:
                 _check_gaps(agent_id, len(rows), seq, gaps)
+            if not hour_us <= start_us < next_hour_us:
+                hour_us = start_us - start_us % HOUR_US
+                next_hour_us = hour_us + HOUR_US
+            if rec.quality == _DEVICE_RECORD:
+                self._check_device_record(agent_id, len(rows), rec, now_us)
+                add_gpu_books(gpu_sums, hour_us, rec)
+                digest = sha256(data).digest()
+                append((agent_id, seq, start_us, bytearray(data)))
+                append_hash(digest)
+                prev_hash = digest
+                expected_seq = seq + 1
+                continue
+            if gaps:
+                add_gaps(gpu_sums, hour_us, rec)
             if not (
                 rec.agent_id == agent_id
                 and min_start_us <= start_us <= end_us <= latest_end_us
@@ -219,6 +247,9 @@ class Verifier:
                 and gpu_uuid
                 and source in known_sources
                 and attribution_source in known_attribution_sources
+                and rec.quality in process_qualities
+                and rec.evidence in known_evidence
+                and not rec.HasField("device")
                 and energy_mj <= INT64_MAX
                 # No string in a record can be longer than the record itself.
                 and (
@@ -255,9 +286,6 @@ class Verifier:
                 # Raises unless only the quick label test was too strict.
                 self._raise_insane_field(agent_id, len(rows), rec, now_us)
 
-            if not hour_us <= start_us < next_hour_us:
-                hour_us = start_us - start_us % HOUR_US
-                next_hour_us = hour_us + HOUR_US
             key = (hour_us, host, gpu_uuid, account, model)
             total = get_sums(key)
             if total is None:
@@ -273,7 +301,13 @@ class Verifier:
             prev_hash = digest
             expected_seq = seq + 1
         return CheckedRecords(
-            agent_id, rows, hashes, first_prev_hash, account_sums(device_sums), device_sums
+            agent_id,
+            rows,
+            hashes,
+            first_prev_hash,
+            account_sums(device_sums),
+            device_sums,
+            gpu_sums,
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:
@@ -297,8 +331,24 @@ class Verifier:
                 field="records",
             )
 
-    def _raise_insane_field(
+    def _check_device_record(
         self, agent_id: str, index: int, rec: usage_pb2.UsageRecord, now_us: int
+    ) -> None:
+        """A GPU's books: the fields every record has, then that the books add up."""
+        self._raise_insane_field(agent_id, index, rec, now_us, device=True)
+        problem = _device_record_problem(rec, self.limits.busy_tolerance_us)
+        if problem is not None:
+            field, text = problem
+            raise InsaneField(text, agent_id=agent_id, seq=rec.seq, field=field, index=index)
+
+    def _raise_insane_field(
+        self,
+        agent_id: str,
+        index: int,
+        rec: usage_pb2.UsageRecord,
+        now_us: int,
+        *,
+        device: bool = False,
     ) -> None:
         """Names the first impossible field of a record the fast check refused.
 
@@ -351,6 +401,12 @@ class Verifier:
             )
         if rec.energy_mj > INT64_MAX:
             raise insane("energy_mj", f"{rec.energy_mj} does not fit a signed 64-bit integer")
+        if not device and rec.quality not in _PROCESS_QUALITIES:
+            raise insane("quality", f"unknown Quality {rec.quality}")
+        if rec.evidence not in _KNOWN_EVIDENCE:
+            raise insane("evidence", f"unknown EvidenceSource {rec.evidence}")
+        if not device and rec.HasField("device"):
+            raise insane("device", "device books on a process record (quality not UNATTRIBUTED)")
         labels = {
             "attribution.account": rec.attribution.account,
             "attribution.model": rec.attribution.model,
@@ -367,6 +423,36 @@ class Verifier:
             if "\0" in text:
                 # PostgreSQL's text cannot hold one: every store must refuse the same records.
                 raise insane(field, f"contains a NUL character (at {text.index(chr(0))})")
+
+
+def _device_record_problem(rec: usage_pb2.UsageRecord, tolerance_us: int) -> tuple[str, str] | None:
+    """(field, problem) of a device record that does not add up, or None."""
+    if not rec.HasField("device"):
+        return "device", "a device record (quality UNATTRIBUTED) has no device books"
+    if rec.busy_us or rec.process.pid or rec.gaps:
+        return "busy_us", "a device record bills nothing: busy_us, process and gaps stay empty"
+    a = rec.attribution
+    if a.account or a.model or a.job_id:
+        return "attribution", "a device record names no account, model or job"
+    books = rec.device
+    parts = [books.attributed_busy_us]
+    for u in books.unattributed:
+        if u.reason not in _KNOWN_UNATTRIBUTED_REASONS:
+            return "device.unattributed.reason", f"unspecified or unknown reason {u.reason}"
+        parts.append(u.busy_us)
+    if any(p < 0 for p in parts):
+        return "device", "negative busy time in the books"
+    if sum(parts) != books.device_busy_us:
+        return "device.device_busy_us", (
+            f"{books.device_busy_us} µs is not the attributed {books.attributed_busy_us} µs "
+            f"plus the unattributed {sum(parts) - books.attributed_busy_us} µs"
+        )
+    window_us = rec.end_unix_us - rec.start_unix_us
+    if books.device_busy_us > window_us + tolerance_us:
+        return "device.device_busy_us", (
+            f"{books.device_busy_us} µs busy in a window of {window_us} µs"
+        )
+    return None
 
 
 def _oversize_record(agent_id: str, index: int, size: int, limit: int) -> MalformedRecord:

@@ -106,3 +106,26 @@ def hello(agent_id: str) -> ingest_pb2.IngestRequest:
 
 def batch_request(batch: ingest_pb2.RecordBatch) -> ingest_pb2.IngestRequest:
     return ingest_pb2.IngestRequest(batch=batch)
+
+
+def device_books(
+    attributed_us: int, unattributed: Sequence[tuple[int, int]] = (), device_us: int | None = None
+) -> Mutator:
+    """Turns a record into its GPU's books for the window (a device record): ``attributed_us``
+    billed to processes, ``unattributed`` (reason, µs) taken by none; ``device_us`` their
+    sum unless given (to make books that do not add up)."""
+
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.ClearField("process")
+        rec.ClearField("attribution")
+        rec.attribution.source = usage_pb2.ATTRIBUTION_SOURCE_NONE
+        rec.busy_us = rec.wall_us = 0
+        rec.quality = usage_pb2.QUALITY_UNATTRIBUTED
+        rec.source = usage_pb2.MEASUREMENT_SOURCE_NVML_DEVICE_UTIL
+        total_us = attributed_us + sum(busy_us for _, busy_us in unattributed)
+        rec.device.device_busy_us = total_us if device_us is None else device_us
+        rec.device.attributed_busy_us = attributed_us
+        for reason, busy_us in unattributed:
+            rec.device.unattributed.add(reason=reason, busy_us=busy_us)
+
+    return mutate

@@ -9,9 +9,10 @@ from creditmeter.chain import record_hash
 from creditmeter.collector.audit import AuditResult, Finding, audit
 from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Verifier
+from creditmeter.v1 import usage_pb2
 
 from .backends import BACKENDS, Backend
-from .records import BUSY_US, WALL_US, AgentChain
+from .records import BUSY_US, T0_US, WALL_US, WINDOW_US, AgentChain, device_books
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
@@ -163,3 +164,55 @@ def test_records_of_an_agent_that_is_not_enrolled_are_found(
     assert run_audit(store, verifier).findings == [
         Finding("agent-1", None, "records stored for an agent that is not enrolled")
     ]
+
+
+def books_after(agent: AgentChain, windows: int, attributed_us: int) -> None:
+    """``windows`` process records, then their GPU's books over the same span."""
+    start_us = agent.record(len(agent.records)).end_unix_us if agent.records else T0_US
+    agent.extend(windows)
+
+    def books(rec: usage_pb2.UsageRecord) -> None:
+        device_books(attributed_us, [(usage_pb2.UNATTRIBUTED_REASON_NO_PROCESS, 40)])(rec)
+        rec.start_unix_us, rec.end_unix_us = start_us, start_us + windows * WINDOW_US
+
+    agent.append(books)
+
+
+def test_books_that_match_their_records_pass(
+    store: Store, agent: AgentChain, verifier: Verifier
+) -> None:
+    books_after(agent, 3, 3 * BUSY_US)
+    books_after(agent, 2, 2 * BUSY_US)
+    key = agent.key.public_key()
+    store.ingest(agent.agent_id, verifier.verify(agent.batch(1, 4), key))
+    store.ingest(agent.agent_id, verifier.verify(agent.batch(3, 7), key))  # partly resent
+    result = run_audit(store, verifier)
+    assert (result.findings, result.record_count) == ([], 7)
+
+
+def test_books_that_disagree_with_the_records_they_close_are_found(
+    store: Store, agent: AgentChain, verifier: Verifier
+) -> None:
+    books_after(agent, 3, 3 * BUSY_US)
+    books_after(agent, 2, 2 * BUSY_US - 1)  # an agent that bills 1 µs more than its GPU did
+    store.ingest(agent.agent_id, verifier.verify(agent.batch(1, 7), agent.key.public_key()))
+    assert run_audit(store, verifier).findings == [
+        Finding(
+            "agent-1",
+            7,
+            f"GPU {GPU_UUID}: its process records since its last device record carry "
+            f"{2 * BUSY_US} busy µs, its books say {2 * BUSY_US - 1}",
+        )
+    ]
+
+
+def test_an_edited_gpu_rollup_is_found(
+    store: Store, agent: AgentChain, verifier: Verifier, backend: Backend
+) -> None:
+    books_after(agent, 3, 3 * BUSY_US)
+    store.ingest(agent.agent_id, verifier.verify(agent.batch(1, 4), agent.key.public_key()))
+    edit(backend, "UPDATE rollups_gpu_hourly SET amount_us = 0 WHERE kind = 'attributed'")
+    problems = [f.problem for f in run_audit(store, verifier).findings]
+    assert len(problems) == 1
+    assert f"gpu '{GPU_UUID}' attributed" in problems[0]
+    assert problems[0].endswith(f"the records sum to [{3 * BUSY_US}]")

@@ -24,7 +24,16 @@ from creditmeter.collector.verifier import Limits, Verifier
 from creditmeter.v1 import ingest_pb2, usage_pb2
 
 from .conftest import NOW_US
-from .records import BUSY_US, GPU_UUID, T0_US, WALL_US, WINDOW_US, AgentChain, signed_batch
+from .records import (
+    BUSY_US,
+    GPU_UUID,
+    T0_US,
+    WALL_US,
+    WINDOW_US,
+    AgentChain,
+    device_books,
+    signed_batch,
+)
 
 Mutator = Callable[[usage_pb2.UsageRecord], None]
 
@@ -293,8 +302,9 @@ def test_rollup_sums_of_a_batch_equal_the_sums_of_its_rows(verifier: Verifier) -
 
     agent = AgentChain()
     records = verifier.verify(agent.extend(330, mixed), agent.key.public_key()).records
-    assert records.device_sums == device_hourly_sums(records.rows)  # read from the bytes
-    assert records.sums == account_sums(device_hourly_sums(records.rows))
+    device_sums, gpu_sums = device_hourly_sums(records.rows)  # read from the bytes
+    assert (records.device_sums, records.gpu_sums) == (device_sums, gpu_sums)
+    assert records.sums == account_sums(device_sums)
     assert len(records.device_sums) > len(records.sums)
     hour0, hour1 = 1_749_999_600_000_000, 1_750_003_200_000_000  # seqs 1..320, 321..330
     # By hand: seq // 7 is odd for 321 (45) and 329, 330 (47), even for 322..328 (46).
@@ -332,3 +342,63 @@ def test_a_nul_in_an_unstored_string_passes(verifier: Verifier) -> None:
     agent = AgentChain()
     rows = verifier.verify(agent.extend(1, nul_name), agent.key.public_key()).records.rows
     assert len(rows) == 1
+
+
+NO_PROCESS = usage_pb2.UNATTRIBUTED_REASON_NO_PROCESS
+NO_EVIDENCE = usage_pb2.UNATTRIBUTED_REASON_NO_EVIDENCE
+HOUR0_US = 1_749_999_600_000_000  # the hour the test records start in
+
+
+def then(*mutators: Mutator) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        for m in mutators:
+            m(rec)
+
+    return mutate
+
+
+def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -> None:
+    agent = AgentChain()
+    agent.extend(2, add_gap(1_000, usage_pb2.GAP_REASON_GPU_LOST))  # two process windows
+    books = device_books(2 * BUSY_US, [(NO_PROCESS, 300), (NO_EVIDENCE, 20)])
+    agent.append(then(books, shift_interval(T0_US, T0_US + 2 * WINDOW_US)))  # both windows
+    records = verifier.verify(agent.batch(1, 3), agent.key.public_key()).records
+    assert len(records.rows) == 3
+    assert records.sums == {(HOUR0_US, "acme", "llama-3-70b"): [2 * BUSY_US, 2 * WALL_US, 2]}
+    gpu = (HOUR0_US, "gpu-host-17", GPU_UUID)
+    assert records.gpu_sums == {
+        (*gpu, "device_busy"): 2 * BUSY_US + 320,
+        (*gpu, "attributed"): 2 * BUSY_US,
+        (*gpu, "unattributed:NO_PROCESS"): 300,
+        (*gpu, "unattributed:NO_EVIDENCE"): 20,
+        (*gpu, "gap:GPU_LOST"): 2_000,
+    }
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "problem"),
+    [
+        (device_books(5, device_us=6), "device.device_busy_us", "is not the attributed 5"),
+        (device_books(WINDOW_US + 2_000_001), "device.device_busy_us", "in a window of"),
+        (device_books(5, [(0, 1)]), "device.unattributed.reason", "unspecified"),
+        (device_books(5, [(77, 1)]), "device.unattributed.reason", "unknown reason 77"),
+        (device_books(5, [(NO_PROCESS, -1)]), "device", "negative"),
+        (then(device_books(5), set_field("busy_us", 5)), "busy_us", "bills nothing"),
+        (then(device_books(5), set_field("process.pid", 9)), "busy_us", "bills nothing"),
+        (then(device_books(5), set_field("attribution.account", "a")), "attribution", "names"),
+        (then(device_books(5), lambda r: r.ClearField("device")), "device", "no device books"),
+        (then(device_books(5), set_field("host", LONG)), "host", "257 bytes"),
+        (set_field("device.device_busy_us", 5), "device", "on a process record"),
+        (set_field("quality", 9), "quality", "unknown Quality 9"),
+        (set_field("evidence", 9), "evidence", "unknown EvidenceSource 9"),
+    ],
+)
+def test_books_that_do_not_add_up_are_refused(
+    verifier: Verifier, mutate: Mutator, field: str, problem: str
+) -> None:
+    agent = AgentChain()
+    agent.extend(2)
+    error = rejection(verifier, agent, agent.extend(1, mutate))
+    assert isinstance(error, InsaneField)
+    assert (error.seq, error.field) == (3, field)
+    assert problem in str(error)

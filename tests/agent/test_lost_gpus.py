@@ -1,0 +1,84 @@
+"""A lost GPU is its own: losing GPUs 0, 3 and 7 of eight in turn touches no other GPU.
+
+Handles are per device and found again by UUID, so the re-initialisation that finds a lost
+GPU again never makes a healthy one look lost; and a GPU found again resumes from where its
+records end wherever the driver's ring still holds the samples.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from bench.harness import drive, metered
+from creditmeter.simnvml import Scenario
+from creditmeter.v1 import usage_pb2
+
+GAP_LOST = usage_pb2.GAP_REASON_GPU_LOST
+LOSSES = ((0, 30.0, 45.0), (3, 60.0, 70.0), (7, 90.0, 130.0))  # (gpu, from s, until s)
+END_S = 160.0
+RING_S = 20.0  # 100 periods of 0.2 s
+REOPEN_S = 5.0  # the meter looks for a lost GPU this often
+POLL_S = 1.0
+
+
+def eight_exact_gpus(ring_cleared: bool) -> Scenario:
+    """Eight GPUs of two processes each, every edge on the 0.2 s grid and every sm a
+    multiple of 25: per-period samples are exact, so a GPU's billing is its truth exactly."""
+    gpus = "".join(
+        '\n[[gpu]]\nproduct = "H100"\nsample_period_us = 200_000\nphase_us = 0\n'
+        "ring_periods = 100\n"
+        for _ in range(8)
+    )
+    processes = ""
+    for g in range(8):
+        for j, sm in enumerate((50, 25)):
+            busy = ", ".join(
+                f"[{a:.1f}, {a + 4.0 + j:.1f}, {sm}]" for a in range(2 + 3 * j, int(END_S) - 12, 11)
+            )
+            processes += (
+                f"\n[[process]]\npid = {1000 * (g + 1) + j}\ngpu = {g}\nstart_s = 1.0\n"
+                f'exit_s = {END_S - 2}\nbusy = [{busy}]\nenv = {{ CREDITMETER_ACCOUNT = "a{g}" }}\n'
+            )
+    faults = "".join(
+        f'\n[[fault]]\nkind = "gpu_lost"\ngpu = {g}\nstart_s = {a}\nend_s = {b}\n'
+        f"ring_cleared = {'true' if ring_cleared else 'false'}\n"
+        for g, a, b in LOSSES
+    )
+    return Scenario.from_toml(f"[host]\nseed = 8\n{gpus}{processes}{faults}")
+
+
+@pytest.mark.parametrize("ring_cleared", [True, False], ids=["ring-cleared", "ring-kept"])
+def test_losing_gpus_0_3_and_7_in_turn_bills_every_other_gpu_exactly(ring_cleared: bool) -> None:
+    scenario = eight_exact_gpus(ring_cleared)
+    with metered(scenario) as (run, meter):
+        drive(run, meter, END_S + 12)
+        run.usages.extend(meter.close_window())
+        losses = dict(meter.stats.gpu_losses)
+    lost = {scenario.gpus[g].index for g, _, _ in LOSSES}
+    uuids = {g.index: g.uuid for g in run.host.gpus}
+    assert set(losses) == {uuids[g] for g in lost}  # no healthy GPU was ever taken for lost
+    measured = run.measured_us()
+    gaps: dict[int, int] = defaultdict(int)
+    for u in run.process_usages():
+        for reason, us in u.gaps_us:
+            gaps[next(i for i, x in uuids.items() if x == u.device.uuid)] += us * (
+                reason == GAP_LOST
+            )
+    for key, truth in run.truth_us().items():
+        gpu = next(i for i, x in uuids.items() if x == key.gpu_uuid)
+        if gpu not in lost:
+            assert measured.get(key, 0) == truth, (gpu, key)  # exactly: never touched
+            assert gaps[gpu] == 0
+    for g, start_s, end_s in LOSSES:
+        # Found again at most REOPEN_S after it is back; by then the ring holds RING_S.
+        found_s = end_s + REOPEN_S + POLL_S
+        # The samples read last came at most a poll before the loss.
+        ring_lost_s = max(0.0, found_s - RING_S - (start_s - POLL_S))
+        per_process_s = (end_s - start_s) if ring_cleared else 0.0
+        low_s = max(per_process_s, 0.0)
+        high_s = max(
+            per_process_s + (POLL_S if found_s - RING_S > start_s - POLL_S else 0), ring_lost_s
+        )
+        assert 2 * low_s * 1e6 <= gaps[g] <= 2 * high_s * 1e6, (g, gaps[g])
