@@ -62,6 +62,8 @@ class Host:
     clock: Clock
     processes: ProcessTable
     callers: CallerResolver  # maps job API callers' PIDs to host processes
+    nvml: Nvml | None = None  # None: the host's libnvidia-ml (real, or simulated under it)
+    meter_clock: Clock | None = None  # None: ``clock``; a replayed host's own readings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,9 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = settings.config_args()
     cli.add_arguments(run_parser)
     commands.add_parser("keygen", help="create the signing key", add_help=False)
+    commands.add_parser("trace", help="record the NVML answers the meter uses", add_help=False)
+    commands.add_parser("replay", help="meter a trace offline", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "keygen":
         return keys.keygen_main(rest)
+    if args.command in ("trace", "replay"):
+        from creditmeter.agent import trace_cli
+
+        return (
+            trace_cli.trace_main(rest) if args.command == "trace" else trace_cli.replay_main(rest)
+        )
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     config = cli.load_or_exit(args)
@@ -103,15 +113,15 @@ def run(config: Config) -> int:
     notifier = Notifier.from_environment()
     agent_id = config[settings.AGENT_ID] or socket.gethostname()
     with ExitStack() as stack:
-        host = stack.enter_context(_host(config))
-        nvml = _open_nvml()
+        host = stack.enter_context(open_host(config))
+        nvml = host.nvml or open_nvml()
         stack.callback(nvml.shutdown)
         log.info("NVML open: driver %s", nvml.driver_version())
         outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
         meter = Meter(
             nvml,
             host.processes,
-            host.clock,
+            host.meter_clock or host.clock,
             state=outbox.state().get(STATE_KEY),
             reopen_interval_s=config[settings.REOPEN_INTERVAL],
         )
@@ -159,7 +169,11 @@ def _on_signals(stop: threading.Event) -> None:
 
 
 @contextmanager
-def _host(config: Config) -> Iterator[Host]:
+def open_host(config: Config) -> Iterator[Host]:
+    """The host ``nvml.backend`` names: this machine, a simulated one, or a replayed trace."""
+    if config[settings.BACKEND] == "replay":
+        yield _replayed_host(config)
+        return
     if config[settings.BACKEND] == "nvml":
         read_env = config[settings.ENV_LABELS]
         yield Host(
@@ -185,7 +199,17 @@ def _host(config: Config) -> Iterator[Host]:
         yield Host(clock, table, ProcessTableResolver(table))
 
 
-def _open_nvml() -> Nvml:
+def _replayed_host(config: Config) -> Host:
+    from creditmeter.simnvml.replay import ReplayHost
+
+    if not config[settings.TRACE]:
+        raise AgentError("nvml.backend = replay needs nvml.trace")
+    replay = ReplayHost.load(Path(config[settings.TRACE]))
+    table = replay.processes
+    return Host(SystemClock(), table, ProcessTableResolver(table), replay.nvml, replay.clock)
+
+
+def open_nvml() -> Nvml:
     return PynvmlNvml.open()
 
 

@@ -55,10 +55,12 @@ ENV_LABELS = Option(
 
 BACKEND = Option(
     "nvml.backend",
-    Choice("nvml", "simulated"),
+    Choice("nvml", "simulated", "replay"),
     "nvml",
-    "nvml: the host's libnvidia-ml; simulated: a simulated GPU host (demo, tests).",
+    "nvml: the host's libnvidia-ml; simulated: a simulated GPU host (demo, tests); replay: "
+    "the answers of a trace (creditmeter-agent trace), to reproduce a host offline.",
 )
+TRACE = Option("nvml.trace", STR, "", "Replayed host: the trace file to answer from.")
 SCENARIO = Option(
     "nvml.scenario", STR, "", "Simulated host: a shipped scenario name or a .toml path."
 )
@@ -176,6 +178,7 @@ OPTIONS = (
     REOPEN_INTERVAL,
     ENV_LABELS,
     BACKEND,
+    TRACE,
     SCENARIO,
     SPEED,
     CLOCK_ANCHOR,
