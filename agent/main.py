@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("keygen", help="create the signing key", add_help=False)
     commands.add_parser("trace", help="record the NVML answers the meter uses", add_help=False)
     commands.add_parser("replay", help="meter a trace offline", add_help=False)
+    # Dispatched by agent.cli before this module is imported; listed here for --help.
+    commands.add_parser("selftest", help="measure known GPU work (CUDA) through NVML")
     args, rest = parser.parse_known_args(argv)
     if args.command == "keygen":
         return keys.keygen_main(rest)

@@ -163,6 +163,19 @@ class MeterStats:
     gpu_losses: Counter[str] = field(default_factory=Counter)  # by device uuid
 
 
+@dataclass(frozen=True)
+class Learned:
+    """What the meter learned of one GPU's driver: its device sample period (None: no
+    device series), the per-process evidence source in use and how its rows read, each
+    PID's sampling stride (µs), and the sources left, with why."""
+
+    period_us: int | None
+    source: str | None
+    reading: str
+    strides_us: dict[int, int]
+    left: dict[str, str]
+
+
 class Meter:
     """Measures every device of one host. Not thread-safe: one thread polls and closes."""
 
@@ -813,6 +826,23 @@ class Meter:
             evidence=EVIDENCE_CODES[ds.evidence.source if ds.evidence else None],
             books=DeviceBooks(device_us, books.attributed_us, tuple(unattributed)),
         )
+
+    def learned(self) -> dict[str, Learned]:
+        """Per whole GPU, what the meter has learned of its driver so far (selftest, logs)."""
+        out = {}
+        for uuid, ds in self._devices.items():
+            ev = ds.evidence
+            if ev is None:
+                continue
+            source = ev.source
+            out[uuid] = Learned(
+                ds.series.period_us if ds.has_series else None,
+                source.value if source is not None else None,
+                ev.reading.value,
+                dict(ev.strides),
+                dict(ev.left),
+            )
+        return out
 
     def written_through_us(self) -> int:
         """Driver time up to which every device's usage is in closed windows."""
