@@ -83,6 +83,8 @@ class ProcessInfo:
     labels: dict[str, str]  # "account"/"model"/"job" from CREDITMETER_*; absent stay absent
     container_id: str = ""
     pod_uid: str = ""
+    # Labels the process set that the label law refused: (name, labels.LabelProblem).
+    refused_labels: tuple[tuple[str, int], ...] = ()
 
 
 class Nvml(Protocol):

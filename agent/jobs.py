@@ -31,12 +31,11 @@ from typing import Protocol
 
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.split import Interval, JobSpan, weight_units
+from creditmeter.labels import check_job_labels
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MAX_JOB_ID_CHARS = 128
-MAX_LABEL_CHARS = 256
 MAX_UNDELIVERED_PER_PROCESS = 64
 
 _SCHEMA = """
@@ -520,12 +519,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _check_job(job_id: str, account: str, model: str, weight: float) -> None:
-    if not job_id or len(job_id) > MAX_JOB_ID_CHARS:
-        raise InvalidJob(f"job id must have 1 to {MAX_JOB_ID_CHARS} characters")
-    if not account or len(account) > MAX_LABEL_CHARS:
-        raise InvalidJob(f"account must have 1 to {MAX_LABEL_CHARS} characters")
-    if len(model) > MAX_LABEL_CHARS:
-        raise InvalidJob(f"model must have at most {MAX_LABEL_CHARS} characters")
+    try:
+        check_job_labels(job_id, account, model)  # the collector's label law, exactly
+    except ValueError as exc:
+        raise InvalidJob(str(exc)) from None
     try:
         weight_units(weight)
     except ValueError as exc:

@@ -36,6 +36,7 @@ from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, S
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
 from creditmeter.agent.sampling import DeviceSeries
 from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
+from creditmeter.labels import LabelProblem
 from creditmeter.v1 import usage_pb2
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class MeterStats:
     unattributed_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gaps_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gpu_losses: Counter[str] = field(default_factory=Counter)  # by device uuid
+    labels_refused: Counter[str] = field(default_factory=Counter)  # "name:PROBLEM"
 
 
 @dataclass(frozen=True)
@@ -608,10 +610,17 @@ class Meter:
 
     def _info(self, pid: int) -> ProcessInfo | None:
         try:
-            return self._proc.info(pid)
+            info = self._proc.info(pid)
         except ProcessGone:
             # Listed by NVML, already gone from /proc: its seconds still count, unlabelled.
             return None
+        for name, problem in info.refused_labels:
+            self.stats.labels_refused[f"{name}:{LabelProblem(problem).name}"] += 1
+            log.warning(
+                "pid %d: label %s refused (%s); its usage goes without it",
+                pid, name, LabelProblem(problem).name,
+            )  # fmt: skip
+        return info
 
     def _drained(self, ds: DeviceState, now_us: int) -> list[WindowUsage]:
         """Exited processes whose time is all settled: their final usage."""

@@ -29,6 +29,7 @@ from creditmeter.agent.cgroup import NO_CONTAINER, ContainerIdentity, parse_cgro
 from creditmeter.agent.errors import ProcessGone
 from creditmeter.agent.gpu import ProcessInfo
 from creditmeter.agent.pidns import NamespaceUnreadable, parse_nspid, parse_pid_namespace
+from creditmeter.labels import LabelError, lawful_label
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,23 @@ def labels_from_environment(environ: dict[str, str]) -> dict[str, str]:
         if value:
             labels[name] = value
     return labels
+
+
+RefusedLabels = tuple[tuple[str, int], ...]  # (label name, labels.LabelProblem)
+
+
+def lawful_labels(raw: dict[str, str]) -> tuple[dict[str, str], RefusedLabels]:
+    """The labels a process set that the label law allows (NFC-normalised), and the names
+    of those it refuses with why: the agent's boundary for environment labels. A refused
+    label is dropped, never cut or repaired into a different tenant's name."""
+    lawful: dict[str, str] = {}
+    refused: list[tuple[str, int]] = []
+    for name, value in raw.items():
+        try:
+            lawful[name] = lawful_label(name, value)
+        except LabelError as exc:
+            refused.append((name, int(exc.problem)))
+    return lawful, tuple(refused)
 
 
 def create_time_us(create_time_s: float) -> int:
@@ -254,13 +272,15 @@ class PsutilProcessTable:
             # with the identity we have rather than dropping them.
             return ProcessInfo(pid=pid, create_time=0.0, name="", labels={})
         container = self._procfs.container(pid)
+        labels, refused = lawful_labels(self._labels(proc) if self._read_environment else {})
         return ProcessInfo(
             pid=pid,
             create_time=create_time,
             name=name,
-            labels=self._labels(proc) if self._read_environment else {},
+            labels=labels,
             container_id=container.container_id,
             pod_uid=container.pod_uid,
+            refused_labels=refused,
         )
 
     def create_time(self, pid: int) -> float:

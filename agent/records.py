@@ -17,6 +17,7 @@ from typing import Protocol
 
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.usage import DeviceBooks, WindowUsage
+from creditmeter.labels import lawful_text
 from creditmeter.v1 import usage_pb2
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 STATE_KEY = "meter"  # the outbox state entry holding the meter's committed state
 
 _LABEL_KEYS = ("account", "model", "job")
+_LABEL_NAMES = {
+    "account": usage_pb2.LABEL_NAME_ACCOUNT,
+    "model": usage_pb2.LABEL_NAME_MODEL,
+    "job": usage_pb2.LABEL_NAME_JOB,
+}
 
 
 def reportable(usages: Iterable[WindowUsage]) -> list[WindowUsage]:
@@ -62,6 +68,8 @@ def draft(usage: WindowUsage, host: str) -> usage_pb2.UsageRecord:
         if any(k in labels for k in _LABEL_KEYS)
         else usage_pb2.ATTRIBUTION_SOURCE_NONE
     )
+    for name, problem in usage.info.refused_labels if usage.info else ():
+        record.attribution.refused.add(label=_LABEL_NAMES[name], problem=problem)
     if usage.peak_memory_bytes is not None:
         record.peak_memory_bytes = usage.peak_memory_bytes
     if usage.energy_mj is not None:
@@ -95,7 +103,7 @@ def _fill_process(process: usage_pb2.ProcessRef, usage: WindowUsage) -> None:
     process.pid = usage.key.pid
     process.create_time_us = usage.key.create_time_us
     if usage.info is not None:
-        process.name = usage.info.name
+        process.name = lawful_text(usage.info.name)  # comm: any process may set it
         process.container_id = usage.info.container_id
         process.pod_uid = usage.info.pod_uid
 

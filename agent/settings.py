@@ -19,6 +19,7 @@ from creditmeter.config import (
     Maybe,
     Option,
 )
+from creditmeter.labels import label_error
 
 DEFAULT_CONFIG = Path("/etc/creditmeter/agent.toml")
 
@@ -229,6 +230,10 @@ def check(config: Config) -> None:
         host, _, port = value.rpartition(":")
         if value and (not host or not port.isdigit() or int(port) > 65535):
             raise ConfigError(_where(config, option, f"{value!r} is not HOST:PORT"))
+    host_error = label_error(HOST.name, config[HOST])  # in every record: the label law
+    if host_error is not None:
+        problem = str(host_error).removeprefix(HOST.name + ": ")
+        raise ConfigError(_where(config, HOST, problem))
     if (config[TLS_CERT] is None) != (config[TLS_KEY] is None):
         present, absent = (TLS_CERT, TLS_KEY) if config[TLS_KEY] is None else (TLS_KEY, TLS_CERT)
         problem = f"set without {absent.name}; the two go together"

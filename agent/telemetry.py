@@ -81,6 +81,15 @@ class AgentTelemetry:
             ),
             "gpu",
         )
+        self._refused = _Tallied(
+            r.counter(
+                "creditmeter_agent_labels_refused_total",
+                "Labels processes set that the label law refused, by label and problem "
+                "(the usage is kept without them).",
+                ["label"],
+            ),
+            "label",
+        )
         self._device_busy = r.counter(
             "creditmeter_agent_device_busy_seconds_total",
             "The devices' own busy time (whole GPUs): billed plus unattributed.",
@@ -120,6 +129,7 @@ class AgentTelemetry:
         self._unattributed.follow(stats.unattributed_us, scale=1e-6)
         self._switches.follow(stats.evidence_switches)
         self._losses.follow(stats.gpu_losses)
+        self._refused.follow(stats.labels_refused)
         self._device_busy.inc((stats.device_busy_us - self._last.device_busy_us) / 1e6)
         self._last.device_busy_us = stats.device_busy_us
         self._processes.inc(stats.processes_seen - self._last.processes_seen)

@@ -131,7 +131,8 @@ def decode(fn: str, value: Any) -> Any:
     if fn == "accounting_counters":
         return AccountingCounters(**value)
     if fn == "info":
-        return ProcessInfo(**value)
+        refused = tuple(tuple(r) for r in value.get("refused_labels", ()))
+        return ProcessInfo(**{**value, "refused_labels": refused})
     return value
 
 

@@ -30,7 +30,6 @@ Words and rules (amounts are integer µcredits, see prices.py for the rounding r
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -59,9 +58,9 @@ from creditmeter.collector.periods import (
     periods_between,
 )
 from creditmeter.collector.prices import MICRO, PriceBook
+from creditmeter.labels import label_error
 
 SECONDS_PER_HOUR = 3600
-MAX_NAME_BYTES = 256  # as for record labels: account and model names come from records
 MAX_REASON_BYTES = 1024
 MAX_CHARGE_COUNT = 1_000_000  # requests in one charge
 MAX_AMOUNT_MICRO = 10**9 * MICRO  # a billion credits: anything larger is a typo
@@ -445,13 +444,13 @@ class Ledger:
 
 
 def check_name(what: str, name: str) -> None:
-    """Raises InvalidRequest unless ``name`` is 1-256 bytes without control characters."""
+    """Raises InvalidRequest unless ``name`` is a non-empty lawful label (common/labels.py:
+    the law records are held to, so that an account here is one a record can name)."""
     if not name:
         raise InvalidRequest(f"{what} is empty")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise InvalidRequest(f"{what} {name[:40]!r}… is longer than {MAX_NAME_BYTES} bytes")
-    if any(unicodedata.category(char).startswith("C") for char in name):
-        raise InvalidRequest(f"{what} {name!r} contains a control character")
+    error = label_error(what, name)
+    if error is not None:
+        raise InvalidRequest(str(error))
 
 
 def credits_micro(amount: Decimal | str, what: str) -> int:

@@ -39,13 +39,13 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal
 
+from creditmeter.labels import check_job_labels
+
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "CREDITMETER_JOB_SOCKET"
 DEFAULT_SOCKET = "/run/creditmeter/jobs.sock"
 # The agent's limits (agent.jobs), checked here so that mistakes fail at the call site.
-MAX_JOB_ID_CHARS = 128
-MAX_LABEL_CHARS = 256
 WEIGHT_MIN, WEIGHT_MAX = 1e-6, 1e6
 _RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 _DELIVERED = frozenset({"OK", "ALREADY_EXISTS"})
@@ -594,12 +594,7 @@ def end_job(
 
 def check_job(job_id: str, account: str, model: str, weight: float) -> None:
     """Raises ValueError for what the agent would refuse with INVALID_ARGUMENT."""
-    if not job_id or len(job_id) > MAX_JOB_ID_CHARS:
-        raise ValueError(f"job id must have 1 to {MAX_JOB_ID_CHARS} characters")
-    if not account or len(account) > MAX_LABEL_CHARS:
-        raise ValueError(f"account must have 1 to {MAX_LABEL_CHARS} characters")
-    if len(model) > MAX_LABEL_CHARS:
-        raise ValueError(f"model must have at most {MAX_LABEL_CHARS} characters")
+    check_job_labels(job_id, account, model)  # LabelError is a ValueError
     if not math.isfinite(weight) or not WEIGHT_MIN <= weight <= WEIGHT_MAX:
         raise ValueError(f"weight must be a finite number in [{WEIGHT_MIN}, {WEIGHT_MAX}]")
 

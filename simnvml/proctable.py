@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from creditmeter.agent.errors import ProcessGone
 from creditmeter.agent.gpu import ProcessInfo
-from creditmeter.agent.procfs import labels_from_environment
+from creditmeter.agent.procfs import labels_from_environment, lawful_labels
 from creditmeter.simnvml.clock import SimTime
 from creditmeter.simnvml.hardware import SimProcess
 
@@ -24,13 +24,16 @@ class SimProcessTable:
     def info(self, pid: int) -> ProcessInfo:
         """Raises ProcessGone when no live process has ``pid``."""
         p = self._live(pid)
+        # As agent.procfs reads /proc: the variables, then the label law.
+        labels, refused = lawful_labels(labels_from_environment(dict(p.labels)))
         return ProcessInfo(
             pid=pid,
             create_time=p.create_time_s,
             name=p.spec.name,
-            labels=labels_from_environment(dict(p.labels)),  # as agent.procfs reads /proc
+            labels=labels,
             container_id=p.spec.container_id,
             pod_uid=p.spec.pod_uid,
+            refused_labels=refused,
         )
 
     def create_time(self, pid: int) -> float:

@@ -199,7 +199,13 @@ def test_synchronous_calls_without_an_agent_fail_fast(socket_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     ("account", "weight", "job_id"),
-    [("", 1.0, None), ("a" * 257, 1.0, None), ("acme", 0.0, None), ("acme", 1.0, "x" * 129)],
+    [
+        ("", 1.0, None),
+        ("a" * 257, 1.0, None),
+        ("acme", 0.0, None),
+        ("acme", 1.0, "x" * 257),
+        ("a\x00", 1.0, None),
+    ],
 )
 def test_mistakes_fail_at_the_call_site(
     client: JobClient, account: str, weight: float, job_id: str | None

@@ -136,8 +136,14 @@ def test_an_end_before_the_start_is_clamped_to_the_start(registry: JobRegistry) 
     ("job_id", "account", "model", "weight"),
     [
         ("", "acme", "m", 1.0),
-        ("x" * 129, "acme", "m", 1.0),
+        ("x" * 257, "acme", "m", 1.0),
+        ("😀" * 128, "acme", "m", 1.0),  # 128 characters, 512 bytes
         ("j", "", "m", 1.0),
+        ("j", "é" * 200, "m", 1.0),  # 200 characters, 400 bytes
+        ("j", "ac\x00me", "m", 1.0),
+        ("j", "acme\nTOTAL", "m", 1.0),
+        ("j", "unattributed", "m", 1.0),
+        ("j", "acme", "m\u202e", 1.0),
         ("j", "a" * 257, "m", 1.0),
         ("j", "acme", "m" * 257, 1.0),
         ("j", "acme", "m", 0.0),

@@ -228,6 +228,13 @@ def shift_interval(start_us: int, end_us: int) -> Mutator:
     return mutate
 
 
+def refuse(label: int, problem: int) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.attribution.refused.add(label=label, problem=problem)  # type: ignore[arg-type]
+
+    return mutate
+
+
 LONG = "x" * 257  # one byte over
 LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
 
@@ -258,13 +265,21 @@ LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
         (add_gap(10, usage_pb2.GAP_REASON_UNSPECIFIED), "gaps.reason", "unspecified"),
         (add_gap(10, 42), "gaps.reason", "unknown"),
         # PostgreSQL's text cannot hold NUL: every store must refuse what one store cannot.
-        (set_field("attribution.account", "ac\x00me"), "attribution.account", "NUL"),
-        (set_field("attribution.model", "\x00"), "attribution.model", "NUL"),
-        (set_field("attribution.job_id", "job-1\x00"), "attribution.job_id", "NUL"),
-        (set_field("process.name", "py\x00thon"), "process.name", "NUL"),
-        (set_field("host", "gpu-host\x00-17"), "host", "NUL"),
-        (set_field("gpu.uuid", "GPU-\x00"), "gpu.uuid", "NUL"),
-        (set_field("gpu.parent_uuid", "\x00GPU-1"), "gpu.parent_uuid", "NUL"),
+        (set_field("attribution.account", "ac\x00me"), "attribution.account", "U+0000"),
+        (set_field("attribution.model", "\x00"), "attribution.model", "U+0000"),
+        (set_field("attribution.job_id", "job-1\x00"), "attribution.job_id", "U+0000"),
+        (set_field("process.name", "py\x00thon"), "process.name", "U+0000"),
+        (set_field("host", "gpu-host\x00-17"), "host", "U+0000"),
+        (set_field("gpu.uuid", "GPU-\x00"), "gpu.uuid", "U+0000"),
+        (set_field("gpu.parent_uuid", "\x00GPU-1"), "gpu.parent_uuid", "U+0000"),
+        # The rest of the label law (common/labels.py): what reports would print raw.
+        (set_field("attribution.account", "acme\nTOTAL"), "attribution.account", "U+000A"),
+        (set_field("attribution.model", "m\u202e"), "attribution.model", "U+202E"),
+        (set_field("attribution.job_id", "e\u0301"), "attribution.job_id", "NFC"),
+        (set_field("attribution.account", "unattributed"), "attribution.account", "reserved"),
+        (set_field("attribution.account", "Unattributed"), "attribution.account", "reserved"),
+        (refuse(0, 1), "attribution.refused.label", "LabelName 0"),
+        (refuse(1, 9), "attribution.refused.problem", "LabelProblem 9"),
     ],
 )
 def test_an_insane_field_is_named(

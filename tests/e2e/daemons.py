@@ -127,6 +127,31 @@ class Agent(Daemon):
         super().__init__(agent_id, args, state)
 
 
+def simulated_agent(
+    work: Path,
+    agent_id: str,
+    collector: Collector,
+    scenario_file: Path,
+    speed: float,
+    settings: dict[str, str],
+    starts_in_s: float = 2.0,
+) -> Agent:
+    """An agent enrolled at ``collector``, metering ``scenario_file`` on a clock anchored in
+    ``work`` (restarts see the same timeline); not started."""
+    from creditmeter.simnvml.anchor import AnchorFile
+
+    state = make_key(work, agent_id, collector)
+    anchor = work / "clock.anchor"
+    AnchorFile(anchor).open_or_create(speed, None, starts_in_s=starts_in_s)
+    base = {
+        "nvml.scenario": str(scenario_file),
+        "nvml.speed": str(speed),
+        "nvml.clock_anchor": str(anchor),
+        "collector.address": f"127.0.0.1:{collector.port}",
+    }
+    return Agent(state, agent_id, {**base, **settings})
+
+
 def environment_without_notify() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from creditmeter.simnvml import ManualClock, Scenario, SimHost
-from creditmeter.simnvml.anchor import AnchorFile
-from tests.e2e.daemons import Agent, Collector, free_port, make_key, wait_for
+from tests.e2e.daemons import Agent, Collector, free_port, simulated_agent, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,21 +86,8 @@ def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
 
     collector = Collector(tmp_path, free_port())
     collector.start()
-    state = make_key(tmp_path, "crash-agent", collector)
-    anchor = tmp_path / "clock.anchor"
-    AnchorFile(anchor).open_or_create(SPEED, None, starts_in_s=2.0)
-    agent = Agent(
-        state,
-        "crash-agent",
-        {
-            "nvml.scenario": str(scenario_file),
-            "nvml.speed": str(SPEED),
-            "nvml.clock_anchor": str(anchor),
-            "collector.address": f"127.0.0.1:{collector.port}",
-            "meter.window": "5s",
-            "collector.ack_timeout": "5s",
-        },
-    )
+    settings = {"meter.window": "5s", "collector.ack_timeout": "5s"}
+    agent = simulated_agent(tmp_path, "crash-agent", collector, scenario_file, SPEED, settings)
     agent.start()
     try:
         crash_while_running(rng, agent, collector, real_s=(SCENARIO_S + 20) / SPEED)

@@ -98,7 +98,7 @@ def test_a_charge_is_stored_once_and_billed(
     ("change", "problem"),
     [
         ({"request_id": ""}, "request id is empty"),
-        ({"account": "x" * 257}, "longer than 256 bytes"),
+        ({"account": "x" * 257}, "257 bytes of UTF-8, more than 256"),
         ({"count": 0}, "count 0 is not in"),
         ({"time_unix_us": 0}, "it must be set"),
         ({"time_unix_us": NOW_US + 2 * DAY_US}, "ahead of the collector's clock"),

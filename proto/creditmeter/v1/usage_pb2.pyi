@@ -40,6 +40,21 @@ class UnattributedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNATTRIBUTED_REASON_UNKNOWN_PROCESS: _ClassVar[UnattributedReason]
     UNATTRIBUTED_REASON_NO_EVIDENCE: _ClassVar[UnattributedReason]
 
+class LabelProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_PROBLEM_UNSPECIFIED: _ClassVar[LabelProblem]
+    LABEL_PROBLEM_TOO_LONG: _ClassVar[LabelProblem]
+    LABEL_PROBLEM_FORBIDDEN_CHARACTER: _ClassVar[LabelProblem]
+    LABEL_PROBLEM_NOT_NFC: _ClassVar[LabelProblem]
+    LABEL_PROBLEM_RESERVED: _ClassVar[LabelProblem]
+
+class LabelName(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_NAME_UNSPECIFIED: _ClassVar[LabelName]
+    LABEL_NAME_ACCOUNT: _ClassVar[LabelName]
+    LABEL_NAME_MODEL: _ClassVar[LabelName]
+    LABEL_NAME_JOB: _ClassVar[LabelName]
+
 class GapReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GAP_REASON_UNSPECIFIED: _ClassVar[GapReason]
@@ -77,6 +92,15 @@ UNATTRIBUTED_REASON_UNSPECIFIED: UnattributedReason
 UNATTRIBUTED_REASON_NO_PROCESS: UnattributedReason
 UNATTRIBUTED_REASON_UNKNOWN_PROCESS: UnattributedReason
 UNATTRIBUTED_REASON_NO_EVIDENCE: UnattributedReason
+LABEL_PROBLEM_UNSPECIFIED: LabelProblem
+LABEL_PROBLEM_TOO_LONG: LabelProblem
+LABEL_PROBLEM_FORBIDDEN_CHARACTER: LabelProblem
+LABEL_PROBLEM_NOT_NFC: LabelProblem
+LABEL_PROBLEM_RESERVED: LabelProblem
+LABEL_NAME_UNSPECIFIED: LabelName
+LABEL_NAME_ACCOUNT: LabelName
+LABEL_NAME_MODEL: LabelName
+LABEL_NAME_JOB: LabelName
 GAP_REASON_UNSPECIFIED: GapReason
 GAP_REASON_RING_OVERFLOW: GapReason
 GAP_REASON_GPU_LOST: GapReason
@@ -88,6 +112,14 @@ ATTRIBUTION_SOURCE_UNSPECIFIED: AttributionSource
 ATTRIBUTION_SOURCE_JOB_API: AttributionSource
 ATTRIBUTION_SOURCE_ENVIRONMENT: AttributionSource
 ATTRIBUTION_SOURCE_NONE: AttributionSource
+
+class RefusedLabel(_message.Message):
+    __slots__ = ("label", "problem")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    label: LabelName
+    problem: LabelProblem
+    def __init__(self, label: _Optional[_Union[LabelName, str]] = ..., problem: _Optional[_Union[LabelProblem, str]] = ...) -> None: ...
 
 class Gap(_message.Message):
     __slots__ = ("duration_us", "reason")
@@ -146,18 +178,20 @@ class ProcessRef(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., create_time_us: _Optional[int] = ..., name: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_uid: _Optional[str] = ...) -> None: ...
 
 class Attribution(_message.Message):
-    __slots__ = ("account", "model", "job_id", "source", "fallback")
+    __slots__ = ("account", "model", "job_id", "source", "fallback", "refused")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     account: str
     model: str
     job_id: str
     source: AttributionSource
     fallback: bool
-    def __init__(self, account: _Optional[str] = ..., model: _Optional[str] = ..., job_id: _Optional[str] = ..., source: _Optional[_Union[AttributionSource, str]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedLabel]
+    def __init__(self, account: _Optional[str] = ..., model: _Optional[str] = ..., job_id: _Optional[str] = ..., source: _Optional[_Union[AttributionSource, str]] = ..., fallback: _Optional[bool] = ..., refused: _Optional[_Iterable[_Union[RefusedLabel, _Mapping]]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
     __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final", "quality", "evidence", "device")
