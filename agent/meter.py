@@ -97,6 +97,15 @@ class Books:
     attributed_us: int = 0  # µs of process usage emitted for the GPU since then
     unattributed_pct_us: Counter[int] = field(default_factory=Counter)  # by reason
     carry_pct_us: Counter[int] = field(default_factory=Counter)  # below 1 µs, by reason
+    # The time the booked µs lie in: a process record written now may cover periods settled
+    # before the previous device record's end (a stalled agent, a long window), and the
+    # device record must span its books (the collector refuses more busy than time).
+    first_us: int | None = None
+    last_us: int = 0
+
+    def cover(self, start_us: int, end_us: int) -> None:
+        self.first_us = start_us if self.first_us is None else min(self.first_us, start_us)
+        self.last_us = max(self.last_us, end_us)
 
     @property
     def empty(self) -> bool:
@@ -448,6 +457,7 @@ class Meter:
         result = apportion.apportion(
             ds.pending, ds.pieces, presence, settle_to, ds.used, complete_until_us=complete
         )
+        ds.books.cover(ds.pending[0].start_us, settle_to)
         self._book(ds, result)
         ds.pending = [p for p in ds.pending if p.end_us > settle_to]
         self._spend(ds, result.used, settle_to)
@@ -776,13 +786,14 @@ class Meter:
         if final and t.carry_pct_us >= 50:
             busy_us += 1
         self.stats.busy_us_metered += busy_us
-        if not ds.device.is_mig:
-            ds.books.attributed_us += busy_us
         start = min([usage.start_us, *(s.start_us for s in usage.slices)])
         # A wall clock stepped back further than the window is long puts "now" before the
         # window's start: it then ends where it began, never before (the collector refuses
         # an end before the start, and would block the agent's chain on it).
         end = max([start, now_us, *(s.end_us for s in usage.slices)])
+        if not ds.device.is_mig:
+            ds.books.attributed_us += busy_us
+            ds.books.cover(start, end)
         return WindowUsage(
             key=t.key,
             device=t.device,
@@ -815,14 +826,15 @@ class Meter:
                 unattributed.append((int(reason), us))
                 self.stats.unattributed_us[Unattributed(reason).name] += us
         device_us = books.attributed_us + sum(us for _, us in unattributed)
-        start = min(books.start_us, now_us)
+        start = min(books.start_us, now_us, books.first_us or now_us)
+        end = max(now_us, books.last_us)
         ds.books = Books(now_us, carry_pct_us=books.carry_pct_us)
         return WindowUsage(
             key=ProcessKey(ds.device.uuid, 0, 0),
             device=ds.device,
             info=None,
             start_us=start,
-            end_us=now_us,
+            end_us=end,
             busy_us=0,
             wall_us=0,
             peak_memory_bytes=None,
