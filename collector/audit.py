@@ -36,11 +36,12 @@ from creditmeter.collector.rollup import (
     is_device_record,
 )
 from creditmeter.collector.rows import SEQ, START_US
-from creditmeter.collector.store import AgentInfo, Snapshot, Store, StoredRecord
+from creditmeter.collector.store import AgentInfo, QuarantineEntry, Snapshot, Store, StoredRecord
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import usage_pb2
 
 _RECORD_SUMS = "busy_us, wall_us, records"
+_HELD_NOT_STORED = "in quarantine, but no such record is stored"
 _API_SUMS = "requests, charges"
 ApiRollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 # Rollup keys: (hour, account, model) of the hourly and API rollups, or a device rollup key.
@@ -82,10 +83,18 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
     result.agent_count = len(agents)
     expected = _ExpectedSums()
     audited: set[str] = set()
+    held = {(e.agent_id, e.seq): e for e in snapshot.quarantine()}
     for agent_id, records in groupby(snapshot.records(), key=lambda record: record.agent_id):
         audited.add(agent_id)
         chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, expected)
+        chain_audit.held = {seq: e for (agent, seq), e in held.items() if agent == agent_id}
         chain_audit.run(records)
+        for seq in chain_audit.held.keys() - chain_audit.seen:
+            result.findings.append(Finding(agent_id, seq, _HELD_NOT_STORED))
+        for seq in chain_audit.held:
+            held.pop((agent_id, seq))
+    for agent_id, seq in sorted(held):  # of agents with no record stored at all
+        result.findings.append(Finding(agent_id, seq, _HELD_NOT_STORED))
     for agent_id, last_seq in snapshot.orphan_segments():
         result.findings.append(
             Finding(agent_id, last_seq, "a stored signature ends a segment whose records are gone")
@@ -188,6 +197,8 @@ class _ChainAudit:
         # record, which the next device record's attributed µs must equal. None until the
         # GPU's first device record (records of older agents carry no books).
         self.since_books: dict[str, int | None] = {}
+        self.held: dict[int, QuarantineEntry] = {}  # this agent's quarantine, by seq
+        self.seen: set[int] = set()  # the seqs of ``held`` found stored
 
     def run(self, records: Iterable[StoredRecord]) -> None:
         expected_seq = 1
@@ -233,11 +244,23 @@ class _ChainAudit:
                 record.seq,
                 f"column start_us holds {record.start_us}, the bytes say {row[START_US]}",
             )
+        self._check_conservation(record)
+        entry = self.held.get(record.seq)
+        if entry is not None:
+            self.seen.add(record.seq)
+        if checked.quarantined:
+            q = checked.quarantined[0]
+            problem = f"field {q.field}: {q.problem}"
+            if entry is None:
+                self._find(record.seq, f"{problem}, and it is not in quarantine")
+            elif entry.released_at_us is not None:
+                self._find(record.seq, f"released from quarantine, yet {problem}")
+        if entry is not None and entry.released_at_us is None:
+            return  # held: billed nowhere, in no rollup
         _add(self.expected.hourly, checked.sums)
         _add(self.expected.device, checked.device_sums)
         for key, amount_us in checked.gpu_sums.items():
             self.expected.gpu[key] = self.expected.gpu.get(key, 0) + amount_us
-        self._check_conservation(record)
 
     def _check_conservation(self, record: StoredRecord) -> None:
         rec = usage_pb2.UsageRecord.FromString(record.record)

@@ -189,6 +189,22 @@ class EnrollmentError(CollectorError):
     status = Status.FAILED_PRECONDITION
 
 
+# -- quarantine ------------------------------------------------------------------------------
+
+
+class NotQuarantined(CollectorError):
+    """The record named is not in quarantine, or was released already."""
+
+    status = Status.NOT_FOUND
+
+
+class StillInsane(CollectorError):
+    """A quarantined record still breaks the verifier's checks: release it once a fixed
+    collector accepts what it says (the message names the field)."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 # -- the store: UNAVAILABLE / INTERNAL -------------------------------------------------------
 
 

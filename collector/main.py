@@ -34,7 +34,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from creditmeter.collector import admin_cli, settings
+from creditmeter.collector import admin_cli, quarantine, settings
 from creditmeter.collector.access import ApiAccess, load_access
 from creditmeter.collector.audit import audit
 from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, CertificateBoundAgents
@@ -147,6 +147,21 @@ def _parser() -> argparse.ArgumentParser:
     audit_cmd = commands.add_parser("audit", parents=[db], help="re-verify every stored record")
     audit_cmd.set_defaults(command=_audit)
 
+    held = commands.add_parser(
+        "quarantine", help="records kept unbilled because a field broke the checks"
+    )
+    held_commands = held.add_subparsers(title="actions", required=True, metavar="ACTION")
+    held_list = held_commands.add_parser("list", parents=[db], help="list quarantined records")
+    held_list.add_argument("--all", action="store_true", help="released ones too")
+    held_list.set_defaults(command=_quarantine_list)
+    held_release = held_commands.add_parser(
+        "release", parents=[db], help="bill a quarantined record that passes the checks now"
+    )
+    held_release.add_argument("agent_id", metavar="AGENT_ID")
+    held_release.add_argument("seq", type=int, metavar="SEQ")
+    held_release.add_argument("--by", default=os.environ.get("USER", "operator"), metavar="WHO")
+    held_release.set_defaults(command=_quarantine_release)
+
     admin_cli.add_commands(commands, db)  # credits: plans, accounts, balances, report, export
     return parser
 
@@ -184,6 +199,7 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
     with ExitStack() as stack:
         store = _open_store(config)
         stack.callback(store.close)
+        telemetry.watch_quarantine(lambda: quarantine.held_count(store))
         ingestor = _start_ingest_workers(stack, config)
         server, port = create_server(
             listen,
@@ -316,6 +332,28 @@ def _serve_metrics(stack: ExitStack, config: Config, registry: Registry) -> None
         raise ListenError(f"metrics.listen {listen}: cannot listen: {problem}") from None
     stack.callback(server.shutdown)
     log.info("metrics on http://%s:%d/metrics", host, bound)
+
+
+def _quarantine_list(args: argparse.Namespace) -> int:
+    store = open_store(args.db, create=False, migrate=False)
+    try:
+        entries = store.quarantined()
+    finally:
+        store.close()
+    for entry in entries:
+        if args.all or entry.released_at_us is None:
+            print(quarantine.describe(entry))
+    return EXIT_OK
+
+
+def _quarantine_release(args: argparse.Namespace) -> int:
+    store = open_store(args.db, create=False)
+    try:
+        entry = quarantine.release(store, Verifier(), args.agent_id, args.seq, args.by)
+    finally:
+        store.close()
+    print(f"released: {quarantine.describe(entry)}")
+    return EXIT_OK
 
 
 def _enroll(args: argparse.Namespace) -> int:

@@ -111,6 +111,7 @@ from creditmeter.collector.errors import (
     EnrollmentError,
     InsaneField,
     LedgerError,
+    NotQuarantined,
     PeriodClosed,
     SchemaTooNew,
     StoreBusy,
@@ -155,15 +156,18 @@ from creditmeter.collector.rollup import (
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
+    NOT_HELD,
     AgentInfo,
     ChainHead,
+    QuarantineEntry,
     StoredRecord,
     UsageTotal,
     canonical_public_key_hex,
     check_agent_id,
     first_new_index,
+    held_back,
 )
-from creditmeter.collector.verifier import VerifiedBatch
+from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +431,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "quarantine: signed, chained records whose fields broke the checks, kept unbilled",
+        (
+            """CREATE TABLE quarantine (
+                agent_id TEXT COLLATE "C" NOT NULL,
+                seq BIGINT NOT NULL,
+                field TEXT NOT NULL,
+                problem TEXT NOT NULL,
+                quarantined_at_us BIGINT NOT NULL,
+                released_at_us BIGINT,
+                released_by TEXT,
+                PRIMARY KEY (agent_id, seq)
+            )""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -471,8 +491,8 @@ assert len(RECORD_COPY_TYPES) == len(RECORD_COPY_COLUMNS)
 # (an InitPlan, run once before the first hourly row) before it inserts any hourly row.
 # Data-modifying CTEs that nothing reads (head, segment) run to completion but in no
 # documented order, so the rollups' order is forced this way, not assumed.
-_ADVANCE = """
-    WITH device AS (
+_DEVICE_ROLLUPS_CTE = """
+    device AS (
         INSERT INTO rollups_device_hourly (hour_start_us, host, gpu_uuid, account, model, shard,
                                            busy_us, wall_us, record_count)
         SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
@@ -482,11 +502,8 @@ _ADVANCE = """
             wall_us = rollups_device_hourly.wall_us + excluded.wall_us,
             record_count = rollups_device_hourly.record_count + excluded.record_count
         RETURNING 1
-    ), head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s),
-    segment AS (
-        INSERT INTO segments (agent_id, last_seq, signature, received_at_us)
-        VALUES (%s, %s, %s, %s)
-    )
+    )"""
+_HOURLY_ROLLUPS = """
     INSERT INTO rollups_hourly
         (hour_start_us, account, model, shard, busy_us, wall_us, record_count)
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::smallint[], %s::bigint[],
@@ -496,12 +513,22 @@ _ADVANCE = """
         busy_us = rollups_hourly.busy_us + excluded.busy_us,
         wall_us = rollups_hourly.wall_us + excluded.wall_us,
         record_count = rollups_hourly.record_count + excluded.record_count"""
+_ADVANCE = f"""
+    WITH {_DEVICE_ROLLUPS_CTE},
+    head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s),
+    segment AS (
+        INSERT INTO segments (agent_id, last_seq, signature, received_at_us)
+        VALUES (%s, %s, %s, %s)
+    ){_HOURLY_ROLLUPS}"""
+# A record released from quarantine: its sums join the rollups, the head stays.
+_ADD_ROLLUPS = f"WITH {_DEVICE_ROLLUPS_CTE}{_HOURLY_ROLLUPS}"
 # A GPU's books and gaps, in key order (one writer per GPU, but the same order everywhere).
 _UPSERT_GPU_ROLLUPS = """
     INSERT INTO rollups_gpu_hourly (hour_start_us, host, gpu_uuid, kind, amount_us)
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[])
     ON CONFLICT (hour_start_us, host, gpu_uuid, kind) DO UPDATE SET
         amount_us = rollups_gpu_hourly.amount_us + excluded.amount_us"""
+_SELECT_QUARANTINE = "SELECT * FROM quarantine ORDER BY agent_id, seq"
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
     FROM agents"""
@@ -609,14 +636,20 @@ class PostgresStore:
                 return head  # all duplicates: acknowledge again, store nothing
             new_rows = rows[start:] if start else rows
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
+            held = held_back(records, new_rows)
             if start == 0:  # all new: the verifier summed while it had the fields at hand
                 sums, device_sums = records.sums, records.device_sums
                 gpu_sums = records.gpu_sums
             else:
-                device_sums, gpu_sums = device_hourly_sums(new_rows)
+                device_sums, gpu_sums = device_hourly_sums(new_rows, {q.seq for q in held})
                 sums = account_sums(device_sums)
             with _refused_rows(agent_id, head):
                 _copy_records(cur, new_rows)
+                if held:
+                    cur.executemany(
+                        "INSERT INTO quarantine VALUES (%s, %s, %s, %s, %s, NULL, NULL)",
+                        [(agent_id, q.seq, q.field, q.problem, self._clock_us()) for q in held],
+                    )
                 _add_gpu_rollups(cur, gpu_sums)
                 _advance(
                     cur,
@@ -848,14 +881,43 @@ class PostgresStore:
             cur.execute(f"{busy_sql} UNION ALL {api_sql}", (*busy_parameters, *api_parameters))
             return [UsageGroup(*row) for row in cur]
 
+    # -- quarantine ----------------------------------------------------------------------
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        with self._statement("reading the quarantine") as cur:
+            cur.execute(_SELECT_QUARANTINE)
+            return [QuarantineEntry(*row) for row in cur]
+
+    def stored_record(self, agent_id: str, seq: int) -> bytes | None:
+        with self._statement(f"reading record {agent_id!r} seq {seq}") as cur:
+            rows = _records(cur, agent_id, seq, seq)
+        return bytes(rows[0][1]) if rows else None
+
+    def release(self, agent_id: str, seq: int, by: str, checked: CheckedRecords) -> QuarantineEntry:
+        with self._transaction(f"releasing {agent_id!r} seq {seq} from quarantine") as cur:
+            cur.execute(
+                "UPDATE quarantine SET released_at_us = %s, released_by = %s "
+                "WHERE agent_id = %s AND seq = %s AND released_at_us IS NULL RETURNING *",
+                (self._clock_us(), by, agent_id, seq),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotQuarantined(
+                    f"agent {agent_id!r} seq {seq} is not in quarantine (or was released)"
+                )
+            _add_gpu_rollups(cur, checked.gpu_sums)
+            _add_rollups(cur, self._shard(agent_id), checked.sums, checked.device_sums)
+        return QuarantineEntry(*row)
+
     def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
         """Read from the record bytes (the only copy of their fields): every record in the
         range is fetched, those without busy time are left out here."""
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
         yield from usage_events(
             self._read_rows(
-                """SELECT agent_id, seq, record FROM records
-                   WHERE start_us >= %s AND start_us < %s ORDER BY agent_id, seq""",
+                f"""SELECT agent_id, seq, record FROM records r
+                   WHERE start_us >= %s AND start_us < %s AND {NOT_HELD}
+                   ORDER BY agent_id, seq""",
                 bounds,
             )
         )
@@ -1032,6 +1094,11 @@ class PostgresSnapshot:
             )
             for row in cursor:
                 yield DeviceRollup(*row)
+
+    def quarantine(self) -> list[QuarantineEntry]:
+        with _translated("reading the quarantine", self._where):
+            rows = self._conn.execute(_SELECT_QUARANTINE).fetchall()
+        return [QuarantineEntry(*row) for row in rows]
 
     def gpu_rollups(self) -> Iterator[GpuRollup]:
         with _translated("reading GPU rollups", self._where):
@@ -1358,6 +1425,27 @@ def _advance(
             head.seq,
             signature,
             received_at_us,
+            *_columns(keys, 3),
+            [shard] * len(keys),
+            *_columns([sums[key] for key in keys], 3),
+        ),
+    )
+
+
+def _add_rollups(
+    cur: Cursor,
+    shard: int,
+    sums: dict[RollupKey, RollupSums],
+    device_sums: dict[DeviceRollupKey, RollupSums],
+) -> None:
+    keys = sorted(sums)
+    device_keys = sorted(device_sums)
+    cur.execute(
+        _ADD_ROLLUPS,
+        (
+            *_columns(device_keys, 5),
+            [shard] * len(device_keys),
+            *_columns([device_sums[key] for key in device_keys], 3),
             *_columns(keys, 3),
             [shard] * len(keys),
             *_columns([sums[key] for key in keys], 3),

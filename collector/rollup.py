@@ -10,11 +10,11 @@ would trade exact integer sums for rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from creditmeter.collector.rows import RECORD, RecordRow
+from creditmeter.collector.rows import RECORD, SEQ, RecordRow
 from creditmeter.v1 import usage_pb2
 
 HOUR_US = 3_600_000_000
@@ -89,15 +89,18 @@ def is_device_record(rec: usage_pb2.UsageRecord) -> bool:
 
 
 def device_hourly_sums(
-    rows: Iterable[RecordRow],
+    rows: Iterable[RecordRow], quarantined: Collection[int] = ()
 ) -> tuple[dict[DeviceRollupKey, RollupSums], GpuSums]:
     """What verified ``rows`` add to each per-device rollup and to each GPU's books and
-    gaps, read from their record bytes. Only for batches partly resent (a batch all new
-    comes with its sums, added up by the verifier while it had the fields at hand)."""
+    gaps, read from their record bytes; the seqs ``quarantined`` add nothing. Only for
+    batches partly resent (a batch all new comes with its sums, added up by the verifier
+    while it had the fields at hand) and for records released from quarantine."""
     sums: dict[DeviceRollupKey, RollupSums] = {}
     gpu_sums: GpuSums = {}
     rec = usage_pb2.UsageRecord()
     for row in rows:
+        if quarantined and row[SEQ] in quarantined:
+            continue
         rec.ParseFromString(bytes(row[RECORD]))
         start_us = rec.start_unix_us
         hour_us = start_us - start_us % HOUR_US

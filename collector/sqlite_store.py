@@ -34,6 +34,7 @@ from creditmeter.collector.errors import (
     ChargeConflict,
     EnrollmentError,
     LedgerError,
+    NotQuarantined,
     PeriodClosed,
     SchemaTooNew,
     StoreBusy,
@@ -77,15 +78,18 @@ from creditmeter.collector.rollup import (
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
+    NOT_HELD,
     AgentInfo,
     ChainHead,
+    QuarantineEntry,
     StoredRecord,
     UsageTotal,
     canonical_public_key_hex,
     check_agent_id,
     first_new_index,
+    held_back,
 )
-from creditmeter.collector.verifier import VerifiedBatch
+from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 from creditmeter.collector.writer_turn import WriterTurn
 
 log = logging.getLogger(__name__)
@@ -314,6 +318,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        7,
+        "quarantine: signed, chained records whose fields broke the checks, kept unbilled",
+        (
+            """CREATE TABLE quarantine (
+                agent_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                field TEXT NOT NULL,
+                problem TEXT NOT NULL,
+                quarantined_at_us INTEGER NOT NULL,
+                released_at_us INTEGER,
+                released_by TEXT,
+                PRIMARY KEY (agent_id, seq)
+            ) WITHOUT ROWID""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -470,10 +490,16 @@ class SQLiteStore:
                 _INSERT_SEGMENT,
                 (agent_id, new_head.seq, bytearray(batch.signature), self._clock_us()),
             )
+            held = held_back(records, new_rows)
+            if held:
+                conn.executemany(
+                    "INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    [(agent_id, q.seq, q.field, q.problem, self._clock_us()) for q in held],
+                )
             if start == 0:
                 _add_rollups(conn, records.sums, records.device_sums, records.gpu_sums)
             else:
-                device_sums, gpu_sums = device_hourly_sums(new_rows)
+                device_sums, gpu_sums = device_hourly_sums(new_rows, {q.seq for q in held})
                 _add_rollups(conn, account_sums(device_sums), device_sums, gpu_sums)
             conn.execute(
                 "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",
@@ -510,6 +536,31 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
                 self._turn.close()
+
+    # -- quarantine ----------------------------------------------------------------------
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        with self._lock, _translated("reading the quarantine"):
+            return _quarantine(self._connection())
+
+    def stored_record(self, agent_id: str, seq: int) -> bytes | None:
+        with self._lock, _translated(f"reading record {agent_id!r} seq {seq}"):
+            rows = _records(self._connection(), agent_id, seq, seq)
+        return bytes(rows[0][1]) if rows else None
+
+    def release(self, agent_id: str, seq: int, by: str, checked: CheckedRecords) -> QuarantineEntry:
+        with self._write(f"releasing {agent_id!r} seq {seq} from quarantine") as conn:
+            released = conn.execute(
+                "UPDATE quarantine SET released_at_us = ?, released_by = ? "
+                "WHERE agent_id = ? AND seq = ? AND released_at_us IS NULL",
+                (self._clock_us(), by, agent_id, seq),
+            ).rowcount
+            if not released:
+                raise NotQuarantined(
+                    f"agent {agent_id!r} seq {seq} is not in quarantine (or was released)"
+                )
+            _add_rollups(conn, checked.sums, checked.device_sums, checked.gpu_sums)
+            return next(e for e in _quarantine(conn) if (e.agent_id, e.seq) == (agent_id, seq))
 
     # -- the ledger (LedgerStore) --------------------------------------------------------
 
@@ -691,8 +742,9 @@ class SQLiteStore:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
         yield from usage_events(
             self._read_rows(
-                """SELECT agent_id, seq, record FROM records
-                   WHERE start_us >= ? AND start_us < ? ORDER BY agent_id, seq""",
+                f"""SELECT agent_id, seq, record FROM records r
+                   WHERE start_us >= ? AND start_us < ? AND {NOT_HELD}
+                   ORDER BY agent_id, seq""",
                 bounds,
             )
         )
@@ -868,6 +920,10 @@ class SQLiteSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
+    def quarantine(self) -> list[QuarantineEntry]:
+        with _translated("reading the quarantine"):
+            return _quarantine(self._conn)
+
     def gpu_rollups(self) -> Iterator[GpuRollup]:
         with _translated("reading GPU rollups"):
             cursor = self._conn.execute(
@@ -1028,6 +1084,11 @@ def _add_rollups(
     conn.executemany(_UPSERT_DEVICE_ROLLUP, [(*key, *total) for key, total in device_sums.items()])
     if gpu_sums:
         conn.executemany(_UPSERT_GPU_ROLLUP, [(*key, us) for key, us in gpu_sums.items()])
+
+
+def _quarantine(conn: sqlite3.Connection) -> list[QuarantineEntry]:
+    rows = conn.execute("SELECT * FROM quarantine ORDER BY agent_id, seq").fetchall()
+    return [QuarantineEntry(*row) for row in rows]
 
 
 def _records(

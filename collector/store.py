@@ -25,8 +25,8 @@ from creditmeter.collector.errors import (
     StoreCorrupt,
 )
 from creditmeter.collector.rollup import Rollup
-from creditmeter.collector.rows import RECORD
-from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
+from creditmeter.collector.rows import RECORD, SEQ, RecordRow
+from creditmeter.collector.verifier import CheckedRecords, Quarantine, VerifiedBatch
 
 MAX_AGENT_ID_BYTES = 256
 
@@ -78,6 +78,20 @@ class UsageTotal:
     record_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    """A stored record kept out of billing: its field broke the verifier's checks when it
+    arrived. ``released_at_us`` is set once an operator released it (and it passed)."""
+
+    agent_id: str
+    seq: int
+    field: str
+    problem: str
+    quarantined_at_us: int
+    released_at_us: int | None = None
+    released_by: str | None = None
+
+
 class Snapshot(Protocol):
     """A consistent read-only view of a store, for the audit (records and rollups must come
     from the same moment, or records committed in between would look like findings)."""
@@ -93,6 +107,10 @@ class Snapshot(Protocol):
         ...
 
     def rollups(self) -> Iterator[Rollup]: ...
+
+    def quarantine(self) -> list[QuarantineEntry]:
+        """Every quarantined record, released ones too, ordered by agent_id, then seq."""
+        ...
 
 
 class Store(Protocol):
@@ -126,11 +144,39 @@ class Store(Protocol):
 
     def snapshot(self) -> AbstractContextManager[Snapshot]: ...
 
+    def quarantined(self) -> list[QuarantineEntry]:
+        """Every quarantined record, released ones too, ordered by agent_id, then seq."""
+        ...
+
+    def stored_record(self, agent_id: str, seq: int) -> bytes | None: ...
+
+    def release(self, agent_id: str, seq: int, by: str, checked: CheckedRecords) -> QuarantineEntry:
+        """Releases a quarantined record that ``checked`` (its bytes, verified again) shows
+        passes now: its sums join the rollups, in one transaction. Raises NotQuarantined
+        unless it is in quarantine and not yet released."""
+        ...
+
     def close(self) -> None: ...
 
 
 # Reads the stored (seq, record bytes) of an agent's records first..last, in seq order.
 StoredRecords = Callable[[int, int], Sequence[tuple[int, bytes]]]
+
+
+# Records that count: not held in quarantine (released ones count again). SQL for both
+# stores, on a query whose records table is aliased r.
+NOT_HELD = (
+    "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.agent_id = r.agent_id "
+    "AND q.seq = r.seq AND q.released_at_us IS NULL)"
+)
+
+
+def held_back(records: CheckedRecords, new_rows: Sequence[RecordRow]) -> list[Quarantine]:
+    """The quarantined records among those a batch stores for the first time."""
+    if not records.quarantined or not new_rows:
+        return []
+    first_new = new_rows[0][SEQ]
+    return [q for q in records.quarantined if q.seq >= first_new]
 
 
 def first_new_index(

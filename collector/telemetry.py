@@ -11,6 +11,7 @@ the collector after ``WatchdogSec=``).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -110,6 +111,23 @@ class CollectorTelemetry:
             "creditmeter_collector_api_refusals_total",
             "Query/admin API calls refused for want of a valid credential, by method.",
             ["method"],
+        )
+
+    def watch_quarantine(self, held: Callable[[], int]) -> None:
+        """Reports ``held()`` (records in quarantine now) at every scrape; NaN while the
+        store cannot answer."""
+
+        def read() -> float:
+            try:
+                return float(held())
+            except CollectorError:
+                return math.nan
+
+        self.registry.gauge(
+            "creditmeter_collector_quarantined_records",
+            "Records kept unbilled because a field broke the checks, not yet released "
+            "(creditmeter-collector quarantine list).",
+            callback=read,
         )
 
     def stream_opened(self) -> None:

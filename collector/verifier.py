@@ -85,6 +85,17 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantine:
+    """A record kept as evidence but never billed: signed and chained, yet ``field`` breaks
+    the verifier's checks (``problem``), as an agent bug or a rule changed across versions
+    can make it. Operators list and release them (creditmeter-collector quarantine)."""
+
+    seq: int
+    field: str
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class CheckedRecords:
     """Consecutive records of one agent that passed every check that needs no key.
 
@@ -102,6 +113,7 @@ class CheckedRecords:
     sums: dict[RollupKey, RollupSums]
     device_sums: dict[DeviceRollupKey, RollupSums]
     gpu_sums: GpuSums
+    quarantined: tuple[Quarantine, ...] = ()
 
     @property
     def first_seq(self) -> int:
@@ -198,6 +210,7 @@ class Verifier:
         device_sums: dict[DeviceRollupKey, RollupSums] = {}
         get_sums = device_sums.get
         gpu_sums: GpuSums = {}
+        quarantined: list[Quarantine] = []
         process_qualities = _PROCESS_QUALITIES
         known_evidence = _KNOWN_EVIDENCE
         # The hour a record starts in, worked out again only when a record leaves it: two
@@ -231,77 +244,83 @@ class Verifier:
             source = rec.source
             energy_mj = rec.energy_mj
             gaps = rec.gaps
-            if gaps:
-                _check_gaps(agent_id, len(rows), seq, gaps)
-            refused = attribution.refused
-            if refused:
-                _check_refused(agent_id, len(rows), seq, refused)
             if not hour_us <= start_us < next_hour_us:
                 hour_us = start_us - start_us % HOUR_US
                 next_hour_us = hour_us + HOUR_US
-            if rec.quality == _DEVICE_RECORD:
-                self._check_device_record(agent_id, len(rows), rec, now_us)
-                add_gpu_books(gpu_sums, hour_us, rec)
-                digest = sha256(data).digest()
-                append((agent_id, seq, start_us, bytearray(data)))
-                append_hash(digest)
-                prev_hash = digest
-                expected_seq = seq + 1
-                continue
-            if gaps:
-                add_gaps(gpu_sums, hour_us, rec)
-            if not (
-                rec.agent_id == agent_id
-                and min_start_us <= start_us <= end_us <= latest_end_us
-                and 0 <= busy_us <= end_us - start_us + tolerance_us
-                and wall_us >= 0
-                and gpu_uuid
-                and source in known_sources
-                and attribution_source in known_attribution_sources
-                and rec.quality in process_qualities
-                and rec.evidence in known_evidence
-                and not rec.HasField("device")
-                and energy_mj <= INT64_MAX
-                # No string in a record can be longer than the record itself.
-                and (
-                    len(data) <= max_label_bytes
-                    or (
-                        len(account) <= safe_label_chars
-                        and len(model) <= safe_label_chars
-                        and len(job_id) <= safe_label_chars
-                        and len(process_name) <= safe_label_chars
-                        and len(host) <= safe_label_chars
-                        and len(gpu_uuid) <= safe_label_chars
-                        and len(gpu_parent_uuid) <= safe_label_chars
+            is_device = rec.quality == _DEVICE_RECORD
+            # Signed and chained, so its bytes are evidence: a record whose fields break the
+            # checks is kept in quarantine (never billed) instead of refusing the batch,
+            # which would stop the agent's chain for good. A record of another agent still
+            # refuses the batch (AgentMismatch is not an InsaneField).
+            try:
+                if gaps:
+                    _check_gaps(agent_id, len(rows), seq, gaps)
+                refused = attribution.refused
+                if refused:
+                    _check_refused(agent_id, len(rows), seq, refused)
+                if is_device:
+                    self._check_device_record(agent_id, len(rows), rec, now_us)
+                elif not (
+                    rec.agent_id == agent_id
+                    and min_start_us <= start_us <= end_us <= latest_end_us
+                    and 0 <= busy_us <= end_us - start_us + tolerance_us
+                    and wall_us >= 0
+                    and gpu_uuid
+                    and source in known_sources
+                    and attribution_source in known_attribution_sources
+                    and rec.quality in process_qualities
+                    and rec.evidence in known_evidence
+                    and not rec.HasField("device")
+                    and energy_mj <= INT64_MAX
+                    # No string in a record can be longer than the record itself.
+                    and (
+                        len(data) <= max_label_bytes
+                        or (
+                            len(account) <= safe_label_chars
+                            and len(model) <= safe_label_chars
+                            and len(job_id) <= safe_label_chars
+                            and len(process_name) <= safe_label_chars
+                            and len(host) <= safe_label_chars
+                            and len(gpu_uuid) <= safe_label_chars
+                            and len(gpu_parent_uuid) <= safe_label_chars
+                        )
                     )
-                )
-                # The label law (common/labels.py), which the agent applies too: printable
-                # (no NUL, which PostgreSQL's text cannot hold; no control, bidi or other
-                # format character), and the reserved account. One C pass over the labels
-                # joined; non-ASCII labels take the slow path for the NFC check.
-                and (
-                    labels := account
-                    + model
-                    + job_id
-                    + process_name
-                    + host
-                    + gpu_uuid
-                    + gpu_parent_uuid
-                ).isprintable()
-                and labels.isascii()
-                and (len(account) != _RESERVED_LEN or account.casefold() not in RESERVED_ACCOUNTS)
-            ):
-                # Raises unless only the quick label test was too strict.
-                self._raise_insane_field(agent_id, len(rows), rec, now_us)
-
-            key = (hour_us, host, gpu_uuid, account, model)
-            total = get_sums(key)
-            if total is None:
-                device_sums[key] = [busy_us, wall_us, 1]
+                    # The label law (common/labels.py), which the agent applies too: printable
+                    # (no NUL, which PostgreSQL's text cannot hold; no control, bidi or other
+                    # format character), and the reserved account. One C pass over the labels
+                    # joined; non-ASCII labels take the slow path for the NFC check.
+                    and (
+                        labels := account
+                        + model
+                        + job_id
+                        + process_name
+                        + host
+                        + gpu_uuid
+                        + gpu_parent_uuid
+                    ).isprintable()
+                    and labels.isascii()
+                    and (
+                        len(account) != _RESERVED_LEN or account.casefold() not in RESERVED_ACCOUNTS
+                    )
+                ):
+                    # Raises unless only the quick label test was too strict.
+                    self._raise_insane_field(agent_id, len(rows), rec, now_us)
+            except InsaneField as exc:
+                quarantined.append(Quarantine(seq, exc.field or "", exc.problem))
             else:
-                total[0] += busy_us
-                total[1] += wall_us
-                total[2] += 1
+                if is_device:
+                    add_gpu_books(gpu_sums, hour_us, rec)
+                else:
+                    if gaps:
+                        add_gaps(gpu_sums, hour_us, rec)
+                    key = (hour_us, host, gpu_uuid, account, model)
+                    total = get_sums(key)
+                    if total is None:
+                        device_sums[key] = [busy_us, wall_us, 1]
+                    else:
+                        total[0] += busy_us
+                        total[1] += wall_us
+                        total[2] += 1
 
             digest = sha256(data).digest()
             append((agent_id, seq, start_us, bytearray(data)))
@@ -316,6 +335,7 @@ class Verifier:
             account_sums(device_sums),
             device_sums,
             gpu_sums,
+            tuple(quarantined),
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:

@@ -193,9 +193,6 @@ def oversize_label(agent: AgentChain) -> ingest_pb2.RecordBatch:
         (tamper_middle_record, "seq 3 field prev_hash: prev_hash is not the hash of seq 2"),
         (break_prev_hash, "agent 'agent-1' seq 3 field prev_hash: prev_hash is not the hash"),
         (other_agent_id, "batch names agent 'agent-2'"),
-        (negative_busy, "agent 'agent-1' seq 2 field busy_us: -1 is negative"),
-        (far_future, "field end_unix_us"),
-        (oversize_label, "field attribution.account: 300 bytes long"),
     ],
 )
 def test_an_invalid_batch_is_refused_and_nothing_of_it_stored(
@@ -218,14 +215,48 @@ def test_batches_before_a_refused_one_are_acked_and_stored(
     """Agents keep several batches in flight: the collector answers in order, acks for
     what it stored, then the refusal."""
     good = [agent.extend(10) for _ in range(3)]
-    bad = negative_busy(agent)  # seqs 31..32, the last one insane
-    after = agent.extend(5)
-    requests = [hello(agent.agent_id)] + [batch_request(b) for b in (*good, bad, after)]
+    bad = tamper_middle_record(agent)  # seqs 31..33, 32 altered after chaining
+    requests = [hello(agent.agent_id)] + [batch_request(b) for b in (*good, bad)]
     result = exchange(stub, requests)
     assert result.acks == [ack(agent, 0), ack(agent, 10), ack(agent, 20), ack(agent, 30)]
     assert result.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "seq 32 field busy_us" in result.details
+    assert "seq 33 field prev_hash" in result.details
     assert stored_count(db_path) == 30
+
+
+@pytest.mark.parametrize(
+    ("make_batch", "field", "problem"),
+    [
+        (negative_busy, "busy_us", "-1 is negative"),
+        (far_future, "end_unix_us", "ahead of the collector's clock"),
+        (oversize_label, "attribution.account", "300 bytes long"),
+    ],
+)
+def test_a_signed_record_that_breaks_the_checks_is_quarantined_and_the_chain_goes_on(
+    stub: ingest_pb2_grpc.IngestStub,
+    agent: AgentChain,
+    db_path: Path,
+    make_batch: Callable[[AgentChain], ingest_pb2.RecordBatch],
+    field: str,
+    problem: str,
+) -> None:
+    """Refusing a signed, chained record would stop the agent's chain for good (it can
+    only resend the same bytes): it is stored as evidence, billed nowhere, and the records
+    after it are stored as usual."""
+    before = agent.extend(3)
+    bad = make_batch(agent)
+    after = agent.extend(4)
+    requests = [hello(agent.agent_id)] + [batch_request(b) for b in (before, bad, after)]
+    result = exchange(stub, requests)
+    head = len(agent.records)
+    assert result.code is grpc.StatusCode.OK, result.details
+    assert result.acks[-1] == ack(agent, head)
+    assert stored_count(db_path) == head
+    with sqlite3.connect(db_path) as conn:
+        held = conn.execute("SELECT seq, field, problem FROM quarantine").fetchall()
+        billed = conn.execute("SELECT SUM(record_count) FROM rollups_hourly").fetchone()[0]
+    assert len(held) == 1 and held[0][1] == field and problem in held[0][2]
+    assert billed == head - 1
 
 
 def test_same_seq_with_other_bytes_is_a_failed_precondition(

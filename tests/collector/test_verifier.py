@@ -13,14 +13,13 @@ from creditmeter.collector.errors import (
     BatchTooLarge,
     BrokenChain,
     CollectorError,
-    InsaneField,
     MalformedMessage,
     MalformedRecord,
     Status,
 )
 from creditmeter.collector.rollup import HOUR_US, account_sums, device_hourly_sums
 from creditmeter.collector.rows import AGENT_ID, RECORD, SEQ, START_US
-from creditmeter.collector.verifier import Limits, Verifier
+from creditmeter.collector.verifier import Limits, Quarantine, Verifier
 from creditmeter.v1 import ingest_pb2, usage_pb2
 
 from .conftest import NOW_US
@@ -88,6 +87,18 @@ def rejection(
     with pytest.raises(CollectorError) as caught:
         verifier.verify(batch, agent.key.public_key())
     return caught.value
+
+
+def quarantine_of(
+    verifier: Verifier, agent: AgentChain, batch: ingest_pb2.RecordBatch
+) -> Quarantine:
+    """The one record of ``batch`` that breaks the checks: kept (its row, its place in the
+    chain), adding nothing to any sum."""
+    records = verifier.verify(batch, agent.key.public_key()).records
+    assert len(records.rows) == len(batch.records)
+    assert len(records.quarantined) == 1
+    assert (records.sums, records.device_sums, records.gpu_sums) == ({}, {}, {})
+    return records.quarantined[0]
 
 
 def test_a_signature_by_another_key_is_refused(verifier: Verifier) -> None:
@@ -282,17 +293,14 @@ LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
         (refuse(1, 9), "attribution.refused.problem", "LabelProblem 9"),
     ],
 )
-def test_an_insane_field_is_named(
+def test_an_insane_field_is_named_and_its_record_quarantined(
     verifier: Verifier, mutate: Mutator, field: str, problem: str
 ) -> None:
     agent = AgentChain()
     agent.extend(2)
-    batch = agent.extend(1, mutate)  # seq 3
-    error = rejection(verifier, agent, batch)
-    assert isinstance(error, InsaneField)
-    assert error.status is Status.INVALID_ARGUMENT
-    assert (error.agent_id, error.seq, error.field) == ("agent-1", 3, field)
-    assert problem in str(error)
+    held = quarantine_of(verifier, agent, agent.extend(1, mutate))  # seq 3
+    assert (held.seq, held.field) == (3, field)
+    assert problem in held.problem
 
 
 def test_busy_within_the_tolerance_and_labels_at_the_limit_pass(verifier: Verifier) -> None:
@@ -408,12 +416,11 @@ def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -
         (set_field("evidence", 9), "evidence", "unknown EvidenceSource 9"),
     ],
 )
-def test_books_that_do_not_add_up_are_refused(
+def test_books_that_do_not_add_up_are_quarantined(
     verifier: Verifier, mutate: Mutator, field: str, problem: str
 ) -> None:
     agent = AgentChain()
     agent.extend(2)
-    error = rejection(verifier, agent, agent.extend(1, mutate))
-    assert isinstance(error, InsaneField)
-    assert (error.seq, error.field) == (3, field)
-    assert problem in str(error)
+    held = quarantine_of(verifier, agent, agent.extend(1, mutate))
+    assert (held.seq, held.field) == (3, field)
+    assert problem in held.problem
