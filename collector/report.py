@@ -54,6 +54,7 @@ from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceBook
 from creditmeter.collector.rollup import HOUR_US
 from creditmeter.collector.store import Store
+from creditmeter.labels import MAX_LABEL_BYTES, printable
 
 UNATTRIBUTED = "unattributed"
 NOT_ON_A_GPU = "-"  # host and gpu of API request rows
@@ -280,6 +281,18 @@ def render_json(report: Report) -> str:
     return json.dumps(document, indent=2) + "\n"
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...)).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(label: str) -> str:
+    """A label as a CSV cell a spreadsheet shows as text: forbidden characters escaped (see
+    common/labels.py; records stored before the law may hold them), and a formula's first
+    character neutralised by a leading apostrophe, as OWASP advises."""
+    text = printable(label, limit=MAX_LABEL_BYTES)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 def render_csv(report: Report) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -290,7 +303,7 @@ def render_csv(report: Report) -> str:
     for row in report.rows:
         writer.writerow(
             [
-                *row.keys,
+                *(csv_cell(key) for key in row.keys),
                 seconds_text(row.busy_us),
                 row.requests,
                 micro_text(row.credits_micro),
@@ -312,7 +325,7 @@ def render_table(report: Report) -> str:
     )
     lines = [
         (
-            *row.keys,
+            *(printable(key, limit=MAX_LABEL_BYTES) for key in row.keys),
             seconds_text(row.busy_us),
             str(row.requests),
             micro_text(row.credits_micro) + ("*" if row.default_price else " "),

@@ -12,6 +12,7 @@ from creditmeter.collector.prices import busy_credits_micro
 from creditmeter.collector.report import (
     Period,
     build_report,
+    csv_cell,
     parse_hour_us,
     parse_period,
     render_csv,
@@ -168,3 +169,21 @@ def test_an_empty_report(store: SQLiteStore) -> None:
     assert render_csv(report) == (
         "account,model,busy_seconds,requests,credits,records,default_price\n"
     )
+
+
+def test_csv_cells_cannot_become_formulas_or_forge_lines(
+    store: SQLiteStore, agent: AgentChain, verifier: Verifier
+) -> None:
+    def formula(rec: usage_pb2.UsageRecord) -> None:
+        rec.attribution.account = '=HYPERLINK("http://evil.example","x")'  # lawful text
+        rec.attribution.model = "@SUM(A1)"
+
+    store.ingest(agent.agent_id, verifier.verify(agent.extend(1, formula), agent.key.public_key()))
+    assert (
+        render_csv(build_report(store, Period()))
+        .splitlines()[1]
+        .startswith('"\'=HYPERLINK(""http://evil.example"",""x"")",\'@SUM(A1),')
+    )
+    # Stored before the label law, a label may still hold control characters.
+    assert csv_cell("acme\nTOTAL,0") == "acme\\nTOTAL,0"
+    assert csv_cell("-1+1") == "'-1+1" and csv_cell("acme") == "acme"
