@@ -208,6 +208,9 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
             config=ServerConfig(
                 max_stream_age_s=config[settings.MAX_STREAM_AGE],
                 max_streams=config[settings.MAX_STREAMS],
+                max_pending=config[settings.MAX_PENDING],
+                max_pending_per_peer=config[settings.MAX_PENDING_PER_PEER],
+                hello_timeout_s=config[settings.HELLO_TIMEOUT],
             ),
             credentials=credentials,
             authenticator=authenticator,

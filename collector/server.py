@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from creditmeter import chain
 from creditmeter.collector.access import ApiAccess, ApiAuthenticator, ApiAuthInterceptor, Refusal
+from creditmeter.collector.admission import Admission, Ticket
 from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, Peer
 from creditmeter.collector.errors import (
     AgentMismatch,
@@ -68,6 +69,11 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     # Each stream holds a worker thread for its lifetime (one per connected agent).
     max_streams: int = 256
+    # Streams not yet past their Hello (admission.py): a pool of their own, a share per
+    # address, and a deadline after which they are cancelled.
+    max_pending: int = 64
+    max_pending_per_peer: int = 8
+    hello_timeout_s: float = 10.0
     # After this long, a stream ends cleanly after its next Ack and the agent reconnects:
     # gives load balancers a chance to move it.
     max_stream_age_s: float = 300.0
@@ -112,7 +118,12 @@ class IngestServicer:
         self._config = config
         self._monotonic = monotonic
         self._observer: IngestObserver = observer or NullIngestObserver()
-        self._stream_slots = threading.BoundedSemaphore(config.max_streams)
+        self._admission = Admission(
+            config.max_streams,
+            config.max_pending,
+            config.max_pending_per_peer,
+            config.hello_timeout_s,
+        )
         self._draining = threading.Event()
 
     def rpc_handler(self) -> Any:
@@ -124,6 +135,9 @@ class IngestServicer:
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": method})
 
+    def admission_counts(self) -> tuple[int, int]:
+        return self._admission.counts
+
     def drain(self) -> None:
         """Ends every stream after its next Ack (shutdown)."""
         self._draining.set()
@@ -131,14 +145,14 @@ class IngestServicer:
     def Stream(  # the RPC's name in ingest.proto
         self, requests: Iterator[bytes], context: Any
     ) -> Iterator[ingest_pb2.IngestResponse]:
-        if not self._stream_slots.acquire(blocking=False):
-            self._abort(
-                context,
-                TooManyStreams(f"collector serves its limit of {self._config.max_streams} streams"),
-            )
+        try:
+            # Cancelled by a timer unless its Hello comes in time (admission.py).
+            ticket = self._admission.arrive(context.peer(), context.cancel)
+        except TooManyStreams as exc:
+            self._abort(context, exc)
         try:
             self._observer.stream_opened()
-            yield from self._serve(requests, context)
+            yield from self._serve(requests, context, ticket)
         except CollectorError as exc:
             self._abort(context, exc)
         except grpc.RpcError:
@@ -151,10 +165,10 @@ class IngestServicer:
             context.abort(grpc.StatusCode.INTERNAL, "internal error in the collector (logged)")
         finally:
             self._observer.stream_closed()
-            self._stream_slots.release()
+            ticket.leave()
 
     def _serve(
-        self, requests: Iterator[bytes], context: Any
+        self, requests: Iterator[bytes], context: Any, ticket: Ticket
     ) -> Iterator[ingest_pb2.IngestResponse]:
         started = self._monotonic()
         peer = _peer(context)
@@ -163,6 +177,7 @@ class IngestServicer:
         for raw in requests:
             item = self._read_request(raw, agent, peer)
             if isinstance(item, _Hello):
+                ticket.admit()  # an agent's slot, only now that it is authenticated
                 agent, head = item.agent, item.head
                 yield _ack(item.head)
                 continue
@@ -241,6 +256,10 @@ class IngestServer:
         self._servicer = servicer
         self._health = health_servicer
 
+    def admission_counts(self) -> tuple[int, int]:
+        """(streams waiting for their Hello, streams of authenticated agents) now."""
+        return self._servicer.admission_counts()
+
     def start(self) -> None:
         self.grpc_server.start()
         for service in ("", SERVICE_NAME):
@@ -294,7 +313,7 @@ def create_server(
         config,
         observer=observer,
     )
-    workers = config.max_streams + SPARE_WORKERS
+    workers = config.max_streams + config.max_pending + SPARE_WORKERS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=_options(config),

@@ -85,6 +85,30 @@ MAX_STREAMS = Option(
     ge=1,
     le=100_000,
 )
+MAX_PENDING = Option(
+    "server.max_pending_streams",
+    INT,
+    64,
+    "Streams not yet past their Hello at most (they never take an agent's slot).",
+    ge=1,
+    le=10_000,
+)
+MAX_PENDING_PER_PEER = Option(
+    "server.max_pending_per_peer",
+    INT,
+    8,
+    "Of those, at most this many from one address.",
+    ge=1,
+    le=10_000,
+)
+HELLO_TIMEOUT = Option(
+    "server.hello_timeout",
+    DURATION,
+    10.0,
+    "A stream that has not said Hello by then is cancelled.",
+    gt=0,
+    le=300,
+)
 
 INGEST_WORKERS = Option(
     "server.ingest_workers",
@@ -153,6 +177,9 @@ OPTIONS = (
     GRACE,
     MAX_STREAM_AGE,
     MAX_STREAMS,
+    MAX_PENDING,
+    MAX_PENDING_PER_PEER,
+    HELLO_TIMEOUT,
     INGEST_WORKERS,
     TLS_ENABLED,
     TLS_CERT,

@@ -6,6 +6,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,3 +500,67 @@ def test_agents_stream_concurrently(
             ack(agent, seq) for seq in (0, 100, 200, 300, 400, 500)
         ]
     assert stored_count(db_path) == 2000
+
+
+class _SilentStream:
+    """A stream that never says Hello (an attacker's, or a stuck client's)."""
+
+    def __init__(self, stub: ingest_pb2_grpc.IngestStub) -> None:
+        self._requests: queue.Queue[ingest_pb2.IngestRequest | None] = queue.Queue()
+        self._call = stub.Stream(iter(self._requests.get, None), timeout=TIMEOUT_S)
+        self.ended: grpc.StatusCode | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for _ in self._call:
+                pass
+            self.ended = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            self.ended = exc.code()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._reader.join(TIMEOUT_S)
+
+
+def test_streams_that_never_say_hello_take_no_agent_slot_and_are_cancelled(
+    store: SQLiteStore, verifier: Verifier, agent: AgentChain
+) -> None:
+    config = ServerConfig(max_streams=1, max_pending=8, max_pending_per_peer=4, hello_timeout_s=1.0)
+    running = start_server(store, verifier, config)
+    try:
+        with running.channel() as channel:
+            stub = ingest_stub(channel)
+            silent = [_SilentStream(stub) for _ in range(3)]
+            wait_for("the silent streams to be pending", lambda: pending(running) == 3)
+            # The one agent slot is still free: an honest agent delivers meanwhile.
+            result = exchange(stub, [hello(agent.agent_id), batch_request(agent.extend(2))])
+            assert result.code is grpc.StatusCode.OK and result.acks[-1] == ack(agent, 2)
+            # A fifth stream from this address exceeds its share of the pending pool.
+            crowd = [_SilentStream(stub)]
+            wait_for("a fourth pending stream", lambda: pending(running) == 4)
+            refused = exchange(stub, [hello(agent.agent_id)])
+            assert refused.code is grpc.StatusCode.UNAVAILABLE
+            assert "4 streams waiting for their Hello" in refused.details
+            # No Hello within the deadline: cancelled, and their places free again.
+            wait_for("the silent streams to end", lambda: all(s.ended for s in silent + crowd))
+            assert {s.ended for s in silent + crowd} == {grpc.StatusCode.CANCELLED}
+            wait_for("the pending pool to empty", lambda: pending(running) == 0)
+            for s in silent + crowd:
+                s.close()
+    finally:
+        running.server.stop(grace_s=0)
+
+
+def pending(running: RunningServer) -> int:
+    return running.server.admission_counts()[0]
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)

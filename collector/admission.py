@@ -1,0 +1,117 @@
+"""Who gets one of the collector's stream slots, and when.
+
+A stream holds a server thread for as long as it is open, so slots are what an attacker
+would take. Before its Hello a stream is nobody: it waits in a small pool of its own
+(``max_pending``, at most ``max_pending_per_peer`` from one address) for at most
+``hello_timeout_s``, then it is cancelled. Only an authenticated Hello moves it to one of
+the ``max_streams`` agent slots. Streams that never speak can then hold only the pending
+pool, for seconds at a time, and never an agent's slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+from creditmeter.collector.errors import TooManyStreams
+
+Timer = Callable[[float, Callable[[], None]], Callable[[], None]]  # (s, fn) -> cancel
+
+
+def thread_timer(seconds: float, fn: Callable[[], None]) -> Callable[[], None]:
+    timer = threading.Timer(seconds, fn)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel
+
+
+def peer_host(address: str) -> str:
+    """The host part of a gRPC peer ("ipv4:10.0.0.7:53412" -> "ipv4:10.0.0.7"): one
+    machine opening many connections counts once, whatever its source ports."""
+    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
+
+
+class Admission:
+    """Counts pending and admitted streams; thread-safe."""
+
+    def __init__(
+        self,
+        max_streams: int,
+        max_pending: int,
+        max_pending_per_peer: int,
+        hello_timeout_s: float,
+        timer: Timer = thread_timer,
+    ) -> None:
+        self.max_streams = max_streams
+        self.max_pending = max_pending
+        self.max_pending_per_peer = max_pending_per_peer
+        self.hello_timeout_s = hello_timeout_s
+        self._timer = timer
+        self._lock = threading.Lock()
+        self._pending: Counter[str] = Counter()
+        self._admitted = 0
+
+    def arrive(self, peer: str, cancel_stream: Callable[[], None]) -> Ticket:
+        """A new stream from ``peer``: pending until its Hello. Raises TooManyStreams when
+        the pending pool, or this peer's share of it, is full."""
+        host = peer_host(peer)
+        with self._lock:
+            if sum(self._pending.values()) >= self.max_pending:
+                raise TooManyStreams(
+                    f"collector has {self.max_pending} streams waiting for their Hello"
+                )
+            if self._pending[host] >= self.max_pending_per_peer:
+                raise TooManyStreams(
+                    f"{host} has {self.max_pending_per_peer} streams waiting for their Hello"
+                )
+            self._pending[host] += 1
+        stop_timer = self._timer(self.hello_timeout_s, cancel_stream)
+        return Ticket(self, host, stop_timer)
+
+    def _admit(self, host: str) -> None:
+        with self._lock:
+            if self._admitted >= self.max_streams:
+                raise TooManyStreams(f"collector serves its limit of {self.max_streams} streams")
+            self._pending[host] -= 1
+            self._admitted += 1
+
+    def _leave(self, host: str, admitted: bool) -> None:
+        with self._lock:
+            if admitted:
+                self._admitted -= 1
+            else:
+                self._pending[host] -= 1
+                if not self._pending[host]:
+                    del self._pending[host]
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(pending, admitted) now."""
+        with self._lock:
+            return sum(self._pending.values()), self._admitted
+
+
+class Ticket:
+    """One stream's place: pending, then admitted after its Hello, then gone."""
+
+    def __init__(self, admission: Admission, host: str, stop_timer: Callable[[], None]) -> None:
+        self._admission = admission
+        self._host = host
+        self._stop_timer = stop_timer
+        self._admitted = False
+        self._left = False
+
+    def admit(self) -> None:
+        """The stream's Hello was accepted: it takes an agent slot (or TooManyStreams,
+        and it stays pending until it leaves)."""
+        self._stop_timer()
+        self._admission._admit(self._host)
+        self._admitted = True
+
+    def leave(self) -> None:
+        if self._left:
+            return
+        self._left = True
+        self._stop_timer()
+        self._admission._leave(self._host, self._admitted)
