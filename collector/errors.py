@@ -100,6 +100,12 @@ class InsaneField(RejectedBatch):
     value, a missing GPU uuid or an overlong label. Usually an agent bug or a bad clock."""
 
 
+class RollupOverflow(RejectedBatch):
+    """The batch would carry a rollup sum beyond a signed 64-bit integer: more busy time in
+    one hour than any GPUs could do, so a flood from a compromised agent. Nothing of it
+    is stored."""
+
+
 class BrokenChain(RejectedBatch):
     """Inside one batch, seqs are not consecutive or a prev_hash does not link to the
     previous record: records were dropped, reordered or altered after chaining."""

@@ -113,6 +113,7 @@ from creditmeter.collector.errors import (
     LedgerError,
     NotQuarantined,
     PeriodClosed,
+    RollupOverflow,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -1380,6 +1381,10 @@ def _refused_rows(agent_id: str, head: ChainHead) -> Iterator[None]:
         raise StoreCorrupt(
             f"{table} above the stored head (seq {head.seq}) are already stored",
             agent_id=agent_id,
+        ) from exc
+    except pg_errors.NumericValueOutOfRange as exc:  # a rollup sum beyond bigint
+        raise RollupOverflow(
+            f"a rollup sum would leave 64 bits: {_first_line(exc)}", agent_id=agent_id
         ) from exc
     except psycopg.DataError as exc:  # raised by psycopg itself, or by the server
         raise InsaneField(

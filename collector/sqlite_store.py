@@ -36,6 +36,7 @@ from creditmeter.collector.errors import (
     LedgerError,
     NotQuarantined,
     PeriodClosed,
+    RollupOverflow,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -100,6 +101,18 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+
+
+ROLLUP_OVERFLOW = "rollup sum beyond 64 bits:"
+
+
+def _in_64_bits(table: str, *columns: str) -> str:
+    """A trigger that aborts an update leaving a rollup sum that is no longer an integer."""
+    not_integer = " OR ".join(f"typeof(NEW.{column}) != 'integer'" for column in columns)
+    return (
+        f"CREATE TRIGGER {table}_in_64_bits BEFORE UPDATE ON {table} WHEN {not_integer} "
+        f"BEGIN SELECT RAISE(ABORT, '{ROLLUP_OVERFLOW} {table}'); END"
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -332,6 +345,18 @@ MIGRATIONS: tuple[Migration, ...] = (
                 released_by TEXT,
                 PRIMARY KEY (agent_id, seq)
             ) WITHOUT ROWID""",
+        ),
+    ),
+    Migration(
+        8,
+        "rollup sums stay 64-bit integers: an update that would overflow aborts",
+        (
+            # SQLite turns an integer sum that overflows into a float (1.09e19) without a
+            # word; every later read of that rollup would then fail. The verifier bounds
+            # each record, so only a flood from a compromised agent could get here.
+            _in_64_bits("rollups_hourly", "busy_us", "wall_us", "record_count"),
+            _in_64_bits("rollups_device_hourly", "busy_us", "wall_us", "record_count"),
+            _in_64_bits("rollups_gpu_hourly", "amount_us"),
         ),
     ),
 )
@@ -964,6 +989,10 @@ def _translated(action: str) -> Iterator[None]:
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
             raise StoreBusy(f"{action}: database is locked by another writer") from exc
+        raise StoreError(f"{action}: {exc}") from exc
+    except sqlite3.IntegrityError as exc:
+        if ROLLUP_OVERFLOW in str(exc):
+            raise RollupOverflow(f"{action}: {exc}") from exc
         raise StoreError(f"{action}: {exc}") from exc
     except sqlite3.Error as exc:
         raise StoreError(f"{action}: {exc}") from exc

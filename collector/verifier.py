@@ -82,6 +82,12 @@ class Limits:
     busy_tolerance_us: int = 2_000_000  # sample coverage may straddle a window edge
     max_future_us: int = 86_400_000_000  # how far past the collector's clock an end may lie
     min_start_us: int = MIN_START_US
+    # Physical bounds, so that no record can carry more than a GPU could do: windows close
+    # every 10 s by default and a restart resumes from minutes back; a week is far beyond
+    # any honest record and keeps every rollup sum far from 64 bits.
+    max_window_us: int = 7 * 86_400_000_000
+    max_power_mw: int = 5_000_000  # 5 kW: more than any GPU draws (H100 SXM: 700 W)
+    max_memory_bytes: int = 2**48  # 256 TiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,9 @@ class Verifier:
         tolerance_us = limits.busy_tolerance_us
         max_record_bytes = limits.max_record_bytes
         max_label_bytes = limits.max_label_bytes
+        max_window_us = limits.max_window_us
+        max_power_mw = limits.max_power_mw
+        max_memory_bytes = limits.max_memory_bytes
         # UTF-8 takes at most 4 bytes a character: shorter strings need no encoding to check.
         safe_label_chars = max_label_bytes // 4
         known_sources = _KNOWN_SOURCES
@@ -243,6 +252,7 @@ class Verifier:
             attribution_source = attribution.source
             source = rec.source
             energy_mj = rec.energy_mj
+            peak_memory = rec.peak_memory_bytes
             gaps = rec.gaps
             if not hour_us <= start_us < next_hour_us:
                 hour_us = start_us - start_us % HOUR_US
@@ -264,7 +274,13 @@ class Verifier:
                     rec.agent_id == agent_id
                     and min_start_us <= start_us <= end_us <= latest_end_us
                     and 0 <= busy_us <= end_us - start_us + tolerance_us
-                    and wall_us >= 0
+                    and end_us - start_us <= max_window_us
+                    # Wall time is reported, never billed: bounded only to keep sums far
+                    # from 64 bits (agents count a draining process's wall past its window).
+                    and 0 <= wall_us <= max_window_us
+                    # mJ × 10⁶ and mW × µs are both nJ
+                    and energy_mj * 1_000_000 <= max_power_mw * (end_us - start_us + tolerance_us)
+                    and peak_memory <= max_memory_bytes
                     and gpu_uuid
                     and source in known_sources
                     and attribution_source in known_attribution_sources
@@ -417,8 +433,27 @@ class Verifier:
                 f"{rec.busy_us} µs busy in a window of {window_us} µs "
                 f"(tolerance {limits.busy_tolerance_us} µs)",
             )
+        if window_us > limits.max_window_us:
+            raise insane(
+                "end_unix_us",
+                f"a window of {window_us} µs is longer than {limits.max_window_us} µs",
+            )
         if rec.wall_us < 0:
             raise insane("wall_us", f"{rec.wall_us} is negative")
+        if rec.wall_us > limits.max_window_us:
+            raise insane("wall_us", f"{rec.wall_us} µs is longer than {limits.max_window_us} µs")
+        max_energy_nj = limits.max_power_mw * (window_us + limits.busy_tolerance_us)
+        if rec.energy_mj <= INT64_MAX and rec.energy_mj * 1_000_000 > max_energy_nj:
+            raise insane(
+                "energy_mj",
+                f"{rec.energy_mj} mJ in {window_us} µs is more than "
+                f"{limits.max_power_mw // 1000} W",
+            )
+        if rec.peak_memory_bytes > limits.max_memory_bytes:
+            raise insane(
+                "peak_memory_bytes",
+                f"{rec.peak_memory_bytes} bytes is more than {limits.max_memory_bytes}",
+            )
         if not rec.gpu.uuid:
             raise insane("gpu.uuid", "missing: the record does not say which GPU ran")
         if rec.source not in _KNOWN_SOURCES:

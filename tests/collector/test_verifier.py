@@ -267,6 +267,15 @@ LONG_UTF8 = "é" * 129  # 258 bytes in 129 characters
         (set_field("source", 99), "source", "unknown MeasurementSource 99"),
         (set_field("attribution.source", 7), "attribution.source", "unknown AttributionSource"),
         (set_field("energy_mj", 2**63), "energy_mj", "signed 64-bit"),
+        (set_field("energy_mj", 2**62), "energy_mj", "more than 5000 W"),
+        (set_field("energy_mj", 60_000_001), "energy_mj", "more than 5000 W"),  # 12 s at 5 kW
+        (set_field("wall_us", 7 * 86_400_000_000 + 1), "wall_us", "is longer than"),
+        (set_field("peak_memory_bytes", 2**48 + 1), "peak_memory_bytes", "more than"),
+        (
+            shift_interval(T0_US - 7 * 86_400_000_000 - 1, T0_US),
+            "end_unix_us",
+            "is longer than",
+        ),
         (set_field("attribution.account", LONG), "attribution.account", "257 bytes"),
         (set_field("attribution.model", LONG), "attribution.model", "257 bytes"),
         (set_field("attribution.job_id", LONG_UTF8), "attribution.job_id", "258 bytes"),
