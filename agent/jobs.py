@@ -31,6 +31,7 @@ from typing import Protocol
 
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.split import Interval, JobSpan, weight_units
+from creditmeter.files import create_private
 from creditmeter.labels import check_job_labels
 
 log = logging.getLogger(__name__)
@@ -502,6 +503,7 @@ class JobRegistry:
 
 def _connect(path: Path) -> sqlite3.Connection:
     try:
+        create_private(path)  # job spans name accounts: not for every local user
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode = WAL")
@@ -513,7 +515,7 @@ def _connect(path: Path) -> sqlite3.Connection:
                 f"{path}: schema version {version} is newer than this agent's ({SCHEMA_VERSION})"
             )
         db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise JobStoreError(f"cannot open the job database {path}: {exc}") from exc
     return db
 

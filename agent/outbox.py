@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from creditmeter import chain
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.gpu import Clock, SystemClock
+from creditmeter.files import create_private
 from creditmeter.v1 import usage_pb2
 
 log = logging.getLogger(__name__)
@@ -649,13 +650,11 @@ def _create_private(path: Path) -> None:
     except OSError as exc:
         raise OutboxOpenError(f"{path.parent}: cannot create the outbox directory: {exc}") from exc
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        _check_existing(path)
-        return
+        created = create_private(path)
     except OSError as exc:
         raise OutboxOpenError(f"{path}: cannot create the outbox: {exc}") from exc
-    os.close(fd)
+    if not created:
+        _check_existing(path)
 
 
 def _check_existing(path: Path) -> None:

@@ -92,6 +92,7 @@ from creditmeter.collector.store import (
 )
 from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 from creditmeter.collector.writer_turn import WriterTurn
+from creditmeter.files import create_private
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +447,10 @@ class SQLiteStore:
         self._lock = threading.Lock()
         if not create and not path.exists():
             raise StoreError(f"no database at {path}")
+        try:
+            create_private(path)  # records and accounts: not for every local user
+        except OSError as exc:
+            raise StoreError(f"opening {path}: {exc.strerror or exc}") from exc
         self._conn: sqlite3.Connection | None = self._connect()
         try:
             with _translated(f"opening {path}"):
