@@ -53,7 +53,14 @@ class CertificateBoundAgents:
     the head signatures, checked against the key enrolled for that id, bind the records to
     the agent's signing key as well: a stolen certificate without the key cannot forge
     records, and a stolen key without the certificate cannot deliver them.
+
+    Agents and API clients are separate identities: a certificate whose CN is one of
+    ``api_clients`` (api.clients) never speaks for an agent, even one enrolled under the
+    same name.
     """
+
+    def __init__(self, api_clients: frozenset[str] = frozenset()) -> None:
+        self._api_clients = api_clients
 
     def authorize(self, agent_id: str, peer: Peer) -> None:
         """Raises NotAuthorized when the peer sent no certificate (not mutual TLS) or the
@@ -63,6 +70,11 @@ class CertificateBoundAgents:
             raise NotAuthorized(
                 "no client certificate with a single subject CN: the collector requires "
                 "mutual TLS (tls.cert_file and tls.key_file on the agent)",
+                agent_id=agent_id,
+            )
+        if name in self._api_clients:
+            raise NotAuthorized(
+                f"the client certificate {name!r} is an API client's (api.clients), not an agent's",
                 agent_id=agent_id,
             )
         if name != agent_id:

@@ -193,8 +193,8 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
     (``server.grace``), then the workers stop and the store closes.
     """
     telemetry = CollectorTelemetry(Registry())
-    credentials, authenticator = _transport_security(config)
     access = _api_access(config)
+    credentials, authenticator = _transport_security(config, access.client_names)
     listen = config[settings.LISTEN]
     with ExitStack() as stack:
         store = _open_store(config)
@@ -284,7 +284,9 @@ def _watchdog(
         watchdog.join()
 
 
-def _transport_security(config: Config) -> tuple[object, Authenticator]:
+def _transport_security(
+    config: Config, api_clients: frozenset[str]
+) -> tuple[object, Authenticator]:
     """(grpc server credentials or None, the Ingest authenticator). Raises TlsError."""
     if not config[settings.TLS_ENABLED]:
         log.warning("serving without TLS (tls.enabled = false): only for a trusted network")
@@ -301,7 +303,7 @@ def _transport_security(config: Config) -> tuple[object, Authenticator]:
         )
         return tls.credentials(), AllowEnrolledAgents()
     log.info("mutual TLS: an agent's certificate CN must be its agent id")
-    return tls.credentials(), CertificateBoundAgents()
+    return tls.credentials(), CertificateBoundAgents(api_clients)
 
 
 def _api_access(config: Config) -> ApiAccess:

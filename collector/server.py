@@ -221,12 +221,15 @@ class IngestServicer:
         raise MalformedMessage("request holds neither a Hello nor a batch")
 
     def _open(self, agent_id: str, peer: Peer) -> _Hello:
+        # Authorized first: a peer that may not speak for the id learns nothing of it, not
+        # even whether it is enrolled or revoked (under mutual TLS; without it, every peer
+        # may claim every id and only the records' signatures bind them).
+        self._authenticator.authorize(agent_id, peer)
         agent = self._store.get_agent(agent_id)
         if agent is None:
             raise UnknownAgent("is not enrolled", agent_id=agent_id)
         if agent.revoked:
             raise AgentRevoked(f"was revoked at {agent.revoked_at_us} µs", agent_id=agent_id)
-        self._authenticator.authorize(agent_id, peer)
         try:
             public_key = chain.load_public_key_hex(agent.public_key_hex)
         except chain.BadKey as exc:

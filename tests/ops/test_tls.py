@@ -260,8 +260,46 @@ def call_who(ch: grpc.Channel, token: str | None = None) -> tuple[Any, bytes]:
 @pytest.fixture
 def api_server(pki: Pki, serve: Any) -> Served:
     access = ApiAccess({"billing-export": TOKEN}, frozenset({"reporting"}))
-    served: Served = serve(mutual(pki), authenticator=CertificateBoundAgents(), api_auth=access)
+    agents = CertificateBoundAgents(access.client_names)
+    served: Served = serve(mutual(pki), authenticator=agents, api_auth=access)
     return served
+
+
+def test_an_api_clients_certificate_never_speaks_for_an_agent(
+    api_server: Served, pki: Pki, store: SQLiteStore
+) -> None:
+    """Even once an agent named like the API client is enrolled: separate identities."""
+    reporting = AgentChain("reporting")
+    store.enroll_agent(reporting.agent_id, reporting.public_key_hex)
+    with channel(api_server.address, pki.ca, pki.reporting) as ch:
+        stub = ingest_pb2_grpc.IngestStub(ch)  # type: ignore[no-untyped-call]
+        requests = [hello("reporting"), batch_request(reporting.extend(2))]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Stream(iter(requests), timeout=TIMEOUT_S))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "an API client's (api.clients), not an agent's" in (refused.value.details() or "")
+    assert stored(store) == 0
+
+
+def test_a_peer_that_may_not_speak_for_an_id_learns_nothing_of_it(
+    pki: Pki, serve: Any, store: SQLiteStore
+) -> None:
+    """agent-2's certificate asking about an unknown and a revoked id: the same answer."""
+    served = serve(mutual(pki), authenticator=CertificateBoundAgents())
+    gone = AgentChain("gone-agent")
+    store.enroll_agent(gone.agent_id, gone.public_key_hex)
+    store.revoke_agent(gone.agent_id)
+    answers = []
+    for agent_id in ("never-enrolled", "gone-agent"):
+        with channel(served.address, pki.ca, pki.agent2) as ch:
+            stub = ingest_pb2_grpc.IngestStub(ch)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Stream(iter([hello(agent_id)]), timeout=TIMEOUT_S))
+        details = (refused.value.details() or "").replace(agent_id, "ID")
+        answers.append((refused.value.code(), details))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "issued for agent 'agent-2'" in answers[0][1]
 
 
 def test_api_admits_a_listed_token_or_client_certificate(api_server: Served, pki: Pki) -> None:
