@@ -135,6 +135,9 @@ class DeviceState:
     # attributed µs excepted: those follow every write, finals between closes included).
     committed: dict[str, Any] = field(default_factory=dict)
     next_settle_mono_us: int = 0  # monotonic µs of the next settlement
+    # No process list read yet by this meter: the ones listed first may have held a context
+    # since they started, over ring history read from before the meter did.
+    never_listed: bool = True
     settled_now: bool = False  # settled at this poll (energy goes with settled busy time)
 
     def elapsed_us(self, now_mono_us: int) -> int:
@@ -564,8 +567,14 @@ class Meter:
         elapsed_us = ds.elapsed_us(self._now_mono_us)
         seen: set[int] = set()
         fresh: set[int] = set()
+        # Unlisted at the previous poll, a process held no context then; at this meter's
+        # first list, it may have since its start (read from /proc): an agent restarted, or
+        # killed before its first window, reads the ring back past its own start, and those
+        # periods are the listed processes' to share, not nobody's.
+        unlisted_since_us = 0 if ds.never_listed else now_us - elapsed_us
+        ds.never_listed = False
         for proc in listed:
-            tracked, new = self._listed(ds, proc.pid, now_us, elapsed_us)
+            tracked, new = self._listed(ds, proc.pid, now_us, unlisted_since_us)
             seen.add(id(tracked))
             if new:
                 fresh.add(proc.pid)
@@ -578,7 +587,7 @@ class Meter:
         return fresh
 
     def _listed(
-        self, ds: DeviceState, pid: int, now_us: int, elapsed_us: int
+        self, ds: DeviceState, pid: int, now_us: int, unlisted_since_us: int
     ) -> tuple[Tracked, bool]:
         entries = ds.processes.setdefault(pid, [])
         current = entries[-1] if entries else None
@@ -598,9 +607,9 @@ class Meter:
         if current is not None and current.gone_at_us is None:
             current.gone_at_us = now_us  # the pid was reused: the old holder has exited
             current.listed = False
-        # Unlisted at the previous poll, it held no context then: from then at the earliest,
-        # or from its start when /proc says it started later.
-        seen_from = max(key.create_time_us, now_us - elapsed_us)
+        # From when it was last seen unlisted at the earliest, or from its start when /proc
+        # says it started later.
+        seen_from = max(key.create_time_us, unlisted_since_us)
         tracked = Tracked(
             key, ds.device, info, Usage(start_us=max(seen_from, now_us - 1)), seen_from
         )

@@ -9,6 +9,7 @@ lost, nothing twice.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from decimal import Decimal
@@ -73,10 +74,17 @@ def truth_busy_us(scenario: Scenario) -> Fraction:
     return sum((t.busy_us for t in host.truth(until_s=SCENARIO_S + 60).values()), Fraction(0))
 
 
+# Seeds that once failed, kept as regressions beside a fresh one each run (CRASH_SEED sets
+# the fresh one). 678127295: the agent is killed before its first window, and its restart
+# left the time between its cursor and its first process list to nobody (NO_PROCESS).
+KNOWN_SEEDS = [678127295]
+
+
+@pytest.mark.parametrize("known_seed", [None, *KNOWN_SEEDS])
 def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
-    tmp_path: Path,
+    tmp_path: Path, known_seed: int | None
 ) -> None:
-    seed = random.randrange(1 << 30)
+    seed = known_seed or int(os.environ.get("CRASH_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     text = exact_scenario(seed)
     scenario_file = tmp_path / "scenario.toml"
