@@ -188,14 +188,20 @@ def test_one_agents_certificate_cannot_speak_for_another(
 ) -> None:
     served = serve(mutual(pki), authenticator=CertificateBoundAgents())
     # agent-2's certificate, agent-1's id and agent-1's correctly signed records.
-    with channel(served.address, pki.ca, pki.agent2) as ch:
+    requests = [hello("agent-1"), batch_request(agents["agent-1"].extend(3))]
+    code, details = refused_stream(served.address, pki.ca, pki.agent2, requests)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "issued for agent 'agent-2'" in details
+    assert stored(store) == 0
+
+
+def refused_stream(address: str, ca: Any, cert: Any, requests: list[Any]) -> tuple[Any, str]:
+    """(status, details) of an Ingest stream the collector ends with an error."""
+    with channel(address, ca, cert) as ch:
         stub = ingest_pb2_grpc.IngestStub(ch)  # type: ignore[no-untyped-call]
-        requests = [hello("agent-1"), batch_request(agents["agent-1"].extend(3))]
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Stream(iter(requests), timeout=TIMEOUT_S))
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "issued for agent 'agent-2'" in (refused.value.details() or "")
-    assert stored(store) == 0
+    return refused.value.code(), refused.value.details() or ""
 
 
 def test_the_certificate_alone_is_not_enough_the_records_need_the_agents_key(
@@ -271,13 +277,10 @@ def test_an_api_clients_certificate_never_speaks_for_an_agent(
     """Even once an agent named like the API client is enrolled: separate identities."""
     reporting = AgentChain("reporting")
     store.enroll_agent(reporting.agent_id, reporting.public_key_hex)
-    with channel(api_server.address, pki.ca, pki.reporting) as ch:
-        stub = ingest_pb2_grpc.IngestStub(ch)  # type: ignore[no-untyped-call]
-        requests = [hello("reporting"), batch_request(reporting.extend(2))]
-        with pytest.raises(grpc.RpcError) as refused:
-            list(stub.Stream(iter(requests), timeout=TIMEOUT_S))
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "an API client's (api.clients), not an agent's" in (refused.value.details() or "")
+    requests = [hello("reporting"), batch_request(reporting.extend(2))]
+    code, details = refused_stream(api_server.address, pki.ca, pki.reporting, requests)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "an API client's (api.clients), not an agent's" in details
     assert stored(store) == 0
 
 
@@ -291,12 +294,8 @@ def test_a_peer_that_may_not_speak_for_an_id_learns_nothing_of_it(
     store.revoke_agent(gone.agent_id)
     answers = []
     for agent_id in ("never-enrolled", "gone-agent"):
-        with channel(served.address, pki.ca, pki.agent2) as ch:
-            stub = ingest_pb2_grpc.IngestStub(ch)  # type: ignore[no-untyped-call]
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.Stream(iter([hello(agent_id)]), timeout=TIMEOUT_S))
-        details = (refused.value.details() or "").replace(agent_id, "ID")
-        answers.append((refused.value.code(), details))
+        code, details = refused_stream(served.address, pki.ca, pki.agent2, [hello(agent_id)])
+        answers.append((code, details.replace(agent_id, "ID")))
     assert answers[0] == answers[1]
     assert answers[0][0] == grpc.StatusCode.UNAUTHENTICATED
     assert "issued for agent 'agent-2'" in answers[0][1]
