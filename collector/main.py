@@ -48,7 +48,7 @@ from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
 from creditmeter.collector.store import Store, canonical_public_key_hex, check_agent_id
 from creditmeter.collector.stores import open_store, redacted
-from creditmeter.collector.telemetry import PROBE_AGENT_ID, CollectorTelemetry, HealthWatchdog
+from creditmeter.collector.telemetry import CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
 from creditmeter.config import Config
 from creditmeter.logs import setup_logging
@@ -274,7 +274,9 @@ def _watchdog(
 ) -> Iterator[None]:
     """The store is probed (and systemd's watchdog fed) while the body runs."""
     stop = threading.Event()
-    watchdog = HealthWatchdog(lambda: store.get_agent(PROBE_AGENT_ID), notifier, server, telemetry)
+    # A write, not a read: health must say NOT_SERVING while every batch would fail to
+    # commit (disk full), not only while the store cannot be reached.
+    watchdog = HealthWatchdog(store.probe_write, notifier, server, telemetry)
     watchdog.check()  # the first verdict before READY=1, so health never starts wrong
     watchdog.start(stop)
     try:

@@ -882,6 +882,15 @@ class PostgresStore:
             cur.execute(f"{busy_sql} UNION ALL {api_sql}", (*busy_parameters, *api_parameters))
             return [UsageGroup(*row) for row in cur]
 
+    def probe_write(self) -> None:
+        """One tiny write transaction (rewrites a schema_version row as it is): raises
+        StoreError when the database takes no writes (disk full, read-only standby)."""
+        with self._transaction("probing a write") as cur:
+            cur.execute(
+                "UPDATE schema_version SET applied_at_us = applied_at_us "
+                "WHERE version = (SELECT MIN(version) FROM schema_version)"
+            )
+
     # -- quarantine ----------------------------------------------------------------------
 
     def quarantined(self) -> list[QuarantineEntry]:

@@ -105,6 +105,11 @@ class Migration:
 
 
 ROLLUP_OVERFLOW = "rollup sum beyond 64 bits:"
+# Rewrites the oldest schema_version row as it is: a real page write, no change.
+_PROBE_WRITE = (
+    "UPDATE schema_version SET applied_at_us = applied_at_us "
+    "WHERE version = (SELECT MIN(version) FROM schema_version)"
+)
 
 
 def _in_64_bits(table: str, *columns: str) -> str:
@@ -566,6 +571,13 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
                 self._turn.close()
+
+    def probe_write(self) -> None:
+        """One tiny write transaction (rewrites a schema_version row as it is): raises
+        StoreError when the store takes no writes (disk full, read-only file), which a read
+        alone would not notice."""
+        with self._write("probing a write") as conn:
+            conn.execute(_PROBE_WRITE)
 
     # -- quarantine ----------------------------------------------------------------------
 

@@ -148,6 +148,11 @@ class Store(Protocol):
         """Every quarantined record, released ones too, ordered by agent_id, then seq."""
         ...
 
+    def probe_write(self) -> None:
+        """A tiny write transaction that changes nothing; raises StoreError when the store
+        takes no writes (disk full, read-only), which a read would not notice."""
+        ...
+
     def stored_record(self, agent_id: str, seq: int) -> bytes | None: ...
 
     def release(self, agent_id: str, seq: int, by: str, checked: CheckedRecords) -> QuarantineEntry:

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 _STORE_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 # How often the store is probed when systemd's watchdog does not set the pace.
 DEFAULT_PROBE_INTERVAL_S: Final = 10.0
-# A read of one agent row: cheap, takes no write lock, and valid for every store.
-PROBE_AGENT_ID: Final = "creditmeter-health-probe"
 
 
 class IngestObserver(Protocol):

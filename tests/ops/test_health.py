@@ -21,6 +21,7 @@ from creditmeter.agent.health import (
     serve_health,
 )
 from creditmeter.collector.errors import StoreBusy
+from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.telemetry import CollectorTelemetry, HealthWatchdog
 from creditmeter.metrics import Registry
 from creditmeter.sdnotify import Notifier
@@ -146,3 +147,22 @@ def test_agent_health_on_a_taken_port_is_named() -> None:
             serve_health(f"127.0.0.1:{first.port}", AgentHealth(lambda: True, stale_after_s=1))
     finally:
         first.stop(0)
+
+
+def test_a_store_that_takes_no_writes_is_not_serving(tmp_path: Path) -> None:
+    """Reads answer, every commit fails (a full disk, a file turned read-only): health must
+    say NOT_SERVING, which a read probe would not."""
+    store = SQLiteStore(tmp_path / "collector.db")
+    telemetry, target = CollectorTelemetry(Registry()), Target()
+    watchdog = HealthWatchdog(store.probe_write, Notifier(None), target, telemetry)
+    try:
+        assert watchdog.check()
+        conn = store._connection()  # the store's own connection, made to refuse writes
+        conn.execute("PRAGMA query_only = ON")
+        assert store.get_agent("anyone") is None  # reads still answer
+        assert not watchdog.check()
+        conn.execute("PRAGMA query_only = OFF")
+        assert watchdog.check()
+        assert target.serving == [True, False, True]
+    finally:
+        store.close()
