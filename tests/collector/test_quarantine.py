@@ -4,14 +4,11 @@ on SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from creditmeter.collector import quarantine
 from creditmeter.collector.audit import Finding, audit
 from creditmeter.collector.errors import NotQuarantined, StillInsane
-from creditmeter.collector.main import main
 from creditmeter.collector.store import Store
 from creditmeter.collector.verifier import Limits, Verifier
 from creditmeter.v1 import usage_pb2
@@ -103,23 +100,3 @@ def test_audit_finds_a_held_record_taken_out_of_quarantine_behind_its_back(
     findings = audit(store, verifier).findings
     assert Finding("agent-1", 9, "in quarantine, but no such record is stored") in findings
     assert any(f.seq == 3 and "not in quarantine" in f.problem for f in findings)
-
-
-def test_the_command_line_lists_and_releases(
-    store: Store, agent: AgentChain, verifier: Verifier, backend: Backend,
-    capsys: pytest.CaptureFixture[str], db_path: Path,
-) -> None:  # fmt: skip
-    if backend.url.startswith("postgresql"):
-        pytest.skip("the command line is the same for both stores; SQLite suffices")
-    with_held_third(agent)
-    store.ingest(agent.agent_id, verifier.verify(agent.batch(1, 5), agent.key.public_key()))
-    url = f"sqlite://{db_path}"
-    assert main(["quarantine", "list", "--db", url]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("agent-1 seq 3: field busy_us: ") and out.count("\n") == 1
-    assert main(["quarantine", "release", "--db", url, "agent-1", "3"]) == 3  # still fails
-    assert "seq 3: field busy_us" in capsys.readouterr().err
-    assert main(["quarantine", "release", "--db", url, "agent-1", "2"]) == 3  # not held
-    assert "not in quarantine" in capsys.readouterr().err
-    assert main(["quarantine", "list", "--db", url]) == 0
-    assert "seq 3" in capsys.readouterr().out
