@@ -4,8 +4,10 @@ A stream holds a server thread for as long as it is open, so slots are what an a
 would take. Before its Hello a stream is nobody: it waits in a small pool of its own
 (``max_pending``, at most ``max_pending_per_peer`` from one address) for at most
 ``hello_timeout_s``, then it is cancelled. Only an authenticated Hello moves it to one of
-the ``max_streams`` agent slots. Streams that never speak can then hold only the pending
-pool, for seconds at a time, and never an agent's slot.
+the ``max_streams`` agent slots, at most ``max_per_agent`` for one agent id (an agent runs
+one stream; a second is a reconnect overlapping the old one, more are someone else). Streams
+that never speak can then hold only the pending pool, for seconds at a time, and never an
+agent's slot.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ class Admission:
         max_pending_per_peer: int,
         hello_timeout_s: float,
         timer: Timer = thread_timer,
+        max_per_agent: int = 4,
     ) -> None:
         self.max_streams = max_streams
+        self.max_per_agent = max_per_agent
         self.max_pending = max_pending
         self.max_pending_per_peer = max_pending_per_peer
         self.hello_timeout_s = hello_timeout_s
@@ -51,6 +55,7 @@ class Admission:
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
         self._admitted = 0
+        self._per_agent: Counter[str] = Counter()
 
     def arrive(self, peer: str, cancel_stream: Callable[[], None]) -> Ticket:
         """A new stream from ``peer``: pending until its Hello. Raises TooManyStreams when
@@ -69,17 +74,27 @@ class Admission:
         stop_timer = self._timer(self.hello_timeout_s, cancel_stream)
         return Ticket(self, host, stop_timer)
 
-    def _admit(self, host: str) -> None:
+    def _admit(self, host: str, agent_id: str) -> None:
         with self._lock:
             if self._admitted >= self.max_streams:
                 raise TooManyStreams(f"collector serves its limit of {self.max_streams} streams")
+            if self._per_agent[agent_id] >= self.max_per_agent:
+                raise TooManyStreams(
+                    f"agent {agent_id!r} already has {self.max_per_agent} streams open"
+                )
             self._pending[host] -= 1
+            if not self._pending[host]:
+                del self._pending[host]
             self._admitted += 1
+            self._per_agent[agent_id] += 1
 
-    def _leave(self, host: str, admitted: bool) -> None:
+    def _leave(self, host: str, agent_id: str | None) -> None:
         with self._lock:
-            if admitted:
+            if agent_id is not None:
                 self._admitted -= 1
+                self._per_agent[agent_id] -= 1
+                if not self._per_agent[agent_id]:
+                    del self._per_agent[agent_id]
             else:
                 self._pending[host] -= 1
                 if not self._pending[host]:
@@ -99,19 +114,19 @@ class Ticket:
         self._admission = admission
         self._host = host
         self._stop_timer = stop_timer
-        self._admitted = False
+        self._agent_id: str | None = None  # set once admitted
         self._left = False
 
-    def admit(self) -> None:
-        """The stream's Hello was accepted: it takes an agent slot (or TooManyStreams,
-        and it stays pending until it leaves)."""
+    def admit(self, agent_id: str) -> None:
+        """The stream's Hello for ``agent_id`` was accepted: it takes an agent slot (or
+        TooManyStreams, and it stays pending until it leaves)."""
         self._stop_timer()
-        self._admission._admit(self._host)
-        self._admitted = True
+        self._admission._admit(self._host, agent_id)
+        self._agent_id = agent_id
 
     def leave(self) -> None:
         if self._left:
             return
         self._left = True
         self._stop_timer()
-        self._admission._leave(self._host, self._admitted)
+        self._admission._leave(self._host, self._agent_id)

@@ -211,6 +211,7 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
                 max_pending=config[settings.MAX_PENDING],
                 max_pending_per_peer=config[settings.MAX_PENDING_PER_PEER],
                 hello_timeout_s=config[settings.HELLO_TIMEOUT],
+                max_streams_per_agent=config[settings.MAX_STREAMS_PER_AGENT],
             ),
             credentials=credentials,
             authenticator=authenticator,

@@ -74,6 +74,7 @@ class ServerConfig:
     max_pending: int = 64
     max_pending_per_peer: int = 8
     hello_timeout_s: float = 10.0
+    max_streams_per_agent: int = 4
     # After this long, a stream ends cleanly after its next Ack and the agent reconnects:
     # gives load balancers a chance to move it.
     max_stream_age_s: float = 300.0
@@ -123,6 +124,7 @@ class IngestServicer:
             config.max_pending,
             config.max_pending_per_peer,
             config.hello_timeout_s,
+            max_per_agent=config.max_streams_per_agent,
         )
         self._draining = threading.Event()
 
@@ -177,7 +179,7 @@ class IngestServicer:
         for raw in requests:
             item = self._read_request(raw, agent, peer)
             if isinstance(item, _Hello):
-                ticket.admit()  # an agent's slot, only now that it is authenticated
+                ticket.admit(item.agent.agent_id)  # a slot, only now it is authenticated
                 agent, head = item.agent, item.head
                 yield _ack(item.head)
                 continue

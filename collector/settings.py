@@ -101,6 +101,14 @@ MAX_PENDING_PER_PEER = Option(
     ge=1,
     le=10_000,
 )
+MAX_STREAMS_PER_AGENT = Option(
+    "server.max_streams_per_agent",
+    INT,
+    4,
+    "Streams one agent id may hold at once (one, plus reconnects overlapping it).",
+    ge=1,
+    le=1000,
+)
 HELLO_TIMEOUT = Option(
     "server.hello_timeout",
     DURATION,
@@ -179,6 +187,7 @@ OPTIONS = (
     MAX_STREAMS,
     MAX_PENDING,
     MAX_PENDING_PER_PEER,
+    MAX_STREAMS_PER_AGENT,
     HELLO_TIMEOUT,
     INGEST_WORKERS,
     TLS_ENABLED,

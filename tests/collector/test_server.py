@@ -564,3 +564,29 @@ def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = TIMEOUT_S)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.01)
+
+
+def test_one_agent_id_holds_at_most_its_share_of_streams(
+    store: SQLiteStore, verifier: Verifier, agent: AgentChain
+) -> None:
+    """A reconnect may overlap the old stream; beyond that, streams for one id are someone
+    else's (a stolen identity), and they must not take the fleet's slots."""
+    running = start_server(store, verifier, ServerConfig(max_streams_per_agent=2))
+    try:
+        with running.channel() as channel:
+            stub = ingest_stub(channel)
+            opened = [_OpenStream(stub, agent) for _ in range(2)]
+            try:
+                third = exchange(stub, [hello(agent.agent_id)])
+                assert third.code is grpc.StatusCode.UNAVAILABLE
+                assert "agent 'agent-1' already has 2 streams open" in third.details
+                other = AgentChain("agent-2")
+                store.enroll_agent(other.agent_id, other.public_key_hex)
+                assert exchange(stub, [hello(other.agent_id)]).code is grpc.StatusCode.OK
+            finally:
+                for stream in opened:
+                    stream.close()
+            wait_for("the slots to be free", lambda: running.server.admission_counts()[1] == 0)
+            assert exchange(stub, [hello(agent.agent_id)]).code is grpc.StatusCode.OK
+    finally:
+        running.server.stop(grace_s=0)
