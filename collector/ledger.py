@@ -185,7 +185,10 @@ class Ledger:
             raise InvalidRequest(f"plan {name!r}: give its grant in hours or in credits")
         grant = hours * SECONDS_PER_HOUR if hours is not None else credits
         assert grant is not None
-        plan = Plan(name, credits_micro(grant, f"plan {name!r} grant"), self._clock_us(), by)
+        grant_micro = credits_micro(grant, f"plan {name!r} grant")
+        if grant_micro <= 0:
+            raise InvalidRequest(f"plan {name!r}: its grant must be more than 0 credits a period")
+        plan = Plan(name, grant_micro, self._clock_us(), by)
         return self._store.define_plan(plan)
 
     def open_account(
@@ -283,6 +286,14 @@ class Ledger:
             raise InvalidRequest(
                 f"time {charge.time_us} µs is before 2020 or more than a day ahead of the "
                 "collector's clock (0: it must be set, so that a retry is the same charge)"
+            )
+        # Money no balance would ever show is silent money: the account must be open, and
+        # the charge inside its periods.
+        opened = self.account(charge.account)
+        if charge.time_us < opened.first_period_start_us:
+            raise InvalidRequest(
+                f"time {iso_text(charge.time_us)} is before account {charge.account!r} has "
+                f"periods (from {iso_text(opened.first_period_start_us)})"
             )
         new = self._store.record_charge(charge, now_us)
         price = self._prices.request_price(charge.model)

@@ -24,7 +24,7 @@ def exported(
 
 
 def test_usage_and_api_charges_as_cloudevents(
-    store: LedgerTestStore, feeder: Feeder, ledger: Ledger, prices: PriceBook
+    store: LedgerTestStore, feeder: Feeder, ledger: Ledger, prices: PriceBook, acme: str
 ) -> None:
     start_us = JUNE_1_US + 9 * DAY_US
     feeder.send(1, model="llama-3-70b", busy_us=7_500_000, start_us=start_us)

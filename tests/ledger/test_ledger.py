@@ -259,3 +259,19 @@ def test_a_late_api_charge_lands_in_the_next_open_period(
     assert ledger.balance(acme).lines == (
         StatementLine(LineKind.LATE_API, "gpt-4o", 2, 8 * CREDIT, False),
     )
+
+
+@pytest.mark.parametrize("hours", [Decimal(-5), Decimal(0)])
+def test_a_plan_must_grant_something(ledger: Ledger, hours: Decimal) -> None:
+    with pytest.raises(InvalidRequest, match="grant must be more than 0 credits"):
+        ledger.define_plan("neg", by="ops", hours=hours)
+
+
+def test_a_charge_no_balance_would_show_is_refused(ledger: Ledger, acme: str) -> None:
+    """Silent money: a charge for an account never opened, or dated before its first
+    period, would be stored and reported but billed in no balance."""
+    with pytest.raises(UnknownAccount, match="no account 'nobody' is open"):
+        ledger.record_charge(ApiCharge("req-1", "nobody", "gpt-4o", 1, NOW_US - HOUR_US))
+    with pytest.raises(InvalidRequest, match="before account 'acme' has periods"):
+        ledger.record_charge(ApiCharge("req-2", acme, "gpt-4o", 1, JUNE_1_US - HOUR_US))
+    assert ledger.balance(acme).lines == ()

@@ -30,7 +30,7 @@ GPU_A, GPU_B = "GPU-aaaa", "GPU-bbbb"
 
 
 @pytest.fixture
-def usage(store: LedgerTestStore, feeder: Feeder, ledger: Ledger) -> LedgerTestStore:
+def usage(store: LedgerTestStore, feeder: Feeder, ledger: Ledger, acme: str) -> LedgerTestStore:
     """June 10: acme sdxl 2 × 7.5 s on host-1/GPU-a, acme llama 1 × 4 s on host-2/GPU-b,
     an unattributed 1 s on host-1/GPU-a, an idle record; June 11: acme sdxl 1 × 7.5 s on
     host-1/GPU-b and 3 gpt-4o requests."""
