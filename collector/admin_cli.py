@@ -46,10 +46,17 @@ from creditmeter.collector import settings
 from creditmeter.collector.errors import ConfigError, InvalidRequest
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
 from creditmeter.collector.ledger import Balance, Ledger, credits_micro, micro_text
-from creditmeter.collector.ledger_store import ApiCharge, LedgerEntry, LedgerStore, as_ledger_store
+from creditmeter.collector.ledger_store import (
+    ApiCharge,
+    LedgerEntry,
+    LedgerSnapshot,
+    LedgerStore,
+    as_ledger_store,
+)
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceBook, load_prices
 from creditmeter.collector.query import ledger_handlers
+from creditmeter.collector.reconcile import reconcile, reconcile_json, render_reconcile_table
 from creditmeter.collector.report import (
     DEFAULT_GROUP_BY,
     build_report,
@@ -205,6 +212,11 @@ def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: An
         help="comma-separated: account, model, day, host, gpu (default: account,model)",
     )
     report.add_argument("--account", help="only this account")
+    report.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="per GPU and day: held (allocation), device busy, billed, unattributed, gaps",
+    )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(command=_report)
     export = commands.add_parser("export", parents=[db, priced], help="usage as CloudEvents")
@@ -341,6 +353,8 @@ def _balance(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.reconcile:
+        return _reconcile(args)
     period = parse_period(args.from_, args.to)
     group_by = parse_group_by(args.group_by)
     prices = _prices(args.prices)
@@ -351,6 +365,24 @@ def _report(args: argparse.Namespace) -> int:
         store.close()
     render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]
     sys.stdout.write(render(report))
+    return EXIT_OK
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    if args.format == "csv":
+        raise ConfigError("report --reconcile prints --format table or json")
+    period = parse_period(args.from_, args.to)
+    store = open_store(args.db, create=False, migrate=False)
+    try:
+        with store.snapshot() as snapshot:
+            assert isinstance(snapshot, LedgerSnapshot)  # both stores' snapshots are
+            rows = reconcile(snapshot.device_rollups(), snapshot.gpu_rollups(), period)
+    finally:
+        store.close()
+    if args.format == "json":
+        sys.stdout.write(json.dumps(reconcile_json(rows), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_reconcile_table(rows))
     return EXIT_OK
 
 
