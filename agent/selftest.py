@@ -44,6 +44,7 @@ from creditmeter.agent.trace import (
     TracingNvml,
     TracingProcessTable,
     open_text,
+    traced_cycle,
 )
 from creditmeter.agent.usage import WindowUsage
 
@@ -135,10 +136,8 @@ def expected_ns(spans: dict[int, list[Span]]) -> dict[int, float]:
     return out
 
 
-def lines_of(
-    pattern: str, spans: dict[int, list[Span]], measured: Measured, learned: Learned
-) -> list[Line]:
-    billed_us = measured.billed_us
+def lines_of(pattern: str, measured: Measured, learned: Learned) -> list[Line]:
+    spans, billed_us = measured.spans, measured.billed_us
     period_s = (learned.period_us or 1_000_000) / 1e6
     process_period_s = max([period_s, *(s / 1e6 for s in learned.strides_us.values())])
     shares = expected_ns(spans)
@@ -178,10 +177,7 @@ def measure(host: SelftestHost, plans: Sequence[Sequence[Phase]], writer: TraceW
     strides: dict[int, int] = {}
 
     def cycle(close: bool) -> None:
-        writer.cycle(close=close)
-        usages.extend(meter.poll())
-        if close:
-            usages.extend(meter.close_window())
+        usages.extend(traced_cycle(meter, writer, close=close))
         learned = meter.learned().get(host.gpu_uuid)
         if learned is not None:  # the meter forgets a PID's stride once it has exited
             strides.update(learned.strides_us)
@@ -230,7 +226,7 @@ def run_patterns(
         if measured.learned is None:
             raise AgentError(f"{host.gpu_uuid}: the meter never read this GPU")
         learned_by[name] = measured.learned
-        lines += lines_of(name, measured.spans, measured, measured.learned)
+        lines += lines_of(name, measured, measured.learned)
     return lines, learned_by
 
 

@@ -25,7 +25,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from creditmeter.agent import errors
 from creditmeter.agent.gpu import (
@@ -39,6 +39,7 @@ from creditmeter.agent.gpu import (
     ProcessTable,
     UtilSample,
 )
+from creditmeter.agent.usage import WindowUsage
 
 TRACE_VERSION = 1
 # The calls a trace records; a replay answers exactly these.
@@ -297,6 +298,22 @@ class TracingClock:
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return self._inner.wait(event, seconds)
+
+
+class Metering(Protocol):
+    """What a traced run drives: agent.meter.Meter."""
+
+    def poll(self) -> list[WindowUsage]: ...
+
+    def close_window(self) -> list[WindowUsage]: ...
+
+
+def traced_cycle(meter: Metering, writer: TraceWriter, *, close: bool) -> list[WindowUsage]:
+    """One poll, and a window close with ``close``, its marker written to the trace first,
+    so that a replay runs the same cycles (simnvml.replay.ReplayHost.run)."""
+    writer.cycle(close=close)
+    usages = meter.poll()
+    return usages + meter.close_window() if close else usages
 
 
 def entries_of(entries: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:

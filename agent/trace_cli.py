@@ -28,6 +28,7 @@ from creditmeter.agent.trace import (
     TracingNvml,
     TracingProcessTable,
     open_text,
+    traced_cycle,
 )
 from creditmeter.agent.usage import WindowUsage
 from creditmeter.config import Config
@@ -107,14 +108,11 @@ def _meter_for(
     while next_poll < end:
         clock.wait(never, next_poll - clock.monotonic())
         closes = clock.monotonic() >= next_close
-        writer.cycle(close=closes)
-        usages += meter.poll()
+        usages += traced_cycle(meter, writer, close=closes)
         if closes:
-            usages += meter.close_window()
             next_close += window_s
         next_poll += poll_s
-    writer.cycle(close=True)  # the end: every window closes, as at a stop
-    return usages + meter.poll() + meter.close_window()
+    return usages + traced_cycle(meter, writer, close=True)  # the end: windows close, as at a stop
 
 
 def replay_trace(path: Path) -> list[WindowUsage]:

@@ -82,9 +82,7 @@ class Admission:
                 raise TooManyStreams(
                     f"agent {agent_id!r} already has {self.max_per_agent} streams open"
                 )
-            self._pending[host] -= 1
-            if not self._pending[host]:
-                del self._pending[host]
+            _decrement(self._pending, host)
             self._admitted += 1
             self._per_agent[agent_id] += 1
 
@@ -92,19 +90,22 @@ class Admission:
         with self._lock:
             if agent_id is not None:
                 self._admitted -= 1
-                self._per_agent[agent_id] -= 1
-                if not self._per_agent[agent_id]:
-                    del self._per_agent[agent_id]
+                _decrement(self._per_agent, agent_id)
             else:
-                self._pending[host] -= 1
-                if not self._pending[host]:
-                    del self._pending[host]
+                _decrement(self._pending, host)
 
     @property
     def counts(self) -> tuple[int, int]:
         """(pending, admitted) now."""
         with self._lock:
             return sum(self._pending.values()), self._admitted
+
+
+def _decrement(counts: Counter[str], key: str) -> None:
+    """One less of ``key``, forgotten at 0: addresses and agents come and go."""
+    counts[key] -= 1
+    if not counts[key]:
+        del counts[key]
 
 
 class Ticket:

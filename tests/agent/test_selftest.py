@@ -87,6 +87,7 @@ def test_a_result_beyond_the_bar_exits_1(
     assert "MISSED" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this host has an NVIDIA driver")
 def test_without_a_cuda_driver_it_says_so_in_one_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "creditmeter.agent.cli", "selftest", "--trace-dir", str(tmp_path)],
@@ -95,8 +96,6 @@ def test_without_a_cuda_driver_it_says_so_in_one_line(tmp_path: Path) -> None:
         check=False,
         env={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(tmp_path)},
     )
-    if shutil.which("nvidia-smi"):
-        pytest.skip("this host has an NVIDIA driver")
     assert (done.returncode, done.stdout) == (3, "")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert "no GPU to test: no CUDA driver: cannot load libcuda.so.1" in done.stderr

@@ -127,6 +127,18 @@ class Agent(Daemon):
         super().__init__(agent_id, args, state)
 
 
+# A GPU whose every sample is exact: 0.2 s periods on a fixed grid, each period read as it
+# is, and a ring long enough to ride out agent restarts.
+EXACT_GPU = """
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 3000
+sample_reading = "per_period"
+"""
+
+
 def simulated_agent(
     work: Path,
     agent_id: str,

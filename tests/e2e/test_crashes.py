@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from creditmeter.simnvml import ManualClock, Scenario, SimHost
-from tests.e2e.daemons import Agent, Collector, free_port, simulated_agent, wait_for
+from tests.e2e.daemons import EXACT_GPU, Agent, Collector, free_port, simulated_agent, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +32,7 @@ def exact_scenario(seed: int) -> str:
     """Two GPUs, four processes; every busy edge on the 0.2 s grid, SM a multiple of 25, at
     most 100 % per GPU at any moment, and a ring long enough to ride out agent restarts."""
     rng = random.Random(seed)
-    gpus = "".join(
-        """
-[[gpu]]
-product = "H100"
-sample_period_us = 200_000
-phase_us = 0
-ring_periods = 3000
-sample_reading = "per_period"
-"""
-        for _ in range(2)
-    )
+    gpus = EXACT_GPU * 2
     processes = []
     accounts = ["acme", "globex", "initech", "hooli"]
     for i in range(4):

@@ -18,20 +18,12 @@ import pytest
 
 from creditmeter.simnvml import ManualClock, Scenario, SimHost
 from creditmeter.v1 import usage_pb2
-from tests.e2e.daemons import Collector, free_port, simulated_agent, wait_for
+from tests.e2e.daemons import EXACT_GPU, Collector, free_port, simulated_agent, wait_for
 
 pytestmark = pytest.mark.slow
 
 SPEED = 20.0
 SCENARIO_S = 40.0
-GPU = """
-[[gpu]]
-product = "H100"
-sample_period_us = 200_000
-phase_us = 0
-ring_periods = 3000
-sample_reading = "per_period"
-"""
 # Each process alone on its GPU, busy edges on the 0.2 s grid: billed exactly its truth.
 EMOJI_JOB = "\U0001f600" * 128  # 128 characters, 512 bytes
 PROCESSES = [
@@ -52,7 +44,7 @@ def scenario_text() -> str:
         f"env = {env}\nbusy = {busy}\n"
         for i, (env, busy) in enumerate(PROCESSES)
     )
-    return f'[host]\nseed = 7\nname = "hostile-host"\n{GPU * len(PROCESSES)}{processes}'
+    return f'[host]\nseed = 7\nname = "hostile-host"\n{EXACT_GPU * len(PROCESSES)}{processes}'
 
 
 def truth_by_pid(scenario: Scenario) -> dict[int, Fraction]:
