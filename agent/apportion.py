@@ -13,11 +13,12 @@ that gets billed. Per-process evidence only decides who gets which part of it:
   lived between two polls, or garbage) claims it, or there is no evidence for it.
 
 Evidence spans and device periods need not line up (a 1 s process grid beside a 1/6 s
-device grid, or a cadence per PID): the shared time is cut into *rows* at every evidence
-boundary, each row gets the device busy time of the periods it covers (a period cut in two
-is split by time, in integers), and the pieces are fitted to the rows by iterative
-proportional fitting (rows to their busy time, pieces down to their bounds). Where every
-piece lies within one row, the split is direct.
+device grid, or a cadence per PID): each device period of the shared time is a *row*
+holding its busy time, each piece of evidence a column over the periods it overlaps, and
+the pieces are fitted to the rows by iterative proportional fitting (rows to their busy
+time, pieces down to their bounds). A period is never cut at an evidence boundary, since
+where its busy time fell inside it is unknown. Where every piece lies within one row, the
+split is direct.
 
 Exactness: every row's busy time is split in integers (largest remainders), so per GPU the
 shares, unattributed and alone parts add up to the periods' busy time to the µs × %.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import enum
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -379,36 +379,29 @@ def _fit_run(
     remaining: list[float],
     out: Apportioned,
 ) -> None:
-    rows = _rows(run, evidence, commit_until_us)
+    rows = _rows(run, evidence)
     _fit([r for r in rows if r.busy_pct_us], evidence, remaining, complete_until_us)
     for row in rows:
         if row.end_us <= commit_until_us and row.busy_pct_us:
             _commit_row(row, evidence, presence, remaining, out)
 
 
-def _rows(run: Sequence[Period], evidence: Sequence[Evidence], commit_until_us: int) -> list[_Row]:
-    """The run cut at every evidence boundary inside it (and at the commit), each part with
-    its periods' busy time split by time, and the evidence overlapping it as cells."""
+def _rows(run: Sequence[Period], evidence: Sequence[Evidence]) -> list[_Row]:
+    """One row per device period of the run, with the evidence overlapping it as cells
+    (a piece's claim spread over its span by time: only its starting weight).
+
+    A period is never cut at an evidence boundary: where inside a period its busy time fell
+    is unknown, and spreading it by time would put busy time where a process's own sample
+    says it was idle (a 1 s process grid half a second off the device's grid), leaving it
+    unattributed. The fit instead moves each piece's weight between the periods it spans."""
+    rows = [_Row(p.start_us, p.end_us, p.busy_pct_us, []) for p in run]
+    starts = [p.start_us for p in run]
     start, end = run[0].start_us, run[-1].end_us
-    cuts = {start, end}
-    for e in evidence:
-        if start < e.start_us < end:
-            cuts.add(e.start_us)
-        if start < e.end_us < end:
-            cuts.add(e.end_us)
-    if start < commit_until_us < end:
-        cuts.add(commit_until_us)
-    bounds = sorted(cuts)
-    busy = [0] * (len(bounds) - 1)
-    for period in run:
-        _spread(period, bounds, busy)
-    rows = [_Row(a, b, busy[k], []) for k, (a, b) in enumerate(itertools.pairwise(bounds))]
     for i, e in enumerate(evidence):
         if e.end_us <= start or e.start_us >= end:
             continue
-        length = max(1, e.end_us - e.start_us)
-        density = e.pct_us / length
-        k = max(0, bisect.bisect_right(bounds, e.start_us) - 1)
+        density = e.pct_us / max(1, e.end_us - e.start_us)
+        k = max(0, bisect.bisect_right(starts, e.start_us) - 1)
         while k < len(rows) and rows[k].start_us < e.end_us:
             row = rows[k]
             part = min(e.end_us, row.end_us) - max(e.start_us, row.start_us)
@@ -416,20 +409,6 @@ def _rows(run: Sequence[Period], evidence: Sequence[Evidence], commit_until_us: 
                 row.cells.append(_Cell(i, density * part))
             k += 1
     return rows
-
-
-def _spread(period: Period, bounds: Sequence[int], busy: list[int]) -> None:
-    """Add a period's busy time to the rows it covers, split by time in integers."""
-    lo = bisect.bisect_right(bounds, period.start_us) - 1
-    hi = bisect.bisect_left(bounds, period.end_us)
-    if hi - lo == 1:
-        busy[lo] += period.busy_pct_us
-        return
-    parts = [
-        min(bounds[k + 1], period.end_us) - max(bounds[k], period.start_us) for k in range(lo, hi)
-    ]
-    for k, amount in zip(range(lo, hi), largest_remainders(period.busy_pct_us, parts), strict=True):
-        busy[k] += amount
 
 
 def _fit(

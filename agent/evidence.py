@@ -123,6 +123,7 @@ class EvidenceReader:
         self._zero_strikes = 0
         self._grid: set[int] = set()  # recent device period ends
         self.busy_until_us = 0  # the end of the device's latest busy period
+        self.grid_until_us = 0  # the end of the device's latest period read
         # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
         self._waiting: dict[int, list[tuple[UtilSample, int, int, bool]]] = {}
 
@@ -132,6 +133,7 @@ class EvidenceReader:
             self._grid.clear()
         for p in periods:
             self._grid.add(p.end_us)
+            self.grid_until_us = max(self.grid_until_us, p.end_us)
             if p.busy_pct_us:
                 self.busy_until_us = max(self.busy_until_us, p.end_us)
 
@@ -445,21 +447,29 @@ class EvidenceReader:
         return Reading(pieces, len(pieces), sum(p.pct_us == 0 for p in pieces))
 
     def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:
+        """The counters' difference since the PID's previous read, as evidence of the span
+        between the two. Its end is the device's newest period end, not the time of the
+        call: a counter holds whole samples only, and where it samples on the device's
+        grid (as every accounting driver seen does) its latest sample ends there. Spans
+        of one PID chain end to start, so no busy time is claimed twice or left between."""
         before = self._accounting.get(c.pid)
-        self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, now_us)
+        end_us = min(now_us, self.grid_until_us) if self.grid_until_us else now_us
+        self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
         if before is None:
             if not fresh:
                 return None  # counted before the agent watched: not this span's evidence
             before = (0, 0, 0, now_us - c.time_ms * 1000)
         count, total, time_ms, read_us = before
         samples = c.sample_count - count
-        if samples <= 0 or now_us <= read_us:
+        if samples <= 0 or end_us <= read_us:
+            if samples > 0:  # counted, but no newer device period: claim it next time
+                self._accounting[c.pid] = before
             return None
         period_us = max(1, (c.time_ms - time_ms) * 1000 // samples) if c.time_ms > time_ms else 0
-        period_us = period_us or (now_us - read_us) // samples
+        period_us = period_us or (end_us - read_us) // samples
         pct_us = (c.sum_gpu_util - total) * period_us // 100  # sumGpuUtil is percent × 100
         bound = pct_us + samples * period_us // 2  # each sample's rounding, half a percent
-        return Evidence(c.pid, read_us, now_us, pct_us, bound, known=True)
+        return Evidence(c.pid, read_us, end_us, pct_us, bound, known=True)
 
     # -- health ---------------------------------------------------------------------------------
 

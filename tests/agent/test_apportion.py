@@ -96,6 +96,25 @@ def test_samples_spanning_several_periods_are_fitted_to_the_device() -> None:
     assert sum(got.values()) + sum(result.unattributed.values()) == 300 * P
 
 
+def test_a_process_grid_off_the_device_grid_takes_all_the_shared_time() -> None:
+    # Device periods of 1 s; each process samples on a 1 s grid half a second off it.
+    # pid 1 ran in [0, 0.5 s) only, pid 2 in [0.5, 1.5 s) only: where inside each device
+    # period its busy time fell is unknown, so nothing may be spread by time and lost.
+    half = P // 2
+    periods = [period(0, 100), period(1, 50)]
+    evidence = [
+        Evidence(1, T - half, T + half, 50 * P, 50 * P + half, True),
+        Evidence(2, T + half, T + 3 * half, 100 * P, 100 * P + half, True),
+        Evidence(1, T + 3 * half, T + 5 * half, 0, half, True),
+    ]
+    result = apportion(periods, evidence, holding(1, 2), T + 2 * P)
+    got = shares_by_pid(result.shares)
+    assert result.unattributed == {}
+    # Within the samples' own rounding: half a percent of each.
+    assert abs(got[1] - 50 * P) <= P and abs(got[2] - 100 * P) <= P
+    assert sum(got.values()) == 150 * P
+
+
 def test_only_the_committed_periods_are_returned() -> None:
     periods = [period(0, 50), period(1, 50)]
     result = apportion(periods, [], holding(3), T + P)
