@@ -20,6 +20,7 @@ class Status(enum.Enum):
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
@@ -183,6 +184,14 @@ class AgentRevoked(NotAuthenticated):
 class NotAuthorized(NotAuthenticated):
     """The peer's client certificate (its subject CN) names another agent than the one its
     Hello claims, or it presented none where mutual TLS binds agents to certificates."""
+
+
+class PermissionDenied(CollectorError):
+    """An API caller proved who it is, but its role or its accounts do not cover what it
+    asked for (a tenant token asking about another account, a reader charging). The same
+    answer whether or not the account exists, so that a scope reveals nothing outside it."""
+
+    status = Status.PERMISSION_DENIED
 
 
 # -- enrolment ------------------------------------------------------------------------------

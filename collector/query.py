@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from creditmeter.collector.errors import CollectorError, DuplicateCharge, InvalidRequest
+from creditmeter.collector.access import caller
+from creditmeter.collector.errors import (
+    CollectorError,
+    DuplicateCharge,
+    InvalidRequest,
+    PermissionDenied,
+)
 from creditmeter.collector.ledger import Balance, Ledger
 from creditmeter.collector.ledger_store import ApiCharge, Dimension, LedgerStore, LineKind
 from creditmeter.collector.report import DEFAULT_GROUP_BY, Period, build_report
@@ -101,6 +107,7 @@ class QueryServicer:
     @_answering
     def GetBalance(self, request: query_pb2.GetBalanceRequest, context: Any) -> query_pb2.Balance:
         _require("account", request.account)
+        caller().check_account(request.account)
         balance = self._ledger.balance(request.account, request.at_unix_us or None)
         return balance_message(balance)
 
@@ -109,6 +116,7 @@ class QueryServicer:
         self, request: query_pb2.CheckCreditsRequest, context: Any
     ) -> query_pb2.CheckCreditsResponse:
         _require("account", request.account)
+        caller().check_account(request.account)
         check = self._ledger.check_credits(request.account, request.required_micro)
         return query_pb2.CheckCreditsResponse(
             remaining_micro=check.remaining_micro, sufficient=check.sufficient
@@ -118,6 +126,7 @@ class QueryServicer:
     def GetUsage(
         self, request: query_pb2.GetUsageRequest, context: Any
     ) -> query_pb2.GetUsageResponse:
+        _check_usage_scope(request.account)
         period = _period(request.from_unix_us, request.to_unix_us)
         group_by = _group_by(request.group_by)
         report = build_report(
@@ -156,6 +165,7 @@ class ChargesServicer:
         self, request: charges_pb2.RecordChargeRequest, context: Any
     ) -> charges_pb2.RecordChargeResponse:
         sent = request.charge
+        caller().check_account(sent.account)
         charge = ApiCharge(sent.request_id, sent.account, sent.model, sent.count, sent.time_unix_us)
         receipt = self._ledger.record_charge(charge)
         if not receipt.new:
@@ -204,6 +214,17 @@ def _unary(behaviour: Callable[[Any, Any], Any], request_type: Any, response_typ
         request_deserializer=request_type.FromString,
         response_serializer=response_type.SerializeToString,
     )
+
+
+def _check_usage_scope(account: str) -> None:
+    """A tenant's credential sees usage of its own accounts only, one at a time."""
+    principal = caller()
+    if principal.scoped and not account:
+        raise PermissionDenied(
+            f"{principal.name} is scoped to accounts: name one of them in the request's account"
+        )
+    if account:
+        principal.check_account(account)
 
 
 def _require(field: str, value: str) -> None:

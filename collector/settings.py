@@ -152,13 +152,15 @@ API_TOKEN_FILE = Option(
     "api.token_file",
     Maybe(PATH),
     None,
-    'Bearer tokens for the Query and admin APIs, one per line: "NAME TOKEN" (mode 0640).',
+    'Bearer tokens for the Query, Charges and admin APIs, one per line: "NAME TOKEN ROLE '
+    '[ACCOUNT...]", ROLE one of reader, charger, admin; accounts scope a tenant (mode 0640).',
 )
 API_CLIENTS = Option(
     "api.clients",
     STR_LIST,
     (),
-    "Client certificate CNs (issued by tls.ca_file) that may call the Query and admin APIs.",
+    "Client certificates (issued by tls.ca_file) that may call the Query, Charges and admin "
+    'APIs: "CN ROLE [ACCOUNT...]" each, as in api.token_file.',
 )
 
 PRICES_FILE = Option(

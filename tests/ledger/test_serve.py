@@ -28,6 +28,7 @@ from .conftest import HOUR_US, LedgerTestStore
 
 TOKEN = "s3cret-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+TENANT = (("authorization", "Bearer globex-only-0123456789"),)  # a charger scoped to globex
 TIMEOUT_S = 10.0
 CREDIT = 1_000_000  # µcredits
 
@@ -37,7 +38,7 @@ def write_config(folder: Path, store_url: str) -> Path:
     gpt-4o at 7 credits a request (the test's fixture prices say 4)."""
     (folder / "prices.toml").write_text('[api]\n"gpt-4o" = 7\n')
     tokens = folder / "tokens"
-    tokens.write_text(f"platform {TOKEN}\n")
+    tokens.write_text(f"platform {TOKEN} admin\nglobex globex-only-0123456789 charger globex\n")
     tokens.chmod(0o640)
     config = folder / "collector.toml"
     config.write_text(
@@ -107,6 +108,18 @@ def test_serve_answers_query_and_charges_at_the_configured_prices(
                 charges_pb2.RecordChargeRequest(charge=charge), metadata=AUTH, timeout=TIMEOUT_S
             )
         assert retry.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        # Another tenant's token reads nothing of acme and charges it nothing.
+        theft = charges_pb2.ApiCharge(
+            request_id="t-1", account=acme, model="gpt-4o", count=10**6, time_unix_us=now_us
+        )
+        for call, request in [
+            (query.GetBalance, query_pb2.GetBalanceRequest(account=acme)),
+            (query.GetUsage, query_pb2.GetUsageRequest()),
+            (charges.RecordCharge, charges_pb2.RecordChargeRequest(charge=theft)),
+        ]:
+            with pytest.raises(grpc.RpcError) as denied:
+                call(request, metadata=TENANT, timeout=TIMEOUT_S)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         balance = query.GetBalance(
             query_pb2.GetBalanceRequest(account=acme), metadata=AUTH, timeout=TIMEOUT_S
         )

@@ -30,7 +30,7 @@ def channel(store: LedgerTestStore, ledger: Ledger, clock: Clock) -> Iterator[gr
         "127.0.0.1:0",
         store,
         verifier=Verifier(clock_us=clock),
-        api_auth=ApiAccess({"platform": TOKEN}),
+        api_auth=ApiAccess.admins({"platform": TOKEN}),
         extra_handlers=ledger_handlers(ledger, store),
     )
     server.start()

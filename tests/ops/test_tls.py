@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from creditmeter.collector.access import (
     ApiAccess,
     ApiAuthenticator,
+    Grant,
+    Role,
     caller,
     load_access,
     read_token_file,
@@ -240,11 +242,11 @@ def _probe_service() -> Any:
     """Stands in for the Query/admin services: answers with the admitted caller()."""
 
     def who(request: bytes, context: Any) -> bytes:
-        return caller().encode()
+        return caller().name.encode()
 
     def who_stream(request: bytes, context: Any) -> Iterator[bytes]:
-        yield caller().encode()
-        yield b"again " + caller().encode()
+        yield caller().name.encode()
+        yield b"again " + caller().name.encode()
 
     return grpc.method_handlers_generic_handler(
         "creditmeter.test.Probe",
@@ -265,7 +267,9 @@ def call_who(ch: grpc.Channel, token: str | None = None) -> tuple[Any, bytes]:
 
 @pytest.fixture
 def api_server(pki: Pki, serve: Any) -> Served:
-    access = ApiAccess({"billing-export": TOKEN}, frozenset({"reporting"}))
+    access = ApiAccess(
+        {"billing-export": (TOKEN, Grant(Role.ADMIN))}, {"reporting": Grant(Role.ADMIN)}
+    )
     agents = CertificateBoundAgents(access.client_names)
     served: Served = serve(mutual(pki), authenticator=agents, api_auth=access)
     return served
@@ -347,11 +351,23 @@ def test_without_api_credentials_configured_every_api_call_is_refused(pki: Pki, 
 
 def test_token_file_lines_and_mistakes(tmp_path: Path) -> None:
     good = tmp_path / "tokens"
-    good.write_text(f"# name token\nbilling-export {TOKEN}  # the nightly export\n\n")
-    assert read_token_file(good) == {"billing-export": TOKEN}
-    assert load_access(good, ("reporting",)).configured
+    good.write_text(
+        f"# name token role accounts\nbilling-export {TOKEN}  # the nightly export\n\n"
+        f"globex {TOKEN}b charger globex big%20co\nboard {TOKEN}c reader\n"
+    )
+    assert read_token_file(good) == {
+        "billing-export": (TOKEN, Grant(Role.ADMIN)),  # no role: the format before roles
+        "globex": (f"{TOKEN}b", Grant(Role.CHARGER, frozenset({"globex", "big co"}))),
+        "board": (f"{TOKEN}c", Grant(Role.READER)),
+    }
+    access = load_access(good, ("reporting reader acme",))
+    assert access.clients == {"reporting": Grant(Role.READER, frozenset({"acme"}))}
     for text, problem in [
-        ("just-one-word-here-0123456789\n", "line 1: expected NAME TOKEN"),
+        ("just-one-word-here-0123456789\n", "line 1: expected NAME TOKEN ROLE"),
+        (f"a {TOKEN} owner\n", "line 1: role 'owner' is not one of reader, charger, admin"),
+        (f"a {TOKEN} admin acme\n", "line 1: an admin is never scoped to accounts"),
+        (f"a {TOKEN} reader unattributed\n", "line 1: .*reserved account name"),
+        (f"a {TOKEN} reader a%00b\n", "line 1: account"),
         ("a short\n", "line 1: token shorter than 16 characters"),
         (f"a {TOKEN}\na {TOKEN}x\n", "line 2: name 'a' appears twice"),
     ]:
