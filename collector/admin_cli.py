@@ -6,9 +6,9 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector account open NAME --plan PLAN [--anchor-day D] [--since DATE]
     creditmeter-collector account set-plan NAME PLAN [--from DATE]
     creditmeter-collector account list
-    creditmeter-collector top-up ACCOUNT CREDITS --reason WHY [--expires DATE]
-    creditmeter-collector grant ACCOUNT CREDITS --reason WHY [--expires DATE]
-    creditmeter-collector adjust ACCOUNT CREDITS --reason WHY   (> 0 refunds, < 0 charges)
+    creditmeter-collector top-up ACCOUNT CREDITS --reason WHY --key KEY [--expires DATE]
+    creditmeter-collector grant ACCOUNT CREDITS --reason WHY --key KEY [--expires DATE]
+    creditmeter-collector adjust ACCOUNT CREDITS --reason WHY --key KEY  (> 0 refunds, < 0 charges)
     creditmeter-collector entries ACCOUNT
     creditmeter-collector balance ACCOUNT [--at DATE] [--format table|json]
     creditmeter-collector period close (--account NAME | --all) [--through DATE]
@@ -148,12 +148,19 @@ def _add_account_commands(commands: Any, db: argparse.ArgumentParser, who: Any) 
     listing.set_defaults(command=_account_list)
 
 
+_KEY_HELP = (
+    "idempotency key, e.g. the purchase order: the same command again with the same key is "
+    "a no-op; the same key with other content is refused"
+)
+
+
 def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, priced: Any) -> None:
     for name, help_text in (("top-up", "add bought credits"), ("grant", "give credits")):
         lot = commands.add_parser(name, parents=[db, who], help=help_text)
         lot.add_argument("account", metavar="ACCOUNT")
         lot.add_argument("credits", metavar="CREDITS")
         lot.add_argument("--reason", required=True)
+        lot.add_argument("--key", required=True, help=_KEY_HELP)
         lot.add_argument("--expires", metavar="DATE", help="default: never")
         lot.set_defaults(command=_add_lot, kind=name)
     adjust = commands.add_parser(
@@ -162,6 +169,7 @@ def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, p
     adjust.add_argument("account", metavar="ACCOUNT")
     adjust.add_argument("credits", metavar="CREDITS")
     adjust.add_argument("--reason", required=True)
+    adjust.add_argument("--key", required=True, help=_KEY_HELP)
     adjust.set_defaults(command=_adjust)
     charge = commands.add_parser(
         "charge", parents=[db, priced], help="record API requests (as the gateway does)"
@@ -281,7 +289,12 @@ def _add_lot(args: argparse.Namespace) -> int:
     with _ledger(args, writing=True) as (ledger, _):
         add = ledger.top_up if args.kind == "top-up" else ledger.grant
         entry = add(
-            args.account, amount_micro, by=args.by, reason=args.reason, expires_us=expires_us
+            args.account,
+            amount_micro,
+            by=args.by,
+            reason=args.reason,
+            expires_us=expires_us,
+            key=args.key,
         )
     print(_entry_text(entry))
     return EXIT_OK
@@ -290,7 +303,9 @@ def _add_lot(args: argparse.Namespace) -> int:
 def _adjust(args: argparse.Namespace) -> int:
     amount_micro = _amount_micro(args.credits, "adjustment")
     with _ledger(args, writing=True) as (ledger, _):
-        entry = ledger.adjust(args.account, amount_micro, by=args.by, reason=args.reason)
+        entry = ledger.adjust(
+            args.account, amount_micro, by=args.by, reason=args.reason, key=args.key
+        )
     print(_entry_text(entry))
     return EXIT_OK
 
@@ -457,11 +472,14 @@ def balance_json(balance: Balance) -> str:
 
 def _entry_text(entry: LedgerEntry) -> str:
     expires = "never" if entry.expires_us is None else iso_text(entry.expires_us)
-    return (
+    text = (
         f"#{entry.entry_id} {entry.account} {entry.kind.value} {micro_text(entry.amount_micro)} "
         f"at {iso_text(entry.effective_us)} expires {expires} by {entry.created_by}: "
         f"{entry.reason}"
     )
+    if entry.repeated:
+        return f"nothing changed: key {entry.key!r} was done already, as {text}"
+    return text
 
 
 # -- plumbing --------------------------------------------------------------------------------

@@ -299,6 +299,12 @@ class DuplicateCharge(CollectorError):
     status = Status.ALREADY_EXISTS
 
 
+class KeyReused(LedgerError):
+    """A top-up, grant or adjustment's idempotency key is stored already for other content
+    (account, kind, amount, expiry or reason). The stored entry is kept: a key names one
+    change, so a new change needs a new key."""
+
+
 class ChargeConflict(LedgerError):
     """An API charge with this request id but other content (account, model, count or time)
     is already stored. The stored one is kept: the gateway reused a request id."""

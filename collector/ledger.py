@@ -234,18 +234,34 @@ class Ledger:
     # -- credits ---------------------------------------------------------------------------
 
     def top_up(
-        self, account: str, amount_micro: int, *, by: str, reason: str, expires_us: int | None
+        self,
+        account: str,
+        amount_micro: int,
+        *,
+        by: str,
+        reason: str,
+        expires_us: int | None,
+        key: str | None = None,
     ) -> LedgerEntry:
-        return self._add_entry(account, EntryKind.TOP_UP, amount_micro, by, reason, expires_us)
+        return self._add_entry(account, EntryKind.TOP_UP, amount_micro, by, reason, expires_us, key)
 
     def grant(
-        self, account: str, amount_micro: int, *, by: str, reason: str, expires_us: int | None
+        self,
+        account: str,
+        amount_micro: int,
+        *,
+        by: str,
+        reason: str,
+        expires_us: int | None,
+        key: str | None = None,
     ) -> LedgerEntry:
-        return self._add_entry(account, EntryKind.GRANT, amount_micro, by, reason, expires_us)
+        return self._add_entry(account, EntryKind.GRANT, amount_micro, by, reason, expires_us, key)
 
-    def adjust(self, account: str, amount_micro: int, *, by: str, reason: str) -> LedgerEntry:
+    def adjust(
+        self, account: str, amount_micro: int, *, by: str, reason: str, key: str | None = None
+    ) -> LedgerEntry:
         """A signed correction in the current period: > 0 refunds credits, < 0 charges."""
-        return self._add_entry(account, EntryKind.ADJUSTMENT, amount_micro, by, reason, None)
+        return self._add_entry(account, EntryKind.ADJUSTMENT, amount_micro, by, reason, None, key)
 
     def _add_entry(
         self,
@@ -255,8 +271,11 @@ class Ledger:
         by: str,
         reason: str,
         expires_us: int | None,
+        key: str | None,
     ) -> LedgerEntry:
-        """Raises InvalidRequest (amount, reason, expiry), UnknownAccount or PeriodClosed."""
+        """Stores the entry, or with ``key`` stored already for the same content returns
+        the stored one (``repeated``: nothing moved). Raises InvalidRequest (amount, reason,
+        expiry, key), UnknownAccount, PeriodClosed or KeyReused."""
         if kind is EntryKind.ADJUSTMENT:
             if amount_micro == 0 or abs(amount_micro) > MAX_AMOUNT_MICRO:
                 raise InvalidRequest(f"an adjustment must be non-zero and at most {_max()}")
@@ -265,10 +284,14 @@ class Ledger:
         if not reason.strip() or len(reason.encode()) > MAX_REASON_BYTES:
             raise InvalidRequest(f"a {kind.value} needs a reason of 1-{MAX_REASON_BYTES} bytes")
         check_name("author", by)
+        if key is not None:
+            check_name("idempotency key", key)
         now_us = self._clock_us()
         if expires_us is not None and expires_us <= now_us:
             raise InvalidRequest(f"expiry {iso_text(expires_us)} is not in the future")
-        entry = LedgerEntry(account, kind, amount_micro, now_us, expires_us, reason, by, now_us)
+        entry = LedgerEntry(
+            account, kind, amount_micro, now_us, expires_us, reason, by, now_us, key=key
+        )
         return self._store.add_entry(entry)
 
     # -- API charges -----------------------------------------------------------------------

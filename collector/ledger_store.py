@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
-from creditmeter.collector.errors import ConfigError
+from creditmeter.collector.errors import ConfigError, KeyReused
 from creditmeter.v1 import usage_pb2
 
 
@@ -70,6 +70,20 @@ class LedgerEntry:
     created_by: str
     created_at_us: int
     entry_id: int = 0  # assigned by the store
+    # The caller's idempotency key: the same key again with the same content is a no-op.
+    key: str | None = None
+    # Set on what add_entry returns when the key was already stored: nothing was added.
+    repeated: bool = field(default=False, compare=False)
+
+    def same_request(self, other: LedgerEntry) -> bool:
+        """Whether ``other`` asks for what this entry did (its key's retry, not a reuse)."""
+        return (self.account, self.kind, self.amount_micro, self.expires_us, self.reason) == (
+            other.account,
+            other.kind,
+            other.amount_micro,
+            other.expires_us,
+            other.reason,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,8 +302,10 @@ class LedgerStore(Protocol):
     # -- credits ---------------------------------------------------------------------------
 
     def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
-        """Stores an entry and returns it with its id. Raises UnknownAccount, or
-        PeriodClosed when ``effective_us`` lies in a closed period of the account."""
+        """Stores an entry and returns it with its id. An entry whose key is stored already
+        is not stored again: the stored one comes back, ``repeated``. Raises UnknownAccount,
+        PeriodClosed when ``effective_us`` lies in a closed period of the account, or
+        KeyReused when the key is stored with other content (``check_repeat``)."""
         ...
 
     def entries(self, account: str) -> list[LedgerEntry]:
@@ -357,3 +373,15 @@ def as_ledger_store(store: object) -> LedgerStore:
     if not isinstance(store, _LedgerCapable):
         raise ConfigError(f"the {type(store).__name__} does not keep a credit ledger yet")
     return store  # type: ignore[return-value]
+
+
+def check_repeat(stored: LedgerEntry, asked: LedgerEntry) -> LedgerEntry:
+    """The stored entry of ``asked``'s key, marked repeated; raises KeyReused when the key
+    was stored for other content (both stores call this inside their write)."""
+    if not stored.same_request(asked):
+        raise KeyReused(
+            f"idempotency key {asked.key!r} already made entry #{stored.entry_id} "
+            f"({stored.kind.value} of {stored.amount_micro} µcredits to {stored.account!r}, "
+            f"reason {stored.reason!r}); use a new key for a new change"
+        )
+    return replace(stored, repeated=True)

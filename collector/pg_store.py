@@ -140,6 +140,7 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    check_repeat,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -446,6 +447,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                 released_by TEXT,
                 PRIMARY KEY (agent_id, seq)
             )""",
+        ),
+    ),
+    Migration(
+        8,
+        "ledger entries carry an idempotency key: a retried top-up, grant or adjustment is a no-op",
+        (
+            "ALTER TABLE ledger_entries ADD COLUMN idempotency_key TEXT",
+            """CREATE UNIQUE INDEX ledger_entries_by_key ON ledger_entries (idempotency_key)
+               WHERE idempotency_key IS NOT NULL""",
         ),
     ),
 )
@@ -780,11 +790,22 @@ class PostgresStore:
 
     def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
         with self._transaction(f"adding a {entry.kind.value} to {entry.account!r}") as cur:
+            if entry.key is not None:
+                stored = cur.execute(
+                    _ENTRY_SELECT + " WHERE idempotency_key = %s", (entry.key,)
+                ).fetchone()
+                if stored is not None:
+                    return check_repeat(_entry(stored), entry)
             _check_open(cur, entry.account, entry.effective_us, f"a {entry.kind.value}")
+            # The key's unique index decides between two collectors adding it at once:
+            # ON CONFLICT waits for the other transaction, then inserts nothing if it
+            # committed, and the stored entry is read back (READ COMMITTED sees it).
             row = cur.execute(
                 """INSERT INTO ledger_entries (account, kind, amount_micro, effective_us,
-                       expires_us, reason, created_by, created_at_us)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+                       expires_us, reason, created_by, created_at_us, idempotency_key)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL
+                   DO NOTHING RETURNING id""",
                 (
                     entry.account,
                     entry.kind.value,
@@ -794,20 +815,21 @@ class PostgresStore:
                     entry.reason,
                     entry.created_by,
                     entry.created_at_us,
+                    entry.key,
                 ),
             ).fetchone()
-        assert row is not None
+            if row is None:
+                stored = cur.execute(
+                    _ENTRY_SELECT + " WHERE idempotency_key = %s", (entry.key,)
+                ).fetchone()
+                assert stored is not None  # the conflict that stopped the insert
+                return check_repeat(_entry(stored), entry)
         return replace(entry, entry_id=row[0])
 
     def entries(self, account: str) -> list[LedgerEntry]:
         with self._statement(f"reading entries of {account!r}") as cur:
-            cur.execute(
-                """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
-                          created_by, created_at_us, id
-                   FROM ledger_entries WHERE account = %s ORDER BY id""",
-                (account,),
-            )
-            return [LedgerEntry(row[0], EntryKind(row[1]), *row[2:]) for row in cur]
+            cur.execute(_ENTRY_SELECT + " WHERE account = %s ORDER BY id", (account,))
+            return [_entry(row) for row in cur]
 
     def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool:
         """One statement, so its own transaction: the charge and its rollup commit together.
@@ -1634,3 +1656,12 @@ def _grouped_sql(
         f"GROUP BY {', '.join(grouped)})"
     )
     return sql, parameters
+
+
+_ENTRY_SELECT = """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
+                          created_by, created_at_us, id, idempotency_key
+                   FROM ledger_entries"""
+
+
+def _entry(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(row[0], EntryKind(row[1]), *row[2:])

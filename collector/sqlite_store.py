@@ -62,6 +62,7 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    check_repeat,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -363,6 +364,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             _in_64_bits("rollups_hourly", "busy_us", "wall_us", "record_count"),
             _in_64_bits("rollups_device_hourly", "busy_us", "wall_us", "record_count"),
             _in_64_bits("rollups_gpu_hourly", "amount_us"),
+        ),
+    ),
+    Migration(
+        9,
+        "ledger entries carry an idempotency key: a retried top-up, grant or adjustment is a no-op",
+        (
+            "ALTER TABLE ledger_entries ADD COLUMN idempotency_key TEXT",
+            """CREATE UNIQUE INDEX ledger_entries_by_key ON ledger_entries (idempotency_key)
+               WHERE idempotency_key IS NOT NULL""",
         ),
     ),
 )
@@ -688,11 +698,17 @@ class SQLiteStore:
 
     def add_entry(self, entry: LedgerEntry) -> LedgerEntry:
         with self._write(f"adding a {entry.kind.value} to {entry.account!r}") as conn:
+            if entry.key is not None:  # writes are serialised: no other can come between
+                stored = conn.execute(
+                    _ENTRY_SELECT + " WHERE idempotency_key = ?", (entry.key,)
+                ).fetchone()
+                if stored is not None:
+                    return check_repeat(_entry(stored), entry)
             _check_open(conn, entry.account, entry.effective_us, f"a {entry.kind.value}")
             cursor = conn.execute(
                 """INSERT INTO ledger_entries (account, kind, amount_micro, effective_us,
-                       expires_us, reason, created_by, created_at_us)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                       expires_us, reason, created_by, created_at_us, idempotency_key)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     entry.account,
                     entry.kind.value,
@@ -702,6 +718,7 @@ class SQLiteStore:
                     entry.reason,
                     entry.created_by,
                     entry.created_at_us,
+                    entry.key,
                 ),
             )
             entry_id = cursor.lastrowid
@@ -711,12 +728,9 @@ class SQLiteStore:
     def entries(self, account: str) -> list[LedgerEntry]:
         with self._lock, _translated(f"reading entries of {account!r}"):
             rows = self._connection().execute(
-                """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
-                          created_by, created_at_us, id
-                   FROM ledger_entries WHERE account = ? ORDER BY id""",
-                (account,),
+                _ENTRY_SELECT + " WHERE account = ? ORDER BY id", (account,)
             )
-            return [LedgerEntry(row[0], EntryKind(row[1]), *row[2:]) for row in rows.fetchall()]
+            return [_entry(row) for row in rows.fetchall()]
 
     def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool:
         content = (charge.account, charge.model, charge.count, charge.time_us)
@@ -1231,3 +1245,12 @@ def _grouped_sql(
         f"GROUP BY {', '.join(grouped)}"
     )
     return sql, parameters
+
+
+_ENTRY_SELECT = """SELECT account, kind, amount_micro, effective_us, expires_us, reason,
+                          created_by, created_at_us, id, idempotency_key
+                   FROM ledger_entries"""
+
+
+def _entry(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(row[0], EntryKind(row[1]), *row[2:])

@@ -72,10 +72,11 @@ def test_an_account_from_plan_to_closed_period(
         capsys, "charge", *db, *priced, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
     )
     assert out == "already charged (nothing changed): req-1 4.000000 credits\n"
-    code, out, _ = run(
-        capsys, "adjust", *db, "acme", "2.5", "--reason", "slow job", "--by", "alice"
-    )
+    adjust = ["adjust", *db, "acme", "2.5", "--reason", "slow job", "--by", "alice"]
+    code, out, _ = run(capsys, *adjust, "--key", "ticket-77")
     assert code == 0 and "adjustment 2.500000" in out and "by alice: slow job" in out
+    code, again, _ = run(capsys, *adjust, "--key", "ticket-77")  # a retry moves nothing
+    assert (code, again) == (0, f"nothing changed: key 'ticket-77' was done already, as {out}")
 
     code, out, _ = run(
         capsys, "balance", *db, *priced, "acme", "--at", "2025-06-20", "--format", "json"
@@ -133,10 +134,11 @@ def test_an_account_from_plan_to_closed_period(
     [
         (["plan", "define", "p"], "one of the arguments --hours --credits is required"),
         (["plan", "define", "p", "--hours", "x"], "'x' is not a decimal number"),
-        (["adjust", "acme", "1"], "the following arguments are required: --reason"),
+        (["adjust", "acme", "1"], "the following arguments are required: --reason, --key"),
+        (["top-up", "acme", "1", "--reason", "x"], "the following arguments are required: --key"),
         (["report", "--group-by", "colour"], "--group-by 'colour' is not one of"),
         (["balance", "acme", "--prices", "/no/such/prices.toml"], "price file"),
-        (["top-up", "acme", "1.0000001", "--reason", "x"], "more than 6 decimal places"),
+        (["top-up", "acme", "1.0000001", "--reason", "x", "--key", "k"], "more than 6 decimal"),
     ],
 )
 def test_bad_arguments_are_one_line(

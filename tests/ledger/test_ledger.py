@@ -8,13 +8,20 @@ import pytest
 
 from creditmeter.collector.errors import (
     InvalidRequest,
+    KeyReused,
     LedgerError,
     PeriodClosed,
     UnknownAccount,
     UnknownPlan,
 )
 from creditmeter.collector.ledger import Ledger, credits_micro
-from creditmeter.collector.ledger_store import ApiCharge, EntryKind, LineKind, StatementLine
+from creditmeter.collector.ledger_store import (
+    ApiCharge,
+    EntryKind,
+    LedgerEntry,
+    LineKind,
+    StatementLine,
+)
 from creditmeter.collector.periods import BillingPeriod
 
 from .conftest import (
@@ -275,3 +282,39 @@ def test_a_charge_no_balance_would_show_is_refused(ledger: Ledger, acme: str) ->
     with pytest.raises(InvalidRequest, match="before account 'acme' has periods"):
         ledger.record_charge(ApiCharge("req-2", acme, "gpt-4o", 1, JUNE_1_US - HOUR_US))
     assert ledger.balance(acme).lines == ()
+
+
+@pytest.mark.parametrize("kind", ["top_up", "grant", "adjust"])
+def test_a_retried_money_move_with_its_key_moves_nothing(
+    ledger: Ledger, acme: str, store: LedgerTestStore, clock: Clock, kind: str
+) -> None:
+    def move(amount_micro: int, reason: str = "PO 1234") -> LedgerEntry:
+        if kind == "adjust":
+            return ledger.adjust(acme, amount_micro, by="ops", reason=reason, key="po-1234")
+        add = ledger.top_up if kind == "top_up" else ledger.grant
+        return add(acme, amount_micro, by="ops", reason=reason, expires_us=None, key="po-1234")
+
+    first = move(5_000 * CREDIT)
+    before = ledger.balance(acme).remaining_micro
+    clock.now_us += HOUR_US  # a retry an hour later, after a crash or a lost answer
+    again = move(5_000 * CREDIT)
+    assert (again.repeated, again.entry_id, again.created_at_us) == (
+        True,
+        first.entry_id,
+        first.created_at_us,
+    )
+    assert ledger.balance(acme).remaining_micro == before
+    assert len(store.entries(acme)) == 1
+    for other in (lambda: move(6_000 * CREDIT), lambda: move(5_000 * CREDIT, reason="PO 99")):
+        with pytest.raises(KeyReused, match="idempotency key 'po-1234' already made entry #"):
+            other()
+    assert store.entries(acme) == [first]  # the stored one is kept, unchanged
+    with pytest.raises(InvalidRequest, match="idempotency key"):
+        ledger.top_up(acme, CREDIT, by="ops", reason="x", expires_us=None, key="bad\x00key")
+
+
+def test_a_key_names_one_change_across_accounts(ledger: Ledger, acme: str) -> None:
+    ledger.open_account("globex", "pro", by="ops", anchor_day=1, since_us=JUNE_1_US)
+    ledger.top_up(acme, CREDIT, by="ops", reason="x", expires_us=None, key="k-1")
+    with pytest.raises(KeyReused):
+        ledger.top_up("globex", CREDIT, by="ops", reason="x", expires_us=None, key="k-1")

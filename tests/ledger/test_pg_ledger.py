@@ -177,6 +177,23 @@ def test_charges_of_one_request_id_sent_to_two_collectors_at_once_are_stored_onc
     assert audit(store, verifier_clock).findings == []
 
 
+def test_a_top_up_sent_to_two_collectors_at_once_with_one_key_is_stored_once(
+    backend: PostgresBackend, store: PostgresStore, ledger: Ledger, acme: str
+) -> None:
+    other = backend.open()
+    for n in range(20):
+        entry = LedgerEntry(
+            acme, EntryKind.TOP_UP, 5_000_000, NOW_US, None, "PO", "ops", NOW_US, key=f"po-{n}"
+        )
+        results = at_once(lambda e=entry: store.add_entry(e), lambda e=entry: other.add_entry(e))
+        assert sorted(r.repeated for r in results if isinstance(r, LedgerEntry)) == [
+            False,
+            True,
+        ], results
+    assert len(store.entries(acme)) == 20
+    assert ledger.balance(acme).lot_credits_micro == 20 * 5_000_000
+
+
 def test_api_rollups_are_sharded_by_request_id_and_summed(
     backend: PostgresBackend, clock: Clock
 ) -> None:
