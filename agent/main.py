@@ -27,7 +27,7 @@ from creditmeter.agent.backoff import Backoff
 from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone
 from creditmeter.agent.gpu import Clock, Nvml, ProcessTable, SystemClock
 from creditmeter.agent.health import AgentHealth, serve_health
-from creditmeter.agent.jobapi import CallerResolver, create_server
+from creditmeter.agent.jobapi import CallerResolver, JobServer, create_server, supervisor_uids
 from creditmeter.agent.jobs import JobRegistry, Owner
 from creditmeter.agent.loop import MeterLoop
 from creditmeter.agent.meter import Meter
@@ -129,9 +129,10 @@ def run(config: Config) -> int:
         )
         flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
         registry = stack.enter_context(_job_registry(config))
-        if config[settings.JOBS_ENABLED]:
-            _serve_jobs(stack, config, registry, host)
         telemetry = AgentTelemetry(Registry())
+        if config[settings.JOBS_ENABLED]:
+            jobs = _serve_jobs(stack, config, registry, host)
+            telemetry.follow_jobs(jobs.servicer.outcomes)
         _gauges(telemetry, outbox, flusher)
         shipper = Shipper(
             outbox,
@@ -365,7 +366,7 @@ def _job_registry(config: Config) -> Iterator[JobRegistry]:
         registry.close()
 
 
-def _serve_jobs(stack: ExitStack, config: Config, registry: JobRegistry, host: Host) -> None:
+def _serve_jobs(stack: ExitStack, config: Config, registry: JobRegistry, host: Host) -> JobServer:
     text = config[settings.JOBS_MODE]
     try:
         mode = int(text, 8)
@@ -378,9 +379,11 @@ def _serve_jobs(stack: ExitStack, config: Config, registry: JobRegistry, host: H
         group=config[settings.JOBS_GROUP] or None,
         resolver=host.callers,
         clock=host.clock,
+        supervisors=supervisor_uids(config[settings.JOBS_SUPERVISORS]),
     )
     stack.callback(server.stop, 5.0)
     log.info("job API on %s", server.socket_path)
+    return server
 
 
 def _watchdog(notifier: Notifier) -> Callable[[], None]:

@@ -12,6 +12,7 @@ from creditmeter.config import (
     INT,
     PATH,
     STR,
+    STR_LIST,
     Choice,
     Config,
     ConfigArgs,
@@ -129,6 +130,13 @@ JOBS_MODE = Option("jobs.socket_mode", STR, "0660", "File mode of the job API so
 JOBS_GROUP = Option(
     "jobs.socket_group", STR, "", "Group that may connect to the job API; empty: the agent's."
 )
+JOBS_SUPERVISORS = Option(
+    "jobs.supervisors",
+    STR_LIST,
+    (),
+    "Users (names or uids) that may declare jobs for any process, such as a launcher of "
+    "workers; others only for their own process, or one of their cgroup and uid.",
+)
 
 TLS_ENABLED = Option(
     "tls.enabled", BOOL, False, "Connect to the collector over TLS; off: plain text."
@@ -198,6 +206,7 @@ OPTIONS = (
     JOBS_SOCKET,
     JOBS_MODE,
     JOBS_GROUP,
+    JOBS_SUPERVISORS,
     TLS_ENABLED,
     TLS_CA,
     TLS_CERT,

@@ -81,6 +81,16 @@ class AgentTelemetry:
             ),
             "gpu",
         )
+        self._job_requests = _Tallied(
+            r.counter(
+                "creditmeter_agent_job_requests_total",
+                "Job API requests, by outcome (permission_denied: a caller named a process "
+                "it may not attribute to).",
+                ["outcome"],
+            ),
+            "outcome",
+        )
+        self._job_outcomes: Callable[[], Tally[str]] = Tally
         self._refused = _Tallied(
             r.counter(
                 "creditmeter_agent_labels_refused_total",
@@ -122,7 +132,12 @@ class AgentTelemetry:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.registry.gauge(name, help_text, callback=read)
 
+    def follow_jobs(self, outcomes: Callable[[], Tally[str]]) -> None:
+        """Count the job API's requests by outcome, read at each cycle."""
+        self._job_outcomes = outcomes
+
     def after_cycle(self, stats: MeterStats, dropped_busy_us: int) -> None:
+        self._job_requests.follow(self._job_outcomes())
         self._errors.follow(stats.nvml_errors)
         self._discarded.follow(stats.discarded_samples)
         self._gaps.follow(stats.gaps_us, scale=1e-6)

@@ -33,12 +33,21 @@ import math
 import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal
 
+from creditmeter.jobwire import (
+    END_JOB,
+    START_JOB,
+    FrameError,
+    parse_response,
+    read_frame,
+    request_frame,
+)
 from creditmeter.labels import check_job_labels
 
 log = logging.getLogger(__name__)
@@ -106,7 +115,7 @@ class _Summary:
 
 
 class JobClient:
-    """One agent socket: a gRPC channel, a queue, and the thread that drains it in order.
+    """One agent socket: a connection, a queue, and the thread that drains it in order.
 
     Callers only enqueue; the sender delivers, retries (with backoff, never giving up on an
     agent that is merely down) and keeps ends after their starts.
@@ -134,9 +143,8 @@ class JobClient:
         self._warned_unreachable = False
         self._warned_given_up = False
         self._stats = ClientStats()
-        self._stub_lock = threading.Lock()
-        self._stub_obj: Any = None
-        self._channel: Any = None
+        self._conn_lock = threading.Lock()  # one request at a time on the connection
+        self._conn: socket.socket | None = None
         self._ns: int | None = None
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(8)
@@ -228,9 +236,8 @@ class JobClient:
         self._stopped = True
         self._queue.put(None)
         self._thread.join(self._timeout_s + 1.0)
-        with self._stub_lock:
-            if self._channel is not None:
-                self._channel.close()
+        with self._conn_lock:
+            self._disconnect()
 
     # -- synchronous calls (tests, benchmarks) --------------------------------------------------
 
@@ -444,15 +451,48 @@ class JobClient:
     # -- the wire -------------------------------------------------------------------------------
 
     def _call(self, request: _Request, report: _Summary | None, timeout_s: float) -> Any:
-        import grpc
+        """One request and its answer on the connection (made, or made again, as needed).
+        Raises JobApiError with the status name: the agent's, or UNAVAILABLE when it cannot
+        be reached and DEADLINE_EXCEEDED when it did not answer within ``timeout_s``."""
+        from creditmeter.v1 import jobs_pb2
 
-        stub = self._stub()
-        message = self._message(request, report)
-        method = stub.StartJob if request.kind == "start" else stub.EndJob
-        try:
-            return method(message, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise JobApiError(exc.code().name, exc.details() or "") from exc
+        start = request.kind == "start"
+        frame = request_frame(
+            START_JOB if start else END_JOB, self._message(request, report).SerializeToString()
+        )
+        with self._conn_lock:
+            try:
+                conn = self._connected(timeout_s)
+                conn.settimeout(timeout_s)
+                conn.sendall(frame)
+                status, details, payload = parse_response(read_frame(conn, timeout_s, timeout_s))
+            except TimeoutError as exc:
+                self._disconnect()  # an answer may still come: never read it as the next one's
+                raise JobApiError("DEADLINE_EXCEEDED", f"no answer in {timeout_s} s") from exc
+            except (OSError, FrameError) as exc:
+                self._disconnect()
+                raise JobApiError("UNAVAILABLE", f"{self.socket_path}: {exc}") from exc
+        if status != "OK":
+            raise JobApiError(status, details)
+        kind = jobs_pb2.StartJobResponse if start else jobs_pb2.EndJobResponse
+        return kind.FromString(payload)
+
+    def _connected(self, timeout_s: float) -> socket.socket:
+        if self._conn is None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.settimeout(timeout_s)
+                conn.connect(self.socket_path)
+            except OSError:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _message(self, request: _Request, report: _Summary | None) -> Any:
         from creditmeter.v1 import jobs_pb2
@@ -479,27 +519,6 @@ class JobClient:
         return jobs_pb2.EndJobRequest(
             job_id=request.job_id, caller=caller, end_us=request.at_us, undelivered=undelivered
         )
-
-    def _stub(self) -> Any:
-        with self._stub_lock:
-            if self._stub_obj is None:
-                import grpc
-
-                from creditmeter.v1 import jobs_pb2_grpc
-
-                # Reconnect fast: gRPC's default backoff (up to 2 minutes) would keep jobs
-                # waiting long after the agent is back.
-                self._channel = grpc.insecure_channel(
-                    f"unix:{self.socket_path}",
-                    options=[
-                        ("grpc.initial_reconnect_backoff_ms", 100),
-                        ("grpc.min_reconnect_backoff_ms", 100),
-                        ("grpc.max_reconnect_backoff_ms", int(self._max_backoff_s * 1000)),
-                        ("grpc.enable_retries", 0),
-                    ],
-                )
-                self._stub_obj = jobs_pb2_grpc.JobsStub(self._channel)  # type: ignore[no-untyped-call]
-            return self._stub_obj
 
     def _pid_namespace(self) -> int:
         if self._ns is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import shutil
@@ -15,14 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 import pytest
 
 from creditmeter.agent.jobapi import JobApiError, JobServer, TimePolicy, create_server
 from creditmeter.agent.jobs import JobRegistry, Owner
 from creditmeter.agent.procfs import ProcFs
-from creditmeter.v1 import jobs_pb2, jobs_pb2_grpc
+from creditmeter.jobwire import (
+    END_JOB,
+    MAX_FRAME_BYTES,
+    START_JOB,
+    parse_response,
+    read_frame,
+    request_frame,
+)
+from creditmeter.v1 import jobs_pb2
 
 from .conftest import T0_US, FakeClock, this_process
 
@@ -30,11 +38,53 @@ OWN_NS = os.stat("/proc/self/ns/pid").st_ino
 NOW_US = T0_US
 
 
+class Refused(Exception):
+    """A status other than OK, as a worker's client would see it."""
+
+    def __init__(self, status: str, details: str) -> None:
+        super().__init__(f"{status}: {details}")
+        self.status, self.details = status, details
+
+    def code(self) -> str:
+        return self.status
+
+
+class Stub:
+    """StartJob and EndJob over one connection of the job API's framed wire."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = socket.socket(socket.AF_UNIX)
+        self.conn.connect(str(path))
+
+    def call(self, method: int, request: Any, response_type: Any, timeout: float = 5) -> Any:
+        self.conn.settimeout(timeout)
+        self.conn.sendall(request_frame(method, request.SerializeToString()))
+        status, details, payload = parse_response(read_frame(self.conn, timeout, timeout))
+        if status != "OK":
+            raise Refused(status, details)
+        return response_type.FromString(payload)
+
+    def StartJob(self, request: Any, timeout: float = 5) -> Any:
+        return self.call(START_JOB, request, jobs_pb2.StartJobResponse, timeout)
+
+    def EndJob(self, request: Any, timeout: float = 5) -> Any:
+        return self.call(END_JOB, request, jobs_pb2.EndJobResponse, timeout)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Stub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @pytest.fixture
-def stub(server: JobServer) -> Iterator[Any]:
-    channel = grpc.insecure_channel(f"unix:{server.socket_path}")
-    yield jobs_pb2_grpc.JobsStub(channel)
-    channel.close()
+def stub(server: JobServer) -> Iterator[Stub]:
+    opened = Stub(server.socket_path)
+    yield opened
+    opened.close()
 
 
 def me() -> Any:
@@ -46,11 +96,10 @@ def start_request(job_id: str = "j1", **fields: Any) -> Any:
     return jobs_pb2.StartJobRequest(job_id=job_id, **(values | fields))
 
 
-def code_of(call: Any, request: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as failure:
+def code_of(call: Any, request: Any) -> str:
+    with pytest.raises(Refused) as failure:
         call(request, timeout=5)
-    code: grpc.StatusCode = failure.value.code()
-    return code
+    return failure.value.code()
 
 
 # -- the round trip --------------------------------------------------------------------------
@@ -73,7 +122,7 @@ def test_a_job_is_registered_for_the_calling_process(stub: Any, registry: JobReg
 
 
 def test_invalid_requests(stub: Any) -> None:
-    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    invalid = "INVALID_ARGUMENT"
     assert code_of(stub.StartJob, start_request(job_id="")) == invalid
     assert code_of(stub.StartJob, start_request(account="")) == invalid
     assert code_of(stub.StartJob, start_request(weight=0.0)) == invalid
@@ -86,31 +135,31 @@ def test_unknown_callers_are_not_found(stub: Any) -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     gone = jobs_pb2.Caller(pid=child.pid, pid_namespace=OWN_NS)
-    assert code_of(stub.StartJob, start_request(caller=gone)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.StartJob, start_request(caller=gone)) == "NOT_FOUND"
     elsewhere = jobs_pb2.Caller(pid=1, pid_namespace=1)  # no such namespace
-    assert code_of(stub.StartJob, start_request(caller=elsewhere)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.StartJob, start_request(caller=elsewhere)) == "NOT_FOUND"
 
 
 def test_retries_and_conflicts(stub: Any) -> None:
     stub.StartJob(start_request(start_us=NOW_US + 1), timeout=5)
     same = start_request(start_us=NOW_US + 1)
-    assert code_of(stub.StartJob, same) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(stub.StartJob, same) == "ALREADY_EXISTS"
     other = start_request(start_us=NOW_US + 1, account="zeta")
-    assert code_of(stub.StartJob, other) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(stub.StartJob, other) == "FAILED_PRECONDITION"
     end = jobs_pb2.EndJobRequest(job_id="j1", end_us=NOW_US + 9)
     stub.EndJob(end, timeout=5)
-    assert code_of(stub.EndJob, end) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(stub.EndJob, end) == "ALREADY_EXISTS"
     later = jobs_pb2.EndJobRequest(job_id="j1", end_us=NOW_US + 10)
-    assert code_of(stub.EndJob, later) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(stub.EndJob, later) == "FAILED_PRECONDITION"
     unknown = jobs_pb2.EndJobRequest(job_id="nope", end_us=NOW_US)
-    assert code_of(stub.EndJob, unknown) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.EndJob, unknown) == "NOT_FOUND"
 
 
 def test_too_many_open_jobs_is_resource_exhausted(stub: Any, server: JobServer) -> None:
     for i in range(4):  # the fixture's registry allows 4 per process
         stub.StartJob(start_request(job_id=f"j{i}"), timeout=5)
     code = code_of(stub.StartJob, start_request(job_id="j4"))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code == "RESOURCE_EXHAUSTED"
     requests = server.servicer.stats.requests
     assert (requests[("StartJob", "ok")], requests[("StartJob", "resource_exhausted")]) == (4, 1)
 
@@ -119,7 +168,7 @@ def test_a_failing_store_is_unavailable(
     stub: Any, registry: JobRegistry, server: JobServer
 ) -> None:
     registry.close()  # the database is gone from under the API
-    assert code_of(stub.StartJob, start_request()) == grpc.StatusCode.UNAVAILABLE
+    assert code_of(stub.StartJob, start_request()) == "UNAVAILABLE"
     assert server.servicer.stats.requests[("StartJob", "unavailable")] == 1
 
 
@@ -135,9 +184,9 @@ def clocked(registry: JobRegistry, socket_dir: Path) -> Iterator[tuple[Any, Fake
         clock=clock,
         policy=TimePolicy(max_future_us=2_000_000, max_past_us=600_000_000),
     )
-    channel = grpc.insecure_channel(f"unix:{srv.socket_path}")
-    yield jobs_pb2_grpc.JobsStub(channel), clock
-    channel.close()
+    opened = Stub(srv.socket_path)
+    yield opened, clock
+    opened.close()
     srv.stop(None)
 
 
@@ -293,33 +342,41 @@ def test_a_path_too_long_for_a_socket_is_refused(registry: JobRegistry, socket_d
 # -- garbage -----------------------------------------------------------------------------------
 
 
-def test_the_server_survives_garbage(server: JobServer, stub: Any) -> None:
+def test_the_server_survives_garbage(server: JobServer, stub: Stub) -> None:
     rnd = os.urandom
-    for size in (1, 24, 4096):  # not even HTTP/2: the connection is dropped
+    for size in (1, 24, 4096):  # not our frames: the connection is dropped
         raw = socket.socket(socket.AF_UNIX)
         raw.connect(str(server.socket_path))
         raw.sendall(rnd(size))
         raw.close()
-    channel = grpc.insecure_channel(f"unix:{server.socket_path}")
+    garbage = Stub(server.socket_path)
     try:
-        for method in ("StartJob", "EndJob"):  # valid HTTP/2 and gRPC, but not our messages
-            call = channel.unary_unary(f"/creditmeter.v1.Jobs/{method}")
+        for method in (START_JOB, END_JOB, 99):  # whole frames, but not our messages
             for _ in range(20):
-                with pytest.raises(grpc.RpcError) as failure:
-                    call(b"\xff" + rnd(200), timeout=5)
-                assert failure.value.code() in (
-                    grpc.StatusCode.INTERNAL,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                )
-        with pytest.raises(grpc.RpcError) as failure:
-            channel.unary_unary("/creditmeter.v1.Jobs/StartJob")(rnd(100_000), timeout=5)
-        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        with pytest.raises(grpc.RpcError) as failure:
-            channel.unary_unary("/creditmeter.v1.Jobs/Nope")(b"", timeout=5)
-        assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                with pytest.raises(Refused) as failure:
+                    garbage.call(method, _Raw(b"\xff" + rnd(200)), jobs_pb2.EndJobResponse)
+                assert failure.value.code() == "INVALID_ARGUMENT"
     finally:
-        channel.close()
+        garbage.close()
+    huge = socket.socket(socket.AF_UNIX)
+    huge.connect(str(server.socket_path))
+    huge.sendall((MAX_FRAME_BYTES + 1).to_bytes(4, "big") + rnd(100))
+    huge.settimeout(5)
+    # A frame over the limit: the connection is dropped, its bytes unread.
+    with contextlib.suppress(ConnectionResetError):
+        assert huge.recv(1) == b""
+    huge.close()
     assert stub.StartJob(start_request(), timeout=5).host_pid == os.getpid()  # still serving
+
+
+class _Raw:
+    """Bytes that pretend to be a message."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
 
 
 # -- PID namespaces, for real --------------------------------------------------------------------
