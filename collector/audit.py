@@ -23,6 +23,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from creditmeter import chain
+from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.errors import RejectedBatch
 from creditmeter.collector.ledger_store import ApiCharge, LedgerSnapshot
 from creditmeter.collector.rollup import (
@@ -198,6 +199,9 @@ class _ChainAudit:
         # GPU's first device record (records of older agents carry no books).
         self.since_books: dict[str, int | None] = {}
         self.held: dict[int, QuarantineEntry] = {}  # this agent's quarantine, by seq
+        # The GPUs' budgets (capacity.py) over every stored record from the first, so that
+        # records stored before ingest checked them are held to the same limit.
+        self.capacity = Capacity()
         self.seen: set[int] = set()  # the seqs of ``held`` found stored
 
     def run(self, records: Iterable[StoredRecord]) -> None:
@@ -230,10 +234,12 @@ class _ChainAudit:
         """The bytes pass the verifier, link to the record before, and agree with the
         start_us column; they feed the expected rollups."""
         try:
-            checked = self.verifier.check_records(self.agent_id, [record.record])
+            checked = self.verifier.check_records(self.agent_id, [record.record], self.capacity)
         except RejectedBatch as exc:
             self._find(record.seq, f"stored bytes fail verification: {exc.problem}")
             return
+        if checked.capacity is not None:
+            self.capacity = checked.capacity
         row = checked.rows[0]
         if row[SEQ] != record.seq:
             self._find(record.seq, f"stored bytes say seq {row[SEQ]}")

@@ -234,6 +234,12 @@ class StoreBusy(StoreError):
     enroll) for longer than the busy timeout. Retrying later succeeds."""
 
 
+class BudgetMoved(StoreError):
+    """Another stream of the same agent stored records while this batch was checked, so
+    the GPU budgets it was checked against are no longer the stored ones. Nothing of the
+    batch was stored; resending it succeeds."""
+
+
 class StoreClosed(StoreError):
     """The store was closed (the collector is shutting down)."""
 

@@ -50,5 +50,7 @@ class InProcessIngestor:
     def ingest(
         self, agent: EnrolledAgent, batch: ingest_pb2.RecordBatch, request: bytes
     ) -> ChainHead:
-        verified = self._verifier.verify(batch, agent.public_key)
+        # The GPU budgets are read before the transaction and checked in it (BudgetMoved).
+        capacity = self._store.capacity(agent.agent_id)
+        verified = self._verifier.verify(batch, agent.public_key, capacity)
         return self._store.ingest(agent.agent_id, verified)

@@ -307,8 +307,9 @@ class _BatchWork:
     def answer(self, agent_id: str, public_key_hex: str, request: bytes) -> object:
         try:
             batch = _batch(request)
-            verified = self._verifier.verify(batch, self._key(agent_id, public_key_hex))
-            return self._store.ingest(agent_id, verified)
+            capacity = self._store.capacity(agent_id)
+            key = self._key(agent_id, public_key_hex)
+            return self._store.ingest(agent_id, self._verifier.verify(batch, key, capacity))
         except CollectorError as exc:
             exc.__traceback__ = None  # the answer crosses a pipe; the stack stays here
             return exc

@@ -102,6 +102,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg.types.string import BytesBinaryDumper
 
+from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
     AgentMismatch,
@@ -164,6 +165,7 @@ from creditmeter.collector.store import (
     QuarantineEntry,
     StoredRecord,
     UsageTotal,
+    advanced_capacity,
     canonical_public_key_hex,
     check_agent_id,
     first_new_index,
@@ -458,6 +460,11 @@ MIGRATIONS: tuple[Migration, ...] = (
                WHERE idempotency_key IS NOT NULL""",
         ),
     ),
+    Migration(
+        9,
+        "agents carry their GPU budgets: no GPU's records claim more busy time than elapsed",
+        ("ALTER TABLE agents ADD COLUMN capacity TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -629,6 +636,10 @@ class PostgresStore:
         with self._statement(f"reading agent {agent_id!r}") as cur:
             return _agent(cur, agent_id)
 
+    def capacity(self, agent_id: str) -> Capacity:
+        with self._statement(f"reading the GPU budgets of {agent_id!r}") as cur:
+            return _capacity(cur, agent_id)
+
     # -- ingest --------------------------------------------------------------------------
 
     def ingest(self, agent_id: str, batch: VerifiedBatch) -> ChainHead:
@@ -647,6 +658,11 @@ class PostgresStore:
                 return head  # all duplicates: acknowledge again, store nothing
             new_rows = rows[start:] if start else rows
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
+            budgets = advanced_capacity(agent_id, records, _capacity(cur, agent_id))
+            if budgets is not None:
+                cur.execute(
+                    "UPDATE agents SET capacity = %s WHERE agent_id = %s", (budgets, agent_id)
+                )
             held = held_back(records, new_rows)
             if start == 0:  # all new: the verifier summed while it had the fields at hand
                 sums, device_sums = records.sums, records.device_sums
@@ -1372,6 +1388,13 @@ def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
             agent_id=existing.agent_id,
         )
     return existing
+
+
+def _capacity(cur: Cursor, agent_id: str) -> Capacity:
+    row = cur.execute(
+        "SELECT head_seq, capacity FROM agents WHERE agent_id = %s", (agent_id,)
+    ).fetchone()
+    return Capacity() if row is None else Capacity.decode(row[1], row[0])
 
 
 def _locked_head(cur: Cursor, agent_id: str) -> ChainHead:

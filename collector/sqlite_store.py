@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
     AgentMismatch,
@@ -86,6 +87,7 @@ from creditmeter.collector.store import (
     QuarantineEntry,
     StoredRecord,
     UsageTotal,
+    advanced_capacity,
     canonical_public_key_hex,
     check_agent_id,
     first_new_index,
@@ -375,6 +377,11 @@ MIGRATIONS: tuple[Migration, ...] = (
                WHERE idempotency_key IS NOT NULL""",
         ),
     ),
+    Migration(
+        10,
+        "agents carry their GPU budgets: no GPU's records claim more busy time than elapsed",
+        ("ALTER TABLE agents ADD COLUMN capacity TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -512,6 +519,10 @@ class SQLiteStore:
         with self._lock, _translated(f"reading agent {agent_id!r}"):
             return _agent(self._connection(), agent_id)
 
+    def capacity(self, agent_id: str) -> Capacity:
+        with self._lock, _translated(f"reading the GPU budgets of {agent_id!r}"):
+            return _capacity(self._connection(), agent_id)
+
     # -- ingest --------------------------------------------------------------------------
 
     def ingest(self, agent_id: str, batch: VerifiedBatch) -> ChainHead:
@@ -535,6 +546,11 @@ class SQLiteStore:
                 _INSERT_SEGMENT,
                 (agent_id, new_head.seq, bytearray(batch.signature), self._clock_us()),
             )
+            budgets = advanced_capacity(agent_id, records, _capacity(conn, agent_id))
+            if budgets is not None:
+                conn.execute(
+                    "UPDATE agents SET capacity = ? WHERE agent_id = ?", (budgets, agent_id)
+                )
             held = held_back(records, new_rows)
             if held:
                 conn.executemany(
@@ -1099,6 +1115,13 @@ def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
             agent_id=existing.agent_id,
         )
     return existing
+
+
+def _capacity(conn: sqlite3.Connection, agent_id: str) -> Capacity:
+    row = conn.execute(
+        "SELECT head_seq, capacity FROM agents WHERE agent_id = ?", (agent_id,)
+    ).fetchone()
+    return Capacity() if row is None else Capacity.decode(row[1], row[0])
 
 
 def _locked_head(conn: sqlite3.Connection, agent_id: str) -> ChainHead:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from creditmeter import chain
+from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.errors import (
+    BudgetMoved,
     ChainFork,
     ChainHole,
     EnrollmentError,
@@ -128,6 +130,11 @@ class Store(Protocol):
 
     def get_agent(self, agent_id: str) -> AgentInfo | None: ...
 
+    def capacity(self, agent_id: str) -> Capacity:
+        """The agent's GPU budgets as stored (collector/capacity.py), to check its next
+        batch against; an agent stored before budgets existed starts one at its head."""
+        ...
+
     def ingest(self, agent_id: str, batch: VerifiedBatch) -> ChainHead:
         """Stores a verified batch in one transaction and returns the agent's new head.
 
@@ -174,6 +181,21 @@ NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.agent_id = r.agent_id "
     "AND q.seq = r.seq AND q.released_at_us IS NULL)"
 )
+
+
+def advanced_capacity(agent_id: str, records: CheckedRecords, stored: Capacity) -> str | None:
+    """The budgets to store after ``records`` (encoded), None when they claimed none.
+    Raises BudgetMoved when ``stored`` is not what they were claimed from. Call inside the
+    ingest transaction, with the agent's row locked."""
+    if records.capacity is None:
+        return None
+    if stored.through_seq != records.capacity_base_seq:
+        raise BudgetMoved(
+            f"GPU budgets were counted through seq {stored.through_seq}, the batch was "
+            f"checked against seq {records.capacity_base_seq}",
+            agent_id=agent_id,
+        )
+    return records.capacity.encode()
 
 
 def held_back(records: CheckedRecords, new_rows: Sequence[RecordRow]) -> list[Quarantine]:

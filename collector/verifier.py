@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from creditmeter import chain
+from creditmeter.collector.capacity import Budget, Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
     AgentMismatch,
@@ -120,6 +121,10 @@ class CheckedRecords:
     device_sums: dict[DeviceRollupKey, RollupSums]
     gpu_sums: GpuSums
     quarantined: tuple[Quarantine, ...] = ()
+    # The agent's GPU budgets after these records, when they were claimed (capacity.py),
+    # and the seq through which the budgets they were claimed from had counted.
+    capacity: Capacity | None = None
+    capacity_base_seq: int = 0
 
     @property
     def first_seq(self) -> int:
@@ -151,7 +156,12 @@ class Verifier:
         self.limits = limits or Limits()
         self._clock_us = clock_us
 
-    def verify(self, batch: ingest_pb2.RecordBatch, public_key: Ed25519PublicKey) -> VerifiedBatch:
+    def verify(
+        self,
+        batch: ingest_pb2.RecordBatch,
+        public_key: Ed25519PublicKey,
+        capacity: Capacity | None = None,
+    ) -> VerifiedBatch:
         """Checks a batch as received; raises a RejectedBatch subclass naming the problem.
 
         The signature is checked first: a forged batch costs one signature verification,
@@ -169,12 +179,19 @@ class Verifier:
                 agent_id=agent_id,
                 field="signature",
             ) from exc
-        return VerifiedBatch(self.check_records(agent_id, records), bytes(batch.signature))
+        checked = self.check_records(agent_id, records, capacity)
+        return VerifiedBatch(checked, bytes(batch.signature))
 
-    def check_records(self, agent_id: str, records: Sequence[bytes]) -> CheckedRecords:
+    def check_records(
+        self, agent_id: str, records: Sequence[bytes], capacity: Capacity | None = None
+    ) -> CheckedRecords:
         """Parses, sanity-checks and links consecutive records of ``agent_id``.
 
-        Used for incoming batches (by ``verify``) and by the audit on stored records.
+        Used for incoming batches (by ``verify``) and by the audit on stored records. With
+        ``capacity`` (the agent's GPU budgets, collector/capacity.py), the process records
+        after its ``through_seq`` also claim their busy time from their GPU's budget, and
+        one claiming more than elapsed is quarantined; the budgets after the batch come
+        back in ``CheckedRecords.capacity`` (the one given is not changed).
         """
         self._check_count(agent_id, len(records))
         limits = self.limits
@@ -225,6 +242,11 @@ class Verifier:
         # The hour a record starts in, worked out again only when a record leaves it: two
         # comparisons cost less than the modulo of a 51-bit integer.
         hour_us = next_hour_us = 0
+        budget = None
+        counted_seq = 0
+        if capacity is not None:
+            budget = Budget(capacity.copy(), tolerance_us=tolerance_us)
+            counted_seq = capacity.through_seq
         for data in records:
             if len(data) > max_record_bytes:
                 raise _oversize_record(agent_id, len(rows), len(data), max_record_bytes)
@@ -321,6 +343,10 @@ class Verifier:
                 ):
                     # Raises unless only the quick label test was too strict.
                     self._raise_insane_field(agent_id, len(rows), rec, now_us)
+                if budget is not None and seq > counted_seq and not is_device:
+                    problem = budget.claim(gpu_uuid, start_us, end_us, busy_us)
+                    if problem is not None:
+                        raise InsaneField(problem, agent_id=agent_id, seq=seq, field="busy_us")
             except InsaneField as exc:
                 quarantined.append(Quarantine(seq, exc.field or "", exc.problem))
             else:
@@ -352,6 +378,8 @@ class Verifier:
             device_sums,
             gpu_sums,
             tuple(quarantined),
+            _advanced(budget, expected_seq - 1),
+            counted_seq,
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:
@@ -488,6 +516,13 @@ class Verifier:
                 # NUL among them: PostgreSQL's text cannot hold one, and every store must
                 # refuse the same records.
                 raise insane(field, str(error).removeprefix(f"{field}: "))
+
+
+def _advanced(budget: Budget | None, last_seq: int) -> Capacity | None:
+    if budget is None:
+        return None
+    budget.state.through_seq = max(budget.state.through_seq, last_seq)
+    return budget.state
 
 
 def _check_refused(

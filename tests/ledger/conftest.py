@@ -10,6 +10,7 @@ mix tests with and without a store, and a test added later cannot forget Postgre
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -76,13 +77,15 @@ class Feeder:
         host: str | None = None,
         gpu_uuid: str | None = None,
     ) -> None:
+        windows = itertools.count()
+
         def mutate(rec: usage_pb2.UsageRecord) -> None:
             rec.attribution.account = account
             rec.attribution.model = model
             rec.busy_us = busy_us
-            if start_us is not None:
-                rec.start_unix_us = start_us
-                rec.end_unix_us = start_us + WINDOW_US
+            if start_us is not None:  # consecutive windows: a GPU is busy one second a second
+                rec.start_unix_us = start_us + next(windows) * WINDOW_US
+                rec.end_unix_us = rec.start_unix_us + WINDOW_US
             if host is not None:
                 rec.host = host
             if gpu_uuid is not None:
