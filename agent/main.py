@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from creditmeter.agent import keys, settings
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from creditmeter.agent import keys, outbox_repair, settings
 from creditmeter.agent.attribution import RecordBuilder
 from creditmeter.agent.backoff import Backoff
 from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone
@@ -75,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("keygen", help="create the signing key", add_help=False)
     commands.add_parser("trace", help="record the NVML answers the meter uses", add_help=False)
     commands.add_parser("replay", help="meter a trace offline", add_help=False)
+    outbox_parser = commands.add_parser(
+        "outbox", help="check the outbox's unacknowledged records, or repair it"
+    )
+    outbox_parser.add_argument("action", choices=("check", "repair"))
+    cli.add_arguments(outbox_parser)
     # Dispatched by agent.cli before this module is imported; listed here for --help.
     commands.add_parser("selftest", help="measure known GPU work (CUDA) through NVML")
     args, rest = parser.parse_known_args(argv)
@@ -89,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     config = cli.load_or_exit(args)
+    if args.command == "outbox":
+        return _outbox_command(config, args.action)
     try:
         settings.check(config)
     except ConfigError as exc:
@@ -120,6 +129,7 @@ def run(config: Config) -> int:
         stack.callback(nvml.shutdown)
         log.info("NVML open: driver %s", nvml.driver_version())
         outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
+        damaged = _damaged(outbox, config)
         meter = Meter(
             nvml,
             host.processes,
@@ -134,6 +144,11 @@ def run(config: Config) -> int:
             jobs = _serve_jobs(stack, config, registry, host)
             telemetry.follow_jobs(jobs.servicer.outcomes)
         _gauges(telemetry, outbox, flusher)
+        telemetry.gauge(
+            "creditmeter_agent_outbox_damaged_records",
+            "Unacknowledged records found damaged at start (creditmeter-agent outbox repair).",
+            lambda: damaged,
+        )
         shipper = Shipper(
             outbox,
             _channel_factory(config, agent_id),
@@ -216,15 +231,19 @@ def open_nvml() -> Nvml:
     return PynvmlNvml.open()
 
 
+def _signing_key(config: Config) -> Ed25519PrivateKey:
+    state_dir = config[settings.STATE_DIR]
+    return keys.load(Path(config[settings.KEY_FILE] or state_dir / "signing-key.pem"))
+
+
 @contextmanager
 def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
     state_dir = config[settings.STATE_DIR]
-    key_file = Path(config[settings.KEY_FILE] or state_dir / "signing-key.pem")
     path = Path(config[settings.OUTBOX_PATH] or state_dir / "outbox.db")
     outbox = Outbox.open(
         path,
         agent_id,
-        keys.load(key_file),
+        _signing_key(config),
         max_records=config[settings.OUTBOX_MAX_RECORDS],
         max_segment=config[settings.OUTBOX_MAX_SEGMENT],
         keep_acked=config[settings.OUTBOX_KEEP_ACKED],
@@ -235,6 +254,36 @@ def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
         yield outbox
     finally:
         outbox.close()
+
+
+def _damaged(outbox: Outbox, config: Config) -> int:
+    """Checks the unacknowledged records at start: damage found now is named before the
+    collector refuses it at delivery, where the chain would stop for good."""
+    public_key = _signing_key(config).public_key()
+    found = outbox_repair.damage(outbox, public_key)
+    if found:
+        log.error(
+            "outbox %s: %d unacknowledged records are damaged (%s); the collector will refuse "
+            "them and delivery stops there: stop the agent and run `creditmeter-agent outbox "
+            "repair`",
+            outbox.path,
+            len(found),
+            "; ".join(f"seq {d.seq}: {d.problem}" for d in found[:10]),
+        )
+    return len(found)
+
+
+def _outbox_command(config: Config, action: str) -> int:
+    agent_id = config[settings.AGENT_ID] or socket.gethostname()
+    try:
+        with _outbox(config, agent_id, SystemClock()) as outbox:
+            public_key = _signing_key(config).public_key()
+            if action == "check":
+                return outbox_repair.check_command(outbox, public_key)
+            return outbox_repair.repair_command(outbox, public_key)
+    except AgentError as exc:
+        print(f"creditmeter-agent outbox {action}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _gauges(telemetry: AgentTelemetry, outbox: Outbox, flusher: Flusher) -> None:

@@ -184,6 +184,29 @@ class _Head:
 AppendListener = Callable[[int], None]  # called with the new last_seq after each append
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """A record as the outbox holds it."""
+
+    seq: int
+    data: bytes
+    hash: bytes
+    signature: bytes | None
+
+
+# Evidence of records damaged before delivery: kept, never sent (outbox repair). Created
+# when first needed; the agent never reads it, so the schema version stays.
+_DAMAGED_TABLE: Final = """CREATE TABLE IF NOT EXISTS damaged_records (
+    seq INTEGER PRIMARY KEY,
+    data BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB,
+    created_unix_s REAL NOT NULL,
+    problem TEXT NOT NULL,
+    set_aside_unix_s REAL NOT NULL
+)"""
+
+
 # -- the outbox -------------------------------------------------------------------------------
 
 
@@ -427,6 +450,64 @@ class Outbox:
     def remove_append_listener(self, listener: AppendListener) -> None:
         with self._lock, contextlib.suppress(ValueError):
             self._listeners.remove(listener)
+
+    # -- damage (creditmeter-agent outbox check / repair) -------------------------------------
+
+    def unacked(self) -> tuple[bytes, list[StoredRow]]:
+        """What the collector has not acknowledged: the hash the first record must link to,
+        and the records as stored (seq, bytes, hash, signature or None), in seq order."""
+        with self._lock:
+            self._check_open()
+            head = self._head
+            rows = self._read(
+                "SELECT seq, data, hash, signature FROM records WHERE seq > ? ORDER BY seq",
+                (head.acked_seq,),
+            )
+        first_prev = head.acked_hash if head.acked_seq else chain.GENESIS_HASH
+        return first_prev, [
+            StoredRow(int(r[0]), bytes(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3]))
+            for r in rows
+        ]
+
+    def set_aside(self, from_seq: int, problems: Mapping[int, str]) -> int:
+        """Moves the unacknowledged records from ``from_seq`` on into ``damaged_records``
+        (bytes, hash and signature unchanged, with ``problems[seq]`` or why they had to go)
+        and ends the chain before them, so that the next append continues from the record
+        before. Signs nothing. Returns how many records moved. Raises OutboxWriteError."""
+        with self._lock:
+            self._check_open()
+            head = self._head
+            if not head.acked_seq < from_seq <= head.last_seq:
+                raise ValueError(
+                    f"seq {from_seq} is not unacknowledged (acked {head.acked_seq}, "
+                    f"last {head.last_seq})"
+                )
+            with self._write_transaction("set damaged records aside"):
+                moved = self._move_aside(from_seq, problems)
+                prev = self._read("SELECT hash FROM records WHERE seq = ?", (from_seq - 1,))
+                last_hash = bytes(prev[0][0]) if prev else head.acked_hash or chain.GENESIS_HASH
+                self._conn.execute(
+                    "UPDATE meta SET last_seq = ?, last_hash = ?", (from_seq - 1, last_hash)
+                )
+                self._head = self._read_head_in_txn()
+        return moved
+
+    def _move_aside(self, from_seq: int, problems: Mapping[int, str]) -> int:
+        self._conn.execute(_DAMAGED_TABLE)
+        rows = self._read(
+            "SELECT seq, data, hash, signature, created_unix_s FROM records WHERE seq >= ?",
+            (from_seq,),
+        )
+        now_s = self._clock.wall()
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO damaged_records VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*row, problems.get(row[0], "follows a damaged record in the chain"), now_s)
+                for row in rows
+            ],
+        )
+        self._conn.execute("DELETE FROM records WHERE seq >= ?", (from_seq,))
+        return len(rows)
 
     # -- observability ----------------------------------------------------------------------
 
