@@ -15,6 +15,7 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector period list ACCOUNT
     creditmeter-collector charge ACCOUNT MODEL REQUEST_ID --at TIME [--count N]
     creditmeter-collector report [--from DATE] [--to DATE] [--group-by account,model]
+    creditmeter-collector report --per-job | --typical [--from DATE] [--to DATE] [--account A]
                                  [--account NAME] [--format table|csv|json]
     creditmeter-collector export --format cloudevents [--from DATE] [--to DATE]
                                  [--source NAME] [--out FILE]
@@ -45,6 +46,8 @@ from typing import Any
 from creditmeter.collector import settings
 from creditmeter.collector.errors import ConfigError, InvalidRequest
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
+from creditmeter.collector.jobs_report import job_credits, job_rows, typical, typical_rows
+from creditmeter.collector.jobs_report import render as render_jobs
 from creditmeter.collector.ledger import Balance, Ledger, credits_micro, micro_text
 from creditmeter.collector.ledger_store import (
     ApiCharge,
@@ -220,10 +223,17 @@ def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: An
         help="comma-separated: account, model, day, host, gpu (default: account,model)",
     )
     report.add_argument("--account", help="only this account")
-    report.add_argument(
+    view = report.add_mutually_exclusive_group()
+    view.add_argument(
         "--reconcile",
         action="store_true",
         help="per GPU and day: held (allocation), device busy, billed, unattributed, gaps",
+    )
+    view.add_argument("--per-job", action="store_true", help="each job with its credits")
+    view.add_argument(
+        "--typical",
+        action="store_true",
+        help="per model: median and 90th-percentile credits of a job",
     )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(command=_report)
@@ -370,6 +380,8 @@ def _balance(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     if args.reconcile:
         return _reconcile(args)
+    if args.per_job or args.typical:
+        return _jobs(args)
     period = parse_period(args.from_, args.to)
     group_by = parse_group_by(args.group_by)
     prices = _prices(args.prices)
@@ -380,6 +392,20 @@ def _report(args: argparse.Namespace) -> int:
         store.close()
     render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]
     sys.stdout.write(render(report))
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """``report --per-job`` and ``--typical``: records that start in [from, to)."""
+    period = parse_period(args.from_, args.to)
+    prices = _prices(args.prices)
+    with _store(args, writing=False) as store:
+        events = store.usage_events(period.from_us, period.to_us)
+        if args.account is not None:
+            events = (e for e in events if e.account == args.account)
+        jobs = job_credits(events, prices)
+    table = typical_rows(typical(jobs)) if args.typical else job_rows(jobs)
+    sys.stdout.write(render_jobs(*table, args.format))
     return EXIT_OK
 
 

@@ -128,6 +128,7 @@ def verified(rec: usage_pb2.UsageRecord) -> int:
     agent = AgentChain()
     batch = agent.extend(1, as_the_agent_wrote)
     checked = Verifier(clock_us=lambda: NOW_US).verify(batch, agent.key.public_key())
+    assert checked.records.quarantined == ()  # held back would be refused, in effect
     return len(checked.records.rows)
 
 
