@@ -15,6 +15,7 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector period list ACCOUNT
     creditmeter-collector charge ACCOUNT MODEL REQUEST_ID --at TIME [--count N]
     creditmeter-collector report [--from DATE] [--to DATE] [--group-by account,model]
+    creditmeter-collector export --format cloudevents|openmeter|stripe|lago [--customers F]
     creditmeter-collector report --per-job | --typical [--from DATE] [--to DATE] [--account A]
                                  [--account NAME] [--format table|csv|json]
     creditmeter-collector export --format cloudevents [--from DATE] [--to DATE]
@@ -37,13 +38,20 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from creditmeter.collector import settings
+from creditmeter.collector.billing_export import (
+    DEFAULT_EVENT_NAME,
+    billables,
+    lago_event,
+    read_customers,
+    stripe_event,
+)
 from creditmeter.collector.errors import ConfigError, InvalidRequest
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
 from creditmeter.collector.jobs_report import job_credits, job_rows, typical, typical_rows
@@ -62,6 +70,7 @@ from creditmeter.collector.query import ledger_handlers
 from creditmeter.collector.reconcile import reconcile, reconcile_json, render_reconcile_table
 from creditmeter.collector.report import (
     DEFAULT_GROUP_BY,
+    Period,
     build_report,
     parse_group_by,
     parse_period,
@@ -237,8 +246,26 @@ def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: An
     )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(command=_report)
-    export = commands.add_parser("export", parents=[db, priced], help="usage as CloudEvents")
-    export.add_argument("--format", choices=["cloudevents"], default="cloudevents")
+    export = commands.add_parser(
+        "export", parents=[db, priced], help="usage and API charges for a billing system"
+    )
+    export.add_argument(
+        "--format",
+        choices=["cloudevents", "openmeter", "stripe", "lago"],
+        default="cloudevents",
+        help="cloudevents (openmeter: the same), Stripe meter events, Lago events",
+    )
+    export.add_argument(
+        "--customers",
+        type=Path,
+        metavar="FILE",
+        help="stripe/lago: TOML [customers] account = id; default: the account name",
+    )
+    export.add_argument(
+        "--event-name",
+        default=DEFAULT_EVENT_NAME,
+        help="stripe: the meter's event_name; lago: the billable metric's code",
+    )
     export.add_argument("--from", dest="from_", metavar="DATE", help="ISO date/datetime, UTC")
     export.add_argument("--to", metavar="DATE", help="ISO date/datetime, UTC, exclusive")
     export.add_argument("--source", default=DEFAULT_SOURCE, help="CloudEvents source prefix")
@@ -430,8 +457,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     period = parse_period(args.from_, args.to)
     prices = _prices(args.prices)
+    customers = read_customers(args.customers) if args.customers else {}
     with _store(args, writing=False) as store:
-        events = cloudevents(store, prices, period.from_us, period.to_us, args.source)
+        events = _events(args, store, prices, period, customers)
         if args.out is None:
             count = write_json_lines(events, sys.stdout)
         else:
@@ -439,6 +467,22 @@ def _export(args: argparse.Namespace) -> int:
                 count = write_json_lines(events, out)
     print(f"exported {count} events", file=sys.stderr)
     return EXIT_OK
+
+
+def _events(
+    args: argparse.Namespace,
+    store: LedgerStore,
+    prices: PriceBook,
+    period: Period,
+    customers: Mapping[str, str],
+) -> Iterator[dict[str, object]]:
+    if args.format in ("cloudevents", "openmeter"):
+        return cloudevents(store, prices, period.from_us, period.to_us, args.source)
+    shape = stripe_event if args.format == "stripe" else lago_event
+    return (
+        shape(b, customers, args.event_name)
+        for b in billables(store, prices, period.from_us, period.to_us)
+    )
 
 
 # -- rendering -------------------------------------------------------------------------------
