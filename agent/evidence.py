@@ -233,7 +233,9 @@ class EvidenceReader:
             raw = self._nvml.processes_utilization_info(self._device, since)
         else:
             raw = self._nvml.process_samples(self._device, since)
-        rows, suspect = self._clean(raw, now_us)
+        # The driver's newest period may be later than the poll's start on a loaded host
+        # (seconds pass between the calls): rows stamped up to it are no future garbage.
+        rows, suspect = self._clean(raw, max(now_us, device_cursor_us))
         if suspect and self._another_after(source):
             self.leave(source, suspect)
         if not rows:  # padding and garbage only: as NOT_FOUND
@@ -357,14 +359,20 @@ class EvidenceReader:
         """Up to when every one of ``pids`` has shown all its evidence: a PID's rows up to
         its latest stamp are in, and a PID quiet since then would have shown a row one of its
         sample periods after; a PID whose period is not known yet may sample slowly (nvtop#110
-        saw 4.5 s) and a row still waiting for its PID's period may reach back that far."""
-        until = now_us
+        saw 4.5 s) and a row still waiting for its PID's period may reach back that far.
+
+        "Quiet since" counts only up to the last answer actually read: after a failed read
+        (INSUFFICIENT_SIZE when periods arrive between the size query and the fill, on a
+        loaded host) the rows since are unread, not absent, and the periods they cover must
+        wait for them instead of settling as busy time nobody claimed."""
+        seen_us = min(now_us, self._read_us) if self._read_us else now_us
+        until = seen_us
         for pid in pids:
             stride = self.strides.get(pid)
             if stride is None:
-                until = min(until, now_us - UNLEARNT_WAIT_US)
+                until = min(until, seen_us - UNLEARNT_WAIT_US)
                 continue
-            until = min(until, max(self.last_stamp.get(pid, 0), now_us - stride))
+            until = min(until, max(self.last_stamp.get(pid, 0), seen_us - stride))
         waiting = self.waiting_from_us()
         return until if waiting is None else min(until, waiting)
 

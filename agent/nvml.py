@@ -340,6 +340,13 @@ _SAMPLE_FIELDS = {  # nvmlValueType_t -> the union member holding the value
 }
 
 
+def _headroom(count: int) -> int:
+    """A buffer for ``count`` rows and those that arrive before the fill: samples keep
+    coming between the size query and the second call, and on a loaded host that gap is
+    long enough for INSUFFICIENT_SIZE twice in a row."""
+    return count * 2 + 16
+
+
 def _with_size_retry(fetch: Callable[[], T]) -> T:
     """NVML sizes the buffer, then fills it; a process or period appearing in between makes
     the second call fail with INSUFFICIENT_SIZE. One more try sizes it afresh."""
@@ -360,6 +367,7 @@ def _process_utilization(handle: Any, since_us: int) -> list[ProcessUtilizationS
         ret = pynvml.NVML_ERROR_NOT_FOUND
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
+    count.value = _headroom(count.value)
     samples = (ProcessUtilizationSample * count.value)()
     _check(fn(handle, samples, ctypes.byref(count), cursor))
     return samples[: count.value]
@@ -377,7 +385,8 @@ def _processes_utilization_info(handle: Any, since_us: int) -> list[ProcessUtili
         ret = pynvml.NVML_ERROR_NOT_FOUND  # nothing to report, as the legacy call's quirk
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
-    count = request.processSamplesCount
+    count = _headroom(request.processSamplesCount)
+    request.processSamplesCount = count
     rows = (ProcessUtilizationInfo * count)()
     request.procUtilArray = ctypes.cast(rows, ctypes.POINTER(ProcessUtilizationInfo))
     _check(fn(handle, ctypes.byref(request)))

@@ -17,7 +17,9 @@ DEFAULT_STALE_MIN_US = 1_000_000  # a stale PID is sampled every 1 s at the quic
 DEFAULT_RING_PERIODS = 120
 DEFAULT_CONTEXT_MEMORY_BYTES = 512 * 1024**2
 MAX_PID = 4_194_304  # Linux pid_max ceiling
-GPU_FAULTS = ("gpu_lost", "garbage_samples", "size_query_success")
+# process_samples_fail: the per-process calls answer NVML_ERROR_UNKNOWN while the device
+# series still answers (a transient failure, or INSUFFICIENT_SIZE twice on a loaded host).
+GPU_FAULTS = ("gpu_lost", "garbage_samples", "size_query_success", "process_samples_fail")
 # In the order nvmlInit meets them: no library, then no kernel module, then a mismatch.
 INIT_FAULTS = ("library_not_found", "driver_not_loaded", "lib_rm_version_mismatch", "no_permission")
 FAULT_KINDS = (*GPU_FAULTS, *INIT_FAULTS, "wall_jump")

@@ -68,6 +68,8 @@ def process_utilization(
     driver = ref.gpu.driver
     if not driver.legacy_process_utilization:
         fail(Ret.NOT_SUPPORTED)
+    if core.host.faults.active("process_samples_fail", ref.gpu.index, now_us):
+        fail(Ret.UNKNOWN)
     cursor_us = scalar(last_seen)
     if driver.padded_rows:
         samples = _padded(core, ref, now_us, cursor_us, driver.padded_rows)
@@ -122,6 +124,8 @@ def processes_utilization_info(core: DriverCore, handle: Any, info: Any) -> int:
     ref = core.device(handle, now_us)
     if not ref.gpu.driver.utilization_info:
         fail(Ret.NOT_SUPPORTED)
+    if core.host.faults.active("process_samples_fail", ref.gpu.index, now_us):
+        fail(Ret.UNKNOWN)
     request = target(info)
     if request.version != PROCESSES_UTILIZATION_INFO_V1:
         fail(Ret.ARGUMENT_VERSION_MISMATCH)

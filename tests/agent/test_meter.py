@@ -6,12 +6,13 @@ the truth the meter is compared with.
 
 from __future__ import annotations
 
+import random
 from fractions import Fraction
 
 import pytest
 
 from bench.accuracy import measure
-from bench.harness import drive, metered, run_scenario, scenario_end_s
+from bench.harness import Run, drive, metered, run_scenario, scenario_end_s
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
@@ -165,6 +166,75 @@ def test_a_period_ending_between_the_two_queries_is_not_lost() -> None:
         drive(run, meter, run.clock.monotonic() + 5)
         run.usages.extend(meter.close_window())
     assert sum(run.measured_us().values()) == 34_300_000
+
+
+SHARED_EXACT = """[host]
+seed = 5
+name = "loaded-host"
+
+[[gpu]]
+product = "H100"
+sample_period_us = 200000
+phase_us = 0
+ring_periods = 3000
+sample_reading = "per_period"
+
+[[process]]
+pid = 7101
+gpu = 0
+start_s = 1.0
+exit_s = 400.0
+busy = [[2.0, 30.0, 100], [50.0, 90.0, 50], [110.0, 300.0, 75]]
+
+[[process]]
+pid = 7102
+gpu = 0
+start_s = 1.0
+exit_s = 400.0
+busy = [[4.0, 6.0, 25]]
+"""
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_loaded_agent_bills_a_shared_gpu_exactly(seed: int) -> None:
+    """On a loaded host time passes between the agent's NVML calls (up to 0.4 s here, one
+    call in five): rows stamped after the poll began are no future garbage, and samples
+    arriving between a size query and its fill do not fail the read. Before, 0.7-2.3 s of
+    this scenario's busy time settled unattributed."""
+    rng = random.Random(seed)
+    with metered(Scenario.from_toml(SHARED_EXACT)) as (run, meter):
+
+        def slow(name: str) -> None:
+            if rng.random() < 0.2:
+                run.clock.advance_us(rng.randrange(400_000))
+
+        run.lib.before_call = slow
+        drive(run, meter, 320)
+        run.lib.before_call = None
+        run.usages.extend(meter.close_window())
+    assert set(run.unattributed_us().values()) == {0}
+    assert sum(run.measured_us().values()) == sum(run.truth_us().values())
+    assert meter.stats.discarded_samples.get("future_timestamp", 0) == 0
+
+
+def test_periods_wait_for_the_evidence_a_failed_read_left_unread() -> None:
+    """The per-process query fails for 5 s while the device series answers (and windows
+    close): those periods are settled once the rows are read, not as busy time nobody
+    claimed. The bill equals that of a run without the failure."""
+
+    def billed(fail: bool) -> tuple[int, Run]:
+        with metered(Scenario.from_toml(SHARED_EXACT)) as (run, meter):
+            drive(run, meter, 60)
+            if fail:
+                run.host.inject("process_samples_fail", gpu=0, duration_s=5.0)
+            drive(run, meter, 120, window_s=2.0)
+            run.usages.extend(meter.close_window())
+            assert bool(meter.stats.nvml_errors) == fail
+        return sum(run.measured_us().values()), run
+
+    failed, run = billed(fail=True)
+    assert set(run.unattributed_us().values()) == {0}
+    assert failed == billed(fail=False)[0]
 
 
 def test_a_slow_poller_records_ring_overflow_as_a_gap() -> None:
