@@ -308,7 +308,8 @@ def _account_set_plan(args: argparse.Namespace) -> int:
     from_us = None if args.from_ is None else parse_time_us("--from", args.from_)
     with _ledger(args, writing=True) as (ledger, _):
         change = ledger.change_plan(args.name, args.plan, by=args.by, from_us=from_us)
-    print(f"account {change.account}: plan {change.plan} from {iso_text(change.effective_us)}")
+    done = f"account {change.account}: plan {change.plan} from {iso_text(change.effective_us)}"
+    print(f"nothing changed: {done} already" if change.unchanged else done)
     return EXIT_OK
 
 

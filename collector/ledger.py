@@ -31,7 +31,7 @@ Words and rules (amounts are integer µcredits, see prices.py for the rounding r
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 
 from creditmeter.collector.clock import WallClock, wall_clock_us
@@ -221,6 +221,9 @@ class Ledger:
         now_us = self._clock_us()
         period = period_containing(opened.anchor_day, now_us if from_us is None else from_us)
         change = PlanChange(account, plan, period.start_us, now_us, by)
+        changes = self._store.plan_changes(account)
+        if changes and _plan_at(changes, period.start_us) == plan:
+            return replace(change, unchanged=True)  # a retry, or a change already made
         self._store.change_plan(change)
         return change
 

@@ -48,6 +48,9 @@ class PlanChange:
     effective_us: int  # a period start
     created_at_us: int
     created_by: str
+    # Set on what change_plan returns when the account had the plan then already: nothing
+    # was stored (a retried command moves nothing).
+    unchanged: bool = field(default=False, compare=False)
 
 
 class EntryKind(enum.Enum):

@@ -207,11 +207,21 @@ def prices_changed(store: LedgerTestStore, clock: Clock) -> Ledger:
 def test_closed_periods_refuse_entries_and_plan_changes(
     ledger: Ledger, acme: str, clock: Clock
 ) -> None:
+    ledger.define_plan("basic", by="ops", hours=Decimal(5))
     clock.now_us = JULY_1_US + 2 * DAY_US
     ledger.close_periods(acme, clock.now_us, by="ops")
     with pytest.raises(PeriodClosed, match="falls in a closed period"):
-        ledger.change_plan(acme, "pro", by="ops", from_us=JUNE_1_US + DAY_US)
-    ledger.change_plan(acme, "pro", by="ops")  # the open period: fine
+        ledger.change_plan(acme, "basic", by="ops", from_us=JUNE_1_US + DAY_US)
+    ledger.change_plan(acme, "basic", by="ops")  # the open period: fine
+
+
+def test_a_plan_change_made_again_changes_nothing(ledger: Ledger, acme: str) -> None:
+    ledger.define_plan("basic", by="ops", hours=Decimal(5))
+    first = ledger.change_plan(acme, "basic", by="ops")
+    again = ledger.change_plan(acme, "basic", by="ops")  # a retry
+    assert (first.unchanged, again.unchanged) == (False, True)
+    assert ledger.change_plan(acme, "basic", by="ops", from_us=JUNE_1_US + DAY_US).unchanged
+    assert ledger.balance(acme).plan == "basic"
 
 
 def test_a_period_that_has_not_ended_is_not_closed(ledger: Ledger, acme: str) -> None:
