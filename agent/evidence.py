@@ -452,6 +452,7 @@ class EvidenceReader:
                 pieces.append(piece)
         for pid in [p for p in self._accounting if p not in listed]:
             del self._accounting[pid]
+        self._read_us = now_us  # a read that answered: completeness may count up to it
         return Reading(pieces, len(pieces), sum(p.pct_us == 0 for p in pieces))
 
     def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:

@@ -237,6 +237,24 @@ def test_periods_wait_for_the_evidence_a_failed_read_left_unread() -> None:
     assert failed == billed(fail=False)[0]
 
 
+def test_a_switch_to_accounting_mid_run_keeps_settling() -> None:
+    """The legacy call answers zeros while the device is busy (HAMi#2015) and accounting is
+    on: after ZERO_STRIKES polls the meter takes accounting counters, and the periods after
+    the switch settle as before (completeness follows the accounting reads too; without it
+    nothing after the switch was billed). Only the polls of zeros before the switch are
+    unattributed."""
+    text = shipped_text("timeslice") + (
+        "\n[driver]\nutilization_info = false\nlegacy_sm_zero = true\naccounting = true\n"
+    )
+    run = run_scenario(Scenario.from_toml(text))
+    truth = sum(run.truth_us().values())
+    billed = sum(run.measured_us().values())
+    unattributed = sum(run.unattributed_us().values())
+    assert abs(billed + unattributed - truth) <= truth / 1000
+    assert unattributed <= 3_000_000  # three polls of zeros, at most
+    assert billed >= truth * Fraction(99, 100)
+
+
 def test_a_slow_poller_records_ring_overflow_as_a_gap() -> None:
     # Ring: 50 periods of 0.2 s = 10 s; polling every 30 s loses 20 s of every 30.
     scenario = Scenario.load("training").with_overrides(sample_period_us=200_000, ring_periods=50)
