@@ -45,9 +45,10 @@ from creditmeter.collector.errors import (
     ListenError,
 )
 from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
+from creditmeter.collector.serve_lock import hold_serve_lock
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
 from creditmeter.collector.store import Store, canonical_public_key_hex, check_agent_id
-from creditmeter.collector.stores import open_store, redacted
+from creditmeter.collector.stores import SQLITE_PREFIX, open_store, redacted, sqlite_path
 from creditmeter.collector.telemetry import CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
 from creditmeter.config import Config
@@ -197,6 +198,9 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
     credentials, authenticator = _transport_security(config, access.client_names)
     listen = config[settings.LISTEN]
     with ExitStack() as stack:
+        url = config[settings.STORE_URL]
+        if url.startswith(SQLITE_PREFIX):
+            stack.callback(os.close, hold_serve_lock(sqlite_path(url)))
         store = _open_store(config)
         stack.callback(store.close)
         telemetry.watch_quarantine(lambda: quarantine.held_count(store))

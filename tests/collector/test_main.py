@@ -273,3 +273,16 @@ def test_serve_on_a_taken_port_exits_3(
     code, _, err = run(capsys, "serve", "--db", db_url, "--listen", f"127.0.0.1:{port}")
     assert code == 3
     assert_one_line_error(err, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_second_collector_on_one_sqlite_file_refuses_naming_the_first(
+    daemon: tuple[subprocess.Popen[str], int], db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite is one file and one collector: a second `serve` on it (even on another port)
+    exits at once, naming the first's pid; commands still run beside it."""
+    first, _ = daemon
+    code, _, err = run(capsys, "serve", "--db", db_url, "--listen", "127.0.0.1:0")
+    assert code == 3
+    assert_one_line_error(err, f"another collector (pid {first.pid}) serves")
+    assert first.poll() is None  # the first serves on
+    assert run(capsys, "report", "--db", db_url)[0] == 0
