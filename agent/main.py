@@ -129,7 +129,7 @@ def run(config: Config) -> int:
         stack.callback(nvml.shutdown)
         log.info("NVML open: driver %s", nvml.driver_version())
         outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
-        damaged = _damaged(outbox, config)
+        damaged = _damaged(outbox)
         meter = Meter(
             nvml,
             host.processes,
@@ -256,11 +256,10 @@ def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
         outbox.close()
 
 
-def _damaged(outbox: Outbox, config: Config) -> int:
+def _damaged(outbox: Outbox) -> int:
     """Checks the unacknowledged records at start: damage found now is named before the
     collector refuses it at delivery, where the chain would stop for good."""
-    public_key = _signing_key(config).public_key()
-    found = outbox_repair.damage(outbox, public_key)
+    found = outbox_repair.damage(outbox, outbox.public_key)
     if found:
         log.error(
             "outbox %s: %d unacknowledged records are damaged (%s); the collector will refuse "
@@ -277,10 +276,9 @@ def _outbox_command(config: Config, action: str) -> int:
     agent_id = config[settings.AGENT_ID] or socket.gethostname()
     try:
         with _outbox(config, agent_id, SystemClock()) as outbox:
-            public_key = _signing_key(config).public_key()
             if action == "check":
-                return outbox_repair.check_command(outbox, public_key)
-            return outbox_repair.repair_command(outbox, public_key)
+                return outbox_repair.check_command(outbox, outbox.public_key)
+            return outbox_repair.repair_command(outbox, outbox.public_key)
     except AgentError as exc:
         print(f"creditmeter-agent outbox {action}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from creditmeter import chain
 from creditmeter.agent.errors import AgentError
@@ -330,6 +330,11 @@ class Outbox:
     @property
     def agent_id(self) -> str:
         return self._agent_id
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """The key the agent's records are verified with (its signing key's)."""
+        return self._key.public_key()
 
     # -- the meter's side -------------------------------------------------------------------
 

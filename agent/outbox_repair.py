@@ -46,6 +46,10 @@ class Damage:
 def damage(outbox: Outbox, public_key: Ed25519PublicKey) -> list[Damage]:
     """The unacknowledged records that the collector would refuse, and why."""
     prev, rows = outbox.unacked()
+    return _damage(prev, rows, public_key)
+
+
+def _damage(prev: bytes, rows: Sequence[StoredRow], public_key: Ed25519PublicKey) -> list[Damage]:
     found = []
     for row in rows:
         problem = _problem(row, prev, public_key)
@@ -77,11 +81,11 @@ def _problem(row: StoredRow, prev_hash: bytes, public_key: Ed25519PublicKey) -> 
 def repair(outbox: Outbox, public_key: Ed25519PublicKey) -> tuple[list[Damage], int, int]:
     """Sets the damaged records and those after them aside and writes their gaps: (the
     damage found, records set aside, gap records written)."""
-    found = damage(outbox, public_key)
+    prev, rows = outbox.unacked()  # read once: the check and the gaps use the same rows
+    found = _damage(prev, rows, public_key)
     if not found:
         return found, 0, 0
     first = found[0].seq
-    _, rows = outbox.unacked()
     moved = [r for r in rows if r.seq >= first]
     before = [r for r in rows if r.seq == first - 1]
     gaps = gap_records(moved, before)
