@@ -158,6 +158,7 @@ def run(config: Config) -> int:
             backoff=Backoff(cap_s=config[settings.BACKOFF_MAX]),
             clock=host.clock,
             observer=telemetry,
+            idle_close_s=config[settings.IDLE_CLOSE],
         )
         _metrics_server(stack, config, telemetry.registry)
         cycle_done = _health_server(stack, config, lambda: shipper.stats().connected)

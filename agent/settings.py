@@ -114,6 +114,15 @@ ACK_TIMEOUT = Option(
 BACKOFF_MAX = Option(
     "collector.backoff_max", DURATION, 30.0, "Longest wait between reconnects.", gt=0
 )
+IDLE_CLOSE = Option(
+    "collector.idle_close",
+    DURATION,
+    0.2,
+    "A stream with everything acknowledged and nothing new for this long is closed; the "
+    "next record opens another (a collector's stream slots are shared by the fleet).",
+    ge=0,
+    le=3600,
+)
 DRAIN_TIMEOUT = Option(
     "collector.drain_timeout",
     DURATION,
@@ -201,6 +210,7 @@ OPTIONS = (
     BATCH_MAX,
     ACK_TIMEOUT,
     BACKOFF_MAX,
+    IDLE_CLOSE,
     DRAIN_TIMEOUT,
     JOBS_ENABLED,
     JOBS_SOCKET,

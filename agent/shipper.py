@@ -22,6 +22,13 @@ records' bytes cannot change, so they wait in the outbox until someone acts.
 RESOURCE_EXHAUSTED (a message too large) halves the batch size for the next streams, down
 to one segment per batch.
 
+With ``idle_close_s`` set (the agent's default), a stream lives only while there is
+something to deliver: once everything sent is acknowledged and nothing new came for
+``idle_close_s``, the shipper half-closes it, and it opens the next one (on the same
+channel) when a record is appended. A collector's stream slot is a thread, so a fleet of
+agents writing a window every 10 s holds about one slot per hundred agents instead of one
+each (issue 13: the limit on streams must fit 10,000 hosts).
+
 Stop the shipper (``run`` returns, then ``drain``) before closing the outbox.
 """
 
@@ -187,6 +194,7 @@ class _Outcome(enum.Enum):
     STOPPED = "stopped"  # we ended it: stop requested, drained, or drain deadline
     RECYCLED = "recycled"  # the server ended it cleanly
     TRANSIENT = "transient"  # network, collector restart, ack overdue, local I/O
+    IDLE = "idle"  # we ended it: everything acknowledged, nothing new for idle_close_s
     OPERATOR = "operator"  # a refusal that needs a human
 
 
@@ -203,6 +211,7 @@ class _Stream:
 
     opened_mono_s: float
     call: Any = None
+    acked_mono_s: float = 0.0  # the last ack (or the resume): idleness counts from here
     resumed: bool = False
     closing: bool = False  # the sender must stop: the stream is ending
     ended: bool = False  # the reader saw the end of the call
@@ -234,9 +243,14 @@ class Shipper:
         backoff: Backoff | None = None,
         clock: Clock | None = None,
         observer: ShipperObserver | None = None,
+        idle_close_s: float | None = None,
     ) -> None:
         if batch_max < 1 or max_in_flight < 1 or ack_timeout_s <= 0:
             raise ValueError("batch_max, max_in_flight and ack_timeout_s must be positive")
+        if idle_close_s is not None and idle_close_s < 0:
+            raise ValueError(f"idle_close_s must be >= 0 or None, got {idle_close_s}")
+        self._idle_close_s = idle_close_s
+        self._channel: Any = None  # kept across idle closes; a failed stream drops it
         self._outbox = outbox
         self._channel_factory = channel_factory
         self._agent_id = agent_id
@@ -265,12 +279,25 @@ class Shipper:
                 target=self._relay_stop, args=(stop,), name="shipper-stop", daemon=True
             )
             relay.start()
-            while not stop.is_set():
-                result = self._stream_guarded(stop.is_set, None, drain=False)
-                if stop.is_set():
-                    break
-                self._clock.wait(stop, self._retry_delay_s(result))
+            try:
+                while not stop.is_set():
+                    result = self._stream_guarded(stop.is_set, None, drain=False)
+                    if stop.is_set():
+                        break
+                    if result.outcome is _Outcome.IDLE:
+                        self._observer.stream_ended(result.outcome.value, result.detail)
+                        self._await_records(stop)
+                        continue
+                    self._clock.wait(stop, self._retry_delay_s(result))
+            finally:
+                self._drop_channel()
             relay.join()
+
+    def _await_records(self, stop: threading.Event) -> None:
+        """After an idle close: wait, holding no stream, until a record waits to be sent."""
+        with self._cond:
+            while not stop.is_set() and self._outbox.last_seq <= self._outbox.acked_seq:
+                self._cond.wait()
 
     def drain(self, deadline_s: float) -> bool:
         """Try to deliver everything in the outbox before ``deadline_s``.
@@ -287,6 +314,7 @@ class Shipper:
                 if self._clock.monotonic() + delay_s >= deadline_s:
                     break
                 self._clock.wait(self._never, delay_s)
+            self._drop_channel()
         left = self._outbox.depth()
         if left:
             log.warning(
@@ -396,7 +424,7 @@ class Shipper:
         with self._cond:
             self._stream_attempts += 1
         try:
-            channel = self._channel_factory()
+            channel = self._channel_or_new()
         except Exception as exc:  # e.g. unreadable TLS files: retried like a network error
             stream.finish(_Outcome.TRANSIENT, f"cannot create the channel: {exc}")
             return stream
@@ -412,10 +440,24 @@ class Shipper:
             self._supervise(stream, should_stop, deadline_s, drain=drain)
             reader.join()
         finally:
-            with self._cond:
-                self._connected = False
-            channel.close()
+            if stream.outcome is not _Outcome.IDLE:
+                # A failed or recycled stream gets a fresh channel: a new connection (and
+                # certificate files read again), perhaps to another collector behind a
+                # balancer. An idle close keeps both: the collector has everything.
+                with self._cond:
+                    self._connected = False
+                self._drop_channel()
         return stream
+
+    def _channel_or_new(self) -> Any:
+        if self._channel is None:
+            self._channel = self._channel_factory()
+        return self._channel
+
+    def _drop_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def _supervise(
         self,
@@ -434,11 +476,25 @@ class Shipper:
                 if reason is not None:
                     stream.finish(*reason)
                     self._cond.notify_all()
-                    cancel = True
+                    cancel = not self._closed_cleanly(stream, should_stop)
                     break
-                self._cond.wait(self._wait_s(stream, deadline_s, now_s))
+                self._cond.wait(self._wait_s(stream, deadline_s, now_s, drain=drain))
         if cancel:
             stream.call.cancel()  # outside the lock: the reader takes it when the call ends
+
+    def _closed_cleanly(self, stream: _Stream, should_stop: Callable[[], bool]) -> bool:
+        """After an idle close (the sender half-closes the requests), wait for the
+        collector's end of the call; False (cancel it) when that takes longer than an ack
+        may, or the shipper is stopped meanwhile. Called holding the condition."""
+        if stream.outcome is not _Outcome.IDLE:
+            return False
+        due_s = self._clock.monotonic() + self._ack_timeout_s
+        while not stream.ended and not should_stop():
+            left_s = due_s - self._clock.monotonic()
+            if left_s <= 0:
+                return False
+            self._cond.wait(left_s)
+        return stream.ended
 
     def _reason_to_end(
         self,
@@ -461,7 +517,18 @@ class Shipper:
         if due_s is not None and now_s >= due_s:
             waiting_for = "the resume ack" if not stream.resumed else "an ack"
             return _Outcome.TRANSIENT, f"no answer for {self._ack_timeout_s:.1f} s ({waiting_for})"
+        idle_due_s = self._idle_due_s(stream, drain=drain)
+        if idle_due_s is not None and now_s >= idle_due_s:
+            return _Outcome.IDLE, "idle: everything acknowledged"
         return None
+
+    def _idle_due_s(self, stream: _Stream, *, drain: bool) -> float | None:
+        """When the stream may be closed as idle; None while it has work (or never)."""
+        if self._idle_close_s is None or drain or not stream.resumed or stream.in_flight:
+            return None
+        if self._outbox.last_seq > stream.sent_through:
+            return None  # a record waits for the sender
+        return stream.acked_mono_s + self._idle_close_s
 
     def _ack_due_s(self, stream: _Stream) -> float | None:
         if not stream.resumed:
@@ -470,8 +537,11 @@ class Shipper:
             return stream.in_flight[0].sent_mono_s + self._ack_timeout_s
         return None
 
-    def _wait_s(self, stream: _Stream, deadline_s: float | None, now_s: float) -> float | None:
-        due = [t for t in (self._ack_due_s(stream), deadline_s) if t is not None]
+    def _wait_s(
+        self, stream: _Stream, deadline_s: float | None, now_s: float, *, drain: bool
+    ) -> float | None:
+        candidates = (self._ack_due_s(stream), deadline_s, self._idle_due_s(stream, drain=drain))
+        due = [t for t in candidates if t is not None]
         return max(0.0, min(due) - now_s) if due else None
 
     # -- the sender (gRPC's request thread) -----------------------------------------------------
@@ -591,6 +661,7 @@ class Shipper:
             while stream.in_flight and stream.in_flight[0].last_seq <= ack.acked_seq:
                 done.append(stream.in_flight.popleft())
             stream.progressed = stream.progressed or newly > 0
+            stream.acked_mono_s = self._clock.monotonic()
             self._records_acked += newly
             lag_s = None
             if done and newly:
@@ -617,6 +688,7 @@ class Shipper:
             self._collector_behind(collector_seq, acked_seq, ack.head_hash)
         with self._cond:
             stream.sent_through = collector_seq
+            stream.acked_mono_s = self._clock.monotonic()
             stream.resumed = True
             self._connected = True
             self._records_acked += max(0, self._outbox.acked_seq - acked_seq)

@@ -216,6 +216,7 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
                 max_pending_per_peer=config[settings.MAX_PENDING_PER_PEER],
                 hello_timeout_s=config[settings.HELLO_TIMEOUT],
                 max_streams_per_agent=config[settings.MAX_STREAMS_PER_AGENT],
+                stream_idle_timeout_s=config[settings.STREAM_IDLE_TIMEOUT],
             ),
             credentials=credentials,
             authenticator=authenticator,

@@ -80,8 +80,9 @@ MAX_STREAM_AGE = Option(
 MAX_STREAMS = Option(
     "server.max_streams",
     INT,
-    256,
-    "Concurrent agent streams at most (one thread each); more are refused with UNAVAILABLE.",
+    1024,
+    "Concurrent agent streams at most (one thread each); more are refused with UNAVAILABLE. "
+    "Agents hold one only while they deliver.",
     ge=1,
     le=100_000,
 )
@@ -108,6 +109,15 @@ MAX_STREAMS_PER_AGENT = Option(
     "Streams one agent id may hold at once (one, plus reconnects overlapping it).",
     ge=1,
     le=1000,
+)
+STREAM_IDLE_TIMEOUT = Option(
+    "server.stream_idle_timeout",
+    DURATION,
+    60.0,
+    "An agent's stream that sends nothing this long is cancelled (agents close their own "
+    "once everything is acknowledged).",
+    gt=0,
+    le=86_400,
 )
 HELLO_TIMEOUT = Option(
     "server.hello_timeout",
@@ -191,6 +201,7 @@ OPTIONS = (
     MAX_PENDING_PER_PEER,
     MAX_STREAMS_PER_AGENT,
     HELLO_TIMEOUT,
+    STREAM_IDLE_TIMEOUT,
     INGEST_WORKERS,
     TLS_ENABLED,
     TLS_CERT,

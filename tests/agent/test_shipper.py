@@ -491,3 +491,55 @@ def test_a_channel_factory_that_fails_is_retried(
     wait_until(lambda: outbox.acked_seq == 2)
     assert "cannot create the channel: tls files unreadable" in shipper.stats().last_error
     assert shipper.stats().reconnects == 2
+
+
+def test_an_idle_stream_is_closed_and_the_next_record_opens_another_on_the_same_channel(
+    outbox: Outbox, collector: FakeCollector, store: FakeStore, run: Any
+) -> None:
+    """A collector's slot is held only while there is something to deliver (issue 13)."""
+    channels: list[grpc.Channel] = []
+    factory = insecure_channel_factory(collector.target)
+
+    def counting_factory() -> grpc.Channel:
+        channels.append(factory())
+        return channels[-1]
+
+    recorder = Recorder()
+    shipper = Shipper(
+        outbox,
+        counting_factory,
+        outbox.agent_id,
+        backoff=fast_backoff(),
+        observer=recorder,
+        idle_close_s=0.05,
+    )
+    outbox.append(drafts(3))
+    run(shipper)
+    wait_until(
+        lambda: (
+            outbox.acked_seq == 3 and ("idle", "idle: everything acknowledged") in recorder.ended
+        )
+    )
+    assert store.hellos == 1
+    assert shipper.stats().connected  # the collector has everything: healthy, not disconnected
+    outbox.append(drafts(2, first_busy_us=4))
+    wait_until(lambda: outbox.acked_seq == 5 and len(recorder.ended) == 2)
+    assert store.hellos == 2
+    assert len(channels) == 1  # the connection outlives its streams
+    assert store.seqs() == [1, 2, 3, 4, 5]
+    assert [outcome for outcome, _ in recorder.ended] == ["idle", "idle"]
+    assert shipper.stats().last_error == ""
+
+
+def test_without_idle_close_the_stream_stays_open(
+    outbox: Outbox, collector: FakeCollector, store: FakeStore, run: Any
+) -> None:
+    recorder = Recorder()
+    shipper = make_shipper(outbox, collector, observer=recorder)
+    outbox.append(drafts(2))
+    run(shipper)
+    wait_until(lambda: outbox.acked_seq == 2)
+    outbox.append(drafts(2, first_busy_us=3))
+    wait_until(lambda: outbox.acked_seq == 4)
+    assert store.hellos == 1
+    assert recorder.ended == []

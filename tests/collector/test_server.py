@@ -590,3 +590,29 @@ def test_one_agent_id_holds_at_most_its_share_of_streams(
             assert exchange(stub, [hello(agent.agent_id)]).code is grpc.StatusCode.OK
     finally:
         running.server.stop(grace_s=0)
+
+
+def test_an_agent_stream_silent_past_the_idle_timeout_is_cancelled_and_frees_its_slot(
+    store: SQLiteStore, verifier: Verifier, agent: AgentChain
+) -> None:
+    """Agents close their own streams once everything is acknowledged; one that holds a
+    slot and says nothing (stuck, or an older agent) is cut, so the fleet's slots return."""
+    running = start_server(store, verifier, ServerConfig(max_streams=1, stream_idle_timeout_s=0.5))
+    try:
+        with running.channel() as channel:
+            stub = ingest_stub(channel)
+            silent = _OpenStream(stub, agent)
+            other = AgentChain("agent-2")
+            store.enroll_agent(other.agent_id, other.public_key_hex)
+            # The only slot is taken: another agent is turned away ...
+            assert exchange(stub, [hello(other.agent_id)]).code is grpc.StatusCode.UNAVAILABLE
+            # ... until the silent stream's idle timeout cancels it.
+            wait_for("the idle stream to end", lambda: running.server.admission_counts()[1] == 0)
+            with pytest.raises(grpc.RpcError) as ended:
+                silent.close()
+            assert ended.value.code() is grpc.StatusCode.CANCELLED
+            delivered = exchange(stub, [hello(other.agent_id), batch_request(other.extend(2))])
+            assert delivered.code is grpc.StatusCode.OK
+            assert delivered.acks[-1] == ack(other, 2)
+    finally:
+        running.server.stop(grace_s=0)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from creditmeter import chain
 from creditmeter.agent.backoff import Backoff
 from creditmeter.agent.outbox import Outbox
+from creditmeter.agent.settings import IDLE_CLOSE
 from creditmeter.agent.shipper import KEEPALIVE_OPTIONS, Shipper
 from creditmeter.v1 import usage_pb2
 
@@ -66,7 +67,13 @@ class SimAgent:
         self.truth_busy_us += sum(d.busy_us for d in drafts)
         self.truth_records += len(drafts)
 
-    def start(self, endpoints: Sequence[Endpoint], rng: random.Random) -> None:
+    def start(
+        self,
+        endpoints: Sequence[Endpoint],
+        rng: random.Random,
+        idle_close_s: float | None = IDLE_CLOSE.default,
+    ) -> None:
+        """Ships in a thread of its own; closes idle streams as the agent does by default."""
         self.shipper = Shipper(
             self.outbox,
             self._channel_factory(endpoints, rng),
@@ -74,6 +81,7 @@ class SimAgent:
             ack_timeout_s=10.0,
             # Quick retries: a collector is back within a second or two in this test.
             backoff=Backoff(initial_s=0.05, cap_s=1.0, rng=random.Random(rng.random())),
+            idle_close_s=idle_close_s,
         )
         self._thread = threading.Thread(
             target=self.shipper.run, args=(self._stop,), name=f"ship-{self.agent_id}"
