@@ -14,6 +14,9 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector period close (--account NAME | --all) [--through DATE]
     creditmeter-collector period list ACCOUNT
     creditmeter-collector charge ACCOUNT MODEL REQUEST_ID --at TIME [--count N]
+    creditmeter-collector prices set FILE --effective HOUR [--backdate]
+    creditmeter-collector prices list
+    creditmeter-collector prices show [--at TIME]
     creditmeter-collector report [--from DATE] [--to DATE] [--group-by account,model]
     creditmeter-collector export --format cloudevents|openmeter|stripe|lago [--customers F]
     creditmeter-collector report --per-job | --typical [--from DATE] [--to DATE] [--account A]
@@ -21,9 +24,10 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector export --format cloudevents [--from DATE] [--to DATE]
                                  [--source NAME] [--out FILE]
 
-Every command takes --db; those that price (balance, period close, report, export, charge)
-take --prices PATH (default $CREDITMETER_PRICES, then ledger.prices_file of the configuration
-file, as ``serve`` prices; none: 1 credit per busy second and per request). Commands that
+Every command takes --db. Every command that prices (balance, period close, report, export,
+charge) prices from the store's price book, as ``serve`` does: usage and requests by the
+version in force at their time (prices.py; before the first version, 1 credit per busy
+second and per request). ``prices set`` loads a version; nothing reads a price file. Commands that
 change credits record who (--by, default the login name) and why. Periods close explicitly:
 run ``period close --all`` daily (a timer); it closes the periods that ended more than
 --grace-hours (default 24) ago, so that records still in agents' outboxes when a period ends
@@ -44,7 +48,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from creditmeter.collector import settings
 from creditmeter.collector.billing_export import (
     DEFAULT_EVENT_NAME,
     billables,
@@ -65,7 +68,14 @@ from creditmeter.collector.ledger_store import (
     as_ledger_store,
 )
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceBook, load_prices
+from creditmeter.collector.prices import (
+    PriceSchedule,
+    PriceVersion,
+    book_lines,
+    content_digest,
+    load_prices,
+    price_changes,
+)
 from creditmeter.collector.query import ledger_handlers
 from creditmeter.collector.reconcile import reconcile, reconcile_json, render_reconcile_table
 from creditmeter.collector.report import (
@@ -82,8 +92,8 @@ from creditmeter.collector.report import (
 )
 from creditmeter.collector.rollup import HOUR_US
 from creditmeter.collector.stores import open_store
+from creditmeter.labels import printable
 
-PRICES_ENV = settings.PRICES_ENV
 DEFAULT_GRACE_HOURS = 24
 EXIT_OK = 0
 
@@ -97,33 +107,55 @@ def add_commands(commands: Any, db: argparse.ArgumentParser) -> None:
     parser that contributes --db."""
     who = argparse.ArgumentParser(add_help=False)
     who.add_argument("--by", default=_login_name(), help="who does this (default: login name)")
-    priced = argparse.ArgumentParser(add_help=False)
-    priced.add_argument(
-        "--prices",
-        type=Path,
-        default=os.environ.get(PRICES_ENV),
-        metavar="PATH",
-        help=f"price list TOML (default: ${PRICES_ENV}, then ledger.prices_file of the "
-        "configuration file; none: 1 credit per busy second)",
-    )
     _add_plan_commands(commands, db, who)
     _add_account_commands(commands, db, who)
-    _add_credit_commands(commands, db, who, priced)
-    _add_reading_commands(commands, db, priced)
+    _add_price_commands(commands, db, who)
+    _add_credit_commands(commands, db, who)
+    _add_reading_commands(commands, db)
 
 
 def serve_handlers(store: object, prices_path: Path | None) -> list[Any]:
-    """The Query and Charges handlers for ``serve``, pricing with ``prices_path`` (setting
-    ``ledger.prices_file``; None: the default prices); none for a store without a ledger
-    (the services then answer UNIMPLEMENTED). Raises PriceFileError for a bad price list."""
-    prices = _prices(prices_path)
+    """The Query and Charges handlers for ``serve``, pricing from the store's price book;
+    none for a store without a ledger (the services then answer UNIMPLEMENTED).
+    ``prices_path`` (the retired setting ``ledger.prices_file``) is migrated into the price
+    book (``migrate_prices_file``)."""
     try:
         ledger_store = as_ledger_store(store)
     except ConfigError as exc:
         log.warning("not serving Query and Charges: %s", exc)
         return []
-    log.info("serving Query and Charges, prices: %s", prices_path or "default (1 credit)")
-    return ledger_handlers(Ledger(ledger_store, prices), ledger_store)
+    ledger = Ledger(ledger_store)
+    if prices_path is not None:
+        migrate_prices_file(ledger_store, prices_path, ledger.now_us())
+    log.info("serving Query and Charges, prices: %s", ledger.prices.source)
+    return ledger_handlers(ledger, ledger_store)
+
+
+def migrate_prices_file(store: LedgerStore, path: Path, now_us: int) -> None:
+    """``ledger.prices_file`` from before the price book. With no version stored, the file
+    becomes the version in force since always (it priced everything until now, the closed
+    periods' statements included). Once the book holds versions, the setting is ignored when
+    its prices are those in force now, and refused when they differ: which one should bill
+    is the operator's call, made with ``prices set``. Raises PriceFileError, ConfigError."""
+    book = load_prices(path)
+    schedule = PriceSchedule(store.price_versions())
+    if not schedule.versions:
+        store.add_price_version(
+            PriceVersion(0, book, now_us, "ledger.prices_file"), since_always=True
+        )
+        log.warning(
+            "imported ledger.prices_file %s into the price book, in force since always; "
+            "remove the setting and load changes with: creditmeter-collector prices set",
+            path,
+        )
+    elif content_digest(schedule.at(now_us)) == content_digest(book):
+        log.warning("ledger.prices_file %s is ignored (the price book holds it): remove it", path)
+    else:
+        raise ConfigError(
+            f"ledger.prices_file {path} differs from the prices in force in the price book; "
+            "load it with: creditmeter-collector prices set FILE --effective HOUR, then "
+            "remove the setting"
+        )
 
 
 # -- parsers ---------------------------------------------------------------------------------
@@ -166,7 +198,34 @@ _KEY_HELP = (
 )
 
 
-def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, priced: Any) -> None:
+def _add_price_commands(commands: Any, db: argparse.ArgumentParser, who: Any) -> None:
+    prices = commands.add_parser("prices", help="the price book: versions of the price list")
+    verbs = prices.add_subparsers(title="prices commands", required=True, metavar="VERB")
+    setting = verbs.add_parser(
+        "set", parents=[db, who], help="load a price list, in force from --effective on"
+    )
+    setting.add_argument("file", type=Path, metavar="FILE", help="price list TOML")
+    setting.add_argument(
+        "--effective",
+        required=True,
+        metavar="HOUR",
+        help="a whole UTC hour (e.g. 2027-01-01T00:00Z), not before the current one",
+    )
+    setting.add_argument(
+        "--backdate",
+        action="store_true",
+        help="allow an earlier hour: reprices usage already shown in open periods (closed "
+        "periods never change)",
+    )
+    setting.set_defaults(command=_prices_set)
+    listing = verbs.add_parser("list", parents=[db], help="every version: when, who, changes")
+    listing.set_defaults(command=_prices_list)
+    show = verbs.add_parser("show", parents=[db], help="the prices in force at a time")
+    show.add_argument("--at", metavar="TIME", help="default: now")
+    show.set_defaults(command=_prices_show)
+
+
+def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any) -> None:
     for name, help_text in (("top-up", "add bought credits"), ("grant", "give credits")):
         lot = commands.add_parser(name, parents=[db, who], help=help_text)
         lot.add_argument("account", metavar="ACCOUNT")
@@ -184,7 +243,7 @@ def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, p
     adjust.add_argument("--key", required=True, help=_KEY_HELP)
     adjust.set_defaults(command=_adjust)
     charge = commands.add_parser(
-        "charge", parents=[db, priced], help="record API requests (as the gateway does)"
+        "charge", parents=[db], help="record API requests (as the gateway does)"
     )
     charge.add_argument("account", metavar="ACCOUNT")
     charge.add_argument("model", metavar="MODEL")
@@ -194,7 +253,7 @@ def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, p
     charge.set_defaults(command=_charge)
     period = commands.add_parser("period", help="close billing periods")
     verbs = period.add_subparsers(title="period commands", required=True, metavar="VERB")
-    close = verbs.add_parser("close", parents=[db, who, priced], help="freeze ended periods")
+    close = verbs.add_parser("close", parents=[db, who], help="freeze ended periods")
     target = close.add_mutually_exclusive_group(required=True)
     target.add_argument("--account")
     target.add_argument("--all", action="store_true", help="every account")
@@ -211,18 +270,16 @@ def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any, p
     listing.set_defaults(command=_period_list)
 
 
-def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: Any) -> None:
+def _add_reading_commands(commands: Any, db: argparse.ArgumentParser) -> None:
     entries = commands.add_parser("entries", parents=[db], help="an account's credit entries")
     entries.add_argument("account", metavar="ACCOUNT")
     entries.set_defaults(command=_entries)
-    balance = commands.add_parser("balance", parents=[db, priced], help="an account's credits")
+    balance = commands.add_parser("balance", parents=[db], help="an account's credits")
     balance.add_argument("account", metavar="ACCOUNT")
     balance.add_argument("--at", metavar="DATE", help="the period containing DATE (now)")
     balance.add_argument("--format", choices=["table", "json"], default="table")
     balance.set_defaults(command=_balance)
-    report = commands.add_parser(
-        "report", parents=[db, priced], help="busy seconds, requests and credits"
-    )
+    report = commands.add_parser("report", parents=[db], help="busy seconds, requests and credits")
     report.add_argument("--from", dest="from_", metavar="DATE", help="ISO date/datetime, UTC")
     report.add_argument("--to", metavar="DATE", help="ISO date/datetime, UTC, exclusive")
     report.add_argument(
@@ -247,7 +304,7 @@ def _add_reading_commands(commands: Any, db: argparse.ArgumentParser, priced: An
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(command=_report)
     export = commands.add_parser(
-        "export", parents=[db, priced], help="usage and API charges for a billing system"
+        "export", parents=[db], help="usage and API charges for a billing system"
     )
     export.add_argument(
         "--format",
@@ -368,6 +425,50 @@ def _charge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prices_set(args: argparse.Namespace) -> int:
+    book = load_prices(args.file)
+    effective_us = parse_time_us("--effective", args.effective)
+    with _ledger(args, writing=True) as (ledger, _):
+        loaded = ledger.set_prices(book, effective_us, by=args.by, backdate=args.backdate)
+    when = iso_text(loaded.version.effective_us)
+    if loaded.unchanged:
+        print(f"prices effective {when}: already loaded with this content (nothing changed)")
+        return EXIT_OK
+    print(f"prices effective {when}: loaded from {args.file} by {args.by}")
+    for change in loaded.changes or ["(no price differs from the version before)"]:
+        print(f"  {change}")
+    return EXIT_OK
+
+
+def _prices_list(args: argparse.Namespace) -> int:
+    with _store(args, writing=False) as store:
+        versions = PriceSchedule(store.price_versions()).versions
+    if not versions:
+        print("no price versions: built-in prices (1 credit per busy second and per request)")
+        return EXIT_OK
+    print("effective\tloaded\tby\tchanges")
+    before = PriceSchedule().at(0)
+    for version in versions:
+        changes = "; ".join(price_changes(before, version.book)) or "none"
+        print(
+            f"{iso_text(version.effective_us)}\t{iso_text(version.loaded_at_us)}\t"
+            f"{printable(version.loaded_by)}\t{printable(changes)}"
+        )
+        before = version.book
+    return EXIT_OK
+
+
+def _prices_show(args: argparse.Namespace) -> int:
+    with _ledger(args, writing=False) as (ledger, _):
+        at_us = ledger.now_us() if args.at is None else parse_time_us("--at", args.at)
+        effective_us, book = ledger.prices.version_at(at_us)
+    origin = "built-in" if book is PriceSchedule().at(0) else f"effective {iso_text(effective_us)}"
+    print(f"prices in force at {iso_text(at_us)} ({origin}):")
+    for line in book_lines(book):
+        print(f"  {printable(line)}")
+    return EXIT_OK
+
+
 def _period_close(args: argparse.Namespace) -> int:
     with _ledger(args, writing=True) as (ledger, store):
         if args.through is not None:
@@ -412,9 +513,9 @@ def _report(args: argparse.Namespace) -> int:
         return _jobs(args)
     period = parse_period(args.from_, args.to)
     group_by = parse_group_by(args.group_by)
-    prices = _prices(args.prices)
     store = open_store(args.db, create=False, migrate=False)
     try:
+        prices = PriceSchedule(as_ledger_store(store).price_versions())
         report = build_report(store, period, group_by, prices, args.account)
     finally:
         store.close()
@@ -426,8 +527,8 @@ def _report(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     """``report --per-job`` and ``--typical``: records that start in [from, to)."""
     period = parse_period(args.from_, args.to)
-    prices = _prices(args.prices)
     with _store(args, writing=False) as store:
+        prices = PriceSchedule(store.price_versions())
         events = store.usage_events(period.from_us, period.to_us)
         if args.account is not None:
             events = (e for e in events if e.account == args.account)
@@ -457,9 +558,9 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     period = parse_period(args.from_, args.to)
-    prices = _prices(args.prices)
     customers = read_customers(args.customers) if args.customers else {}
     with _store(args, writing=False) as store:
+        prices = PriceSchedule(store.price_versions())
         events = _events(args, store, prices, period, customers)
         if args.out is None:
             count = write_json_lines(events, sys.stdout)
@@ -473,7 +574,7 @@ def _export(args: argparse.Namespace) -> int:
 def _events(
     args: argparse.Namespace,
     store: LedgerStore,
-    prices: PriceBook,
+    prices: PriceSchedule,
     period: Period,
     customers: Mapping[str, str],
 ) -> Iterator[dict[str, object]]:
@@ -569,12 +670,12 @@ def _store(args: argparse.Namespace, *, writing: bool) -> Iterator[LedgerStore]:
 
 @contextmanager
 def _ledger(args: argparse.Namespace, *, writing: bool) -> Iterator[tuple[Ledger, LedgerStore]]:
-    """A Ledger over --db and --prices. Its InvalidRequest (a malformed name, amount or
-    date) becomes a ConfigError: on the command line that is a bad argument (exit 2)."""
-    prices = _prices(getattr(args, "prices", None))
+    """A Ledger over --db, pricing from its price book. Its InvalidRequest (a malformed
+    name, amount or date) becomes a ConfigError: on the command line that is a bad argument
+    (exit 2)."""
     with _store(args, writing=writing) as store:
         try:
-            yield Ledger(store, prices), store
+            yield Ledger(store), store
         except InvalidRequest as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -592,10 +693,6 @@ def _decimal(text: str) -> Decimal:
         return Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"{text!r} is not a decimal number") from None
-
-
-def _prices(path: Path | None) -> PriceBook:
-    return PriceBook() if path is None else load_prices(path)
 
 
 @contextmanager

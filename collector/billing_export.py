@@ -29,7 +29,13 @@ from pathlib import Path
 
 from creditmeter.collector.errors import ConfigError
 from creditmeter.collector.ledger_store import LedgerStore
-from creditmeter.collector.prices import PriceBook, exact_busy_credits_text, exact_micro_text
+from creditmeter.collector.prices import (
+    PriceBook,
+    PriceSchedule,
+    as_schedule,
+    exact_busy_credits_text,
+    exact_micro_text,
+)
 
 MAX_ID_CHARS = 100  # Stripe's limit on ``identifier``
 DEFAULT_EVENT_NAME = "creditmeter_credits"
@@ -49,13 +55,14 @@ class Billable:
 
 
 def billables(
-    store: LedgerStore, prices: PriceBook, from_us: int | None, to_us: int | None
+    store: LedgerStore, prices: PriceBook | PriceSchedule, from_us: int | None, to_us: int | None
 ) -> Iterator[Billable]:
     """Usage records with busy time and an account, then API charges, of [from_us, to_us)."""
+    prices = as_schedule(prices)
     for r in store.usage_events(from_us, to_us):
         if not r.account:
             continue  # unattributed: billed to nobody
-        price = prices.busy_second_price(r.model)
+        price = prices.at(r.start_us).busy_second_price(r.model)
         yield Billable(
             stable_id(f"u:{r.agent_id}:{r.seq}"),
             r.account,
@@ -66,7 +73,7 @@ def billables(
             exact_busy_credits_text(r.busy_us, price.micro),
         )
     for c in store.api_charges(from_us, to_us):
-        price = prices.request_price(c.model)
+        price = prices.at(c.time_us).request_price(c.model)
         yield Billable(
             stable_id(f"a:{c.request_id}"),
             c.account,

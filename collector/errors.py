@@ -311,6 +311,12 @@ class KeyReused(LedgerError):
     change, so a new change needs a new key."""
 
 
+class PriceConflict(LedgerError):
+    """A price version effective at this hour is stored already with other prices. Versions
+    never change once loaded (usage may have been priced by them): load the correction
+    effective at another hour."""
+
+
 class ChargeConflict(LedgerError):
     """An API charge with this request id but other content (account, model, count or time)
     is already stored. The stored one is kept: the gateway reused a request id."""

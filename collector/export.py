@@ -34,7 +34,13 @@ from typing import TextIO
 
 from creditmeter.collector.ledger_store import LedgerStore
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceBook, exact_busy_credits_text, exact_micro_text
+from creditmeter.collector.prices import (
+    PriceBook,
+    PriceSchedule,
+    as_schedule,
+    exact_busy_credits_text,
+    exact_micro_text,
+)
 from creditmeter.collector.report import UNATTRIBUTED
 
 DEFAULT_SOURCE = "creditmeter-collector"
@@ -44,14 +50,15 @@ API_TYPE = "com.creditmeter.api.request"
 
 def cloudevents(
     store: LedgerStore,
-    prices: PriceBook,
+    prices: PriceBook | PriceSchedule,
     from_us: int | None,
     to_us: int | None,
     source: str = DEFAULT_SOURCE,
 ) -> Iterator[dict[str, object]]:
     """Usage events, then API charge events, of [from_us, to_us) (None: unbounded)."""
+    prices = as_schedule(prices)
     for record in store.usage_events(from_us, to_us):
-        price = prices.busy_second_price(record.model)
+        price = prices.at(record.start_us).busy_second_price(record.model)
         yield _event(
             f"{record.agent_id}:{record.seq}",
             f"{source}/usage",
@@ -70,7 +77,7 @@ def cloudevents(
             },
         )
     for charge in store.api_charges(from_us, to_us):
-        price = prices.request_price(charge.model)
+        price = prices.at(charge.time_us).request_price(charge.model)
         yield _event(
             charge.request_id,
             f"{source}/api",

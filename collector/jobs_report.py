@@ -4,7 +4,9 @@
 A job is what a worker declared (``with creditmeter.job(...)``, or ``CREDITMETER_JOB``): its
 records carry the job id. Its busy time is the sum of its records' (a job may span several
 windows, GPUs and hosts), priced at its model's busy-second price once, as an aggregate, by
-the same rounding rule as every other reader (prices.busy_credits_micro). Records without a
+the same rounding rule as every other reader (prices.busy_credits_micro); a job that runs
+across a price change is priced once per version, each record by the version in force at
+its start. Records without a
 job id are no job and are left out; held (quarantined) records count nowhere.
 
 ``typical`` gives per model the median and 90th percentile of its jobs' credits, nearest-
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from creditmeter.collector.ledger import micro_text
 from creditmeter.collector.ledger_store import UsageEvent
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceBook
+from creditmeter.collector.prices import PriceBook, PriceSchedule, as_schedule
 from creditmeter.collector.report import csv_cell, seconds_text
 from creditmeter.labels import MAX_LABEL_BYTES, printable
 
@@ -50,36 +52,59 @@ class Typical:
     default_price: bool
 
 
-def job_credits(events: Iterable[UsageEvent], prices: PriceBook) -> list[JobCredits]:
+def job_credits(
+    events: Iterable[UsageEvent], prices: PriceBook | PriceSchedule
+) -> list[JobCredits]:
     """One row per (account, model, job id), ordered by start, then by those."""
-    jobs: dict[tuple[str, str, str], list[int]] = {}  # -> [start, end, busy, records]
+    prices = as_schedule(prices)
+    jobs: dict[tuple[str, str, str], _Job] = {}
     for e in events:
         if not e.job_id:
             continue
         key = (e.account, e.model, e.job_id)
         job = jobs.get(key)
         if job is None:
-            jobs[key] = [e.start_us, e.end_us, e.busy_us, 1]
-        else:
-            job[0] = min(job[0], e.start_us)
-            job[1] = max(job[1], e.end_us)
-            job[2] += e.busy_us
-            job[3] += 1
+            job = jobs[key] = _Job(e.start_us, e.end_us)
+        job.add(e, *prices.version_at(e.start_us))
     rows = [
         JobCredits(
             account,
             model,
             job_id,
-            start,
-            end,
-            busy,
-            count,
-            prices.busy_credits_micro(model, busy),
-            prices.busy_second_price(model).default,
+            job.start_us,
+            job.end_us,
+            job.busy_us,
+            job.records,
+            *job.credits(model),
         )
-        for (account, model, job_id), (start, end, busy, count) in jobs.items()
+        for (account, model, job_id), job in jobs.items()
     ]
     return sorted(rows, key=lambda j: (j.start_us, j.account, j.model, j.job_id))
+
+
+class _Job:
+    """One job's records as they are summed: its span, and its busy µs per price version."""
+
+    def __init__(self, start_us: int, end_us: int) -> None:
+        self.start_us, self.end_us = start_us, end_us
+        self.busy_us = self.records = 0
+        self._busy_by_version: dict[int, tuple[PriceBook, int]] = {}
+
+    def add(self, event: UsageEvent, effective_us: int, book: PriceBook) -> None:
+        self.start_us = min(self.start_us, event.start_us)
+        self.end_us = max(self.end_us, event.end_us)
+        self.busy_us += event.busy_us
+        self.records += 1
+        busy_us = self._busy_by_version.get(effective_us, (book, 0))[1]
+        self._busy_by_version[effective_us] = (book, busy_us + event.busy_us)
+
+    def credits(self, model: str) -> tuple[int, bool]:
+        """µcredits (each version's busy µs rounded once) and whether a default applied."""
+        parts = self._busy_by_version.values()
+        return (
+            sum(book.busy_credits_micro(model, busy_us) for book, busy_us in parts),
+            any(book.busy_second_price(model).default for book, _ in parts),
+        )
 
 
 def typical(jobs: Iterable[JobCredits]) -> list[Typical]:

@@ -35,7 +35,12 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 
 from creditmeter.collector.clock import WallClock, wall_clock_us
-from creditmeter.collector.errors import InvalidRequest, UnknownAccount, UnknownPlan
+from creditmeter.collector.errors import (
+    InvalidRequest,
+    PriceConflict,
+    UnknownAccount,
+    UnknownPlan,
+)
 from creditmeter.collector.ledger_store import (
     Account,
     ApiCharge,
@@ -57,7 +62,17 @@ from creditmeter.collector.periods import (
     period_containing,
     periods_between,
 )
-from creditmeter.collector.prices import MICRO, PriceBook
+from creditmeter.collector.prices import (
+    MICRO,
+    PriceBook,
+    PriceSchedule,
+    PriceSpan,
+    PriceVersion,
+    as_schedule,
+    content_digest,
+    price_changes,
+)
+from creditmeter.collector.rollup import HOUR_US
 from creditmeter.labels import label_error
 
 SECONDS_PER_HOUR = 3600
@@ -143,32 +158,85 @@ class _Lot:
         return (expires_us is None, expires_us or 0, self.entry.entry_id)
 
 
+@dataclass(frozen=True)
+class PricesLoaded:
+    version: PriceVersion  # as stored (the earlier one when ``unchanged``)
+    unchanged: bool  # a retry: this content was loaded for this hour before
+    changes: list[str]  # against the version in force the hour before
+
+
 @dataclass
 class _Billed:
-    """Quantities charged in closed periods so far, per model: what late lines subtract."""
+    """Quantities charged in closed periods so far, per (model, price version): what late
+    lines subtract."""
 
-    busy_us: dict[str, int] = field(default_factory=dict)
-    requests: dict[str, int] = field(default_factory=dict)
+    busy_us: dict[tuple[str, int], int] = field(default_factory=dict)
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def add(self, lines: Iterable[StatementLine]) -> None:
         for line in lines:
             into = self.busy_us if line.kind.is_busy else self.requests
-            into[line.model] = into.get(line.model, 0) + line.quantity
+            key = (line.model, line.price_from_us)
+            into[key] = into.get(key, 0) + line.quantity
 
 
 class Ledger:
-    """Business rules over a LedgerStore and a PriceBook; see the module docstring."""
+    """Business rules over a LedgerStore and its price book; see the module docstring.
+
+    Prices come from the store's price book, read whenever something is priced, so a
+    version loaded by ``prices set`` is in force for every reader at once. ``prices``
+    fixes them instead (tests and benchmarks): a PriceBook is a book in force since always.
+    """
 
     def __init__(
-        self, store: LedgerStore, prices: PriceBook, clock_us: WallClock = wall_clock_us
+        self,
+        store: LedgerStore,
+        prices: PriceBook | PriceSchedule | None = None,
+        clock_us: WallClock = wall_clock_us,
     ) -> None:
         self._store = store
-        self._prices = prices
+        if isinstance(prices, PriceBook):
+            prices = as_schedule(prices)
+        self._fixed_prices = prices
         self._clock_us = clock_us
 
     @property
-    def prices(self) -> PriceBook:
-        return self._prices
+    def prices(self) -> PriceSchedule:
+        if self._fixed_prices is not None:
+            return self._fixed_prices
+        return PriceSchedule(self._store.price_versions())
+
+    def set_prices(
+        self, book: PriceBook, effective_us: int, *, by: str, backdate: bool = False
+    ) -> PricesLoaded:
+        """Loads ``book`` as the version in force from ``effective_us`` (a whole UTC hour,
+        not before the current hour unless ``backdate``, never inside a closed period).
+        Loading the same content for the same hour again changes nothing. Raises
+        InvalidRequest, PeriodClosed, or PriceConflict (that hour holds other prices)."""
+        check_name("author", by)
+        if effective_us < 0 or effective_us % HOUR_US:
+            raise InvalidRequest(
+                f"prices take effect on a whole UTC hour, not {iso_text(effective_us)}: usage "
+                "is priced by the hour its record starts in"
+            )
+        now_us = self._clock_us()
+        if not backdate and effective_us < now_us - now_us % HOUR_US:
+            raise InvalidRequest(
+                f"{iso_text(effective_us)} is before the current hour: those prices would "
+                "reprice usage already shown in balances (--backdate to mean it)"
+            )
+        before = self.prices.at(effective_us - 1)
+        version = PriceVersion(effective_us, book, now_us, by)
+        stored, new = self._store.add_price_version(version)
+        if not new:
+            if content_digest(stored.book) != content_digest(book):
+                raise PriceConflict(
+                    f"prices effective {iso_text(effective_us)} were loaded by "
+                    f"{stored.loaded_by} at {iso_text(stored.loaded_at_us)} with other "
+                    "prices; versions never change: load the correction at another hour"
+                )
+            return PricesLoaded(stored, True, [])
+        return PricesLoaded(stored, False, price_changes(before, book))
 
     def now_us(self) -> int:
         return self._clock_us()
@@ -322,7 +390,7 @@ class Ledger:
                 f"periods (from {iso_text(opened.first_period_start_us)})"
             )
         new = self._store.record_charge(charge, now_us)
-        price = self._prices.request_price(charge.model)
+        price = self.prices.at(charge.time_us).request_price(charge.model)
         return ChargeReceipt(new, charge.count * price.micro, price.default)
 
     # -- balances --------------------------------------------------------------------------
@@ -436,48 +504,64 @@ class Ledger:
     def _period_lines(
         self, account: Account, period: BillingPeriod, billed: _Billed | None
     ) -> tuple[StatementLine, ...]:
-        """The lines of an open period at current prices; with ``billed`` (the first open
-        period) also the late lines of the closed ones."""
-        own = self._store.model_usage(account.name, period.start_us, period.end_us)
-        lines = self._lines(own, LineKind.USAGE, LineKind.API)
+        """The lines of an open period, each priced by the version in force over its hours;
+        with ``billed`` (the first open period) also the late lines of the closed ones."""
+        schedule = self.prices
+        lines: list[StatementLine] = []
+        for span in schedule.spans(period.start_us, period.end_us):
+            own = self._store.model_usage(account.name, *_bounds(span))
+            lines += _lines(own, span, LineKind.USAGE, LineKind.API)
         if billed is not None and period.start_us > account.first_period_start_us:
-            before = self._store.model_usage(
-                account.name, account.first_period_start_us, period.start_us
-            )
-            late = {
-                model: ModelUsage(
-                    usage.busy_us - billed.busy_us.get(model, 0),
-                    usage.requests - billed.requests.get(model, 0),
-                )
-                for model, usage in before.items()
-            }
-            lines += self._lines(late, LineKind.LATE_USAGE, LineKind.LATE_API)
-        return lines
-
-    def _lines(
-        self, usage: dict[str, ModelUsage], busy_kind: LineKind, api_kind: LineKind
-    ) -> tuple[StatementLine, ...]:
-        """One line per model and kind with something to charge (idle models have none)."""
-        prices = self._prices
-        lines = []
-        for model in sorted(usage):
-            quantities = usage[model]
-            if quantities.busy_us > 0:
-                price = prices.busy_second_price(model)
-                credits = prices.busy_credits_micro(model, quantities.busy_us)
-                lines.append(
-                    StatementLine(busy_kind, model, quantities.busy_us, credits, price.default)
-                )
-            if quantities.requests > 0:
-                price = prices.request_price(model)
-                credits = quantities.requests * price.micro
-                lines.append(
-                    StatementLine(api_kind, model, quantities.requests, credits, price.default)
-                )
-        return tuple(lines)
+            for span in schedule.spans(account.first_period_start_us, period.start_us):
+                before = self._store.model_usage(account.name, *_bounds(span))
+                key = span.effective_us
+                late = {
+                    model: ModelUsage(
+                        usage.busy_us - billed.busy_us.get((model, key), 0),
+                        usage.requests - billed.requests.get((model, key), 0),
+                    )
+                    for model, usage in before.items()
+                }
+                lines += _lines(late, span, LineKind.LATE_USAGE, LineKind.LATE_API)
+        return tuple(sorted(lines, key=_line_order))
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _line_order(line: StatementLine) -> tuple[bool, str, bool, int]:
+    """A period's own lines, then its late ones; per model busy time, then requests, then
+    by price version."""
+    return (line.kind.is_late, line.model, not line.kind.is_busy, line.price_from_us)
+
+
+def _bounds(span: PriceSpan) -> tuple[int, int]:
+    assert span.to_us is not None  # spans of a period: bounded
+    return span.from_us, span.to_us
+
+
+def _lines(
+    usage: dict[str, ModelUsage], span: PriceSpan, busy_kind: LineKind, api_kind: LineKind
+) -> list[StatementLine]:
+    """One line per model and kind with something to charge (idle models have none), at
+    the span's prices: a model's busy µs in the span are rounded once (prices.py)."""
+    prices, key = span.book, span.effective_us
+    lines = []
+    for model in sorted(usage):
+        quantities = usage[model]
+        if quantities.busy_us > 0:
+            price = prices.busy_second_price(model)
+            credits = prices.busy_credits_micro(model, quantities.busy_us)
+            lines.append(
+                StatementLine(busy_kind, model, quantities.busy_us, credits, price.default, key)
+            )
+        if quantities.requests > 0:
+            price = prices.request_price(model)
+            credits = quantities.requests * price.micro
+            lines.append(
+                StatementLine(api_kind, model, quantities.requests, credits, price.default, key)
+            )
+    return lines
 
 
 def check_name(what: str, name: str) -> None:

@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
-from creditmeter.collector.errors import ConfigError, KeyReused
+from creditmeter.collector.errors import ConfigError, KeyReused, PeriodClosed
+from creditmeter.collector.periods import iso_text
+from creditmeter.collector.prices import PriceVersion, book_from_canonical
 from creditmeter.v1 import usage_pb2
 
 
@@ -123,6 +125,10 @@ class StatementLine:
     quantity: int  # busy µs or requests
     credits_micro: int
     default_price: bool  # the model was not in the price list
+    # The price version that priced it (its effective time; 0: the built-in prices or a
+    # version in force since always). A model whose period spans a price change has a line
+    # per version.
+    price_from_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +357,22 @@ class LedgerStore(Protocol):
 
     # -- closing ---------------------------------------------------------------------------
 
+    def price_versions(self) -> list[PriceVersion]:
+        """Every price version loaded, by effective time."""
+        ...
+
+    def add_price_version(
+        self, version: PriceVersion, *, since_always: bool = False
+    ) -> tuple[PriceVersion, bool]:
+        """Stores ``version`` unless one with its effective time exists. Returns the stored
+        version and whether it is new (False: an earlier load's, unchanged; the caller
+        compares content). Raises PeriodClosed when a period of
+        any account is closed past ``version.effective_us`` (checked in the transaction
+        of the insert: closed periods stay frozen), except ``since_always``: the price
+        file a collector priced with before the price book (effective 0), which the
+        closed periods' statements were computed with."""
+        ...
+
     def close_period(self, statement: Statement) -> None:
         """Stores a closed period. Raises UnknownAccount, or PeriodClosed unless the
         statement starts where the account's closed periods end (periods close in order,
@@ -388,3 +410,19 @@ def check_repeat(stored: LedgerEntry, asked: LedgerEntry) -> LedgerEntry:
             f"reason {stored.reason!r}); use a new key for a new change"
         )
     return replace(stored, repeated=True)
+
+
+def price_version(effective_us: int, text: str, loaded_at_us: int, loaded_by: str) -> PriceVersion:
+    """A stored price version (its prices as ``prices.canonical_text`` wrote them)."""
+    source = f"price book, version effective {iso_text(effective_us)}"
+    return PriceVersion(effective_us, book_from_canonical(text, source), loaded_at_us, loaded_by)
+
+
+def check_not_closed(version: PriceVersion, closed_through_us: int | None) -> None:
+    """Raises PeriodClosed when a version would take effect inside a closed period (of any
+    account: ``closed_through_us`` is the latest end of one)."""
+    if closed_through_us is not None and version.effective_us < closed_through_us:
+        raise PeriodClosed(
+            f"prices effective {iso_text(version.effective_us)} would reprice closed periods "
+            f"(closed up to {iso_text(closed_through_us)}); make them effective at or after that"
+        )

@@ -96,8 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"no database: pass --db sqlite:///absolute/path or set {DB_ENV} "
                     f"(or store.url in {settings.DEFAULT_CONFIG})"
                 )
-        if hasattr(args, "prices"):  # a credit command that prices: as serve does
-            args.prices = settings.admin_prices_file(getattr(args, "config", None), args.prices)
         return command(args)
     except (ConfigError, EnrollmentError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -141,10 +141,13 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    check_not_closed,
     check_repeat,
+    price_version,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
+from creditmeter.collector.prices import PriceVersion, canonical_text
 from creditmeter.collector.rollup import (
     DAY_US,
     HOUR_US,
@@ -465,6 +468,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         "agents carry their GPU budgets: no GPU's records claim more busy time than elapsed",
         ("ALTER TABLE agents ADD COLUMN capacity TEXT NOT NULL DEFAULT ''",),
     ),
+    Migration(
+        10,
+        "the price book lives in the store, in versions; statement lines name the version",
+        (
+            """CREATE TABLE price_versions (
+                effective_us BIGINT PRIMARY KEY,
+                prices TEXT NOT NULL,
+                loaded_at_us BIGINT NOT NULL,
+                loaded_by TEXT NOT NULL
+            )""",
+            "ALTER TABLE statement_lines ADD COLUMN price_from_us BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE statement_lines DROP CONSTRAINT statement_lines_pkey",
+            """ALTER TABLE statement_lines
+               ADD PRIMARY KEY (account, start_us, kind, model, price_from_us)""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -741,6 +760,39 @@ class PostgresStore:
             )
         return stored
 
+    def price_versions(self) -> list[PriceVersion]:
+        with self._statement("reading the price book") as cur:
+            cur.execute(_SELECT_PRICES + " ORDER BY effective_us")
+            return [price_version(*row) for row in cur.fetchall()]
+
+    def add_price_version(
+        self, version: PriceVersion, *, since_always: bool = False
+    ) -> tuple[PriceVersion, bool]:
+        when = iso_text(version.effective_us)
+        with self._transaction(f"loading the prices effective {when}") as cur:
+            # No period closes while this transaction runs: what is checked stays true.
+            cur.execute("LOCK TABLE statements IN SHARE MODE")
+            cur.execute(
+                """INSERT INTO price_versions VALUES (%s, %s, %s, %s)
+                   ON CONFLICT (effective_us) DO NOTHING""",
+                (
+                    version.effective_us,
+                    canonical_text(version.book),
+                    version.loaded_at_us,
+                    version.loaded_by,
+                ),
+            )
+            if cur.rowcount == 0:
+                cur.execute(_SELECT_PRICES + " WHERE effective_us = %s", (version.effective_us,))
+                row = cur.fetchone()
+                assert row is not None  # versions are never deleted
+                return price_version(*row), False
+            if not since_always:
+                cur.execute("SELECT MAX(end_us) FROM statements")
+                closed = cur.fetchone()
+                check_not_closed(version, None if closed is None else closed[0])
+        return version, True
+
     def plans(self) -> list[Plan]:
         with self._statement("reading plans") as cur:
             return [Plan(*row) for row in cur.execute(_SELECT_PLAN + " ORDER BY name")]
@@ -1002,10 +1054,11 @@ class PostgresStore:
             cur.execute(
                 """SELECT s.start_us, s.end_us, s.plan, s.plan_grant_micro, s.closed_at_us,
                           s.closed_by, l.kind, l.model, l.quantity, l.credits_micro,
-                          l.default_price
+                          l.default_price, l.price_from_us
                    FROM statements s LEFT JOIN statement_lines l
                         ON l.account = s.account AND l.start_us = s.start_us
-                   WHERE s.account = %s ORDER BY s.start_us, l.kind, l.model""",
+                   WHERE s.account = %s
+                   ORDER BY s.start_us, l.kind, l.model, l.price_from_us""",
                 (account,),
             )
             rows = cur.fetchall()
@@ -1527,6 +1580,7 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 _MIN_US, _MAX_US = -(2**63), 2**63 - 1  # unbounded ends of a time range
 _SELECT_PLAN = "SELECT name, grant_micro, created_at_us, created_by FROM plans"
+_SELECT_PRICES = "SELECT effective_us, prices, loaded_at_us, loaded_by FROM price_versions"
 _SELECT_ACCOUNT = (
     "SELECT name, anchor_day, first_period_start_us, created_at_us, created_by FROM accounts"
 )
@@ -1621,7 +1675,7 @@ def _insert_statement(cur: Cursor, statement: Statement) -> None:
         ),
     )
     cur.executemany(
-        "INSERT INTO statement_lines VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        "INSERT INTO statement_lines VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
         [
             (
                 statement.account,
@@ -1631,6 +1685,7 @@ def _insert_statement(cur: Cursor, statement: Statement) -> None:
                 line.quantity,
                 line.credits_micro,
                 line.default_price,
+                line.price_from_us,
             )
             for line in statement.lines
         ],

@@ -30,18 +30,30 @@ Price file (TOML; tomllib reads its floats as Decimal, so 0.1 means exactly 0.1)
     [api]                    # credits per request
     "gpt-4o" = 4
 
-Prices apply when credits are computed: a changed price list (the collector reads it at
-start) reprices the open periods; closed periods keep the credits frozen at their close.
+The price book is kept in the store as versions (``prices set FILE --effective TIME``), each
+in force from a whole UTC hour until the next; every reader (balances, reports, exports,
+the Query and Charges APIs) prices usage and requests by the version in force at their
+time (``PriceSchedule``). A record counts wholly in the hour its window starts in (as the
+hourly rollups count it), so a change splits usage exactly at its hour: every busy µs is
+priced by one version, never two, never none. Before the first version the built-in prices
+apply (1 credit per busy second and per request). Closed periods keep the credits frozen
+at their close, and no version may take effect inside one.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
+import json
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from creditmeter.collector.errors import PriceFileError
+from creditmeter.collector.periods import iso_text
 
 MICRO = 1_000_000  # µcredits per credit, and µs per second
 MAX_PRICE_CREDITS = Decimal(1_000_000)  # per busy second or per request: anything above is a typo
@@ -187,3 +199,174 @@ def _price_micro(value: object, key: str, source: str) -> int:
             "to the µcredit)"
         )
     return int(micro)
+
+
+# -- the price book: versions in the store -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    """A price list in force from ``effective_us`` (a whole UTC hour) until the next
+    version's. ``digest`` identifies its content (``content_digest``)."""
+
+    effective_us: int
+    book: PriceBook
+    loaded_at_us: int
+    loaded_by: str
+
+    @property
+    def digest(self) -> str:
+        return content_digest(self.book)
+
+
+def canonical_text(book: PriceBook) -> str:
+    """The content of a price list as canonical JSON (sorted keys, µcredits): what the
+    store keeps and what its digest covers; the file's name and layout are not part of it."""
+    return json.dumps(
+        {
+            "default_busy_second_micro": book.default_busy_second_micro,
+            "default_request_micro": book.default_request_micro,
+            "busy_second_micro": dict(sorted(book.busy_second_micro.items())),
+            "request_micro": dict(sorted(book.request_micro.items())),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def content_digest(book: PriceBook) -> str:
+    return hashlib.sha256(canonical_text(book).encode()).hexdigest()
+
+
+def book_from_canonical(text: str, source: str) -> PriceBook:
+    """The inverse of canonical_text. Raises PriceFileError for text it did not write."""
+    try:
+        fields = json.loads(text)
+        book = PriceBook(
+            default_busy_second_micro=int(fields["default_busy_second_micro"]),
+            default_request_micro=int(fields["default_request_micro"]),
+            busy_second_micro={str(k): int(v) for k, v in fields["busy_second_micro"].items()},
+            request_micro={str(k): int(v) for k, v in fields["request_micro"].items()},
+            source=source,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PriceFileError(f"{source}: stored prices unreadable ({exc!r})") from exc
+    return book
+
+
+def price_changes(before: PriceBook, after: PriceBook) -> list[str]:
+    """What a new version changes, one line each ("sdxl: 1 -> 1.2 credits/busy s")."""
+    changes = []
+    for what, old, new in (
+        (
+            "default per busy second",
+            before.default_busy_second_micro,
+            after.default_busy_second_micro,
+        ),
+        ("default per request", before.default_request_micro, after.default_request_micro),
+    ):
+        if old != new:
+            changes.append(f"{what}: {exact_micro_text(old)} -> {exact_micro_text(new)}")
+    for unit, old_prices, new_prices in (
+        ("credits/busy s", before.busy_second_micro, after.busy_second_micro),
+        ("credits/request", before.request_micro, after.request_micro),
+    ):
+        for model in sorted(old_prices.keys() | new_prices.keys()):
+            was, now = old_prices.get(model), new_prices.get(model)
+            if was != now:
+                changes.append(f"{model}: {_price_text(was)} -> {_price_text(now)} {unit}")
+    return changes
+
+
+def book_lines(book: PriceBook) -> list[str]:
+    """A price list as text, one price a line."""
+    lines = [
+        f"default: {exact_micro_text(book.default_busy_second_micro)} credits/busy s",
+        f"default: {exact_micro_text(book.default_request_micro)} credits/request",
+    ]
+    lines += [
+        f"{model}: {exact_micro_text(micro)} credits/busy s"
+        for model, micro in sorted(book.busy_second_micro.items())
+    ]
+    lines += [
+        f"{model}: {exact_micro_text(micro)} credits/request"
+        for model, micro in sorted(book.request_micro.items())
+    ]
+    return lines
+
+
+def _price_text(micro: int | None) -> str:
+    return "default" if micro is None else exact_micro_text(micro)
+
+
+BUILT_IN = PriceBook()  # before the first version: 1 credit per busy second and per request
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSpan:
+    """[from_us, to_us) of a reader's range priced by one version (to_us None: unbounded)."""
+
+    from_us: int
+    to_us: int | None
+    effective_us: int  # the version's; 0 before the first version (the built-in prices)
+    book: PriceBook
+
+
+class PriceSchedule:
+    """Every price version, in effective order: which one prices a moment, and how a range
+    splits at the changes. Usage counts in the hour its record starts in (rollup.py), and
+    versions start on whole hours, so every record and every rollup hour is priced by
+    exactly one version: the one in force at its start."""
+
+    def __init__(self, versions: Sequence[PriceVersion] = (), label: str = "") -> None:
+        self.versions = tuple(sorted(versions, key=lambda v: v.effective_us))
+        self._label = label  # what ``source`` says instead (a fixed book: its file)
+
+    def at(self, time_us: int) -> PriceBook:
+        return self.version_at(time_us)[1]
+
+    def version_at(self, time_us: int) -> tuple[int, PriceBook]:
+        """(effective_us, book) of the version in force at ``time_us``."""
+        index = bisect.bisect_right([v.effective_us for v in self.versions], time_us)
+        if index == 0:
+            return 0, BUILT_IN
+        version = self.versions[index - 1]
+        return version.effective_us, version.book
+
+    def spans(self, from_us: int | None, to_us: int | None) -> list[PriceSpan]:
+        """[from_us, to_us) cut at every version change inside it. An unbounded start is
+        the epoch: nothing was metered before it, and versions start at 0 or later."""
+        start_us = max(0, from_us) if from_us is not None else 0
+        cuts = [
+            v.effective_us
+            for v in self.versions
+            if v.effective_us > start_us and (to_us is None or v.effective_us < to_us)
+        ]
+        bounds: list[int | None] = [start_us, *cuts, to_us]
+        spans = []
+        for start, end in itertools.pairwise(bounds):
+            assert start is not None  # only the last bound may be None
+            effective_us, book = self.version_at(start)
+            spans.append(PriceSpan(start, end, effective_us, book))
+        return spans
+
+    @property
+    def source(self) -> str:
+        """For report headers: which versions exist."""
+        if self._label:
+            return self._label
+        if not self.versions:
+            return BUILT_IN.source
+        count = len(self.versions)
+        latest = self.versions[-1].effective_us
+        return (
+            f"price book ({count} version{'s' * (count > 1)}, the latest from {iso_text(latest)})"
+        )
+
+
+def as_schedule(prices: PriceBook | PriceSchedule | None) -> PriceSchedule:
+    """A reader's prices: a schedule as it is, a lone book in force since always (tests,
+    benchmarks), None the built-in prices."""
+    if isinstance(prices, PriceBook):
+        return PriceSchedule([PriceVersion(0, prices, 0, prices.source)], label=prices.source)
+    return prices if prices is not None else PriceSchedule()

@@ -51,7 +51,7 @@ from creditmeter.collector.errors import ConfigError
 from creditmeter.collector.ledger import micro_text
 from creditmeter.collector.ledger_store import Dimension, LedgerStore, UsageGroup
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceBook
+from creditmeter.collector.prices import PriceBook, PriceSchedule, as_schedule
 from creditmeter.collector.rollup import HOUR_US
 from creditmeter.collector.store import Store
 from creditmeter.labels import MAX_LABEL_BYTES, printable
@@ -161,27 +161,29 @@ def build_report(
     store: LedgerStore | Store,
     period: Period,
     group_by: Sequence[Dimension] = DEFAULT_GROUP_BY,
-    prices: PriceBook | None = None,
+    prices: PriceBook | PriceSchedule | None = None,
     account: str | None = None,
 ) -> Report:
-    """The report of ``period`` grouped by ``group_by`` (of one account when given)."""
-    prices = prices or PriceBook()
-    groups = _usage_groups(store, period, frozenset(group_by), account)
+    """The report of ``period`` grouped by ``group_by`` (of one account when given), each
+    part of it priced by the version in force over its hours (cut at price changes)."""
+    schedule = as_schedule(prices)
     rows: dict[tuple[str, ...], list[int]] = {}  # keys -> [busy, requests, credits, records, dflt]
-    for group in groups:
-        if group.busy_us == 0 and group.requests == 0:
-            continue  # idle: nothing billed, nothing shown
-        credits_micro, default = _priced(group, prices)
-        sums = rows.setdefault(_keys(group, group_by), [0, 0, 0, 0, 0])
-        sums[0] += group.busy_us
-        sums[1] += group.requests
-        sums[2] += credits_micro
-        sums[3] += group.record_count
-        sums[4] |= default
+    for span in schedule.spans(period.from_us, period.to_us):
+        part = Period(span.from_us, span.to_us)
+        for group in _usage_groups(store, part, frozenset(group_by), account):
+            if group.busy_us == 0 and group.requests == 0:
+                continue  # idle: nothing billed, nothing shown
+            credits_micro, default = _priced(group, span.book)
+            sums = rows.setdefault(_keys(group, group_by), [0, 0, 0, 0, 0])
+            sums[0] += group.busy_us
+            sums[1] += group.requests
+            sums[2] += credits_micro
+            sums[3] += group.record_count
+            sums[4] |= default
     return Report(
         period,
         tuple(group_by),
-        prices.source,
+        schedule.source,
         [
             ReportRow(keys, busy_us, requests, credits_micro, records, bool(default))
             for keys, (busy_us, requests, credits_micro, records, default) in sorted(rows.items())

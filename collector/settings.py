@@ -177,8 +177,8 @@ PRICES_FILE = Option(
     "ledger.prices_file",
     Maybe(PATH),
     None,
-    f"Price list (TOML) of the Query and Charges services; ${PRICES_ENV} overrides it; unset: "
-    "1 credit per busy second and per request.",
+    f"Retired: a price list (TOML) imported into the price book at start when it holds no "
+    f"version; ${PRICES_ENV} overrides it. Use: prices set FILE --effective HOUR.",
 )
 
 METRICS_LISTEN = Option(
@@ -258,16 +258,6 @@ def admin_store_url(config_path: Path | None, db: str | None) -> str | None:
         return db
     config = _admin_config(config_path)
     return None if config is None else config[STORE_URL]
-
-
-def admin_prices_file(config_path: Path | None, prices: Path | None) -> Path | None:
-    """The price list an administration command prices with: ``--prices`` (or
-    ``$CREDITMETER_PRICES``), else ``ledger.prices_file`` from the configuration file when
-    there is one (the daemon's prices); None: the default prices."""
-    if prices is not None:
-        return prices
-    config = _admin_config(config_path)
-    return None if config is None else config[PRICES_FILE]
 
 
 def _admin_config(config_path: Path | None) -> Config | None:

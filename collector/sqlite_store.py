@@ -63,10 +63,13 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    check_not_closed,
     check_repeat,
+    price_version,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
+from creditmeter.collector.prices import PriceVersion, canonical_text
 from creditmeter.collector.rollup import (
     DAY_US,
     HOUR_US,
@@ -381,6 +384,33 @@ MIGRATIONS: tuple[Migration, ...] = (
         10,
         "agents carry their GPU budgets: no GPU's records claim more busy time than elapsed",
         ("ALTER TABLE agents ADD COLUMN capacity TEXT NOT NULL DEFAULT ''",),
+    ),
+    Migration(
+        11,
+        "the price book lives in the store, in versions; statement lines name the version",
+        (
+            """CREATE TABLE price_versions (
+                effective_us INTEGER PRIMARY KEY,
+                prices TEXT NOT NULL,
+                loaded_at_us INTEGER NOT NULL,
+                loaded_by TEXT NOT NULL
+            )""",
+            """CREATE TABLE statement_lines_v11 (
+                account TEXT NOT NULL,
+                start_us INTEGER NOT NULL,
+                kind TEXT NOT NULL,
+                model TEXT NOT NULL,
+                quantity INTEGER NOT NULL,
+                credits_micro INTEGER NOT NULL,
+                default_price INTEGER NOT NULL,
+                price_from_us INTEGER NOT NULL,
+                PRIMARY KEY (account, start_us, kind, model, price_from_us)
+            ) WITHOUT ROWID""",
+            """INSERT INTO statement_lines_v11 SELECT account, start_us, kind, model, quantity,
+               credits_micro, default_price, 0 FROM statement_lines""",
+            "DROP TABLE statement_lines",
+            "ALTER TABLE statement_lines_v11 RENAME TO statement_lines",
+        ),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -830,6 +860,44 @@ class SQLiteStore:
         ):
             yield ApiCharge(*row)
 
+    def price_versions(self) -> list[PriceVersion]:
+        with self._lock, _translated("reading the price book"):
+            rows = (
+                self._connection()
+                .execute(
+                    """SELECT effective_us, prices, loaded_at_us, loaded_by FROM price_versions
+                   ORDER BY effective_us"""
+                )
+                .fetchall()
+            )
+        return [price_version(*row) for row in rows]
+
+    def add_price_version(
+        self, version: PriceVersion, *, since_always: bool = False
+    ) -> tuple[PriceVersion, bool]:
+        when = iso_text(version.effective_us)
+        with self._write(f"loading the prices effective {when}") as conn:
+            row = conn.execute(
+                """SELECT effective_us, prices, loaded_at_us, loaded_by FROM price_versions
+                   WHERE effective_us = ?""",
+                (version.effective_us,),
+            ).fetchone()
+            if row is not None:
+                return price_version(*row), False
+            if not since_always:
+                closed_us = conn.execute("SELECT MAX(end_us) FROM statements").fetchone()[0]
+                check_not_closed(version, closed_us)
+            conn.execute(
+                "INSERT INTO price_versions VALUES (?, ?, ?, ?)",
+                (
+                    version.effective_us,
+                    canonical_text(version.book),
+                    version.loaded_at_us,
+                    version.loaded_by,
+                ),
+            )
+        return version, True
+
     def close_period(self, statement: Statement) -> None:
         account = statement.account
         with self._write(f"closing a period of {account!r}") as conn:
@@ -859,7 +927,7 @@ class SQLiteStore:
                 ),
             )
             conn.executemany(
-                "INSERT INTO statement_lines VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO statement_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         account,
@@ -869,6 +937,7 @@ class SQLiteStore:
                         line.quantity,
                         line.credits_micro,
                         int(line.default_price),
+                        line.price_from_us,
                     )
                     for line in statement.lines
                 ],
@@ -883,14 +952,16 @@ class SQLiteStore:
                 (account,),
             ).fetchall()
             lines: dict[int, list[StatementLine]] = {}
-            for start_us, kind, model, quantity, credits_micro, default_price in conn.execute(
-                """SELECT start_us, kind, model, quantity, credits_micro, default_price
-                   FROM statement_lines WHERE account = ? ORDER BY start_us, kind, model""",
+            for start_us, kind, model, quantity, credits, default, price_from_us in conn.execute(
+                """SELECT start_us, kind, model, quantity, credits_micro, default_price,
+                          price_from_us
+                   FROM statement_lines WHERE account = ?
+                   ORDER BY start_us, kind, model, price_from_us""",
                 (account,),
             ):
                 lines.setdefault(start_us, []).append(
                     StatementLine(
-                        LineKind(kind), model, quantity, credits_micro, bool(default_price)
+                        LineKind(kind), model, quantity, credits, bool(default), price_from_us
                     )
                 )
         return [

@@ -15,17 +15,20 @@ from creditmeter.collector.billing_export import MAX_ID_CHARS, stable_id
 from creditmeter.collector.ledger import Ledger
 from creditmeter.collector.ledger_store import ApiCharge
 from creditmeter.collector.main import main
+from creditmeter.collector.prices import load_prices
 from tests.collector.backends import Backend
 
-from .conftest import DAY_US, JUNE_1_US, Feeder
+from .conftest import DAY_US, JUNE_1_US, Feeder, LedgerTestStore
 
 JUNE_10_US = JUNE_1_US + 9 * DAY_US
 
 
 @pytest.fixture
-def files(tmp_path: Path) -> tuple[Path, Path]:
+def files(tmp_path: Path, store: LedgerTestStore) -> tuple[Path, Path]:
+    """The prices (loaded into the store's price book) and the customers file."""
     prices = tmp_path / "prices.toml"
     prices.write_text('[self_hosted]\n"llama-3-70b" = 2.5\n[api]\n"gpt-4o" = 4\n')
+    Ledger(store).set_prices(load_prices(prices), JUNE_1_US, by="ops", backdate=True)
     customers = tmp_path / "customers.toml"
     customers.write_text('[customers]\nacme = "cus_NciAYcXfLnqBoz"\n')
     return prices, customers
@@ -49,8 +52,8 @@ def export(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict[str, obj
 def test_stripe_meter_events(
     capsys: pytest.CaptureFixture[str], backend: Backend, files: tuple[Path, Path]
 ) -> None:
-    prices, customers = files
-    argv = ["--db", backend.url, "--prices", str(prices), "--format", "stripe"]
+    _, customers = files
+    argv = ["--db", backend.url, "--format", "stripe"]
     events = export(capsys, *argv, "--customers", str(customers), "--event-name", "gpu_credits")
     assert events == [
         {
@@ -80,8 +83,7 @@ def test_stripe_meter_events(
 def test_lago_events_and_openmeter(
     capsys: pytest.CaptureFixture[str], backend: Backend, files: tuple[Path, Path]
 ) -> None:
-    prices, _ = files
-    argv = ["--db", backend.url, "--prices", str(prices)]
+    argv = ["--db", backend.url]
     lago = export(capsys, *argv, "--format", "lago")
     assert lago[0] == {
         "event": {

@@ -39,7 +39,6 @@ def test_an_account_from_plan_to_closed_period(
     prices_file: Path,
     tmp_path: Path,
 ) -> None:
-    priced = ["--prices", str(prices_file)]
     assert run(capsys, "plan", "define", *db, "basic", "--hours", "5", "--by", "ops")[:2] == (
         0,
         "plan basic: 18000.000000 credits a period\n",
@@ -64,12 +63,37 @@ def test_an_account_from_plan_to_closed_period(
         "account acme: plan basic, periods from day 1, first period 2025-06-01T00:00:00Z\n",
     )
     feeder.send(2, start_us=JUNE_1_US + 9 * DAY_US)  # 15 credits of sdxl on June 10
+    load = [
+        "prices",
+        "set",
+        *db,
+        str(prices_file),
+        "--effective",
+        "2025-06-01T00:00Z",
+        "--by",
+        "ops",
+    ]
+    code, _, err = run(capsys, *load)
+    assert code == 2 and "is before the current hour" in err  # June 2025 is long past
+    code, out, _ = run(capsys, *load, "--backdate")
+    assert (code, out) == (
+        0,
+        f"prices effective 2025-06-01T00:00:00Z: loaded from {prices_file} by ops\n"
+        "  sdxl: default -> 1 credits/busy s\n"
+        "  gpt-4o: default -> 4 credits/request\n",
+    )
+    code, out, _ = run(capsys, *load, "--backdate")  # a retry changes nothing
+    assert (code, out) == (
+        0,
+        "prices effective 2025-06-01T00:00:00Z: already loaded with this content (nothing "
+        "changed)\n",
+    )
     code, out, _ = run(
-        capsys, "charge", *db, *priced, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
+        capsys, "charge", *db, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
     )
     assert (code, out) == (0, "charged: req-1 4.000000 credits\n")
     code, out, _ = run(
-        capsys, "charge", *db, *priced, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
+        capsys, "charge", *db, "acme", "gpt-4o", "req-1", "--at", "2025-06-10T12:00Z"
     )
     assert out == "already charged (nothing changed): req-1 4.000000 credits\n"
     adjust = ["adjust", *db, "acme", "2.5", "--reason", "slow job", "--by", "alice"]
@@ -78,9 +102,7 @@ def test_an_account_from_plan_to_closed_period(
     code, again, _ = run(capsys, *adjust, "--key", "ticket-77")  # a retry moves nothing
     assert (code, again) == (0, f"nothing changed: key 'ticket-77' was done already, as {out}")
 
-    code, out, _ = run(
-        capsys, "balance", *db, *priced, "acme", "--at", "2025-06-20", "--format", "json"
-    )
+    code, out, _ = run(capsys, "balance", *db, "acme", "--at", "2025-06-20", "--format", "json")
     balance = json.loads(out)
     assert (balance["plan_grant"], balance["used"], balance["remaining"]) == (
         "18000.000000",
@@ -92,16 +114,14 @@ def test_an_account_from_plan_to_closed_period(
         ("usage", "sdxl", "15.000000"),
     ]
 
-    code, out, _ = run(capsys, "report", *db, *priced, "--group-by", "day,model", "--format", "csv")
+    code, out, _ = run(capsys, "report", *db, "--group-by", "day,model", "--format", "csv")
     assert out.splitlines()[1:] == [
         "2025-06-10,gpt-4o,0.000000,1,4.000000,1,false",
         "2025-06-10,sdxl,15.000000,0,15.000000,2,false",
     ]
 
     events_path = tmp_path / "events.jsonl"
-    code, _, err = run(
-        capsys, "export", *db, *priced, "--from", "2025-06-01", "--out", str(events_path)
-    )
+    code, _, err = run(capsys, "export", *db, "--from", "2025-06-01", "--out", str(events_path))
     assert (code, err) == (0, "exported 3 events\n")
     assert [json.loads(line)["id"] for line in events_path.read_text().splitlines()] == [
         "agent-1:1",
@@ -114,7 +134,6 @@ def test_an_account_from_plan_to_closed_period(
         "period",
         "close",
         *db,
-        *priced,
         "--account",
         "acme",
         "--through",
@@ -137,7 +156,8 @@ def test_an_account_from_plan_to_closed_period(
         (["adjust", "acme", "1"], "the following arguments are required: --reason, --key"),
         (["top-up", "acme", "1", "--reason", "x"], "the following arguments are required: --key"),
         (["report", "--group-by", "colour"], "--group-by 'colour' is not one of"),
-        (["balance", "acme", "--prices", "/no/such/prices.toml"], "price file"),
+        (["prices", "set", "/no/such/prices.toml", "--effective", "2027-01-01"], "price file"),
+        (["balance", "acme", "--prices", "p.toml"], "unrecognized arguments: --prices"),
         (["top-up", "acme", "1.0000001", "--reason", "x", "--key", "k"], "more than 6 decimal"),
     ],
 )
@@ -148,7 +168,7 @@ def test_bad_arguments_are_one_line(
     argv: list[str],
     problem: str,
 ) -> None:
-    verb_at = 2 if argv[0] in ("plan", "account", "period") else 1
+    verb_at = 2 if argv[0] in ("plan", "account", "period", "prices") else 1
     code, out, err = run(capsys, *argv[:verb_at], *db, *argv[verb_at:])
     assert (code, out) == (2, "")
     assert err.count("\n") == 1 and problem in err, err

@@ -8,14 +8,14 @@ import csv
 import io
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from creditmeter.collector.jobs_report import job_credits, job_rows, nearest_rank, render, typical
+from creditmeter.collector.ledger import Ledger
 from creditmeter.collector.ledger_store import UsageEvent
 from creditmeter.collector.main import main
-from creditmeter.collector.prices import PriceBook
+from creditmeter.collector.prices import PriceBook, PriceSchedule, PriceVersion
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import usage_pb2
 from tests.collector.backends import Backend
@@ -36,7 +36,9 @@ def event(job_id: str, model: str, busy_us: int, start_us: int = T0) -> UsageEve
 
 
 def test_a_job_is_the_sum_of_its_records_priced_once() -> None:
-    prices = PriceBook(busy_second_micro={"flux": 2_000_000})
+    prices = PriceSchedule(
+        [PriceVersion(0, PriceBook(busy_second_micro={"flux": 2_000_000}), 0, "t")]
+    )
     events = [
         event("j1", "flux", 3_333_333, T0),
         event("j1", "flux", 3_333_333, T0 + 10 * S),  # its second window
@@ -62,7 +64,7 @@ def test_percentiles_are_credits_a_job_really_cost(
 def test_typical_credits_per_model() -> None:
     events = [event(f"s{i}", "sdxl", round(s * S)) for i, s in enumerate(SDXL_S)]
     events += [event(f"f{i}", "flux", round(s * S)) for i, s in enumerate(FLUX_S)]
-    rows = typical(job_credits(events, PriceBook()))
+    rows = typical(job_credits(events, PriceSchedule()))
     assert [(t.model, t.jobs, t.median_micro, t.p90_micro) for t in rows] == [
         ("flux", 3, 25 * S, 40 * S),
         ("sdxl", 10, 7_250_000, 9_500_000),
@@ -103,10 +105,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 @pytest.fixture
-def prices(tmp_path: Path) -> list[str]:
-    path = tmp_path / "prices.toml"
-    path.write_text("[self_hosted]\nsdxl = 1\nflux = 1\n")
-    return ["--prices", str(path)]
+def prices(store: LedgerTestStore) -> list[str]:
+    """sdxl and flux in the price book at 1 credit (not the default): no row is flagged."""
+    book = PriceBook(busy_second_micro={"sdxl": 1_000_000, "flux": 1_000_000})
+    Ledger(store).set_prices(book, 0, by="ops", backdate=True)
+    return []
 
 
 def test_report_per_job_and_typical(
@@ -146,7 +149,7 @@ def test_labels_stored_before_the_law_print_as_text() -> None:
     """Records stored before the label law may hold control characters: no escape sequence,
     no forged line, no formula reaches a terminal or a spreadsheet."""
     hostile = replace(event("x\nTOTAL 0", "=HYPERLINK(1)", S), account="evil\x1b[2J")
-    header, rows, labels = job_rows(job_credits([hostile], PriceBook()))
+    header, rows, labels = job_rows(job_credits([hostile], PriceSchedule()))
     table = render(header, rows, labels, "table")
     assert "\x1b" not in table and "\nTOTAL" not in table
     (cells,) = list(csv.reader(io.StringIO(render(header, rows, labels, "csv"))))[1:]

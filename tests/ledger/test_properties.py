@@ -18,21 +18,25 @@ from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+import grpc
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from creditmeter.collector.access import ApiAccess
 from creditmeter.collector.ledger import Ledger
-from creditmeter.collector.ledger_store import Dimension
+from creditmeter.collector.ledger_store import ApiCharge, Dimension
 from creditmeter.collector.pg_store import PostgresStore
-from creditmeter.collector.prices import MICRO, PriceBook
+from creditmeter.collector.prices import MICRO, PriceBook, PriceSchedule
+from creditmeter.collector.query import ledger_handlers
 from creditmeter.collector.report import Period, build_report
+from creditmeter.collector.server import create_server
 from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.verifier import Verifier
-from creditmeter.v1 import usage_pb2
+from creditmeter.v1 import query_pb2, query_pb2_grpc, usage_pb2
 from tests.collector.backends import BACKENDS
 from tests.collector.records import WINDOW_US, AgentChain
 
@@ -248,3 +252,155 @@ def test_credits_are_additive(
     apart_a, apart_b, together = credits(first), credits(second), credits(first + second)
     for account in ACCOUNTS[:-1]:
         assert together[account] == apart_a[account] + apart_b[account]
+
+
+# -- the price book: every path gives the same credits ---------------------------------------
+
+API_MODELS = ("gpt-4o", "claude")
+API_TOKEN = "property-token-0123456789"
+Version = tuple[int, dict[str, int]]  # (hour offset from START_US, µcredits per model)
+Charge = tuple[str, str, int, int]  # account, API model, count, hour offset
+
+# Few hours, so that records, charges and price changes share hours often.
+HOURS = 8
+hour_records_st = st.tuples(
+    st.sampled_from(ACCOUNTS),
+    st.sampled_from(MODELS),
+    st.integers(0, 12_000_000),
+    st.integers(0, HOURS - 1),
+)
+versions_st = st.lists(
+    st.tuples(
+        st.integers(-1, HOURS - 1),
+        st.fixed_dictionaries(
+            {model: st.sampled_from(RATES_MICRO) for model in (*MODELS, *API_MODELS)}
+        ),
+    ),
+    max_size=4,
+    unique_by=lambda version: version[0],
+)
+charges_st = st.lists(
+    st.tuples(
+        st.sampled_from(ACCOUNTS[:-1]),
+        st.sampled_from(API_MODELS),
+        st.integers(1, 50),
+        st.integers(0, HOURS - 1),
+    ),
+    max_size=8,
+)
+
+
+def _book(rates: dict[str, int]) -> PriceBook:
+    return PriceBook(
+        busy_second_micro={m: rates[m] for m in MODELS},
+        request_micro={m: rates[m] for m in API_MODELS},
+    )
+
+
+def expected_by_version(
+    stream: Sequence[Record], charges: Sequence[Charge], versions: Sequence[Version]
+) -> dict[str, int]:
+    """By hand: each record and charge priced by the version in force at its hour, busy µs
+    rounded once per (account, model, version); the built-in prices before the first."""
+    built_in = {m: MICRO for m in (*MODELS, *API_MODELS)}
+
+    def version_at(hour: int) -> int | None:
+        return max((start for start, _ in versions if start <= hour), default=None)
+
+    rates = dict(versions)
+    busy: dict[tuple[str, str, int | None], int] = defaultdict(int)
+    for account, model, busy_us, hour in stream:
+        busy[account, model, version_at(hour)] += busy_us
+    credits: dict[str, int] = defaultdict(int)
+    for (account, model, version), total_us in busy.items():
+        rate = built_in[model] if version is None else rates[version][model]
+        exact = Decimal(total_us * rate) / MICRO
+        credits[account] += int(exact.quantize(Decimal(1), rounding="ROUND_HALF_EVEN"))
+    for account, model, count, hour in charges:
+        version = version_at(hour)
+        credits[account] += count * (built_in if version is None else rates[version])[model]
+    return {account: credits[account] for account in ("acme", "globex")}
+
+
+def credits_by_path(store: LedgerTestStore) -> dict[str, dict[str, int]]:
+    """Every account's June credits as each reader sees them: the ledger's balance, the
+    report, the Query API over a real server, and the statement of the closed period."""
+    accounts = ("acme", "globex")
+    balance = {
+        a: Ledger(store, clock_us=_clock).balance(a, START_US).charged_micro for a in accounts
+    }
+    schedule = PriceSchedule(store.price_versions())
+    report = build_report(store, Period(JUNE_1_US, JULY_1_US), (Dimension.ACCOUNT,), schedule)
+    by_report = {row.keys[0]: row.credits_micro for row in report.rows}
+    ledger = Ledger(store, clock_us=_clock)  # a restart: a new ledger reads the book again
+    server, port = create_server(
+        "127.0.0.1:0",
+        store,
+        api_auth=ApiAccess.admins({"platform": API_TOKEN}),
+        extra_handlers=ledger_handlers(ledger, store),
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            query: Any = query_pb2_grpc.QueryStub(channel)  # type: ignore[no-untyped-call]
+            by_api = {
+                a: query.GetBalance(
+                    query_pb2.GetBalanceRequest(account=a, at_unix_us=START_US),
+                    metadata=(("authorization", f"Bearer {API_TOKEN}"),),
+                    timeout=10,
+                ).charged_micro
+                for a in accounts
+            }
+    finally:
+        server.stop(grace_s=0)
+    by_statement = {
+        a: Ledger(store, clock_us=_clock).close_periods(a, JULY_1_US, by="t")[0].charged_micro
+        for a in ("acme", "globex")
+    }
+    return {
+        "balance": balance,
+        "report": {a: by_report.get(a, 0) for a in ("acme", "globex")},
+        "query api": by_api,
+        "statement": by_statement,
+    }
+
+
+@settings(PER_EXAMPLE, max_examples=20)
+@given(
+    stream=st.lists(hour_records_st, max_size=20),
+    charges=charges_st,
+    versions=versions_st,
+    data=st.data(),
+)
+def test_every_reader_gives_the_same_credits_under_any_order_of_price_loads(
+    empty_store: EmptyStore,
+    stream: list[Record],
+    charges: list[Charge],
+    versions: list[Version],
+    data: st.DataObject,
+) -> None:
+    """Usage and charges, and price versions loaded in any order, each maybe twice (a
+    retry), some before the usage arrives and some after: balance, report, Query API and
+    statement all give the hand computation's credits."""
+    retries = data.draw(st.lists(st.sampled_from(versions), max_size=2)) if versions else []
+    loads = data.draw(st.permutations(versions + retries))
+    split = data.draw(st.integers(0, len(loads)))
+    expected = expected_by_version(stream, charges, versions)
+    with empty_store() as store:
+        ledger = Ledger(store, clock_us=_clock)
+        ledger.define_plan("p", by="t", credits=Decimal(1))
+        for account in ("acme", "globex"):
+            ledger.open_account(account, "p", by="t", anchor_day=1, since_us=JUNE_1_US)
+        for hour, rates in loads[:split]:
+            ledger.set_prices(_book(rates), START_US + hour * HOUR_US, by="t", backdate=True)
+        chain = AgentChain("agent-1")
+        store.enroll_agent(chain.agent_id, chain.public_key_hex)
+        _feed(store, Verifier(clock_us=_clock), chain, stream, [3], [True])
+        for index, (account, model, count, hour) in enumerate(charges):
+            time_us = START_US + hour * HOUR_US + 1
+            ledger.record_charge(ApiCharge(f"req-{index}", account, model, count, time_us))
+        for hour, rates in loads[split:]:
+            ledger.set_prices(_book(rates), START_US + hour * HOUR_US, by="t", backdate=True)
+        seen = credits_by_path(store)
+    for path, credits in seen.items():
+        assert credits == expected, path

@@ -1,5 +1,6 @@
-"""``serve`` with the ledger settings: the daemon as a real process on each store answers
-Query and Charges at the prices of ``ledger.prices_file``; the settings' precedence."""
+"""``serve`` with the ledger settings: the daemon as a real process on each store migrates
+``ledger.prices_file`` into the price book and answers Query and Charges at its prices;
+every administration command prices from the same book; the settings' precedence."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ import grpc
 import pytest
 
 from creditmeter.collector import pg_store, settings
+from creditmeter.collector.admin_cli import migrate_prices_file
 from creditmeter.collector.errors import ConfigError
 from creditmeter.collector.main import main
 from creditmeter.v1 import charges_pb2, charges_pb2_grpc, query_pb2, query_pb2_grpc
 from tests.collector.backends import Backend
 from tests.collector.test_main import wait_for_port
 
-from .conftest import HOUR_US, LedgerTestStore
+from .conftest import HOUR_US, JUNE_1_US, LedgerTestStore
+
+NOW_US = JUNE_1_US + 40 * 24 * HOUR_US
 
 TOKEN = "s3cret-token-0123456789"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -129,8 +133,10 @@ def test_serve_answers_query_and_charges_at_the_configured_prices(
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
-    assert f"serving Query and Charges, prices: {tmp_path / 'prices.toml'}" in out
-    assert "not serving" not in out
+    logged = out + err
+    assert f"imported ledger.prices_file {tmp_path / 'prices.toml'} into the price book" in logged
+    assert "serving Query and Charges, prices: price book (1 version" in logged
+    assert "not serving" not in logged
 
 
 def load_serve(*argv: str, environ: dict[str, str] | None = None) -> Any:
@@ -167,25 +173,30 @@ def test_a_pool_size_below_1_is_refused() -> None:
         load_serve("--set", "store.pool_size=0")
 
 
-def test_administration_commands_price_as_serve_does(
+def test_administration_commands_price_from_the_book_serve_migrated_the_file_into(
     capsys: pytest.CaptureFixture[str],
     backend: Backend,
     acme: str,
     store: LedgerTestStore,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Without --prices (nor $CREDITMETER_PRICES), ``charge`` and ``balance`` use the
-    configuration file's ledger.prices_file, as the daemon does; --prices still wins."""
-    monkeypatch.delenv(settings.PRICES_ENV, raising=False)
+    """Nothing reads a price file but the migration: ``charge`` and ``balance`` price from
+    the store, and a file that disagrees with the book stops ``serve`` with one line."""
     config = write_config(tmp_path, backend.url)
-    argv = ["--config", str(config)]
+    migrate_prices_file(store, tmp_path / "prices.toml", NOW_US)  # what serve does at start
+    argv = ["--db", backend.url]
     assert main(["charge", *argv, acme, "gpt-4o", "req-9", "--at", "2025-06-10T12:00Z"]) == 0
     assert capsys.readouterr().out == "charged: req-9 7.000000 credits\n"
     balance = [*argv, acme, "--at", "2025-06-20", "--format", "json"]
     assert main(["balance", *balance]) == 0
     assert json.loads(capsys.readouterr().out)["used"] == "7.000000"
-    other = tmp_path / "other.toml"
-    other.write_text('[api]\n"gpt-4o" = 3\n')
-    assert main(["balance", "--prices", str(other), *balance]) == 0
-    assert json.loads(capsys.readouterr().out)["used"] == "3.000000"
+    assert main(["balance", "--prices", str(tmp_path / "prices.toml"), *balance]) == 2
+    assert "unrecognized arguments: --prices" in capsys.readouterr().err
+
+    migrate_prices_file(store, tmp_path / "prices.toml", NOW_US)  # a restart: ignored
+    assert [v.effective_us for v in store.price_versions()] == [0]
+    (tmp_path / "prices.toml").write_text('[api]\n"gpt-4o" = 3\n')
+    with pytest.raises(ConfigError, match="differs from the prices in force in the price book"):
+        migrate_prices_file(store, tmp_path / "prices.toml", NOW_US)
+    assert main(["serve", "--config", str(config), "--listen", "127.0.0.1:0"]) == 2
+    assert "differs from the prices in force" in capsys.readouterr().err
