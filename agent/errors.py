@@ -11,6 +11,12 @@ class ConfigError(AgentError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
+class ScenarioUnusable(ConfigError):
+    """The simulated host cannot be built: no scenario named, no shipped scenario of that
+    name (``creditmeter-agent scenarios`` lists them), or a scenario file that is unreadable
+    or malformed (the message names the key)."""
+
+
 # -- NVML -------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -85,30 +86,48 @@ def load(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise KeyFileInvalid(f"{file}: {exc}") from exc
 
 
-def keygen_main(argv: list[str]) -> int:
-    """``creditmeter-agent keygen``: write a key and print how to enroll it. Exit status."""
+def keygen_main(
+    argv: list[str],
+    *,
+    parents: tuple[argparse.ArgumentParser, ...] = (),
+    defaults: Callable[[argparse.Namespace], tuple[Path, str]] | None = None,
+) -> int:
+    """``creditmeter-agent keygen``: write a key and print how to enroll it. Exit status.
+
+    ``parents`` add options (the agent's --config and --set); ``defaults`` gives the key
+    path and agent id the configuration names, for the arguments left unset."""
     parser = argparse.ArgumentParser(
         prog="creditmeter-agent keygen",
         description="Create the agent's Ed25519 signing key and print its public key.",
+        parents=list(parents),
     )
-    parser.add_argument("--key", default=DEFAULT_KEY_PATH, help="private key file to create")
     parser.add_argument(
-        "--agent-id", default=socket.gethostname(), help="agent id (default: the host name)"
+        "--key",
+        default=None,
+        help=f"private key file to create (default: agent.key_file, else {DEFAULT_KEY_PATH})",
     )
+    if defaults is None:  # else the configuration's own --agent-id flag sets agent.id
+        parser.add_argument("--agent-id", default=None, help="agent id (default: host name)")
     parser.add_argument(
         "--force",
         action="store_true",
         help="replace an existing key (the collector must then enroll the new public key)",
     )
     args = parser.parse_args(argv)
+    key_path, agent_id = (
+        defaults(args) if defaults is not None else (Path(DEFAULT_KEY_PATH), socket.gethostname())
+    )
+    key_path = Path(args.key) if args.key is not None else key_path
+    agent_id = getattr(args, "agent_id", None) or agent_id
     try:
-        public_hex = generate(args.key, overwrite=args.force)
+        public_hex = generate(key_path, overwrite=args.force)
     except SigningKeyError as exc:
         print(f"creditmeter-agent keygen: {exc}", file=sys.stderr)
         return 1
     print(public_hex)
+    print(f"# wrote the private key to {key_path} (mode 0600); keep it on this host only")
     print("# enroll this agent by running on the collector host:")
-    print(f"creditmeter-collector enroll {args.agent_id} {public_hex}")
+    print(f"creditmeter-collector enroll {agent_id} {public_hex}")
     return 0
 
 

@@ -23,10 +23,11 @@ from types import FrameType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from creditmeter import __version__
 from creditmeter.agent import keys, outbox_repair, settings
 from creditmeter.agent.attribution import RecordBuilder
 from creditmeter.agent.backoff import Backoff
-from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone
+from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone, ScenarioUnusable
 from creditmeter.agent.gpu import Clock, Nvml, ProcessTable, SystemClock
 from creditmeter.agent.health import AgentHealth, serve_health
 from creditmeter.agent.jobapi import CallerResolver, JobServer, create_server, supervisor_uids
@@ -45,7 +46,7 @@ from creditmeter.agent.shipper import (
     secure_channel_factory,
 )
 from creditmeter.agent.telemetry import AgentTelemetry
-from creditmeter.config import Config, ConfigError
+from creditmeter.config import Config, ConfigArgs, ConfigError
 from creditmeter.logs import setup_logging
 from creditmeter.metrics import Registry, serve_metrics
 from creditmeter.sdnotify import Notifier
@@ -53,7 +54,9 @@ from creditmeter.tls import TlsError, TlsFiles, client_credentials, common_name,
 
 log = logging.getLogger("creditmeter.agent")
 
+EXIT_OK = 0
 EXIT_FAILURE = 1
+DEFAULT_SCENARIO = "demo"
 EXIT_CONFIG = 2  # as creditmeter.config exits: the unit's RestartPreventExitStatus=2
 
 
@@ -69,11 +72,25 @@ class Host:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="creditmeter-agent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="creditmeter-agent",
+        description="Meters this host's GPUs in measured compute seconds and ships signed "
+        "usage records to the collector.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="meter this host's GPUs (the daemon)")
     cli = settings.config_args()
     cli.add_arguments(run_parser)
+    run_parser.add_argument(
+        "--simulate",
+        nargs="?",
+        const=DEFAULT_SCENARIO,
+        metavar="SCENARIO",
+        help="meter a simulated host instead of this one's GPUs: a shipped scenario "
+        f"(creditmeter-agent scenarios; default {DEFAULT_SCENARIO}) or a .toml file",
+    )
+    commands.add_parser("scenarios", help="list the shipped simulated hosts")
     commands.add_parser("keygen", help="create the signing key", add_help=False)
     commands.add_parser("trace", help="record the NVML answers the meter uses", add_help=False)
     commands.add_parser("replay", help="meter a trace offline", add_help=False)
@@ -86,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("selftest", help="measure known GPU work (CUDA) through NVML")
     args, rest = parser.parse_known_args(argv)
     if args.command == "keygen":
-        return keys.keygen_main(rest)
+        return _keygen(cli, rest)
     if args.command in ("trace", "replay"):
         from creditmeter.agent import trace_cli
 
@@ -95,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "scenarios":
+        return _list_scenarios()
+    if getattr(args, "simulate", None) is not None:
+        args.config_set += ["nvml.backend=simulated", f"nvml.scenario={args.simulate}"]
     config = cli.load_or_exit(args)
     if args.command == "outbox":
         return _outbox_command(config, args.action)
@@ -109,9 +130,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NvmlUnavailable as exc:
         print(f"creditmeter-agent: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ScenarioUnusable as exc:
+        print(f"creditmeter-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except AgentError as exc:
         print(f"creditmeter-agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _keygen(cli: ConfigArgs, argv: list[str]) -> int:
+    """``keygen`` writes where the configuration says (agent.key_file, else the state
+    folder's signing-key.pem), for the configuration's agent id."""
+    config_options = argparse.ArgumentParser(add_help=False)
+    cli.add_arguments(config_options)
+
+    def defaults(args: argparse.Namespace) -> tuple[Path, str]:
+        config = cli.load_or_exit(args)
+        key_file = config[settings.KEY_FILE] or config[settings.STATE_DIR] / "signing-key.pem"
+        return Path(key_file), config[settings.AGENT_ID] or socket.gethostname()
+
+    return keys.keygen_main(argv, parents=(config_options,), defaults=defaults)
+
+
+def _list_scenarios() -> int:
+    from creditmeter.simnvml.scenario import scenario_summary, shipped_scenarios
+
+    names = shipped_scenarios()
+    width = max(len(name) for name in names)
+    for name in names:
+        print(f"{name:<{width}}  {scenario_summary(name)}")
+    print(f"\nrun one: creditmeter-agent run --simulate NAME (default {DEFAULT_SCENARIO})")
+    return EXIT_OK
 
 
 def main_entry() -> None:
@@ -127,7 +176,14 @@ def run(config: Config) -> int:
         host = stack.enter_context(open_host(config))
         nvml = host.nvml or open_nvml()
         stack.callback(nvml.shutdown)
-        log.info("NVML open: driver %s", nvml.driver_version())
+        log.info(
+            "agent %s: metering %d GPUs of %s (driver %s); shipping to %s",
+            agent_id,
+            len(nvml.devices()),
+            _backend_text(config),
+            nvml.driver_version(),
+            config[settings.COLLECTOR],
+        )
         outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
         damaged = _damaged(outbox)
         meter = Meter(
@@ -156,7 +212,9 @@ def run(config: Config) -> int:
             batch_max=config[settings.BATCH_MAX],
             ack_timeout_s=config[settings.ACK_TIMEOUT],
             backoff=Backoff(cap_s=config[settings.BACKOFF_MAX]),
-            clock=host.clock,
+            # A simulated host's clock may run 30 times faster: waits for the collector are
+            # real seconds all the same (the logs said 24.8 s and retried after 0.8).
+            record_wall=host.clock.wall,
             observer=telemetry,
             idle_close_s=config[settings.IDLE_CLOSE],
         )
@@ -167,15 +225,28 @@ def run(config: Config) -> int:
         shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
         shipping.start()
         notifier.ready(f"metering {len(nvml.devices())} devices as {agent_id}")
-        log.info("metering as agent %s, shipping to %s", agent_id, config[settings.COLLECTOR])
+        log.info("metering as agent %s: ready", agent_id)
         loop.run(stop)
         notifier.stopping("windows closed; delivering the outbox")
         ship_stop.set()
         shipping.join()
-        deadline = host.clock.monotonic() + config[settings.DRAIN_TIMEOUT]
+        deadline = time.monotonic() + config[settings.DRAIN_TIMEOUT]
         if not shipper.drain(deadline):
             log.warning("%d records wait in the outbox for the next start", outbox.depth())
     return 0
+
+
+def _backend_text(config: Config) -> str:
+    """Which GPUs these are, for the first log line: the operator must never mistake a
+    simulated host for a real one."""
+    backend = config[settings.BACKEND]
+    if backend == "simulated":
+        return (
+            f"a SIMULATED host (scenario {config[settings.SCENARIO]}, {config[settings.SPEED]:g}x)"
+        )
+    if backend == "replay":
+        return "a REPLAYED trace"
+    return "this host (NVML)"
 
 
 def _on_signals(stop: threading.Event) -> None:
@@ -204,11 +275,15 @@ def open_host(config: Config) -> Iterator[Host]:
 
     name = config[settings.SCENARIO]
     if not name:
-        raise AgentError("nvml.backend = simulated needs nvml.scenario")
+        raise ScenarioUnusable(
+            "nvml.backend = simulated needs nvml.scenario (or: run --simulate [SCENARIO])"
+        )
     try:
         scenario = Scenario.load(name)
-    except (ScenarioError, OSError) as exc:
-        raise AgentError(f"nvml.scenario: {exc}") from exc
+    except ScenarioError as exc:
+        raise ScenarioUnusable(f"nvml.scenario: {exc}") from exc
+    except OSError as exc:
+        raise ScenarioUnusable(f"nvml.scenario: {name}: {exc.strerror}") from exc
     speed = config[settings.SPEED]
     anchor = config[settings.CLOCK_ANCHOR]
     clock = SimClock.shared(Path(anchor), speed) if anchor else SimClock(speed)

@@ -109,10 +109,18 @@ OUTBOX_MAX_DB_BYTES = Option(
 COLLECTOR = Option("collector.address", STR, "127.0.0.1:7300", "Collector host:port.")
 BATCH_MAX = Option("collector.batch_max", INT, 1000, "Records per batch at most.", ge=1)
 ACK_TIMEOUT = Option(
-    "collector.ack_timeout", DURATION, 20.0, "A batch not acked this long ends the stream.", gt=0
+    "collector.ack_timeout",
+    DURATION,
+    20.0,
+    "A batch not acked this long ends the stream (real seconds, on a simulated host too).",
+    gt=0,
 )
 BACKOFF_MAX = Option(
-    "collector.backoff_max", DURATION, 30.0, "Longest wait between reconnects.", gt=0
+    "collector.backoff_max",
+    DURATION,
+    30.0,
+    "Longest wait between reconnects (real seconds, on a simulated host too).",
+    gt=0,
 )
 IDLE_CLOSE = Option(
     "collector.idle_close",

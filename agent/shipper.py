@@ -46,6 +46,7 @@ from typing import Any, Final, Protocol
 import grpc
 
 from creditmeter.agent.backoff import Backoff
+from creditmeter.agent.failure_log import FailureLog
 from creditmeter.agent.gpu import Clock, SystemClock
 from creditmeter.agent.outbox import AckBeyondHead, AckMismatch, Batch, OutboxError, RecordsGone
 from creditmeter.v1 import ingest_pb2, ingest_pb2_grpc
@@ -244,12 +245,19 @@ class Shipper:
         clock: Clock | None = None,
         observer: ShipperObserver | None = None,
         idle_close_s: float | None = None,
+        record_wall: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` times the shipper's own waits (backoff, acks, idleness): the host's real
+        time even on a simulated host. ``record_wall`` is the clock the records' creation
+        times come from (a simulated host's own), for the delivery lag; default the
+        ``clock``'s wall time."""
         if batch_max < 1 or max_in_flight < 1 or ack_timeout_s <= 0:
             raise ValueError("batch_max, max_in_flight and ack_timeout_s must be positive")
         if idle_close_s is not None and idle_close_s < 0:
             raise ValueError(f"idle_close_s must be >= 0 or None, got {idle_close_s}")
         self._idle_close_s = idle_close_s
+        self._failures = FailureLog(log)
+        self._resumed_once = False
         self._channel: Any = None  # kept across idle closes; a failed stream drops it
         self._outbox = outbox
         self._channel_factory = channel_factory
@@ -259,6 +267,7 @@ class Shipper:
         self._ack_timeout_s = ack_timeout_s
         self._backoff = backoff if backoff is not None else Backoff()
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._record_wall = record_wall if record_wall is not None else self._clock.wall
         self._observer = _GuardedObserver(observer if observer is not None else NullObserver())
         self._cond = threading.Condition()
         self._busy = threading.Lock()  # run and drain never overlap
@@ -394,20 +403,19 @@ class Shipper:
         with self._cond:
             self._last_error = stream.detail
         if outcome is _Outcome.OPERATOR:
-            log.error(
-                "cannot deliver the records of agent %s: %s; they stay in the outbox "
-                "(%d waiting) until an operator acts; retrying in %.1f s",
-                self._agent_id,
-                stream.detail,
-                self._outbox.depth(),
-                delay_s,
+            self._failures.failed(
+                logging.ERROR,
+                f"{outcome.value}: {stream.detail}",
+                f"cannot deliver the records of agent {self._agent_id}: {stream.detail}; they "
+                f"stay in the outbox ({self._outbox.depth()} waiting) until an operator acts; "
+                f"retrying in {delay_s:.1f} s",
             )
         else:
-            log.warning(
-                "stream to the collector failed: %s; retrying in %.1f s (attempt %d)",
-                stream.detail,
-                delay_s,
-                self._backoff.attempt,
+            self._failures.failed(
+                logging.WARNING,
+                f"{outcome.value}: {stream.detail}",
+                f"stream to the collector failed: {stream.detail}; retrying in {delay_s:.1f} s "
+                f"(attempt {self._backoff.attempt})",
             )
         self._observer.stream_ended(outcome.value, stream.detail)
         return delay_s
@@ -665,7 +673,7 @@ class Shipper:
             self._records_acked += newly
             lag_s = None
             if done and newly:
-                lag_s = self._clock.wall() - min(d.oldest_created_unix_s for d in done)
+                lag_s = self._record_wall() - min(d.oldest_created_unix_s for d in done)
                 self._last_lag_s = lag_s
             self._cond.notify_all()
         if lag_s is not None:
@@ -693,7 +701,14 @@ class Shipper:
             self._connected = True
             self._records_acked += max(0, self._outbox.acked_seq - acked_seq)
             self._cond.notify_all()
-        log.info("stream to the collector open, resuming after seq %d", collector_seq)
+        # Streams open every few seconds (idle_close): only the first and the first after a
+        # failure are news.
+        if self._failures.failing or not self._resumed_once:
+            log.info("stream to the collector open, resuming after seq %d", collector_seq)
+        else:
+            log.debug("stream to the collector open, resuming after seq %d", collector_seq)
+        self._resumed_once = True
+        self._failures.recovered()
 
     def _collector_behind(self, collector_seq: int, acked_seq: int, head_hash: bytes) -> None:
         log.error(

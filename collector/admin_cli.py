@@ -55,7 +55,7 @@ from creditmeter.collector.billing_export import (
     read_customers,
     stripe_event,
 )
-from creditmeter.collector.errors import ConfigError, InvalidRequest
+from creditmeter.collector.errors import ConfigError, InvalidRequest, UnknownAccount
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
 from creditmeter.collector.jobs_report import job_credits, job_rows, typical, typical_rows
 from creditmeter.collector.jobs_report import render as render_jobs
@@ -114,7 +114,9 @@ def add_commands(commands: Any, db: argparse.ArgumentParser) -> None:
     _add_reading_commands(commands, db)
 
 
-def serve_handlers(store: object, prices_path: Path | None) -> list[Any]:
+def serve_handlers(
+    store: object, prices_path: Path | None, *, open_to_callers: bool = True
+) -> list[Any]:
     """The Query and Charges handlers for ``serve``, pricing from the store's price book;
     none for a store without a ledger (the services then answer UNIMPLEMENTED).
     ``prices_path`` (the retired setting ``ledger.prices_file``) is migrated into the price
@@ -127,7 +129,13 @@ def serve_handlers(store: object, prices_path: Path | None) -> list[Any]:
     ledger = Ledger(ledger_store)
     if prices_path is not None:
         migrate_prices_file(ledger_store, prices_path, ledger.now_us())
-    log.info("serving Query and Charges, prices: %s", ledger.prices.source)
+    if open_to_callers:
+        log.info("serving Query and Charges, prices: %s", ledger.prices.source)
+    else:
+        log.info(
+            "Query and Charges refuse every call: no api.token_file, no api.clients (prices: %s)",
+            ledger.prices.source,
+        )
     return ledger_handlers(ledger, ledger_store)
 
 
@@ -343,8 +351,15 @@ def _plan_define(args: argparse.Namespace) -> int:
 def _plan_list(args: argparse.Namespace) -> int:
     with _store(args, writing=False) as store:
         plans = store.plans()
+    if not plans:
+        print("no plans (define one: creditmeter-collector plan define NAME --hours H)")
+        return EXIT_OK
+    print("plan\tcredits a period\tdefined\tby")
     for plan in plans:
-        print(f"{plan.name}\t{micro_text(plan.grant_micro)}\t{iso_text(plan.created_at_us)}")
+        print(
+            f"{plan.name}\t{micro_text(plan.grant_micro)}\t{iso_text(plan.created_at_us)}\t"
+            f"{plan.created_by}"
+        )
     return EXIT_OK
 
 
@@ -373,8 +388,15 @@ def _account_set_plan(args: argparse.Namespace) -> int:
 def _account_list(args: argparse.Namespace) -> int:
     with _store(args, writing=False) as store:
         accounts = store.accounts()
+    if not accounts:
+        print("no accounts (open one: creditmeter-collector account open NAME --plan PLAN)")
+        return EXIT_OK
+    print("account\tperiods start on day\tfirst period\topened\tby")
     for account in accounts:
-        print(f"{account.name}\tday {account.anchor_day}\t{iso_text(account.created_at_us)}")
+        print(
+            f"{account.name}\t{account.anchor_day}\t{iso_text(account.first_period_start_us)}\t"
+            f"{iso_text(account.created_at_us)}\t{account.created_by}"
+        )
     return EXIT_OK
 
 
@@ -406,10 +428,11 @@ def _adjust(args: argparse.Namespace) -> int:
 
 
 def _entries(args: argparse.Namespace) -> int:
-    with _store(args, writing=False) as store:
-        if store.account(args.account) is None:
-            raise ConfigError(f"no account {args.account!r} is open")
+    with _ledger(args, writing=False) as (ledger, store):
+        ledger.account(args.account)  # UnknownAccount: exit 3, as balance
         entries = store.entries(args.account)
+    if not entries:
+        print(f"no entries for {args.account}")
     for entry in entries:
         print(_entry_text(entry))
     return EXIT_OK
@@ -471,28 +494,44 @@ def _prices_show(args: argparse.Namespace) -> int:
 
 def _period_close(args: argparse.Namespace) -> int:
     with _ledger(args, writing=True) as (ledger, store):
+        now_us = ledger.now_us()
         if args.through is not None:
             through_us = parse_time_us("--through", args.through)
+            if through_us > now_us:
+                raise ConfigError(
+                    f"--through {iso_text(through_us)} is in the future: a period closes only "
+                    f"once it has ended (now is {iso_text(now_us)})"
+                )
         else:
-            through_us = ledger.now_us() - args.grace_hours * HOUR_US
+            through_us = now_us - args.grace_hours * HOUR_US
         names = [a.name for a in store.accounts()] if args.all else [args.account]
+        closed = 0
         for name in names:
             for statement in ledger.close_periods(name, through_us, by=args.by):
+                closed += 1
                 print(
                     f"closed {name} {iso_text(statement.start_us)} .. "
                     f"{iso_text(statement.end_us)}: {micro_text(statement.charged_micro)} credits"
                 )
+    if not closed:
+        whose = "of any account" if args.all else f"of {args.account}"
+        print(f"nothing to close: no open period {whose} ended by {iso_text(through_us)}")
     return EXIT_OK
 
 
 def _period_list(args: argparse.Namespace) -> int:
-    with _store(args, writing=False) as store:
+    with _ledger(args, writing=False) as (ledger, store):
+        ledger.account(args.account)  # UnknownAccount: exit 3
         statements = store.statements(args.account)
+    if not statements:
+        print(f"no closed periods of {args.account}")
+        return EXIT_OK
+    print("period\tplan\tcredits\tclosed\tby")
     for statement in statements:
         print(
             f"{iso_text(statement.start_us)} .. {iso_text(statement.end_us)}\t"
-            f"plan {statement.plan}\t{micro_text(statement.charged_micro)} credits\t"
-            f"closed {iso_text(statement.closed_at_us)} by {statement.closed_by}"
+            f"{statement.plan}\t{micro_text(statement.charged_micro)}\t"
+            f"{iso_text(statement.closed_at_us)}\t{statement.closed_by}"
         )
     return EXIT_OK
 
@@ -515,8 +554,15 @@ def _report(args: argparse.Namespace) -> int:
     group_by = parse_group_by(args.group_by)
     store = open_store(args.db, create=False, migrate=False)
     try:
-        prices = PriceSchedule(as_ledger_store(store).price_versions())
+        ledger_store = as_ledger_store(store)
+        prices = PriceSchedule(ledger_store.price_versions())
         report = build_report(store, period, group_by, prices, args.account)
+        if (
+            args.account is not None
+            and not report.rows
+            and ledger_store.account(args.account) is None
+        ):
+            raise UnknownAccount(f"no account {args.account!r} is open and no usage names it")
     finally:
         store.close()
     render = {"table": render_table, "csv": render_csv, "json": render_json}[args.format]

@@ -229,6 +229,13 @@ class StoreError(CollectorError):
     status = Status.UNAVAILABLE
 
 
+class NoDatabase(StoreError):
+    """A command that only reads found no database where it was pointed (it never creates
+    one): a wrong --db, or a collector that never ran there."""
+
+    status = Status.NOT_FOUND
+
+
 class StoreBusy(StoreError):
     """The database stayed locked by another writer (another collector process, a CLI
     enroll) for longer than the busy timeout. Retrying later succeeds."""

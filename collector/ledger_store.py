@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from creditmeter.collector.errors import ConfigError, KeyReused, PeriodClosed
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceVersion, book_from_canonical
+from creditmeter.collector.prices import PriceVersion, book_from_canonical, exact_micro_text
 from creditmeter.v1 import usage_pb2
 
 
@@ -406,7 +406,8 @@ def check_repeat(stored: LedgerEntry, asked: LedgerEntry) -> LedgerEntry:
     if not stored.same_request(asked):
         raise KeyReused(
             f"idempotency key {asked.key!r} already made entry #{stored.entry_id} "
-            f"({stored.kind.value} of {stored.amount_micro} µcredits to {stored.account!r}, "
+            f"({stored.kind.value} of {exact_micro_text(stored.amount_micro)} credits to "
+            f"{stored.account!r}, "
             f"reason {stored.reason!r}); use a new key for a new change"
         )
     return replace(stored, repeated=True)

@@ -34,6 +34,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from creditmeter import __version__
 from creditmeter.collector import admin_cli, quarantine, settings
 from creditmeter.collector.access import ApiAccess, load_access
 from creditmeter.collector.audit import audit
@@ -43,6 +44,7 @@ from creditmeter.collector.errors import (
     ConfigError,
     EnrollmentError,
     ListenError,
+    Status,
 )
 from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
 from creditmeter.collector.serve_lock import hold_serve_lock
@@ -60,7 +62,11 @@ from creditmeter.tls import ReloadingServerCredentials, TlsError, TlsFiles, desc
 PROG = "creditmeter-collector"
 DB_ENV = settings.DB_ENV
 SWITCH_INTERVAL_S = 0.0002  # see _switching_threads_every
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+# Every command: 0 done (or nothing to do, which it says), 1 failed (audit: findings),
+# 2 bad input (arguments, configuration, a refused value), 3 not found (an account, plan,
+# agent, record or database that does not exist).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+EXIT_FINDINGS = EXIT_FAILED
 
 log = logging.getLogger("creditmeter.collector")
 
@@ -100,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EnrollmentError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CollectorError, TlsError) as exc:
+    except CollectorError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND if exc.status is Status.NOT_FOUND else EXIT_FAILED
+    except TlsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -111,6 +120,7 @@ def main_entry() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Verifies, stores and reports GPU usage records.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     db = _Parser(add_help=False)
@@ -221,7 +231,9 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
             observer=telemetry,
             api_auth=access,
             on_api_refused=telemetry.api_refused,
-            extra_handlers=admin_cli.serve_handlers(store, config[settings.PRICES_FILE]),
+            extra_handlers=admin_cli.serve_handlers(
+                store, config[settings.PRICES_FILE], open_to_callers=access.configured
+            ),
         )
         # The agents' port first: when it is taken, that is the error worth reporting. The
         # server is stopped after the metrics (LIFO), so /metrics shows the drain too.
@@ -314,9 +326,7 @@ def _transport_security(
 
 def _api_access(config: Config) -> ApiAccess:
     access = load_access(config[settings.API_TOKEN_FILE], config[settings.API_CLIENTS])
-    if not access.configured:
-        log.info("Query and admin APIs closed to all: no api.token_file, no api.clients")
-    elif access.tokens and not config[settings.TLS_ENABLED]:
+    if access.tokens and not config[settings.TLS_ENABLED]:
         log.warning("API bearer tokens would travel in plain text: enable TLS")
     return access
 

@@ -112,6 +112,7 @@ from creditmeter.collector.errors import (
     EnrollmentError,
     InsaneField,
     LedgerError,
+    NoDatabase,
     NotQuarantined,
     PeriodClosed,
     RollupOverflow,
@@ -147,7 +148,7 @@ from creditmeter.collector.ledger_store import (
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceVersion, canonical_text
+from creditmeter.collector.prices import PriceVersion, canonical_text, exact_micro_text
 from creditmeter.collector.rollup import (
     DAY_US,
     HOUR_US,
@@ -756,7 +757,8 @@ class PostgresStore:
         if stored.grant_micro != plan.grant_micro:
             raise LedgerError(
                 f"plan {plan.name!r} is already defined with a grant of "
-                f"{stored.grant_micro} µcredits; plans never change (define a new one)"
+                f"{exact_micro_text(stored.grant_micro)} credits; plans never change (define "
+                "a new one)"
             )
         return stored
 
@@ -1402,7 +1404,7 @@ def _schema_version(conn: Connection, create: bool) -> int:
     if not (row and row[0]):
         schema = conn.execute("SELECT current_schema()").fetchone()
         if not create:
-            raise StoreError(
+            raise NoDatabase(
                 f"no creditmeter database in schema {schema[0] if schema else None!r} "
                 "(no schema_version table)"
             )
@@ -1461,7 +1463,7 @@ def _locked_head(cur: Cursor, agent_id: str) -> ChainHead:
         raise UnknownAgent("is not enrolled", agent_id=agent_id)
     head_seq, head_hash, revoked_at_us = row
     if revoked_at_us is not None:
-        raise AgentRevoked(f"was revoked at {revoked_at_us} µs", agent_id=agent_id)
+        raise AgentRevoked(f"was revoked at {iso_text(revoked_at_us)}", agent_id=agent_id)
     return ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
 
 

@@ -46,6 +46,7 @@ from creditmeter.collector.errors import (
     UnknownAgent,
 )
 from creditmeter.collector.ingest import EnrolledAgent, Ingestor, InProcessIngestor
+from creditmeter.collector.periods import iso_text
 from creditmeter.collector.store import ChainHead, Store
 from creditmeter.collector.telemetry import IngestObserver, NullIngestObserver
 from creditmeter.collector.verifier import Verifier
@@ -131,6 +132,8 @@ class IngestServicer:
             max_per_agent=config.max_streams_per_agent,
         )
         self._draining = threading.Event()
+        self._seen_agents: set[str] = set()  # ids enrolled: bounded by the fleet
+        self._seen_lock = threading.Lock()
 
     def rpc_handler(self) -> Any:
         """The generic handler to register with a grpc.Server (requests arrive as bytes)."""
@@ -244,13 +247,19 @@ class IngestServicer:
         agent = self._store.get_agent(agent_id)
         if agent is None:
             raise UnknownAgent("is not enrolled", agent_id=agent_id)
-        if agent.revoked:
-            raise AgentRevoked(f"was revoked at {agent.revoked_at_us} µs", agent_id=agent_id)
+        if agent.revoked_at_us is not None:
+            raise AgentRevoked(f"was revoked at {iso_text(agent.revoked_at_us)}", agent_id=agent_id)
         try:
             public_key = chain.load_public_key_hex(agent.public_key_hex)
         except chain.BadKey as exc:
             raise StoreCorrupt(f"enrolled public key unusable: {exc}", agent_id=agent_id) from exc
-        log.info(
+        # Agents open a stream for each delivery, every few seconds each: only an agent's
+        # first since this collector started is news.
+        with self._seen_lock:
+            first = agent_id not in self._seen_agents
+            self._seen_agents.add(agent_id)
+        log.log(
+            logging.INFO if first else logging.DEBUG,
             "agent %s connected from %s; it resumes after seq %d",
             agent_id,
             peer.address,

@@ -35,6 +35,7 @@ from creditmeter.collector.errors import (
     ChargeConflict,
     EnrollmentError,
     LedgerError,
+    NoDatabase,
     NotQuarantined,
     PeriodClosed,
     RollupOverflow,
@@ -69,7 +70,7 @@ from creditmeter.collector.ledger_store import (
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
-from creditmeter.collector.prices import PriceVersion, canonical_text
+from creditmeter.collector.prices import PriceVersion, canonical_text, exact_micro_text
 from creditmeter.collector.rollup import (
     DAY_US,
     HOUR_US,
@@ -498,7 +499,7 @@ class SQLiteStore:
         self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         if not create and not path.exists():
-            raise StoreError(f"no database at {path}")
+            raise NoDatabase(f"no database at {path}")
         try:
             create_private(path)  # records and accounts: not for every local user
         except OSError as exc:
@@ -674,7 +675,8 @@ class SQLiteStore:
         if stored.grant_micro != plan.grant_micro:
             raise LedgerError(
                 f"plan {plan.name!r} is already defined with a grant of "
-                f"{stored.grant_micro} µcredits; plans never change (define a new one)"
+                f"{exact_micro_text(stored.grant_micro)} credits; plans never change (define "
+                "a new one)"
             )
         return stored
 
@@ -1204,7 +1206,7 @@ def _locked_head(conn: sqlite3.Connection, agent_id: str) -> ChainHead:
         raise UnknownAgent("is not enrolled", agent_id=agent_id)
     head_seq, head_hash, revoked_at_us = row
     if revoked_at_us is not None:
-        raise AgentRevoked(f"was revoked at {revoked_at_us} µs", agent_id=agent_id)
+        raise AgentRevoked(f"was revoked at {iso_text(revoked_at_us)}", agent_id=agent_id)
     return ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
 
 

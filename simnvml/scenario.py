@@ -65,7 +65,7 @@ class Scenario:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ScenarioError(source, "<file>", f"not valid TOML: {exc}") from exc
+            raise ScenarioError(source, "", f"not valid TOML: {exc}") from exc
         return cls(source, *parse(Table(data, "", source)))
 
     @classmethod
@@ -133,8 +133,17 @@ def shipped_text(name: str) -> str:
     resource = importlib.resources.files("creditmeter.simnvml") / "scenarios" / f"{name}.toml"
     if not resource.is_file():
         known = ", ".join(shipped_scenarios())
-        raise ScenarioError(name, "<file>", f"no shipped scenario of that name ({known})")
+        raise ScenarioError(
+            name, "", f"no shipped scenario of that name (creditmeter-agent scenarios: {known})"
+        )
     return resource.read_text(encoding="utf-8")
+
+
+def scenario_summary(name: str) -> str:
+    """The first sentence of a shipped scenario's description, on one line."""
+    text = Scenario.load(name).description
+    first = " ".join(text.split()).split(". ")[0].rstrip(".")
+    return first + "."
 
 
 def shipped_scenarios() -> list[str]:

@@ -11,7 +11,8 @@ class ScenarioError(ValueError):
     """A scenario is malformed. ``key`` is the dotted path of the offending key."""
 
     def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
+        # key "": the whole file (unreadable, not TOML, not a shipped name).
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
         self.source = source
         self.key = key
         self.problem = problem

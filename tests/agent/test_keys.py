@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from creditmeter import chain
 from creditmeter.agent import keys
+from creditmeter.agent.main import main as agent_main
 
 
 def mode_of(path: Path) -> int:
@@ -107,3 +108,23 @@ def test_keygen_refuses_to_replace_a_key(
     assert keys.keygen_main(["--key", str(path)]) == 1
     assert "exists already" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_keygen_writes_where_the_configuration_says_and_prints_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nid = "gpu-host-9"\nstate_dir = "{state}"\n')
+    assert agent_main(["keygen", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    public_hex = chain.public_key_hex(keys.load(state / "signing-key.pem"))
+    assert lines == [
+        public_hex,
+        f"# wrote the private key to {state / 'signing-key.pem'} (mode 0600); keep it on "
+        "this host only",
+        "# enroll this agent by running on the collector host:",
+        f"creditmeter-collector enroll gpu-host-9 {public_hex}",
+    ]
+    assert agent_main(["keygen", "--config", str(config)]) == 1  # never over a key
+    assert "exists already" in capsys.readouterr().err

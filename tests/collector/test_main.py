@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import creditmeter
 from creditmeter import chain
 from creditmeter.collector.main import DB_ENV, main
 from creditmeter.collector.sqlite_store import SQLiteStore
@@ -265,13 +266,13 @@ def test_serve_ingests_and_stops_in_order_on_sigterm(
 
 
 @pytest.mark.slow
-def test_serve_on_a_taken_port_exits_3(
+def test_serve_on_a_taken_port_exits_1(
     daemon: tuple[subprocess.Popen[str], int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, port = daemon
     db_url = f"sqlite://{tmp_path / 'other.db'}"
     code, _, err = run(capsys, "serve", "--db", db_url, "--listen", f"127.0.0.1:{port}")
-    assert code == 3
+    assert code == 1
     assert_one_line_error(err, f"cannot listen on 127.0.0.1:{port}")
 
 
@@ -282,7 +283,12 @@ def test_a_second_collector_on_one_sqlite_file_refuses_naming_the_first(
     exits at once, naming the first's pid; commands still run beside it."""
     first, _ = daemon
     code, _, err = run(capsys, "serve", "--db", db_url, "--listen", "127.0.0.1:0")
-    assert code == 3
+    assert code == 1
     assert_one_line_error(err, f"another collector (pid {first.pid}) serves")
     assert first.poll() is None  # the first serves on
     assert run(capsys, "report", "--db", db_url)[0] == 0
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert (code, out) == (0, f"creditmeter-collector {creditmeter.__version__}\n")

@@ -199,9 +199,10 @@ class Pair:
 def agent_settings(
     scenario: Path, speed: float, anchor: Path, collector_address: str
 ) -> dict[str, str]:
-    """Agent options for a fast simulated clock. Durations are *simulated* seconds, so the
-    ack timeout and the drain get generous values: a loaded CI machine must not turn a slow
-    round trip into a fault the test did not inject."""
+    """Agent options for a fast simulated clock. The meter's durations are *simulated*
+    seconds (``real`` converts); the shipper's (ack timeout, backoff, drain) are real ones
+    on any host. The ack timeout and the drain get generous values: a loaded CI machine
+    must not turn a slow round trip into a fault the test did not inject."""
 
     def real(seconds: float) -> str:
         return f"{seconds * speed:g}s"
@@ -211,9 +212,9 @@ def agent_settings(
         "nvml.speed": f"{speed:g}",
         "nvml.clock_anchor": str(anchor),
         "collector.address": collector_address,
-        "collector.ack_timeout": real(5),
-        "collector.backoff_max": real(0.5),
-        "collector.drain_timeout": real(20),
+        "collector.ack_timeout": "5s",
+        "collector.backoff_max": "0.5s",
+        "collector.drain_timeout": "20s",
         "meter.reopen_interval": real(0.25),
         "metrics.listen": "127.0.0.1:0",
         "log.level": "info",

