@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from creditmeter import __version__
-from creditmeter.collector import admin_cli, quarantine, settings
+from creditmeter.collector import admin_cli, health_cli, quarantine, settings
 from creditmeter.collector.access import ApiAccess, load_access
 from creditmeter.collector.audit import audit
 from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, CertificateBoundAgents
@@ -171,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     held_release.add_argument("--by", default=os.environ.get("USER", "operator"), metavar="WHO")
     held_release.set_defaults(command=_quarantine_release)
 
+    health_cli.add_command(commands)
     admin_cli.add_commands(commands, db)  # credits: plans, accounts, balances, report, export
     return parser
 

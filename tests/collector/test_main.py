@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -292,3 +293,22 @@ def test_a_second_collector_on_one_sqlite_file_refuses_naming_the_first(
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert (code, out) == (0, f"creditmeter-collector {creditmeter.__version__}\n")
+
+
+def test_health_asks_a_running_collector(
+    daemon: tuple[subprocess.Popen[str], int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, port = daemon
+    code, out, _ = run(capsys, "health", "--config", "/dev/null", "--address", f"127.0.0.1:{port}")
+    assert (code, out) == (0, f"127.0.0.1:{port}: SERVING\n")
+
+
+def test_health_of_nothing_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, out, err = run(
+        capsys, "health", "--config", "/dev/null", "--address", f"127.0.0.1:{port}"
+    )
+    assert (code, out) == (1, "")
+    assert_one_line_error(err, f"no health answer from 127.0.0.1:{port}: UNAVAILABLE")
