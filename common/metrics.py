@@ -1,343 +1,109 @@
-"""Prometheus metrics without prometheus_client: counters, gauges, histograms and /metrics.
+"""Prometheus metrics on ``prometheus_client``, and the /metrics endpoint.
 
 Each daemon owns one ``Registry``, creates its metrics at startup and serves them with
-``serve_metrics``. The output is the text exposition format 0.0.4, which every Prometheus
-version scrapes. Updating a metric takes one lock held for an addition, so the meter's hot
-loop can count freely; rendering copies values under the same locks.
+``serve_metrics``. Counting, histograms and the text exposition are prometheus_client's;
+what is ours is small:
 
-Naming follows Prometheus practice: ``creditmeter_<daemon>_<what>_<unit>``, counters end in
-``_total``, and durations are in seconds (``_seconds``).
+- names follow Prometheus practice and are checked when a metric is made:
+  ``creditmeter_<daemon>_<what>_<unit>``, classic characters only, counters end in
+  ``_total``, durations in seconds;
+- a gauge computed at scrape time (``callback``) that fails drops its sample from that
+  scrape and is logged once, instead of failing the whole scrape (prometheus_client's
+  ``set_function`` would turn one broken callback into an HTTP 500 for every metric);
+- the endpoint answers /metrics only (404 elsewhere), HEAD too, on IPv4 or IPv6, and logs
+  scrapes at DEBUG (every 15 s would drown the journal).
+
+No ``_created`` series: they double the exposition and nothing here reads them.
 """
 
 from __future__ import annotations
 
-import bisect
 import http.server
-import itertools
 import logging
-import math
 import re
 import socket
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar, Generic, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import overload
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 # Latencies from 5 ms to 10 s: the defaults Prometheus clients share.
 DEFAULT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-LabelValues = tuple[str, ...]
+Counter = prometheus_client.Counter
+Gauge = prometheus_client.Gauge
+Histogram = prometheus_client.Histogram
 
 
-class _Value:
-    """One float behind a lock."""
+class CallbackGauge(Collector):
+    """A gauge whose value ``callback()`` computes at each scrape (in the HTTP server's
+    thread: quick and thread-safe), e.g. the records waiting in the outbox."""
 
-    __slots__ = ("_lock", "_value")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._value = 0.0
-
-    def add(self, amount: float) -> None:
-        with self._lock:
-            self._value += amount
-
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value = value
-
-    def get(self) -> float:
-        with self._lock:
-            return self._value
-
-
-class CounterChild:
-    """A counter for one combination of label values."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self) -> None:
-        self._value = _Value()
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError(f"a counter only goes up; cannot add {amount}")
-        self._value.add(amount)
-
-    def get(self) -> float:
-        return self._value.get()
-
-
-class GaugeChild:
-    """A gauge for one combination of label values."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self) -> None:
-        self._value = _Value()
-
-    def set(self, value: float) -> None:
-        self._value.set(value)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._value.add(amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self._value.add(-amount)
-
-    def get(self) -> float:
-        return self._value.get()
-
-
-class HistogramChild:
-    """A histogram for one combination of label values."""
-
-    __slots__ = ("_bucket_counts", "_count", "_lock", "_sum", "_upper_bounds")
-
-    def __init__(self, upper_bounds: tuple[float, ...]) -> None:
-        self._upper_bounds = upper_bounds  # ascending, ends with +Inf
-        self._lock = threading.Lock()
-        self._bucket_counts = [0] * len(upper_bounds)  # per bucket, not cumulative
-        self._sum = 0.0
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        last = len(self._upper_bounds) - 1  # +Inf
-        # The first bucket whose upper bound is >= value (le is inclusive); NaN counts in +Inf.
-        index = last if math.isnan(value) else bisect.bisect_left(self._upper_bounds, value)
-        with self._lock:
-            self._bucket_counts[index] += 1
-            self._sum += value
-            self._count += 1
-
-    def snapshot(self) -> tuple[list[int], float, int]:
-        """(cumulative count per bucket, sum, count), consistent with each other."""
-        with self._lock:
-            counts, total, count = list(self._bucket_counts), self._sum, self._count
-        return list(itertools.accumulate(counts)), total, count
-
-
-Child = TypeVar("Child", CounterChild, GaugeChild, HistogramChild)
-
-
-class _Metric(ABC, Generic[Child]):
-    """A named metric family: one child per combination of label values."""
-
-    type_name: ClassVar[str]
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        if not _METRIC_NAME.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        for label in labelnames:
-            if not _LABEL_NAME.match(label) or label.startswith("__"):
-                raise ValueError(f"{name}: invalid label name {label!r}")
-        if len(set(labelnames)) != len(labelnames):
-            raise ValueError(f"{name}: duplicate label names in {list(labelnames)}")
+    def __init__(self, name: str, help_text: str, callback: Callable[[], float]) -> None:
         self.name = name
-        self.help_text = help_text
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-        self._children: dict[LabelValues, Child] = {}
-        if not self.labelnames:
-            # An unlabelled metric exists from the start, so it is exported as 0 before any
-            # event: a rate() over it then works from the first scrape.
-            self._children[()] = self._new_child()
-
-    def labels(self, **labels: str) -> Child:
-        """The child for these label values, created on first use (keep cardinality small)."""
-        if set(labels) != set(self.labelnames):
-            raise ValueError(
-                f"{self.name}: expected labels {list(self.labelnames)}, got {sorted(labels)}"
-            )
-        key = tuple(str(labels[name]) for name in self.labelnames)
-        with self._lock:
-            child = self._children.get(key)
-            if child is None:
-                child = self._children[key] = self._new_child()
-            return child
-
-    def remove(self, **labels: str) -> None:
-        """Forget one label combination, e.g. a GPU that left the host."""
-        key = tuple(str(labels[name]) for name in self.labelnames)
-        with self._lock:
-            self._children.pop(key, None)
-
-    def _unlabelled(self) -> Child:
-        if self.labelnames:
-            raise ValueError(f"{self.name} has labels {list(self.labelnames)}: use .labels()")
-        return self._children[()]
-
-    @abstractmethod
-    def _new_child(self) -> Child:
-        """A child for one combination of label values, at zero."""
-
-    def _items(self) -> list[tuple[LabelValues, Child]]:
-        with self._lock:
-            return sorted(self._children.items())
-
-    def samples(self) -> Iterable[tuple[str, LabelValues, LabelValues, float]]:
-        """(sample name, label names, label values, value) for exposition."""
-        for key, child in self._items():
-            yield self.name, self.labelnames, key, self._child_value(child)
-
-    def _child_value(self, child: Child) -> float:
-        """The one value a child exposes. Histograms expose several and override ``samples``
-        instead, so they never get here."""
-        raise NotImplementedError(f"{type(self).__name__} has no single value per child")
-
-
-class Counter(_Metric[CounterChild]):
-    """Something that only goes up: records written, bytes sent, errors by kind."""
-
-    type_name = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        if not name.endswith("_total"):
-            raise ValueError(f"counter {name!r}: counter names end in _total")
-        super().__init__(name, help_text, labelnames)
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._unlabelled().inc(amount)
+        self._help = help_text
+        self._callback = callback
+        self._failed = False
 
     def get(self) -> float:
-        return self._unlabelled().get()
-
-    def _new_child(self) -> CounterChild:
-        return CounterChild()
-
-    def _child_value(self, child: CounterChild) -> float:
-        return child.get()
-
-
-class Gauge(_Metric[GaugeChild]):
-    """A value that goes up and down, set when it changes or computed at scrape time.
-
-    With ``callback`` the gauge has no stored value: ``callback()`` runs on every scrape
-    (in the HTTP server's thread, so it must be quick and thread-safe), e.g. the number of
-    unacknowledged records in the outbox. A callback that raises drops the sample from that
-    scrape and is logged, once, at WARNING.
-    """
-
-    type_name = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        callback: Callable[[], float] | None = None,
-    ) -> None:
-        if callback is not None and labelnames:
-            raise ValueError(f"gauge {name!r}: a callback gauge cannot have labels")
-        super().__init__(name, help_text, labelnames)
-        self._callback = callback
-        self._callback_failed = False
+        return float(self._callback())
 
     def set(self, value: float) -> None:
-        self._settable().set(value)
+        raise ValueError(f"gauge {self.name} is computed by its callback; it cannot be set")
 
-    def inc(self, amount: float = 1.0) -> None:
-        self._settable().inc(amount)
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.name, self._help)
 
-    def dec(self, amount: float = 1.0) -> None:
-        self._settable().dec(amount)
-
-    def get(self) -> float:
-        if self._callback is not None:
-            return float(self._callback())
-        return self._unlabelled().get()
-
-    def samples(self) -> Iterable[tuple[str, LabelValues, LabelValues, float]]:
-        if self._callback is None:
-            yield from super().samples()
-            return
+    def collect(self) -> Iterator[Metric]:
         try:
-            value = float(self._callback())
+            value = self.get()
         except Exception:
-            if not self._callback_failed:
+            if not self._failed:
                 log.warning("metric %s: callback failed; sample omitted", self.name, exc_info=True)
-            self._callback_failed = True
+            self._failed = True
+            yield GaugeMetricFamily(self.name, self._help)  # the family, without a sample
             return
-        self._callback_failed = False
-        yield self.name, (), (), value
-
-    def _settable(self) -> GaugeChild:
-        if self._callback is not None:
-            raise ValueError(f"gauge {self.name} is computed by its callback; it cannot be set")
-        return self._unlabelled()
-
-    def _new_child(self) -> GaugeChild:
-        return GaugeChild()
-
-    def _child_value(self, child: GaugeChild) -> float:
-        return child.get()
-
-
-class Histogram(_Metric[HistogramChild]):
-    """A distribution in fixed buckets: exported as ``_bucket{le=…}``, ``_sum`` and ``_count``."""
-
-    type_name = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = DEFAULT_BUCKETS_S,
-    ) -> None:
-        if "le" in labelnames:
-            raise ValueError(f"histogram {name!r}: 'le' is reserved for bucket bounds")
-        bounds = [float(b) for b in buckets]
-        if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"histogram {name!r}: buckets must be non-empty and ascending")
-        if bounds[-1] != math.inf:
-            bounds.append(math.inf)
-        self.upper_bounds = tuple(bounds)
-        super().__init__(name, help_text, labelnames)
-
-    def observe(self, value: float) -> None:
-        self._unlabelled().observe(value)
-
-    def _new_child(self) -> HistogramChild:
-        return HistogramChild(self.upper_bounds)
-
-    def samples(self) -> Iterable[tuple[str, LabelValues, LabelValues, float]]:
-        bucket_labels = (*self.labelnames, "le")
-        for key, child in self._items():
-            cumulative, total, count = child.snapshot()
-            for bound, n in zip(self.upper_bounds, cumulative, strict=True):
-                yield f"{self.name}_bucket", bucket_labels, (*key, _format_float(bound)), n
-            yield f"{self.name}_sum", self.labelnames, key, total
-            yield f"{self.name}_count", self.labelnames, key, count
-
-
-Metric = Counter | Gauge | Histogram
+        self._failed = False
+        yield GaugeMetricFamily(self.name, self._help, value=value)
 
 
 class Registry:
-    """The metrics one daemon exports, in registration order."""
+    """The metrics one daemon exports."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._metrics: dict[str, Metric] = {}
-
-    def register(self, metric: Metric) -> None:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name!r} is already registered")
-            self._metrics[metric.name] = metric
+        self.collectors = CollectorRegistry(auto_describe=True)
 
     def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
-        metric = Counter(name, help_text, labelnames)
-        self.register(metric)
-        return metric
+        _check_name(name)
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name!r}: counter names end in _total")
+        return Counter(name, help_text, labelnames, registry=self.collectors)
+
+    @overload
+    def gauge(
+        self, name: str, help_text: str, labelnames: Sequence[str] = (), callback: None = None
+    ) -> Gauge: ...
+
+    @overload
+    def gauge(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        *,
+        callback: Callable[[], float],
+    ) -> CallbackGauge: ...
 
     def gauge(
         self,
@@ -345,10 +111,15 @@ class Registry:
         help_text: str,
         labelnames: Sequence[str] = (),
         callback: Callable[[], float] | None = None,
-    ) -> Gauge:
-        metric = Gauge(name, help_text, labelnames, callback)
-        self.register(metric)
-        return metric
+    ) -> Gauge | CallbackGauge:
+        _check_name(name)
+        if callback is None:
+            return Gauge(name, help_text, labelnames, registry=self.collectors)
+        if labelnames:
+            raise ValueError(f"gauge {name!r}: a callback gauge cannot have labels")
+        computed = CallbackGauge(name, help_text, callback)
+        self.collectors.register(computed)
+        return computed
 
     def histogram(
         self,
@@ -357,47 +128,21 @@ class Registry:
         labelnames: Sequence[str] = (),
         buckets: Sequence[float] = DEFAULT_BUCKETS_S,
     ) -> Histogram:
-        metric = Histogram(name, help_text, labelnames, buckets)
-        self.register(metric)
-        return metric
+        _check_name(name)
+        return Histogram(name, help_text, labelnames, registry=self.collectors, buckets=buckets)
 
     def render(self) -> str:
-        """All metrics in the text exposition format 0.0.4."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        lines: list[str] = []
-        for metric in metrics:
-            lines.append(f"# HELP {metric.name} {_escape_help(metric.help_text)}")
-            lines.append(f"# TYPE {metric.name} {metric.type_name}")
-            for name, labelnames, labelvalues, value in metric.samples():
-                labels = _format_labels(labelnames, labelvalues)
-                lines.append(f"{name}{labels} {_format_float(value)}")
-        return "\n".join(lines) + "\n" if lines else ""
+        """All metrics in the text exposition format."""
+        return generate_latest(self.collectors).decode()
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """One sample's value now (``name`` as exposed, e.g. "x_total"); None if absent."""
+        return self.collectors.get_sample_value(name, labels)
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_labels(names: LabelValues, values: LabelValues) -> str:
-    if not names:
-        return ""
-    pairs = ",".join(
-        f'{name}="{_escape_label_value(value)}"' for name, value in zip(names, values, strict=True)
-    )
-    return "{" + pairs + "}"
-
-
-def _format_float(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+def _check_name(name: str) -> None:
+    if not _METRIC_NAME.match(name):
+        raise ValueError(f"invalid metric name {name!r}")
 
 
 class MetricsServer:
@@ -459,7 +204,6 @@ def _handler_for(registry: Registry) -> type[http.server.BaseHTTPRequestHandler]
                 self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
-            # Scrapes every 15 s would drown the journal; keep them at DEBUG.
             log.debug("metrics %s: " + format, self.address_string(), *args)
 
     return Handler
