@@ -87,8 +87,6 @@ locale, and cheaper comparisons in the primary-key index.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -98,9 +96,9 @@ from typing import Any, Final
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg.types.string import BytesBinaryDumper
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
@@ -612,16 +610,11 @@ class PostgresStore:
         self._clock_us = clock_us
         self._lock_timeout_s = lock_timeout_s
         self._rollup_shards = rollup_shards
-        with _translated(f"opening {self.where}", self.where):
-            conn = self._connect()
-            try:
-                _migrate(conn, migrations, create=create, migrate=migrate, clock_us=clock_us)
-                self._prepare_session(conn)
-            except BaseException:
-                conn.close()
-                raise
-        self._pool = _Pool(self._connect_for_pool, pool_size, lock_timeout_s, self.where)
-        self._pool.put(conn)
+        # Migrated on a connection of its own, made here: an unreachable database or a
+        # schema of another version fails the open at once, with the reason.
+        with _translated(f"opening {self.where}", self.where), self._connect() as conn:
+            _migrate(conn, migrations, create=create, migrate=migrate, clock_us=clock_us)
+        self._pool = _Pool(self._conninfo, self._configure, pool_size, lock_timeout_s, self.where)
 
     # -- agents --------------------------------------------------------------------------
 
@@ -1109,14 +1102,10 @@ class PostgresStore:
         conn.adapters.register_dumper(bytearray, BytesBinaryDumper)
         return conn
 
-    def _connect_for_pool(self) -> Connection:
-        conn = self._connect()
-        try:
-            self._prepare_session(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _configure(self, conn: Connection) -> None:
+        """Each new pooled connection: the binary dumper and the session's timeouts."""
+        conn.adapters.register_dumper(bytearray, BytesBinaryDumper)
+        self._prepare_session(conn)
 
     def _prepare_session(self, conn: Connection) -> None:
         conn.execute(
@@ -1237,82 +1226,55 @@ class PostgresSnapshot:
 
 
 class _Pool:
-    """Up to ``size`` connections, each lent to one thread at a time.
-
-    Connections are made on demand and kept while healthy: one that broke, or that is
-    returned inside a transaction, is closed instead of lent again.
-    """
+    """psycopg_pool's ConnectionPool (up to ``size`` connections, made on demand, a broken
+    one or one returned inside a transaction discarded), with the store's errors: no
+    connection free for ``wait_s`` is StoreBusy, a closed store StoreClosed."""
 
     def __init__(
-        self, connect: Callable[[], Connection], size: int, wait_s: float, where: str
+        self,
+        conninfo: str,
+        configure: Callable[[Connection], None],
+        size: int,
+        wait_s: float,
+        where: str,
     ) -> None:
-        self._connect = connect
         self._size = size
         self._wait_s = wait_s
         self._where = where
-        self._slots = threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
-        self._idle: list[Connection] = []
-        self._closed = False
-
-    def put(self, conn: Connection) -> None:
-        """Adds a connection made elsewhere (the one that migrated)."""
-        self._give_back(conn)
+        # autocommit: transactions are explicit (conn.transaction()), and a lone read is
+        # not left open as a transaction.
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            conninfo,
+            kwargs={"autocommit": True},
+            min_size=1,
+            max_size=size,
+            timeout=wait_s,
+            configure=configure,
+            name=where,
+            open=True,
+        )
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        if self._closed:
-            raise StoreClosed(f"store {self._where} is closed")
-        if not self._slots.acquire(timeout=self._wait_s):
-            raise StoreBusy(
-                f"all {self._size} connections to {self._where} stayed busy for "
-                f"{self._wait_s:.1f} s"
-            )
         try:
-            conn = self._take()
-            try:
+            with self._pool.connection() as conn:
                 yield conn
-            finally:
-                self._give_back(conn)
-        finally:
-            self._slots.release()
+        except PoolClosed as exc:
+            raise StoreClosed(f"store {self._where} is closed") from exc
+        except PoolTimeout as exc:
+            raise StoreBusy(
+                f"no connection to {self._where} within {self._wait_s:.1f} s (all {self._size} "
+                f"busy, or the database unreachable: {exc})"
+            ) from exc
+        except psycopg.OperationalError:
+            # A connection was lost (the database restarted, failed over, or dropped us):
+            # its idle siblings likely were too. Check them now, so that the request in hand
+            # is the only one that fails.
+            self._pool.check()
+            raise
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-        # Taking every slot waits for the connections lent out; they close on return.
-        deadline_s = time.monotonic() + self._wait_s
-        taken = [
-            self._slots.acquire(timeout=max(0.0, deadline_s - time.monotonic()))
-            for _ in range(self._size)
-        ]
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-        for got in taken:
-            if got:
-                self._slots.release()
-
-    def _take(self) -> Connection:
-        with self._lock:
-            if self._closed:
-                raise StoreClosed(f"store {self._where} is closed")
-            if self._idle:
-                return self._idle.pop()
-        return self._connect()  # outside the lock: connecting takes a round trip or more
-
-    def _give_back(self, conn: Connection) -> None:
-        healthy = (
-            not conn.closed
-            and not conn.broken
-            and conn.info.transaction_status == TransactionStatus.IDLE
-        )
-        with self._lock:
-            if healthy and not self._closed:
-                self._idle.append(conn)
-                return
-        conn.close()
+        self._pool.close(timeout=self._wait_s)
 
 
 # -- helpers ---------------------------------------------------------------------------------
