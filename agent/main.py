@@ -220,7 +220,9 @@ def run(config: Config) -> int:
         )
         _metrics_server(stack, config, telemetry.registry)
         cycle_done = _health_server(stack, config, lambda: shipper.stats().connected)
-        loop = _meter_loop(config, meter, flusher, host, notifier, telemetry, registry, cycle_done)
+        loop = _meter_loop(
+            config, agent_id, meter, flusher, host, notifier, telemetry, registry, cycle_done
+        )
         ship_stop = threading.Event()
         shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
         shipping.start()
@@ -441,6 +443,7 @@ def _check_client_certificate(files: TlsFiles, agent_id: str) -> None:
 
 def _meter_loop(
     config: Config,
+    agent_id: str,
     meter: Meter,
     flusher: Flusher,
     host: Host,
@@ -449,7 +452,9 @@ def _meter_loop(
     registry: JobRegistry,
     cycle_done: Callable[[], None],
 ) -> MeterLoop:
-    drafts = RecordBuilder(config[settings.HOST] or socket.gethostname(), registry)
+    # The agent id by default: what the operator enrolled, so that a report by host names
+    # the hosts as `enroll` and `revoke` do (the id is itself the host name unless set).
+    drafts = RecordBuilder(config[settings.HOST] or agent_id, registry)
 
     def written(through_us: int) -> None:
         registry.prune_before(through_us)

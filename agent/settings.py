@@ -25,7 +25,12 @@ from creditmeter.labels import label_error
 DEFAULT_CONFIG = Path("/etc/creditmeter/agent.toml")
 
 AGENT_ID = Option("agent.id", STR, "", "Agent id enrolled at the collector; empty: host name.")
-HOST = Option("agent.host", STR, "", "Host name written into records; empty: the host's name.")
+HOST = Option(
+    "agent.host",
+    STR,
+    "",
+    "Host name written into records (reports group by it); empty: the agent id.",
+)
 STATE_DIR = Option(
     "agent.state_dir",
     PATH,

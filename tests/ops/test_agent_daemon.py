@@ -190,6 +190,8 @@ def test_agent_daemon_lifecycle_metrics_health_and_a_lost_gpu(
     assert len(records) > before_stop
     assert steady and sum(r.busy_us for r in steady) > 0
     assert steady[-1].attribution.account == "acme"
+    # agent.host unset: records name the host by its agent id, as enroll and revoke do.
+    assert {r.host for r in records} == {AGENT_ID}
 
 
 def _gap_s(metrics: dict[str, Any], reason: str) -> float:
