@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from creditmeter import chain
 from creditmeter.agent.outbox import Outbox, StoredRow
+from creditmeter.agent.records import is_device
 from creditmeter.v1 import usage_pb2
 
 EXIT_OK, EXIT_DAMAGED = 0, 1
@@ -118,10 +119,6 @@ def gap_records(
             if rec is not None:
                 spans[rec.gpu.uuid] = (rec, rec.end_unix_us, rec.end_unix_us)
     return [_gap(template, start, end) for template, start, end in spans.values()]
-
-
-def is_device(rec: usage_pb2.UsageRecord) -> bool:
-    return rec.quality == usage_pb2.QUALITY_UNATTRIBUTED
 
 
 def _parsed(row: StoredRow) -> usage_pb2.UsageRecord | None:

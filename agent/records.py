@@ -173,6 +173,21 @@ def _by_reason(amounts: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return sorted(totals.items())
 
 
+def _books_last(drafts: Iterable[usage_pb2.UsageRecord]) -> list[usage_pb2.UsageRecord]:
+    """Process records first, then the device records (a GPU's books), each group in its
+    order. A device record closes its GPU's books: the process records written since the
+    previous one must carry exactly its attributed µs (what audit checks). Held across
+    windows, the coalesced books cover every held window, so every held process record,
+    also one first seen after the books were held, must go before them."""
+    drafts = list(drafts)
+    return [d for d in drafts if not is_device(d)] + [d for d in drafts if is_device(d)]
+
+
+def is_device(rec: usage_pb2.UsageRecord) -> bool:
+    """A device record: a GPU's books for its window (mirrors the collector's rule)."""
+    return rec.quality == usage_pb2.QUALITY_UNATTRIBUTED
+
+
 class Flusher:
     """Writes drafts with the meter state; holds them, coalesced, while the outbox cannot."""
 
@@ -195,7 +210,7 @@ class Flusher:
         if not self._pending:
             # Nothing to write, but the state moved on (cursors): persist it with no records.
             return self._append([], state, now)
-        return self._append(list(self._pending.values()), state, now)
+        return self._append(_books_last(self._pending.values()), state, now)
 
     def _append(self, drafts: list[usage_pb2.UsageRecord], state: bytes, now: float) -> bool:
         try:
