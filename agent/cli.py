@@ -19,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def main_entry() -> None:
-    sys.exit(main())
+    from creditmeter.files import exit_quietly_on_broken_pipe
+
+    exit_quietly_on_broken_pipe(main)
 
 
 if __name__ == "__main__":

@@ -342,9 +342,11 @@ def _add_reading_commands(commands: Any, db: argparse.ArgumentParser) -> None:
 
 
 def _plan_define(args: argparse.Namespace) -> int:
-    with _ledger(args, writing=True) as (ledger, _):
+    with _ledger(args, writing=True) as (ledger, store):
+        existed = any(p.name == args.name for p in store.plans())
         plan = ledger.define_plan(args.name, by=args.by, hours=args.hours, credits=args.credits)
-    print(f"plan {plan.name}: {micro_text(plan.grant_micro)} credits a period")
+    repeat = " (defined already; nothing changed)" if existed else ""
+    print(f"plan {plan.name}: {micro_text(plan.grant_micro)} credits a period{repeat}")
     return EXIT_OK
 
 
@@ -365,13 +367,15 @@ def _plan_list(args: argparse.Namespace) -> int:
 
 def _account_open(args: argparse.Namespace) -> int:
     since_us = None if args.since is None else parse_time_us("--since", args.since)
-    with _ledger(args, writing=True) as (ledger, _):
+    with _ledger(args, writing=True) as (ledger, store):
+        existed = store.account(args.name) is not None
         account = ledger.open_account(
             args.name, args.plan, by=args.by, anchor_day=args.anchor_day, since_us=since_us
         )
+    repeat = " (open already; nothing changed)" if existed else ""
     print(
         f"account {account.name}: plan {args.plan}, periods from day {account.anchor_day}, "
-        f"first period {iso_text(account.first_period_start_us)}"
+        f"first period {iso_text(account.first_period_start_us)}{repeat}"
     )
     return EXIT_OK
 

@@ -47,6 +47,7 @@ from creditmeter.collector.errors import (
     Status,
 )
 from creditmeter.collector.ingest_workers import WorkerPool, WorkerSetup
+from creditmeter.collector.periods import iso_text
 from creditmeter.collector.serve_lock import hold_serve_lock
 from creditmeter.collector.server import IngestServer, ServerConfig, create_server
 from creditmeter.collector.store import Store, canonical_public_key_hex, check_agent_id
@@ -54,6 +55,7 @@ from creditmeter.collector.stores import SQLITE_PREFIX, open_store, redacted, sq
 from creditmeter.collector.telemetry import CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
 from creditmeter.config import Config
+from creditmeter.files import exit_quietly_on_broken_pipe
 from creditmeter.logs import setup_logging
 from creditmeter.metrics import Registry, serve_metrics
 from creditmeter.sdnotify import Notifier
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def main_entry() -> None:
-    sys.exit(main())
+    exit_quietly_on_broken_pipe(main)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -362,9 +364,11 @@ def _quarantine_list(args: argparse.Namespace) -> int:
         entries = store.quarantined()
     finally:
         store.close()
-    for entry in entries:
-        if args.all or entry.released_at_us is None:
-            print(quarantine.describe(entry))
+    shown = [e for e in entries if args.all or e.released_at_us is None]
+    if not shown:
+        print("nothing in quarantine" if not entries else "nothing held (--all: released too)")
+    for entry in shown:
+        print(quarantine.describe(entry))
     return EXIT_OK
 
 
@@ -385,20 +389,29 @@ def _enroll(args: argparse.Namespace) -> int:
     canonical_public_key_hex(args.public_key_hex)
     store = open_store(args.db, create=True)
     try:
+        before = store.get_agent(args.agent_id)
         agent = store.enroll_agent(args.agent_id, args.public_key_hex)
     finally:
         store.close()
-    print(f"enrolled {agent.agent_id} (key {agent.public_key_hex})")
+    if before is not None and before == agent:
+        print(f"{agent.agent_id} is enrolled with this key already (nothing changed)")
+    else:
+        print(f"enrolled {agent.agent_id} (key {agent.public_key_hex})")
     return EXIT_OK
 
 
 def _revoke(args: argparse.Namespace) -> int:
     store = open_store(args.db, create=False)
     try:
+        before = store.get_agent(args.agent_id)
         agent = store.revoke_agent(args.agent_id)
     finally:
         store.close()
-    print(f"revoked {agent.agent_id}")
+    if before is not None and before.revoked_at_us is not None:
+        when = iso_text(before.revoked_at_us)
+        print(f"{agent.agent_id} was revoked already, at {when} (nothing changed)")
+    else:
+        print(f"revoked {agent.agent_id}")
     return EXIT_OK
 
 

@@ -9,7 +9,10 @@ whatever the umask, keeps all three private.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 PRIVATE_MODE = 0o600
 
@@ -26,3 +29,21 @@ def create_private(path: Path, mode: int = PRIVATE_MODE) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a reader that went away
+
+
+def exit_quietly_on_broken_pipe(main: Callable[[], int]) -> NoReturn:
+    """Runs a command's ``main`` and exits with its status. Output piped into a reader
+    that stops early (``creditmeter-collector report | head``) ends the command as a
+    SIGPIPE would, without a traceback (the Python docs' recipe: stdout is pointed at
+    /dev/null so that the interpreter's final flush cannot fail again)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+    sys.exit(code)

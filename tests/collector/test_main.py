@@ -312,3 +312,22 @@ def test_health_of_nothing_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[
     )
     assert (code, out) == (1, "")
     assert_one_line_error(err, f"no health answer from 127.0.0.1:{port}: UNAVAILABLE")
+
+
+def test_repeated_enroll_and_revoke_say_nothing_changed(
+    capsys: pytest.CaptureFixture[str], db_url: str
+) -> None:
+    key_hex = chain.public_key_hex(chain.generate_key())
+    assert run(capsys, "enroll", "--db", db_url, "gpu-1", key_hex)[:2] == (
+        0,
+        f"enrolled gpu-1 (key {key_hex})\n",
+    )
+    assert run(capsys, "enroll", "--db", db_url, "gpu-1", key_hex)[:2] == (
+        0,
+        "gpu-1 is enrolled with this key already (nothing changed)\n",
+    )
+    assert run(capsys, "revoke", "--db", db_url, "gpu-1")[:2] == (0, "revoked gpu-1\n")
+    code, out, _ = run(capsys, "revoke", "--db", db_url, "gpu-1")
+    assert code == 0 and out.startswith("gpu-1 was revoked already, at 20")
+    assert out.endswith("Z (nothing changed)\n")
+    assert run(capsys, "quarantine", "list", "--db", db_url)[:2] == (0, "nothing in quarantine\n")

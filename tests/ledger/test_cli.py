@@ -194,11 +194,17 @@ def test_commands_that_change_nothing_say_so_and_unknown_names_exit_3(
         "no plans (define one: creditmeter-collector plan define NAME --hours H)\n",
     )
     assert run(capsys, "plan", "define", *db, "basic", "--hours", "5", "--by", "ops")[0] == 0
+    assert run(capsys, "plan", "define", *db, "basic", "--hours", "5", "--by", "ops")[:2] == (
+        0,
+        "plan basic: 18000.000000 credits a period (defined already; nothing changed)\n",
+    )
     code, out, _ = run(capsys, "plan", "list", *db)
     assert out.splitlines()[0] == "plan\tcredits a period\tdefined\tby"
     assert out.splitlines()[1].startswith("basic\t18000.000000\t")
     opening = ["acme", "--plan", "basic", "--since", "2025-06-01", "--by", "ops"]
     assert run(capsys, "account", "open", *db, *opening)[0] == 0
+    code, out, _ = run(capsys, "account", "open", *db, *opening)
+    assert code == 0 and out.endswith(" (open already; nothing changed)\n")
     code, out, _ = run(capsys, "account", "list", *db)
     assert out.splitlines() == [
         "account\tperiods start on day\tfirst period\topened\tby",

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -467,3 +468,18 @@ def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     out = capsys.readouterr().out
     assert "``" not in out and "scenarios" in out
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly() -> None:
+    """``creditmeter-agent keygen | head -1`` raced into a BrokenPipeError traceback under
+    load. The reader's end is closed before the command can write a line."""
+    process = subprocess.Popen(
+        [str(BIN / "creditmeter-agent"), "scenarios"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141, err
+    assert b"Traceback" not in err
