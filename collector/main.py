@@ -24,6 +24,9 @@ their result to stdout, so that ``report --format json`` can be piped.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import logging
 import os
 import signal
@@ -64,6 +67,7 @@ from creditmeter.tls import ReloadingServerCredentials, TlsError, TlsFiles, desc
 PROG = "creditmeter-collector"
 DB_ENV = settings.DB_ENV
 SWITCH_INTERVAL_S = 0.0002  # see _switching_threads_every
+SIGNAL_POLL_S = 0.5
 # Every command: 0 done (or nothing to do, which it says), 1 failed (audit: findings),
 # 2 bad input (arguments, configuration, a refused value), 3 not found (an account, plan,
 # agent, record or database that does not exist).
@@ -183,6 +187,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     config = settings.load_serve(args)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): how to see
+    # where a collector that does not stop is stuck. (Only where stderr is a file: serve
+    # run in-process under a test's captured output has none.)
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     stopping = threading.Event()
     notifier = Notifier.from_environment()
     with (
@@ -254,7 +263,11 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
         with _watchdog(store, notifier, server, telemetry):
             notifier.ready(f"listening on {listen} (port {port})")
             log.info("collector listening on %s (port %d), store %s", listen, port, url)
-            stopping.wait()
+            # Waits in steps: Python runs a signal's handler only in the main thread, once it
+            # is back in the interpreter; a wait without a timeout may never come back when
+            # the kernel hands SIGTERM to another of the many threads.
+            while not stopping.wait(SIGNAL_POLL_S):
+                pass
             notifier.stopping("refusing new streams; draining open ones")
             log.info(
                 "stopping: refusing new streams, %.0f s grace for open ones",

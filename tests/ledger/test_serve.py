@@ -131,7 +131,7 @@ def test_serve_answers_query_and_charges_at_the_configured_prices(
     assert (balance.charged_micro, balance.remaining_micro) == (14 * CREDIT, 35_986 * CREDIT)
 
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=30)
+    out, err = stopped(process)
     assert process.returncode == 0, err
     logged = out + err
     assert f"imported ledger.prices_file {tmp_path / 'prices.toml'} into the price book" in logged
@@ -200,3 +200,18 @@ def test_administration_commands_price_from_the_book_serve_migrated_the_file_int
         migrate_prices_file(store, tmp_path / "prices.toml", NOW_US)
     assert main(["serve", "--config", str(config), "--listen", "127.0.0.1:0"]) == 2
     assert "differs from the prices in force" in capsys.readouterr().err
+
+
+def stopped(process: subprocess.Popen[str], timeout_s: float = 30.0) -> tuple[str, str]:
+    """The daemon's output once it exits; if it does not within ``timeout_s``, every
+    thread's stack (SIGUSR1, faulthandler) is in the failure, to show where it hung."""
+    try:
+        return process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        try:
+            _, err = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+        raise AssertionError(f"serve did not stop within {timeout_s} s:\n{err[-20000:]}") from None
