@@ -69,6 +69,7 @@ from creditmeter.collector.ledger_store import (
 )
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import (
+    BUILT_IN,
     PriceSchedule,
     PriceVersion,
     book_lines,
@@ -474,7 +475,7 @@ def _prices_list(args: argparse.Namespace) -> int:
         print("no price versions: built-in prices (1 credit per busy second and per request)")
         return EXIT_OK
     print("effective\tloaded\tby\tchanges")
-    before = PriceSchedule().at(0)
+    before = BUILT_IN
     for version in versions:
         changes = "; ".join(price_changes(before, version.book)) or "none"
         print(
@@ -489,7 +490,7 @@ def _prices_show(args: argparse.Namespace) -> int:
     with _ledger(args, writing=False) as (ledger, _):
         at_us = ledger.now_us() if args.at is None else parse_time_us("--at", args.at)
         effective_us, book = ledger.prices.version_at(at_us)
-    origin = "built-in" if book is PriceSchedule().at(0) else f"effective {iso_text(effective_us)}"
+    origin = "built-in" if book is BUILT_IN else f"effective {iso_text(effective_us)}"
     print(f"prices in force at {iso_text(at_us)} ({origin}):")
     for line in book_lines(book):
         print(f"  {printable(line)}")
