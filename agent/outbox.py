@@ -167,6 +167,9 @@ class Batch:
     records: tuple[bytes, ...]  # serialized UsageRecords, exactly as written
     head_hash: bytes  # hash of the last record
     signature: bytes  # Ed25519 over head_hash (creditmeter.chain.sign_head)
+    # Ed25519 over the digest of every record's hash (creditmeter.chain.sign_span): made
+    # when the batch is read, as batches join segments differently after each ack.
+    span_signature: bytes
     oldest_created_unix_s: float  # when the first record was appended (clock's wall time)
 
 
@@ -407,6 +410,7 @@ class Outbox:
             records=tuple(bytes(row[1]) for row in rows),
             head_hash=bytes(rows[-1][2]),
             signature=bytes(rows[-1][3]),
+            span_signature=chain.sign_span(self._key, [bytes(row[2]) for row in rows]),
             oldest_created_unix_s=float(rows[0][4]),
         )
 

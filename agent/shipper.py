@@ -560,7 +560,10 @@ class Shipper:
             self._observer.batch_sent(len(batch.records))
             yield ingest_pb2.IngestRequest(
                 batch=ingest_pb2.RecordBatch(
-                    agent_id=self._agent_id, records=batch.records, signature=batch.signature
+                    agent_id=self._agent_id,
+                    records=batch.records,
+                    signature=batch.signature,
+                    span_signature=batch.span_signature,
                 )
             )
 

@@ -15,6 +15,7 @@ disk error. Audit works on one snapshot, so a running collector does not cause f
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -203,6 +204,9 @@ class _ChainAudit:
         # records stored before ingest checked them are held to the same limit.
         self.capacity = Capacity()
         self.seen: set[int] = set()  # the seqs of ``held`` found stored
+        # The latest records' hashes by seq: what a span signature ending here covers (a span
+        # is one batch, at most max_batch_records long).
+        self.recent: deque[tuple[int, bytes]] = deque(maxlen=verifier.limits.max_batch_records)
 
     def run(self, records: Iterable[StoredRecord]) -> None:
         expected_seq = 1
@@ -221,6 +225,7 @@ class _ChainAudit:
                     else f"chain broken: seq out of order after {expected_seq - 1}",
                 )
             self._check_bytes(record, prev_hash if record.seq == expected_seq else None)
+            self.recent.append((record.seq, actual_hash))
             if record.signature is not None:
                 self._check_signature(record, actual_hash)
                 last_signed_seq = record.seq
@@ -292,10 +297,20 @@ class _ChainAudit:
     def _check_signature(self, record: StoredRecord, actual_hash: bytes) -> None:
         if self.public_key is None:
             return
+        signature = record.signature or b""
         try:
-            chain.verify_head(self.public_key, actual_hash, record.signature or b"")
+            if record.span_first_seq is None:
+                chain.verify_head(self.public_key, actual_hash, signature)
+            else:
+                chain.verify_span(self.public_key, self._span(record), signature)
         except chain.ChainError:
             self._find(record.seq, "stored signature does not verify under the agent's key")
+
+    def _span(self, end: StoredRecord) -> list[bytes]:
+        """The hashes of the records a span signature ending at ``end`` covers (fewer when
+        some are missing: the signature then fails, and the gap has its own finding)."""
+        first_seq = end.span_first_seq or 0
+        return [digest for seq, digest in self.recent if first_seq <= seq <= end.seq]
 
     def _check_end(self, last: StoredRecord, last_hash: bytes, last_signed_seq: int) -> None:
         if last_signed_seq != last.seq:

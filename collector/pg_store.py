@@ -483,6 +483,21 @@ MIGRATIONS: tuple[Migration, ...] = (
                ADD PRIMARY KEY (account, start_us, kind, model, price_from_us)""",
         ),
     ),
+    Migration(
+        11,
+        "segments keep where a span signature starts; closed periods keep a signed statement",
+        (
+            "ALTER TABLE segments ADD COLUMN first_seq BIGINT",
+            """CREATE TABLE statement_documents (
+                account TEXT COLLATE "C" NOT NULL,
+                start_us BIGINT NOT NULL,
+                document BYTEA NOT NULL,
+                signature BYTEA NOT NULL,
+                public_key_hex TEXT NOT NULL,
+                PRIMARY KEY (account, start_us)
+            )""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -553,8 +568,8 @@ _ADVANCE = f"""
     WITH {_DEVICE_ROLLUPS_CTE},
     head AS (UPDATE agents SET head_seq = %s, head_hash = %s WHERE agent_id = %s),
     segment AS (
-        INSERT INTO segments (agent_id, last_seq, signature, received_at_us)
-        VALUES (%s, %s, %s, %s)
+        INSERT INTO segments (agent_id, last_seq, signature, received_at_us, first_seq)
+        VALUES (%s, %s, %s, %s, %s)
     ){_HOURLY_ROLLUPS}"""
 # A record released from quarantine: its sums join the rollups, the head stays.
 _ADD_ROLLUPS = f"WITH {_DEVICE_ROLLUPS_CTE}{_HOURLY_ROLLUPS}"
@@ -570,7 +585,7 @@ _SELECT_AGENT = """
     FROM agents"""
 # Every record, with the signature of the segment it ends (NULL inside a segment).
 _SELECT_RECORDS = """
-    SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature
+    SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature, s.first_seq
     FROM records r LEFT JOIN segments s ON s.agent_id = r.agent_id AND s.last_seq = r.seq
     ORDER BY r.agent_id, r.seq"""
 _SELECT_ORPHAN_SEGMENTS = """
@@ -695,7 +710,7 @@ class PostgresStore:
                     cur,
                     agent_id,
                     new_head,
-                    (batch.signature, self._clock_us()),
+                    (batch.signature, self._clock_us(), batch.span_first_seq),
                     self._shard(agent_id),
                     sums,
                     device_sums,
@@ -1158,8 +1173,8 @@ class PostgresSnapshot:
         ):
             cur.itersize = _AUDIT_FETCH_ROWS
             cur.execute(_SELECT_RECORDS)
-            for agent_id, seq, start_us, record, signature in cur:
-                yield StoredRecord(agent_id, seq, start_us, record, signature)
+            for row in cur:
+                yield StoredRecord(*row)
 
     def orphan_segments(self) -> list[tuple[str, int]]:
         with _translated("reading segments", self._where):
@@ -1475,7 +1490,7 @@ def _advance(
     cur: Cursor,
     agent_id: str,
     head: ChainHead,
-    segment: tuple[bytes, int],
+    segment: tuple[bytes, int, int | None],
     shard: int,
     sums: dict[RollupKey, RollupSums],
     device_sums: dict[DeviceRollupKey, RollupSums],
@@ -1487,7 +1502,7 @@ def _advance(
     account and hour may be waiting for it."""
     keys = sorted(sums)
     device_keys = sorted(device_sums)
-    signature, received_at_us = segment
+    signature, received_at_us, first_seq = segment
     cur.execute(
         _ADVANCE,
         (
@@ -1501,6 +1516,7 @@ def _advance(
             head.seq,
             signature,
             received_at_us,
+            first_seq,
             *_columns(keys, 3),
             [shard] * len(keys),
             *_columns([sums[key] for key in keys], 3),

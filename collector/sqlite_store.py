@@ -413,6 +413,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE statement_lines_v11 RENAME TO statement_lines",
         ),
     ),
+    Migration(
+        12,
+        "segments keep where a span signature starts; closed periods keep a signed statement",
+        (
+            "ALTER TABLE segments ADD COLUMN first_seq INTEGER",
+            """CREATE TABLE statement_documents (
+                account TEXT NOT NULL,
+                start_us INTEGER NOT NULL,
+                document BLOB NOT NULL,
+                signature BLOB NOT NULL,
+                public_key_hex TEXT NOT NULL,
+                PRIMARY KEY (account, start_us)
+            ) WITHOUT ROWID""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -429,8 +444,10 @@ _CHUNK_SQL = {
     + ", ".join([f"({_INSERT_VALUES})"] * rows)
     for rows in (2**n for n in range(_MAX_CHUNK_ROWS.bit_length()))
 }
-# The signature over the batch's head, and when it arrived.
-_INSERT_SEGMENT = "INSERT INTO segments VALUES (?, ?, ?, ?)"
+# The batch's signature, when it arrived, and the seq its span starts at (NULL: a head
+# signature, over the record that ends the segment only).
+_INSERT_SEGMENT = """INSERT INTO segments (agent_id, last_seq, signature, received_at_us, first_seq)
+    VALUES (?, ?, ?, ?, ?)"""
 _UPSERT_ROLLUP = """
     INSERT INTO rollups_hourly (hour_start_us, account, model, busy_us, wall_us, record_count)
     VALUES (?, ?, ?, ?, ?, ?)
@@ -462,7 +479,7 @@ _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
     FROM agents"""
 _SELECT_RECORDS = """
-    SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature
+    SELECT r.agent_id, r.seq, r.start_us, r.record, s.signature, s.first_seq
     FROM records r LEFT JOIN segments s ON s.agent_id = r.agent_id AND s.last_seq = r.seq
     ORDER BY r.agent_id, r.seq"""
 
@@ -575,7 +592,13 @@ class SQLiteStore:
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
             conn.execute(
                 _INSERT_SEGMENT,
-                (agent_id, new_head.seq, bytearray(batch.signature), self._clock_us()),
+                (
+                    agent_id,
+                    new_head.seq,
+                    bytearray(batch.signature),
+                    self._clock_us(),
+                    batch.span_first_seq,
+                ),
             )
             budgets = advanced_capacity(agent_id, records, _capacity(conn, agent_id))
             if budgets is not None:

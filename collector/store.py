@@ -67,6 +67,7 @@ class StoredRecord:
     start_us: int
     record: bytes
     signature: bytes | None
+    span_first_seq: int | None = None  # the signature is a span's from this seq on
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,14 +141,22 @@ class CheckedRecords:
 
 @dataclass(frozen=True, slots=True)
 class VerifiedBatch:
-    """A batch whose records passed every check and whose head signature verified."""
+    """A batch whose records passed every check and whose signature verified: the span
+    signature over all its record hashes when the agent sent one, else the head signature
+    over ``records.head_hash``."""
 
     records: CheckedRecords
-    signature: bytes  # Ed25519 over the chain head, i.e. over records.head_hash
+    signature: bytes
+    spanned: bool = False  # ``signature`` is a span signature (creditmeter.chain.sign_span)
 
     @property
     def agent_id(self) -> str:
         return self.records.agent_id
+
+    @property
+    def span_first_seq(self) -> int | None:
+        """The seq a span signature starts at; None for a head signature."""
+        return self.records.rows[0][SEQ] if self.spanned else None
 
 
 class Verifier:
@@ -164,21 +172,25 @@ class Verifier:
     ) -> VerifiedBatch:
         """Checks a batch as received; raises a RejectedBatch subclass naming the problem.
 
-        The signature is checked first: a forged batch costs one signature verification,
-        not the parsing of all its records.
+        A head signature is checked first: a forged batch costs one signature verification,
+        not the parsing of all its records. A span signature needs every record's hash,
+        which the checks compute anyway, so it is checked after them (a forged batch then
+        costs its parsing, bounded by the batch limits, and stores nothing).
         """
         agent_id = batch.agent_id
         records = batch.records
         self._check_count(agent_id, len(records))
+        if batch.span_signature:
+            checked = self.check_records(agent_id, records, capacity)
+            try:
+                chain.verify_span(public_key, checked.hashes, batch.span_signature)
+            except chain.ChainError as exc:
+                raise _bad_signature(agent_id, "span_signature") from exc
+            return VerifiedBatch(checked, bytes(batch.span_signature), spanned=True)
         try:
             chain.verify_head(public_key, chain.record_hash(records[-1]), batch.signature)
         except chain.ChainError as exc:
-            raise BadBatchSignature(
-                "the head signature does not verify under the agent's enrolled key "
-                "(records altered after signing, or signed with another key)",
-                agent_id=agent_id,
-                field="signature",
-            ) from exc
+            raise _bad_signature(agent_id, "signature") from exc
         checked = self.check_records(agent_id, records, capacity)
         return VerifiedBatch(checked, bytes(batch.signature))
 
@@ -663,3 +675,13 @@ def _check_gaps(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.Ga
             field="gaps.duration_us",
             index=index,
         )
+
+
+def _bad_signature(agent_id: str, field: str) -> BadBatchSignature:
+    which = "span" if field == "span_signature" else "head"
+    return BadBatchSignature(
+        f"the {which} signature does not verify under the agent's enrolled key "
+        "(records altered after signing, or signed with another key)",
+        agent_id=agent_id,
+        field=field,
+    )

@@ -18,6 +18,20 @@ def test_head_signature_verifies_only_for_its_hash_and_key() -> None:
         chain.verify_head(chain.generate_key().public_key(), head, sig)
 
 
+def test_span_signature_covers_every_hash_in_order() -> None:
+    key = chain.generate_key()
+    hashes = [chain.record_hash(bytes([n])) for n in range(4)]
+    sig = chain.sign_span(key, hashes)
+    chain.verify_span(key.public_key(), hashes, sig)
+    for other in (hashes[:3], hashes[::-1], [*hashes[:2], chain.record_hash(b"x"), hashes[3]]):
+        with pytest.raises(chain.BadSignature):
+            chain.verify_span(key.public_key(), other, sig)
+    with pytest.raises(chain.BadSignature):  # a head signature is never a span's
+        chain.verify_span(key.public_key(), hashes[-1:], chain.sign_head(key, hashes[-1]))
+    with pytest.raises(chain.ChainError, match="32 bytes"):
+        chain.span_digest([b"short"])
+
+
 def test_head_hash_must_be_32_bytes() -> None:
     with pytest.raises(chain.ChainError, match="32 bytes"):
         chain.head_message(b"short")

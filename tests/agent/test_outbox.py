@@ -83,6 +83,8 @@ def test_segments_end_with_signatures_and_batches_end_at_segment_ends(
             batch = outbox.batch_after(after, limit)
             assert batch is not None
             chain.verify_head(key.public_key(), batch.head_hash, batch.signature)
+            hashes = [chain.record_hash(r) for r in batch.records]
+            chain.verify_span(key.public_key(), hashes, batch.span_signature)
             assert [parse(r).seq for r in batch.records] == list(
                 range(batch.first_seq, batch.last_seq + 1)
             )

@@ -93,11 +93,16 @@ class AgentChain:
 
 
 def signed_batch(
-    agent_id: str, key: Ed25519PrivateKey, records: Sequence[bytes]
+    agent_id: str, key: Ed25519PrivateKey, records: Sequence[bytes], *, span: bool = True
 ) -> ingest_pb2.RecordBatch:
-    """A batch of ``records`` with the head signature over the last one, right or wrong."""
+    """A batch of ``records`` signed as the agent signs it, right or wrong: the head
+    signature over the last one and (unless ``span`` is False, as agents before span
+    signatures sent) the span signature over all their hashes."""
     signature = chain.sign_head(key, chain.record_hash(records[-1]))
-    return ingest_pb2.RecordBatch(agent_id=agent_id, records=list(records), signature=signature)
+    batch = ingest_pb2.RecordBatch(agent_id=agent_id, records=list(records), signature=signature)
+    if span:
+        batch.span_signature = chain.sign_span(key, [chain.record_hash(r) for r in records])
+    return batch
 
 
 def hello(agent_id: str) -> ingest_pb2.IngestRequest:

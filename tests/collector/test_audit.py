@@ -62,6 +62,8 @@ def test_altered_record_bytes_break_signature_link_and_rollups(
     assert [str(f) for f in result.findings] == [
         "agent 'agent-1' seq 5: stored signature does not verify under the agent's key",
         "agent 'agent-1' seq 6: chain broken: prev_hash is not the hash of the record before",
+        # The retry 4..10 was span-signed: its signature covers seq 5 too.
+        "agent 'agent-1' seq 10: stored signature does not verify under the agent's key",
         "rollups: hour 2025-06-15T15:00Z account 'acme' model 'llama-3-70b': stored busy_us, "
         f"wall_us, records [{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
         f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
@@ -80,10 +82,14 @@ def test_a_deleted_record_is_a_hole(
     assert result.findings[0] == Finding(
         "agent-1", 4, "chain broken: follows seq 2 (seqs 3..3 missing)"
     )
-    assert len(result.findings) == 3  # and both rollups still count seq 3
-    assert result.findings[1].problem.startswith("hour ")
-    assert result.findings[2].problem.startswith("device hour ")
-    assert all("the records sum to" in f.problem for f in result.findings[1:])
+    # The span signature over 1..5 misses seq 3's hash, and both rollups still count seq 3.
+    assert result.findings[1] == Finding(
+        "agent-1", 5, "stored signature does not verify under the agent's key"
+    )
+    assert len(result.findings) == 4
+    assert result.findings[2].problem.startswith("hour ")
+    assert result.findings[3].problem.startswith("device hour ")
+    assert all("the records sum to" in f.problem for f in result.findings[2:])
 
 
 def test_an_edited_start_column_is_found(

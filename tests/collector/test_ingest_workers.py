@@ -81,7 +81,7 @@ def test_refusals_cross_the_pipe_with_their_status_and_names(
     assert (bad.value.status, bad.value.agent_id, bad.value.field) == (
         Status.INVALID_ARGUMENT,
         agent.agent_id,
-        "signature",
+        "span_signature",
     )
     other = AgentChain(agent.agent_id, agent.key)  # same id and key, other records
     other.extend(3, lambda rec: setattr(rec, "busy_us", 1))

@@ -369,8 +369,8 @@ def versions(pg: PostgresBackend) -> list[int]:
 
 def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
     pg.open()
-    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 11))
-    assert SCHEMA_VERSION == 10
+    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 12))
+    assert SCHEMA_VERSION == 11
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
 
 
@@ -446,7 +446,7 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     assert versions(pg) == [1]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 11))
+    assert versions(pg) == list(range(1, 12))
     assert current.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
     ]
@@ -487,7 +487,7 @@ def test_records_of_schema_version_4_keep_their_bytes_and_signatures(
     assert versions(pg) == [1, 2, 3, 4]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 11))
+    assert versions(pg) == list(range(1, 12))
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
     signatures = {
         (agent.agent_id, last): agent.batch(first, last).signature

@@ -130,6 +130,12 @@ def break_signature(agent: AgentChain) -> ingest_pb2.RecordBatch:
     return signed_batch(agent.agent_id, chain.generate_key(), list(batch.records))
 
 
+def break_head_signature(agent: AgentChain) -> ingest_pb2.RecordBatch:
+    """As an agent from before span signatures sends it."""
+    batch = agent.extend(3)
+    return signed_batch(agent.agent_id, chain.generate_key(), list(batch.records), span=False)
+
+
 def tamper_last_record(agent: AgentChain) -> ingest_pb2.RecordBatch:
     batch = agent.extend(3)
     rec = usage_pb2.UsageRecord.FromString(batch.records[2])
@@ -189,8 +195,9 @@ def oversize_label(agent: AgentChain) -> ingest_pb2.RecordBatch:
 @pytest.mark.parametrize(
     ("make_batch", "details"),
     [
-        (break_signature, "agent 'agent-1' field signature: the head signature does not verify"),
-        (tamper_last_record, "field signature: the head signature does not verify"),
+        (break_signature, "agent 'agent-1' field span_signature: the span signature does not"),
+        (break_head_signature, "agent 'agent-1' field signature: the head signature does not"),
+        (tamper_last_record, "field span_signature: the span signature does not verify"),
         (tamper_middle_record, "seq 3 field prev_hash: prev_hash is not the hash of seq 2"),
         (break_prev_hash, "agent 'agent-1' seq 3 field prev_hash: prev_hash is not the hash"),
         (other_agent_id, "batch names agent 'agent-2'"),

@@ -57,8 +57,10 @@ def test_a_batch_is_stored_with_its_bytes_and_signature(
         (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)
         for seq, record in enumerate(agent.records, 1)
     ]
-    segments = backend.rows("SELECT agent_id, last_seq, signature, received_at_us FROM segments")
-    assert segments == [(agent.agent_id, 3, batch.signature, NOW_US)]
+    segments = backend.rows(
+        "SELECT agent_id, last_seq, signature, received_at_us, first_seq FROM segments"
+    )
+    assert segments == [(agent.agent_id, 3, batch.span_signature, NOW_US, 1)]
     stored = store.get_agent(agent.agent_id)
     assert stored is not None and stored.head == head(agent, 3)
 
@@ -72,8 +74,8 @@ def test_each_batch_that_stores_records_is_a_segment(
     resent_and_more = agent.batch(3, 7)
     store.ingest(agent.agent_id, verified(verifier, agent, resent_and_more))
     store.ingest(agent.agent_id, verified(verifier, agent, agent.batch(5, 7)))  # all stored
-    segments = backend.rows("SELECT last_seq, signature FROM segments ORDER BY last_seq")
-    assert segments == [(4, first.signature), (7, resent_and_more.signature)]
+    segments = backend.rows("SELECT first_seq, last_seq, signature FROM segments ORDER BY last_seq")
+    assert segments == [(1, 4, first.span_signature), (3, 7, resent_and_more.span_signature)]
     assert count(backend, "SELECT COUNT(*) FROM records") == 7
 
 
@@ -250,7 +252,7 @@ def test_a_snapshot_lists_records_in_agent_and_seq_order(
         ("agent-1", 1),
         ("agent-1", 2),
     ]
-    assert records[1].signature == batch.signature
+    assert (records[1].signature, records[1].span_first_seq) == (batch.span_signature, 1)
     assert records[1].record == second.records[1]
     assert [a.agent_id for a in agents] == ["agent-0", "agent-1"]
 

@@ -50,7 +50,7 @@ def test_a_healthy_batch_becomes_rows_with_the_bytes_as_received(verifier: Verif
     assert records.hashes == [chain.record_hash(record) for record in agent.records]
     assert records.head_hash == chain.record_hash(agent.records[2])
     assert records.first_prev_hash == chain.GENESIS_HASH
-    assert verified.signature == batch.signature
+    assert (verified.signature, verified.span_first_seq) == (batch.span_signature, 1)
     hour_us = T0_US - T0_US % HOUR_US
     assert records.device_sums == {
         (hour_us, "gpu-host-17", GPU_UUID, "acme", "llama-3-70b"): [
@@ -108,7 +108,32 @@ def test_a_signature_by_another_key_is_refused(verifier: Verifier) -> None:
     error = rejection(verifier, agent, forged)
     assert isinstance(error, BadBatchSignature)
     assert error.status is Status.INVALID_ARGUMENT
-    assert error.field == "signature"
+    assert error.field == "span_signature"
+
+
+def test_a_batch_with_only_a_head_signature_is_verified_by_it(verifier: Verifier) -> None:
+    """Agents from before span signatures send the head signature alone."""
+    agent = AgentChain()
+    agent.extend(3)
+    legacy = signed_batch(agent.agent_id, agent.key, agent.records, span=False)
+    verified = verifier.verify(legacy, agent.key.public_key())
+    assert (verified.signature, verified.span_first_seq) == (legacy.signature, None)
+    forged = signed_batch(agent.agent_id, chain.generate_key(), agent.records, span=False)
+    error = rejection(verifier, agent, forged)
+    assert isinstance(error, BadBatchSignature) and error.field == "signature"
+
+
+def test_a_span_signature_covers_every_record_not_only_the_head(verifier: Verifier) -> None:
+    """The head signature of a batch with a span signature is not what is checked: a span
+    made over other hashes is refused even when the head signature is right."""
+    agent = AgentChain()
+    agent.extend(3)
+    batch = signed_batch(agent.agent_id, agent.key, agent.records)
+    batch.span_signature = chain.sign_span(
+        agent.key, [chain.record_hash(r) for r in agent.records[1:]]
+    )
+    error = rejection(verifier, agent, batch)
+    assert isinstance(error, BadBatchSignature) and error.field == "span_signature"
 
 
 def test_a_record_altered_after_signing_is_refused(verifier: Verifier) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63reditmeter/v1/ingest.proto\x12\x0e\x63reditmeter.v1\"\x19\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"C\n\x0bRecordBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x03(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"m\n\rIngestRequest\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.creditmeter.v1.HelloH\x00\x12,\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.creditmeter.v1.RecordBatchH\x00\x42\x06\n\x04\x62ody\"+\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\thead_hash\x18\x02 \x01(\x0c\"2\n\x0eIngestResponse\x12 \n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.creditmeter.v1.Ack2U\n\x06Ingest\x12K\n\x06Stream\x12\x1d.creditmeter.v1.IngestRequest\x1a\x1e.creditmeter.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63reditmeter/v1/ingest.proto\x12\x0e\x63reditmeter.v1\"\x19\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"[\n\x0bRecordBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x03(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x16\n\x0espan_signature\x18\x04 \x01(\x0c\"m\n\rIngestRequest\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.creditmeter.v1.HelloH\x00\x12,\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.creditmeter.v1.RecordBatchH\x00\x42\x06\n\x04\x62ody\"+\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x11\n\thead_hash\x18\x02 \x01(\x0c\"2\n\x0eIngestResponse\x12 \n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.creditmeter.v1.Ack2U\n\x06Ingest\x12K\n\x06Stream\x12\x1d.creditmeter.v1.IngestRequest\x1a\x1e.creditmeter.v1.IngestResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_start=47
   _globals['_HELLO']._serialized_end=72
   _globals['_RECORDBATCH']._serialized_start=74
-  _globals['_RECORDBATCH']._serialized_end=141
-  _globals['_INGESTREQUEST']._serialized_start=143
-  _globals['_INGESTREQUEST']._serialized_end=252
-  _globals['_ACK']._serialized_start=254
-  _globals['_ACK']._serialized_end=297
-  _globals['_INGESTRESPONSE']._serialized_start=299
-  _globals['_INGESTRESPONSE']._serialized_end=349
-  _globals['_INGEST']._serialized_start=351
-  _globals['_INGEST']._serialized_end=436
+  _globals['_RECORDBATCH']._serialized_end=165
+  _globals['_INGESTREQUEST']._serialized_start=167
+  _globals['_INGESTREQUEST']._serialized_end=276
+  _globals['_ACK']._serialized_start=278
+  _globals['_ACK']._serialized_end=321
+  _globals['_INGESTRESPONSE']._serialized_start=323
+  _globals['_INGESTRESPONSE']._serialized_end=373
+  _globals['_INGEST']._serialized_start=375
+  _globals['_INGEST']._serialized_end=460
 # @@protoc_insertion_point(module_scope)

@@ -13,14 +13,16 @@ class Hello(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
-    __slots__ = ("agent_id", "records", "signature")
+    __slots__ = ("agent_id", "records", "signature", "span_signature")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SPAN_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     records: _containers.RepeatedScalarFieldContainer[bytes]
     signature: bytes
-    def __init__(self, agent_id: _Optional[str] = ..., records: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    span_signature: bytes
+    def __init__(self, agent_id: _Optional[str] = ..., records: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ..., span_signature: _Optional[bytes] = ...) -> None: ...
 
 class IngestRequest(_message.Message):
     __slots__ = ("hello", "batch")
