@@ -13,6 +13,8 @@ API charges and exports. ``main.py`` adds them to its parser with ``add_commands
     creditmeter-collector balance ACCOUNT [--at DATE] [--format table|json]
     creditmeter-collector period close (--account NAME | --all) [--through DATE]
     creditmeter-collector period list ACCOUNT
+    creditmeter-collector statement export ACCOUNT DATE [--out FILE]   (creditmeter-verify FILE)
+    creditmeter-collector statement key
     creditmeter-collector charge ACCOUNT MODEL REQUEST_ID --at TIME [--count N]
     creditmeter-collector prices set FILE --effective HOUR [--backdate]
     creditmeter-collector prices list
@@ -48,6 +50,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from creditmeter.chain import BadKey
 from creditmeter.collector.billing_export import (
     DEFAULT_EVENT_NAME,
     billables,
@@ -65,9 +68,10 @@ from creditmeter.collector.ledger_store import (
     LedgerEntry,
     LedgerSnapshot,
     LedgerStore,
+    SignedStatement,
     as_ledger_store,
 )
-from creditmeter.collector.periods import iso_text
+from creditmeter.collector.periods import iso_text, period_containing
 from creditmeter.collector.prices import (
     BUILT_IN,
     PriceSchedule,
@@ -92,6 +96,8 @@ from creditmeter.collector.report import (
     seconds_text,
 )
 from creditmeter.collector.rollup import HOUR_US
+from creditmeter.collector.settings import admin_statement_key
+from creditmeter.collector.statements import StatementSigner, bundle, load_signer
 from creditmeter.collector.stores import open_store
 from creditmeter.labels import printable
 
@@ -273,10 +279,30 @@ def _add_credit_commands(commands: Any, db: argparse.ArgumentParser, who: Any) -
         default=DEFAULT_GRACE_HOURS,
         help="without --through: close periods ended this long ago",
     )
+    close.add_argument(
+        "--statement-key",
+        type=Path,
+        metavar="PEM",
+        help="the key that signs statements (default: ledger.statement_key, see its reference)",
+    )
     close.set_defaults(command=_period_close)
     listing = verbs.add_parser("list", parents=[db], help="closed periods of an account")
     listing.add_argument("account", metavar="ACCOUNT")
     listing.set_defaults(command=_period_list)
+    statement = commands.add_parser("statement", help="signed statements of closed periods")
+    verbs = statement.add_subparsers(title="statement commands", required=True, metavar="VERB")
+    export = verbs.add_parser(
+        "export", parents=[db], help="the bundle a customer checks with creditmeter-verify"
+    )
+    export.add_argument("account", metavar="ACCOUNT")
+    export.add_argument("date", metavar="DATE", help="any time in the period")
+    export.add_argument("--out", type=Path, help="write here (default: standard output)")
+    export.set_defaults(command=_statement_export)
+    key = verbs.add_parser(
+        "key", parents=[db], help="the public key statements are signed with (publish it)"
+    )
+    key.add_argument("--statement-key", type=Path, metavar="PEM", help="as for period close")
+    key.set_defaults(command=_statement_key)
 
 
 def _add_reading_commands(commands: Any, db: argparse.ArgumentParser) -> None:
@@ -510,9 +536,10 @@ def _period_close(args: argparse.Namespace) -> int:
         else:
             through_us = now_us - args.grace_hours * HOUR_US
         names = [a.name for a in store.accounts()] if args.all else [args.account]
+        signer = _KeyFile(args)
         closed = 0
         for name in names:
-            for statement in ledger.close_periods(name, through_us, by=args.by):
+            for statement in ledger.close_periods(name, through_us, by=args.by, signer=signer):
                 closed += 1
                 print(
                     f"closed {name} {iso_text(statement.start_us)} .. "
@@ -521,6 +548,59 @@ def _period_close(args: argparse.Namespace) -> int:
     if not closed:
         whose = "of any account" if args.all else f"of {args.account}"
         print(f"nothing to close: no open period {whose} ended by {iso_text(through_us)}")
+    return EXIT_OK
+
+
+class _KeyFile:
+    """The statement key of ``period close``, read (or created) when a period first closes:
+    a run that closes nothing leaves no key behind."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._path = args.statement_key or admin_statement_key(
+            getattr(args, "config", None), args.db
+        )
+        self._signer: StatementSigner | None = None
+
+    @property
+    def signer(self) -> StatementSigner:
+        if self._signer is None:
+            try:
+                self._signer, created = load_signer(self._path)
+            except (OSError, BadKey) as exc:
+                raise ConfigError(f"statement key {self._path}: {exc}") from exc
+            if created:
+                print(
+                    f"statement key created: {self._path} (public key "
+                    f"{self._signer.public_key_hex}); publish the public key: customers pin "
+                    "it when they verify a statement"
+                )
+        return self._signer
+
+    @property
+    def public_key_hex(self) -> str:
+        return self.signer.public_key_hex
+
+    def sign(self, start_us: int, document: bytes) -> SignedStatement:
+        return self.signer.sign(start_us, document)
+
+
+def _statement_key(args: argparse.Namespace) -> int:
+    print(_KeyFile(args).public_key_hex)
+    return EXIT_OK
+
+
+def _statement_export(args: argparse.Namespace) -> int:
+    with _ledger(args, writing=False) as (ledger, store):
+        account = ledger.account(args.account)  # UnknownAccount: exit 3
+        period = period_containing(account.anchor_day, parse_time_us("DATE", args.date))
+        document = bundle(store, args.account, period.start_us)
+    text = json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    with _output(args.out) as out:
+        out.write(text)
+    print(f"wrote {args.out}: check it with creditmeter-verify {args.out}", file=sys.stderr)
     return EXIT_OK
 
 

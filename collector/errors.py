@@ -305,6 +305,19 @@ class PeriodClosed(LedgerError):
     dated inside it). Closed periods never change: date it now, in the open period."""
 
 
+class EvidenceMismatch(LedgerError):
+    """The records and charges a statement would sum do not add up to its lines: a record
+    stored between the two reads (closing again helps), or rollups that disagree with the
+    records (run ``creditmeter-collector audit``). Nothing was closed."""
+
+
+class NoStatement(LedgerError):
+    """The period has no signed statement: it is still open (``period close``), or it was
+    closed before the collector signed statements."""
+
+    status = Status.NOT_FOUND
+
+
 class DuplicateCharge(CollectorError):
     """An API charge with this request id and the same content is already stored: a retry.
     Nothing changed; the gateway treats it as success."""

@@ -36,6 +36,7 @@ from decimal import Decimal, InvalidOperation
 
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
+    EvidenceMismatch,
     InvalidRequest,
     PriceConflict,
     UnknownAccount,
@@ -51,6 +52,7 @@ from creditmeter.collector.ledger_store import (
     ModelUsage,
     Plan,
     PlanChange,
+    SignedStatement,
     Statement,
     StatementLine,
 )
@@ -73,6 +75,12 @@ from creditmeter.collector.prices import (
     price_changes,
 )
 from creditmeter.collector.rollup import HOUR_US
+from creditmeter.collector.statements import (
+    BalanceFigures,
+    Signer,
+    gather_evidence,
+    statement_document,
+)
 from creditmeter.labels import label_error
 
 SECONDS_PER_HOUR = 3600
@@ -81,6 +89,9 @@ MAX_CHARGE_COUNT = 1_000_000  # requests in one charge
 MAX_AMOUNT_MICRO = 10**9 * MICRO  # a billion credits: anything larger is a typo
 MIN_TIME_US = 1_577_836_800_000_000  # 2020-01-01: nothing was metered before
 MAX_FUTURE_US = 86_400_000_000  # how far past the collector's clock a charge may be timed
+# A record stored between reading the rollups and reading the records makes them disagree:
+# a close is computed this many times before it is refused.
+_CLOSE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -414,9 +425,14 @@ class Ledger:
         remaining_micro = self.balance(account).remaining_micro
         return CreditCheck(remaining_micro, remaining_micro >= required_micro)
 
-    def _walk(self, account: Account, target: BillingPeriod) -> Balance:
-        """Runs the account's periods up to ``target``, consuming lots period by period."""
+    def _walk(
+        self, account: Account, target: BillingPeriod, closing: Statement | None = None
+    ) -> Balance:
+        """Runs the account's periods up to ``target``, consuming lots period by period;
+        ``closing`` counts as stored (the statement about to be)."""
         statements = {s.start_us: s for s in self._store.statements(account.name)}
+        if closing is not None:
+            statements[closing.start_us] = closing
         plans = {plan.name: plan for plan in self._store.plans()}
         changes = self._store.plan_changes(account.name)
         entries = self._store.entries(account.name)
@@ -466,9 +482,18 @@ class Ledger:
 
     # -- closing ---------------------------------------------------------------------------
 
-    def close_periods(self, account: str, through_us: int, *, by: str) -> list[Statement]:
+    def close_periods(
+        self,
+        account: str,
+        through_us: int,
+        *,
+        by: str,
+        signer: Signer | None = None,
+    ) -> list[Statement]:
         """Closes, in order, every open period of ``account`` that ended by ``through_us``
-        (never one that has not ended yet). Returns the new statements."""
+        (never one that has not ended yet). Returns the new statements. With ``signer``,
+        each is stored with its signed statement document and evidence (statements.py);
+        raises EvidenceMismatch when the records do not add up to the lines twice over."""
         opened = self.account(account)
         check_name("author", by)
         now_us = self._clock_us()
@@ -481,25 +506,73 @@ class Ledger:
         period = period_containing(opened.anchor_day, start_us)
         changes = self._store.plan_changes(account)
         plans = {plan.name: plan for plan in self._store.plans()}
-        closed = []
+        closed: list[Statement] = []
         while period.end_us <= through_us:
             plan = _plan_at(changes, period.start_us)
-            lines = self._period_lines(opened, period, billed)
-            statement = Statement(
-                account,
-                period.start_us,
-                period.end_us,
-                plan,
-                _grant_micro(plans, plan),
-                lines,
-                now_us,
-                by,
-            )
-            self._store.close_period(statement)
+            for attempt in range(_CLOSE_ATTEMPTS):
+                lines = self._period_lines(opened, period, billed)
+                statement = Statement(
+                    account,
+                    period.start_us,
+                    period.end_us,
+                    plan,
+                    _grant_micro(plans, plan),
+                    lines,
+                    now_us,
+                    by,
+                )
+                try:
+                    signed = self._signed(signer, opened, statement, [*statements, *closed])
+                    break
+                except EvidenceMismatch:
+                    if attempt == _CLOSE_ATTEMPTS - 1:
+                        raise
+            self._store.close_period(statement, signed)
             billed.add(lines)
             closed.append(statement)
             period = next_period(opened.anchor_day, period)
         return closed
+
+    def _signed(
+        self,
+        signer: Signer | None,
+        account: Account,
+        statement: Statement,
+        before: Sequence[Statement],
+    ) -> SignedStatement | None:
+        """The statement's signed document (None without a signer)."""
+        if signer is None:
+            return None
+        period = BillingPeriod(statement.start_us, statement.end_us)
+        schedule = self.prices
+        evidence = gather_evidence(
+            self._store,
+            account,
+            period,
+            schedule,
+            statement.lines,
+            before,
+            self._store.signed_statements(account.name),
+        )
+        balance = self._walk(account, period, closing=statement)
+        figures = BalanceFigures(
+            balance.lot_credits_micro,
+            balance.adjustments_micro,
+            balance.charged_micro,
+            balance.used_micro,
+            balance.remaining_micro,
+        )
+        entries = self._store.entries(account.name)
+        document = statement_document(
+            statement,
+            figures,
+            entries,
+            schedule.versions,
+            evidence,
+            self._store,
+            signer.public_key_hex,
+        )
+        return signer.sign(statement.start_us, document)
 
     def _period_lines(
         self, account: Account, period: BillingPeriod, billed: _Billed | None

@@ -13,12 +13,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from creditmeter.collector.errors import ConfigError, KeyReused, PeriodClosed
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceVersion, book_from_canonical, exact_micro_text
 from creditmeter.v1 import usage_pb2
+
+if TYPE_CHECKING:  # store.py is the record store's module; only its type is needed here
+    from creditmeter.collector.store import AgentInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,28 @@ class Statement:
     @property
     def charged_micro(self) -> int:
         return sum(line.credits_micro for line in self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedStatement:
+    """A closed period's statement as the collector signed it (collector/statements.py):
+    the document's exact bytes, the Ed25519 signature over them, and the signer's key."""
+
+    start_us: int
+    document: bytes
+    signature: bytes
+    public_key_hex: str
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One stored batch signature of an agent: over the hashes of records first_seq..last_seq
+    (a span signature), or over the hash of record last_seq alone (first_seq None: a head
+    signature, from an agent before span signatures)."""
+
+    first_seq: int | None
+    last_seq: int
+    signature: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,14 +398,31 @@ class LedgerStore(Protocol):
         closed periods' statements were computed with."""
         ...
 
-    def close_period(self, statement: Statement) -> None:
-        """Stores a closed period. Raises UnknownAccount, or PeriodClosed unless the
-        statement starts where the account's closed periods end (periods close in order,
-        once)."""
+    def close_period(self, statement: Statement, signed: SignedStatement | None = None) -> None:
+        """Stores a closed period, with its signed statement if given, in one transaction.
+        Raises UnknownAccount, or PeriodClosed unless the statement starts where the
+        account's closed periods end (periods close in order, once)."""
         ...
 
     def statements(self, account: str) -> list[Statement]:
         """Ordered by start."""
+        ...
+
+    def signed_statements(self, account: str) -> list[SignedStatement]:
+        """The signed statements of the account's closed periods, by start (periods closed
+        before statements were signed have none)."""
+        ...
+
+    # -- evidence --------------------------------------------------------------------------
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None: ...
+
+    def segments_between(self, agent_id: str, from_seq: int, to_seq: int) -> list[Segment]:
+        """The agent's stored segments whose last seq lies in [from_seq, to_seq], by it."""
+        ...
+
+    def records_between(self, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:
+        """The stored (seq, record bytes) of the agent's records first..last, by seq."""
         ...
 
 
@@ -390,7 +432,7 @@ class _LedgerCapable(Protocol):
 
     def record_charge(self, charge: ApiCharge, received_at_us: int) -> bool: ...
 
-    def close_period(self, statement: Statement) -> None: ...
+    def close_period(self, statement: Statement, signed: SignedStatement | None = None) -> None: ...
 
 
 def as_ledger_store(store: object) -> LedgerStore:

@@ -136,6 +136,8 @@ from creditmeter.collector.ledger_store import (
     ModelUsage,
     Plan,
     PlanChange,
+    Segment,
+    SignedStatement,
     Statement,
     StatementLine,
     UsageEvent,
@@ -1041,7 +1043,7 @@ class PostgresStore:
         ):
             yield ApiCharge(*row)
 
-    def close_period(self, statement: Statement) -> None:
+    def close_period(self, statement: Statement, signed: SignedStatement | None = None) -> None:
         account = statement.account
         with self._transaction(f"closing a period of {account!r}") as cur:
             # FOR UPDATE: waits for entries and plan changes being added (they hold the row
@@ -1057,6 +1059,44 @@ class PostgresStore:
                     )
                 )
             _insert_statement(cur, statement)
+            if signed is not None:
+                cur.execute(
+                    "INSERT INTO statement_documents VALUES (%s, %s, %s, %s, %s)",
+                    (
+                        account,
+                        statement.start_us,
+                        signed.document,
+                        signed.signature,
+                        signed.public_key_hex,
+                    ),
+                )
+
+    def signed_statements(self, account: str) -> list[SignedStatement]:
+        with self._statement(f"reading signed statements of {account!r}") as cur:
+            cur.execute(
+                """SELECT start_us, document, signature, public_key_hex
+                   FROM statement_documents WHERE account = %s ORDER BY start_us""",
+                (account,),
+            )
+            rows = cur.fetchall()
+        return [
+            SignedStatement(start, bytes(doc), bytes(sig), key) for start, doc, sig, key in rows
+        ]
+
+    def segments_between(self, agent_id: str, from_seq: int, to_seq: int) -> list[Segment]:
+        with self._statement(f"reading segments of {agent_id!r}") as cur:
+            cur.execute(
+                """SELECT first_seq, last_seq, signature FROM segments
+                   WHERE agent_id = %s AND last_seq BETWEEN %s AND %s ORDER BY last_seq""",
+                (agent_id, from_seq, to_seq),
+            )
+            rows = cur.fetchall()
+        return [Segment(first, last, bytes(signature)) for first, last, signature in rows]
+
+    def records_between(self, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:
+        with self._statement(f"reading records of {agent_id!r}") as cur:
+            rows = _records(cur, agent_id, first, last)
+        return [(seq, bytes(record)) for seq, record in rows]
 
     def statements(self, account: str) -> list[Statement]:
         # One statement (a join): heads and lines from one snapshot.

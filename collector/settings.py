@@ -34,6 +34,7 @@ from creditmeter.config import (
 )
 
 DEFAULT_CONFIG = Path("/etc/creditmeter/collector.toml")
+DEFAULT_STATEMENT_KEY = Path("/var/lib/creditmeter-collector/statement-key.pem")
 DB_ENV = "CREDITMETER_COLLECTOR_DB"
 PRICES_ENV = "CREDITMETER_PRICES"
 
@@ -181,6 +182,15 @@ PRICES_FILE = Option(
     f"version; ${PRICES_ENV} overrides it. Use: prices set FILE --effective HOUR.",
 )
 
+STATEMENT_KEY = Option(
+    "ledger.statement_key",
+    Maybe(PATH),
+    None,
+    "The collector's Ed25519 key (PEM) that signs each statement at period close; created, "
+    "mode 0600, by the first close. Unset: statement-key.pem beside a SQLite database, "
+    "/var/lib/creditmeter-collector/statement-key.pem with PostgreSQL.",
+)
+
 METRICS_LISTEN = Option(
     "metrics.listen", STR, "127.0.0.1:9465", "host:port serving /metrics; empty: off."
 )
@@ -210,6 +220,7 @@ OPTIONS = (
     API_TOKEN_FILE,
     API_CLIENTS,
     PRICES_FILE,
+    STATEMENT_KEY,
     METRICS_LISTEN,
     LOG_LEVEL,
     LOG_FORMAT,
@@ -258,6 +269,17 @@ def admin_store_url(config_path: Path | None, db: str | None) -> str | None:
         return db
     config = _admin_config(config_path)
     return None if config is None else config[STORE_URL]
+
+
+def admin_statement_key(config_path: Path | None, store_url: str) -> Path:
+    """Where ``period close`` finds (or creates) the key that signs statements."""
+    config = _admin_config(config_path)
+    configured = None if config is None else config[STATEMENT_KEY]
+    if configured is not None:
+        return configured
+    if store_url.startswith("sqlite://"):
+        return Path(store_url.removeprefix("sqlite://")).parent / "statement-key.pem"
+    return DEFAULT_STATEMENT_KEY
 
 
 def _admin_config(config_path: Path | None) -> Config | None:

@@ -60,6 +60,8 @@ from creditmeter.collector.ledger_store import (
     ModelUsage,
     Plan,
     PlanChange,
+    Segment,
+    SignedStatement,
     Statement,
     StatementLine,
     UsageEvent,
@@ -923,7 +925,7 @@ class SQLiteStore:
             )
         return version, True
 
-    def close_period(self, statement: Statement) -> None:
+    def close_period(self, statement: Statement, signed: SignedStatement | None = None) -> None:
         account = statement.account
         with self._write(f"closing a period of {account!r}") as conn:
             stored = _account(conn, account)
@@ -967,6 +969,50 @@ class SQLiteStore:
                     for line in statement.lines
                 ],
             )
+            if signed is not None:
+                conn.execute(
+                    "INSERT INTO statement_documents VALUES (?, ?, ?, ?, ?)",
+                    (
+                        account,
+                        statement.start_us,
+                        signed.document,
+                        signed.signature,
+                        signed.public_key_hex,
+                    ),
+                )
+
+    def signed_statements(self, account: str) -> list[SignedStatement]:
+        with self._lock, _translated(f"reading signed statements of {account!r}"):
+            rows = (
+                self._connection()
+                .execute(
+                    """SELECT start_us, document, signature, public_key_hex
+                       FROM statement_documents WHERE account = ? ORDER BY start_us""",
+                    (account,),
+                )
+                .fetchall()
+            )
+        return [
+            SignedStatement(start, bytes(doc), bytes(sig), key) for start, doc, sig, key in rows
+        ]
+
+    def segments_between(self, agent_id: str, from_seq: int, to_seq: int) -> list[Segment]:
+        with self._lock, _translated(f"reading segments of {agent_id!r}"):
+            rows = (
+                self._connection()
+                .execute(
+                    """SELECT first_seq, last_seq, signature FROM segments
+                       WHERE agent_id = ? AND last_seq BETWEEN ? AND ? ORDER BY last_seq""",
+                    (agent_id, from_seq, to_seq),
+                )
+                .fetchall()
+            )
+        return [Segment(first, last, bytes(signature)) for first, last, signature in rows]
+
+    def records_between(self, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:
+        with self._lock, _translated(f"reading records of {agent_id!r}"):
+            rows = _records(self._connection(), agent_id, first, last)
+        return [(seq, bytes(record)) for seq, record in rows]
 
     def statements(self, account: str) -> list[Statement]:
         with self._lock, _translated(f"reading statements of {account!r}"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def verify_cli(bundle: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """creditmeter-verify as a customer runs it: its own process, no database."""
+    command = [sys.executable, "-m", "creditmeter.verify", str(bundle), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture
@@ -140,8 +148,39 @@ def test_an_account_from_plan_to_closed_period(
         "2025-07-01",
         "--by",
         "ops",
+        "--statement-key",
+        str(tmp_path / "statement-key.pem"),
     )
-    assert out == "closed acme 2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z: 19.000000 credits\n"
+    key_hex = run(
+        capsys, "statement", "key", *db, "--statement-key", str(tmp_path / "statement-key.pem")
+    )[1].strip()
+    assert out.splitlines() == [
+        f"statement key created: {tmp_path / 'statement-key.pem'} (public key {key_hex}); "
+        "publish the public key: customers pin it when they verify a statement",
+        "closed acme 2025-06-01T00:00:00Z .. 2025-07-01T00:00:00Z: 19.000000 credits",
+    ]
+    assert (tmp_path / "statement-key.pem").stat().st_mode & 0o777 == 0o600
+    bundle_path = tmp_path / "acme-june.json"
+    code, out, err = run(
+        capsys, "statement", "export", *db, "acme", "2025-06-20", "--out", str(bundle_path)
+    )
+    assert (code, out) == (0, "")
+    assert err == f"wrote {bundle_path}: check it with creditmeter-verify {bundle_path}\n"
+    checked = verify_cli(bundle_path, "--collector-key", key_hex)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert checked.stdout.startswith("OK: statement of acme for 2025-06-01T00:00:00Z .. ")
+    assert "2 records from 1 agents, 1 API charges, 19.000000 credits charged" in checked.stdout
+    tampered = json.loads(bundle_path.read_text())
+    tampered["statement"]["document"] = tampered["statement"]["document"].replace(
+        '"plan":"basic"', '"plan":"gold"'
+    )
+    bundle_path.write_text(json.dumps(tampered))
+    checked = verify_cli(bundle_path)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines()[1:] == [
+        "  statement: its signature does not verify under the collector key"
+    ]
+    assert verify_cli(tmp_path / "missing.json").returncode == 2
     code, out, _ = run(capsys, "period", "list", *db, "acme")
     assert out.splitlines()[0] == "period\tplan\tcredits\tclosed\tby"
     assert out.splitlines()[1].startswith(
@@ -187,7 +226,7 @@ def test_ledger_refusals_fail_with_a_reason(
 
 
 def test_commands_that_change_nothing_say_so_and_unknown_names_exit_3(
-    capsys: pytest.CaptureFixture[str], db: list[str], store: LedgerTestStore
+    capsys: pytest.CaptureFixture[str], db: list[str], store: LedgerTestStore, tmp_path: Path
 ) -> None:
     assert run(capsys, "plan", "list", *db)[:2] == (
         0,
@@ -211,7 +250,8 @@ def test_commands_that_change_nothing_say_so_and_unknown_names_exit_3(
         out.splitlines()[1],
     ]
     assert out.splitlines()[1].startswith("acme\t1\t2025-06-01T00:00:00Z\t")
-    close = ["period", "close", *db, "--account", "acme", "--by", "ops"]
+    key = ["--statement-key", str(tmp_path / "key.pem")]
+    close = ["period", "close", *db, "--account", "acme", "--by", "ops", *key]
     assert run(capsys, *close, "--through", "2025-06-15")[:2] == (
         0,
         "nothing to close: no open period of acme ended by 2025-06-15T00:00:00Z\n",

@@ -45,3 +45,4 @@ def test_the_wheel_holds_everything_and_builds_without_warnings(tmp_path: Path) 
     } <= names
     assert "creditmeter-agent = creditmeter.agent.cli:main_entry" in scripts
     assert "creditmeter-collector = creditmeter.collector.main:main_entry" in scripts
+    assert "creditmeter-verify = creditmeter.verify:main" in scripts
