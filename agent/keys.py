@@ -60,7 +60,7 @@ def generate(path: str | os.PathLike[str], *, overwrite: bool = False) -> str:
         _replace(file, chain.private_key_pem(key))
     else:
         _create(file, chain.private_key_pem(key))
-    _fsync_dir(file.parent)
+    fsync_dir(file.parent)
     return chain.public_key_hex(key)
 
 
@@ -111,7 +111,9 @@ def keygen_main(
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace an existing key (the collector must then enroll the new public key)",
+        help="replace an existing key, when it is lost to the chain: the collector's operator "
+        "must then approve the new one (enroll ID KEY --replace); to change a key you still "
+        "hold, use rotate-key",
     )
     args = parser.parse_args(argv)
     key_path, agent_id = (
@@ -160,8 +162,9 @@ def _create(file: Path, pem: bytes) -> None:
         fd = os.open(file, flags, _PRIVATE_MODE)
     except FileExistsError as exc:
         raise KeyFileExists(
-            f"{file}: a signing key exists already; keep it, or pass --force to replace it "
-            "(then enroll the new public key on the collector)"
+            f"{file}: a signing key exists already; keep it, rotate it (creditmeter-agent "
+            "rotate-key), or pass --force to replace it (then the collector must approve the "
+            "new key: enroll ID KEY --replace)"
         ) from exc
     except OSError as exc:
         raise SigningKeyError(f"{file}: cannot create the signing key: {exc.strerror}") from exc
@@ -199,7 +202,7 @@ def _write_and_sync(fd: int, file: Path, data: bytes, *, cleanup: Path) -> None:
     os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the new directory entry durable, not only the file's bytes."""
     with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

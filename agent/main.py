@@ -24,7 +24,7 @@ from types import FrameType
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from creditmeter import __version__
-from creditmeter.agent import keys, outbox_repair, settings
+from creditmeter.agent import key_rotation, keys, outbox_repair, settings
 from creditmeter.agent.attribution import RecordBuilder
 from creditmeter.agent.backoff import Backoff
 from creditmeter.agent.errors import AgentError, NvmlUnavailable, ProcessGone, ScenarioUnusable
@@ -99,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     outbox_parser.add_argument("action", choices=("check", "repair"))
     cli.add_arguments(outbox_parser)
+    rotate_parser = commands.add_parser(
+        "rotate-key", help="hand the record chain to a new signing key (agent stopped)"
+    )
+    cli.add_arguments(rotate_parser)
     # Dispatched by agent.cli before this module is imported; listed here for --help.
     commands.add_parser("selftest", help="measure known GPU work (CUDA) through NVML")
     args, rest = parser.parse_known_args(argv)
@@ -119,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = cli.load_or_exit(args)
     if args.command == "outbox":
         return _outbox_command(config, args.action)
+    if args.command == "rotate-key":
+        return _rotate_key(config)
     try:
         settings.check(config)
     except ConfigError as exc:
@@ -309,9 +315,12 @@ def open_nvml() -> Nvml:
     return PynvmlNvml.open()
 
 
+def _key_path(config: Config) -> Path:
+    return Path(config[settings.KEY_FILE] or config[settings.STATE_DIR] / "signing-key.pem")
+
+
 def _signing_key(config: Config) -> Ed25519PrivateKey:
-    state_dir = config[settings.STATE_DIR]
-    return keys.load(Path(config[settings.KEY_FILE] or state_dir / "signing-key.pem"))
+    return keys.load(_key_path(config))
 
 
 @contextmanager
@@ -329,6 +338,7 @@ def _outbox(config: Config, agent_id: str, clock: Clock) -> Iterator[Outbox]:
         clock=clock,
     )
     try:
+        key_rotation.finish_pending(_key_path(config), outbox)
         yield outbox
     finally:
         outbox.close()
@@ -360,6 +370,26 @@ def _outbox_command(config: Config, action: str) -> int:
     except AgentError as exc:
         print(f"creditmeter-agent outbox {action}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _rotate_key(config: Config) -> int:
+    agent_id = config[settings.AGENT_ID] or socket.gethostname()
+    key_path = _key_path(config)
+    try:
+        with _outbox(config, agent_id, SystemClock()) as outbox:
+            seq, public_hex = key_rotation.rotate(
+                key_path, outbox, config[settings.HOST] or agent_id
+            )
+    except AgentError as exc:
+        print(f"creditmeter-agent rotate-key: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(public_hex)
+    print(
+        f"# agent {agent_id} signs with this key from record {seq} on: the old key endorsed "
+        f"it in the chain, and {key_path} now holds the new one (the old is gone)"
+    )
+    print("# nothing to enroll: the collector takes the new key from that record")
+    return EXIT_OK
 
 
 def _gauges(telemetry: AgentTelemetry, outbox: Outbox, flusher: Flusher) -> None:

@@ -197,6 +197,14 @@ class StoredRow:
     signature: bytes | None
 
 
+# The agent's public keys after a key rotation: segments ending at or after from_seq were
+# signed by public_key (raw 32 bytes). Created by the first rotation; empty or absent: one
+# key signed everything.
+_KEYS_TABLE: Final = """CREATE TABLE IF NOT EXISTS signing_keys (
+    from_seq INTEGER PRIMARY KEY,
+    public_key BLOB NOT NULL
+)"""
+
 # Evidence of records damaged before delivery: kept, never sent (outbox repair). Created
 # when first needed; the agent never reads it, so the schema version stays.
 _DAMAGED_TABLE: Final = """CREATE TABLE IF NOT EXISTS damaged_records (
@@ -243,6 +251,7 @@ class Outbox:
         self._appended = threading.Condition(self._lock)
         self._listeners: list[AppendListener] = []
         self._closed = False
+        self._keys = _key_history(conn)
 
     @classmethod
     def open(
@@ -278,7 +287,7 @@ class Outbox:
             head = _load_or_init(conn, file, agent_id)
             if max_db_bytes is not None:
                 _cap_size(conn, max_db_bytes)
-            _warn_if_signed_by_other_key(conn, file, head, signing_key)
+            _warn_if_signed_by_other_key(conn, file, head, signing_key, _key_history(conn))
         except sqlite3.Error as exc:
             conn.close()
             raise OutboxOpenError(f"{file}: cannot open the outbox: {exc}") from exc
@@ -338,6 +347,75 @@ class Outbox:
     def public_key(self) -> Ed25519PublicKey:
         """The key the agent's records are verified with (its signing key's)."""
         return self._key.public_key()
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        return self._key
+
+    def use_key(self, key: Ed25519PrivateKey) -> None:
+        """Signs with ``key`` from now on: the key a committed rotation handed the chain to
+        (a restart after a rotation the key file missed). Raises ValueError for another."""
+        if chain.raw_public_key(key) != self.rotated_to:
+            raise ValueError("not the key the outbox's last rotation names")
+        with self._lock:
+            self._key = key
+
+    def public_key_for(self, seq: int) -> Ed25519PublicKey:
+        """The key that signed the segment ending at ``seq`` (keys change at rotations)."""
+        return Ed25519PublicKey.from_public_bytes(_key_for(self._keys, seq, self._key))
+
+    @property
+    def rotated_to(self) -> bytes | None:
+        """The public key (raw) the last rotation handed the chain to; None if none."""
+        return self._keys[-1][1] if self._keys else None
+
+    def rotate(self, new_key: Ed25519PrivateKey, host: str) -> int:
+        """Hands the chain to ``new_key``: appends a key rotation record endorsed by the
+        current key (creditmeter.chain.rotation_message) and signs from then on with the new
+        one, in one commit. Returns the rotation's seq. Records written before it keep their
+        segment signatures (by the old key): batches ending before it go out with those
+        alone, since this outbox no longer holds the old key."""
+        new_raw = chain.raw_public_key(new_key)
+        with self._lock:
+            self._check_open()
+            self._check_room(1)
+            old_key = self._key
+            created_unix_s = self._clock.wall()
+            with self._write_transaction("write a key rotation"):
+                head = self._read_head_in_txn()
+                seq = head.last_seq + 1
+                record = usage_pb2.UsageRecord(
+                    host=host,
+                    start_unix_us=int(created_unix_s * 1_000_000),
+                    end_unix_us=int(created_unix_s * 1_000_000),
+                    quality=usage_pb2.QUALITY_KEY_ROTATION,
+                    key_rotation=usage_pb2.KeyRotation(
+                        new_public_key=new_raw,
+                        endorsement=chain.sign_rotation(
+                            old_key, self._agent_id, seq, head.last_hash, new_raw
+                        ),
+                    ),
+                )
+                self._conn.execute(_KEYS_TABLE)
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO signing_keys VALUES (0, ?)",
+                    (chain.raw_public_key(old_key),),
+                )
+                self._conn.execute("INSERT INTO signing_keys VALUES (?, ?)", (seq, new_raw))
+                self._key = new_key  # the rotation's own segment is the new key's
+                try:
+                    rows, last_hash = self._chain([record], head, created_unix_s)
+                    self._write(rows, {}, seq, last_hash)
+                except BaseException:
+                    self._key = old_key
+                    raise
+            self._keys = _key_history(self._conn)
+            self._head.last_seq = seq
+            self._head.last_hash = last_hash
+            self._appended.notify_all()
+            listeners = list(self._listeners)
+        self._notify(listeners, seq)
+        return seq
 
     # -- the meter's side -------------------------------------------------------------------
 
@@ -410,7 +488,7 @@ class Outbox:
             records=tuple(bytes(row[1]) for row in rows),
             head_hash=bytes(rows[-1][2]),
             signature=bytes(rows[-1][3]),
-            span_signature=chain.sign_span(self._key, [bytes(row[2]) for row in rows]),
+            span_signature=self._span_signature(end_seq, [bytes(row[2]) for row in rows]),
             oldest_created_unix_s=float(rows[0][4]),
         )
 
@@ -656,6 +734,13 @@ class Outbox:
             raise OutboxReadError(f"{self._path}: the meta row is missing: the file is damaged")
         return head
 
+    def _span_signature(self, end_seq: int, hashes: list[bytes]) -> bytes:
+        """A span signature by the key in force at the batch's end; none (b"") when that was
+        a key rotated away from: the segment's stored head signature then stands alone."""
+        if _key_for(self._keys, end_seq, self._key) != chain.raw_public_key(self._key):
+            return b""
+        return chain.sign_span(self._key, hashes)
+
     def _segment_end(self, acked_seq: int, max_records: int) -> int:
         """The last seq of the batch after ``acked_seq``: a segment end."""
         rows = self._read(
@@ -894,8 +979,30 @@ def _cap_size(conn: sqlite3.Connection, max_db_bytes: int) -> None:
     conn.execute(f"PRAGMA max_page_count = {max(1, max_db_bytes // page_size)}")
 
 
+def _key_history(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+    """(from_seq, raw public key) of every key since the first rotation, in order."""
+    try:
+        rows = conn.execute("SELECT from_seq, public_key FROM signing_keys ORDER BY 1").fetchall()
+    except sqlite3.OperationalError:  # no rotation yet: the table does not exist
+        return []
+    return [(int(seq), bytes(key)) for seq, key in rows]
+
+
+def _key_for(history: Sequence[tuple[int, bytes]], seq: int, current: Ed25519PrivateKey) -> bytes:
+    """The raw public key of the segment ending at ``seq``."""
+    found = chain.raw_public_key(current)
+    for from_seq, key in history:
+        if from_seq <= seq:
+            found = key
+    return found
+
+
 def _warn_if_signed_by_other_key(
-    conn: sqlite3.Connection, path: Path, head: _Head, key: Ed25519PrivateKey
+    conn: sqlite3.Connection,
+    path: Path,
+    head: _Head,
+    key: Ed25519PrivateKey,
+    history: Sequence[tuple[int, bytes]],
 ) -> None:
     """Unacked records signed with a previous key would be refused by the collector."""
     if head.last_seq == head.acked_seq:
@@ -908,7 +1015,8 @@ def _warn_if_signed_by_other_key(
     if row is None:
         return
     try:
-        chain.verify_head(key.public_key(), bytes(row[1]), bytes(row[2]))
+        public = Ed25519PublicKey.from_public_bytes(_key_for(history, int(row[0]), key))
+        chain.verify_head(public, bytes(row[1]), bytes(row[2]))
     except chain.BadSignature:
         log.warning(
             "outbox %s: %d unacknowledged records were signed with another key than the "

@@ -24,7 +24,7 @@ holds, and nothing set aside is stored there.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -38,6 +38,9 @@ from creditmeter.v1 import usage_pb2
 EXIT_OK, EXIT_DAMAGED = 0, 1
 
 
+KeyFor = Callable[[int], Ed25519PublicKey]  # seq of a segment end -> the key that signed it
+
+
 @dataclass(frozen=True, slots=True)
 class Damage:
     seq: int
@@ -47,13 +50,19 @@ class Damage:
 def damage(outbox: Outbox, public_key: Ed25519PublicKey) -> list[Damage]:
     """The unacknowledged records that the collector would refuse, and why."""
     prev, rows = outbox.unacked()
-    return _damage(prev, rows, public_key)
+    return _damage(prev, rows, _keys(outbox, public_key))
 
 
-def _damage(prev: bytes, rows: Sequence[StoredRow], public_key: Ed25519PublicKey) -> list[Damage]:
+def _keys(outbox: Outbox, public_key: Ed25519PublicKey) -> KeyFor:
+    """Which key signed a segment: ``public_key`` until the outbox's first key rotation,
+    then the outbox's history says."""
+    return outbox.public_key_for if outbox.rotated_to is not None else lambda _seq: public_key
+
+
+def _damage(prev: bytes, rows: Sequence[StoredRow], key_for: KeyFor) -> list[Damage]:
     found = []
     for row in rows:
-        problem = _problem(row, prev, public_key)
+        problem = _problem(row, prev, key_for(row.seq))
         if problem is not None:
             found.append(Damage(row.seq, problem))
         prev = row.hash  # as stored: one damaged record does not condemn the next
@@ -83,7 +92,7 @@ def repair(outbox: Outbox, public_key: Ed25519PublicKey) -> tuple[list[Damage], 
     """Sets the damaged records and those after them aside and writes their gaps: (the
     damage found, records set aside, gap records written)."""
     prev, rows = outbox.unacked()  # read once: the check and the gaps use the same rows
-    found = _damage(prev, rows, public_key)
+    found = _damage(prev, rows, _keys(outbox, public_key))
     if not found:
         return found, 0, 0
     first = found[0].seq
@@ -105,8 +114,8 @@ def gap_records(
     spans: dict[str, tuple[usage_pb2.UsageRecord, int, int]] = {}
     for row in moved:
         rec = _parsed(row)
-        if rec is None:
-            continue
+        if rec is None or rec.quality == usage_pb2.QUALITY_KEY_ROTATION:
+            continue  # a rotation covers no GPU
         known = spans.get(rec.gpu.uuid)
         start, end = rec.start_unix_us, rec.end_unix_us
         if known is not None:

@@ -16,7 +16,7 @@ disk error. Audit works on one snapshot, so a running collector does not cause f
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TypeVar
@@ -27,6 +27,7 @@ from creditmeter import chain
 from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.errors import RejectedBatch
 from creditmeter.collector.ledger_store import ApiCharge, LedgerSnapshot
+from creditmeter.collector.periods import iso_text
 from creditmeter.collector.rollup import (
     DeviceRollupKey,
     GpuRollupKey,
@@ -38,8 +39,16 @@ from creditmeter.collector.rollup import (
     is_device_record,
 )
 from creditmeter.collector.rows import SEQ, START_US
-from creditmeter.collector.store import AgentInfo, QuarantineEntry, Snapshot, Store, StoredRecord
-from creditmeter.collector.verifier import Verifier
+from creditmeter.collector.store import (
+    AgentInfo,
+    AgentKey,
+    KeyChange,
+    QuarantineEntry,
+    Snapshot,
+    Store,
+    StoredRecord,
+)
+from creditmeter.collector.verifier import CheckedRecords, Verifier
 from creditmeter.v1 import usage_pb2
 
 _RECORD_SUMS = "busy_us, wall_us, records"
@@ -68,6 +77,9 @@ class AuditResult:
     agent_count: int = 0
     record_count: int = 0
     findings: list[Finding] = field(default_factory=list)
+    # What an auditor should know but is no fault: keys an operator replaced (their old
+    # key lost), which no signature of the old key vouches for.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -89,6 +101,7 @@ def audit_snapshot(snapshot: Snapshot, verifier: Verifier) -> AuditResult:
     for agent_id, records in groupby(snapshot.records(), key=lambda record: record.agent_id):
         audited.add(agent_id)
         chain_audit = _ChainAudit(agent_id, agents.get(agent_id), verifier, result, expected)
+        result.notes += _key_notes(agents.get(agent_id))
         chain_audit.held = {seq: e for (agent, seq), e in held.items() if agent == agent_id}
         chain_audit.run(records)
         for seq in chain_audit.held.keys() - chain_audit.seen:
@@ -195,6 +208,7 @@ class _ChainAudit:
         self.result = result
         self.expected = expected
         self.public_key = self._public_key()
+        self.keys = agent.keys if agent is not None else ()
         # Conservation, per GPU: the busy µs of its process records since its last device
         # record, which the next device record's attributed µs must equal. None until the
         # GPU's first device record (records of older agents carry no books).
@@ -245,6 +259,7 @@ class _ChainAudit:
             return
         if checked.capacity is not None:
             self.capacity = checked.capacity
+        self._check_rotations(checked)
         row = checked.rows[0]
         if row[SEQ] != record.seq:
             self._find(record.seq, f"stored bytes say seq {row[SEQ]}")
@@ -298,13 +313,54 @@ class _ChainAudit:
         if self.public_key is None:
             return
         signature = record.signature or b""
+        first_seq = record.span_first_seq
         try:
-            if record.span_first_seq is None:
-                chain.verify_head(self.public_key, actual_hash, signature)
+            key = self._signing_key(record.seq if first_seq is None else first_seq, record.seq)
+            if first_seq is None:
+                chain.verify_head(key, actual_hash, signature)
             else:
-                chain.verify_span(self.public_key, self._span(record), signature)
+                chain.verify_span(key, self._span(record), signature)
         except chain.ChainError:
             self._find(record.seq, "stored signature does not verify under the agent's key")
+
+    def _signing_key(self, first_seq: int, last_seq: int) -> Ed25519PublicKey:
+        """The key that signs a batch of first_seq..last_seq: the one in force at its
+        start, then each rotation inside it. Raises chain.BadKey for a stored key that is
+        not one."""
+        if not self.keys:  # an agent row from before key histories: its one key
+            assert self.public_key is not None
+            return self.public_key
+        key_hex = _key_at(self.keys, first_seq)
+        for key in self.keys:
+            if key.change is KeyChange.ROTATED and first_seq <= key.after_seq <= last_seq:
+                key_hex = key.public_key_hex
+        return chain.load_public_key_hex(key_hex)
+
+    def _check_rotations(self, checked: CheckedRecords) -> None:
+        """A rotation record is endorsed by the key in force before it, and the key it
+        names is the agent's from there on."""
+        for rotation in checked.rotations:
+            new_hex = rotation.new_public_key.hex()
+            if not any(
+                k.change is KeyChange.ROTATED
+                and k.after_seq == rotation.seq
+                and k.public_key_hex == new_hex
+                for k in self.keys
+            ):
+                self._find(rotation.seq, f"rotates to key {new_hex}, not among the agent's keys")
+            if not self.keys:
+                continue
+            try:
+                chain.verify_rotation(
+                    chain.load_public_key_hex(_key_at(self.keys, rotation.seq)),
+                    self.agent_id,
+                    rotation.seq,
+                    rotation.prev_hash,
+                    rotation.new_public_key,
+                    rotation.endorsement,
+                )
+            except chain.ChainError:
+                self._find(rotation.seq, "key rotation not endorsed by the key in force before it")
 
     def _span(self, end: StoredRecord) -> list[bytes]:
         """The hashes of the records a span signature ending at ``end`` covers (fewer when
@@ -337,6 +393,26 @@ class _ChainAudit:
 
     def _find(self, seq: int | None, problem: str) -> None:
         self.result.findings.append(Finding(self.agent_id, seq, problem))
+
+
+def _key_at(keys: Sequence[AgentKey], seq: int) -> str:
+    """The key in force for a batch starting at ``seq`` (as verifier.KeyRing.at)."""
+    found = keys[0].public_key_hex
+    for key in keys:
+        if key.after_seq < seq:
+            found = key.public_key_hex
+    return found
+
+
+def _key_notes(agent: AgentInfo | None) -> list[str]:
+    if agent is None:
+        return []
+    return [
+        f"agent {agent.agent_id!r}: key replaced by {key.by} at {iso_text(key.at_us)} for the "
+        f"records after seq {key.after_seq}, without the old key's endorsement: {key.reason}"
+        for key in agent.keys
+        if key.change is KeyChange.REPLACED
+    ]
 
 
 def _add(into: dict[Key, RollupSums], sums: dict[Key, RollupSums]) -> None:

@@ -247,6 +247,12 @@ class BudgetMoved(StoreError):
     batch was stored; resending it succeeds."""
 
 
+class KeyMoved(StoreError):
+    """The agent's signing key changed (a rotation stored by another stream, or an
+    operator's replacement) after this stream read it. Nothing of the batch was stored;
+    the agent's next stream reads the keys again."""
+
+
 class StoreClosed(StoreError):
     """The store was closed (the collector is shutting down)."""
 
@@ -309,6 +315,12 @@ class EvidenceMismatch(LedgerError):
     """The records and charges a statement would sum do not add up to its lines: a record
     stored between the two reads (closing again helps), or rollups that disagree with the
     records (run ``creditmeter-collector audit``). Nothing was closed."""
+
+
+class PricesChanged(LedgerError):
+    """A price version was loaded for the period while it was being closed (``prices set
+    --backdate`` at the same moment). Nothing was closed: close it again, with the prices
+    now in force."""
 
 
 class NoStatement(LedgerError):

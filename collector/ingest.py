@@ -14,7 +14,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from creditmeter.collector.store import ChainHead, Store
-from creditmeter.collector.verifier import Verifier
+from creditmeter.collector.verifier import KeyRing, Verifier
 from creditmeter.v1 import ingest_pb2
 
 
@@ -23,8 +23,15 @@ class EnrolledAgent:
     """An agent whose stream said Hello and passed authentication."""
 
     agent_id: str
-    public_key: Ed25519PublicKey
-    public_key_hex: str  # as enrolled: what crosses to a worker process
+    public_key: Ed25519PublicKey  # the key in force at Hello
+    public_key_hex: str
+    # Every key of the agent by the records it signs (rotations); None: public_key alone.
+    # Its entries are what crosses to a worker process.
+    keys: KeyRing | None = None
+
+    @property
+    def ring(self) -> KeyRing:
+        return self.keys if self.keys is not None else KeyRing.single(self.public_key_hex)
 
 
 class Ingestor(Protocol):
@@ -52,5 +59,5 @@ class InProcessIngestor:
     ) -> ChainHead:
         # The GPU budgets are read before the transaction and checked in it (BudgetMoved).
         capacity = self._store.capacity(agent.agent_id)
-        verified = self._verifier.verify(batch, agent.public_key, capacity)
+        verified = self._verifier.verify(batch, agent.ring, capacity)
         return self._store.ingest(agent.agent_id, verified)

@@ -46,7 +46,7 @@ from creditmeter.collector.errors import (
 )
 from creditmeter.collector.ingest import EnrolledAgent
 from creditmeter.collector.store import ChainHead, Store
-from creditmeter.collector.verifier import Limits, Verifier
+from creditmeter.collector.verifier import KeyRing, Limits, Verifier
 from creditmeter.logs import setup_logging
 from creditmeter.v1 import ingest_pb2
 
@@ -56,8 +56,9 @@ START_TIMEOUT_S: Final = 60.0  # a worker imports, opens the store and says it i
 STOP_TIMEOUT_S: Final = 30.0  # a worker finishes the transaction in progress
 _MAX_CACHED_KEYS: Final = 100_000  # parsed public keys a worker keeps (one per agent)
 _READY: Final = "ready"
-# A request: (agent_id, public_key_hex, IngestRequest bytes). None asks the worker to exit.
-_Request = tuple[str, str, bytes]
+# A request: (agent_id, its keys as KeyRing entries, IngestRequest bytes). None asks the
+# worker to exit.
+_Request = tuple[str, tuple[tuple[int, str], ...], bytes]
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class WorkerPool:
         try:
             if self._closed.is_set():  # closed while this call waited for a worker
                 raise StoreClosed("the collector is stopping")
-            return worker.call((agent.agent_id, agent.public_key_hex, request))
+            return worker.call((agent.agent_id, agent.ring.entries, request))
         finally:
             self._idle.put(worker)
 
@@ -304,12 +305,14 @@ class _BatchWork:
         self._verifier = verifier
         self._keys: dict[str, Ed25519PublicKey] = {}
 
-    def answer(self, agent_id: str, public_key_hex: str, request: bytes) -> object:
+    def answer(self, agent_id: str, keys: tuple[tuple[int, str], ...], request: bytes) -> object:
         try:
             batch = _batch(request)
             capacity = self._store.capacity(agent_id)
-            key = self._key(agent_id, public_key_hex)
-            return self._store.ingest(agent_id, self._verifier.verify(batch, key, capacity))
+            for _, key_hex in keys:
+                self._key(agent_id, key_hex)  # a corrupt stored key: StoreCorrupt
+            ring = KeyRing(keys)
+            return self._store.ingest(agent_id, self._verifier.verify(batch, ring, capacity))
         except CollectorError as exc:
             exc.__traceback__ = None  # the answer crosses a pipe; the stack stays here
             return exc

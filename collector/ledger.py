@@ -39,6 +39,7 @@ from creditmeter.collector.errors import (
     EvidenceMismatch,
     InvalidRequest,
     PriceConflict,
+    PricesChanged,
     UnknownAccount,
     UnknownPlan,
 )
@@ -510,7 +511,8 @@ class Ledger:
         while period.end_us <= through_us:
             plan = _plan_at(changes, period.start_us)
             for attempt in range(_CLOSE_ATTEMPTS):
-                lines = self._period_lines(opened, period, billed)
+                schedule = self.prices
+                lines = self._period_lines(opened, period, billed, schedule)
                 statement = Statement(
                     account,
                     period.start_us,
@@ -520,18 +522,30 @@ class Ledger:
                     lines,
                     now_us,
                     by,
+                    price_versions=self._versions_seen(schedule, period),
                 )
                 try:
-                    signed = self._signed(signer, opened, statement, [*statements, *closed])
+                    signed = self._signed(
+                        signer, opened, statement, [*statements, *closed], schedule
+                    )
+                    self._store.close_period(statement, signed)
                     break
-                except EvidenceMismatch:
+                except (EvidenceMismatch, PricesChanged):
                     if attempt == _CLOSE_ATTEMPTS - 1:
                         raise
-            self._store.close_period(statement, signed)
             billed.add(lines)
             closed.append(statement)
             period = next_period(opened.anchor_day, period)
         return closed
+
+    def _versions_seen(
+        self, schedule: PriceSchedule, period: BillingPeriod
+    ) -> tuple[int, ...] | None:
+        """The store's price versions a close priced with (None with fixed prices): the
+        store refuses the close if a version was loaded inside the period meanwhile."""
+        if self._fixed_prices is not None:
+            return None
+        return tuple(v.effective_us for v in schedule.versions if v.effective_us < period.end_us)
 
     def _signed(
         self,
@@ -539,12 +553,12 @@ class Ledger:
         account: Account,
         statement: Statement,
         before: Sequence[Statement],
+        schedule: PriceSchedule,
     ) -> SignedStatement | None:
         """The statement's signed document (None without a signer)."""
         if signer is None:
             return None
         period = BillingPeriod(statement.start_us, statement.end_us)
-        schedule = self.prices
         evidence = gather_evidence(
             self._store,
             account,
@@ -575,11 +589,15 @@ class Ledger:
         return signer.sign(statement.start_us, document)
 
     def _period_lines(
-        self, account: Account, period: BillingPeriod, billed: _Billed | None
+        self,
+        account: Account,
+        period: BillingPeriod,
+        billed: _Billed | None,
+        schedule: PriceSchedule | None = None,
     ) -> tuple[StatementLine, ...]:
         """The lines of an open period, each priced by the version in force over its hours;
         with ``billed`` (the first open period) also the late lines of the closed ones."""
-        schedule = self.prices
+        schedule = self.prices if schedule is None else schedule
         lines: list[StatementLine] = []
         for span in schedule.spans(period.start_us, period.end_us):
             own = self._store.model_usage(account.name, *_bounds(span))

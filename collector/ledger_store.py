@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from creditmeter.collector.errors import ConfigError, KeyReused, PeriodClosed
+from creditmeter.collector.errors import ConfigError, KeyReused, PeriodClosed, PricesChanged
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceVersion, book_from_canonical, exact_micro_text
 from creditmeter.v1 import usage_pb2
@@ -146,6 +146,10 @@ class Statement:
     lines: tuple[StatementLine, ...]
     closed_at_us: int
     closed_by: str
+    # The effective times of the price versions before end_us that priced it, when they
+    # came from the store: closing refuses if the store holds others by then. None: as read
+    # back, or priced by a fixed book.
+    price_versions: tuple[int, ...] | None = field(default=None, compare=False)
 
     @property
     def charged_micro(self) -> int:
@@ -459,6 +463,17 @@ def price_version(effective_us: int, text: str, loaded_at_us: int, loaded_by: st
     """A stored price version (its prices as ``prices.canonical_text`` wrote them)."""
     source = f"price book, version effective {iso_text(effective_us)}"
     return PriceVersion(effective_us, book_from_canonical(text, source), loaded_at_us, loaded_by)
+
+
+def check_prices_unchanged(statement: Statement, stored: list[int]) -> None:
+    """Raises PricesChanged unless ``stored`` (the effective times of the versions before the
+    statement's end, as the closing transaction sees them) are the ones it was priced by."""
+    if statement.price_versions is not None and tuple(stored) != statement.price_versions:
+        raise PricesChanged(
+            f"account {statement.account!r}: prices for the period starting "
+            f"{iso_text(statement.start_us)} were loaded while it was being closed; close it "
+            "again"
+        )
 
 
 def check_not_closed(version: PriceVersion, closed_through_us: int | None) -> None:

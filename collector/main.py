@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import getpass
 import io
 import logging
 import os
@@ -59,6 +60,7 @@ from creditmeter.collector.telemetry import CollectorTelemetry, HealthWatchdog
 from creditmeter.collector.verifier import Verifier
 from creditmeter.config import Config
 from creditmeter.files import exit_quietly_on_broken_pipe
+from creditmeter.labels import label_error
 from creditmeter.logs import setup_logging
 from creditmeter.metrics import Registry, serve_metrics
 from creditmeter.sdnotify import Notifier
@@ -153,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     enroll = commands.add_parser("enroll", parents=[db], help="enroll an agent's public key")
     enroll.add_argument("agent_id", metavar="AGENT_ID")
     enroll.add_argument("public_key_hex", metavar="PUBLIC_KEY_HEX")
+    enroll.add_argument(
+        "--replace",
+        action="store_true",
+        help="the agent's old key is lost: this key signs its records after the stored head "
+        "(audit notes it; with the old key, rotate on the agent instead)",
+    )
+    enroll.add_argument("--reason", help="why the key is replaced (with --replace)")
+    enroll.add_argument("--by", default=None, help="who approves it (default: login name)")
     enroll.set_defaults(command=_enroll)
 
     revoke = commands.add_parser("revoke", parents=[db], help="stop accepting an agent")
@@ -400,6 +410,10 @@ def _enroll(args: argparse.Namespace) -> int:
     # the argument, not whatever happens to sit at the store URL.
     check_agent_id(args.agent_id)
     canonical_public_key_hex(args.public_key_hex)
+    if args.replace:
+        return _replace_key(args)
+    if args.reason is not None:
+        raise ConfigError("--reason goes with --replace")
     store = open_store(args.db, create=True)
     try:
         before = store.get_agent(args.agent_id)
@@ -410,6 +424,32 @@ def _enroll(args: argparse.Namespace) -> int:
         print(f"{agent.agent_id} is enrolled with this key already (nothing changed)")
     else:
         print(f"enrolled {agent.agent_id} (key {agent.public_key_hex})")
+    return EXIT_OK
+
+
+def _replace_key(args: argparse.Namespace) -> int:
+    if not args.reason:
+        raise ConfigError("--replace needs --reason: the audit shows why the key was replaced")
+    by = args.by or getpass.getuser()
+    for what, text in (("--reason", args.reason), ("--by", by)):
+        error = label_error(what, text)
+        if error is not None:
+            raise ConfigError(str(error))
+    store = open_store(args.db, create=False)
+    try:
+        before = store.get_agent(args.agent_id)
+        agent = store.replace_agent_key(
+            args.agent_id, args.public_key_hex, by=by, reason=args.reason
+        )
+    finally:
+        store.close()
+    if before == agent:
+        print(f"{agent.agent_id} signs with this key already (nothing changed)")
+        return EXIT_OK
+    print(
+        f"replaced the key of {agent.agent_id}: key {agent.public_key_hex} signs its records "
+        f"after seq {agent.head.seq}; audit notes the replacement (by {by}: {args.reason})"
+    )
     return EXIT_OK
 
 
@@ -436,6 +476,8 @@ def _audit(args: argparse.Namespace) -> int:
         store.close()
     for finding in result.findings:
         print(finding)
+    for note in result.notes:
+        print(f"note: {note}")
     print(
         f"audit: {result.agent_count} agents, {result.record_count} records, "
         f"{len(result.findings)} findings"

@@ -143,6 +143,7 @@ from creditmeter.collector.ledger_store import (
     UsageEvent,
     UsageGroup,
     check_not_closed,
+    check_prices_unchanged,
     check_repeat,
     price_version,
     usage_events,
@@ -165,15 +166,19 @@ from creditmeter.collector.store import (
     NO_HEAD,
     NOT_HELD,
     AgentInfo,
+    AgentKey,
     ChainHead,
+    KeyChange,
     QuarantineEntry,
     StoredRecord,
     UsageTotal,
     advanced_capacity,
     canonical_public_key_hex,
     check_agent_id,
+    check_replacement,
     first_new_index,
     held_back,
+    new_keys,
 )
 from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 
@@ -500,6 +505,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        12,
+        "agents keep every public key they signed with: rotations and replacements",
+        (
+            "ALTER TABLE agents ADD COLUMN key_after_seq BIGINT NOT NULL DEFAULT 0",
+            """CREATE TABLE agent_keys (
+                id BIGSERIAL PRIMARY KEY,
+                agent_id TEXT COLLATE "C" NOT NULL,
+                after_seq BIGINT NOT NULL,
+                public_key_hex TEXT NOT NULL,
+                how TEXT NOT NULL,
+                at_us BIGINT NOT NULL,
+                added_by TEXT NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+            "CREATE INDEX agent_keys_by_agent ON agent_keys (agent_id, after_seq, id)",
+            """INSERT INTO agent_keys (agent_id, after_seq, public_key_hex, how, at_us, added_by,
+                                       reason)
+               SELECT agent_id, 0, public_key_hex, 'enrolled', enrolled_at_us, '', ''
+               FROM agents""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -640,12 +667,15 @@ class PostgresStore:
         key_hex = canonical_public_key_hex(public_key_hex)
         with self._transaction(f"enrolling agent {agent_id!r}") as cur:
             # ON CONFLICT: two enrolments of one id at once cannot both insert.
+            now_us = self._clock_us()
             cur.execute(
                 """INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us)
                    VALUES (%s, %s, %s) ON CONFLICT (agent_id) DO NOTHING""",
-                (agent_id, key_hex, self._clock_us()),
+                (agent_id, key_hex, now_us),
             )
             inserted = cur.rowcount == 1
+            if inserted:
+                _add_key(cur, agent_id, 0, key_hex, KeyChange.ENROLLED, now_us)
             agent = _agent(cur, agent_id)
         assert agent is not None
         return agent if inserted else _check_reenrollment(agent, key_hex)
@@ -666,6 +696,22 @@ class PostgresStore:
         with self._statement(f"reading agent {agent_id!r}") as cur:
             return _agent(cur, agent_id)
 
+    def replace_agent_key(
+        self, agent_id: str, public_key_hex: str, *, by: str, reason: str
+    ) -> AgentInfo:
+        key_hex = canonical_public_key_hex(public_key_hex)
+        with self._transaction(f"replacing the key of agent {agent_id!r}") as cur:
+            # The row lock: no batch of the agent is stored meanwhile, so the head read is
+            # where the replacement starts.
+            cur.execute("SELECT 1 FROM agents WHERE agent_id = %s FOR UPDATE", (agent_id,))
+            after_seq = check_replacement(_agent(cur, agent_id), agent_id, key_hex)
+            if after_seq is not None:
+                now_us = self._clock_us()
+                _add_key(cur, agent_id, after_seq, key_hex, KeyChange.REPLACED, now_us, by, reason)
+            agent = _agent(cur, agent_id)
+        assert agent is not None
+        return agent
+
     def capacity(self, agent_id: str) -> Capacity:
         with self._statement(f"reading the GPU budgets of {agent_id!r}") as cur:
             return _capacity(cur, agent_id)
@@ -679,7 +725,7 @@ class PostgresStore:
                 f"batch is for agent {records.agent_id!r}", agent_id=agent_id, field="agent_id"
             )
         with self._transaction(f"storing records of agent {agent_id!r}") as cur:
-            head = _locked_head(cur, agent_id)
+            head, key_hex, key_after_seq = _locked_head(cur, agent_id)
             start = first_new_index(
                 agent_id, head, records, lambda first, last: _records(cur, agent_id, first, last)
             )
@@ -687,6 +733,8 @@ class PostgresStore:
             if start == len(rows):
                 return head  # all duplicates: acknowledge again, store nothing
             new_rows = rows[start:] if start else rows
+            for seq, new_hex in new_keys(agent_id, batch, key_hex, key_after_seq):
+                _add_key(cur, agent_id, seq, new_hex, KeyChange.ROTATED, self._clock_us())
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
             budgets = advanced_capacity(agent_id, records, _capacity(cur, agent_id))
             if budgets is not None:
@@ -1058,7 +1106,14 @@ class PostgresStore:
                         else f"cannot close before the one starting {iso_text(closed_through_us)}"
                     )
                 )
+            # After the insert: it waits for a price load holding the statements table, and
+            # this query then sees what that load stored.
             _insert_statement(cur, statement)
+            cur.execute(
+                "SELECT effective_us FROM price_versions WHERE effective_us < %s ORDER BY 1",
+                (statement.end_us,),
+            )
+            check_prices_unchanged(statement, [row[0] for row in cur.fetchall()])
             if signed is not None:
                 cur.execute(
                     "INSERT INTO statement_documents VALUES (%s, %s, %s, %s, %s)",
@@ -1203,7 +1258,9 @@ class PostgresSnapshot:
     def agents(self) -> list[AgentInfo]:
         with _translated("reading agents", self._where):
             rows = self._conn.execute(_SELECT_AGENT + " ORDER BY agent_id").fetchall()
-        return [_agent_info(row) for row in rows]
+            with self._conn.cursor() as cur:
+                keys = _keys(cur, None)
+        return [_agent_info(row, keys.get(row[0], [])) for row in rows]
 
     def records(self) -> Iterator[StoredRecord]:
         with (
@@ -1438,13 +1495,13 @@ def _schema_version(conn: Connection, create: bool) -> int:
 
 def _agent(cur: Cursor, agent_id: str) -> AgentInfo | None:
     row = cur.execute(_SELECT_AGENT + " WHERE agent_id = %s", (agent_id,)).fetchone()
-    return None if row is None else _agent_info(row)
+    return None if row is None else _agent_info(row, _keys(cur, agent_id).get(agent_id, []))
 
 
-def _agent_info(row: TupleRow) -> AgentInfo:
+def _agent_info(row: TupleRow, keys: list[AgentKey]) -> AgentInfo:
     agent_id, key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash = row
     head = ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
-    return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head)
+    return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head, tuple(keys))
 
 
 def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
@@ -1455,8 +1512,9 @@ def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
         )
     if existing.public_key_hex != key_hex:
         raise EnrollmentError(
-            "is already enrolled with another public key (key rotation is not supported "
-            "yet: enroll the host under a new agent id)",
+            "is already enrolled with another public key: rotate keys on the agent host "
+            "(creditmeter-agent rotate-key: the old key endorses the new one), or, if the old "
+            "key is lost, replace it here (enroll ID KEY --replace --reason WHY)",
             agent_id=existing.agent_id,
         )
     return existing
@@ -1469,19 +1527,58 @@ def _capacity(cur: Cursor, agent_id: str) -> Capacity:
     return Capacity() if row is None else Capacity.decode(row[1], row[0])
 
 
-def _locked_head(cur: Cursor, agent_id: str) -> ChainHead:
-    """The agent's stored head; its row stays locked until the transaction ends (see the
-    module docstring)."""
+def _locked_head(cur: Cursor, agent_id: str) -> tuple[ChainHead, str, int]:
+    """The agent's stored head, its key in force and where that key starts; its row stays
+    locked until the transaction ends (see the module docstring)."""
     row = cur.execute(
-        "SELECT head_seq, head_hash, revoked_at_us FROM agents WHERE agent_id = %s FOR UPDATE",
+        """SELECT head_seq, head_hash, revoked_at_us, public_key_hex, key_after_seq
+           FROM agents WHERE agent_id = %s FOR UPDATE""",
         (agent_id,),
     ).fetchone()
     if row is None:
         raise UnknownAgent("is not enrolled", agent_id=agent_id)
-    head_seq, head_hash, revoked_at_us = row
+    head_seq, head_hash, revoked_at_us, key_hex, key_after_seq = row
     if revoked_at_us is not None:
         raise AgentRevoked(f"was revoked at {iso_text(revoked_at_us)}", agent_id=agent_id)
-    return ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
+    return (ChainHead(head_seq, head_hash) if head_seq else NO_HEAD), key_hex, key_after_seq
+
+
+def _add_key(
+    cur: Cursor,
+    agent_id: str,
+    after_seq: int,
+    key_hex: str,
+    how: KeyChange,
+    at_us: int,
+    by: str = "",
+    reason: str = "",
+) -> None:
+    """Puts ``key_hex`` in force for the agent's records after ``after_seq``."""
+    cur.execute(
+        """INSERT INTO agent_keys (agent_id, after_seq, public_key_hex, how, at_us, added_by,
+                                   reason) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+        (agent_id, after_seq, key_hex, how.value, at_us, by, reason),
+    )
+    cur.execute(
+        "UPDATE agents SET public_key_hex = %s, key_after_seq = %s WHERE agent_id = %s",
+        (key_hex, after_seq, agent_id),
+    )
+
+
+def _keys(cur: Cursor, agent_id: str | None) -> dict[str, list[AgentKey]]:
+    """Every key of one agent (or of all), in order, by agent."""
+    where, parameters = ("WHERE agent_id = %s", (agent_id,)) if agent_id else ("", ())
+    cur.execute(
+        f"""SELECT agent_id, after_seq, public_key_hex, how, at_us, added_by, reason
+            FROM agent_keys {where} ORDER BY agent_id, after_seq, id""",
+        parameters,
+    )
+    keys: dict[str, list[AgentKey]] = {}
+    for agent, after_seq, key_hex, how, at_us, by, reason in cur.fetchall():
+        keys.setdefault(agent, []).append(
+            AgentKey(after_seq, key_hex, KeyChange(how), at_us, by, reason)
+        )
+    return keys
 
 
 def _records(cur: Cursor, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:

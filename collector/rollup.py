@@ -102,6 +102,8 @@ def device_hourly_sums(
         if quarantined and row[SEQ] in quarantined:
             continue
         rec.ParseFromString(bytes(row[RECORD]))
+        if rec.quality == usage_pb2.QUALITY_KEY_ROTATION:
+            continue  # the chain's, nobody's usage
         start_us = rec.start_unix_us
         hour_us = start_us - start_us % HOUR_US
         if is_device_record(rec):

@@ -36,8 +36,10 @@ from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, Peer
 from creditmeter.collector.errors import (
     AgentMismatch,
     AgentRevoked,
+    BadBatchSignature,
     ChainConflict,
     CollectorError,
+    KeyMoved,
     ListenError,
     MalformedMessage,
     StoreCorrupt,
@@ -201,7 +203,7 @@ class IngestServicer:
                 yield _ack(item.head)
                 continue
             assert agent is not None
-            head = self._ingest(agent, item, head)
+            agent, head = self._ingest(agent, item, head)
             yield _ack(head)  # after commit
             if self._draining.is_set() or self._monotonic() - started >= (
                 self._config.max_stream_age_s
@@ -209,15 +211,28 @@ class IngestServicer:
                 log.debug("recycling the stream of agent %s", agent.agent_id)
                 return
 
-    def _ingest(self, agent: EnrolledAgent, item: _Batch, head: ChainHead) -> ChainHead:
+    def _ingest(
+        self, agent: EnrolledAgent, item: _Batch, head: ChainHead
+    ) -> tuple[EnrolledAgent, ChainHead]:
         """Verifies and commits a batch; ``head`` is the agent's head as this stream last
-        saw it, so the records beyond it are the ones newly stored (for the metrics)."""
+        saw it, so the records beyond it are the ones newly stored (for the metrics).
+        Returns the agent as it now is (its keys, after a rotation) and its new head."""
         started = self._monotonic()
-        new_head = self._ingestor.ingest(agent, item.batch, item.request)
+        try:
+            new_head = self._ingestor.ingest(agent, item.batch, item.request)
+        except (BadBatchSignature, KeyMoved):
+            # Signed by a key this stream has not heard of: a rotation stored since its
+            # Hello (by this stream's last batch, or another's). Once more with the keys as
+            # stored now; a batch that fails again is refused for good.
+            fresh = self._enrolled(agent.agent_id)
+            if fresh.ring == agent.ring:
+                raise
+            agent = fresh
+            new_head = self._ingestor.ingest(agent, item.batch, item.request)
         received = len(item.batch.records)
         stored = min(received, max(0, new_head.seq - head.seq))
         self._observer.batch_committed(received, stored, self._monotonic() - started)
-        return new_head
+        return agent, new_head
 
     def _read_request(self, raw: bytes, agent: EnrolledAgent | None, peer: Peer) -> _Hello | _Batch:
         """What one request asks for, checked as far as that needs no store transaction."""
@@ -244,15 +259,7 @@ class IngestServicer:
         # even whether it is enrolled or revoked (under mutual TLS; without it, every peer
         # may claim every id and only the records' signatures bind them).
         self._authenticator.authorize(agent_id, peer)
-        agent = self._store.get_agent(agent_id)
-        if agent is None:
-            raise UnknownAgent("is not enrolled", agent_id=agent_id)
-        if agent.revoked_at_us is not None:
-            raise AgentRevoked(f"was revoked at {iso_text(agent.revoked_at_us)}", agent_id=agent_id)
-        try:
-            public_key = chain.load_public_key_hex(agent.public_key_hex)
-        except chain.BadKey as exc:
-            raise StoreCorrupt(f"enrolled public key unusable: {exc}", agent_id=agent_id) from exc
+        enrolled, head = self._enrolled_with_head(agent_id)
         # Agents open a stream for each delivery, every few seconds each: only an agent's
         # first since this collector started is news.
         with self._seen_lock:
@@ -263,9 +270,29 @@ class IngestServicer:
             "agent %s connected from %s; it resumes after seq %d",
             agent_id,
             peer.address,
-            agent.head.seq,
+            head.seq,
         )
-        return _Hello(EnrolledAgent(agent_id, public_key, agent.public_key_hex), agent.head)
+        return _Hello(enrolled, head)
+
+    def _enrolled(self, agent_id: str) -> EnrolledAgent:
+        return self._enrolled_with_head(agent_id)[0]
+
+    def _enrolled_with_head(self, agent_id: str) -> tuple[EnrolledAgent, ChainHead]:
+        """The agent with its keys as stored now, and its stored head. Raises UnknownAgent,
+        AgentRevoked, or StoreCorrupt for a stored key that is not one."""
+        agent = self._store.get_agent(agent_id)
+        if agent is None:
+            raise UnknownAgent("is not enrolled", agent_id=agent_id)
+        if agent.revoked_at_us is not None:
+            raise AgentRevoked(f"was revoked at {iso_text(agent.revoked_at_us)}", agent_id=agent_id)
+        try:
+            public_key = chain.load_public_key_hex(agent.public_key_hex)
+            for _, key_hex in agent.ring.entries:
+                chain.load_public_key_hex(key_hex)
+        except chain.BadKey as exc:
+            raise StoreCorrupt(f"enrolled public key unusable: {exc}", agent_id=agent_id) from exc
+        enrolled = EnrolledAgent(agent_id, public_key, agent.public_key_hex, agent.ring)
+        return enrolled, agent.head
 
     def _abort(self, context: Any, error: CollectorError) -> None:
         """Logs why a stream ends and ends it with the error's status (raises)."""

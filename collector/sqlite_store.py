@@ -67,6 +67,7 @@ from creditmeter.collector.ledger_store import (
     UsageEvent,
     UsageGroup,
     check_not_closed,
+    check_prices_unchanged,
     check_repeat,
     price_version,
     usage_events,
@@ -89,15 +90,19 @@ from creditmeter.collector.store import (
     NO_HEAD,
     NOT_HELD,
     AgentInfo,
+    AgentKey,
     ChainHead,
+    KeyChange,
     QuarantineEntry,
     StoredRecord,
     UsageTotal,
     advanced_capacity,
     canonical_public_key_hex,
     check_agent_id,
+    check_replacement,
     first_new_index,
     held_back,
+    new_keys,
 )
 from creditmeter.collector.verifier import CheckedRecords, VerifiedBatch
 from creditmeter.collector.writer_turn import WriterTurn
@@ -430,6 +435,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        13,
+        "agents keep every public key they signed with: rotations and replacements",
+        (
+            "ALTER TABLE agents ADD COLUMN key_after_seq INTEGER NOT NULL DEFAULT 0",
+            """CREATE TABLE agent_keys (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                agent_id TEXT NOT NULL,
+                after_seq INTEGER NOT NULL,
+                public_key_hex TEXT NOT NULL,
+                how TEXT NOT NULL,
+                at_us INTEGER NOT NULL,
+                added_by TEXT NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+            "CREATE INDEX agent_keys_by_agent ON agent_keys (agent_id, after_seq, id)",
+            """INSERT INTO agent_keys (agent_id, after_seq, public_key_hex, how, at_us, added_by,
+                                       reason)
+               SELECT agent_id, 0, public_key_hex, 'enrolled', enrolled_at_us, '', ''
+               FROM agents""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -546,10 +573,12 @@ class SQLiteStore:
             existing = _agent(conn, agent_id)
             if existing is not None:
                 return _check_reenrollment(existing, key_hex)
+            now_us = self._clock_us()
             conn.execute(
                 "INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us) VALUES (?, ?, ?)",
-                (agent_id, key_hex, self._clock_us()),
+                (agent_id, key_hex, now_us),
             )
+            _add_key(conn, agent_id, 0, key_hex, KeyChange.ENROLLED, now_us)
             agent = _agent(conn, agent_id)
         assert agent is not None
         return agent
@@ -569,6 +598,19 @@ class SQLiteStore:
         with self._lock, _translated(f"reading agent {agent_id!r}"):
             return _agent(self._connection(), agent_id)
 
+    def replace_agent_key(
+        self, agent_id: str, public_key_hex: str, *, by: str, reason: str
+    ) -> AgentInfo:
+        key_hex = canonical_public_key_hex(public_key_hex)
+        with self._write(f"replacing the key of agent {agent_id!r}") as conn:
+            after_seq = check_replacement(_agent(conn, agent_id), agent_id, key_hex)
+            if after_seq is not None:
+                now_us = self._clock_us()
+                _add_key(conn, agent_id, after_seq, key_hex, KeyChange.REPLACED, now_us, by, reason)
+            agent = _agent(conn, agent_id)
+        assert agent is not None
+        return agent
+
     def capacity(self, agent_id: str) -> Capacity:
         with self._lock, _translated(f"reading the GPU budgets of {agent_id!r}"):
             return _capacity(self._connection(), agent_id)
@@ -582,7 +624,7 @@ class SQLiteStore:
                 f"batch is for agent {records.agent_id!r}", agent_id=agent_id, field="agent_id"
             )
         with self._write(f"storing records of agent {agent_id!r}") as conn:
-            head = _locked_head(conn, agent_id)
+            head, key_hex, key_after_seq = _locked_head(conn, agent_id)
             start = first_new_index(
                 agent_id, head, records, lambda first, last: _records(conn, agent_id, first, last)
             )
@@ -590,6 +632,8 @@ class SQLiteStore:
             if start == len(rows):
                 return head  # all duplicates: acknowledge again, store nothing
             new_rows = rows[start:] if start else rows
+            for seq, new_hex in new_keys(agent_id, batch, key_hex, key_after_seq):
+                _add_key(conn, agent_id, seq, new_hex, KeyChange.ROTATED, self._clock_us())
             _insert_rows(conn, new_rows, self._chunk_sizes)
             new_head = ChainHead(new_rows[-1][SEQ], records.head_hash)
             conn.execute(
@@ -941,6 +985,11 @@ class SQLiteStore:
                         else f"cannot close before the one starting {iso_text(closed_through_us)}"
                     )
                 )
+            versions = conn.execute(
+                "SELECT effective_us FROM price_versions WHERE effective_us < ? ORDER BY 1",
+                (statement.end_us,),
+            ).fetchall()
+            check_prices_unchanged(statement, [row[0] for row in versions])
             conn.execute(
                 "INSERT INTO statements VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -1104,7 +1153,8 @@ class SQLiteSnapshot:
     def agents(self) -> list[AgentInfo]:
         with _translated("reading agents"):
             rows = self._conn.execute(_SELECT_AGENT + " ORDER BY agent_id").fetchall()
-        return [_agent_info(row) for row in rows]
+            keys = _keys(self._conn, None)
+        return [_agent_info(row, keys.get(row[0], [])) for row in rows]
 
     def records(self) -> Iterator[StoredRecord]:
         with _translated("reading records"):
@@ -1235,13 +1285,15 @@ def _migrate(
 
 def _agent(conn: sqlite3.Connection, agent_id: str) -> AgentInfo | None:
     row = conn.execute(_SELECT_AGENT + " WHERE agent_id = ?", (agent_id,)).fetchone()
-    return None if row is None else _agent_info(row)
+    return None if row is None else _agent_info(row, _keys(conn, agent_id).get(agent_id, []))
 
 
-def _agent_info(row: tuple[str, str, int, int | None, int, bytes]) -> AgentInfo:
+def _agent_info(
+    row: tuple[str, str, int, int | None, int, bytes], keys: list[AgentKey]
+) -> AgentInfo:
     agent_id, key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash = row
     head = ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
-    return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head)
+    return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head, tuple(keys))
 
 
 def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
@@ -1252,8 +1304,9 @@ def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
         )
     if existing.public_key_hex != key_hex:
         raise EnrollmentError(
-            "is already enrolled with another public key (key rotation is not supported "
-            "yet: enroll the host under a new agent id)",
+            "is already enrolled with another public key: rotate keys on the agent host "
+            "(creditmeter-agent rotate-key: the old key endorses the new one), or, if the old "
+            "key is lost, replace it here (enroll ID KEY --replace --reason WHY)",
             agent_id=existing.agent_id,
         )
     return existing
@@ -1266,17 +1319,57 @@ def _capacity(conn: sqlite3.Connection, agent_id: str) -> Capacity:
     return Capacity() if row is None else Capacity.decode(row[1], row[0])
 
 
-def _locked_head(conn: sqlite3.Connection, agent_id: str) -> ChainHead:
-    """The agent's stored head, read inside the write transaction."""
+def _locked_head(conn: sqlite3.Connection, agent_id: str) -> tuple[ChainHead, str, int]:
+    """The agent's stored head, its key in force and where that key starts, read inside
+    the write transaction."""
     row = conn.execute(
-        "SELECT head_seq, head_hash, revoked_at_us FROM agents WHERE agent_id = ?", (agent_id,)
+        """SELECT head_seq, head_hash, revoked_at_us, public_key_hex, key_after_seq
+           FROM agents WHERE agent_id = ?""",
+        (agent_id,),
     ).fetchone()
     if row is None:
         raise UnknownAgent("is not enrolled", agent_id=agent_id)
-    head_seq, head_hash, revoked_at_us = row
+    head_seq, head_hash, revoked_at_us, key_hex, key_after_seq = row
     if revoked_at_us is not None:
         raise AgentRevoked(f"was revoked at {iso_text(revoked_at_us)}", agent_id=agent_id)
-    return ChainHead(head_seq, head_hash) if head_seq else NO_HEAD
+    return (ChainHead(head_seq, head_hash) if head_seq else NO_HEAD), key_hex, key_after_seq
+
+
+def _add_key(
+    conn: sqlite3.Connection,
+    agent_id: str,
+    after_seq: int,
+    key_hex: str,
+    how: KeyChange,
+    at_us: int,
+    by: str = "",
+    reason: str = "",
+) -> None:
+    """Puts ``key_hex`` in force for the agent's records after ``after_seq``."""
+    conn.execute(
+        """INSERT INTO agent_keys (agent_id, after_seq, public_key_hex, how, at_us, added_by,
+                                   reason) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+        (agent_id, after_seq, key_hex, how.value, at_us, by, reason),
+    )
+    conn.execute(
+        "UPDATE agents SET public_key_hex = ?, key_after_seq = ? WHERE agent_id = ?",
+        (key_hex, after_seq, agent_id),
+    )
+
+
+def _keys(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[AgentKey]]:
+    """Every key of one agent (or of all), in order, by agent."""
+    where, parameters = ("WHERE agent_id = ?", (agent_id,)) if agent_id else ("", ())
+    keys: dict[str, list[AgentKey]] = {}
+    for agent, after_seq, key_hex, how, at_us, by, reason in conn.execute(
+        f"""SELECT agent_id, after_seq, public_key_hex, how, at_us, added_by, reason
+            FROM agent_keys {where} ORDER BY agent_id, after_seq, id""",
+        parameters,
+    ):
+        keys.setdefault(agent, []).append(
+            AgentKey(after_seq, key_hex, KeyChange(how), at_us, by, reason)
+        )
+    return keys
 
 
 def _insert_rows(

@@ -307,9 +307,15 @@ def _agent_evidence(store: LedgerStore, agent_id: str, seqs: list[int]) -> dict[
     agent = store.get_agent(agent_id)
     if agent is None:  # records are stored only for enrolled agents, never removed
         raise LedgerError(f"records of agent {agent_id!r}, which is not enrolled")
+    keys = [[k.after_seq, k.public_key_hex, k.change.value] for k in agent.keys] or [
+        [0, agent.public_key_hex, "enrolled"]
+    ]
     return {
         "agent_id": agent_id,
         "public_key_hex": agent.public_key_hex,
+        # Every key, by the records it signs (after_seq, key, how): a segment is verified
+        # with the key in force at its first record, then each rotation inside it.
+        "keys": keys,
         "seqs": seq_ranges(seqs),
         "segments": [
             [s.first_seq, s.last_seq, s.signature.hex()] for s in covering(store, agent_id, seqs)
@@ -391,7 +397,7 @@ def bundle(store: LedgerStore, account: str, start_us: int) -> dict[str, object]
             "signature_hex": signed.signature.hex(),
             "collector_public_key_hex": signed.public_key_hex,
         },
-        "agent_public_keys": {a["agent_id"]: a["public_key_hex"] for a in document["usage"]},
+        "agent_public_keys": {a["agent_id"]: a["keys"] for a in document["usage"]},
         "segments": segments,
     }
 

@@ -10,6 +10,7 @@ then serialize on that lock and the second one sees the first one's records as d
 
 from __future__ import annotations
 
+import enum
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -23,12 +24,13 @@ from creditmeter.collector.errors import (
     ChainFork,
     ChainHole,
     EnrollmentError,
+    KeyMoved,
     SeqConflict,
     StoreCorrupt,
 )
 from creditmeter.collector.rollup import Rollup
 from creditmeter.collector.rows import RECORD, SEQ, RecordRow
-from creditmeter.collector.verifier import CheckedRecords, Quarantine, VerifiedBatch
+from creditmeter.collector.verifier import CheckedRecords, KeyRing, Quarantine, VerifiedBatch
 
 MAX_AGENT_ID_BYTES = 256
 
@@ -44,17 +46,46 @@ class ChainHead:
 NO_HEAD = ChainHead(0, b"")
 
 
+class KeyChange(enum.Enum):
+    """How a public key became an agent's."""
+
+    ENROLLED = "enrolled"  # creditmeter-collector enroll
+    ROTATED = "rotated"  # a key rotation record in the chain, endorsed by the key before
+    REPLACED = "replaced"  # an operator's decision (the old key was lost): audit notes it
+
+
+@dataclass(frozen=True, slots=True)
+class AgentKey:
+    """One of an agent's public keys: it signs the batches of records after ``after_seq``
+    (until the next key's)."""
+
+    after_seq: int
+    public_key_hex: str
+    change: KeyChange
+    at_us: int
+    by: str = ""
+    reason: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentInfo:
     agent_id: str
-    public_key_hex: str
+    public_key_hex: str  # the key in force now (the last of ``keys``)
     enrolled_at_us: int
     revoked_at_us: int | None
     head: ChainHead
+    keys: tuple[AgentKey, ...] = ()  # every key, in order; empty: only public_key_hex
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at_us is not None
+
+    @property
+    def ring(self) -> KeyRing:
+        """The keys as the verifier walks them."""
+        if not self.keys:
+            return KeyRing.single(self.public_key_hex)
+        return KeyRing(tuple((key.after_seq, key.public_key_hex) for key in self.keys))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +162,14 @@ class Store(Protocol):
 
     def get_agent(self, agent_id: str) -> AgentInfo | None: ...
 
+    def replace_agent_key(
+        self, agent_id: str, public_key_hex: str, *, by: str, reason: str
+    ) -> AgentInfo:
+        """An operator's replacement of an agent's key whose private half was lost: the new
+        key signs the records after the stored head. Raises EnrollmentError for an unknown
+        or revoked agent, a malformed key, or the key already in force."""
+        ...
+
     def capacity(self, agent_id: str) -> Capacity:
         """The agent's GPU budgets as stored (collector/capacity.py), to check its next
         batch against; an agent stored before budgets existed starts one at its head."""
@@ -182,6 +221,46 @@ NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.agent_id = r.agent_id "
     "AND q.seq = r.seq AND q.released_at_us IS NULL)"
 )
+
+
+def check_replacement(agent: AgentInfo | None, agent_id: str, key_hex: str) -> int | None:
+    """The seq after which an operator's replacement key signs (the stored head), or None
+    when that key is in force already (a repeat: nothing to do). Raises EnrollmentError for
+    an unknown or revoked agent."""
+    if agent is None:
+        raise EnrollmentError("is not enrolled", agent_id=agent_id)
+    if agent.revoked:
+        raise EnrollmentError("was revoked; revocation is final", agent_id=agent_id)
+    if agent.public_key_hex == key_hex:
+        return None
+    return agent.head.seq
+
+
+def new_keys(
+    agent_id: str, batch: VerifiedBatch, current_hex: str, after_seq: int
+) -> list[tuple[int, str]]:
+    """The key rotations of ``batch`` the store does not hold yet, as (seq, new key hex).
+    Raises KeyMoved unless the batch was verified with the keys the store holds: each new
+    rotation endorsed by the key in force before it, the batch signed by the key after them
+    (a stream that verified with keys another stream has since rotated, or an operator's
+    replacement since its Hello). Call inside the ingest transaction, the agent's row
+    locked, with its key in force (``current_hex``) and where that key starts."""
+    expected = current_hex
+    added = []
+    for seq, endorsed_by, new_hex in batch.key_steps:
+        if seq <= after_seq:
+            continue  # stored already: a resend
+        if endorsed_by != expected:
+            raise KeyMoved(
+                f"seq {seq}: a rotation from a key no longer in force", agent_id=agent_id
+            )
+        added.append((seq, new_hex))
+        expected = new_hex
+    if batch.signing_key_hex and batch.signing_key_hex != expected:
+        raise KeyMoved(
+            "the batch was verified with a key that is no longer in force", agent_id=agent_id
+        )
+    return added
 
 
 def advanced_capacity(agent_id: str, records: CheckedRecords, stored: Capacity) -> str | None:

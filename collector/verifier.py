@@ -58,8 +58,11 @@ _KNOWN_GAP_REASONS = frozenset(usage_pb2.GapReason.values()) - {usage_pb2.GAP_RE
 _KNOWN_UNATTRIBUTED_REASONS = frozenset(usage_pb2.UnattributedReason.values()) - {
     usage_pb2.UNATTRIBUTED_REASON_UNSPECIFIED
 }
-# Process records; a device record (QUALITY_UNATTRIBUTED) takes its own path.
-_PROCESS_QUALITIES = frozenset(usage_pb2.Quality.values()) - {usage_pb2.QUALITY_UNATTRIBUTED}
+# Process records; a device record (QUALITY_UNATTRIBUTED) and a key rotation take their own.
+_PROCESS_QUALITIES = frozenset(usage_pb2.Quality.values()) - {
+    usage_pb2.QUALITY_UNATTRIBUTED,
+    usage_pb2.QUALITY_KEY_ROTATION,
+}
 _KNOWN_EVIDENCE = frozenset(usage_pb2.EvidenceSource.values())
 _KNOWN_LABEL_NAMES = frozenset(usage_pb2.LabelName.values()) - {usage_pb2.LABEL_NAME_UNSPECIFIED}
 _KNOWN_LABEL_PROBLEMS = frozenset(usage_pb2.LabelProblem.values()) - {
@@ -69,6 +72,7 @@ _KNOWN_LABEL_PROBLEMS = frozenset(usage_pb2.LabelProblem.values()) - {
 # keeps the length, and every reserved name has it (tests/common/test_labels.py).
 _RESERVED_LEN = len("unattributed")
 _DEVICE_RECORD = usage_pb2.QUALITY_UNATTRIBUTED
+_KEY_ROTATION = usage_pb2.QUALITY_KEY_ROTATION
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,44 @@ class Quarantine:
 
 
 @dataclass(frozen=True, slots=True)
+class Rotation:
+    """A key rotation record that passed its checks: from ``seq`` on, batches are signed by
+    ``new_public_key``, if the key in force before endorsed it (``Verifier.verify``)."""
+
+    seq: int
+    prev_hash: bytes
+    new_public_key: bytes
+    endorsement: bytes
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """An agent's public keys by the records they sign: ``(after_seq, key hex)`` in
+    after_seq order, the first after 0 (enrollment). A batch is verified from the key in
+    force at its first record (the last whose after_seq is below it), through the key
+    rotations inside it; an operator's replacement (a lost key) starts after the head it
+    was made at."""
+
+    entries: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def single(cls, public_key_hex: str) -> KeyRing:
+        return cls(((0, public_key_hex),))
+
+    def at(self, seq: int) -> str:
+        """The key hex in force for a batch starting at ``seq``."""
+        found = self.entries[0][1]
+        for after_seq, key_hex in self.entries:
+            if after_seq < seq:
+                found = key_hex
+        return found
+
+    @property
+    def current(self) -> str:
+        return self.entries[-1][1]
+
+
+@dataclass(frozen=True, slots=True)
 class CheckedRecords:
     """Consecutive records of one agent that passed every check that needs no key.
 
@@ -125,6 +167,7 @@ class CheckedRecords:
     # and the seq through which the budgets they were claimed from had counted.
     capacity: Capacity | None = None
     capacity_base_seq: int = 0
+    rotations: tuple[Rotation, ...] = ()
 
     @property
     def first_seq(self) -> int:
@@ -148,6 +191,10 @@ class VerifiedBatch:
     records: CheckedRecords
     signature: bytes
     spanned: bool = False  # ``signature`` is a span signature (creditmeter.chain.sign_span)
+    # The key that verified ``signature``, and each rotation the batch made: (seq, the key
+    # that endorsed it, the new key), hex. The store checks them against its own keys.
+    signing_key_hex: str = ""
+    key_steps: tuple[tuple[int, str, str], ...] = ()
 
     @property
     def agent_id(self) -> str:
@@ -167,7 +214,7 @@ class Verifier:
     def verify(
         self,
         batch: ingest_pb2.RecordBatch,
-        public_key: Ed25519PublicKey,
+        keys: Ed25519PublicKey | KeyRing,
         capacity: Capacity | None = None,
     ) -> VerifiedBatch:
         """Checks a batch as received; raises a RejectedBatch subclass naming the problem.
@@ -180,19 +227,24 @@ class Verifier:
         agent_id = batch.agent_id
         records = batch.records
         self._check_count(agent_id, len(records))
+        ring = keys if isinstance(keys, KeyRing) else KeyRing.single(chain.public_key_hex(keys))
         if batch.span_signature:
             checked = self.check_records(agent_id, records, capacity)
+            key_hex, steps = _walk_rotations(agent_id, ring.at(checked.first_seq), checked)
             try:
-                chain.verify_span(public_key, checked.hashes, batch.span_signature)
+                chain.verify_span(_public_key(key_hex), checked.hashes, batch.span_signature)
             except chain.ChainError as exc:
                 raise _bad_signature(agent_id, "span_signature") from exc
-            return VerifiedBatch(checked, bytes(batch.span_signature), spanned=True)
+            return VerifiedBatch(checked, bytes(batch.span_signature), True, key_hex, tuple(steps))
+        key_hex = ring.at(_first_seq(agent_id, records[0], self))
         try:
-            chain.verify_head(public_key, chain.record_hash(records[-1]), batch.signature)
+            chain.verify_head(_public_key(key_hex), chain.record_hash(records[-1]), batch.signature)
         except chain.ChainError as exc:
             raise _bad_signature(agent_id, "signature") from exc
         checked = self.check_records(agent_id, records, capacity)
-        return VerifiedBatch(checked, bytes(batch.signature))
+        if checked.rotations:
+            raise _bad_signature(agent_id, "span_signature", "a key rotation needs a span")
+        return VerifiedBatch(checked, bytes(batch.signature), signing_key_hex=key_hex)
 
     def check_records(
         self, agent_id: str, records: Sequence[bytes], capacity: Capacity | None = None
@@ -249,6 +301,7 @@ class Verifier:
         get_sums = device_sums.get
         gpu_sums: GpuSums = {}
         quarantined: list[Quarantine] = []
+        rotations: list[Rotation] = []
         process_qualities = _PROCESS_QUALITIES
         known_evidence = _KNOWN_EVIDENCE
         # The hour a record starts in, worked out again only when a record leaves it: two
@@ -291,7 +344,9 @@ class Verifier:
             if not hour_us <= start_us < next_hour_us:
                 hour_us = start_us - start_us % HOUR_US
                 next_hour_us = hour_us + HOUR_US
-            is_device = rec.quality == _DEVICE_RECORD
+            quality = rec.quality
+            is_device = quality == _DEVICE_RECORD
+            is_rotation = quality == _KEY_ROTATION
             # Signed and chained, so its bytes are evidence: a record whose fields break the
             # checks is kept in quarantine (never billed) instead of refusing the batch,
             # which would stop the agent's chain for good. A record of another agent still
@@ -304,6 +359,8 @@ class Verifier:
                     _check_refused(agent_id, len(rows), seq, refused)
                 if is_device:
                     self._check_device_record(agent_id, len(rows), rec, now_us)
+                elif is_rotation:
+                    self._check_rotation(agent_id, len(rows), rec, now_us)
                 elif not (
                     rec.agent_id == agent_id
                     and min_start_us <= start_us <= end_us <= latest_end_us
@@ -355,7 +412,7 @@ class Verifier:
                 ):
                     # Raises unless only the quick label test was too strict.
                     self._raise_insane_field(agent_id, len(rows), rec, now_us)
-                if budget is not None and seq > counted_seq and not is_device:
+                if budget is not None and seq > counted_seq and not (is_device or is_rotation):
                     problem = budget.claim(gpu_uuid, start_us, end_us, busy_us)
                     if problem is not None:
                         raise InsaneField(problem, agent_id=agent_id, seq=seq, field="busy_us")
@@ -364,6 +421,16 @@ class Verifier:
             else:
                 if is_device:
                     add_gpu_books(gpu_sums, hour_us, rec)
+                elif is_rotation:
+                    key_rotation = rec.key_rotation
+                    rotations.append(
+                        Rotation(
+                            seq,
+                            rec.prev_hash,
+                            key_rotation.new_public_key,
+                            key_rotation.endorsement,
+                        )
+                    )
                 else:
                     if gaps:
                         add_gaps(gpu_sums, hour_us, rec)
@@ -392,6 +459,7 @@ class Verifier:
             tuple(quarantined),
             _advanced(budget, expected_seq - 1),
             counted_seq,
+            tuple(rotations),
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:
@@ -414,6 +482,38 @@ class Verifier:
                 agent_id=agent_id,
                 field="records",
             )
+
+    def _check_rotation(
+        self, agent_id: str, index: int, rec: usage_pb2.UsageRecord, now_us: int
+    ) -> None:
+        """A key rotation record carries the new key and its endorsement, at one moment,
+        and nothing else: no GPU, process, account or usage."""
+        seq = rec.seq
+        _check_agent(rec, agent_id, index)
+        rotation = rec.key_rotation
+        problems = (
+            ("key_rotation.new_public_key", len(rotation.new_public_key) != 32, "is not 32 bytes"),
+            ("key_rotation.endorsement", len(rotation.endorsement) != 64, "is not 64 bytes"),
+            (
+                "start_unix_us",
+                not self.limits.min_start_us
+                <= rec.start_unix_us
+                == rec.end_unix_us
+                <= now_us + self.limits.max_future_us,
+                "a rotation is one moment, after 2020 and not in the future",
+            ),
+            ("busy_us", rec.busy_us != 0 or rec.wall_us != 0, "a rotation carries no usage"),
+            (
+                "gpu",
+                rec.HasField("gpu") or rec.HasField("process") or rec.HasField("device"),
+                "a rotation names no GPU, process or books",
+            ),
+            ("attribution", rec.HasField("attribution"), "a rotation is nobody's usage"),
+            ("gaps", bool(rec.gaps), "a rotation reports no gap"),
+        )
+        for field, bad, problem in problems:
+            if bad:
+                raise InsaneField(problem, agent_id=agent_id, seq=seq, field=field, index=index)
 
     def _check_device_record(
         self, agent_id: str, index: int, rec: usage_pb2.UsageRecord, now_us: int
@@ -445,14 +545,7 @@ class Verifier:
         def insane(field: str, problem: str) -> InsaneField:
             return InsaneField(problem, agent_id=agent_id, seq=seq, field=field, index=index)
 
-        if rec.agent_id != agent_id:
-            raise AgentMismatch(
-                f"record names agent {rec.agent_id!r}, the batch {agent_id!r}",
-                agent_id=agent_id,
-                seq=seq,
-                field="agent_id",
-                index=index,
-            )
+        _check_agent(rec, agent_id, index)
         start_us, end_us = rec.start_unix_us, rec.end_unix_us
         if start_us < limits.min_start_us:
             raise insane("start_unix_us", f"{start_us} µs is before 2020 (agent clock unset?)")
@@ -677,11 +770,67 @@ def _check_gaps(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.Ga
         )
 
 
-def _bad_signature(agent_id: str, field: str) -> BadBatchSignature:
-    which = "span" if field == "span_signature" else "head"
+def _check_agent(rec: usage_pb2.UsageRecord, agent_id: str, index: int) -> None:
+    """A record of another agent refuses the whole batch (not a quarantine)."""
+    if rec.agent_id != agent_id:
+        raise AgentMismatch(
+            f"record names agent {rec.agent_id!r}, the batch {agent_id!r}",
+            agent_id=agent_id,
+            seq=rec.seq,
+            field="agent_id",
+            index=index,
+        )
+
+
+def _bad_signature(agent_id: str, field: str, why: str = "") -> BadBatchSignature:
+    which = {"span_signature": "span signature", "signature": "head signature"}.get(field, field)
     return BadBatchSignature(
-        f"the {which} signature does not verify under the agent's enrolled key "
-        "(records altered after signing, or signed with another key)",
+        f"the {which} does not verify under the agent's enrolled key "
+        f"({why or 'records altered after signing, or signed with another key'})",
         agent_id=agent_id,
         field=field,
     )
+
+
+def _public_key(key_hex: str) -> Ed25519PublicKey:
+    # Keys are checked when enrolled or rotated to (32 bytes); memoized per process.
+    return _KEYS.get(key_hex) or _KEYS.setdefault(key_hex, chain.load_public_key_hex(key_hex))
+
+
+_KEYS: dict[str, Ed25519PublicKey] = {}
+
+
+def _first_seq(agent_id: str, first: bytes, verifier: Verifier) -> int:
+    """The seq of a batch's first record (the head path checks the signature first)."""
+    if len(first) > verifier.limits.max_record_bytes:
+        raise _oversize_record(agent_id, 0, len(first), verifier.limits.max_record_bytes)
+    try:
+        return int(usage_pb2.UsageRecord.FromString(first).seq)
+    except DecodeError as exc:
+        raise _unparseable_record(agent_id, 0, exc) from exc
+
+
+def _walk_rotations(
+    agent_id: str, key_hex: str, checked: CheckedRecords
+) -> tuple[str, list[tuple[int, str, str]]]:
+    """The key that must sign the batch after its rotations, each endorsed by the key in
+    force before it; raises BadBatchSignature for an endorsement that does not verify."""
+    steps = []
+    for rotation in checked.rotations:
+        try:
+            chain.verify_rotation(
+                _public_key(key_hex),
+                agent_id,
+                rotation.seq,
+                rotation.prev_hash,
+                rotation.new_public_key,
+                rotation.endorsement,
+            )
+        except chain.ChainError as exc:
+            raise _bad_signature(
+                agent_id, "key_rotation", f"seq {rotation.seq}: not endorsed by the key before it"
+            ) from exc
+        new_hex = rotation.new_public_key.hex()
+        steps.append((rotation.seq, key_hex, new_hex))
+        key_hex = new_hex
+    return key_hex, steps

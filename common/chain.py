@@ -30,6 +30,7 @@ HASH_SIZE = 32  # bytes
 # Domain separation: a signature made for a chain head can never be replayed as anything else.
 _HEAD_CONTEXT = b"creditmeter.v1 chain head\x00"
 _SPAN_CONTEXT = b"creditmeter.v1 span\x00"
+_ROTATION_CONTEXT = b"creditmeter.v1 key rotation\x00"
 
 
 class ChainError(Exception):
@@ -92,6 +93,47 @@ def verify_span(public_key: Ed25519PublicKey, record_hashes: list[bytes], signat
         public_key.verify(signature, _SPAN_CONTEXT + span_digest(record_hashes))
     except InvalidSignature as exc:
         raise BadSignature("span signature does not verify") from exc
+
+
+def rotation_message(agent_id: str, seq: int, prev_hash: bytes, new_public_key: bytes) -> bytes:
+    """What the old key signs to hand the chain to ``new_public_key`` at record ``seq``:
+    ``prev_hash`` covers, through the chain, every record before it."""
+    name = agent_id.encode()
+    if len(prev_hash) != HASH_SIZE or len(new_public_key) != 32:
+        raise ChainError("a rotation names a 32-byte prev_hash and a 32-byte public key")
+    return (
+        _ROTATION_CONTEXT
+        + len(name).to_bytes(2, "big")
+        + name
+        + seq.to_bytes(8, "big")
+        + prev_hash
+        + new_public_key
+    )
+
+
+def sign_rotation(
+    key: Ed25519PrivateKey, agent_id: str, seq: int, prev_hash: bytes, new_public_key: bytes
+) -> bytes:
+    return key.sign(rotation_message(agent_id, seq, prev_hash, new_public_key))
+
+
+def verify_rotation(
+    public_key: Ed25519PublicKey,
+    agent_id: str,
+    seq: int,
+    prev_hash: bytes,
+    new_public_key: bytes,
+    endorsement: bytes,
+) -> None:
+    """Raises BadSignature unless ``public_key``'s owner endorsed this rotation."""
+    try:
+        public_key.verify(endorsement, rotation_message(agent_id, seq, prev_hash, new_public_key))
+    except InvalidSignature as exc:
+        raise BadSignature("key rotation endorsement does not verify") from exc
+
+
+def raw_public_key(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    return bytes.fromhex(public_key_hex(key))
 
 
 # -- keys ---------------------------------------------------------------------------------

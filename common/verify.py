@@ -251,7 +251,7 @@ def _check_segments(report: Report, bundle: dict[str, Any], document: dict[str, 
         agent["agent_id"]: {s for first, last in agent["seqs"] for s in range(first, last + 1)}
         for agent in document["usage"]
     }
-    keys = {agent["agent_id"]: agent["public_key_hex"] for agent in document["usage"]}
+    keys = {agent["agent_id"]: agent["keys"] for agent in document["usage"]}
     if bundle["agent_public_keys"] != keys:
         report.problem("agents: the bundle's agent keys are not the ones the statement names")
     listed = [
@@ -278,7 +278,7 @@ def _check_segments(report: Report, bundle: dict[str, Any], document: dict[str, 
 def _check_segment(
     report: Report,
     segment: dict[str, Any],
-    keys: dict[str, str],
+    keys: dict[str, list[list[Any]]],
     claimed: dict[str, set[int]],
     account: str,
 ) -> None:
@@ -311,8 +311,22 @@ def _check_segment(
     if len(leaves) != last - first + 1:
         report.problem(f"{where}: holds {len(leaves)} records, not {last - first + 1}")
     message = SPAN_CONTEXT + hashlib.sha256(b"".join(leaves)).digest()
-    if not _verifies(keys.get(agent_id, ""), segment["signature_hex"], message):
+    key_hex = _segment_key(keys.get(agent_id, []), first, last)
+    if not _verifies(key_hex, segment["signature_hex"], message):
         report.problem(f"{where}: the span signature does not verify under the agent's key")
+
+
+def _segment_key(keys: list[list[Any]], first: int, last: int) -> str:
+    """The agent key that signs a segment: the one in force at its first record (the last
+    whose after_seq is below it), then each key rotation inside it."""
+    found = ""
+    for after_seq, key_hex, _how in keys:
+        if after_seq < first:
+            found = key_hex
+    for after_seq, key_hex, how in keys:
+        if how == "rotated" and first <= after_seq <= last:
+            found = key_hex
+    return found
 
 
 def _check_own(

@@ -84,6 +84,30 @@ class AgentChain:
             self.append(mutate)
         return self.batch(first, len(self.records))
 
+    def rotate(self, at_us: int | None = None) -> Ed25519PrivateKey:
+        """Appends a key rotation record, endorsed by the current key, and signs with a new
+        key from then on (as `creditmeter-agent rotate-key` does); returns the old key."""
+        old, new = self.key, chain.generate_key()
+        seq, prev = len(self.records) + 1, self.head_hash
+        moment = T0_US + (seq - 1) * WINDOW_US if at_us is None else at_us
+        raw = chain.raw_public_key(new)
+        rec = usage_pb2.UsageRecord(
+            agent_id=self.agent_id,
+            seq=seq,
+            prev_hash=prev,
+            host="gpu-host-17",
+            start_unix_us=moment,
+            end_unix_us=moment,
+            quality=usage_pb2.QUALITY_KEY_ROTATION,
+            key_rotation=usage_pb2.KeyRotation(
+                new_public_key=raw,
+                endorsement=chain.sign_rotation(old, self.agent_id, seq, prev, raw),
+            ),
+        )
+        self.records.append(rec.SerializeToString())
+        self.key = new
+        return old
+
     def batch(self, first_seq: int, last_seq: int) -> ingest_pb2.RecordBatch:
         """Records first_seq..last_seq (already made) as a signed batch, as a resend is."""
         return signed_batch(self.agent_id, self.key, self.records[first_seq - 1 : last_seq])

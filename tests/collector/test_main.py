@@ -332,3 +332,26 @@ def test_repeated_enroll_and_revoke_say_nothing_changed(
     assert code == 0 and out.startswith("gpu-1 was revoked already, at 20")
     assert out.endswith("Z (nothing changed)\n")
     assert run(capsys, "quarantine", "list", "--db", db_url)[:2] == (0, "nothing in quarantine\n")
+
+
+def test_a_lost_key_is_replaced_with_a_reason_and_the_audit_notes_it(
+    capsys: pytest.CaptureFixture[str], store: SQLiteStore, db_url: str
+) -> None:
+    fill(store)
+    new_hex = chain.public_key_hex(chain.generate_key())
+    replace = ["enroll", "--db", db_url, "agent-1", new_hex, "--replace"]
+    code, _, err = run(capsys, *replace)
+    assert code == 2
+    assert_one_line_error(err, "--replace needs --reason")
+    code, out, _ = run(capsys, *replace, "--reason", "disk died", "--by", "alice")
+    assert (code, out) == (
+        0,
+        f"replaced the key of agent-1: key {new_hex} signs its records after seq 4; audit "
+        "notes the replacement (by alice: disk died)\n",
+    )
+    code, out, _ = run(capsys, *replace, "--reason", "disk died", "--by", "alice")
+    assert (code, out) == (0, "agent-1 signs with this key already (nothing changed)\n")
+    code, out, _ = run(capsys, "audit", "--db", db_url)
+    assert code == 0
+    assert out.splitlines()[0].startswith("note: agent 'agent-1': key replaced by alice at ")
+    assert out.splitlines()[-1] == "audit: 1 agents, 4 records, 0 findings"

@@ -72,6 +72,18 @@ def enrolled(store: PostgresStore, agent_id: str = "agent-1") -> AgentChain:
     return agent
 
 
+def enrolled_as_v1(pg: PostgresBackend, agent_id: str = "agent-1") -> AgentChain:
+    """Enrolled as schema version 1 did: no key history."""
+    agent = AgentChain(agent_id)
+    pg.execute(
+        "INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us) VALUES (?, ?, ?)",
+        agent.agent_id,
+        agent.public_key_hex,
+        1,
+    )
+    return agent
+
+
 def in_threads(*calls: Callable[[], object]) -> list[object]:
     """Runs ``calls`` at the same moment (a barrier), one thread each; returns their results
     in order, or raises the first exception one of them raised."""
@@ -369,8 +381,8 @@ def versions(pg: PostgresBackend) -> list[int]:
 
 def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
     pg.open()
-    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 12))
-    assert SCHEMA_VERSION == 11
+    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 13))
+    assert SCHEMA_VERSION == 12
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
 
 
@@ -439,14 +451,14 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     pg: PostgresBackend, verifier: Verifier
 ) -> None:
     old = pg.open(migrations=MIGRATIONS[:1])  # as schema version 1 left it
-    agent = enrolled(old)
     old.close()
+    agent = enrolled_as_v1(pg)
     agent.extend(4)
     store_the_old_way(pg, agent, [4])
     assert versions(pg) == [1]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 12))
+    assert versions(pg) == list(range(1, 13))
     assert current.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
     ]
@@ -468,9 +480,8 @@ def test_records_of_schema_version_4_keep_their_bytes_and_signatures(
 ) -> None:
     """Migration 5 moves each batch's signature into segments and drops every column of
     records but the evidence and its key; what the bytes and the rollups say is unchanged."""
-    old = pg.open(migrations=MIGRATIONS[:4])
-    agents = [enrolled(old, "agent-1"), enrolled(old, "agent-2")]
-    old.close()
+    pg.open(migrations=MIGRATIONS[:4]).close()
+    agents = [enrolled_as_v1(pg, "agent-1"), enrolled_as_v1(pg, "agent-2")]
     for agent, last_seqs in zip(agents, ([3, 5, 6], [2]), strict=True):
         agent.extend(last_seqs[-1])
         store_the_old_way(pg, agent, last_seqs)
@@ -487,7 +498,7 @@ def test_records_of_schema_version_4_keep_their_bytes_and_signatures(
     assert versions(pg) == [1, 2, 3, 4]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 12))
+    assert versions(pg) == list(range(1, 13))
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
     signatures = {
         (agent.agent_id, last): agent.batch(first, last).signature

@@ -56,8 +56,8 @@ def schema_versions(db_path: Path) -> list[int]:
 
 
 def test_a_new_database_gets_every_migration(store: SQLiteStore, db_path: Path) -> None:
-    assert schema_versions(db_path) == list(range(1, 13)) == [m.version for m in MIGRATIONS]
-    assert SCHEMA_VERSION == 12
+    assert schema_versions(db_path) == list(range(1, 14)) == [m.version for m in MIGRATIONS]
+    assert SCHEMA_VERSION == 13
 
 
 # The records table as schema version 1 made it: every field extracted into a column.
@@ -103,9 +103,13 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     db_path: Path, verifier: Verifier
 ) -> None:
     old = SQLiteStore(db_path, migrations=MIGRATIONS[:1])  # as schema version 1 left it
-    agent = AgentChain()
-    old.enroll_agent(agent.agent_id, agent.public_key_hex)
     old.close()
+    agent = AgentChain()
+    with sqlite3.connect(db_path) as conn:  # enrolled as version 1 did: no key history
+        conn.execute(
+            "INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us) VALUES (?, ?, ?)",
+            (agent.agent_id, agent.public_key_hex, NOW_US),
+        )
     batch = agent.extend(4)
     with sqlite3.connect(db_path) as conn:
         conn.executemany(
@@ -123,7 +127,7 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
 
     current = SQLiteStore(db_path)
     try:
-        assert schema_versions(db_path) == list(range(1, 13))
+        assert schema_versions(db_path) == list(range(1, 14))
         with sqlite3.connect(db_path) as conn:
             assert conn.execute("SELECT * FROM records ORDER BY seq").fetchall() == [
                 (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)

@@ -23,6 +23,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def sim_s(anchor: Path) -> float:
+    """Simulated seconds since the clock anchored in ``anchor`` started."""
+    from creditmeter.simnvml.anchor import AnchorFile
+
+    a = AnchorFile(anchor).read()
+    return (time.monotonic_ns() - a.monotonic_ns) / 1e9 * a.speed
+
+
 def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():

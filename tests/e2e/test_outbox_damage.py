@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from creditmeter.simnvml.anchor import AnchorFile
 from creditmeter.v1 import usage_pb2
-from tests.e2e.daemons import BIN, EXACT_GPU, Collector, free_port, simulated_agent, wait_for
+from tests.e2e.daemons import BIN, EXACT_GPU, Collector, free_port, sim_s, simulated_agent, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +41,6 @@ exit_s = 200.0
 env = {{ CREDITMETER_ACCOUNT = "globex", CREDITMETER_MODEL = "flux" }}
 busy = [[2.0, 200.0, 25]]
 """
-
-
-def sim_s(anchor: Path) -> float:
-    a = AnchorFile(anchor).read()
-    return (time.monotonic_ns() - a.monotonic_ns) / 1e9 * a.speed
 
 
 def unacked_seqs(outbox: Path) -> list[int]:

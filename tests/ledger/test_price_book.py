@@ -5,7 +5,9 @@ reach into a closed period. On both stores."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
+from typing import cast
 
 import pytest
 
@@ -13,7 +15,7 @@ from creditmeter.collector.errors import InvalidRequest, PeriodClosed, PriceConf
 from creditmeter.collector.export import cloudevents
 from creditmeter.collector.jobs_report import job_credits
 from creditmeter.collector.ledger import Ledger
-from creditmeter.collector.ledger_store import ApiCharge, LineKind
+from creditmeter.collector.ledger_store import ApiCharge, LineKind, SignedStatement, Statement
 from creditmeter.collector.prices import (
     BUILT_IN,
     PriceBook,
@@ -136,3 +138,39 @@ def test_closed_periods_stay_frozen_and_late_usage_takes_its_own_version(
         if ln.kind is LineKind.LATE_USAGE
     ]
     assert late == [(1_000_000, 1 * CREDIT, JUNE_1_US), (1_000_000, 3 * CREDIT, CHANGE_US)]
+
+
+class _PricesLoadedDuringClose:
+    """The store as a close sees it while an operator backdates prices into the period at
+    the same moment: the load commits just before the close's transaction."""
+
+    def __init__(self, store: LedgerTestStore, load: Callable[[], object]) -> None:
+        self._store = store
+        self._load: Callable[[], object] | None = load
+
+    def close_period(self, statement: Statement, signed: SignedStatement | None = None) -> None:
+        if self._load is not None:
+            self._load()
+            self._load = None
+        self._store.close_period(statement, signed)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_prices_loaded_while_a_period_closes_reprice_it_instead_of_being_missed(
+    book: Ledger, feeder: Feeder, clock: Clock, store: LedgerTestStore
+) -> None:
+    feeder.send(1, start_us=JUNE_10_US + 14 * HOUR_US, busy_us=2_000_000)  # priced by V2
+    clock.now_us = JULY_1_US + 3 * DAY_US
+    five = PriceBook(busy_second_micro={"sdxl": 5 * CREDIT})
+    operator = Ledger(store, clock_us=clock)
+    racing = _PricesLoadedDuringClose(
+        store, lambda: operator.set_prices(five, CHANGE_US + HOUR_US, by="ops", backdate=True)
+    )
+    closing = Ledger(cast(LedgerTestStore, racing), clock_us=clock)
+    (closed,) = closing.close_periods("acme", JULY_1_US, by="ops")
+    assert [(ln.credits_micro, ln.price_from_us) for ln in closed.lines] == [
+        (10 * CREDIT, CHANGE_US + HOUR_US)
+    ]
+    assert store.statements("acme")[0].lines == closed.lines

@@ -395,3 +395,30 @@ def test_a_copy_of_the_verifier_file_checks_a_bundle(good: Bundle, tmp_path: Pat
     )
     assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout.startswith("OK: statement of acme")
+
+
+def test_a_statement_verifies_across_a_key_rotation(
+    ledger: Ledger,
+    store: LedgerTestStore,
+    clock: Clock,
+    agent: AgentChain,
+    acme: str,
+    signer: StatementSigner,
+) -> None:
+    deliver(store, clock, agent, interleaved(JUNE_5_US, 2))
+    agent.rotate(JUNE_5_US + HOUR_US)  # seq 7, endorsed by the key before
+    for mutate in interleaved(JUNE_5_US + 2 * HOUR_US, 2):
+        agent.append(mutate)
+    stored = store.get_agent(agent.agent_id)
+    assert stored is not None
+    batch = signed_batch(agent.agent_id, agent.key, agent.records[6:])  # the rotation on
+    store.ingest(agent.agent_id, Verifier(clock_us=clock).verify(batch, stored.ring))
+    clock.now_us = JULY_1_US + DAY_US
+    close_june(ledger, signer)
+    one = bundle(store, "acme", JUNE_1_US)
+    (evidence,) = document_of(one)["usage"]
+    assert [(after, how) for after, _, how in evidence["keys"]] == [
+        (0, "enrolled"),
+        (7, "rotated"),
+    ]
+    assert problems(one, signer.public_key_hex) == []

@@ -32,6 +32,7 @@ class Quality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUALITY_APPORTIONED: _ClassVar[Quality]
     QUALITY_UNATTRIBUTED: _ClassVar[Quality]
     QUALITY_PROCESS_EVIDENCE: _ClassVar[Quality]
+    QUALITY_KEY_ROTATION: _ClassVar[Quality]
 
 class UnattributedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -89,6 +90,7 @@ QUALITY_EXACT: Quality
 QUALITY_APPORTIONED: Quality
 QUALITY_UNATTRIBUTED: Quality
 QUALITY_PROCESS_EVIDENCE: Quality
+QUALITY_KEY_ROTATION: Quality
 UNATTRIBUTED_REASON_UNSPECIFIED: UnattributedReason
 UNATTRIBUTED_REASON_NO_PROCESS: UnattributedReason
 UNATTRIBUTED_REASON_UNKNOWN_PROCESS: UnattributedReason
@@ -138,6 +140,14 @@ class Unattributed(_message.Message):
     reason: UnattributedReason
     busy_us: int
     def __init__(self, reason: _Optional[_Union[UnattributedReason, str]] = ..., busy_us: _Optional[int] = ...) -> None: ...
+
+class KeyRotation(_message.Message):
+    __slots__ = ("new_public_key", "endorsement")
+    NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENDORSEMENT_FIELD_NUMBER: _ClassVar[int]
+    new_public_key: bytes
+    endorsement: bytes
+    def __init__(self, new_public_key: _Optional[bytes] = ..., endorsement: _Optional[bytes] = ...) -> None: ...
 
 class DeviceBooks(_message.Message):
     __slots__ = ("device_busy_us", "attributed_busy_us", "unattributed")
@@ -196,7 +206,7 @@ class Attribution(_message.Message):
     def __init__(self, account: _Optional[str] = ..., model: _Optional[str] = ..., job_id: _Optional[str] = ..., source: _Optional[_Union[AttributionSource, str]] = ..., fallback: _Optional[bool] = ..., refused: _Optional[_Iterable[_Union[RefusedLabel, _Mapping]]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
-    __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final", "quality", "evidence", "device")
+    __slots__ = ("agent_id", "seq", "prev_hash", "host", "start_unix_us", "end_unix_us", "gpu", "process", "attribution", "busy_us", "wall_us", "peak_memory_bytes", "energy_mj", "gaps", "source", "final", "quality", "evidence", "device", "key_rotation")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +226,7 @@ class UsageRecord(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ROTATION_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     seq: int
     prev_hash: bytes
@@ -235,4 +246,5 @@ class UsageRecord(_message.Message):
     quality: Quality
     evidence: EvidenceSource
     device: DeviceBooks
-    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., host: _Optional[str] = ..., start_unix_us: _Optional[int] = ..., end_unix_us: _Optional[int] = ..., gpu: _Optional[_Union[GpuRef, _Mapping]] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., busy_us: _Optional[int] = ..., wall_us: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., energy_mj: _Optional[int] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ..., source: _Optional[_Union[MeasurementSource, str]] = ..., final: _Optional[bool] = ..., quality: _Optional[_Union[Quality, str]] = ..., evidence: _Optional[_Union[EvidenceSource, str]] = ..., device: _Optional[_Union[DeviceBooks, _Mapping]] = ...) -> None: ...
+    key_rotation: KeyRotation
+    def __init__(self, agent_id: _Optional[str] = ..., seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., host: _Optional[str] = ..., start_unix_us: _Optional[int] = ..., end_unix_us: _Optional[int] = ..., gpu: _Optional[_Union[GpuRef, _Mapping]] = ..., process: _Optional[_Union[ProcessRef, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., busy_us: _Optional[int] = ..., wall_us: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ..., energy_mj: _Optional[int] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ..., source: _Optional[_Union[MeasurementSource, str]] = ..., final: _Optional[bool] = ..., quality: _Optional[_Union[Quality, str]] = ..., evidence: _Optional[_Union[EvidenceSource, str]] = ..., device: _Optional[_Union[DeviceBooks, _Mapping]] = ..., key_rotation: _Optional[_Union[KeyRotation, _Mapping]] = ...) -> None: ...
