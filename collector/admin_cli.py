@@ -62,7 +62,13 @@ from creditmeter.collector.errors import ConfigError, InvalidRequest, UnknownAcc
 from creditmeter.collector.export import DEFAULT_SOURCE, cloudevents, write_json_lines
 from creditmeter.collector.jobs_report import job_credits, job_rows, typical, typical_rows
 from creditmeter.collector.jobs_report import render as render_jobs
-from creditmeter.collector.ledger import Balance, Ledger, credits_micro, micro_text
+from creditmeter.collector.ledger import (
+    Balance,
+    Ledger,
+    balance_document,
+    credits_micro,
+    micro_text,
+)
 from creditmeter.collector.ledger_store import (
     ApiCharge,
     LedgerEntry,
@@ -677,7 +683,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     try:
         with store.snapshot() as snapshot:
             assert isinstance(snapshot, LedgerSnapshot)  # both stores' snapshots are
-            rows = reconcile(snapshot.device_rollups(), snapshot.gpu_rollups(), period)
+            bounds = (period.from_us, period.to_us)
+            rows = reconcile(snapshot.device_totals(*bounds), snapshot.gpu_rollups(*bounds), period)
     finally:
         store.close()
     if args.format == "json":
@@ -745,32 +752,7 @@ def balance_table(balance: Balance) -> str:
 
 
 def balance_json(balance: Balance) -> str:
-    document = {
-        "account": balance.account,
-        "plan": balance.plan,
-        "period": {
-            "start": iso_text(balance.period.start_us),
-            "end": iso_text(balance.period.end_us),
-            "closed": balance.closed,
-        },
-        "plan_grant": micro_text(balance.plan_grant_micro),
-        "top_ups_and_grants": micro_text(balance.lot_credits_micro),
-        "lines": [
-            {
-                "kind": line.kind.value,
-                "model": line.model,
-                "quantity": line.quantity,
-                "credits": micro_text(line.credits_micro),
-                "default_price": line.default_price,
-            }
-            for line in balance.lines
-        ],
-        "adjustments": micro_text(balance.adjustments_micro),
-        "granted": micro_text(balance.granted_micro),
-        "used": micro_text(balance.used_micro),
-        "remaining": micro_text(balance.remaining_micro),
-    }
-    return json.dumps(document, indent=2) + "\n"
+    return json.dumps(balance_document(balance), indent=2) + "\n"
 
 
 def _entry_text(entry: LedgerEntry) -> str:

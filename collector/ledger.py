@@ -682,6 +682,36 @@ def credits_micro(amount: Decimal | str, what: str) -> int:
     return int(micro)
 
 
+def balance_document(balance: Balance) -> dict[str, object]:
+    """An account's balance as JSON values: what ``balance --format json`` prints and the
+    web API answers (credits as exact decimal text)."""
+    return {
+        "account": balance.account,
+        "plan": balance.plan,
+        "period": {
+            "start": iso_text(balance.period.start_us),
+            "end": iso_text(balance.period.end_us),
+            "closed": balance.closed,
+        },
+        "plan_grant": micro_text(balance.plan_grant_micro),
+        "top_ups_and_grants": micro_text(balance.lot_credits_micro),
+        "lines": [
+            {
+                "kind": line.kind.value,
+                "model": line.model,
+                "quantity": line.quantity,
+                "credits": micro_text(line.credits_micro),
+                "default_price": line.default_price,
+            }
+            for line in balance.lines
+        ],
+        "adjustments": micro_text(balance.adjustments_micro),
+        "granted": micro_text(balance.granted_micro),
+        "used": micro_text(balance.used_micro),
+        "remaining": micro_text(balance.remaining_micro),
+    }
+
+
 def micro_text(amount_micro: int) -> str:
     """Exact decimal credits: 7_500_000 -> "7.500000"."""
     sign = "-" if amount_micro < 0 else ""

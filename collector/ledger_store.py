@@ -291,12 +291,24 @@ class LedgerSnapshot(Protocol):
     rollups, read in the same consistent view: the rollups reports and balances read, and
     the API charges those sum."""
 
-    def device_rollups(self) -> Iterator[DeviceRollup]:
-        """Ordered by hour, host, gpu, account, model."""
+    def device_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
+        """Of the hours starting in [from_us, to_us) (None: unbounded), ordered by hour,
+        host, gpu, account, model."""
         ...
 
-    def gpu_rollups(self) -> Iterator[GpuRollup]:
-        """Ordered by hour, host, gpu, kind."""
+    def device_totals(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
+        """As device_rollups, summed over accounts and models (account and model ""): one
+        row per hour and GPU, what the reconciliation needs, summed by the database."""
+        ...
+
+    def gpu_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[GpuRollup]:
+        """Of the hours starting in [from_us, to_us), ordered by hour, host, gpu, kind."""
         ...
 
     def api_rollups(self) -> Iterator[ApiRollup]:

@@ -152,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     settings.config_args().add_arguments(serve)
     serve.set_defaults(command=_serve)
 
+    web = commands.add_parser("web", help="serve the JSON API and the pages (a daemon)")
+    settings.web_config_args().add_arguments(web)
+    web.set_defaults(command=_web)
+
     enroll = commands.add_parser("enroll", parents=[db], help="enroll an agent's public key")
     enroll.add_argument("agent_id", metavar="AGENT_ID")
     enroll.add_argument("public_key_hex", metavar="PUBLIC_KEY_HEX")
@@ -214,6 +218,15 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             notifier.close()
         log.info("stopped")
+    return EXIT_OK
+
+
+def _web(args: argparse.Namespace) -> int:
+    config = settings.load_web(args)
+    from creditmeter.collector.web import serve as web_serve  # Starlette only where served
+
+    with _logging_to_stdout(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT]):
+        web_serve.run(config)
     return EXIT_OK
 
 

@@ -165,8 +165,10 @@ from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
     NOT_HELD,
+    SELECT_AGENT_STATUS,
     AgentInfo,
     AgentKey,
+    AgentStatus,
     ChainHead,
     KeyChange,
     QuarantineEntry,
@@ -695,6 +697,12 @@ class PostgresStore:
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         with self._statement(f"reading agent {agent_id!r}") as cur:
             return _agent(cur, agent_id)
+
+    def agent_status(self) -> list[AgentStatus]:
+        with self._statement("reading agents") as cur:
+            cur.execute(SELECT_AGENT_STATUS)
+            rows = cur.fetchall()
+        return [AgentStatus(a, bool(r), h, seen, start) for a, r, h, seen, start in rows]
 
     def replace_agent_key(
         self, agent_id: str, public_key_hex: str, *, by: str, reason: str
@@ -1289,12 +1297,16 @@ class PostgresSnapshot:
             for row in cursor:
                 yield Rollup(*row)
 
-    def device_rollups(self) -> Iterator[DeviceRollup]:
+    def device_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
         with _translated("reading device rollups", self._where):
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, account, model, SUM(busy_us)::bigint,
                           SUM(wall_us)::bigint, SUM(record_count)::bigint
-                   FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"""
+                   FROM rollups_device_hourly WHERE hour_start_us >= %s AND hour_start_us < %s
+                   GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5""",
+                _bounds(from_us, to_us),
             )
             for row in cursor:
                 yield DeviceRollup(*row)
@@ -1304,11 +1316,29 @@ class PostgresSnapshot:
             rows = self._conn.execute(_SELECT_QUARANTINE).fetchall()
         return [QuarantineEntry(*row) for row in rows]
 
-    def gpu_rollups(self) -> Iterator[GpuRollup]:
+    def device_totals(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
+        with _translated("reading device rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, '', '', SUM(busy_us)::bigint,
+                          SUM(wall_us)::bigint, SUM(record_count)::bigint
+                   FROM rollups_device_hourly WHERE hour_start_us >= %s AND hour_start_us < %s
+                   GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+                _bounds(from_us, to_us),
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
+    def gpu_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[GpuRollup]:
         with _translated("reading GPU rollups", self._where):
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, kind, amount_us
-                   FROM rollups_gpu_hourly ORDER BY 1, 2, 3, 4"""
+                   FROM rollups_gpu_hourly WHERE hour_start_us >= %s AND hour_start_us < %s
+                   ORDER BY 1, 2, 3, 4""",
+                _bounds(from_us, to_us),
             )
             for row in cursor:
                 yield GpuRollup(*row)
@@ -1525,6 +1555,10 @@ def _capacity(cur: Cursor, agent_id: str) -> Capacity:
         "SELECT head_seq, capacity FROM agents WHERE agent_id = %s", (agent_id,)
     ).fetchone()
     return Capacity() if row is None else Capacity.decode(row[1], row[0])
+
+
+def _bounds(from_us: int | None, to_us: int | None) -> tuple[int, int]:
+    return (-(2**63) if from_us is None else from_us, 2**63 - 1 if to_us is None else to_us)
 
 
 def _locked_head(cur: Cursor, agent_id: str) -> tuple[ChainHead, str, int]:

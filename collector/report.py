@@ -104,15 +104,17 @@ class Report:
         return sum(row.record_count for row in self.rows)
 
 
-def parse_period(from_text: str | None, to_text: str | None) -> Period:
-    """Parses --from/--to. Raises ConfigError naming the flag when a bound is malformed,
-    not on a whole hour, or not before the other."""
+def parse_period(
+    from_text: str | None, to_text: str | None, names: tuple[str, str] = ("--from", "--to")
+) -> Period:
+    """Parses --from/--to (or the parameters ``names``). Raises ConfigError naming the flag
+    when a bound is malformed, not on a whole hour, or not before the other."""
     period = Period(
-        None if from_text is None else parse_hour_us("--from", from_text),
-        None if to_text is None else parse_hour_us("--to", to_text),
+        None if from_text is None else parse_hour_us(names[0], from_text),
+        None if to_text is None else parse_hour_us(names[1], to_text),
     )
     if period.from_us is not None and period.to_us is not None and period.from_us >= period.to_us:
-        raise ConfigError(f"--from {from_text} is not before --to {to_text}")
+        raise ConfigError(f"{names[0]} {from_text} is not before {names[1]} {to_text}")
     return period
 
 
@@ -256,8 +258,14 @@ def seconds_text(time_us: int) -> str:
 
 
 def render_json(report: Report) -> str:
+    return json.dumps(report_document(report), indent=2) + "\n"
+
+
+def report_document(report: Report) -> dict[str, object]:
+    """The report as JSON values: what ``report --format json`` prints and the web API
+    answers."""
     names = [dimension.value for dimension in report.group_by]
-    document = {
+    return {
         "from": _time_text(report.period.from_us),
         "to": _time_text(report.period.to_us),
         "group_by": names,
@@ -280,7 +288,6 @@ def render_json(report: Report) -> str:
             "records": report.record_count,
         },
     }
-    return json.dumps(document, indent=2) + "\n"
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...)).

@@ -191,6 +191,28 @@ STATEMENT_KEY = Option(
     "/var/lib/creditmeter-collector/statement-key.pem with PostgreSQL.",
 )
 
+WEB_LISTEN = Option(
+    "web.listen",
+    STR,
+    "127.0.0.1:7380",
+    "host:port of creditmeter-collector web (the JSON API and the pages); put TLS in front of "
+    "it (a reverse proxy) when it leaves the host.",
+)
+WEB_PORT_FILE = Option(
+    "web.port_file",
+    Maybe(PATH),
+    None,
+    "Write the web server's bound port here while listening (for port 0 in tests).",
+)
+WEB_SESSION_HOURS = Option(
+    "web.session_hours",
+    INT,
+    8,
+    "A page login lasts this long (sessions are held in memory: a restart ends them).",
+    ge=1,
+    le=24 * 30,
+)
+
 METRICS_LISTEN = Option(
     "metrics.listen", STR, "127.0.0.1:9465", "host:port serving /metrics; empty: off."
 )
@@ -221,6 +243,9 @@ OPTIONS = (
     API_CLIENTS,
     PRICES_FILE,
     STATEMENT_KEY,
+    WEB_LISTEN,
+    WEB_PORT_FILE,
+    WEB_SESSION_HOURS,
     METRICS_LISTEN,
     LOG_LEVEL,
     LOG_FORMAT,
@@ -244,22 +269,52 @@ def config_args() -> ConfigArgs:
     return ConfigArgs(OPTIONS, default_path=DEFAULT_CONFIG, flags=FLAGS)
 
 
+# ``web`` reads the same file; its own flags.
+WEB_FLAGS: dict[str, Option[Any]] = {
+    "--db": STORE_URL,
+    "--listen": WEB_LISTEN,
+    "--port-file": WEB_PORT_FILE,
+    "--log-level": LOG_LEVEL,
+}
+
+
+def web_config_args() -> ConfigArgs:
+    return ConfigArgs(OPTIONS, default_path=DEFAULT_CONFIG, flags=WEB_FLAGS)
+
+
+def load_web(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """``web``'s configuration (the same file and environment as serve's); raises
+    ConfigError."""
+    config = _load(web_config_args(), args, environ, with_prices=False)
+    _check_host_port(config, WEB_LISTEN, config[WEB_LISTEN])
+    return config
+
+
 def load_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     """The daemon's configuration; raises ConfigError (one line naming source, key, problem)."""
-    cli = config_args()
+    config = _load(config_args(), args, environ, with_prices=True)
+    check(config)
+    return config
+
+
+def _load(
+    cli: ConfigArgs,
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None,
+    *,
+    with_prices: bool,
+) -> Config:
     env = os.environ if environ is None else environ
     overrides: list[Override] = []
     if env.get(DB_ENV):
         overrides.append(Override(f"${DB_ENV}", STORE_URL.name, env[DB_ENV]))
-    if env.get(PRICES_ENV):
+    if with_prices and env.get(PRICES_ENV):
         overrides.append(Override(f"${PRICES_ENV}", PRICES_FILE.name, env[PRICES_ENV]))
     try:
         overrides += cli.overrides(args)
-        config = cfg.load(OPTIONS, args.config, default_path=DEFAULT_CONFIG, overrides=overrides)
+        return cfg.load(OPTIONS, args.config, default_path=DEFAULT_CONFIG, overrides=overrides)
     except cfg.ConfigError as exc:
         raise ConfigError(str(exc)) from None
-    check(config)
-    return config
 
 
 def admin_store_url(config_path: Path | None, db: str | None) -> str | None:

@@ -89,8 +89,10 @@ from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
     NO_HEAD,
     NOT_HELD,
+    SELECT_AGENT_STATUS,
     AgentInfo,
     AgentKey,
+    AgentStatus,
     ChainHead,
     KeyChange,
     QuarantineEntry,
@@ -597,6 +599,11 @@ class SQLiteStore:
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         with self._lock, _translated(f"reading agent {agent_id!r}"):
             return _agent(self._connection(), agent_id)
+
+    def agent_status(self) -> list[AgentStatus]:
+        with self._lock, _translated("reading agents"):
+            rows = self._connection().execute(SELECT_AGENT_STATUS).fetchall()
+        return [AgentStatus(a, bool(r), h, seen, start) for a, r, h, seen, start in rows]
 
     def replace_agent_key(
         self, agent_id: str, public_key_hex: str, *, by: str, reason: str
@@ -1174,12 +1181,16 @@ class SQLiteSnapshot:
             for row in cursor:
                 yield Rollup(*row)
 
-    def device_rollups(self) -> Iterator[DeviceRollup]:
+    def device_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
         with _translated("reading device rollups"):
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, account, model, busy_us, wall_us,
                           record_count
-                   FROM rollups_device_hourly ORDER BY 1, 2, 3, 4, 5"""
+                   FROM rollups_device_hourly WHERE hour_start_us >= ? AND hour_start_us < ?
+                   ORDER BY 1, 2, 3, 4, 5""",
+                _bounds(from_us, to_us),
             )
             for row in cursor:
                 yield DeviceRollup(*row)
@@ -1188,11 +1199,29 @@ class SQLiteSnapshot:
         with _translated("reading the quarantine"):
             return _quarantine(self._conn)
 
-    def gpu_rollups(self) -> Iterator[GpuRollup]:
+    def device_totals(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[DeviceRollup]:
+        with _translated("reading device rollups"):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, '', '', SUM(busy_us), SUM(wall_us),
+                          SUM(record_count)
+                   FROM rollups_device_hourly WHERE hour_start_us >= ? AND hour_start_us < ?
+                   GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+                _bounds(from_us, to_us),
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
+    def gpu_rollups(
+        self, from_us: int | None = None, to_us: int | None = None
+    ) -> Iterator[GpuRollup]:
         with _translated("reading GPU rollups"):
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, kind, amount_us
-                   FROM rollups_gpu_hourly ORDER BY 1, 2, 3, 4"""
+                   FROM rollups_gpu_hourly WHERE hour_start_us >= ? AND hour_start_us < ?
+                   ORDER BY 1, 2, 3, 4""",
+                _bounds(from_us, to_us),
             )
             for row in cursor:
                 yield GpuRollup(*row)
@@ -1317,6 +1346,10 @@ def _capacity(conn: sqlite3.Connection, agent_id: str) -> Capacity:
         "SELECT head_seq, capacity FROM agents WHERE agent_id = ?", (agent_id,)
     ).fetchone()
     return Capacity() if row is None else Capacity.decode(row[1], row[0])
+
+
+def _bounds(from_us: int | None, to_us: int | None) -> tuple[int, int]:
+    return (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
 
 
 def _locked_head(conn: sqlite3.Connection, agent_id: str) -> tuple[ChainHead, str, int]:

@@ -102,6 +102,27 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """An agent as the staff pages show it: its stored head, when its last batch arrived,
+    and the start of its newest stored record (None: nothing stored)."""
+
+    agent_id: str
+    revoked: bool
+    head_seq: int
+    last_received_us: int | None
+    head_start_us: int | None
+
+
+# The newest segment of an agent arrived last: batches are stored in seq order.
+SELECT_AGENT_STATUS = """
+    SELECT a.agent_id, a.revoked_at_us IS NOT NULL, a.head_seq,
+           (SELECT s.received_at_us FROM segments s WHERE s.agent_id = a.agent_id
+            ORDER BY s.last_seq DESC LIMIT 1),
+           (SELECT r.start_us FROM records r WHERE r.agent_id = a.agent_id AND r.seq = a.head_seq)
+    FROM agents a ORDER BY a.agent_id"""
+
+
+@dataclass(frozen=True, slots=True)
 class UsageTotal:
     """Rollups summed over a period for one (account, model). account "" is unattributed."""
 
@@ -161,6 +182,10 @@ class Store(Protocol):
         ...
 
     def get_agent(self, agent_id: str) -> AgentInfo | None: ...
+
+    def agent_status(self) -> list[AgentStatus]:
+        """Every agent, by id (SELECT_AGENT_STATUS)."""
+        ...
 
     def replace_agent_key(
         self, agent_id: str, public_key_hex: str, *, by: str, reason: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", default="demo", help="shipped scenario name or .toml path")
     parser.add_argument("--speed", type=float, default=60.0, help="simulated s per real s")
     parser.add_argument("--dir", type=Path, default=Path("demo-run"), help="working folder")
+    parser.add_argument(
+        "--web", action="store_true", help="then keep the credits pages serving until Ctrl-C"
+    )
     args = parser.parse_args(argv)
     scenario = Scenario.load(args.scenario)
     run_dir = args.dir.resolve()
@@ -44,9 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = Demo(run_dir, args.scenario, scenario, args.speed)
     try:
         report = demo.run()
+        print_comparison(report, truth_by_account_model(scenario, run_dir / "clock.anchor"))
+        url, tenant, token, staff = demo.open_web(report)
+        print(f"\ncredits pages: {url}")
+        print(f"  log in as {tenant} with the token {token}")
+        print(f"  or as billing staff with {staff}")
+        if args.web:
+            print("serving until Ctrl-C ...")
+            demo.serve_until_interrupted()
     finally:
         demo.stop_all()
-    print_comparison(report, truth_by_account_model(scenario, run_dir / "clock.anchor"))
     return 0
 
 
@@ -103,13 +114,63 @@ class Demo:
                 "127.0.0.1:0",
             ],
         )
+        return self.wait_for_port(port_file, "collector")
+
+    def open_web(self, report: dict[str, object]) -> tuple[str, str, str, str]:
+        """Opens the report's accounts on a plan, starts ``creditmeter-collector web`` with a
+        token per account and one for staff; returns (URL, an account, its token, the
+        staff token)."""
+        rows = report["rows"]
+        assert isinstance(rows, list)
+        accounts = sorted({str(r["account"]) for r in rows} - {UNATTRIBUTED})
+        self.collector_cli("plan", "define", "pro", "--hours", "10", "--by", "demo")
+        month = time.strftime("%Y-%m-01", time.gmtime())
+        for account in accounts:
+            self.collector_cli("account", "open", account, "--plan", "pro", "--since", month)
+        tokens = {account: secrets.token_urlsafe(18) for account in [*accounts, "staff"]}
+        token_file = self.dir / "web-tokens"
+        token_file.write_text(
+            "".join(
+                f"{name} {token} reader{'' if name == 'staff' else ' ' + name}\n"
+                for name, token in tokens.items()
+            )
+        )
+        token_file.chmod(0o600)
+        port_file = self.dir / "web.port"
+        self.spawn(
+            "web",
+            [
+                bin_path("creditmeter-collector"),
+                "web",
+                "--db",
+                self.db,
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                str(port_file),
+                "--set",
+                f"api.token_file={token_file}",
+            ],
+        )
+        port = self.wait_for_port(port_file, "web")
+        return f"http://127.0.0.1:{port}/", accounts[0], tokens[accounts[0]], tokens["staff"]
+
+    def wait_for_port(self, port_file: Path, name: str) -> int:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if port_file.exists() and port_file.read_text().strip():
                 return int(port_file.read_text())
             self.check_alive()
             time.sleep(0.05)
-        raise SystemExit("the collector did not start; see collector.log")
+        raise SystemExit(f"{name} did not start; see {name}.log")
+
+    def serve_until_interrupted(self) -> None:
+        try:
+            while True:
+                self.check_alive()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping")
 
     def keygen(self, agent_id: str) -> str:
         key = self.dir / "agent" / "signing-key.pem"
@@ -125,7 +186,7 @@ class Demo:
         return out.split()[0]
 
     def collector_cli(self, *args: str) -> str:
-        command = [bin_path("creditmeter-collector"), args[0], "--db", self.db, *args[1:]]
+        command = [bin_path("creditmeter-collector"), *args, "--db", self.db]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip()}")

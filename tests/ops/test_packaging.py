@@ -42,6 +42,10 @@ def test_the_wheel_holds_everything_and_builds_without_warnings(tmp_path: Path) 
         "creditmeter/collector/main.py",
         "creditmeter/v1/usage.proto",
         "creditmeter/v1/usage_pb2.pyi",
+        "creditmeter/verify.py",
+        "creditmeter/collector/web/openapi.json",
+        "creditmeter/collector/web/static/style.css",
+        "creditmeter/collector/web/templates/account.html",
     } <= names
     assert "creditmeter-agent = creditmeter.agent.cli:main_entry" in scripts
     assert "creditmeter-collector = creditmeter.collector.main:main_entry" in scripts

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (package: systemd)"
 )
 
-UNITS = ("creditmeter-agent.service", "creditmeter-collector.service")
+UNITS = ("creditmeter-agent.service", "creditmeter-collector.service", "creditmeter-web.service")
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def test_systemd_accepts_the_unit_without_a_warning(unit: str, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("breakage", "expected"),
     [
-        (("WatchdogSec=30", "WatchdogSecs=30"), "Unknown key"),
-        (("Type=notify", "Type=notifyy"), "Failed to parse service type"),
-        (("WatchdogSec=30", "WatchdogSec=thirty"), "Failed to parse sec value"),
+        (("RestartSec=5", "RestartSecs=5"), "Unknown key"),
+        (("Restart=on-failure", "Restart=on-failuree"), "Failed to parse service restart"),
+        (("RestartSec=5", "RestartSec=five"), "Failed to parse sec value"),
         (("[Service]", "[Servce]"), "Unknown section"),
         (("ExecStart=" + INSTALL_BIN, "ExecStart=/nonexistent/"), "not executable"),
     ],
@@ -103,7 +103,11 @@ def test_a_broken_unit_fails_the_check(
 
 
 # systemd's exposure score, times ten (0 best, 100 worst); today 1.3 and 2.3.
-EXPOSURE_THRESHOLDS = {"creditmeter-collector.service": 20, "creditmeter-agent.service": 30}
+EXPOSURE_THRESHOLDS = {
+    "creditmeter-collector.service": 20,
+    "creditmeter-agent.service": 30,
+    "creditmeter-web.service": 20,
+}
 
 
 def _exposure_within_threshold(unit_file: Path, threshold: int) -> subprocess.CompletedProcess[str]:
@@ -214,11 +218,33 @@ def test_collector_unit_is_fully_hardened() -> None:
     assert int(d["Service.TimeoutStopSec"][0]) >= 30
 
 
+def test_web_unit_is_hardened_like_the_collector() -> None:
+    web, collector = (
+        _directives("creditmeter-web.service"),
+        _directives("creditmeter-collector.service"),
+    )
+    assert web["Service.ExecStart"] == [
+        "/opt/creditmeter/bin/creditmeter-collector web --config"
+        " /etc/creditmeter/collector.toml $CREDITMETER_WEB_ARGS"
+    ]
+    assert web["Service.Type"] == ["exec"]  # uvicorn sends no sd_notify READY
+    assert web["Service.User"] == collector["Service.User"]
+    assert "Service.StateDirectory" not in web  # the collector's unit owns it
+    same = [k for k in collector if k.startswith("Service.") and (
+        k.split(".")[1].startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability"))
+        or k in ("Service.NoNewPrivileges", "Service.MemoryDenyWriteExecute", "Service.UMask")
+    )]  # fmt: skip
+    assert same and all(web.get(k) == collector[k] for k in same), [
+        k for k in same if web.get(k) != collector[k]
+    ]
+
+
 @pytest.mark.parametrize(
     ("unit", "daemon"),
     [
         ("creditmeter-agent.service", "creditmeter-agent"),
         ("creditmeter-collector.service", "creditmeter-collector"),
+        ("creditmeter-web.service", "creditmeter-collector"),
     ],
 )
 def test_execstart_is_accepted_by_the_daemons_cli(unit: str, daemon: str, tmp_path: Path) -> None:
