@@ -227,7 +227,8 @@ class WebApp:
             if principal.accounts is not None:
                 return [{"account": name} for name in sorted(principal.accounts)]
             self._staff(principal)
-            return views.accounts(self._ledger(), self._store)
+            offset, limit = _slice(request)
+            return views.accounts(self._ledger(), self._store, offset, limit)
 
         return self._api(request, answer)
 
@@ -316,8 +317,11 @@ class WebApp:
         return self._render(request, "login.html", None, {"problem": None}, status=200)
 
     async def login(self, request: Request) -> Response:
-        if int(request.headers.get("content-length", "0") or 0) > _MAX_FORM_BYTES:
-            return self._render(request, "login.html", None, {"problem": "too long"}, 400)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > _MAX_FORM_BYTES:
+            # A login form is a few dozen bytes; nothing larger (or unsized) is read.
+            problem = "Send the login form with a Content-Length of at most 4 KiB."
+            return self._render(request, "login.html", None, {"problem": problem}, 400)
         form = await request.form()
         token = str(form.get("token", ""))
         try:
@@ -497,6 +501,17 @@ def _period(request: Request, default: Period | None = None) -> Period:
     if from_text is None and to_text is None and default is not None:
         return default
     return parse_period(from_text, to_text, ("from", "to"))
+
+
+def _slice(request: Request) -> tuple[int, int | None]:
+    """``offset`` and ``limit`` query parameters (a balance is computed per account)."""
+    values = []
+    for name in ("offset", "limit"):
+        text = request.query_params.get(name)
+        if text is not None and not text.isdigit():
+            raise ConfigError(f"{name} {text!r} is not a whole number")
+        values.append(None if text is None else int(text))
+    return values[0] or 0, values[1]
 
 
 def _page_number(request: Request) -> int:

@@ -59,6 +59,8 @@ def test_staff_see_every_account_and_the_fleet(world: World) -> None:
     assert status == 200
     assert sorted(a["account"] for a in accounts) == sorted(["acme", "globex", XSS])
     assert world.get("/api/v1/accounts/globex/balance", "staff")[0] == 200
+    assert world.get("/api/v1/accounts?offset=1&limit=1", "staff")[1] == [accounts[1]]
+    assert world.get("/api/v1/accounts?limit=x", "staff")[0] == 400
     status, agents = world.get("/api/v1/agents", "admin")
     assert status == 200 and [a["agent"] for a in agents] == ["web-host"]
 
@@ -146,3 +148,17 @@ def _no_access() -> Any:
 def test_the_openapi_file_is_served_to_anyone(world: World) -> None:
     status, body = world.get("/api/v1/openapi.json", None)
     assert status == 200 and body == openapi()
+
+
+def test_a_login_form_larger_than_a_login_is_refused_unread(world: World) -> None:
+    import urllib.error
+    import urllib.request
+
+    body = b"token=" + b"x" * 5000
+    request = urllib.request.Request(world.base + "/login", data=body, method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert b"at most 4 KiB" in exc.read()
