@@ -70,6 +70,22 @@ def measure(path: Path, count: int) -> tuple[list[Result], str]:
                 3,
             )
         )
+        by_gpu_s = median(
+            repeat(
+                lambda: timed(lambda: build_report(store, month, (Dimension.GPU,), ledger.prices)),
+                3,
+            )
+        )
+        by_account_host_s = median(
+            repeat(
+                lambda: timed(
+                    lambda: build_report(
+                        store, month, (Dimension.ACCOUNT, Dimension.HOST), ledger.prices
+                    )
+                ),
+                3,
+            )
+        )
         report = build_report(store, month, prices=ledger.prices)
     finally:
         store.close()
@@ -102,12 +118,35 @@ def measure(path: Path, count: int) -> tuple[list[Result], str]:
             "ms",
             baseline,
             scan_s * 1000,
+            "< full scan",
+            by_host_s < scan_s,
+        ),
+        Result(
+            "ledger SQLite",
+            f"month report by GPU, {count:,} records",
+            by_gpu_s * 1000,
+            "ms",
+            baseline,
+            scan_s * 1000,
+            "< full scan",
+            by_gpu_s < scan_s,
+        ),
+        Result(
+            "ledger SQLite",
+            f"month report by account and host, {count:,} records",
+            by_account_host_s * 1000,
+            "ms",
+            baseline,
+            scan_s * 1000,
+            "< full scan",
+            by_account_host_s < scan_s,
         ),
     ]
     detail = (
         f"{count:,} records generated in {generated_s:.0f} s; balance {balance_s * 1000:.1f} ms, "
         f"report by account,model {by_account_s * 1000:.0f} ms ({len(report.rows)} rows), "
-        f"by host {by_host_s * 1000:.0f} ms; full scan {scan_s * 1000:.0f} ms "
+        f"by host {by_host_s * 1000:.0f} ms, by GPU {by_gpu_s * 1000:.0f} ms, by account and "
+        f"host {by_account_host_s * 1000:.0f} ms; full scan {scan_s * 1000:.0f} ms "
         f"(balance {balance_s / scan_s:.4f}×, report {by_account_s / scan_s:.3f}× of it)"
     )
     return results, detail
@@ -163,6 +202,12 @@ def generate(path: Path, count: int) -> None:
                 SELECT start_us - start_us % 3600000000, host, gpu_uuid, account, model,
                        SUM(busy_us), SUM(wall_us), COUNT(*)
                 FROM fields GROUP BY 1, 2, 3, 4, 5"""
+        )
+        conn.execute(
+            """INSERT INTO rollups_gpu_usage_hourly
+                SELECT start_us - start_us % 3600000000, host, gpu_uuid, model,
+                       SUM(busy_us), SUM(wall_us), COUNT(*)
+                FROM fields GROUP BY 1, 2, 3, 4"""
         )
         conn.execute(
             """INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us, head_seq)

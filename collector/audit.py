@@ -32,8 +32,10 @@ from creditmeter.collector.rollup import (
     DeviceRollupKey,
     GpuRollupKey,
     GpuSums,
+    GpuUsageKey,
     RollupKey,
     RollupSums,
+    gpu_usage_sums,
     hour_start_us,
     hour_text,
     is_device_record,
@@ -176,6 +178,19 @@ def _ledger_rollup_findings(
         ),
         device,
         _device_where,
+        _RECORD_SUMS,
+        "records",
+    )
+    yield from _sum_findings(
+        (
+            (
+                (r.hour_start_us, r.host, r.gpu_uuid, r.model),
+                [r.busy_us, r.wall_us, r.record_count],
+            )
+            for r in snapshot.gpu_usage_rollups()
+        ),
+        gpu_usage_sums(device),
+        _gpu_usage_where,
         _RECORD_SUMS,
         "records",
     )
@@ -457,6 +472,11 @@ def _sum_findings(
 def _hourly_where(key: RollupKey) -> str:
     hour_us, account, model = key
     return f"hour {hour_text(hour_us)} account {account!r} model {model!r}"
+
+
+def _gpu_usage_where(key: GpuUsageKey) -> str:
+    hour_us, host, gpu_uuid, model = key
+    return f"GPU usage hour {hour_text(hour_us)} host {host!r} gpu {gpu_uuid!r} model {model!r}"
 
 
 def _device_where(key: DeviceRollupKey) -> str:

@@ -305,6 +305,11 @@ class LedgerSnapshot(Protocol):
         row per hour and GPU, what the reconciliation needs, summed by the database."""
         ...
 
+    def gpu_usage_rollups(self) -> Iterator[DeviceRollup]:
+        """The per-GPU-and-model rollups (account ""), shards summed, ordered by hour, host,
+        gpu, model: for the audit."""
+        ...
+
     def gpu_rollups(
         self, from_us: int | None = None, to_us: int | None = None
     ) -> Iterator[GpuRollup]:
@@ -475,6 +480,20 @@ def price_version(effective_us: int, text: str, loaded_at_us: int, loaded_by: st
     """A stored price version (its prices as ``prices.canonical_text`` wrote them)."""
     source = f"price book, version effective {iso_text(effective_us)}"
     return PriceVersion(effective_us, book_from_canonical(text, source), loaded_at_us, loaded_by)
+
+
+def busy_rollup_table(dimensions: frozenset[Dimension], account: str | None, *, api: bool) -> str:
+    """The smallest rollup that holds a grouping: the API rollups for requests; for busy
+    time by account, the hourly rollups; by host or GPU, the per-GPU-and-model ones, unless
+    an account is grouped on or asked for too (then the device rollups, the largest: a GPU
+    may serve many accounts an hour)."""
+    if api:
+        return "api_rollups_hourly"
+    if not dimensions & {Dimension.HOST, Dimension.GPU}:
+        return "rollups_hourly"
+    if account is None and Dimension.ACCOUNT not in dimensions:
+        return "rollups_gpu_usage_hourly"
+    return "rollups_device_hourly"
 
 
 def check_prices_unchanged(statement: Statement, stored: list[int]) -> None:

@@ -142,6 +142,7 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    busy_rollup_table,
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
@@ -160,6 +161,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
+    gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
@@ -529,6 +531,28 @@ MIGRATIONS: tuple[Migration, ...] = (
                FROM agents""",
         ),
     ),
+    Migration(
+        13,
+        "hourly rollups per GPU and model (the device rollups summed over accounts), for "
+        "reports by host or GPU",
+        (
+            """CREATE TABLE rollups_gpu_usage_hourly (
+                hour_start_us BIGINT NOT NULL,
+                host TEXT COLLATE "C" NOT NULL,
+                gpu_uuid TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                shard SMALLINT NOT NULL DEFAULT 0,
+                busy_us BIGINT NOT NULL,
+                wall_us BIGINT NOT NULL,
+                record_count BIGINT NOT NULL,
+                PRIMARY KEY (hour_start_us, host, gpu_uuid, model, shard)
+            )""",
+            """INSERT INTO rollups_gpu_usage_hourly
+                SELECT hour_start_us, host, gpu_uuid, model, shard, SUM(busy_us),
+                       SUM(wall_us), SUM(record_count)
+                FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -610,6 +634,17 @@ _UPSERT_GPU_ROLLUPS = """
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[])
     ON CONFLICT (hour_start_us, host, gpu_uuid, kind) DO UPDATE SET
         amount_us = rollups_gpu_hourly.amount_us + excluded.amount_us"""
+# A batch's per-GPU-and-model sums, in key order, after the GPU books and before the device
+# and hourly rollups (_ADVANCE): every writer locks rollup rows in that order.
+_UPSERT_GPU_USAGE = """
+    INSERT INTO rollups_gpu_usage_hourly
+        (hour_start_us, host, gpu_uuid, model, shard, busy_us, wall_us, record_count)
+    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::smallint[],
+                         %s::bigint[], %s::bigint[], %s::bigint[])
+    ON CONFLICT (hour_start_us, host, gpu_uuid, model, shard) DO UPDATE SET
+        busy_us = rollups_gpu_usage_hourly.busy_us + excluded.busy_us,
+        wall_us = rollups_gpu_usage_hourly.wall_us + excluded.wall_us,
+        record_count = rollups_gpu_usage_hourly.record_count + excluded.record_count"""
 _SELECT_QUARANTINE = "SELECT * FROM quarantine ORDER BY agent_id, seq"
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
@@ -764,6 +799,7 @@ class PostgresStore:
                         [(agent_id, q.seq, q.field, q.problem, self._clock_us()) for q in held],
                     )
                 _add_gpu_rollups(cur, gpu_sums)
+                _add_gpu_usage(cur, self._shard(agent_id), device_sums)
                 _advance(
                     cur,
                     agent_id,
@@ -1074,6 +1110,7 @@ class PostgresStore:
                     f"agent {agent_id!r} seq {seq} is not in quarantine (or was released)"
                 )
             _add_gpu_rollups(cur, checked.gpu_sums)
+            _add_gpu_usage(cur, self._shard(agent_id), checked.device_sums)
             _add_rollups(cur, self._shard(agent_id), checked.sums, checked.device_sums)
         return QuarantineEntry(*row)
 
@@ -1315,6 +1352,16 @@ class PostgresSnapshot:
         with _translated("reading the quarantine", self._where):
             rows = self._conn.execute(_SELECT_QUARANTINE).fetchall()
         return [QuarantineEntry(*row) for row in rows]
+
+    def gpu_usage_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading GPU usage rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, '', model, SUM(busy_us)::bigint,
+                          SUM(wall_us)::bigint, SUM(record_count)::bigint
+                   FROM rollups_gpu_usage_hourly GROUP BY 1, 2, 3, 5 ORDER BY 1, 2, 3, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
 
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
@@ -1716,6 +1763,20 @@ def _add_rollups(
     )
 
 
+def _add_gpu_usage(cur: Cursor, shard: int, device_sums: dict[DeviceRollupKey, RollupSums]) -> None:
+    usage = gpu_usage_sums(device_sums)
+    if usage:
+        keys = sorted(usage)
+        cur.execute(
+            _UPSERT_GPU_USAGE,
+            (
+                *_columns(keys, 4),
+                [shard] * len(keys),
+                *_columns([usage[key] for key in keys], 3),
+            ),
+        )
+
+
 def _add_gpu_rollups(cur: Cursor, gpu_sums: GpuSums) -> None:
     if gpu_sums:
         keys = sorted(gpu_sums)
@@ -1846,13 +1907,11 @@ def _insert_statement(cur: Cursor, statement: Statement) -> None:
 def _grouped_sql(
     dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
 ) -> tuple[str, list[object]]:
-    """A grouped rollup query whose rows are UsageGroup fields (shards summed). Busy time
-    comes from the per-device rollups only when a report groups by host or GPU (they are
-    larger). Typed NULLs and casts: the busy and API queries are joined by UNION ALL."""
+    """A grouped rollup query whose rows are UsageGroup fields (shards summed), from the
+    smallest rollup that holds the grouping (busy_rollup_table). Typed NULLs and casts: the
+    busy and API queries are joined by UNION ALL."""
     by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
-    table = (
-        "api_rollups_hourly" if api else "rollups_device_hourly" if by_device else "rollups_hourly"
-    )
+    table = busy_rollup_table(dimensions, account, api=api)
     day = f"hour_start_us - hour_start_us %% {DAY_US}"  # %%: a literal % for psycopg
     columns = {
         "account": "account" if Dimension.ACCOUNT in dimensions else None,

@@ -26,6 +26,10 @@ RollupSums = list[int]
 DeviceRollupKey = tuple[int, str, str, str, str]  # (hour_start_us, host, gpu_uuid, account, model)
 # (hour_start_us, host, gpu_uuid, kind): a GPU's device busy, attributed and unattributed µs
 # (from its device records) and its gap µs (from its process records), one kind each.
+# (hour_start_us, host, gpu_uuid, model): the device rollups summed over accounts, which
+# reports by host or GPU (but not by account) read: a GPU serves few models an hour, and
+# often many accounts.
+GpuUsageKey = tuple[int, str, str, str]
 GpuRollupKey = tuple[int, str, str, str]
 GpuSums = dict[GpuRollupKey, int]
 DEVICE_BUSY = "device_busy"
@@ -140,6 +144,23 @@ def account_sums(
         acc = get(key)
         if acc is None:
             sums[key] = total.copy()  # a list of its own: the device sums stay as they are
+        else:
+            acc[0] += total[0]
+            acc[1] += total[1]
+            acc[2] += total[2]
+    return sums
+
+
+def gpu_usage_sums(
+    device_sums: dict[DeviceRollupKey, RollupSums],
+) -> dict[GpuUsageKey, RollupSums]:
+    """The per-GPU-and-model rollups that per-device sums add up to."""
+    sums: dict[GpuUsageKey, RollupSums] = {}
+    for (hour_us, host, gpu_uuid, _account, model), total in device_sums.items():
+        key = (hour_us, host, gpu_uuid, model)
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = total.copy()
         else:
             acc[0] += total[0]
             acc[1] += total[1]

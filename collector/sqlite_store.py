@@ -66,6 +66,7 @@ from creditmeter.collector.ledger_store import (
     StatementLine,
     UsageEvent,
     UsageGroup,
+    busy_rollup_table,
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
@@ -84,6 +85,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
+    gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
 from creditmeter.collector.store import (
@@ -459,6 +461,28 @@ MIGRATIONS: tuple[Migration, ...] = (
                FROM agents""",
         ),
     ),
+    Migration(
+        14,
+        "hourly rollups per GPU and model (the device rollups summed over accounts), for "
+        "reports by host or GPU",
+        (
+            """CREATE TABLE rollups_gpu_usage_hourly (
+                hour_start_us INTEGER NOT NULL,
+                host TEXT NOT NULL,
+                gpu_uuid TEXT NOT NULL,
+                model TEXT NOT NULL,
+                busy_us INTEGER NOT NULL,
+                wall_us INTEGER NOT NULL,
+                record_count INTEGER NOT NULL,
+                PRIMARY KEY (hour_start_us, host, gpu_uuid, model)
+            ) WITHOUT ROWID""",
+            """INSERT INTO rollups_gpu_usage_hourly
+                SELECT hour_start_us, host, gpu_uuid, model, SUM(busy_us), SUM(wall_us),
+                       SUM(record_count)
+                FROM rollups_device_hourly GROUP BY 1, 2, 3, 4""",
+            _in_64_bits("rollups_gpu_usage_hourly", "busy_us", "wall_us", "record_count"),
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -491,6 +515,14 @@ _UPSERT_DEVICE_ROLLUP = """
         (hour_start_us, host, gpu_uuid, account, model, busy_us, wall_us, record_count)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (hour_start_us, host, gpu_uuid, account, model) DO UPDATE SET
+        busy_us = busy_us + excluded.busy_us,
+        wall_us = wall_us + excluded.wall_us,
+        record_count = record_count + excluded.record_count"""
+_UPSERT_GPU_USAGE = """
+    INSERT INTO rollups_gpu_usage_hourly
+        (hour_start_us, host, gpu_uuid, model, busy_us, wall_us, record_count)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (hour_start_us, host, gpu_uuid, model) DO UPDATE SET
         busy_us = busy_us + excluded.busy_us,
         wall_us = wall_us + excluded.wall_us,
         record_count = record_count + excluded.record_count"""
@@ -1199,6 +1231,16 @@ class SQLiteSnapshot:
         with _translated("reading the quarantine"):
             return _quarantine(self._conn)
 
+    def gpu_usage_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading GPU usage rollups"):
+            cursor = self._conn.execute(
+                """SELECT hour_start_us, host, gpu_uuid, '', model, busy_us, wall_us,
+                          record_count
+                   FROM rollups_gpu_usage_hourly ORDER BY 1, 2, 3, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
     ) -> Iterator[DeviceRollup]:
@@ -1433,6 +1475,8 @@ def _add_rollups(
     batch cost 0.15 µs a record (measured)."""
     conn.executemany(_UPSERT_ROLLUP, [(*key, *total) for key, total in sums.items()])
     conn.executemany(_UPSERT_DEVICE_ROLLUP, [(*key, *total) for key, total in device_sums.items()])
+    usage = gpu_usage_sums(device_sums)
+    conn.executemany(_UPSERT_GPU_USAGE, [(*key, *total) for key, total in usage.items()])
     if gpu_sums:
         conn.executemany(_UPSERT_GPU_ROLLUP, [(*key, us) for key, us in gpu_sums.items()])
 
@@ -1510,12 +1554,10 @@ def _check_open(conn: sqlite3.Connection, name: str, effective_us: int, what: st
 def _grouped_sql(
     dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
 ) -> tuple[str, list[object]]:
-    """A grouped rollup query whose rows are UsageGroup fields. Busy time comes from the
-    per-device rollups only when a report groups by host or GPU (they are larger)."""
+    """A grouped rollup query whose rows are UsageGroup fields, from the smallest rollup
+    that holds the grouping (busy_rollup_table)."""
     by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
-    table = (
-        "api_rollups_hourly" if api else "rollups_device_hourly" if by_device else "rollups_hourly"
-    )
+    table = busy_rollup_table(dimensions, account, api=api)
     columns = {
         "account": "account" if Dimension.ACCOUNT in dimensions else None,
         "model": "model",

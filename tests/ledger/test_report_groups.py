@@ -158,3 +158,41 @@ def test_a_store_without_a_ledger_still_reports_by_account_and_model(prices: Pri
     assert [(row.keys, row.credits_micro) for row in report.rows] == [(("acme", "sdxl"), 7_500_000)]
     with pytest.raises(ConfigError, match="by account and model only"):
         build_report(store, Period(), (Dimension.HOST,), prices)
+
+
+@pytest.mark.parametrize(
+    "dimensions",
+    [
+        frozenset({Dimension.HOST}),
+        frozenset({Dimension.GPU}),
+        frozenset({Dimension.HOST, Dimension.GPU, Dimension.DAY}),
+    ],
+)
+def test_groupings_by_device_without_account_read_the_gpu_rollups_and_agree(
+    usage: LedgerTestStore, dimensions: frozenset[Dimension]
+) -> None:
+    """Grouped by host or GPU alone, the per-GPU-and-model rollups answer; the same groups
+    summed from the device rollups (grouped by account too) give the same numbers."""
+    from creditmeter.collector.ledger_store import busy_rollup_table
+
+    assert busy_rollup_table(dimensions, None, api=False) == "rollups_gpu_usage_hourly"
+    assert busy_rollup_table(dimensions | {Dimension.ACCOUNT}, None, api=False) == (
+        "rollups_device_hourly"
+    )
+    assert busy_rollup_table(dimensions, "acme", api=False) == "rollups_device_hourly"
+    fast = usage.grouped_usage(None, None, dimensions)
+    detailed = usage.grouped_usage(None, None, dimensions | {Dimension.ACCOUNT})
+    summed: dict[tuple[Any, ...], list[int]] = {}
+    for g in detailed:
+        if g.requests:
+            continue
+        key = (g.model, g.day_start_us, g.host, g.gpu_uuid)
+        summed.setdefault(key, [0, 0])
+        summed[key][0] += g.busy_us
+        summed[key][1] += g.record_count
+    assert {
+        (g.model, g.day_start_us, g.host, g.gpu_uuid): [g.busy_us, g.record_count]
+        for g in fast
+        if not g.requests
+    } == summed
+    assert len(summed) >= 3
