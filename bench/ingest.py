@@ -152,7 +152,8 @@ def raw_rate(folder: Path, batch: int, records: int) -> float:
             conn.execute("BEGIN")
             _insert(conn, rows)
             conn.execute(
-                "INSERT INTO segments VALUES (?, ?, ?, ?)",
+                "INSERT INTO segments (agent_id, last_seq, signature, received_at_us)"
+                " VALUES (?, ?, ?, ?)",
                 (agent.agent_id, rows[-1][1], signature, 0),
             )
             conn.execute("COMMIT")
