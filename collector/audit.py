@@ -50,7 +50,7 @@ from creditmeter.collector.store import (
     Store,
     StoredRecord,
 )
-from creditmeter.collector.verifier import CheckedRecords, Verifier
+from creditmeter.collector.verifier import CheckedRecords, Verifier, public_key
 from creditmeter.v1 import usage_pb2
 
 _RECORD_SUMS = "busy_us, wall_us, records"
@@ -349,7 +349,7 @@ class _ChainAudit:
         for key in self.keys:
             if key.change is KeyChange.ROTATED and first_seq <= key.after_seq <= last_seq:
                 key_hex = key.public_key_hex
-        return chain.load_public_key_hex(key_hex)
+        return public_key(key_hex)
 
     def _check_rotations(self, checked: CheckedRecords) -> None:
         """A rotation record is endorsed by the key in force before it, and the key it
@@ -367,7 +367,7 @@ class _ChainAudit:
                 continue
             try:
                 chain.verify_rotation(
-                    chain.load_public_key_hex(_key_at(self.keys, rotation.seq)),
+                    public_key(_key_at(self.keys, rotation.seq)),
                     self.agent_id,
                     rotation.seq,
                     rotation.prev_hash,

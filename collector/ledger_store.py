@@ -301,8 +301,9 @@ class LedgerSnapshot(Protocol):
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
     ) -> Iterator[DeviceRollup]:
-        """As device_rollups, summed over accounts and models (account and model ""): one
-        row per hour and GPU, what the reconciliation needs, summed by the database."""
+        """The device rollups summed over accounts and models (account and model ""): one
+        row per hour and GPU, what the reconciliation needs, summed by the database from
+        the per-GPU-and-model rollups."""
         ...
 
     def gpu_usage_rollups(self) -> Iterator[DeviceRollup]:

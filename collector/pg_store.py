@@ -177,8 +177,10 @@ from creditmeter.collector.store import (
     StoredRecord,
     UsageTotal,
     advanced_capacity,
+    agent_keys,
     canonical_public_key_hex,
     check_agent_id,
+    check_reenrollment,
     check_replacement,
     first_new_index,
     held_back,
@@ -715,7 +717,7 @@ class PostgresStore:
                 _add_key(cur, agent_id, 0, key_hex, KeyChange.ENROLLED, now_us)
             agent = _agent(cur, agent_id)
         assert agent is not None
-        return agent if inserted else _check_reenrollment(agent, key_hex)
+        return agent if inserted else check_reenrollment(agent, key_hex)
 
     def revoke_agent(self, agent_id: str) -> AgentInfo:
         with self._transaction(f"revoking agent {agent_id!r}") as cur:
@@ -1370,7 +1372,8 @@ class PostgresSnapshot:
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, '', '', SUM(busy_us)::bigint,
                           SUM(wall_us)::bigint, SUM(record_count)::bigint
-                   FROM rollups_device_hourly WHERE hour_start_us >= %s AND hour_start_us < %s
+                   FROM rollups_gpu_usage_hourly
+                   WHERE hour_start_us >= %s AND hour_start_us < %s
                    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
                 _bounds(from_us, to_us),
             )
@@ -1581,22 +1584,6 @@ def _agent_info(row: TupleRow, keys: list[AgentKey]) -> AgentInfo:
     return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head, tuple(keys))
 
 
-def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
-    if existing.revoked:
-        raise EnrollmentError(
-            "was revoked; revocation is final, enroll the host under a new agent id",
-            agent_id=existing.agent_id,
-        )
-    if existing.public_key_hex != key_hex:
-        raise EnrollmentError(
-            "is already enrolled with another public key: rotate keys on the agent host "
-            "(creditmeter-agent rotate-key: the old key endorses the new one), or, if the old "
-            "key is lost, replace it here (enroll ID KEY --replace --reason WHY)",
-            agent_id=existing.agent_id,
-        )
-    return existing
-
-
 def _capacity(cur: Cursor, agent_id: str) -> Capacity:
     row = cur.execute(
         "SELECT head_seq, capacity FROM agents WHERE agent_id = %s", (agent_id,)
@@ -1654,12 +1641,7 @@ def _keys(cur: Cursor, agent_id: str | None) -> dict[str, list[AgentKey]]:
             FROM agent_keys {where} ORDER BY agent_id, after_seq, id""",
         parameters,
     )
-    keys: dict[str, list[AgentKey]] = {}
-    for agent, after_seq, key_hex, how, at_us, by, reason in cur.fetchall():
-        keys.setdefault(agent, []).append(
-            AgentKey(after_seq, key_hex, KeyChange(how), at_us, by, reason)
-        )
-    return keys
+    return agent_keys(cur.fetchall())
 
 
 def _records(cur: Cursor, agent_id: str, first: int, last: int) -> list[tuple[int, bytes]]:

@@ -101,8 +101,10 @@ from creditmeter.collector.store import (
     StoredRecord,
     UsageTotal,
     advanced_capacity,
+    agent_keys,
     canonical_public_key_hex,
     check_agent_id,
+    check_reenrollment,
     check_replacement,
     first_new_index,
     held_back,
@@ -606,7 +608,7 @@ class SQLiteStore:
         with self._write(f"enrolling agent {agent_id!r}") as conn:
             existing = _agent(conn, agent_id)
             if existing is not None:
-                return _check_reenrollment(existing, key_hex)
+                return check_reenrollment(existing, key_hex)
             now_us = self._clock_us()
             conn.execute(
                 "INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us) VALUES (?, ?, ?)",
@@ -1248,7 +1250,8 @@ class SQLiteSnapshot:
             cursor = self._conn.execute(
                 """SELECT hour_start_us, host, gpu_uuid, '', '', SUM(busy_us), SUM(wall_us),
                           SUM(record_count)
-                   FROM rollups_device_hourly WHERE hour_start_us >= ? AND hour_start_us < ?
+                   FROM rollups_gpu_usage_hourly
+                   WHERE hour_start_us >= ? AND hour_start_us < ?
                    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
                 _bounds(from_us, to_us),
             )
@@ -1367,22 +1370,6 @@ def _agent_info(
     return AgentInfo(agent_id, key_hex, enrolled_at_us, revoked_at_us, head, tuple(keys))
 
 
-def _check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
-    if existing.revoked:
-        raise EnrollmentError(
-            "was revoked; revocation is final, enroll the host under a new agent id",
-            agent_id=existing.agent_id,
-        )
-    if existing.public_key_hex != key_hex:
-        raise EnrollmentError(
-            "is already enrolled with another public key: rotate keys on the agent host "
-            "(creditmeter-agent rotate-key: the old key endorses the new one), or, if the old "
-            "key is lost, replace it here (enroll ID KEY --replace --reason WHY)",
-            agent_id=existing.agent_id,
-        )
-    return existing
-
-
 def _capacity(conn: sqlite3.Connection, agent_id: str) -> Capacity:
     row = conn.execute(
         "SELECT head_seq, capacity FROM agents WHERE agent_id = ?", (agent_id,)
@@ -1435,16 +1422,13 @@ def _add_key(
 def _keys(conn: sqlite3.Connection, agent_id: str | None) -> dict[str, list[AgentKey]]:
     """Every key of one agent (or of all), in order, by agent."""
     where, parameters = ("WHERE agent_id = ?", (agent_id,)) if agent_id else ("", ())
-    keys: dict[str, list[AgentKey]] = {}
-    for agent, after_seq, key_hex, how, at_us, by, reason in conn.execute(
-        f"""SELECT agent_id, after_seq, public_key_hex, how, at_us, added_by, reason
-            FROM agent_keys {where} ORDER BY agent_id, after_seq, id""",
-        parameters,
-    ):
-        keys.setdefault(agent, []).append(
-            AgentKey(after_seq, key_hex, KeyChange(how), at_us, by, reason)
+    return agent_keys(
+        conn.execute(
+            f"""SELECT agent_id, after_seq, public_key_hex, how, at_us, added_by, reason
+                FROM agent_keys {where} ORDER BY agent_id, after_seq, id""",
+            parameters,
         )
-    return keys
+    )
 
 
 def _insert_rows(

@@ -335,17 +335,18 @@ def seq_ranges(seqs: Sequence[int]) -> list[list[int]]:
 
 
 def covering(store: LedgerStore, agent_id: str, seqs: Sequence[int]) -> list[Segment]:
-    """The fewest stored segments, earliest first, whose signatures cover ``seqs``: for
-    each seq the first segment ending at or after it that starts at or before it (a head
-    signature's segment starts after the one before it)."""
+    """Stored segments, earliest first, whose signatures cover the sorted ``seqs``: for each
+    seq not covered by the segment chosen last, the first segment ending at or after it
+    that starts at or before it (a head signature's start is unknown: it covers)."""
     if not seqs:
         return []
     segments = store.segments_between(agent_id, seqs[0], seqs[-1] + _MAX_SPAN)
     chosen: list[Segment] = []
     index = 0
-    previous_last = 0
     for seq in seqs:
-        if chosen and _start(chosen[-1], previous_last) <= seq <= chosen[-1].last_seq:
+        # The last chosen segment started at or before an earlier seq: it covers this one
+        # too if it reaches it.
+        if chosen and seq <= chosen[-1].last_seq:
             continue
         while index < len(segments) and not (
             segments[index].last_seq >= seq and (segments[index].first_seq or 0) <= seq
@@ -353,13 +354,8 @@ def covering(store: LedgerStore, agent_id: str, seqs: Sequence[int]) -> list[Seg
             index += 1
         if index == len(segments):
             raise LedgerError(f"agent {agent_id!r} seq {seq}: no stored signature covers it")
-        previous_last = chosen[-1].last_seq if chosen else 0
         chosen.append(segments[index])
     return chosen
-
-
-def _start(segment: Segment, previous_last: int) -> int:
-    return segment.first_seq if segment.first_seq is not None else previous_last + 1
 
 
 # -- the bundle --------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import enum
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from creditmeter import chain
 from creditmeter.collector.capacity import Capacity
@@ -246,6 +246,35 @@ NOT_HELD = (
     "NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.agent_id = r.agent_id "
     "AND q.seq = r.seq AND q.released_at_us IS NULL)"
 )
+
+
+def check_reenrollment(existing: AgentInfo, key_hex: str) -> AgentInfo:
+    """An enrollment of an agent already enrolled: a repeat with its key changes nothing;
+    raises EnrollmentError for a revoked agent or another key."""
+    if existing.revoked:
+        raise EnrollmentError(
+            "was revoked; revocation is final, enroll the host under a new agent id",
+            agent_id=existing.agent_id,
+        )
+    if existing.public_key_hex != key_hex:
+        raise EnrollmentError(
+            "is already enrolled with another public key: rotate keys on the agent host "
+            "(creditmeter-agent rotate-key: the old key endorses the new one), or, if the old "
+            "key is lost, replace it here (enroll ID KEY --replace --reason WHY)",
+            agent_id=existing.agent_id,
+        )
+    return existing
+
+
+def agent_keys(rows: Iterable[Sequence[Any]]) -> dict[str, list[AgentKey]]:
+    """Rows (agent_id, after_seq, public_key_hex, how, at_us, added_by, reason), in order,
+    as each agent's keys."""
+    keys: dict[str, list[AgentKey]] = {}
+    for agent, after_seq, key_hex, how, at_us, by, reason in rows:
+        keys.setdefault(agent, []).append(
+            AgentKey(after_seq, key_hex, KeyChange(how), at_us, by, reason)
+        )
+    return keys
 
 
 def check_replacement(agent: AgentInfo | None, agent_id: str, key_hex: str) -> int | None:

@@ -232,13 +232,18 @@ class Verifier:
             checked = self.check_records(agent_id, records, capacity)
             key_hex, steps = _walk_rotations(agent_id, ring.at(checked.first_seq), checked)
             try:
-                chain.verify_span(_public_key(key_hex), checked.hashes, batch.span_signature)
+                chain.verify_span(public_key(key_hex), checked.hashes, batch.span_signature)
             except chain.ChainError as exc:
                 raise _bad_signature(agent_id, "span_signature") from exc
             return VerifiedBatch(checked, bytes(batch.span_signature), True, key_hex, tuple(steps))
-        key_hex = ring.at(_first_seq(agent_id, records[0], self))
+        # Which key applies depends on the first seq only once the agent has rotated.
+        key_hex = (
+            ring.current
+            if len(ring.entries) == 1
+            else ring.at(_first_seq(agent_id, records[0], self))
+        )
         try:
-            chain.verify_head(_public_key(key_hex), chain.record_hash(records[-1]), batch.signature)
+            chain.verify_head(public_key(key_hex), chain.record_hash(records[-1]), batch.signature)
         except chain.ChainError as exc:
             raise _bad_signature(agent_id, "signature") from exc
         checked = self.check_records(agent_id, records, capacity)
@@ -792,12 +797,20 @@ def _bad_signature(agent_id: str, field: str, why: str = "") -> BadBatchSignatur
     )
 
 
-def _public_key(key_hex: str) -> Ed25519PublicKey:
-    # Keys are checked when enrolled or rotated to (32 bytes); memoized per process.
-    return _KEYS.get(key_hex) or _KEYS.setdefault(key_hex, chain.load_public_key_hex(key_hex))
+def public_key(key_hex: str) -> Ed25519PublicKey:
+    """Memoized per process: keys come from the store or from endorsed rotations, which an
+    agent may send many of, so the memo starts over once it holds _MAX_KEYS."""
+    key = _KEYS.get(key_hex)
+    if key is None:
+        key = chain.load_public_key_hex(key_hex)
+        if len(_KEYS) >= _MAX_KEYS:
+            _KEYS.clear()
+        _KEYS[key_hex] = key
+    return key
 
 
 _KEYS: dict[str, Ed25519PublicKey] = {}
+_MAX_KEYS = 65_536
 
 
 def _first_seq(agent_id: str, first: bytes, verifier: Verifier) -> int:
@@ -819,7 +832,7 @@ def _walk_rotations(
     for rotation in checked.rotations:
         try:
             chain.verify_rotation(
-                _public_key(key_hex),
+                public_key(key_hex),
                 agent_id,
                 rotation.seq,
                 rotation.prev_hash,

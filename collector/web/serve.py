@@ -89,5 +89,4 @@ def listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise ListenError(f"web.listen {host}:{port}: {os.strerror(exc.errno or 0)}") from exc
     listener.listen(128)
-    listener.set_inheritable(True)
     return listener

@@ -27,6 +27,24 @@ Mutator = Callable[[usage_pb2.UsageRecord], None]
 GPU_UUID = "GPU-8f3c2a1e-0000-4000-8000-000000000017"
 
 
+def labelled(
+    account: str, model: str, busy_us: int, start_us: int, job_id: str | None = None
+) -> Mutator:
+    """A record of ``account`` and ``model`` busy ``busy_us`` in the window from
+    ``start_us`` (and of ``job_id`` when given)."""
+
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.attribution.account = account
+        rec.attribution.model = model
+        if job_id is not None:
+            rec.attribution.job_id = job_id
+        rec.busy_us = busy_us
+        rec.start_unix_us = start_us
+        rec.end_unix_us = start_us + WINDOW_US
+
+    return mutate
+
+
 def usage_record(agent_id: str, seq: int, prev_hash: bytes) -> usage_pb2.UsageRecord:
     """A healthy record: seq n covers [T0 + (n-1)·10 s, T0 + n·10 s)."""
     start_us = T0_US + (seq - 1) * WINDOW_US

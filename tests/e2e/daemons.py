@@ -31,6 +31,16 @@ def sim_s(anchor: Path) -> float:
     return (time.monotonic_ns() - a.monotonic_ns) / 1e9 * a.speed
 
 
+def stored_head(db: Path, agent_id: str) -> int:
+    """The head seq a SQLite collector holds for ``agent_id`` (0 before its first batch)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT head_seq FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def wait_for(what: str, ready: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():

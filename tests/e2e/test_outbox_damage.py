@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from creditmeter.v1 import usage_pb2
-from tests.e2e.daemons import BIN, EXACT_GPU, Collector, free_port, sim_s, simulated_agent, wait_for
+from tests.e2e.daemons import (
+    BIN,
+    EXACT_GPU,
+    Collector,
+    free_port,
+    sim_s,
+    simulated_agent,
+    stored_head,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +110,7 @@ def test_a_damaged_record_is_named_repaired_and_the_rest_delivered(tmp_path: Pat
         agent.start()
         wait_for(
             "the repaired chain at the collector",
-            lambda: collector_head(tmp_path / "collector.db") >= repaired_through,
+            lambda: stored_head(tmp_path / "collector.db", "disk-agent") >= repaired_through,
         )
         assert agent.stop() == 0
         collector.cli("audit")  # exits non-zero on any finding
@@ -115,9 +124,3 @@ def test_a_damaged_record_is_named_repaired_and_the_rest_delivered(tmp_path: Pat
     report = collector.report()
     accounts = {row["account"] for row in report["rows"]}
     assert {"acme", "globex"} <= accounts  # both tenants billed, before and after the damage
-
-
-def collector_head(db: Path) -> int:
-    with closing(sqlite3.connect(db)) as conn:
-        row = conn.execute("SELECT head_seq FROM agents WHERE agent_id = 'disk-agent'").fetchone()
-    return int(row[0]) if row else 0

@@ -21,6 +21,7 @@ from tests.e2e.daemons import (
     free_port,
     sim_s,
     simulated_agent,
+    stored_head,
     wait_for,
 )
 
@@ -57,8 +58,7 @@ def query(db: Path, sql: str) -> list[tuple[object, ...]]:
 
 
 def head(db: Path) -> int:
-    rows = query(db, "SELECT head_seq FROM agents")
-    return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+    return stored_head(db, "rot-agent")
 
 
 def test_a_rotated_key_delivers_the_chain_across_the_change(tmp_path: Path) -> None:
@@ -77,11 +77,17 @@ def test_a_rotated_key_delivers_the_chain_across_the_change(tmp_path: Path) -> N
 
         collector.start()
         agent.start()
-        wait_for("records past the rotation stored", lambda: head(db) >= first_seq + 4)
+        wait_for(
+            "records past the rotation stored",
+            lambda: stored_head(db, "rot-agent") >= first_seq + 4,
+        )
         assert agent.stop() == 0, agent.log()[-3000:]
         second_key, second_seq = rotate(agent)  # everything delivered this time
         agent.start()
-        wait_for("records past the second rotation", lambda: head(db) >= second_seq + 4)
+        wait_for(
+            "records past the second rotation",
+            lambda: stored_head(db, "rot-agent") >= second_seq + 4,
+        )
         assert agent.stop() == 0, agent.log()[-3000:]
         collector.cli("audit")  # exits non-zero on any finding
         assert collector.alive()

@@ -36,9 +36,9 @@ from creditmeter.collector.report import Period, build_report
 from creditmeter.collector.server import create_server
 from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.verifier import Verifier
-from creditmeter.v1 import query_pb2, query_pb2_grpc, usage_pb2
+from creditmeter.v1 import query_pb2, query_pb2_grpc
 from tests.collector.backends import BACKENDS
-from tests.collector.records import WINDOW_US, AgentChain
+from tests.collector.records import AgentChain, labelled
 
 from .conftest import DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, LedgerTestStore
 
@@ -182,7 +182,7 @@ def _feed(
         size = max(1, cuts[turn % len(cuts)])
         first_seq = len(chain.records) + 1
         for account, model, busy_us, hour in records[position : position + size]:
-            chain.append(_labelled(account, model, busy_us, START_US + hour * HOUR_US))
+            chain.append(labelled(account, model, busy_us, START_US + hour * HOUR_US))
         store.ingest(
             chain.agent_id, verifier.verify(chain.batch(first_seq, len(chain.records)), key)
         )
@@ -190,17 +190,6 @@ def _feed(
             store.ingest(chain.agent_id, verifier.verify(chain.batch(1, len(chain.records)), key))
         position += size
         turn += 1
-
-
-def _labelled(account: str, model: str, busy_us: int, start_us: int) -> object:
-    def mutate(rec: usage_pb2.UsageRecord) -> None:
-        rec.attribution.account = account
-        rec.attribution.model = model
-        rec.busy_us = busy_us
-        rec.start_unix_us = start_us
-        rec.end_unix_us = start_us + WINDOW_US
-
-    return mutate
 
 
 @settings(PER_EXAMPLE, max_examples=25)

@@ -32,7 +32,7 @@ from creditmeter.collector.statements import (
 )
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import usage_pb2
-from tests.collector.records import WINDOW_US, AgentChain, device_books, signed_batch
+from tests.collector.records import WINDOW_US, AgentChain, device_books, labelled, signed_batch
 
 from .conftest import DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, Clock, LedgerTestStore
 
@@ -51,17 +51,6 @@ def agent(store: LedgerTestStore) -> AgentChain:
     one = AgentChain("host-a")
     store.enroll_agent(one.agent_id, one.public_key_hex)
     return one
-
-
-def usage(account: str, model: str, busy_us: int, start_us: int) -> Callable[[Any], None]:
-    def mutate(rec: usage_pb2.UsageRecord) -> None:
-        rec.attribution.account = account
-        rec.attribution.model = model
-        rec.busy_us = busy_us
-        rec.start_unix_us = start_us
-        rec.end_unix_us = start_us + WINDOW_US
-
-    return mutate
 
 
 def deliver(
@@ -85,8 +74,8 @@ def interleaved(start_us: int, windows: int) -> list[Callable[[Any], None]]:
     out: list[Callable[[Any], None]] = []
     for n in range(windows):
         at_us = start_us + n * WINDOW_US
-        out.append(usage("acme", "sdxl", 4_000_000 + n, at_us))
-        out.append(usage("globex", SECRET, 3_000_000, at_us))
+        out.append(labelled("acme", "sdxl", 4_000_000 + n, at_us))
+        out.append(labelled("globex", SECRET, 3_000_000, at_us))
         out.append(device_books(7_000_000 + n))
     return out
 

@@ -27,7 +27,7 @@ from creditmeter.collector.sqlite_store import SQLiteStore
 from creditmeter.collector.statements import StatementSigner
 from creditmeter.collector.verifier import Verifier
 from creditmeter.v1 import usage_pb2
-from tests.collector.records import AgentChain
+from tests.collector.records import AgentChain, labelled
 from tests.e2e.daemons import BIN, wait_for
 
 HOUR_US = 3_600_000_000
@@ -68,18 +68,6 @@ class World:
         return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def _usage(account: str, model: str, job: str, start_us: int, busy_us: int) -> Callable[..., None]:
-    def mutate(rec: usage_pb2.UsageRecord) -> None:
-        rec.attribution.account = account
-        rec.attribution.model = model
-        rec.attribution.job_id = job
-        rec.start_unix_us = start_us
-        rec.end_unix_us = start_us + 10_000_000
-        rec.busy_us = busy_us
-
-    return mutate
-
-
 def build(path: Path) -> str:
     """The store; returns the collector's statement public key."""
     now_us = time.time_ns() // 1000
@@ -104,10 +92,10 @@ def build(path: Path) -> str:
             [("acme", "sdxl"), ("acme", "flux"), ("globex", "sdxl"), (XSS, "flux")] * 3
         ):
             start = this_month.start_us + HOUR_US + n * 20_000_000
-            drafts.append(_usage(account, model, f"job-{n}", start, 6_000_000 + n * 100_000))
+            drafts.append(labelled(account, model, 6_000_000 + n * 100_000, start, f"job-{n}"))
         for n in range(4):  # last month, for a closed period with a statement
             start = last_month.start_us + 2 * DAY_US + n * 20_000_000
-            drafts.append(_usage("acme", "sdxl", f"old-{n}", start, 5_000_000))
+            drafts.append(labelled("acme", "sdxl", 5_000_000, start, f"old-{n}"))
         drafts.sort(key=lambda m: _start_of(m))
         for mutate in drafts:
             agent.append(mutate)
