@@ -58,6 +58,7 @@ from creditmeter.collector.report import Period, parse_group_by, parse_period, p
 from creditmeter.collector.statements import bundle
 from creditmeter.collector.web import charts, views
 from creditmeter.collector.web.views import WebStore
+from creditmeter.labels import label_error
 
 SESSION_COOKIE = "creditmeter_session"
 ACCOUNTS_PER_PAGE = 25  # each row is a balance, as `balance` computes it
@@ -201,7 +202,11 @@ class WebApp:
             raise _Denied(401, exc.problem) from exc
 
     def _account(self, principal: Principal, account: str) -> str:
-        """``account`` if the caller may see it and it is open; 404 alike otherwise."""
+        """``account`` if the caller may see it and it is open; 404 alike otherwise. A name
+        outside the label law (a NUL, which PostgreSQL cannot even compare) is no account:
+        it never reaches the store."""
+        if label_error("account", account) is not None:
+            raise _Denied(404, f"no account {account!r}")
         if principal.accounts is not None and account not in principal.accounts:
             raise _Denied(404, f"no account {account!r}")
         if self._store.account(account) is None:
@@ -405,6 +410,8 @@ class WebApp:
             return self._render(request, "error.html", principal, {"problem": str(exc)}, exc.status)
         except (ConfigError, NoStatement) as exc:
             return self._render(request, "error.html", principal, {"problem": _problem(exc)}, 404)
+        except CollectorError as exc:
+            return self._render(request, "error.html", principal, {"problem": _problem(exc)}, 503)
         name = f"{account}-{request.path_params['period']}-statement.json"
         return Response(
             json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False),
@@ -463,6 +470,8 @@ class WebApp:
             return self._render(request, "error.html", principal, {"problem": _problem(exc)}, 400)
         except UnknownAccount as exc:
             return self._render(request, "error.html", principal, {"problem": _problem(exc)}, 404)
+        except CollectorError as exc:  # the store failed: as the API answers it
+            return self._render(request, "error.html", principal, {"problem": _problem(exc)}, 503)
 
     def _render(
         self,

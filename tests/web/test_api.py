@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 import jsonschema
+import pytest
 
 from creditmeter import verify
 from creditmeter.collector.web.app import WebApp
@@ -162,3 +163,27 @@ def test_a_login_form_larger_than_a_login_is_refused_unread(world: World) -> Non
     except urllib.error.HTTPError as exc:
         assert exc.code == 400
         assert b"at most 4 KiB" in exc.read()
+
+
+class _RefusingStore:
+    """PostgreSQL's answer to a name holding NUL: a store error, whatever the query."""
+
+    def account(self, name: str) -> None:
+        from creditmeter.collector.errors import StoreError
+
+        raise StoreError(f"reading account {name!r}: text fields cannot contain NUL")
+
+
+@pytest.mark.parametrize("name", ["acme\x00", "a\u202eb", " " * 300])
+def test_a_name_outside_the_label_law_is_no_account_and_never_reaches_the_store(
+    name: str,
+) -> None:
+    """On PostgreSQL a NUL made the store fail (503, an alert) where the answer is 404."""
+    from creditmeter.collector.access import Principal, Role
+    from creditmeter.collector.web.app import _Denied
+
+    app = WebApp(_RefusingStore(), _no_access())  # type: ignore[arg-type]
+    staff = Principal("token:staff", Role.READER)
+    with pytest.raises(_Denied) as denied:
+        app._account(staff, name)
+    assert denied.value.status == 404
