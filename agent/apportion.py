@@ -16,9 +16,9 @@ Evidence spans and device periods need not line up (a 1 s process grid beside a 
 device grid, or a cadence per PID): each device period of the shared time is a *row*
 holding its busy time, each piece of evidence a column over the periods it overlaps, and
 the pieces are fitted to the rows by iterative proportional fitting (rows to their busy
-time, pieces down to their bounds). A period is never cut at an evidence boundary, since
-where its busy time fell inside it is unknown. Where every piece lies within one row, the
-split is direct.
+time, pieces to their claims, never past their bounds). A period is never cut at an
+evidence boundary, since where its busy time fell inside it is unknown. Where every piece
+lies within one row, the split is direct.
 
 Exactness: every row's busy time is split in integers (largest remainders), so per GPU the
 shares, unattributed and alone parts add up to the periods' busy time to the µs × %.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -36,6 +37,7 @@ from creditmeter.agent.split import largest_remainders
 
 IPF_ROUNDS = 100  # fitting rounds at most; it stops sooner once the rows fit
 IPF_TOLERANCE = 1e-4  # relative: a piece this little over its bound still fits
+IPF_STALL = 0.99  # pieces short of their claims by this much of the round before: stalled
 
 
 class Unattributed(enum.IntEnum):
@@ -130,7 +132,7 @@ def apportion(
     holders = [(p.pid, p.from_us, _NEVER if p.until_us is None else p.until_us) for p in presence]
     steady = _steady(holders, periods)
     shares, used = out.shares, out.used
-    for period, claimed in zip(periods, claims, strict=True):
+    for k, (period, claimed) in enumerate(zip(periods, claims, strict=True)):
         start, end, busy = period.start_us, period.end_us, period.busy_pct_us
         committed = end <= commit_until_us
         if committed:
@@ -158,12 +160,42 @@ def apportion(
             continue
         if _aligned(period, evidence, claimed):
             if committed and period.busy_pct_us:  # else nothing to split: its evidence is its own
-                _split_aligned(period, claimed, evidence, presence, remaining, out)
+                around = _Around(periods, claims, evidence, k, complete)
+                _split_aligned(period, claimed, evidence, presence, remaining, out, around)
             continue
         shared.append(period)
-    for run in _runs(shared):
-        _fit_run(run, evidence, presence, commit_until_us, complete, remaining, out)
+    runs = _runs(shared)
+    last_end_us = periods[-1].end_us if periods else 0
+    for run in runs:
+        goals = _goals(run, runs, evidence, remaining, last_end_us)
+        _fit_run(run, evidence, presence, commit_until_us, complete, remaining, goals, out)
     return out
+
+
+def _goals(
+    run: Sequence[Period],
+    runs: Sequence[Sequence[Period]],
+    evidence: Sequence[Evidence],
+    remaining: Sequence[float],
+    last_end_us: int,
+) -> dict[int, float]:
+    """What each piece overlapping ``run`` should take there: its claim not yet spent, in
+    the proportion of its span still to be fitted that lies in this run (a piece reaching
+    past the periods read so far keeps that part of its claim for periods still to come)."""
+    start, end = run[0].start_us, run[-1].end_us
+    goals: dict[int, float] = {}
+    for i, e in enumerate(evidence):
+        here = _overlap(e, start, end)
+        if here <= 0:
+            continue
+        claim_left = remaining[i] - (e.bound_pct_us - e.pct_us)
+        if claim_left <= 0:
+            goals[i] = 0.0
+            continue
+        ahead = max(0, e.end_us - max(e.start_us, last_end_us))
+        span = ahead + sum(_overlap(e, r[0].start_us, r[-1].end_us) for r in runs)
+        goals[i] = claim_left * here / span
+    return goals
 
 
 # -- alone, and nobody -----------------------------------------------------------------------
@@ -241,6 +273,7 @@ def _split_aligned(
     presence: Sequence[Presence],
     remaining: list[float],
     out: Apportioned,
+    around: _Around | None = None,
 ) -> None:
     """A shared period whose every piece is exactly the period: split by the pieces'
     claims, each held to its bound (``_commit_row`` without the rows)."""
@@ -255,7 +288,7 @@ def _split_aligned(
             remaining[i] -= taken
         out.leave(Unattributed.NO_EVIDENCE, period.busy_pct_us - taken)
         return
-    if _split_exactly(period, claims, evidence, remaining, out):
+    if _split_exactly(period, claims, evidence, remaining, out, around):
         return
     known = [i for i in claims if evidence[i].known]
     total = sum(evidence[i].pct_us for i in known)
@@ -277,9 +310,12 @@ def _split_exactly(
     evidence: Sequence[Evidence],
     remaining: list[float],
     out: Apportioned,
+    around: _Around | None = None,
 ) -> bool:
     """The usual shared period: known processes' samples only, one each, that fit their
-    bounds when the period is split by their claims. False: take the general way."""
+    bounds when the period is split by their claims (or, where the claims add up past the
+    busy time, by what concurrent kernels got of it: ``_concurrent_weights``). False: take
+    the general way."""
     busy = period.busy_pct_us
     pieces = [evidence[i] for i in claims]
     total = 0
@@ -291,19 +327,113 @@ def _split_exactly(
         total += e.pct_us
     if not total:
         return False
-    for i, e in zip(claims, pieces, strict=True):
-        if e.pct_us * busy > remaining[i] * total:
+    weights: list[float] = [e.pct_us for e in pieces]
+    concurrent = False
+    span_us = period.end_us - period.start_us
+    if around is not None and total - busy > len(pieces) * span_us:  # past rounding's 1 %
+        weights, concurrent = _concurrent_weights(span_us, pieces, *around.claims()), True
+    weight_sum = sum(weights)
+    if not weight_sum:
+        return False
+    for i, w in zip(claims, weights, strict=True):
+        if w * busy > remaining[i] * weight_sum:
             return False  # a claim over its bound: fitted the general way
     order = sorted(range(len(pieces)), key=lambda k: pieces[k].pid)
-    split = largest_remainders(busy, [pieces[k].pct_us for k in order])
+    if concurrent:
+        split = largest_remainders(busy, _integral([weights[k] for k in order]))
+    else:  # the claims themselves: an exact driver is split exactly
+        split = largest_remainders(busy, [pieces[k].pct_us for k in order])
     for k, pct in zip(order, split, strict=True):
         i, e = claims[k], pieces[k]
         if pct:
             out.shares.append(Share(e.pid, period.start_us, period.end_us, pct, False))
-        w = e.pct_us * busy / total
+        w = weights[k] * busy / weight_sum
         out.used[i] = out.used.get(i, 0.0) + w
         remaining[i] = max(0.0, remaining[i] - w)
     return True
+
+
+CONCURRENT_FULL = 0.95  # a neighbouring claim this near a process's level: busy all through
+
+
+class _Around:
+    """The aligned claims of the periods on either side of one, looked up only when needed:
+    the one before if it is in this apportioning and adjoins, the one after if it also
+    adjoins and its evidence is complete."""
+
+    __slots__ = ("_claims", "_complete_us", "_evidence", "_k", "_periods")
+
+    def __init__(
+        self,
+        periods: Sequence[Period],
+        claims: Sequence[Sequence[int]],
+        evidence: Sequence[Evidence],
+        k: int,
+        complete_us: int,
+    ) -> None:
+        self._periods, self._claims, self._evidence = periods, claims, evidence
+        self._k, self._complete_us = k, complete_us
+
+    def claims(self) -> tuple[dict[int, int] | None, dict[int, int] | None]:
+        k, periods = self._k, self._periods
+        before = after = None
+        if k > 0 and periods[k - 1].end_us == periods[k].start_us:
+            before = self._aligned_claims(k - 1)
+        if (
+            k + 1 < len(periods)
+            and periods[k + 1].start_us == periods[k].end_us
+            and periods[k + 1].end_us <= self._complete_us
+        ):
+            after = self._aligned_claims(k + 1)
+        return before, after
+
+    def _aligned_claims(self, j: int) -> dict[int, int]:
+        period = self._periods[j]
+        out: dict[int, int] = {}
+        for i in self._claims[j]:
+            e = self._evidence[i]
+            if e.known and e.start_us == period.start_us and e.end_us == period.end_us:
+                out[e.pid] = out.get(e.pid, 0) + e.pct_us
+        return out
+
+
+def _concurrent_weights(
+    span_us: int,
+    pieces: Sequence[Evidence],
+    before: dict[int, int] | None,
+    after: dict[int, int] | None,
+) -> list[float]:
+    """What each process's kernels got of a period whose claims add up past its busy time:
+    concurrent kernels (MPS), each claim its own level × the time it ran, the device at most
+    100 % and shared by level while they contend.
+
+    Splitting by the claims would take most from the process busy longest, though it
+    overlapped no more than the others (one busy all the period at 97 %, one half of it:
+    0.66 s and 0.33 s for 0.735 s and 0.25 s). Where in the period each ran is read from the
+    periods on either side: a process idle before and busy after started in this period and
+    ran at its end; busy before and idle after, it ran at the start; its level is its
+    largest claim of the three. With neither side known, each ran all through at its claim,
+    which is the split by claims."""
+    spans = []
+    for e in pieces:
+        prev = None if before is None else before.get(e.pid, 0)
+        nxt = None if after is None else after.get(e.pid, 0)
+        level = max(e.pct_us, prev or 0, nxt or 0)
+        ran = e.pct_us / level if level else 0.0
+        full = CONCURRENT_FULL * level
+        if prev is not None and prev < full and (nxt is None or nxt >= full):
+            spans.append((1.0 - ran, 1.0, level / span_us))  # started here: ran at the end
+        else:
+            spans.append((0.0, ran, level / span_us))  # ran from the start
+    edges = sorted({edge for a, b, _ in spans for edge in (a, b)})
+    got = [0.0] * len(spans)
+    for a, b in itertools.pairwise(edges):
+        running = [n for n, (s, t, _) in enumerate(spans) if s <= a and t >= b]
+        demand = sum(spans[n][2] for n in running)
+        scale = min(1.0, 100.0 / demand) if demand else 0.0
+        for n in running:
+            got[n] += spans[n][2] * scale * (b - a)
+    return got
 
 
 def _settle_alone(
@@ -377,10 +507,11 @@ def _fit_run(
     commit_until_us: int,
     complete_until_us: int,
     remaining: list[float],
+    goals: dict[int, float],
     out: Apportioned,
 ) -> None:
     rows = _rows(run, evidence)
-    _fit([r for r in rows if r.busy_pct_us], evidence, remaining, complete_until_us)
+    _fit([r for r in rows if r.busy_pct_us], evidence, remaining, goals, complete_until_us)
     for row in rows:
         if row.end_us <= commit_until_us and row.busy_pct_us:
             _commit_row(row, evidence, presence, remaining, out)
@@ -415,12 +546,21 @@ def _fit(
     rows: Sequence[_Row],
     evidence: Sequence[Evidence],
     bound: Sequence[float],
+    goals: dict[int, float],
     complete_until_us: int,
 ) -> None:
     """Fit the known pieces' cells: each row whose evidence is complete to its busy time,
-    each piece down to its bound. Later rows are only held to at most their busy time:
-    their evidence may still be on its way, and must not pull the others' share away.
-    Unknown pieces keep their own weights: they only take what is left over."""
+    each piece to its claim (``goals``), and never past its bound. Later rows are only held
+    to at most their busy time: their evidence may still be on its way, and must not pull
+    the others' share away. Unknown pieces keep their own weights: they only take what is
+    left over.
+
+    Pieces are pulled up to their claims as well as down to their bounds: fitting rows
+    alone spreads a long piece (a PID sampled every 4.5 s) evenly over its span, into
+    periods where its process was idle, and the short pieces of the processes that were
+    busy there lose what they claimed; those long pieces then drift to their bounds, and
+    over an hour a process sampled slowly is billed about 1 % more than it ran, one
+    sampled fast 1 % less, though each one's claims add up to within 0.1 %."""
     mine = [[c for c in r.cells if evidence[c.i].known] for r in rows]
     by_piece: dict[int, list[_Cell]] = {}
     for cells in mine:
@@ -430,20 +570,45 @@ def _fit(
         for row, cells in zip(rows, mine, strict=True):
             _fit_aligned(row, cells, bound)
         return
+    previous_short = float("inf")
     for _ in range(IPF_ROUNDS):
-        for row, cells in zip(rows, mine, strict=True):
-            _scale_row(row.busy_pct_us, cells, up=row.end_us <= complete_until_us)
-        capped = False
-        for i, cells in by_piece.items():
-            total = sum(c.w for c in cells)
-            if total > bound[i] * (1 + IPF_TOLERANCE):
-                factor = bound[i] / total
-                for c in cells:
-                    c.w *= factor
-                capped = True
-        if not capped:
-            return
-    _top_up(rows, mine, by_piece, bound, complete_until_us)
+        _scale_rows(rows, mine, complete_until_us)
+        capped, short = _pull_pieces(by_piece, bound, goals)
+        if not capped and not short:
+            return  # rows at their busy time, every piece at its claim or within its bound
+        if not capped and short > IPF_STALL * previous_short:
+            break  # claims the rows cannot all give (a rounded claim, a row still to come)
+        previous_short = short
+    # Rows get the last word, then bounds: what a capped piece leaves goes to others' room.
+    _scale_rows(rows, mine, complete_until_us)
+    if _pull_pieces(by_piece, bound, {})[0]:
+        _top_up(rows, mine, by_piece, bound, complete_until_us)
+
+
+def _scale_rows(rows: Sequence[_Row], mine: Sequence[list[_Cell]], complete_until_us: int) -> None:
+    for row, cells in zip(rows, mine, strict=True):
+        _scale_row(row.busy_pct_us, cells, up=row.end_us <= complete_until_us)
+
+
+def _pull_pieces(
+    by_piece: dict[int, list[_Cell]], bound: Sequence[float], goals: dict[int, float]
+) -> tuple[bool, float]:
+    """Scale each piece down to its bound, or up to its goal; returns whether any was over
+    its bound, and by how much in all the pieces were short of their goals."""
+    capped, short = False, 0.0
+    for i, cells in by_piece.items():
+        total = sum(c.w for c in cells)
+        if total > bound[i] * (1 + IPF_TOLERANCE):
+            goal, capped = bound[i], True
+        elif 0 < total < goals.get(i, 0.0) * (1 - IPF_TOLERANCE):
+            goal = min(goals[i], bound[i])
+            short += goal - total
+        else:
+            continue
+        factor = goal / total
+        for c in cells:
+            c.w *= factor
+    return capped, short
 
 
 def _top_up(

@@ -69,6 +69,28 @@ def test_concurrent_kernels_share_a_gpu_second_instead_of_billing_it_twice() -> 
     assert shares_by_pid(result.shares) == {1: 50 * P, 2: 50 * P}
 
 
+def test_concurrent_kernels_are_shared_where_the_neighbouring_periods_place_them() -> None:
+    """Process 1 runs all three seconds at 97 %, process 2 starts halfway through the second
+    at 97 % too (MPS: the device counts 100 % while both run). In the middle second they
+    shared 0.5 s and process 1 had 0.5 s alone: 73.5 and 25 of its 98.5 busy percent.
+    Split by claims (97 : 48.5) it would be 65.67 and 32.83."""
+    periods = [period(0, 97), Period(T + P, T + 2 * P, 9850 * P // 100), period(2, 100)]
+    evidence = [sample(1, 0, 97), sample(1, 1, 97), sample(1, 2, 97)]
+    evidence += [Evidence(2, T + P, T + 2 * P, 4850 * P // 100, 4900 * P // 100), sample(2, 2, 97)]
+    result = apportion(periods, evidence, holding(1, 2), T + 2 * P, complete_until_us=T + 3 * P)
+    middle = shares_by_pid([s for s in result.shares if s.start_us == T + P])
+    assert abs(middle[1] - 7350 * P // 100) <= P // 100  # within 0.01 % of a second
+    assert abs(middle[2] - 25 * P) <= P // 100
+    assert sum(middle.values()) == 9850 * P // 100  # conserved to the µs × %
+
+
+def test_concurrent_kernels_without_neighbours_are_split_by_their_claims() -> None:
+    periods = [period(0, 100)]
+    evidence = [sample(1, 0, 90), sample(2, 0, 30)]
+    result = apportion(periods, evidence, holding(1, 2), T + P)
+    assert shares_by_pid(result.shares) == {1: 75 * P, 2: 25 * P}
+
+
 def test_shared_time_without_evidence_is_unattributed() -> None:
     result = apportion([period(0, 90)], [sample(1, 0, 30)], holding(1, 2), T + P)
     assert shares_by_pid(result.shares) == {1: 30 * P + P // 2}  # its claim, rounding included

@@ -7,11 +7,12 @@ the truth the meter is compared with.
 from __future__ import annotations
 
 import random
+import re
 from fractions import Fraction
 
 import pytest
 
-from bench.accuracy import measure
+from bench.accuracy import measure, row_of
 from bench.harness import Run, drive, metered, run_scenario, scenario_end_s
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
@@ -64,6 +65,32 @@ def test_every_profile_meets_the_bars_on_shared_gpus(
 ) -> None:
     row = measure(profile, name, period_us)
     assert row.misses == [], row
+
+
+def one_gpu_of_eight(bursts: int, exit_s: float) -> str:
+    """The first GPU of ``eight_gpus`` (eight processes time-slicing it), each process cut
+    to its first ``bursts`` bursts and exiting at ``exit_s``."""
+    head, *processes = shipped_text("eight_gpus").split("\n[[process]]\n")
+    head = head.split("\n[[gpu]]\n")[0] + '\n[[gpu]]\nproduct = "H100"\n'
+    kept = ["\n[[process]]\n" + p for p in processes if "\ngpu = 0\n" in p]
+    text = re.sub(r"count = \d+", f"count = {bursts}", head + "".join(kept))
+    return text.replace("exit_s = 3600.0", f"exit_s = {exit_s}")
+
+
+# Eight processes sampled on cadences of their own (1-4.5 s per PID): the apportioning once
+# spread each long piece evenly over its span, so that the slowly sampled processes were
+# billed about 1 % more than they ran and the fast ones 1 % less (1.25 % here, 1.4 % over
+# the hour of eight_gpus), though each one's own claims added up to within 0.1 %.
+@pytest.mark.parametrize("period_us", [166_667, 1_000_000])
+@pytest.mark.parametrize("profile", ["stale_stamps", "averaged"])
+def test_processes_on_cadences_of_their_own_each_get_their_claims(
+    profile: str, period_us: int
+) -> None:
+    scenario = Scenario.from_toml(one_gpu_of_eight(bursts=15, exit_s=1400.0))
+    run = run_scenario(scenario.with_overrides(sample_period_us=period_us, profile=profile))
+    row = row_of(run, profile, "one_gpu_of_eight", period_us)
+    assert row.misses == [], row
+    assert row.shared_pct is not None and row.shared_pct > 0
 
 
 @pytest.mark.parametrize("reading", READINGS)
