@@ -28,10 +28,11 @@ from creditmeter.collector.ledger import Ledger
 from creditmeter.collector.ledger_store import Dimension
 from creditmeter.collector.prices import PriceBook
 from creditmeter.collector.report import Period, build_report
-from creditmeter.collector.sqlite_store import SQLiteStore
+from creditmeter.collector.sqlite_store import MONTH_OF_HOUR_SQL, SQLiteStore
 
 MONTH_START_US = 1_780_272_000_000_000  # 2026-06-01T00:00:00Z
 MONTH_US = 30 * 86_400_000_000
+DAY_US = 86_400_000_000
 GPUS = 1000
 GPUS_PER_HOST = 8
 ACCOUNTS = 200
@@ -81,6 +82,28 @@ def measure(path: Path, count: int) -> tuple[list[Result], str]:
                 lambda: timed(
                     lambda: build_report(
                         store, month, (Dimension.ACCOUNT, Dimension.HOST), ledger.prices
+                    )
+                ),
+                3,
+            )
+        )
+        by_account_gpu_s = median(
+            repeat(
+                lambda: timed(
+                    lambda: build_report(
+                        store, month, (Dimension.ACCOUNT, Dimension.GPU), ledger.prices
+                    )
+                ),
+                3,
+            )
+        )
+        # Thirty days that are no calendar month: only hourly rollups hold them.
+        unaligned = Period(MONTH_START_US + DAY_US // 2, MONTH_START_US + MONTH_US - DAY_US // 2)
+        unaligned_s = median(
+            repeat(
+                lambda: timed(
+                    lambda: build_report(
+                        store, unaligned, (Dimension.ACCOUNT, Dimension.HOST), ledger.prices
                     )
                 ),
                 3,
@@ -141,12 +164,34 @@ def measure(path: Path, count: int) -> tuple[list[Result], str]:
             "< full scan",
             by_account_host_s < scan_s,
         ),
+        Result(
+            "ledger SQLite",
+            f"month report by account and GPU, {count:,} records",
+            by_account_gpu_s * 1000,
+            "ms",
+            baseline,
+            scan_s * 1000,
+            "< full scan",
+            by_account_gpu_s < scan_s,
+        ),
+        Result(
+            "ledger SQLite",
+            f"29 days (no calendar month) by account and host, {count:,} records",
+            unaligned_s * 1000,
+            "ms",
+            baseline,
+            scan_s * 1000,
+            "< full scan",
+            unaligned_s < scan_s,
+        ),
     ]
     detail = (
         f"{count:,} records generated in {generated_s:.0f} s; balance {balance_s * 1000:.1f} ms, "
         f"report by account,model {by_account_s * 1000:.0f} ms ({len(report.rows)} rows), "
         f"by host {by_host_s * 1000:.0f} ms, by GPU {by_gpu_s * 1000:.0f} ms, by account and "
-        f"host {by_account_host_s * 1000:.0f} ms; full scan {scan_s * 1000:.0f} ms "
+        f"host {by_account_host_s * 1000:.0f} ms, by account and GPU "
+        f"{by_account_gpu_s * 1000:.0f} ms, 29 days by account and host "
+        f"{unaligned_s * 1000:.0f} ms; full scan {scan_s * 1000:.0f} ms "
         f"(balance {balance_s / scan_s:.4f}×, report {by_account_s / scan_s:.3f}× of it)"
     )
     return results, detail
@@ -208,6 +253,12 @@ def generate(path: Path, count: int) -> None:
                 SELECT start_us - start_us % 3600000000, host, gpu_uuid, model,
                        SUM(busy_us), SUM(wall_us), COUNT(*)
                 FROM fields GROUP BY 1, 2, 3, 4"""
+        )
+        conn.execute(
+            f"""INSERT INTO rollups_device_monthly
+                SELECT {MONTH_OF_HOUR_SQL}, host, gpu_uuid, account, model, SUM(busy_us),
+                       SUM(wall_us), SUM(record_count)
+                FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5"""
         )
         conn.execute(
             """INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us, head_seq)

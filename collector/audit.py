@@ -35,6 +35,7 @@ from creditmeter.collector.rollup import (
     GpuUsageKey,
     RollupKey,
     RollupSums,
+    device_monthly_sums,
     gpu_usage_sums,
     hour_start_us,
     hour_text,
@@ -191,6 +192,19 @@ def _ledger_rollup_findings(
         ),
         gpu_usage_sums(device),
         _gpu_usage_where,
+        _RECORD_SUMS,
+        "records",
+    )
+    yield from _sum_findings(
+        (
+            (
+                (r.hour_start_us, r.host, r.gpu_uuid, r.account, r.model),
+                [r.busy_us, r.wall_us, r.record_count],
+            )
+            for r in snapshot.device_monthly_rollups()
+        ),
+        device_monthly_sums(device),
+        _device_month_where,
         _RECORD_SUMS,
         "records",
     )
@@ -484,6 +498,14 @@ def _device_where(key: DeviceRollupKey) -> str:
     return (
         f"device hour {hour_text(hour_us)} host {host!r} gpu {gpu_uuid!r} account {account!r} "
         f"model {model!r}"
+    )
+
+
+def _device_month_where(key: DeviceRollupKey) -> str:
+    month_us, host, gpu_uuid, account, model = key
+    return (
+        f"device month {hour_text(month_us)[:7]} host {host!r} gpu {gpu_uuid!r} "
+        f"account {account!r} model {model!r}"
     )
 
 

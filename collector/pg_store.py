@@ -88,7 +88,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Final
@@ -136,17 +136,20 @@ from creditmeter.collector.ledger_store import (
     ModelUsage,
     Plan,
     PlanChange,
+    RollupPart,
     Segment,
     SignedStatement,
     Statement,
     StatementLine,
     UsageEvent,
     UsageGroup,
-    busy_rollup_table,
+    busy_rollup_parts,
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
+    group_columns,
     price_version,
+    rollup_source_sql,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -161,6 +164,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
+    device_monthly_sums,
     gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
@@ -555,6 +559,32 @@ MIGRATIONS: tuple[Migration, ...] = (
                 FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5""",
         ),
     ),
+    Migration(
+        14,
+        "the device rollups per calendar month, for month reports by account and host or GPU",
+        (
+            """CREATE TABLE rollups_device_monthly (
+                month_start_us BIGINT NOT NULL,
+                host TEXT COLLATE "C" NOT NULL,
+                gpu_uuid TEXT COLLATE "C" NOT NULL,
+                account TEXT COLLATE "C" NOT NULL,
+                model TEXT COLLATE "C" NOT NULL,
+                shard SMALLINT NOT NULL DEFAULT 0,
+                busy_us BIGINT NOT NULL,
+                wall_us BIGINT NOT NULL,
+                record_count BIGINT NOT NULL,
+                PRIMARY KEY (month_start_us, host, gpu_uuid, account, model, shard)
+            )""",
+            # The month (UTC) of an hour: rollup.month_start_us in SQL.
+            """INSERT INTO rollups_device_monthly
+                SELECT EXTRACT(EPOCH FROM date_trunc('month',
+                           to_timestamp(hour_start_us / 1000000) AT TIME ZONE 'UTC'))::bigint
+                           * 1000000,
+                       host, gpu_uuid, account, model, shard, SUM(busy_us), SUM(wall_us),
+                       SUM(record_count)
+                FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5, 6""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -638,15 +668,29 @@ _UPSERT_GPU_ROLLUPS = """
         amount_us = rollups_gpu_hourly.amount_us + excluded.amount_us"""
 # A batch's per-GPU-and-model sums, in key order, after the GPU books and before the device
 # and hourly rollups (_ADVANCE): every writer locks rollup rows in that order.
-_UPSERT_GPU_USAGE = """
-    INSERT INTO rollups_gpu_usage_hourly
-        (hour_start_us, host, gpu_uuid, model, shard, busy_us, wall_us, record_count)
-    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::smallint[],
-                         %s::bigint[], %s::bigint[], %s::bigint[])
-    ON CONFLICT (hour_start_us, host, gpu_uuid, model, shard) DO UPDATE SET
-        busy_us = rollups_gpu_usage_hourly.busy_us + excluded.busy_us,
-        wall_us = rollups_gpu_usage_hourly.wall_us + excluded.wall_us,
-        record_count = rollups_gpu_usage_hourly.record_count + excluded.record_count"""
+# Then the batch's per-device sums of whole months, in the same statement (one round trip;
+# the monthly INSERT's WHERE reads the GPU usage upsert's result, so that one finishes first).
+_UPSERT_GPU_USAGE_AND_MONTHS = """
+    WITH usage AS (
+        INSERT INTO rollups_gpu_usage_hourly
+            (hour_start_us, host, gpu_uuid, model, shard, busy_us, wall_us, record_count)
+        SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::smallint[],
+                             %s::bigint[], %s::bigint[], %s::bigint[])
+        ON CONFLICT (hour_start_us, host, gpu_uuid, model, shard) DO UPDATE SET
+            busy_us = rollups_gpu_usage_hourly.busy_us + excluded.busy_us,
+            wall_us = rollups_gpu_usage_hourly.wall_us + excluded.wall_us,
+            record_count = rollups_gpu_usage_hourly.record_count + excluded.record_count
+        RETURNING 1
+    )
+    INSERT INTO rollups_device_monthly
+        (month_start_us, host, gpu_uuid, account, model, shard, busy_us, wall_us, record_count)
+    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::smallint[], %s::bigint[], %s::bigint[], %s::bigint[])
+    WHERE (SELECT count(*) FROM usage) >= 0
+    ON CONFLICT (month_start_us, host, gpu_uuid, account, model, shard) DO UPDATE SET
+        busy_us = rollups_device_monthly.busy_us + excluded.busy_us,
+        wall_us = rollups_device_monthly.wall_us + excluded.wall_us,
+        record_count = rollups_device_monthly.record_count + excluded.record_count"""
 _SELECT_QUARANTINE = "SELECT * FROM quarantine ORDER BY agent_id, seq"
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
@@ -1365,6 +1409,16 @@ class PostgresSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
+    def device_monthly_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading monthly device rollups", self._where):
+            cursor = self._conn.execute(
+                """SELECT month_start_us, host, gpu_uuid, account, model, SUM(busy_us)::bigint,
+                          SUM(wall_us)::bigint, SUM(record_count)::bigint
+                   FROM rollups_device_monthly GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
     ) -> Iterator[DeviceRollup]:
@@ -1700,15 +1754,11 @@ def _advance(
     rollups, each in key order (see ``_ADVANCE``). This is the transaction's last statement:
     an upserted rollup row stays locked until the commit ends, and other agents of the same
     account and hour may be waiting for it."""
-    keys = sorted(sums)
-    device_keys = sorted(device_sums)
     signature, received_at_us, first_seq = segment
     cur.execute(
         _ADVANCE,
         (
-            *_columns(device_keys, 5),
-            [shard] * len(device_keys),
-            *_columns([device_sums[key] for key in device_keys], 3),
+            *_sharded_columns(device_sums, 5, shard),
             head.seq,
             head.hash,
             agent_id,
@@ -1717,9 +1767,7 @@ def _advance(
             signature,
             received_at_us,
             first_seq,
-            *_columns(keys, 3),
-            [shard] * len(keys),
-            *_columns([sums[key] for key in keys], 3),
+            *_sharded_columns(sums, 3, shard),
         ),
     )
 
@@ -1730,32 +1778,19 @@ def _add_rollups(
     sums: dict[RollupKey, RollupSums],
     device_sums: dict[DeviceRollupKey, RollupSums],
 ) -> None:
-    keys = sorted(sums)
-    device_keys = sorted(device_sums)
     cur.execute(
-        _ADD_ROLLUPS,
-        (
-            *_columns(device_keys, 5),
-            [shard] * len(device_keys),
-            *_columns([device_sums[key] for key in device_keys], 3),
-            *_columns(keys, 3),
-            [shard] * len(keys),
-            *_columns([sums[key] for key in keys], 3),
-        ),
+        _ADD_ROLLUPS, (*_sharded_columns(device_sums, 5, shard), *_sharded_columns(sums, 3, shard))
     )
 
 
 def _add_gpu_usage(cur: Cursor, shard: int, device_sums: dict[DeviceRollupKey, RollupSums]) -> None:
+    """The per-GPU-and-model and the monthly sums of a batch's device sums, in key order."""
     usage = gpu_usage_sums(device_sums)
     if usage:
-        keys = sorted(usage)
+        monthly = device_monthly_sums(device_sums)
         cur.execute(
-            _UPSERT_GPU_USAGE,
-            (
-                *_columns(keys, 4),
-                [shard] * len(keys),
-                *_columns([usage[key] for key in keys], 3),
-            ),
+            _UPSERT_GPU_USAGE_AND_MONTHS,
+            (*_sharded_columns(usage, 4, shard), *_sharded_columns(monthly, 5, shard)),
         )
 
 
@@ -1763,6 +1798,15 @@ def _add_gpu_rollups(cur: Cursor, gpu_sums: GpuSums) -> None:
     if gpu_sums:
         keys = sorted(gpu_sums)
         cur.execute(_UPSERT_GPU_ROLLUPS, (*_columns(keys, 4), [gpu_sums[k] for k in keys]))
+
+
+def _sharded_columns(
+    sums: Mapping[tuple[Any, ...], RollupSums], width: int, shard: int
+) -> list[list[Any]]:
+    """Rollup sums as the column arrays of an upsert, in key order (so that every writer
+    locks rollup rows in one order): the ``width`` key columns, the shard, the three sums."""
+    keys = sorted(sums)
+    return [*_columns(keys, width), [shard] * len(keys), *_columns([sums[k] for k in keys], 3)]
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -1890,18 +1934,10 @@ def _grouped_sql(
     dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
 ) -> tuple[str, list[object]]:
     """A grouped rollup query whose rows are UsageGroup fields (shards summed), from the
-    smallest rollup that holds the grouping (busy_rollup_table). Typed NULLs and casts: the
+    smallest rollups that hold the grouping (busy_rollup_parts). Typed NULLs and casts: the
     busy and API queries are joined by UNION ALL."""
-    by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
-    table = busy_rollup_table(dimensions, account, api=api)
     day = f"hour_start_us - hour_start_us %% {DAY_US}"  # %%: a literal % for psycopg
-    columns = {
-        "account": "account" if Dimension.ACCOUNT in dimensions else None,
-        "model": "model",
-        "day": day if Dimension.DAY in dimensions else None,
-        "host": "host" if by_device and Dimension.HOST in dimensions else None,
-        "gpu": "gpu_uuid" if by_device and Dimension.GPU in dimensions else None,
-    }
+    columns = group_columns(dimensions, api=api, day_sql=day)
     null_types = {
         "account": "text",
         "model": "text",
@@ -1916,15 +1952,13 @@ def _grouped_sql(
         if api
         else "SUM(busy_us)::bigint, 0::bigint, SUM(record_count)::bigint"
     )
-    where = "hour_start_us >= %s AND hour_start_us < %s"
-    parameters: list[object] = list(bounds)
-    if account is not None:
-        where += " AND account = %s"
-        parameters.append(account)
-    sql = (
-        f"(SELECT {', '.join(selected)}, {sums} FROM {table} WHERE {where} "
-        f"GROUP BY {', '.join(grouped)})"
+    parts = (
+        [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
+        if api
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
     )
+    source, parameters = rollup_source_sql(parts, account, "%s")
+    sql = f"(SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)})"
     return sql, parameters
 
 

@@ -1,6 +1,8 @@
 """Hourly rollups: busy and wall µs and record counts per (hour, account, model), and per
 (hour, host, gpu, account, model) for reports by host or GPU; and per (hour, host, gpu) the
-GPU's books and gaps, amounts by kind (``GpuRollupKey``).
+GPU's books and gaps, amounts by kind (``GpuRollupKey``). The device rollups are kept per
+calendar month (UTC) as well: a month's report by account and host or GPU would otherwise
+sort every device-hour of the month.
 
 Reports and balances read rollups, never raw records, so every store keeps them in the same
 transaction as the records they sum. A record counts wholly in the hour its interval starts
@@ -10,9 +12,11 @@ would trade exact integer sums for rounding.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from creditmeter.collector.rows import RECORD, SEQ, RecordRow
 from creditmeter.v1 import usage_pb2
@@ -157,12 +161,54 @@ def gpu_usage_sums(
     """The per-GPU-and-model rollups that per-device sums add up to."""
     sums: dict[GpuUsageKey, RollupSums] = {}
     for (hour_us, host, gpu_uuid, _account, model), total in device_sums.items():
-        key = (hour_us, host, gpu_uuid, model)
-        acc = sums.get(key)
-        if acc is None:
-            sums[key] = total.copy()
-        else:
-            acc[0] += total[0]
-            acc[1] += total[1]
-            acc[2] += total[2]
+        _add_sums(sums, (hour_us, host, gpu_uuid, model), total)
     return sums
+
+
+def _add_sums(into: dict[Any, RollupSums], key: Any, total: RollupSums) -> None:
+    acc = into.get(key)
+    if acc is None:
+        into[key] = total.copy()  # a list of its own: the summed ones stay as they are
+    else:
+        acc[0] += total[0]
+        acc[1] += total[1]
+        acc[2] += total[2]
+
+
+@functools.lru_cache(maxsize=4096)
+def month_start_us(time_us: int) -> int:
+    """The start of the calendar month (UTC) that ``time_us`` lies in. (Cached: ingest asks
+    for the same few hours over and over.)"""
+    day = datetime.fromtimestamp(time_us // 1_000_000, UTC).date().replace(day=1)
+    return int(datetime(day.year, day.month, 1, tzinfo=UTC).timestamp()) * 1_000_000
+
+
+def next_month_start_us(month_us: int) -> int:
+    """The start of the month after the one starting at ``month_us``."""
+    return month_start_us(month_us + 32 * DAY_US)
+
+
+def device_monthly_sums(
+    device_sums: dict[DeviceRollupKey, RollupSums],
+) -> dict[DeviceRollupKey, RollupSums]:
+    """The per-device rollups of whole months (key: month start, host, gpu, account, model)
+    that per-device hourly sums add up to."""
+    sums: dict[DeviceRollupKey, RollupSums] = {}
+    for (hour_us, host, gpu_uuid, account, model), total in device_sums.items():
+        _add_sums(sums, (month_start_us(hour_us), host, gpu_uuid, account, model), total)
+    return sums
+
+
+def whole_months(from_us: int, to_us: int, unbounded: tuple[int, int]) -> tuple[int, int] | None:
+    """The months wholly inside the hours [from_us, to_us): (first month's start, the end of
+    the last), or None if there is none. A bound equal to its ``unbounded`` value is open,
+    and is its own month edge (months reach back and forward as far as the data does)."""
+    low, high = unbounded
+    try:
+        first = low if from_us == low else month_start_us(from_us)
+        if first != low and first < from_us:
+            first = next_month_start_us(first)
+        last = high if to_us == high else month_start_us(to_us)
+    except (OverflowError, OSError, ValueError):
+        return None  # a bound outside the calendar (past year 9999): the hourly rollups hold it
+    return (first, last) if first < last else None

@@ -60,17 +60,20 @@ from creditmeter.collector.ledger_store import (
     ModelUsage,
     Plan,
     PlanChange,
+    RollupPart,
     Segment,
     SignedStatement,
     Statement,
     StatementLine,
     UsageEvent,
     UsageGroup,
-    busy_rollup_table,
+    busy_rollup_parts,
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
+    group_columns,
     price_version,
+    rollup_source_sql,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -85,6 +88,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
+    device_monthly_sums,
     gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
@@ -140,6 +144,12 @@ def _in_64_bits(table: str, *columns: str) -> str:
         f"BEGIN SELECT RAISE(ABORT, '{ROLLUP_OVERFLOW} {table}'); END"
     )
 
+
+# The calendar month (UTC) of a rollup's hour, in µs: rollup.month_start_us in SQL.
+MONTH_OF_HOUR_SQL = (
+    "CAST(strftime('%s', hour_start_us / 1000000, 'unixepoch', 'start of month') AS INTEGER)"
+    " * 1000000"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -485,6 +495,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             _in_64_bits("rollups_gpu_usage_hourly", "busy_us", "wall_us", "record_count"),
         ),
     ),
+    Migration(
+        15,
+        "the device rollups per calendar month, for month reports by account and host or GPU",
+        (
+            """CREATE TABLE rollups_device_monthly (
+                month_start_us INTEGER NOT NULL,
+                host TEXT NOT NULL,
+                gpu_uuid TEXT NOT NULL,
+                account TEXT NOT NULL,
+                model TEXT NOT NULL,
+                busy_us INTEGER NOT NULL,
+                wall_us INTEGER NOT NULL,
+                record_count INTEGER NOT NULL,
+                PRIMARY KEY (month_start_us, host, gpu_uuid, account, model)
+            ) WITHOUT ROWID""",
+            f"""INSERT INTO rollups_device_monthly
+                SELECT {MONTH_OF_HOUR_SQL}, host, gpu_uuid, account, model, SUM(busy_us),
+                       SUM(wall_us), SUM(record_count)
+                FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5""",
+            _in_64_bits("rollups_device_monthly", "busy_us", "wall_us", "record_count"),
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -525,6 +557,14 @@ _UPSERT_GPU_USAGE = """
         (hour_start_us, host, gpu_uuid, model, busy_us, wall_us, record_count)
     VALUES (?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (hour_start_us, host, gpu_uuid, model) DO UPDATE SET
+        busy_us = busy_us + excluded.busy_us,
+        wall_us = wall_us + excluded.wall_us,
+        record_count = record_count + excluded.record_count"""
+_UPSERT_DEVICE_MONTHLY = """
+    INSERT INTO rollups_device_monthly
+        (month_start_us, host, gpu_uuid, account, model, busy_us, wall_us, record_count)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (month_start_us, host, gpu_uuid, account, model) DO UPDATE SET
         busy_us = busy_us + excluded.busy_us,
         wall_us = wall_us + excluded.wall_us,
         record_count = record_count + excluded.record_count"""
@@ -1243,6 +1283,16 @@ class SQLiteSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
+    def device_monthly_rollups(self) -> Iterator[DeviceRollup]:
+        with _translated("reading monthly device rollups"):
+            cursor = self._conn.execute(
+                """SELECT month_start_us, host, gpu_uuid, account, model, busy_us, wall_us,
+                          record_count
+                   FROM rollups_device_monthly ORDER BY 1, 2, 3, 4, 5"""
+            )
+            for row in cursor:
+                yield DeviceRollup(*row)
+
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
     ) -> Iterator[DeviceRollup]:
@@ -1461,6 +1511,8 @@ def _add_rollups(
     conn.executemany(_UPSERT_DEVICE_ROLLUP, [(*key, *total) for key, total in device_sums.items()])
     usage = gpu_usage_sums(device_sums)
     conn.executemany(_UPSERT_GPU_USAGE, [(*key, *total) for key, total in usage.items()])
+    monthly = device_monthly_sums(device_sums)
+    conn.executemany(_UPSERT_DEVICE_MONTHLY, [(*key, *total) for key, total in monthly.items()])
     if gpu_sums:
         conn.executemany(_UPSERT_GPU_ROLLUP, [(*key, us) for key, us in gpu_sums.items()])
 
@@ -1538,29 +1590,20 @@ def _check_open(conn: sqlite3.Connection, name: str, effective_us: int, what: st
 def _grouped_sql(
     dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
 ) -> tuple[str, list[object]]:
-    """A grouped rollup query whose rows are UsageGroup fields, from the smallest rollup
-    that holds the grouping (busy_rollup_table)."""
-    by_device = not api and bool(dimensions & {Dimension.HOST, Dimension.GPU})
-    table = busy_rollup_table(dimensions, account, api=api)
-    columns = {
-        "account": "account" if Dimension.ACCOUNT in dimensions else None,
-        "model": "model",
-        "day": f"hour_start_us - hour_start_us % {DAY_US}" if Dimension.DAY in dimensions else None,
-        "host": "host" if by_device and Dimension.HOST in dimensions else None,
-        "gpu": "gpu_uuid" if by_device and Dimension.GPU in dimensions else None,
-    }
+    """A grouped rollup query whose rows are UsageGroup fields, from the smallest rollups
+    that hold the grouping (busy_rollup_parts)."""
+    day = f"hour_start_us - hour_start_us % {DAY_US}"
+    columns = group_columns(dimensions, api=api, day_sql=day)
     grouped = [expression for expression in columns.values() if expression is not None]
     selected = [expression or "NULL" for expression in columns.values()]
     sums = "0, SUM(requests), SUM(charge_count)" if api else "SUM(busy_us), 0, SUM(record_count)"
-    where = "hour_start_us >= ? AND hour_start_us < ?"
-    parameters: list[object] = list(bounds)
-    if account is not None:
-        where += " AND account = ?"
-        parameters.append(account)
-    sql = (
-        f"SELECT {', '.join(selected)}, {sums} FROM {table} WHERE {where} "
-        f"GROUP BY {', '.join(grouped)}"
+    parts = (
+        [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
+        if api
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
     )
+    source, parameters = rollup_source_sql(parts, account, "?")
+    sql = f"SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)}"
     return sql, parameters
 
 

@@ -75,6 +75,10 @@ def test_altered_record_bytes_break_signature_link_and_rollups(
         "model 'llama-3-70b': stored busy_us, wall_us, records "
         f"[{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
         f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
+        f"rollups: device month 2025-06 host 'gpu-host-17' gpu '{GPU_UUID}' account 'acme' "
+        "model 'llama-3-70b': stored busy_us, wall_us, records "
+        f"[{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
+        f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
     ]
 
 
@@ -90,10 +94,11 @@ def test_a_deleted_record_is_a_hole(
     assert result.findings[1] == Finding(
         "agent-1", 5, "stored signature does not verify under the agent's key"
     )
-    assert len(result.findings) == 5
+    assert len(result.findings) == 6
     assert result.findings[2].problem.startswith("hour ")
     assert result.findings[3].problem.startswith("device hour ")
     assert result.findings[4].problem.startswith("GPU usage hour ")
+    assert result.findings[5].problem.startswith("device month ")
     assert all("the records sum to" in f.problem for f in result.findings[2:])
 
 
@@ -147,7 +152,7 @@ def test_a_segment_whose_records_are_gone_is_found(
         Finding("agent-1", 9, "no signature covers the records after seq 5"),
         Finding("agent-1", 10, "a stored signature ends a segment whose records are gone"),
     ]
-    assert [f.agent_id for f in findings[2:]] == [None] * 3  # the rollups still count it
+    assert [f.agent_id for f in findings[2:]] == [None] * 4  # the rollups still count it
 
 
 def test_a_forged_signature_is_found(

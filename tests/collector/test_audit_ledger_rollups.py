@@ -67,6 +67,17 @@ def test_a_missing_device_rollup_is_found(
     ]
 
 
+def test_an_edited_monthly_device_rollup_is_found(
+    filled: Store, verifier: Verifier, backend: Backend
+) -> None:
+    backend.execute("UPDATE rollups_device_monthly SET busy_us = busy_us - 1")
+    month = DEVICE.replace("device hour 2025-06-15T15:00Z", "device month 2025-06")
+    assert findings(filled, verifier) == [
+        f"rollups: {month}: stored busy_us, wall_us, records [{4 * BUSY_US - 1}, "
+        f"{4 * WALL_US}, 4], the records sum to [{4 * BUSY_US}, {4 * WALL_US}, 4]"
+    ]
+
+
 def test_an_edited_api_rollup_is_found(filled: Store, verifier: Verifier, backend: Backend) -> None:
     backend.execute("UPDATE api_rollups_hourly SET requests = 9 WHERE hour_start_us = ?", HOUR1_US)
     backend.execute(

@@ -141,7 +141,7 @@ def test_audit_finds_claims_stored_without_the_check(
     beyond = [p for p in problems if "more busy time than elapsed" in p]
     assert len(beyond) == 4
     assert all(p.endswith("and it is not in quarantine") for p in beyond)
-    assert len(problems) == 4 + 3
+    assert len(problems) == 4 + 4
 
 
 def test_a_batch_checked_against_budgets_that_moved_is_not_stored(

@@ -182,9 +182,9 @@ def test_audit_exits_0_when_clean_and_1_with_findings(
     assert out.splitlines()[0] == (
         "agent 'agent-1' seq 3: chain broken: follows seq 1 (seqs 2..2 missing)"
     )
-    # The hole, the span signature that covered seq 2, and the hourly, device and GPU usage
-    # rollups that still count seq 2.
-    assert out.splitlines()[-1] == "audit: 1 agents, 3 records, 5 findings"
+    # The hole, the span signature that covered seq 2, and the hourly, device, GPU usage and
+    # monthly device rollups that still count seq 2.
+    assert out.splitlines()[-1] == "audit: 1 agents, 3 records, 6 findings"
 
 
 # -- the daemon ------------------------------------------------------------------------------

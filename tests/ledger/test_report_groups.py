@@ -22,7 +22,7 @@ from creditmeter.collector.report import (
 )
 from creditmeter.collector.store import UsageTotal
 
-from .conftest import DAY_US, JUNE_1_US, Feeder, LedgerTestStore
+from .conftest import AUGUST_1_US, DAY_US, HOUR_US, JULY_1_US, JUNE_1_US, Feeder, LedgerTestStore
 
 JUNE_10_US = JUNE_1_US + 9 * DAY_US
 JUNE_11_US = JUNE_10_US + DAY_US
@@ -196,3 +196,82 @@ def test_groupings_by_device_without_account_read_the_gpu_rollups_and_agree(
         if not g.requests
     } == summed
     assert len(summed) >= 3
+
+
+@pytest.fixture
+def months(store: LedgerTestStore, feeder: Feeder) -> LedgerTestStore:
+    """Usage on both sides of two month edges: May 31 23:00, June 1 00:00, June 30 23:00,
+    July 1 00:00, July 15; two accounts, two hosts."""
+    times = [
+        JUNE_1_US - HOUR_US,
+        JUNE_1_US,
+        JULY_1_US - HOUR_US,
+        JULY_1_US,
+        JULY_1_US + 14 * DAY_US,
+    ]
+    for n, start_us in enumerate(times):
+        feeder.send(1 + n, start_us=start_us, host="host-1", gpu_uuid=GPU_A)
+        feeder.send(1, account="globex", busy_us=1_000_000 + n, start_us=start_us + 60_000_000,
+                    host="host-2", gpu_uuid=GPU_B)  # fmt: skip
+    return store
+
+
+MONTH_PERIODS = [
+    (None, None),
+    (JUNE_1_US, JULY_1_US),  # one whole month
+    (JUNE_1_US - HOUR_US, JULY_1_US + HOUR_US),  # a month and an hour either side
+    (JUNE_1_US + HOUR_US, AUGUST_1_US),  # June but its first hour, then July
+    (JUNE_1_US + 10 * DAY_US, JULY_1_US + 20 * DAY_US),  # no whole month
+    (None, JULY_1_US),
+    (JULY_1_US, None),
+]
+
+
+@pytest.mark.parametrize(("from_us", "to_us"), MONTH_PERIODS)
+@pytest.mark.parametrize("account", [None, "acme"])
+def test_reports_by_account_and_device_read_whole_months_from_their_sums_and_agree(
+    months: LedgerTestStore, from_us: int | None, to_us: int | None, account: str | None
+) -> None:
+    """By account and host or GPU, whole months come from the monthly device rollups and the
+    hours around them from the hourly ones; grouped by day as well, every hour comes from
+    the hourly ones. Summed over the days, both give the same numbers."""
+    dimensions = frozenset({Dimension.ACCOUNT, Dimension.HOST, Dimension.GPU})
+    fast = months.grouped_usage(from_us, to_us, dimensions, account)
+    by_day = months.grouped_usage(from_us, to_us, dimensions | {Dimension.DAY}, account)
+    summed: dict[tuple[Any, ...], list[int]] = {}
+    for g in by_day:
+        sums = summed.setdefault((g.account, g.model, g.host, g.gpu_uuid), [0, 0])
+        sums[0] += g.busy_us
+        sums[1] += g.record_count
+    got = {(g.account, g.model, g.host, g.gpu_uuid): [g.busy_us, g.record_count] for g in fast}
+    assert got == summed
+    assert all(busy > 0 for busy, _ in got.values())
+
+
+def test_which_rollups_a_month_report_reads() -> None:
+    from creditmeter.collector.ledger_store import RollupPart, busy_rollup_parts
+
+    open_ends = (-(2**63), 2**63 - 1)
+    by_host = frozenset({Dimension.ACCOUNT, Dimension.HOST})
+    hourly, monthly = "rollups_device_hourly", "rollups_device_monthly"
+    around_june = (JUNE_1_US - HOUR_US, JULY_1_US + HOUR_US)
+    assert busy_rollup_parts(by_host, None, around_june, open_ends) == [
+        RollupPart(hourly, "hour_start_us", JUNE_1_US - HOUR_US, JUNE_1_US),
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JULY_1_US),
+        RollupPart(hourly, "hour_start_us", JULY_1_US, JULY_1_US + HOUR_US),
+    ]  # fmt: skip
+    assert busy_rollup_parts(by_host, "acme", open_ends, open_ends) == [
+        RollupPart(monthly, "month_start_us", *open_ends)
+    ]
+    no_whole_month = (JUNE_1_US + HOUR_US, JULY_1_US + HOUR_US)
+    assert busy_rollup_parts(by_host, None, no_whole_month, open_ends) == [
+        RollupPart(hourly, "hour_start_us", *no_whole_month)
+    ]
+    by_day = by_host | {Dimension.DAY}  # days need hours
+    assert busy_rollup_parts(by_day, None, open_ends, open_ends) == [
+        RollupPart(hourly, "hour_start_us", *open_ends)
+    ]
+    by_model = frozenset({Dimension.ACCOUNT, Dimension.MODEL})  # no device: the hourly ones
+    assert busy_rollup_parts(by_model, None, open_ends, open_ends) == [
+        RollupPart("rollups_hourly", "hour_start_us", *open_ends)
+    ]
