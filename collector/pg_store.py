@@ -150,6 +150,7 @@ from creditmeter.collector.ledger_store import (
     group_columns,
     price_version,
     rollup_source_sql,
+    subtracts,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -1115,7 +1116,9 @@ class PostgresStore:
         account: str | None = None,
     ) -> list[UsageGroup]:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
-        busy_sql, busy_parameters = _grouped_sql(dimensions, account, bounds, api=False)
+        busy_sql, busy_parameters = _grouped_sql(
+            dimensions, account, bounds, api=False, now_us=self._clock_us()
+        )
         api_sql, api_parameters = _grouped_sql(dimensions, account, bounds, api=True)
         # One statement: busy rows and request rows from one snapshot.
         with self._statement("reading usage") as cur:
@@ -1931,7 +1934,12 @@ def _insert_statement(cur: Cursor, statement: Statement) -> None:
 
 
 def _grouped_sql(
-    dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
+    dimensions: frozenset[Dimension],
+    account: str | None,
+    bounds: tuple[int, int],
+    *,
+    api: bool,
+    now_us: int | None = None,
 ) -> tuple[str, list[object]]:
     """A grouped rollup query whose rows are UsageGroup fields (shards summed), from the
     smallest rollups that hold the grouping (busy_rollup_parts). Typed NULLs and casts: the
@@ -1955,10 +1963,14 @@ def _grouped_sql(
     parts = (
         [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
         if api
-        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US), now_us)
     )
     source, parameters = rollup_source_sql(parts, account, "%s")
-    sql = f"(SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)})"
+    having = " HAVING SUM(busy_us) != 0 OR SUM(record_count) != 0" if subtracts(parts) else ""
+    sql = (
+        f"(SELECT {', '.join(selected)}, {sums} FROM {source} "
+        f"GROUP BY {', '.join(grouped)}{having})"
+    )
     return sql, parameters
 
 

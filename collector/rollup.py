@@ -199,16 +199,26 @@ def device_monthly_sums(
     return sums
 
 
-def whole_months(from_us: int, to_us: int, unbounded: tuple[int, int]) -> tuple[int, int] | None:
-    """The months wholly inside the hours [from_us, to_us): (first month's start, the end of
-    the last), or None if there is none. A bound equal to its ``unbounded`` value is open,
-    and is its own month edge (months reach back and forward as far as the data does)."""
+def month_edges(
+    from_us: int, to_us: int, unbounded: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """The month edges around the hours [from_us, to_us): (start of the month holding
+    from_us, the first month start at or after it, the last month start at or before to_us,
+    the end of the month holding to_us). An open bound is its own edge, both ways; None for a
+    bound outside the calendar (past year 9999)."""
     low, high = unbounded
     try:
-        first = low if from_us == low else month_start_us(from_us)
-        if first != low and first < from_us:
-            first = next_month_start_us(first)
-        last = high if to_us == high else month_start_us(to_us)
+        if from_us == low:
+            around_from = after_from = low
+        else:
+            around_from = after_from = month_start_us(from_us)
+            if after_from < from_us:
+                after_from = next_month_start_us(after_from)
+        if to_us == high:
+            before_to = around_to = high
+        else:
+            before_to = month_start_us(to_us)
+            around_to = before_to if before_to == to_us else next_month_start_us(before_to)
     except (OverflowError, OSError, ValueError):
-        return None  # a bound outside the calendar (past year 9999): the hourly rollups hold it
-    return (first, last) if first < last else None
+        return None
+    return around_from, after_from, before_to, around_to

@@ -74,6 +74,7 @@ from creditmeter.collector.ledger_store import (
     group_columns,
     price_version,
     rollup_source_sql,
+    subtracts,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
@@ -986,7 +987,10 @@ class SQLiteStore:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
         with self._lock, _translated("reading usage"):
             conn = self._connection()
-            busy = conn.execute(*_grouped_sql(dimensions, account, bounds, api=False))
+            now_us = self._clock_us()
+            busy = conn.execute(
+                *_grouped_sql(dimensions, account, bounds, api=False, now_us=now_us)
+            )
             groups = [UsageGroup(*row) for row in busy.fetchall()]
             api = conn.execute(*_grouped_sql(dimensions, account, bounds, api=True))
             groups.extend(UsageGroup(*row) for row in api.fetchall())
@@ -1588,7 +1592,12 @@ def _check_open(conn: sqlite3.Connection, name: str, effective_us: int, what: st
 
 
 def _grouped_sql(
-    dimensions: frozenset[Dimension], account: str | None, bounds: tuple[int, int], *, api: bool
+    dimensions: frozenset[Dimension],
+    account: str | None,
+    bounds: tuple[int, int],
+    *,
+    api: bool,
+    now_us: int | None = None,
 ) -> tuple[str, list[object]]:
     """A grouped rollup query whose rows are UsageGroup fields, from the smallest rollups
     that hold the grouping (busy_rollup_parts)."""
@@ -1600,10 +1609,12 @@ def _grouped_sql(
     parts = (
         [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
         if api
-        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US), now_us)
     )
     source, parameters = rollup_source_sql(parts, account, "?")
     sql = f"SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)}"
+    if subtracts(parts):
+        sql += " HAVING SUM(busy_us) != 0 OR SUM(record_count) != 0"
     return sql, parameters
 
 

@@ -9,9 +9,9 @@ import pytest
 from creditmeter.collector.rollup import (
     HOUR_US,
     device_monthly_sums,
+    month_edges,
     month_start_us,
     next_month_start_us,
-    whole_months,
 )
 
 OPEN = (-(2**63), 2**63 - 1)
@@ -43,23 +43,29 @@ def test_the_month_after_crosses_years_and_short_months() -> None:
 
 
 @pytest.mark.parametrize(
-    ("start", "end", "months"),
+    ("start", "end", "edges"),
     [
-        ("2026-06-01", "2026-07-01", ("2026-06-01", "2026-07-01")),
-        ("2026-05-31T23:00", "2026-08-01T01:00", ("2026-06-01", "2026-08-01")),
-        ("2026-06-01T01:00", "2026-07-31T00:00", None),  # no month whole
-        ("2026-06-15", "2026-06-20", None),
+        ("2026-06-01", "2026-07-01", ("2026-06-01", "2026-06-01", "2026-07-01", "2026-07-01")),
+        (
+            "2026-05-31T23:00",
+            "2026-08-01T01:00",
+            ("2026-05-01", "2026-06-01", "2026-08-01", "2026-09-01"),
+        ),
+        ("2026-06-15", "2026-06-20", ("2026-06-01", "2026-07-01", "2026-06-01", "2026-07-01")),
+        ("2026-12-15", "2027-01-10", ("2026-12-01", "2027-01-01", "2027-01-01", "2027-02-01")),
     ],
 )
-def test_the_whole_months_of_a_period(start: str, end: str, months: tuple[str, str] | None) -> None:
-    expected = None if months is None else (us(months[0]), us(months[1]))
-    assert whole_months(us(start), us(end), OPEN) == expected
+def test_the_month_edges_around_a_period(
+    start: str, end: str, edges: tuple[str, str, str, str]
+) -> None:
+    assert month_edges(us(start), us(end), OPEN) == tuple(us(e) for e in edges)
 
 
-def test_open_ends_reach_as_far_as_the_data() -> None:
-    assert whole_months(OPEN[0], us("2026-06-15"), OPEN) == (OPEN[0], us("2026-06-01"))
-    assert whole_months(us("2026-06-15"), OPEN[1], OPEN) == (us("2026-07-01"), OPEN[1])
-    assert whole_months(*OPEN, OPEN) == OPEN
+def test_open_ends_are_their_own_edges() -> None:
+    june, july = us("2026-06-01"), us("2026-07-01")
+    assert month_edges(OPEN[0], us("2026-06-15"), OPEN) == (OPEN[0], OPEN[0], june, july)
+    assert month_edges(us("2026-06-15"), OPEN[1], OPEN) == (june, july, OPEN[1], OPEN[1])
+    assert month_edges(*OPEN, OPEN) == (OPEN[0], OPEN[0], OPEN[1], OPEN[1])
 
 
 def test_monthly_sums_add_up_the_hours_of_each_month() -> None:
@@ -76,6 +82,6 @@ def test_monthly_sums_add_up_the_hours_of_each_month() -> None:
     assert hourly[(june, "h", "g", "acme", "sdxl")] == [10, 20, 1]  # inputs left as they were
 
 
-def test_bounds_outside_the_calendar_have_no_whole_months() -> None:
-    assert whole_months(us("9999-12-15"), OPEN[1], OPEN) is None
-    assert whole_months(OPEN[0], 2**62, OPEN) is None
+def test_bounds_outside_the_calendar_have_no_month_edges() -> None:
+    assert month_edges(us("9999-12-15"), OPEN[1], OPEN) is None
+    assert month_edges(OPEN[0], 2**62, OPEN) is None

@@ -221,7 +221,9 @@ MONTH_PERIODS = [
     (JUNE_1_US, JULY_1_US),  # one whole month
     (JUNE_1_US - HOUR_US, JULY_1_US + HOUR_US),  # a month and an hour either side
     (JUNE_1_US + HOUR_US, AUGUST_1_US),  # June but its first hour, then July
-    (JUNE_1_US + 10 * DAY_US, JULY_1_US + 20 * DAY_US),  # no whole month
+    (JUNE_1_US + 10 * DAY_US, JULY_1_US + 20 * DAY_US),  # no whole month: each less the rest
+    (JUNE_1_US + HOUR_US, JULY_1_US - HOUR_US),  # June less its first and last hours
+    (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US),  # two days inside June: hours
     (None, JULY_1_US),
     (JULY_1_US, None),
 ]
@@ -265,7 +267,21 @@ def test_which_rollups_a_month_report_reads() -> None:
     ]
     no_whole_month = (JUNE_1_US + HOUR_US, JULY_1_US + HOUR_US)
     assert busy_rollup_parts(by_host, None, no_whole_month, open_ends) == [
-        RollupPart(hourly, "hour_start_us", *no_whole_month)
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JULY_1_US),
+        RollupPart(hourly, "hour_start_us", JUNE_1_US, JUNE_1_US + HOUR_US, -1),
+        RollupPart(hourly, "hour_start_us", JULY_1_US, JULY_1_US + HOUR_US),
+    ]  # June less its first hour, then July's first hour
+    last_30_days = (JULY_1_US - 25 * DAY_US, JULY_1_US + 5 * DAY_US)
+    now_us = JULY_1_US + 5 * DAY_US - HOUR_US
+    assert busy_rollup_parts(by_host, None, last_30_days, open_ends, now_us) == [
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JULY_1_US),
+        RollupPart(hourly, "hour_start_us", JUNE_1_US, JULY_1_US - 25 * DAY_US, -1),
+        RollupPart(monthly, "month_start_us", JULY_1_US, AUGUST_1_US),
+        RollupPart(hourly, "hour_start_us", JULY_1_US + 5 * DAY_US, AUGUST_1_US, -1),
+    ]  # July's hours after now are empty: July less them reads nothing
+    two_days = (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US)
+    assert busy_rollup_parts(by_host, None, two_days, open_ends) == [
+        RollupPart(hourly, "hour_start_us", *two_days)
     ]
     by_day = by_host | {Dimension.DAY}  # days need hours
     assert busy_rollup_parts(by_day, None, open_ends, open_ends) == [
