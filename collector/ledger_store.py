@@ -535,7 +535,7 @@ def busy_rollup_parts(
     table = busy_rollup_table(dimensions, account, api=False)
     from_us, to_us = bounds
     edges = None
-    if table == _HOURLY and Dimension.DAY not in dimensions:
+    if table == _HOURLY and Dimension.DAY not in dimensions and from_us < to_us:
         edges = month_edges(from_us, to_us, unbounded)
     if edges is None:
         return [RollupPart(table, "hour_start_us", from_us, to_us)]

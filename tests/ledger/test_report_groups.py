@@ -16,6 +16,7 @@ from creditmeter.collector.report import (
     Period,
     build_report,
     parse_group_by,
+    parse_period,
     render_csv,
     render_json,
     render_table,
@@ -279,6 +280,10 @@ def test_which_rollups_a_month_report_reads() -> None:
         RollupPart(monthly, "month_start_us", JULY_1_US, AUGUST_1_US),
         RollupPart(hourly, "hour_start_us", JULY_1_US + 5 * DAY_US, AUGUST_1_US, -1),
     ]  # July's hours after now are empty: July less them reads nothing
+    for empty in ((JUNE_1_US, JUNE_1_US), (0, -DAY_US)):  # a report that ends before 1970
+        assert busy_rollup_parts(by_host, None, empty, open_ends) == [
+            RollupPart(hourly, "hour_start_us", *empty)
+        ]  # no part at all would be no SQL
     two_days = (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US)
     assert busy_rollup_parts(by_host, None, two_days, open_ends) == [
         RollupPart(hourly, "hour_start_us", *two_days)
@@ -291,3 +296,13 @@ def test_which_rollups_a_month_report_reads() -> None:
     assert busy_rollup_parts(by_model, None, open_ends, open_ends) == [
         RollupPart("rollups_hourly", "hour_start_us", *open_ends)
     ]
+
+
+def test_a_report_that_ends_before_1970_is_empty(
+    months: LedgerTestStore, prices: PriceBook
+) -> None:
+    """Its only price span is [epoch, end): inverted, so it holds no hours; it once made
+    the store build a query of no parts."""
+    period = parse_period(None, "1969-12-31")
+    report = build_report(months, period, (Dimension.ACCOUNT, Dimension.HOST), prices)
+    assert report.rows == []
