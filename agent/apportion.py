@@ -166,18 +166,30 @@ def apportion(
         shared.append(period)
     runs = _runs(shared)
     last_end_us = periods[-1].end_us if periods else 0
+    spans = _spans_to_fit(evidence, runs, last_end_us) if runs else []
     for run in runs:
-        goals = _goals(run, runs, evidence, remaining, last_end_us)
+        goals = _goals(run, evidence, remaining, spans)
         _fit_run(run, evidence, presence, commit_until_us, complete, remaining, goals, out)
     return out
 
 
+def _spans_to_fit(
+    evidence: Sequence[Evidence], runs: Sequence[Sequence[Period]], last_end_us: int
+) -> list[int]:
+    """Each piece's span still to be fitted: its overlap with every run, plus what reaches
+    past the periods read so far. Once per apportioning, not once per run."""
+    spans = []
+    for e in evidence:
+        ahead = max(0, e.end_us - max(e.start_us, last_end_us))
+        spans.append(ahead + sum(_overlap(e, r[0].start_us, r[-1].end_us) for r in runs))
+    return spans
+
+
 def _goals(
     run: Sequence[Period],
-    runs: Sequence[Sequence[Period]],
     evidence: Sequence[Evidence],
     remaining: Sequence[float],
-    last_end_us: int,
+    spans: Sequence[int],
 ) -> dict[int, float]:
     """What each piece overlapping ``run`` should take there: its claim not yet spent, in
     the proportion of its span still to be fitted that lies in this run (a piece reaching
@@ -189,12 +201,7 @@ def _goals(
         if here <= 0:
             continue
         claim_left = remaining[i] - (e.bound_pct_us - e.pct_us)
-        if claim_left <= 0:
-            goals[i] = 0.0
-            continue
-        ahead = max(0, e.end_us - max(e.start_us, last_end_us))
-        span = ahead + sum(_overlap(e, r[0].start_us, r[-1].end_us) for r in runs)
-        goals[i] = claim_left * here / span
+        goals[i] = claim_left * here / spans[i] if claim_left > 0 else 0.0
     return goals
 
 
