@@ -148,6 +148,7 @@ from creditmeter.collector.ledger_store import (
     check_prices_unchanged,
     check_repeat,
     group_columns,
+    grouping_order,
     price_version,
     rollup_source_sql,
     subtracts,
@@ -1953,7 +1954,7 @@ def _grouped_sql(
         "host": "text",
         "gpu": "text",
     }
-    grouped = [expression for expression in columns.values() if expression is not None]
+    grouped = grouping_order(columns)
     selected = [expression or f"NULL::{null_types[name]}" for name, expression in columns.items()]
     sums = (
         "0::bigint, SUM(requests)::bigint, SUM(charge_count)::bigint"

@@ -19,6 +19,7 @@ credit entries, API charges with their hourly rollup, and closed periods.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -72,6 +73,7 @@ from creditmeter.collector.ledger_store import (
     check_prices_unchanged,
     check_repeat,
     group_columns,
+    grouping_order,
     price_version,
     rollup_source_sql,
     subtracts,
@@ -1204,6 +1206,7 @@ class SQLiteStore:
                 if mode != "wal":
                     raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
                 conn.execute("PRAGMA synchronous = FULL")
+                conn.execute(f"PRAGMA threads = {_SORTER_HELPERS}")
             except BaseException:
                 conn.close()
                 raise
@@ -1229,6 +1232,13 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+
+# Helper threads SQLite's sorter may start for a large sort (GROUP BY, ORDER BY, index
+# builds; none on the ingest path): a report over 15 days grouped by account and host sorts
+# 1.5 M device-hours, 1.6 s alone and 1.0 s with one helper on 2 cores (more made it no
+# faster there).
+_SORTER_HELPERS = 1 if (os.cpu_count() or 1) > 1 else 0
 
 
 class SQLiteSnapshot:
@@ -1603,7 +1613,7 @@ def _grouped_sql(
     that hold the grouping (busy_rollup_parts)."""
     day = f"hour_start_us - hour_start_us % {DAY_US}"
     columns = group_columns(dimensions, api=api, day_sql=day)
-    grouped = [expression for expression in columns.values() if expression is not None]
+    grouped = grouping_order(columns)
     selected = [expression or "NULL" for expression in columns.values()]
     sums = "0, SUM(requests), SUM(charge_count)" if api else "SUM(busy_us), 0, SUM(record_count)"
     parts = (

@@ -3,6 +3,7 @@ every store guarantees is tested against SQLite and PostgreSQL in test_store_con
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -193,3 +194,11 @@ def test_a_new_database_uses_16_kib_pages_in_wal_mode(store: SQLiteStore, db_pat
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_sorter_may_use_a_helper_thread_where_there_is_a_second_core(
+    store: SQLiteStore,
+) -> None:
+    """Large GROUP BYs (reports over weeks of device-hours) sort 1.6× faster with one."""
+    helpers = store._connection().execute("PRAGMA threads").fetchone()[0]
+    assert helpers == (1 if (os.cpu_count() or 1) > 1 else 0)
