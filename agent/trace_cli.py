@@ -68,11 +68,19 @@ def replay_main(argv: Sequence[str]) -> int:
     parser.add_argument("trace", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
     try:
-        usages = replay_trace(args.trace)
+        usages, mismatch = replayed(args.trace)
     except TraceError as exc:
         print(f"creditmeter-agent replay: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(summary(usages), end="")
+    if mismatch:
+        print(
+            f"creditmeter-agent replay: not a reproduction: this meter asks NVML differently "
+            f"from the one that recorded {args.trace} ({mismatch}); record it again with "
+            "this agent",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -116,11 +124,18 @@ def _meter_for(
 
 
 def replay_trace(path: Path) -> list[WindowUsage]:
+    return replayed(path)[0]
+
+
+def replayed(path: Path) -> tuple[list[WindowUsage], str]:
+    """What the meter writes over the trace at ``path``, and how its NVML calls differed
+    from the recorded ones ("" if they did not: a faithful reproduction)."""
     from creditmeter.simnvml.replay import ReplayHost
 
     host = ReplayHost.load(path)
     meter = Meter(host.nvml, host.processes, host.clock)
-    return host.run(meter.poll, meter.close_window)
+    usages = host.run(meter.poll, meter.close_window)
+    return usages, host.nvml.mismatch()
 
 
 def summary(usages: Sequence[WindowUsage]) -> str:

@@ -5,13 +5,14 @@ The same meter fed the same answers makes the same records, to the µs: that is 
 customer's host is reproduced offline. A meter that asks differently (a newer agent) still
 gets answers: each call takes the next recorded answer to the same call on the same device
 or pid, sample rows cut to those newer than its own cursor. What the trace never recorded
-is not made up: a device call past the end raises GpuLost, so the meter records a gap.
+is not made up: a device call past the end raises GpuLost, so the meter records a gap, and
+``ReplayNvml.mismatch`` says so (``creditmeter-agent replay`` then exits 1).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,14 @@ class _Answers:
             return self._last[key]
         return self._last.get(key) if key[0] in _KEEP_LAST else None
 
+    def left(self) -> Counter[str]:
+        """Recorded answers never asked for, by call."""
+        left: Counter[str] = Counter()
+        for key, queue in self._queues.items():
+            if queue and key[0] != "reopen":
+                left[key[0]] += len(queue)
+        return left
+
 
 def _nvml_key(entry: dict[str, Any]) -> Key:
     fn, args = entry["f"], entry["a"]
@@ -119,19 +128,31 @@ class ReplayNvml:
 
     def __init__(self, entries: list[dict[str, Any]]) -> None:
         self._answers = _Answers(entries, _nvml_key)
+        self.unanswered: Counter[str] = Counter()  # calls past the recorded answers
 
     def _answer(self, key: Key) -> Any:
+        return self._answered(key)[0]
+
+    def _answered(self, key: Key) -> tuple[Any, list[Any]]:
+        """The next recorded answer to ``key``, and the arguments it was asked with."""
         entry = self._answers.next(key)
         if entry is None:
+            self.unanswered[key[0]] += 1
             what = " ".join(str(k) for k in key)
             raise GpuLost(f"the trace holds no more answers to {what}")
         if "e" in entry:
             raise trace.decode_error(entry)
-        return trace.decode(key[0], entry["v"])
+        return trace.decode(key[0], entry["v"]), entry["a"]
 
     def _rows(self, fn: str, device: Device, since_us: int) -> Any:
-        rows = self._answer((fn, device.uuid))
-        return [r for r in rows if r.timestamp_us > since_us]
+        """The recorded rows as they came when asked from the recorded cursor; from another,
+        those newer than it. Padding rows (stamp 0) stay either way: a driver pads whatever
+        the cursor, and a meter that never saw the padding would never switch sources the
+        way the recorded one did."""
+        rows, args = self._answered((fn, device.uuid))
+        if args[1:] == [since_us]:
+            return rows
+        return [r for r in rows if r.timestamp_us > since_us or r.timestamp_us == 0]
 
     def driver_version(self) -> str:
         return str(self._answer(("driver_version",)))
@@ -169,8 +190,28 @@ class ReplayNvml:
     def reopen(self) -> None:
         self._answers.next(("reopen",))
 
+    def mismatch(self) -> str:
+        """How the meter's NVML calls differed from the recording's ("" if they did not):
+        calls it made past the recorded answers (each a lost GPU to the meter) and recorded
+        answers it never asked for. Either means the trace was made by a meter that asks
+        differently (another agent version), and the replay is no reproduction."""
+        parts = []
+        if self.unanswered:
+            parts.append(f"{_calls(self.unanswered)} the trace holds no answer to")
+        left = self._answers.left()
+        if left:
+            parts.append(f"{_calls(left)} recorded but never asked for")
+        return "; ".join(parts)
+
     def shutdown(self) -> None:
         pass
+
+
+def _calls(counts: Counter[str]) -> str:
+    """'3 calls (process_samples ×2, devices ×1)'."""
+    each = ", ".join(f"{fn} ×{n}" for fn, n in sorted(counts.items()))
+    total = sum(counts.values())
+    return f"{total} call{'s' if total != 1 else ''} ({each})"
 
 
 class ReplayProcessTable:

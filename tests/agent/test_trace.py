@@ -11,7 +11,7 @@ from creditmeter.agent.errors import GpuLost
 from creditmeter.agent.gpu import Device, DeviceSample
 from creditmeter.agent.main import main
 from creditmeter.agent.trace import TraceError, open_text, read
-from creditmeter.agent.trace_cli import replay_trace, summary
+from creditmeter.agent.trace_cli import replay_trace, replayed, summary
 from creditmeter.simnvml.profiles import profile_names
 from creditmeter.simnvml.replay import ReplayNvml
 
@@ -54,6 +54,57 @@ def test_a_trace_replays_to_what_the_meter_measured_under_every_profile(
 def test_the_shipped_traces_replay_to_their_recorded_result(path: Path) -> None:
     expected = path.with_name(path.name.removesuffix(".jsonl.gz") + ".txt").read_text()
     assert summary(replay_trace(path)) == expected
+
+
+# The replay once cut every recorded answer to rows newer than the meter's cursor, padding
+# included: on the padded and realistic traces the meter never saw the padding, never left
+# that source as the recorded one had, and never asked for the accounting mode.
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name.removesuffix(".jsonl.gz") for p in SHIPPED])
+def test_the_shipped_traces_replay_call_for_call(path: Path) -> None:
+    assert replayed(path)[1] == ""
+
+
+def _entries_without(path: Path, out: Path, drop: str, last: bool) -> None:
+    """The trace at ``path`` written to ``out`` less one ``drop`` answer (the last one, or
+    the first)."""
+    with open_text(path, "r") as f:
+        lines = f.read().splitlines(keepends=True)
+    hits = [i for i, line in enumerate(lines) if json.loads(line).get("f") == drop]
+    del lines[hits[-1] if last else hits[0]]
+    with open_text(out, "w") as f:
+        f.write("".join(lines))
+
+
+def test_a_trace_short_of_an_answer_is_no_reproduction_and_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """As when a newer meter asks for more than the recording one did."""
+    short = tmp_path / "short.jsonl.gz"
+    _entries_without(FIXTURES / "timeslice-ideal.jsonl.gz", short, "device_samples", last=True)
+    assert main(["replay", str(short)]) == 1
+    captured = capsys.readouterr()
+    assert "device busy" in captured.out  # what it could measure is still shown
+    assert captured.err.count("\n") == 1
+    assert "not a reproduction" in captured.err
+    assert "1 call (device_samples ×1) the trace holds no answer to" in captured.err
+
+
+def test_answers_never_asked_for_are_no_reproduction_either(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """As when a newer meter asks for less: the recorded accounting-mode answer is one the
+    meter reaches only after the padding it drops."""
+    path = FIXTURES / "timeslice-padded.jsonl.gz"
+    with open_text(path, "r") as f:
+        lines = f.read().splitlines(keepends=True)
+    extra = [line for line in lines if json.loads(line).get("f") == "accounting_enabled"]
+    assert extra
+    more = tmp_path / "more.jsonl"
+    with open_text(more, "w") as f:
+        f.write("".join(lines + extra))
+    assert main(["replay", str(more)]) == 1
+    err = capsys.readouterr().err
+    assert "1 call (accounting_enabled ×1) recorded but never asked for" in err
 
 
 def test_every_profile_has_a_shipped_trace() -> None:
