@@ -55,6 +55,7 @@ from creditmeter.collector.verifier import CheckedRecords, Verifier, public_key
 from creditmeter.v1 import usage_pb2
 
 _RECORD_SUMS = "busy_us, wall_us, records"
+_MONTHLY_SUMS = "busy_us, wall_us, records, busy_us of days 1-31, records of days 1-31"
 _HELD_NOT_STORED = "in quarantine, but no such record is stored"
 _API_SUMS = "requests, charges"
 ApiRollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
@@ -196,16 +197,10 @@ def _ledger_rollup_findings(
         "records",
     )
     yield from _sum_findings(
-        (
-            (
-                (r.hour_start_us, r.host, r.gpu_uuid, r.account, r.model),
-                [r.busy_us, r.wall_us, r.record_count],
-            )
-            for r in snapshot.device_monthly_rollups()
-        ),
+        snapshot.device_monthly_rollups(),
         device_monthly_sums(device),
         _device_month_where,
-        _RECORD_SUMS,
+        _MONTHLY_SUMS,
         "records",
     )
     yield from _sum_findings(

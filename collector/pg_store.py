@@ -124,6 +124,7 @@ from creditmeter.collector.errors import (
     UnknownPlan,
 )
 from creditmeter.collector.ledger_store import (
+    DAYS_SET_SQL,
     Account,
     ApiCharge,
     ApiRollup,
@@ -147,18 +148,22 @@ from creditmeter.collector.ledger_store import (
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
+    day_sums_sql,
     group_columns,
     grouping_order,
     price_version,
     rollup_source_sql,
-    subtracts,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceVersion, canonical_text, exact_micro_text
 from creditmeter.collector.rollup import (
+    DAY_BUSY_COLUMNS,
+    DAY_RECORD_COLUMNS,
     DAY_US,
     HOUR_US,
+    MONTH_DAYS,
+    MONTHLY_SUM_COLUMNS,
     DeviceRollupKey,
     GpuSums,
     Rollup,
@@ -166,7 +171,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
-    device_monthly_sums,
+    device_month_day_sums,
     gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
@@ -207,6 +212,12 @@ class Migration:
     statements: tuple[str, ...]
 
 
+# The month (UTC) of a rollup's hour, in µs (rollup.month_start_us), and its day (1-31).
+_MONTH_OF_HOUR_SQL = (
+    "EXTRACT(EPOCH FROM date_trunc('month', to_timestamp(hour_start_us / 1000000) "
+    "AT TIME ZONE 'UTC'))::bigint * 1000000"
+)
+_DAY_OF_HOUR_SQL = "EXTRACT(DAY FROM to_timestamp(hour_start_us / 1000000) AT TIME ZONE 'UTC')::int"
 # Integers are BIGINT throughout: the proto's uint32 (pid, gpu index) do not fit INTEGER,
 # and one type per column kind keeps the binary COPY's type list obvious.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -587,6 +598,27 @@ MIGRATIONS: tuple[Migration, ...] = (
                 FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5, 6""",
         ),
     ),
+    Migration(
+        15,
+        "the monthly device rollups' busy µs and records per day, for reports over days",
+        (
+            "ALTER TABLE rollups_device_monthly "
+            + ", ".join(
+                f"ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0"
+                for column in (*DAY_BUSY_COLUMNS, *DAY_RECORD_COLUMNS)
+            ),
+            f"""UPDATE rollups_device_monthly AS m SET {DAYS_SET_SQL}
+                FROM (SELECT month_start_us, host, gpu_uuid, account, model, shard,
+                             {day_sums_sql("::bigint")}
+                      FROM (SELECT *, {_MONTH_OF_HOUR_SQL} AS month_start_us,
+                                   {_DAY_OF_HOUR_SQL} AS day
+                            FROM rollups_device_hourly) AS h
+                      GROUP BY 1, 2, 3, 4, 5, 6) AS s
+                WHERE m.month_start_us = s.month_start_us AND m.host = s.host
+                  AND m.gpu_uuid = s.gpu_uuid AND m.account = s.account AND m.model = s.model
+                  AND m.shard = s.shard""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -668,11 +700,7 @@ _UPSERT_GPU_ROLLUPS = """
     SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[])
     ON CONFLICT (hour_start_us, host, gpu_uuid, kind) DO UPDATE SET
         amount_us = rollups_gpu_hourly.amount_us + excluded.amount_us"""
-# A batch's per-GPU-and-model sums, in key order, after the GPU books and before the device
-# and hourly rollups (_ADVANCE): every writer locks rollup rows in that order.
-# Then the batch's per-device sums of whole months, in the same statement (one round trip;
-# the monthly INSERT's WHERE reads the GPU usage upsert's result, so that one finishes first).
-_UPSERT_GPU_USAGE_AND_MONTHS = """
+_UPSERT_GPU_USAGE = """
     WITH usage AS (
         INSERT INTO rollups_gpu_usage_hourly
             (hour_start_us, host, gpu_uuid, model, shard, busy_us, wall_us, record_count)
@@ -683,16 +711,32 @@ _UPSERT_GPU_USAGE_AND_MONTHS = """
             wall_us = rollups_gpu_usage_hourly.wall_us + excluded.wall_us,
             record_count = rollups_gpu_usage_hourly.record_count + excluded.record_count
         RETURNING 1
-    )
+    )"""
+
+
+def _upsert_month_day(day: int, after_usage: bool) -> str:
+    """The upsert of monthly device rollups from one day's device-hours (0: the 1st): the
+    month's sums and that day's two columns only (sending and setting all 62 day columns
+    halved small-batch ingest). After the GPU-usage upsert, in the same statement, when
+    ``after_usage``: its WHERE reads that upsert's result, so that one finishes first."""
+    added = ("busy_us", "wall_us", "record_count", DAY_BUSY_COLUMNS[day], DAY_RECORD_COLUMNS[day])
+    return f"""{_UPSERT_GPU_USAGE if after_usage else ""}
     INSERT INTO rollups_device_monthly
-        (month_start_us, host, gpu_uuid, account, model, shard, busy_us, wall_us, record_count)
-    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
-                         %s::smallint[], %s::bigint[], %s::bigint[], %s::bigint[])
-    WHERE (SELECT count(*) FROM usage) >= 0
+        (month_start_us, host, gpu_uuid, account, model, shard, {", ".join(added)})
+    SELECT m, h, g, a, mo, s, b, w, c, b, c
+    FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[], %s::smallint[],
+                %s::bigint[], %s::bigint[], %s::bigint[]) AS t(m, h, g, a, mo, s, b, w, c)
+    {"WHERE (SELECT count(*) FROM usage) >= 0" if after_usage else ""}
     ON CONFLICT (month_start_us, host, gpu_uuid, account, model, shard) DO UPDATE SET
-        busy_us = rollups_device_monthly.busy_us + excluded.busy_us,
-        wall_us = rollups_device_monthly.wall_us + excluded.wall_us,
-        record_count = rollups_device_monthly.record_count + excluded.record_count"""
+        {", ".join(f"{c} = rollups_device_monthly.{c} + excluded.{c}" for c in added)}"""
+
+
+# A batch's per-GPU-and-model sums, in key order, after the GPU books and before the device
+# and hourly rollups (_ADVANCE): every writer locks rollup rows in that order. Then, in the
+# same statement, the monthly rollups of the batch's first day; a batch across midnight
+# (UTC) adds its other day in a statement of its own.
+_UPSERT_GPU_USAGE_AND_MONTH_DAY = tuple(_upsert_month_day(d, True) for d in range(MONTH_DAYS))
+_UPSERT_MONTH_DAY = tuple(_upsert_month_day(d, False) for d in range(MONTH_DAYS))
 _SELECT_QUARANTINE = "SELECT * FROM quarantine ORDER BY agent_id, seq"
 _SELECT_AGENT = """
     SELECT agent_id, public_key_hex, enrolled_at_us, revoked_at_us, head_seq, head_hash
@@ -1117,9 +1161,7 @@ class PostgresStore:
         account: str | None = None,
     ) -> list[UsageGroup]:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
-        busy_sql, busy_parameters = _grouped_sql(
-            dimensions, account, bounds, api=False, now_us=self._clock_us()
-        )
+        busy_sql, busy_parameters = _grouped_sql(dimensions, account, bounds, api=False)
         api_sql, api_parameters = _grouped_sql(dimensions, account, bounds, api=True)
         # One statement: busy rows and request rows from one snapshot.
         with self._statement("reading usage") as cur:
@@ -1413,15 +1455,15 @@ class PostgresSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
-    def device_monthly_rollups(self) -> Iterator[DeviceRollup]:
+    def device_monthly_rollups(self) -> Iterator[tuple[DeviceRollupKey, RollupSums]]:
+        sums = ", ".join(f"SUM({c})::bigint" for c in MONTHLY_SUM_COLUMNS)
         with _translated("reading monthly device rollups", self._where):
             cursor = self._conn.execute(
-                """SELECT month_start_us, host, gpu_uuid, account, model, SUM(busy_us)::bigint,
-                          SUM(wall_us)::bigint, SUM(record_count)::bigint
+                f"""SELECT month_start_us, host, gpu_uuid, account, model, {sums}
                    FROM rollups_device_monthly GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"""
             )
             for row in cursor:
-                yield DeviceRollup(*row)
+                yield row[:5], list(row[5:])
 
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
@@ -1790,12 +1832,16 @@ def _add_rollups(
 def _add_gpu_usage(cur: Cursor, shard: int, device_sums: dict[DeviceRollupKey, RollupSums]) -> None:
     """The per-GPU-and-model and the monthly sums of a batch's device sums, in key order."""
     usage = gpu_usage_sums(device_sums)
-    if usage:
-        monthly = device_monthly_sums(device_sums)
-        cur.execute(
-            _UPSERT_GPU_USAGE_AND_MONTHS,
-            (*_sharded_columns(usage, 4, shard), *_sharded_columns(monthly, 5, shard)),
-        )
+    if not usage:
+        return
+    for n, (day, month_sums) in enumerate(sorted(device_month_day_sums(device_sums).items())):
+        months = _sharded_columns(month_sums, 5, shard)
+        if n == 0:
+            cur.execute(
+                _UPSERT_GPU_USAGE_AND_MONTH_DAY[day], (*_sharded_columns(usage, 4, shard), *months)
+            )
+        else:  # a batch across midnight (UTC): its next day
+            cur.execute(_UPSERT_MONTH_DAY[day], months)
 
 
 def _add_gpu_rollups(cur: Cursor, gpu_sums: GpuSums) -> None:
@@ -1940,7 +1986,6 @@ def _grouped_sql(
     bounds: tuple[int, int],
     *,
     api: bool,
-    now_us: int | None = None,
 ) -> tuple[str, list[object]]:
     """A grouped rollup query whose rows are UsageGroup fields (shards summed), from the
     smallest rollups that hold the grouping (busy_rollup_parts). Typed NULLs and casts: the
@@ -1964,14 +2009,10 @@ def _grouped_sql(
     parts = (
         [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
         if api
-        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US), now_us)
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
     )
     source, parameters = rollup_source_sql(parts, account, "%s")
-    having = " HAVING SUM(busy_us) != 0 OR SUM(record_count) != 0" if subtracts(parts) else ""
-    sql = (
-        f"(SELECT {', '.join(selected)}, {sums} FROM {source} "
-        f"GROUP BY {', '.join(grouped)}{having})"
-    )
+    sql = f"(SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)})"
     return sql, parameters
 
 

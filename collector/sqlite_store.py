@@ -49,6 +49,7 @@ from creditmeter.collector.errors import (
     UnknownPlan,
 )
 from creditmeter.collector.ledger_store import (
+    DAYS_SET_SQL,
     Account,
     ApiCharge,
     ApiRollup,
@@ -72,18 +73,22 @@ from creditmeter.collector.ledger_store import (
     check_not_closed,
     check_prices_unchanged,
     check_repeat,
+    day_sums_sql,
     group_columns,
     grouping_order,
     price_version,
     rollup_source_sql,
-    subtracts,
     usage_events,
 )
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.prices import PriceVersion, canonical_text, exact_micro_text
 from creditmeter.collector.rollup import (
+    DAY_BUSY_COLUMNS,
+    DAY_RECORD_COLUMNS,
     DAY_US,
     HOUR_US,
+    MONTH_DAYS,
+    MONTHLY_SUM_COLUMNS,
     DeviceRollupKey,
     GpuSums,
     Rollup,
@@ -91,7 +96,7 @@ from creditmeter.collector.rollup import (
     RollupSums,
     account_sums,
     device_hourly_sums,
-    device_monthly_sums,
+    device_month_day_sums,
     gpu_usage_sums,
 )
 from creditmeter.collector.rows import ROW_COLUMNS, SEQ, RecordRow
@@ -153,6 +158,11 @@ MONTH_OF_HOUR_SQL = (
     "CAST(strftime('%s', hour_start_us / 1000000, 'unixepoch', 'start of month') AS INTEGER)"
     " * 1000000"
 )
+
+# The day of the month (1-31, UTC) of a rollup's hour.
+DAY_OF_HOUR_SQL = "CAST(strftime('%d', hour_start_us / 1000000, 'unixepoch') AS INTEGER)"
+# Per-day sums of device-hours (what the day columns of the monthly rollups hold).
+DAY_SUMS_SQL = day_sums_sql()
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -520,6 +530,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             _in_64_bits("rollups_device_monthly", "busy_us", "wall_us", "record_count"),
         ),
     ),
+    Migration(
+        16,
+        "the monthly device rollups' busy µs and records per day, for reports over days",
+        # No overflow trigger of their own: each day's sums are part of the month's, which
+        # have one, and none is negative (the verifier refuses negative busy time).
+        (
+            *(
+                f"ALTER TABLE rollups_device_monthly ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0"
+                for column in (*DAY_BUSY_COLUMNS, *DAY_RECORD_COLUMNS)
+            ),
+            f"""UPDATE rollups_device_monthly AS m SET {DAYS_SET_SQL}
+                FROM (SELECT {MONTH_OF_HOUR_SQL} AS month_start_us, host, gpu_uuid, account,
+                             model, {DAY_SUMS_SQL}
+                      FROM (SELECT *, {DAY_OF_HOUR_SQL} AS day FROM rollups_device_hourly)
+                      GROUP BY 1, 2, 3, 4, 5) AS s
+                WHERE m.month_start_us = s.month_start_us AND m.host = s.host
+                  AND m.gpu_uuid = s.gpu_uuid AND m.account = s.account AND m.model = s.model""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -563,14 +592,22 @@ _UPSERT_GPU_USAGE = """
         busy_us = busy_us + excluded.busy_us,
         wall_us = wall_us + excluded.wall_us,
         record_count = record_count + excluded.record_count"""
-_UPSERT_DEVICE_MONTHLY = """
+
+
+def _upsert_device_month_day(day: int) -> str:
+    """The upsert of monthly device rollups from one day's device-hours (0: the 1st): the
+    month's sums and that day's two columns."""
+    busy, records = DAY_BUSY_COLUMNS[day], DAY_RECORD_COLUMNS[day]
+    added = ("busy_us", "wall_us", "record_count", busy, records)
+    return f"""
     INSERT INTO rollups_device_monthly
-        (month_start_us, host, gpu_uuid, account, model, busy_us, wall_us, record_count)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+        (month_start_us, host, gpu_uuid, account, model, {", ".join(added)})
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (month_start_us, host, gpu_uuid, account, model) DO UPDATE SET
-        busy_us = busy_us + excluded.busy_us,
-        wall_us = wall_us + excluded.wall_us,
-        record_count = record_count + excluded.record_count"""
+        {", ".join(f"{c} = {c} + excluded.{c}" for c in added)}"""
+
+
+_UPSERT_DEVICE_MONTH_DAY = tuple(_upsert_device_month_day(day) for day in range(MONTH_DAYS))
 _UPSERT_GPU_ROLLUP = """
     INSERT INTO rollups_gpu_hourly (hour_start_us, host, gpu_uuid, kind, amount_us)
     VALUES (?, ?, ?, ?, ?)
@@ -989,10 +1026,7 @@ class SQLiteStore:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
         with self._lock, _translated("reading usage"):
             conn = self._connection()
-            now_us = self._clock_us()
-            busy = conn.execute(
-                *_grouped_sql(dimensions, account, bounds, api=False, now_us=now_us)
-            )
+            busy = conn.execute(*_grouped_sql(dimensions, account, bounds, api=False))
             groups = [UsageGroup(*row) for row in busy.fetchall()]
             api = conn.execute(*_grouped_sql(dimensions, account, bounds, api=True))
             groups.extend(UsageGroup(*row) for row in api.fetchall())
@@ -1297,15 +1331,15 @@ class SQLiteSnapshot:
             for row in cursor:
                 yield DeviceRollup(*row)
 
-    def device_monthly_rollups(self) -> Iterator[DeviceRollup]:
+    def device_monthly_rollups(self) -> Iterator[tuple[DeviceRollupKey, RollupSums]]:
         with _translated("reading monthly device rollups"):
             cursor = self._conn.execute(
-                """SELECT month_start_us, host, gpu_uuid, account, model, busy_us, wall_us,
-                          record_count
+                f"""SELECT month_start_us, host, gpu_uuid, account, model,
+                          {", ".join(MONTHLY_SUM_COLUMNS)}
                    FROM rollups_device_monthly ORDER BY 1, 2, 3, 4, 5"""
             )
             for row in cursor:
-                yield DeviceRollup(*row)
+                yield row[:5], list(row[5:])
 
     def device_totals(
         self, from_us: int | None = None, to_us: int | None = None
@@ -1525,8 +1559,11 @@ def _add_rollups(
     conn.executemany(_UPSERT_DEVICE_ROLLUP, [(*key, *total) for key, total in device_sums.items()])
     usage = gpu_usage_sums(device_sums)
     conn.executemany(_UPSERT_GPU_USAGE, [(*key, *total) for key, total in usage.items()])
-    monthly = device_monthly_sums(device_sums)
-    conn.executemany(_UPSERT_DEVICE_MONTHLY, [(*key, *total) for key, total in monthly.items()])
+    for day, sums_of_day in device_month_day_sums(device_sums).items():
+        conn.executemany(
+            _UPSERT_DEVICE_MONTH_DAY[day],
+            [(*key, *total, total[0], total[2]) for key, total in sums_of_day.items()],
+        )
     if gpu_sums:
         conn.executemany(_UPSERT_GPU_ROLLUP, [(*key, us) for key, us in gpu_sums.items()])
 
@@ -1607,7 +1644,6 @@ def _grouped_sql(
     bounds: tuple[int, int],
     *,
     api: bool,
-    now_us: int | None = None,
 ) -> tuple[str, list[object]]:
     """A grouped rollup query whose rows are UsageGroup fields, from the smallest rollups
     that hold the grouping (busy_rollup_parts)."""
@@ -1619,12 +1655,10 @@ def _grouped_sql(
     parts = (
         [RollupPart("api_rollups_hourly", "hour_start_us", *bounds)]
         if api
-        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US), now_us)
+        else busy_rollup_parts(dimensions, account, bounds, (_MIN_US, _MAX_US))
     )
     source, parameters = rollup_source_sql(parts, account, "?")
     sql = f"SELECT {', '.join(selected)}, {sums} FROM {source} GROUP BY {', '.join(grouped)}"
-    if subtracts(parts):
-        sql += " HAVING SUM(busy_us) != 0 OR SUM(record_count) != 0"
     return sql, parameters
 
 

@@ -76,10 +76,14 @@ def test_altered_record_bytes_break_signature_link_and_rollups(
         f"[{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
         f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
         f"rollups: device month 2025-06 host 'gpu-host-17' gpu '{GPU_UUID}' account 'acme' "
-        "model 'llama-3-70b': stored busy_us, wall_us, records "
-        f"[{10 * BUSY_US}, {10 * WALL_US}, 10], the records sum to "
-        f"[{9 * BUSY_US + 1}, {10 * WALL_US}, 10]",
+        "model 'llama-3-70b': stored busy_us, wall_us, records, busy_us of days 1-31, records "
+        f"of days 1-31 {_month(10 * BUSY_US)}, the records sum to {_month(9 * BUSY_US + 1)}",
     ]
+
+
+def _month(busy_us: int) -> list[int]:
+    """The monthly rollup sums of ten records on the 15th."""
+    return [busy_us, 10 * WALL_US, 10, *[0] * 14, busy_us, *[0] * 30, 10, *[0] * 16]
 
 
 def test_a_deleted_record_is_a_hole(

@@ -67,14 +67,30 @@ def test_a_missing_device_rollup_is_found(
     ]
 
 
+def _month(busy_us: int, day_busy_us: int, records: int = 4) -> list[int]:
+    """A monthly rollup's sums: the month's, then by day (the records are on the 15th)."""
+    by_day = [0] * 31
+    by_day[14] = day_busy_us
+    counts = [0] * 31
+    counts[14] = records
+    return [busy_us, 4 * WALL_US, records, *by_day, *counts]
+
+
+@pytest.mark.parametrize(
+    ("column", "stored"),
+    [
+        ("busy_us", _month(4 * BUSY_US - 1, 4 * BUSY_US)),
+        ("busy_d15", _month(4 * BUSY_US, 4 * BUSY_US - 1)),  # a day's busy: what reports read
+    ],
+)
 def test_an_edited_monthly_device_rollup_is_found(
-    filled: Store, verifier: Verifier, backend: Backend
+    filled: Store, verifier: Verifier, backend: Backend, column: str, stored: list[int]
 ) -> None:
-    backend.execute("UPDATE rollups_device_monthly SET busy_us = busy_us - 1")
+    backend.execute(f"UPDATE rollups_device_monthly SET {column} = {column} - 1")
     month = DEVICE.replace("device hour 2025-06-15T15:00Z", "device month 2025-06")
     assert findings(filled, verifier) == [
-        f"rollups: {month}: stored busy_us, wall_us, records [{4 * BUSY_US - 1}, "
-        f"{4 * WALL_US}, 4], the records sum to [{4 * BUSY_US}, {4 * WALL_US}, 4]"
+        f"rollups: {month}: stored busy_us, wall_us, records, busy_us of days 1-31, records of "
+        f"days 1-31 {stored}, the records sum to {_month(4 * BUSY_US, 4 * BUSY_US)}"
     ]
 
 

@@ -202,13 +202,19 @@ def test_groupings_by_device_without_account_read_the_gpu_rollups_and_agree(
 @pytest.fixture
 def months(store: LedgerTestStore, feeder: Feeder) -> LedgerTestStore:
     """Usage on both sides of two month edges: May 31 23:00, June 1 00:00, June 30 23:00,
-    July 1 00:00, July 15; two accounts, two hosts."""
+    July 1 00:00, July 15; and inside the months: June 8 04:00 and 23:00, June 22 02:00 and
+    05:00, July 10 12:00; two accounts, two hosts."""
     times = [
         JUNE_1_US - HOUR_US,
         JUNE_1_US,
         JULY_1_US - HOUR_US,
         JULY_1_US,
         JULY_1_US + 14 * DAY_US,
+        JUNE_1_US + 7 * DAY_US + 4 * HOUR_US,
+        JUNE_1_US + 7 * DAY_US + 23 * HOUR_US,
+        JUNE_1_US + 21 * DAY_US + 2 * HOUR_US,
+        JUNE_1_US + 21 * DAY_US + 5 * HOUR_US,
+        JULY_1_US + 9 * DAY_US + 12 * HOUR_US,
     ]
     for n, start_us in enumerate(times):
         feeder.send(1 + n, start_us=start_us, host="host-1", gpu_uuid=GPU_A)
@@ -224,7 +230,11 @@ MONTH_PERIODS = [
     (JUNE_1_US + HOUR_US, AUGUST_1_US),  # June but its first hour, then July
     (JUNE_1_US + 10 * DAY_US, JULY_1_US + 20 * DAY_US),  # no whole month: each less the rest
     (JUNE_1_US + HOUR_US, JULY_1_US - HOUR_US),  # June less its first and last hours
-    (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US),  # two days inside June: hours
+    (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US),  # two days inside June: its days
+    (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 11 * DAY_US),  # one day: hours
+    (JUNE_1_US + 7 * DAY_US, JUNE_1_US + 22 * DAY_US),  # 15 whole days mid-June
+    (JUNE_1_US + 7 * DAY_US + 3 * HOUR_US, JUNE_1_US + 21 * DAY_US + 3 * HOUR_US),  # and hours
+    (JUNE_1_US + 20 * DAY_US + HOUR_US, JULY_1_US + 10 * DAY_US - HOUR_US),  # days of two
     (None, JULY_1_US),
     (JULY_1_US, None),
 ]
@@ -268,26 +278,29 @@ def test_which_rollups_a_month_report_reads() -> None:
     ]
     no_whole_month = (JUNE_1_US + HOUR_US, JULY_1_US + HOUR_US)
     assert busy_rollup_parts(by_host, None, no_whole_month, open_ends) == [
-        RollupPart(monthly, "month_start_us", JUNE_1_US, JULY_1_US),
-        RollupPart(hourly, "hour_start_us", JUNE_1_US, JUNE_1_US + HOUR_US, -1),
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JUNE_1_US + 1, (1, 30)),
+        RollupPart(hourly, "hour_start_us", JUNE_1_US + HOUR_US, JUNE_1_US + DAY_US),
         RollupPart(hourly, "hour_start_us", JULY_1_US, JULY_1_US + HOUR_US),
-    ]  # June less its first hour, then July's first hour
+    ]  # June's days 2-30 from its day columns, the hours of June 1 and of July 1
     last_30_days = (JULY_1_US - 25 * DAY_US, JULY_1_US + 5 * DAY_US)
-    now_us = JULY_1_US + 5 * DAY_US - HOUR_US
-    assert busy_rollup_parts(by_host, None, last_30_days, open_ends, now_us) == [
-        RollupPart(monthly, "month_start_us", JUNE_1_US, JULY_1_US),
-        RollupPart(hourly, "hour_start_us", JUNE_1_US, JULY_1_US - 25 * DAY_US, -1),
-        RollupPart(monthly, "month_start_us", JULY_1_US, AUGUST_1_US),
-        RollupPart(hourly, "hour_start_us", JULY_1_US + 5 * DAY_US, AUGUST_1_US, -1),
-    ]  # July's hours after now are empty: July less them reads nothing
+    assert busy_rollup_parts(by_host, None, last_30_days, open_ends) == [
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JUNE_1_US + 1, (5, 30)),
+        RollupPart(monthly, "month_start_us", JULY_1_US, JULY_1_US + 1, (0, 5)),
+    ]  # fmt: skip
+    mid_june = (JUNE_1_US + 7 * DAY_US + 3 * HOUR_US, JUNE_1_US + 21 * DAY_US + 3 * HOUR_US)
+    assert busy_rollup_parts(by_host, None, mid_june, open_ends) == [
+        RollupPart(monthly, "month_start_us", JUNE_1_US, JUNE_1_US + 1, (8, 21)),
+        RollupPart(hourly, "hour_start_us", mid_june[0], JUNE_1_US + 8 * DAY_US),
+        RollupPart(hourly, "hour_start_us", JUNE_1_US + 21 * DAY_US, mid_june[1]),
+    ]
     for empty in ((JUNE_1_US, JUNE_1_US), (0, -DAY_US)):  # a report that ends before 1970
         assert busy_rollup_parts(by_host, None, empty, open_ends) == [
             RollupPart(hourly, "hour_start_us", *empty)
         ]  # no part at all would be no SQL
-    two_days = (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 12 * DAY_US)
-    assert busy_rollup_parts(by_host, None, two_days, open_ends) == [
-        RollupPart(hourly, "hour_start_us", *two_days)
-    ]
+    one_day = (JUNE_1_US + 10 * DAY_US, JUNE_1_US + 11 * DAY_US + 5 * HOUR_US)
+    assert busy_rollup_parts(by_host, None, one_day, open_ends) == [
+        RollupPart(hourly, "hour_start_us", *one_day)
+    ]  # fewer than MIN_SLICED_DAYS whole days: hours
     by_day = by_host | {Dimension.DAY}  # days need hours
     assert busy_rollup_parts(by_day, None, open_ends, open_ends) == [
         RollupPart(hourly, "hour_start_us", *open_ends)
