@@ -588,13 +588,9 @@ MIGRATIONS: tuple[Migration, ...] = (
                 record_count BIGINT NOT NULL,
                 PRIMARY KEY (month_start_us, host, gpu_uuid, account, model, shard)
             )""",
-            # The month (UTC) of an hour: rollup.month_start_us in SQL.
-            """INSERT INTO rollups_device_monthly
-                SELECT EXTRACT(EPOCH FROM date_trunc('month',
-                           to_timestamp(hour_start_us / 1000000) AT TIME ZONE 'UTC'))::bigint
-                           * 1000000,
-                       host, gpu_uuid, account, model, shard, SUM(busy_us), SUM(wall_us),
-                       SUM(record_count)
+            f"""INSERT INTO rollups_device_monthly
+                SELECT {_MONTH_OF_HOUR_SQL}, host, gpu_uuid, account, model, shard,
+                       SUM(busy_us), SUM(wall_us), SUM(record_count)
                 FROM rollups_device_hourly GROUP BY 1, 2, 3, 4, 5, 6""",
         ),
     ),

@@ -229,12 +229,7 @@ def _priced_rows(
     return rows
 
 
-_gc_lock = threading.Lock()
-_gc_pauses = [0, False]  # [reports building now, whether the collector ran before the first]
-
-
-@contextlib.contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
+class _CyclicGcPause:
     """Python's cyclic garbage collector paused while a report is built. A report by account
     and GPU builds 200,000 groups, keys and sums that all live until it returns; each
     collection they set off walks every one of them again (0.7 s of 1.8 s on the ledger
@@ -242,18 +237,29 @@ def _cyclic_gc_paused() -> Iterator[None]:
     and cycles made meanwhile (by any thread: the switch is process-wide) wait for the next
     collection. Counted, so that overlapping reports turn it back on only when the last ends,
     and only if it was on."""
-    with _gc_lock:
-        if _gc_pauses[0] == 0:
-            _gc_pauses[1] = gc.isenabled()
-            gc.disable()
-        _gc_pauses[0] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pauses[0] -= 1
-            if _gc_pauses[0] == 0 and _gc_pauses[1]:
-                gc.enable()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._building = 0  # reports building now
+        self._was_enabled = False  # whether the collector ran before the first of them
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._building == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._building += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._building -= 1
+                if self._building == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_cyclic_gc_paused = _CyclicGcPause()
 
 
 def _usage_groups(

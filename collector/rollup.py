@@ -206,18 +206,16 @@ def device_monthly_sums(
     that per-device hourly sums add up to: [busy_us, wall_us, record_count, then busy µs of
     days 1-31, then records of days 1-31] (MONTHLY_SUM_COLUMNS)."""
     sums: dict[DeviceRollupKey, RollupSums] = {}
-    for (hour_us, host, gpu_uuid, account, model), (busy, wall, count) in device_sums.items():
-        month_us = month_start_us(hour_us)
-        key = (month_us, host, gpu_uuid, account, model)
-        acc = sums.get(key)
-        if acc is None:
-            acc = sums[key] = [0] * len(MONTHLY_SUM_COLUMNS)
-        day = (hour_us - month_us) // DAY_US
-        acc[0] += busy
-        acc[1] += wall
-        acc[2] += count
-        acc[3 + day] += busy
-        acc[3 + MONTH_DAYS + day] += count
+    for day, of_day in device_month_day_sums(device_sums).items():
+        for key, (busy, wall, count) in of_day.items():
+            acc = sums.get(key)
+            if acc is None:
+                acc = sums[key] = [0] * len(MONTHLY_SUM_COLUMNS)
+            acc[0] += busy
+            acc[1] += wall
+            acc[2] += count
+            acc[3 + day] += busy
+            acc[3 + MONTH_DAYS + day] += count
     return sums
 
 
@@ -226,8 +224,8 @@ def device_month_day_sums(
 ) -> dict[int, dict[DeviceRollupKey, RollupSums]]:
     """Per-device hourly sums summed by day of their month: day (0: the 1st) -> month key
     (month start, host, gpu, account, model) -> [busy_us, wall_us, record_count]. What
-    SQLite's ingest adds to the monthly rows: each day's upsert sets its two day columns
-    only (setting all 62 doubled the upsert's cost)."""
+    ingest adds to the monthly rows, a day at a time: each day's upsert sets the month's
+    sums and that day's two columns only (setting all 62 doubled the upsert's cost)."""
     by_day: dict[int, dict[DeviceRollupKey, RollupSums]] = {}
     for (hour_us, host, gpu_uuid, account, model), total in device_sums.items():
         month_us = month_start_us(hour_us)
