@@ -35,7 +35,15 @@ lastSeen: one sample, or the mean of those k, diluted by the idle ones. The driv
 again with lastSeen just before that row's stamp: a driver of one row per sample answers the
 same value, an averaging one the undiluted value of that one sample. The answer settles the
 row, and two answers alike settle the driver's reading (then a per-sample driver is not
-asked again).
+asked again). A new PID's first row is asked about the same way, at once: its period is not
+known yet, and by the time it is, the row is no longer its PID's latest sample, which is all
+a query can single out.
+
+An averaging driver that leaves out rows below a threshold (nvtop#364) also leaves out a
+busy sample diluted by idle ones of the same PID since lastSeen, and once lastSeen moves past
+it no query can show it. So where a PID with a learnt period shows no row although a sample
+of it fell due after another since lastSeen, the driver is asked again with lastSeen half a
+period before that sample: its row, if it has one, is then that sample alone.
 """
 
 from __future__ import annotations
@@ -77,6 +85,9 @@ SOFT_REASONS = frozenset({"padded_answer", "duplicate_rows"})
 class EvidenceStats:
     discarded: Counter[str] = field(default_factory=Counter)  # rows dropped, by reason
     switches: Counter[str] = field(default_factory=Counter)  # sources left, by reason
+    # Queries with an earlier lastSeen, by why, and the rows they changed or showed.
+    requeries: Counter[str] = field(default_factory=Counter)
+    requery_rows: Counter[str] = field(default_factory=Counter)
 
 
 class RowReading(enum.Enum):
@@ -125,7 +136,7 @@ class EvidenceReader:
         self.busy_until_us = 0  # the end of the device's latest busy period
         self.grid_until_us = 0  # the end of the device's latest period read
         # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
-        self._waiting: dict[int, list[tuple[UtilSample, int, int, bool]]] = {}
+        self._waiting: dict[int, list[tuple[UtilSample, int, int, bool, int | None]]] = {}
 
     def on_periods(self, periods: Sequence[Period]) -> None:
         """The device periods just read: a row stamped at one's end is on the device grid."""
@@ -242,18 +253,42 @@ class EvidenceReader:
             self._nothing_since(device_cursor_us, now_us)
             return Reading([], 0, 0)
         recent = self._undiluted(source, rows, since, now_us)
+        due = self._due_unanswered(rows, since, listed)
         reading = self._pieces(rows, since, listed, self._read_us or since, recent)
+        if due:
+            self._isolated(source, due, rows[-1].timestamp_us, now_us, reading)
         self._read_us = now_us
         return reading
 
     def _ambiguous(self, s: UtilSample, since_us: int) -> bool:
-        """Whether row ``s`` may be the mean of several of its PID's samples."""
+        """Whether row ``s`` may be the mean of several of its PID's samples. A new PID's
+        first row may be: its period is not known yet, and once it is, the row is no longer
+        its PID's latest sample, which is all a query can single out."""
         if self.reading is RowReading.PER_SAMPLE or s.timestamp_us in self._grid:
             return False
         stride = self.strides.get(s.pid)
         if stride is None:
-            return False  # it waits for its PID's period; asked again then, if need be
+            return self._first_row(s.pid)
         return s.timestamp_us - max(since_us, self._previous.get(s.pid, 0)) > stride
+
+    def _first_row(self, pid: int) -> bool:
+        return pid not in self._previous and pid not in self._waiting
+
+    def _requery(
+        self, source: Source, since_us: int, now_us: int, reason: str
+    ) -> list[UtilSample] | None:
+        """The source's rows since ``since_us`` (an earlier lastSeen than the poll's), or
+        None where it answers none (NOT_FOUND: nothing since then, or all below the
+        driver's threshold)."""
+        self.stats.requeries[reason] += 1
+        try:
+            if source is Source.UTILIZATION_INFO:
+                raw = self._nvml.processes_utilization_info(self._device, since_us)
+            else:
+                raw = self._nvml.process_samples(self._device, since_us)
+        except NvmlError:
+            return None
+        return self._clean(raw, now_us, since_us)[0]
 
     def _undiluted(
         self, source: Source, rows: Sequence[UtilSample], since_us: int, now_us: int
@@ -264,25 +299,69 @@ class EvidenceReader:
         if not ambiguous:
             return {}
         since = min(s.timestamp_us for s in ambiguous) - 1
-        try:
-            if source is Source.UTILIZATION_INFO:
-                raw = self._nvml.processes_utilization_info(self._device, since)
-            else:
-                raw = self._nvml.process_samples(self._device, since)
-        except NvmlError:  # NOT_FOUND, or worse: the row is read as it came
+        again = self._requery(source, since, now_us, "ambiguous_rows")
+        if again is None:  # the rows are read as they came
             return {}
-        again, _ = self._clean(raw, now_us, since)
         answer = {(s.pid, s.timestamp_us): s.sm_util for s in again}
         out = {}
         for s in ambiguous:
             recent = answer.get((s.pid, s.timestamp_us))
-            if recent is not None:
-                out[(s.pid, s.timestamp_us)] = recent
-                if recent > s.sm_util:
-                    self.vote(RowReading.AVERAGED)
-                elif s.sm_util:
-                    self.vote(RowReading.PER_SAMPLE)
+            if recent is None:
+                continue
+            out[(s.pid, s.timestamp_us)] = recent
+            if recent > s.sm_util:
+                self.stats.requery_rows["ambiguous_rows"] += 1
+                self.vote(RowReading.AVERAGED)
+            elif s.sm_util and not self._first_row(s.pid):
+                # (a first row alike proves nothing: it may be one sample either way)
+                self.vote(RowReading.PER_SAMPLE)
         return out
+
+    def _due_unanswered(
+        self, rows: Sequence[UtilSample], since_us: int, listed: Collection[int]
+    ) -> dict[int, int]:
+        """PIDs with no row in this answer although one of their samples fell due since
+        lastSeen, on a driver known to average: pid -> that sample's expected stamp.
+
+        An averaging driver's row is the mean of every sample of its PID since lastSeen, and
+        a driver that leaves out rows below a threshold (nvtop#364) then also leaves out a
+        busy sample diluted by idle ones before it. Once this answer moves lastSeen past
+        that sample, no later query can show it: it is asked for now, on its own."""
+        if self.reading is not RowReading.AVERAGED or self.busy_until_us <= since_us:
+            return {}
+        newest = rows[-1].timestamp_us
+        answered = {s.pid for s in rows}
+        due = {}
+        for pid in listed:
+            stride, last = self.strides.get(pid), self.last_stamp.get(pid)
+            if pid in answered or stride is None or last is None or last + stride > newest:
+                continue
+            stamp = last + (newest - last) // stride * stride  # its latest sample due
+            if stamp - stride > since_us:  # another of its samples since lastSeen: diluted
+                due[pid] = stamp
+        return due
+
+    def _isolated(
+        self, source: Source, due: dict[int, int], newest_us: int, now_us: int, out: Reading
+    ) -> None:
+        """Ask again with lastSeen half a sample period before the earliest sample due, so
+        that each such PID's row is the mean of its samples since then only (one, mostly),
+        and add those rows as evidence. A PID whose previous row is after that lastSeen
+        is left out: its row would average in a sample already claimed."""
+        ask_us = min(stamp - self.strides[pid] // 2 for pid, stamp in due.items())
+        again = self._requery(source, ask_us, now_us, "left_out_rows")
+        for s in again or ():
+            pid, stamp = s.pid, s.timestamp_us
+            last = self.last_stamp[pid] if pid in due else 0
+            if pid not in due or stamp > newest_us or last > ask_us:
+                continue
+            stride = self.strides[pid]
+            samples = 1 + (stamp - ask_us - 1) // stride
+            if stamp - last < stride:
+                self.strides[pid] = stamp - last
+            self._previous[pid] = self.last_stamp[pid] = stamp
+            out.pieces.append(_evidence(s, max(last, stamp - samples * stride), known=True))
+            self.stats.requery_rows["left_out_rows"] += 1
 
     def _another_after(self, source: Source) -> bool:
         return any(s.value not in self.left for s in ORDER[ORDER.index(source) + 1 :])
@@ -343,10 +422,12 @@ class EvidenceReader:
                 if previous is not None and stamp - previous < strides.get(pid, stamp):
                     strides[pid] = stamp - previous  # the shortest step: its sample period
             if pid not in strides:
-                waiting_rows.setdefault(pid, []).append((s, since_us, read_us, known))
+                waiting_rows.setdefault(pid, []).append(
+                    (s, since_us, read_us, known, recent.get((pid, stamp)))
+                )
                 continue
-            for row, row_since, row_read, row_known in waiting_rows.pop(pid, ()):
-                self._piece(row, row_since, row_read, row_known, out)
+            for row, row_since, row_read, row_known, row_recent in waiting_rows.pop(pid, ()):
+                self._piece(row, row_since, row_read, row_known, out, row_recent)
             self._piece(s, since_us, read_us, known, out, recent.get((pid, stamp)))
         if waiting_rows:
             self._flush_waiting(out)
@@ -389,8 +470,8 @@ class EvidenceReader:
             rows = self._waiting[pid]
             if self.cursor_us - rows[0][0].timestamp_us >= UNLEARNT_WAIT_US:
                 del self._waiting[pid]
-                for row, row_since, row_read, row_known in rows:
-                    self._piece(row, row_since, row_read, row_known, out)
+                for row, row_since, row_read, row_known, row_recent in rows:
+                    self._piece(row, row_since, row_read, row_known, out, row_recent)
 
     def _piece(
         self,
@@ -409,26 +490,16 @@ class EvidenceReader:
         self._previous[s.pid] = stamp
         floor = previous if previous is not None else stamp - MAX_SPAN_US
         last_start = stamp - stride if stamp - stride > floor else floor
-        if recent is None and (self.reading is RowReading.PER_SAMPLE or stamp not in self._grid):
-            out.pieces.append(_evidence(s, last_start, known))  # one sample: the common case
-            return
-        if self.reading is not RowReading.PER_SAMPLE and stamp in self._grid:
+        if stamp in self._grid and self.reading is not RowReading.PER_SAMPLE:
             # On the device grid: the average of every period since lastSeen.
             out.pieces.append(_evidence(s, max(floor, min(stamp - stride, since_us)), known))
             return
-        if recent is None or recent <= s.sm_util:
-            out.pieces.append(_evidence(s, last_start, known))  # one sample
-            return
-        # An average: its last sample at ``recent``, the earlier ones since lastSeen the rest.
-        out.pieces.append(_evidence(s._replace(sm_util=recent), last_start, known))
-        start = max(floor, since_us)
-        samples = -(-(stamp - start) // stride)
-        rest_pct_us = s.sm_util * samples * stride - recent * (stamp - last_start)
-        if start < last_start and rest_pct_us > samples * stride // 2:
-            rest = Evidence(
-                s.pid, start, last_start, rest_pct_us, rest_pct_us + samples * stride // 2, known
-            )
-            out.pieces.append(rest)
+        if recent is not None and recent > s.sm_util:
+            # A mean: its last sample at ``recent``, the earlier ones since lastSeen the rest.
+            start = max(floor, since_us)
+            out.pieces.extend(_averaged_pieces(s, start, last_start, stride, recent, known))
+        else:
+            out.pieces.append(_evidence(s, last_start, known))  # one sample: the common case
 
     def default_stride(self) -> int:
         """A PID's sample period before it has shown its own: the device's shortest so far,
@@ -507,6 +578,24 @@ class EvidenceReader:
         self._previous.pop(pid, None)
         self._waiting.pop(pid, None)
         self._accounting.pop(pid, None)
+
+
+def _averaged_pieces(
+    s: UtilSample, start_us: int, last_start_us: int, stride_us: int, recent: int, known: bool
+) -> list[Evidence]:
+    """Row ``s``, the mean of its samples since ``start_us``, whose last one alone read
+    ``recent``: that sample, and the earlier ones as the rest of the mean (where the rest
+    is more than their rounding)."""
+    last = _evidence(s._replace(sm_util=recent), last_start_us, known)
+    samples = -(-(s.timestamp_us - start_us) // stride_us)
+    rest_pct_us = s.sm_util * samples * stride_us - recent * (s.timestamp_us - last_start_us)
+    rounding = samples * stride_us // 2
+    if start_us >= last_start_us or rest_pct_us <= rounding:
+        return [last]
+    return [
+        last,
+        Evidence(s.pid, start_us, last_start_us, rest_pct_us, rest_pct_us + rounding, known),
+    ]
 
 
 def _evidence(s: UtilSample, start_us: int, known: bool, samples: float = 1) -> Evidence:

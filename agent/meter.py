@@ -168,6 +168,8 @@ class MeterStats:
     nvml_errors: Counter[str] = field(default_factory=Counter)  # by error class
     discarded_samples: Counter[str] = field(default_factory=Counter)  # by quirk
     evidence_switches: Counter[str] = field(default_factory=Counter)  # sources left, by why
+    evidence_requeries: Counter[str] = field(default_factory=Counter)  # asked again, by why
+    evidence_requery_rows: Counter[str] = field(default_factory=Counter)  # rows they showed
     processes_seen: int = 0
     busy_us_metered: int = 0
     device_busy_us: int = 0  # the devices' own busy time (whole GPUs)
@@ -757,6 +759,8 @@ class Meter:
     def _sync_stats(self) -> None:
         self.stats.discarded_samples = self._evidence_stats.discarded
         self.stats.evidence_switches = self._evidence_stats.switches
+        self.stats.evidence_requeries = self._evidence_stats.requeries
+        self.stats.evidence_requery_rows = self._evidence_stats.requery_rows
 
     # -- windows --------------------------------------------------------------------------
 

@@ -75,6 +75,23 @@ class AgentTelemetry:
             ),
             "reason",
         )
+        self._requeries = _Tallied(
+            r.counter(
+                "creditmeter_agent_evidence_requeries_total",
+                "Per-process utilization asked of the driver again with an earlier lastSeen "
+                "(a row that may be a mean, a new PID's first row, rows left out), by reason.",
+                ["reason"],
+            ),
+            "reason",
+        )
+        self._requery_rows = _Tallied(
+            r.counter(
+                "creditmeter_agent_evidence_requery_rows_total",
+                "Rows those queries showed that the poll's own answer did not, by reason.",
+                ["reason"],
+            ),
+            "reason",
+        )
         self._losses = _Tallied(
             r.counter(
                 "creditmeter_agent_gpu_lost_total", "Times a device was found lost.", ["gpu"]
@@ -143,6 +160,8 @@ class AgentTelemetry:
         self._gaps.follow(stats.gaps_us, scale=1e-6)
         self._unattributed.follow(stats.unattributed_us, scale=1e-6)
         self._switches.follow(stats.evidence_switches)
+        self._requeries.follow(stats.evidence_requeries)
+        self._requery_rows.follow(stats.evidence_requery_rows)
         self._losses.follow(stats.gpu_losses)
         self._refused.follow(stats.labels_refused)
         self._device_busy.inc((stats.device_busy_us - self._last.device_busy_us) / 1e6)

@@ -13,7 +13,7 @@ from fractions import Fraction
 import pytest
 
 from bench.accuracy import measure, row_of
-from bench.harness import Run, drive, metered, run_scenario, scenario_end_s
+from bench.harness import DRAIN_S, Run, drive, metered, run_scenario, scenario_end_s
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
@@ -91,6 +91,29 @@ def test_processes_on_cadences_of_their_own_each_get_their_claims(
     row = row_of(run, profile, "one_gpu_of_eight", period_us)
     assert row.misses == [], row
     assert row.shared_pct is not None and row.shared_pct > 0
+
+
+# The driver of issue 12's trial (a cadence per PID, averaged rows, rows below 5 % left out)
+# on the hour of eight_gpus at 1 s. Two samples the driver does show, each asked for too late,
+# once left two processes 1.08 % and 1.11 % short (their busy time unattributed): a new PID's
+# first row, the mean of its first two samples, read as one because its period was not known
+# yet when a query could still single its last sample out; and a busy sample averaged below
+# the threshold with an idle one before it, which lastSeen then moved past.
+def test_a_quiet_averaging_driver_is_asked_for_what_it_left_out() -> None:
+    scenario = Scenario.load("eight_gpus").with_overrides(
+        sample_period_us=1_000_000, profile="realistic"
+    )
+    with metered(scenario) as (run, meter):
+        drive(run, meter, scenario_end_s(scenario) + DRAIN_S)
+        run.usages.extend(meter.close_window())
+        stats = meter.stats
+    row = row_of(run, "realistic", "eight_gpus", 1_000_000)
+    assert row.misses == [], row
+    assert stats.evidence_requery_rows["ambiguous_rows"] > 0
+    assert stats.evidence_requery_rows["left_out_rows"] > 0
+    # Asked for only after another sample of the same PID since lastSeen: about one poll in
+    # eight per GPU here, not every poll with a silent PID.
+    assert stats.evidence_requeries["left_out_rows"] < stats.polls * 8 // 4
 
 
 @pytest.mark.parametrize("reading", READINGS)

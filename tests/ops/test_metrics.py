@@ -15,6 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from creditmeter.agent.meter import MeterStats
+from creditmeter.agent.telemetry import AgentTelemetry
 from creditmeter.metrics import CONTENT_TYPE, Registry, serve_metrics
 
 HTTP_DEADLINE_S = 5.0
@@ -263,3 +265,24 @@ def test_serves_on_ipv6() -> None:
             assert r.status == 200
     finally:
         server.shutdown()
+
+
+def test_the_agents_requery_counters_follow_the_meter() -> None:
+    registry = Registry()
+    telemetry = AgentTelemetry(registry)
+    stats = MeterStats()
+    stats.evidence_requeries["left_out_rows"] = 3
+    stats.evidence_requery_rows["left_out_rows"] = 1
+    telemetry.after_cycle(stats, 0)
+    stats.evidence_requeries["left_out_rows"] += 2
+    stats.evidence_requeries["ambiguous_rows"] += 1
+    telemetry.after_cycle(stats, 0)
+    families = _families(registry.render())
+    _, _, asked = families["creditmeter_agent_evidence_requeries"]
+    _, _, shown = families["creditmeter_agent_evidence_requery_rows"]
+    name = "creditmeter_agent_evidence_requeries_total"
+    assert _value(asked, name, reason="left_out_rows") == 5
+    assert _value(asked, name, reason="ambiguous_rows") == 1
+    assert (
+        _value(shown, "creditmeter_agent_evidence_requery_rows_total", reason="left_out_rows") == 1
+    )
