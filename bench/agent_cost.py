@@ -25,9 +25,12 @@ from creditmeter.simnvml import Scenario
 WARMUP_S = 60.0  # simulated seconds before measuring: every process seen, reading learnt
 
 
-def cycle_costs(cycles: int) -> tuple[list[float], list[float]]:
-    """(agent CPU s, simulator s) per cycle on the eight_gpus scenario."""
+def cycle_costs(cycles: int, profile: str | None = None) -> tuple[list[float], list[float]]:
+    """(agent CPU s, simulator s) per cycle on the eight_gpus scenario, under the scenario's
+    own driver or a driver profile (``simnvml/profiles.py``)."""
     scenario = Scenario.load("eight_gpus")
+    if profile is not None:
+        scenario = scenario.with_overrides(profile=profile)
     build = RecordBuilder("bench-host")
     agent_s, sim_s = [], []
     with metered(scenario) as (run, meter):
@@ -60,6 +63,9 @@ def procfs_cost(processes: int = 64, rounds: int = 50) -> float:
 
 def run(quick: bool = False) -> tuple[list[Result], str]:
     agent_s, sim_s = cycle_costs(120 if quick else 600)
+    # The driver of issue 12's trial: pieces on cadences of their own are fitted, not split
+    # directly, and an averaging driver is asked again. Shown beside, judged by the same bar.
+    real_s, real_sim_s = cycle_costs(120 if quick else 300, profile="realistic")
     agent_ms, sim_ms = median(agent_s) * 1e3, median(sim_s) * 1e3
     proc_ms = procfs_cost() * 1e3
     results = [
@@ -91,6 +97,26 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
         ),
         Result(
             "agent cost",
+            "agent CPU per cycle under the realistic driver profile (p50)",
+            median(real_s) * 1e3,
+            "ms",
+            "simulated driver per cycle",
+            median(real_sim_s) * 1e3,
+            target="≤ 2 ms",
+            ok=median(real_s) * 1e3 <= 2.0,
+        ),
+        Result(
+            "agent cost",
+            "agent CPU per cycle under the realistic driver profile (mean)",
+            sum(real_s) / len(real_s) * 1e3,
+            "ms",
+            "simulated driver per cycle (mean)",
+            sum(real_sim_s) / len(real_sim_s) * 1e3,
+            target="≤ 2 ms",
+            ok=sum(real_s) / len(real_s) * 1e3 <= 2.0,
+        ),
+        Result(
+            "agent cost",
             "/proc create-time checks per cycle, 64 real processes",
             proc_ms,
             "ms",
@@ -101,6 +127,7 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
     detail = (
         f"agent {agent_ms:.3f} ms/cycle (p99 {percentile(agent_s, 99) * 1e3:.3f}), simulated "
         f"driver {sim_ms:.3f} ms/cycle, /proc checks {proc_ms:.3f} ms/cycle; at 1 Hz the agent "
-        f"uses {sum(agent_s) / len(agent_s) * 1e2:.3f} % of a core (mean)"
+        f"uses {sum(agent_s) / len(agent_s) * 1e2:.3f} % of a core (mean); under the realistic "
+        f"driver {median(real_s) * 1e3:.3f} ms/cycle (mean {sum(real_s) / len(real_s) * 1e3:.3f})"
     )
     return results, detail
