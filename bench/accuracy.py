@@ -7,6 +7,10 @@ Bars (issue 12), each per run:
 - time-slicing processes each within 1 %;
 - each job (burst) within one poll interval plus one process-sample period;
 - an idle process billed exactly 0.
+
+Beside what was left unattributed, each run shows the busy time in per-process samples its
+driver never shows, even to a query for that one sample (below a quiet threshold): no meter
+has evidence of it, though rounding bounds may still place part of it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Row:
     truth_s: float
     billed_s: float
     unattributed_s: float
+    unshown_s: float  # busy time in samples the driver never shows, even alone
     gpu_pct: float  # worst |billed + unattributed − truth| / truth over the GPUs
     alone_pct: float | None  # worst error of a process alone on its GPU (None: no such)
     shared_pct: float | None  # worst error of a process sharing its GPU
@@ -115,6 +120,7 @@ def row_of(run: Run, profile: str, name: str, period_us: int) -> Row:
         float(sum(truth.values())) / 1e6,
         sum(measured.values()) / 1e6,
         sum(unattributed.values()) / 1e6,
+        float(sum(run.host.unshown_us().values())) / 1e6,
         max(gpu_errors, default=0.0),
         _worst(alone),
         _worst(shared),
@@ -130,15 +136,15 @@ def _opt(pct: float | None) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| profile | scenario | period | truth s | billed s | unattributed s | GPU | alone | "
-        "shared | worst job | bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | scenario | period | truth s | billed s | unattributed s | never shown s | "
+        "GPU | alone | shared | worst job | bar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         verdict = "met" if not r.misses else "**missed: " + ", ".join(r.misses) + "**"
         lines.append(
             f"| {r.profile} | {r.scenario} | {r.period_us / 1e6:.3f} s | {r.truth_s:.3f} | "
-            f"{r.billed_s:.3f} | {r.unattributed_s:.3f} | {r.gpu_pct:.4f} % | "
+            f"{r.billed_s:.3f} | {r.unattributed_s:.3f} | {r.unshown_s:.3f} | {r.gpu_pct:.4f} % | "
             f"{_opt(r.alone_pct)} | {_opt(r.shared_pct)} | {r.job_s * 1000:.0f} ms "
             f"(≤ {r.job_bar_s * 1000:.0f}) | {verdict} |"
         )

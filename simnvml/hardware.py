@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from creditmeter.simnvml.activity import SHARE_SCALE, Segment, StepFunction, capped_shares
 from creditmeter.simnvml.clock import SimTime
@@ -247,6 +248,29 @@ class SimGpu:
         latest = self.latest_stamp_us(now_us)
         assert latest is not None  # periods is not empty, so the ring is not
         return per_query_samples(periods, self.grid.period_us * self._evidence_scale, latest)
+
+    def unshown_busy_us(self, proc: SimProcess, until_us: int) -> Fraction:
+        """Busy time of ``proc`` up to ``until_us`` in its samples the driver never shows,
+        not even to a query for that one sample: those below its quiet threshold
+        (``not_found_below_pct``). Of the busy time left unattributed, this much is the
+        driver's doing; the rest would be the meter's."""
+        quiet = self.driver.not_found_below_pct
+        if not quiet or self.spec.mig_enabled or self.driver.mps:
+            return Fraction(0)
+        if self.own_grid:
+            sampled = self._sampled[self.processes.index(proc)]
+            xs = [sampled.x(j) for j in sampled.sampled_js(proc.spec.start_us - 1, until_us)]
+            shown_from = sampled.cadence.period_us * self._evidence_scale
+        else:
+            g = self.grid
+            first, last = g.latest_k(proc.spec.start_us) + 1, g.latest_k(until_us)
+            start_us = g.end_us(first) - g.period_us
+            xs = list(
+                self._evidence(proc).windows(start_us, g.period_us, last - first + 1).values()
+            )
+            shown_from = g.period_us * self._evidence_scale
+        hidden = sum(x for x in xs if 0 < round_half_up(x, shown_from) < quiet)
+        return Fraction(hidden, 100 * self._evidence_scale)
 
     def accounting(self, pid: int, now_us: int) -> tuple[int, int] | None:
         """nvmlAccountingStats_v2's (sampleCount, sumGpuUtil) of the latest process with

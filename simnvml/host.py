@@ -102,6 +102,17 @@ class SimHost:
                 out[t.key] = t
         return out
 
+    def unshown_us(self, until_s: float | None = None) -> dict[ProcessKey, Fraction]:
+        """Per process, its busy µs up to ``until_s`` (default: now) in samples its driver
+        never shows, even alone (``SimGpu.unshown_busy_us``): no meter can attribute it."""
+        until_us = self._until_us(until_s)
+        return {
+            key_of(p): g.unshown_busy_us(p, until_us)
+            for g in self.gpus
+            for p in g.processes
+            if p.spec.start_us <= until_us
+        }
+
     def truth_between(self, start_wall_s: float, end_wall_s: float) -> dict[ProcessKey, Fraction]:
         """Busy µs per process within a wall window (wall = start wall + sim time, no jumps);
         every process whose life overlaps the window is present, idle ones with 0."""

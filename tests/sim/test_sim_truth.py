@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pynvml
+import pytest
 from sim_helpers import ONE_GPU, W0_US
 
 from creditmeter.simnvml import ProcessKey, Scenario, SimHost, installed
@@ -88,3 +89,35 @@ def test_exact_scenario_is_measured_to_the_microsecond() -> None:
     hand = {(uuid0, 1101): 14_400_000, (uuid0, 1102): 7_500_000, (uuid1, 1201): 12_400_000}
     assert truth == hand
     assert measured == hand
+
+
+QUIET_PROCESS = """
+[[process]]
+pid = 2
+gpu = 0
+start_s = 0.5
+exit_s = 60
+busy = [[10.0, 10.03, 100], [20.0, 30.0, 100], [40.2, 40.25, 100]]
+"""
+
+
+@pytest.mark.parametrize(
+    "driver",
+    [
+        "not_found_below_pct = 5",  # on the device's 1 s grid
+        "not_found_below_pct = 5\nprocess_period_us = 1_000_000\nprocess_phase_us = 500_000",
+    ],
+)
+def test_busy_time_in_samples_below_the_quiet_threshold_is_never_shown(driver: str) -> None:
+    # 30 ms in one 1 s sample is 3 %: below 5 %, shown to no query. 50 ms is 5 %: shown.
+    text = ONE_GPU + f"[driver]\n{driver}\n" + QUIET_PROCESS
+    host = SimHost.manual(Scenario.from_toml(text))[0]
+    (unshown,) = host.unshown_us(until_s=60).values()
+    assert unshown == 30_000
+    (truth,) = host.truth(until_s=60).values()
+    assert truth.busy_us == 30_000 + 10_000_000 + 50_000
+
+
+def test_a_driver_without_a_quiet_threshold_shows_every_busy_sample() -> None:
+    host = SimHost.manual(Scenario.from_toml(ONE_GPU + QUIET_PROCESS))[0]
+    assert list(host.unshown_us(until_s=60).values()) == [0]
