@@ -672,13 +672,25 @@ def _shift(
 
 
 def _fit_aligned(row: _Row, cells: list[_Cell], bound: Sequence[float]) -> None:
-    """Every piece within this one row: split the row by the pieces' claims, directly."""
+    """Every piece within this one row: split the row by the pieces' claims, directly. What
+    a piece capped at its bound cannot take goes to the others, up to their bounds."""
     _scale_row(row.busy_pct_us, cells)
     capped = False
-    for c in cells:
-        if c.w > bound[c.i]:
+    while True:  # each pass caps at least one more piece for good, or ends
+        over = [c for c in cells if c.w > bound[c.i]]
+        if not over:
+            break
+        capped = True
+        for c in over:
             c.w = bound[c.i]
-            capped = True
+        room = [c for c in cells if c.w < bound[c.i]]
+        lacking = row.busy_pct_us - sum(c.w for c in cells)
+        total = sum(c.w for c in room)
+        if not room or lacking <= 0 or total <= 0:
+            break
+        factor = 1 + lacking / total
+        for c in room:
+            c.w *= factor
     row.exact = not capped
 
 

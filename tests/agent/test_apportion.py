@@ -137,6 +137,30 @@ def test_a_process_grid_off_the_device_grid_takes_all_the_shared_time() -> None:
     assert sum(got.values()) == 150 * P
 
 
+# Seen under the realistic driver at 1 s: one period, the end of a process's previous sample
+# (its claim mostly spent on earlier periods) and the start of its next one. Split by the two
+# claims, the spent piece was capped and the next one kept its share by time, so 0.14 s of
+# the period's 0.66 s went unattributed though the next piece had room for it.
+def test_what_a_capped_piece_cannot_take_goes_to_a_piece_with_room() -> None:
+    start = T - 975_000
+    spent = Evidence(7, start, T + 630_000, 112_350_000, 113_150_000)
+    following = Evidence(7, T + 630_000, T + 2_235_000, 22_470_000, 23_270_000)
+    used_before = [113_150_000 - 44_810_000, 0.0]  # 44.81 s·% of the spent piece is left
+    result = apportion([period(0, 66)], [spent, following], holding(7, 8), T + P, used_before)
+    assert result.unattributed == {}
+    assert shares_by_pid(result.shares) == {7: 66 * P}
+    assert result.used[0] <= 44_810_000 + 1
+    assert result.used[1] <= following.bound_pct_us
+
+
+def test_a_period_is_left_unattributed_only_past_every_pieces_bound() -> None:
+    spent = Evidence(7, T - P // 2, T + P // 2, 40 * P, 40 * P)
+    following = Evidence(7, T + P // 2, T + 2 * P, 10 * P, 10 * P)
+    result = apportion([period(0, 66)], [spent, following], holding(7, 8), T + P, [10 * P, 0])
+    assert shares_by_pid(result.shares) == {7: 40 * P}  # 30 left of one, 10 of the other
+    assert result.unattributed == {Unattributed.NO_EVIDENCE: 26 * P}
+
+
 def test_only_the_committed_periods_are_returned() -> None:
     periods = [period(0, 50), period(1, 50)]
     result = apportion(periods, [], holding(3), T + P)
