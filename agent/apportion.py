@@ -631,15 +631,11 @@ def _top_up(
     place (an augmenting path of one step)."""
     # A piece's weight in rows not complete yet only holds a place (their evidence may still
     # come): the complete rows, whose evidence is all in, take its room under its bound first.
-    settled = {
-        id(c)
-        for row, cells in zip(rows, mine, strict=True)
-        if row.end_us <= complete_until_us
-        for c in cells
-    }
-    room = {
-        i: bound[i] - sum(c.w for c in cells if id(c) in settled) for i, cells in by_piece.items()
-    }
+    room = {i: bound[i] for i in by_piece}
+    for row, cells in zip(rows, mine, strict=True):
+        if row.end_us <= complete_until_us:
+            for c in cells:
+                room[c.i] -= c.w
     where = {id(c): k for k, cells in enumerate(mine) for c in cells}
     for row, cells in zip(rows, mine, strict=True):
         if row.end_us > complete_until_us:

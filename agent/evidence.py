@@ -352,14 +352,12 @@ class EvidenceReader:
         again = self._requery(source, ask_us, now_us, "left_out_rows")
         for s in again or ():
             pid, stamp = s.pid, s.timestamp_us
-            last = self.last_stamp[pid] if pid in due else 0
-            if pid not in due or stamp > newest_us or last > ask_us:
+            if pid not in due or stamp > newest_us or self.last_stamp[pid] > ask_us:
                 continue
-            stride = self.strides[pid]
+            last, stride = self.last_stamp[pid], self.strides[pid]
             samples = 1 + (stamp - ask_us - 1) // stride
-            if stamp - last < stride:
-                self.strides[pid] = stamp - last
-            self._previous[pid] = self.last_stamp[pid] = stamp
+            self._stamped(pid, stamp)
+            self._previous[pid] = stamp
             out.pieces.append(_evidence(s, max(last, stamp - samples * stride), known=True))
             self.stats.requery_rows["left_out_rows"] += 1
 
@@ -410,17 +408,13 @@ class EvidenceReader:
         if len({s.pid for s in rows}) < len(rows):
             self.reading = RowReading.PER_SAMPLE  # several rows of one PID in one answer
         out = Reading([], len(rows), sum(s.sm_util == 0 for s in rows))
-        last_stamp, strides, waiting_rows = self.last_stamp, self.strides, self._waiting
+        strides, waiting_rows = self.strides, self._waiting
         for s in rows:
             pid, stamp = s.pid, s.timestamp_us
             known = pid in listed
             if not known:
                 self.stats.discarded["pid_not_on_device"] += 1
-            previous = last_stamp.get(pid)
-            if previous is None or stamp > previous:
-                last_stamp[pid] = stamp
-                if previous is not None and stamp - previous < strides.get(pid, stamp):
-                    strides[pid] = stamp - previous  # the shortest step: its sample period
+            self._stamped(pid, stamp)
             if pid not in strides:
                 waiting_rows.setdefault(pid, []).append(
                     (s, since_us, read_us, known, recent.get((pid, stamp)))
@@ -435,6 +429,15 @@ class EvidenceReader:
             self.cursor_us = max(self.cursor_us, rows[-1].timestamp_us)
         out.pieces[:] = [p for p in out.pieces if p.end_us > p.start_us]
         return out
+
+    def _stamped(self, pid: int, stamp: int) -> None:
+        """A row of ``pid`` stamped ``stamp`` was seen: its latest stamp, and its sample
+        period learnt as the shortest step between its stamps."""
+        previous = self.last_stamp.get(pid)
+        if previous is None or stamp > previous:
+            self.last_stamp[pid] = stamp
+            if previous is not None and stamp - previous < self.strides.get(pid, stamp):
+                self.strides[pid] = stamp - previous
 
     def complete_until_us(self, now_us: int, pids: Collection[int]) -> int:
         """Up to when every one of ``pids`` has shown all its evidence: a PID's rows up to
@@ -598,14 +601,9 @@ def _averaged_pieces(
     ]
 
 
-def _evidence(s: UtilSample, start_us: int, known: bool, samples: float = 1) -> Evidence:
-    """Row ``s`` as evidence of [start_us, stamp): its percent of the span, ``samples``
-    times over when it is the mean of that many times more samples, the others idle."""
+def _evidence(s: UtilSample, start_us: int, known: bool) -> Evidence:
+    """Row ``s`` as evidence of [start_us, stamp): its percent of the span."""
     span = s.timestamp_us - start_us
-    if samples == 1:
-        pct_us = s.sm_util * span
-        # A whole percent is the true value rounded: up to half a percent more is still true.
-        return Evidence(s.pid, start_us, s.timestamp_us, pct_us, pct_us + span // 2, known)
-    pct_us = round(s.sm_util * span * samples)
-    bound = round((s.sm_util + 0.5) * span * samples)
-    return Evidence(s.pid, start_us, s.timestamp_us, pct_us, bound, known)
+    pct_us = s.sm_util * span
+    # A whole percent is the true value rounded: up to half a percent more is still true.
+    return Evidence(s.pid, start_us, s.timestamp_us, pct_us, pct_us + span // 2, known)

@@ -9,7 +9,7 @@ state is a cache of per-period results, which that purity makes safe.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -257,6 +257,7 @@ class SimGpu:
         quiet = self.driver.not_found_below_pct
         if not quiet or self.spec.mig_enabled or self.driver.mps:
             return Fraction(0)
+        xs: Iterable[int]
         if self.own_grid:
             sampled = self._sampled[self.processes.index(proc)]
             xs = [sampled.x(j) for j in sampled.sampled_js(proc.spec.start_us - 1, until_us)]
@@ -265,9 +266,7 @@ class SimGpu:
             g = self.grid
             first, last = g.latest_k(proc.spec.start_us) + 1, g.latest_k(until_us)
             start_us = g.end_us(first) - g.period_us
-            xs = list(
-                self._evidence(proc).windows(start_us, g.period_us, last - first + 1).values()
-            )
+            xs = self._evidence(proc).windows(start_us, g.period_us, last - first + 1).values()
             shown_from = g.period_us * self._evidence_scale
         hidden = sum(x for x in xs if 0 < round_half_up(x, shown_from) < quiet)
         return Fraction(hidden, 100 * self._evidence_scale)
