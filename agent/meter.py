@@ -430,6 +430,12 @@ class Meter:
         since an old lastSeen) keeps its whole claim on the time not settled: earlier answers
         showed no activity of its process back there."""
         for piece in reading.pieces:
+            if not ds.has_series:
+                # Billed as it is: one PID's pieces chain end to start, so a piece later
+                # than another PID's claims nothing twice.
+                ds.pieces.append(piece)
+                ds.used.append(0.0)
+                continue
             if piece.end_us <= ds.settled_us:
                 self._evidence_stats.discarded["late_evidence"] += 1
                 continue

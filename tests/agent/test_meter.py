@@ -116,6 +116,21 @@ def test_a_quiet_averaging_driver_is_asked_for_what_it_left_out() -> None:
     assert stats.evidence_requeries["left_out_rows"] < stats.polls * 8 // 4
 
 
+# Without a device series each piece of evidence is billed as it is. The device's settled
+# point once ran ahead to the newest piece of any PID, and a PID's piece ending before it (a
+# first row that waited for its PID's period) was dropped as late: 5.05 s of the hour of
+# eight_gpus at 1 s went unbilled, with no gap and nothing unattributed.
+def test_without_a_device_series_no_piece_is_dropped_as_late() -> None:
+    scenario = Scenario.from_toml(one_gpu_of_eight(bursts=15, exit_s=1400.0))
+    scenario = scenario.with_overrides(sample_period_us=1_000_000, profile="no_device_series")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, scenario_end_s(scenario) + DRAIN_S)
+        run.usages.extend(meter.close_window())
+        assert meter.stats.discarded_samples["late_evidence"] == 0
+    row = row_of(run, "no_device_series", "one_gpu_of_eight", 1_000_000)
+    assert row.misses == [], row
+
+
 @pytest.mark.parametrize("reading", READINGS)
 def test_an_idle_context_costs_exactly_nothing(reading: str) -> None:
     run = run_scenario(Scenario.load("idle_context").with_overrides(sample_reading=reading))
