@@ -123,6 +123,7 @@ class DeviceState:
     pending: list[Period] = field(default_factory=list)  # read, not yet settled
     pieces: list[Evidence] = field(default_factory=list)  # evidence not yet spent
     used: list[float] = field(default_factory=list)  # what settled time took of each piece
+    fit: apportion.FitMemory = field(default_factory=apportion.FitMemory)  # the last fit
     processes: dict[int, list[Tracked]] = field(default_factory=dict)  # pid -> oldest first
     last_poll_mono_us: int | None = None  # monotonic µs: durations never follow wall steps
     lost_at_us: int | None = None  # wall µs the GPU was found lost
@@ -466,7 +467,13 @@ class Meter:
             return
         presence = [t.presence() for t in ds.tracked()]
         result = apportion.apportion(
-            ds.pending, ds.pieces, presence, settle_to, ds.used, complete_until_us=complete
+            ds.pending,
+            ds.pieces,
+            presence,
+            settle_to,
+            ds.used,
+            complete_until_us=complete,
+            memory=ds.fit,
         )
         ds.books.cover(ds.pending[0].start_us, settle_to)
         self._book(ds, result)
