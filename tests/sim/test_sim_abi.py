@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 import ctypes
+import random
 
 import pynvml
 import pytest
 
-from creditmeter.nvml_abi import ProcessInfo, ProcessUtilizationSample, Sample, Value
+from creditmeter.agent import nvml
+from creditmeter.nvml_abi import (
+    ProcessInfo,
+    ProcessUtilizationInfo,
+    ProcessUtilizationSample,
+    Sample,
+    Value,
+)
 from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost
 from creditmeter.simnvml.abi import ERROR_STRINGS, Ret
 
@@ -17,6 +25,7 @@ from creditmeter.simnvml.abi import ERROR_STRINGS, Ret
     ("ours", "theirs"),
     [
         (ProcessUtilizationSample, pynvml.c_nvmlProcessUtilizationSample_t),
+        (ProcessUtilizationInfo, pynvml.c_nvmlProcessUtilizationInfo_v1_t),
         (ProcessInfo, pynvml.c_nvmlProcessInfo_v3_t),
         (Sample, pynvml.c_nvmlSample_t),
         (Value, pynvml.c_nvmlValue_t),
@@ -55,3 +64,17 @@ def test_symbols_take_attributes_and_missing_ones_raise_attribute_error() -> Non
     assert "nvmlDeviceGetComputeRunningProcesses_v3" in lib.symbol_names
     with pytest.raises(AttributeError):
         lib.nvmlDeviceGetTemperature  # noqa: B018
+
+
+@pytest.mark.parametrize("structure", [ProcessUtilizationSample, ProcessUtilizationInfo])
+def test_the_agents_row_reader_reads_what_the_fields_hold(structure: type) -> None:
+    # Garbage included: the padded answers of go-nvml#11 hold smUtil 37100 and zero rows.
+    rng = random.Random(12)
+    rows = (structure * 5)()
+    for row in rows:
+        for name, kind in structure._fields_:
+            setattr(row, name, rng.randrange(2 ** (8 * ctypes.sizeof(kind))))
+    reader = nvml._SAMPLE_ROW if structure is ProcessUtilizationSample else nvml._INFO_ROW
+    by_offset = sorted(nvml._UTIL_FIELDS, key=lambda n: getattr(structure, n).offset)
+    got = list(reader.iter_unpack(nvml._filled(rows, 4)))
+    assert got == [tuple(getattr(row, name) for name in by_offset) for row in rows[:4]]
