@@ -613,7 +613,7 @@ def _fit(
                 fitted[c.key] = c.w / c.start_w
     # Rows had the last word; now bounds, and what rows lack goes to the room left under
     # them (also where claims of zero left the rows nothing to scale).
-    _pull_pieces(by_piece, bound, {})
+    _cap_pieces(by_piece, bound)
     _top_up(rows, mine, by_piece, bound, complete_until_us)
 
 
@@ -626,52 +626,72 @@ def _ipf(
     complete_until_us: int,
 ) -> None:
     """Over-relaxed iterative proportional fitting, ``IPF_ROUNDS`` at most, until every
-    piece is at its claim or within its bound; then rows to their busy time exactly."""
+    piece is at its claim or within its bound; then rows to their busy time exactly.
+
+    The rounds are the agent's hottest loop under drivers with cadences of their own, so
+    what each row and piece is held to is worked out once, not once a round."""
+    lines = [
+        (r.busy_pct_us, r.end_us <= complete_until_us, cells)
+        for r, cells in zip(rows, mine, strict=True)
+    ]
+    pieces = [
+        (
+            cells,
+            bound[i] * (1 + IPF_TOLERANCE),  # over this: capped to its bound
+            bound[i],
+            goals.get(i, 0.0) * (1 - IPF_TOLERANCE),  # under this: pulled up to its goal
+            min(goals.get(i, 0.0), bound[i]),
+        )
+        for i, cells in by_piece.items()
+    ]
+    power = IPF_OVERRELAX
     previous_short = float("inf")
     for _ in range(IPF_ROUNDS):
-        _scale_rows(rows, mine, complete_until_us, IPF_OVERRELAX)
-        capped, short = _pull_pieces(by_piece, bound, goals, IPF_OVERRELAX)
+        _scale_lines(lines, power)
+        capped, short = False, 0.0
+        for cells, over, cap, under, goal in pieces:
+            total = 0.0
+            for c in cells:
+                total += c.w
+            if total > over:
+                factor, capped = cap / total, True
+            elif 0 < total < under:
+                factor = goal / total
+                short += goal - total
+            else:
+                continue
+            factor **= power
+            for c in cells:
+                c.w *= factor
         if not capped and not short:
             break
         if not capped and short > IPF_STALL * previous_short:
             break  # claims the rows cannot all give (a rounded claim, a row still to come)
         previous_short = short
-    _scale_rows(rows, mine, complete_until_us)
+    _scale_lines(lines, 1.0)
 
 
-def _scale_rows(
-    rows: Sequence[_Row],
-    mine: Sequence[list[_Cell]],
-    complete_until_us: int,
-    power: float = 1.0,
-) -> None:
-    for row, cells in zip(rows, mine, strict=True):
-        _scale_row(row.busy_pct_us, cells, up=row.end_us <= complete_until_us, power=power)
+def _scale_lines(lines: Sequence[tuple[int, bool, list[_Cell]]], power: float) -> None:
+    """Each row to its busy time (or, where its evidence may still come, down to it at
+    most), the factor to the ``power``."""
+    for busy, up, cells in lines:
+        total = 0.0
+        for c in cells:
+            total += c.w
+        if total > 0 and (up or total > busy):
+            factor = busy / total if power == 1.0 else (busy / total) ** power
+            for c in cells:
+                c.w *= factor
 
 
-def _pull_pieces(
-    by_piece: dict[int, list[_Cell]],
-    bound: Sequence[float],
-    goals: dict[int, float],
-    power: float = 1.0,
-) -> tuple[bool, float]:
-    """Scale each piece down to its bound, or up to its goal (the factor to the ``power``:
-    over-relaxed); returns whether any was over its bound, and by how much in all the
-    pieces were short of their goals."""
-    capped, short = False, 0.0
+def _cap_pieces(by_piece: dict[int, list[_Cell]], bound: Sequence[float]) -> None:
+    """Scale each piece over its bound down to it."""
     for i, cells in by_piece.items():
         total = sum(c.w for c in cells)
         if total > bound[i] * (1 + IPF_TOLERANCE):
-            goal, capped = bound[i], True
-        elif 0 < total < goals.get(i, 0.0) * (1 - IPF_TOLERANCE):
-            goal = min(goals[i], bound[i])
-            short += goal - total
-        else:
-            continue
-        factor = goal / total if power == 1.0 else (goal / total) ** power
-        for c in cells:
-            c.w *= factor
-    return capped, short
+            factor = bound[i] / total
+            for c in cells:
+                c.w *= factor
 
 
 def _top_up(
@@ -826,14 +846,12 @@ def _fit_aligned(row: _Row, cells: list[_Cell], bound: Sequence[float]) -> None:
     row.exact = not capped
 
 
-def _scale_row(
-    busy_pct_us: int, cells: list[_Cell], *, up: bool = True, power: float = 1.0
-) -> None:
+def _scale_row(busy_pct_us: int, cells: list[_Cell]) -> None:
     total = 0.0
     for c in cells:
         total += c.w
-    if total > 0 and (up or total > busy_pct_us):
-        factor = busy_pct_us / total if power == 1.0 else (busy_pct_us / total) ** power
+    if total > 0:
+        factor = busy_pct_us / total
         for c in cells:
             c.w *= factor
 
