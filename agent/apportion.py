@@ -607,6 +607,8 @@ def _fit(
             for c in cells:
                 c.w *= start.get(c.key, 1.0)
     _ipf(rows, mine, by_piece, bound, goals, complete_until_us)
+    # Remembered before the bounds' repair below: the fit alone only scales each row and
+    # piece, so the next settlement starts from a scaling of the claims, as a cold one does.
     for cells in mine:
         for c in cells:
             if c.start_w > 0:
@@ -822,7 +824,7 @@ def _path_to(
 def _fit_aligned(row: _Row, cells: list[_Cell], bound: Sequence[float]) -> None:
     """Every piece within this one row: split the row by the pieces' claims, directly. What
     a piece capped at its bound cannot take goes to the others, up to their bounds."""
-    _scale_row(row.busy_pct_us, cells)
+    _scale_lines([(row.busy_pct_us, True, cells)], 1.0)
     capped = False
     while True:  # each pass caps at least one more piece for good, or ends
         over = [c for c in cells if c.w > bound[c.i]]
@@ -844,16 +846,6 @@ def _fit_aligned(row: _Row, cells: list[_Cell], bound: Sequence[float]) -> None:
         _fill_from_room(lacking, cells, {c.i: bound[c.i] - c.w for c in cells})
         capped = True
     row.exact = not capped
-
-
-def _scale_row(busy_pct_us: int, cells: list[_Cell]) -> None:
-    total = 0.0
-    for c in cells:
-        total += c.w
-    if total > 0:
-        factor = busy_pct_us / total
-        for c in cells:
-            c.w *= factor
 
 
 def _commit_row(

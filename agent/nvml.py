@@ -401,6 +401,9 @@ def _utilization_samples(handle: Any, since_us: int) -> tuple[int, list[Sample]]
     return value_type.value, samples[: count.value]
 
 
+_UNSIGNED: dict[Any, str] = {ctypes.c_uint: "I", ctypes.c_ulonglong: "Q"}  # the rows' fields
+
+
 def _row_struct(structure: type[ctypes.Structure], names: Sequence[str]) -> struct.Struct:
     """Reads the fields ``names`` of one ``structure`` from its raw bytes, in the order they
     lie there. A padded answer holds a hundred rows: unpacked at C speed, they cost half of
@@ -414,7 +417,6 @@ def _row_struct(structure: type[ctypes.Structure], names: Sequence[str]) -> stru
     return struct.Struct(fmt + "x" * (ctypes.sizeof(structure) - at))
 
 
-_UNSIGNED: dict[Any, str] = {ctypes.c_uint: "I", ctypes.c_ulonglong: "Q"}
 _UTIL_FIELDS = ("pid", "timeStamp", "smUtil", "memUtil", "encUtil", "decUtil")
 _SAMPLE_ROW = _row_struct(ProcessUtilizationSample, _UTIL_FIELDS)  # UtilSample's order
 _INFO_ROW = _row_struct(ProcessUtilizationInfo, _UTIL_FIELDS)  # timeStamp first, then pid
