@@ -107,6 +107,9 @@ class Apportioned:
     unattributed: dict[Unattributed, int] = field(default_factory=dict)
     used: dict[int, float] = field(default_factory=dict)
     busy_pct_us: int = 0  # the committed periods' busy time: the total everything adds to
+    # Fits whose search for augmenting paths stopped at AUGMENT_PATHS: what their rows
+    # still lacked stayed unattributed though a path might have placed it (never billed).
+    fits_cut_short: int = 0
 
     def leave(self, reason: Unattributed, pct_us: int) -> None:
         if pct_us:
@@ -202,7 +205,8 @@ def apportion(
         goals = _goals(run, evidence, remaining, spans)
         rows = _rows(run, evidence)
         busy_rows = [r for r in rows if r.busy_pct_us]
-        _fit(busy_rows, evidence, remaining, goals, complete, ratios, fitted)
+        if _fit(busy_rows, evidence, remaining, goals, complete, ratios, fitted):
+            out.fits_cut_short += 1
         for row in rows:
             if row.end_us <= commit_until_us and row.busy_pct_us:
                 _commit_row(row, evidence, presence, remaining, out)
@@ -576,7 +580,7 @@ def _fit(
     complete_until_us: int,
     start: dict[CellKey, float],
     fitted: dict[CellKey, float],
-) -> None:
+) -> bool:
     """Fit the known pieces' cells: each row whose evidence is complete to its busy time,
     each piece to its claim (``goals``), and never past its bound. Later rows are only held
     to at most their busy time: their evidence may still be on its way, and must not pull
@@ -592,7 +596,8 @@ def _fit(
 
     The fit starts where the last settlement's left each cell (``start``, from FitMemory)
     and leaves its own in ``fitted``. Where bounds bind, what the rows still lack is then
-    given out along augmenting paths (``_top_up``), not by more rounds."""
+    given out along augmenting paths (``_top_up``), not by more rounds. True: that search
+    stopped at its guard (``AUGMENT_PATHS``)."""
     mine = [[c for c in r.cells if evidence[c.i].known] for r in rows]
     by_piece: dict[int, list[_Cell]] = {}
     for cells in mine:
@@ -601,7 +606,7 @@ def _fit(
     if all(len(cells) == 1 for cells in by_piece.values()):
         for row, cells in zip(rows, mine, strict=True):
             _fit_aligned(row, cells, bound)
-        return
+        return False
     if start:
         for cells in mine:
             for c in cells:
@@ -616,7 +621,7 @@ def _fit(
     # Rows had the last word; now bounds, and what rows lack goes to the room left under
     # them (also where claims of zero left the rows nothing to scale).
     _cap_pieces(by_piece, bound)
-    _top_up(rows, mine, by_piece, bound, complete_until_us)
+    return _top_up(rows, mine, by_piece, bound, complete_until_us)
 
 
 def _ipf(
@@ -702,11 +707,11 @@ def _top_up(
     by_piece: dict[int, list[_Cell]],
     bound: Sequence[float],
     complete_until_us: int,
-) -> None:
+) -> bool:
     """Fitting converges only geometrically where bounds bind: give what each complete row
     still lacks to its pieces that have room left under their bounds, then move weight
     along augmenting paths (``_augment``) until no arrangement within the bounds can fill a
-    complete row further."""
+    complete row further. True: the paths stopped at their guard."""
     # A piece's weight in rows not complete yet only holds a place (their evidence may still
     # come): the complete rows, whose evidence is all in, take its room under its bound first.
     complete = [k for k, row in enumerate(rows) if row.end_us <= complete_until_us]
@@ -722,7 +727,8 @@ def _top_up(
         if lack > AUGMENT_MIN:
             lacking[k] = lack
     if lacking and any(r > AUGMENT_MIN for r in room.values()):
-        _augment(complete, mine, room, lacking)
+        return _augment(complete, mine, room, lacking)
+    return False
 
 
 def _fill_from_room(lack: float, cells: Sequence[_Cell], room: dict[int, float]) -> float:
@@ -744,14 +750,16 @@ def _augment(
     mine: Sequence[list[_Cell]],
     room: dict[int, float],
     lacking: dict[int, float],
-) -> None:
+) -> bool:
     """Fill complete rows to the most the pieces' bounds allow: a maximum flow from the
     pieces' room to the rows' lack, over augmenting paths (Edmonds-Karp). A path starts at
     a piece with room, adds weight to a row it spans, takes as much from a second piece in
     that row, which adds it to another row it spans, and so on to a row that lacks: every
     row between keeps its total, every piece between its own. When no path is left, what
     the rows still lack is busy time no arrangement of the evidence within its bounds can
-    take (the minimum cut): unattributed, and never billed to a guess."""
+    take (the minimum cut): unattributed, and never billed to a guess. True: the search
+    stopped at ``AUGMENT_PATHS`` paths with rows still lacking (the guard against a fit
+    taking without bound; what they lack stays unattributed, and the meter counts it)."""
     rows_of: dict[int, list[tuple[int, _Cell]]] = {}
     for k in complete:
         for c in mine[k]:
@@ -759,7 +767,7 @@ def _augment(
     for _ in range(AUGMENT_PATHS):
         path = _augmenting_path(mine, room, lacking, rows_of)
         if path is None:
-            return
+            return False
         start, end, added, taken = path
         flow = min(room[start], lacking[end], *(c.w for c in taken))
         for c in added:
@@ -771,7 +779,8 @@ def _augment(
         if lacking[end] <= AUGMENT_MIN:
             del lacking[end]
             if not lacking:
-                return
+                return False
+    return True
 
 
 def _augmenting_path(
@@ -873,7 +882,10 @@ def _commit_row(
         out.used[c.i] = out.used.get(c.i, 0.0) + c.w
         remaining[c.i] = max(0.0, remaining[c.i] - c.w)
     taken = min(busy, round(sum(weights.values())))
-    if taken:
+    if taken and len(weights) == 1:  # one process computed: its share needs no split
+        (pid,) = weights
+        out.shares.append(Share(pid, row.start_us, row.end_us, taken, exact=False))
+    elif taken:
         pids = sorted(weights)
         exact = [claims[p] for p in pids] if row.exact and all(claims.values()) else None
         split = largest_remainders(taken, exact or _integral([weights[p] for p in pids]))

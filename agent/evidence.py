@@ -51,7 +51,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,17 +184,20 @@ class EvidenceReader:
         listed: Collection[int],
         fresh: Collection[int],
         device_cursor_us: int = 0,
+        catch_up: Callable[[int], None] | None = None,
     ) -> Reading:
         """This poll's evidence. ``listed``: pids the meter knows on the device (listed, or
         exited and draining); ``fresh``: those first seen at this poll (their accounting
         counters are all new). ``device_cursor_us``: the newest device period read; with no
         row since lastSeen, the next query starts there (an average since lastSeen must not
-        reach back over idle time already settled)."""
+        reach back over idle time already settled). ``catch_up(stamp)``: read the device's
+        periods again, up to ``stamp`` if they reach it (rows stamped after the newest
+        period read: time passed between the two calls)."""
         while (source := self.source) is not None:
             try:
                 if source is Source.ACCOUNTING:
                     return self._accounting_reading(now_us, listed, fresh)
-                return self._rows_reading(source, now_us, listed, device_cursor_us)
+                return self._rows_reading(source, now_us, listed, device_cursor_us, catch_up)
             except NotSupported:
                 self.leave(source, "not_supported")
             except NoData:
@@ -237,16 +240,27 @@ class EvidenceReader:
             self.reading = reading
 
     def _rows_reading(
-        self, source: Source, now_us: int, listed: Collection[int], device_cursor_us: int
+        self,
+        source: Source,
+        now_us: int,
+        listed: Collection[int],
+        device_cursor_us: int,
+        catch_up: Callable[[int], None] | None,
     ) -> Reading:
         since = max(1, self.cursor_us)  # lastSeen 0 invites duplicate rows (Kepler)
         if source is Source.UTILIZATION_INFO:
             raw = self._nvml.processes_utilization_info(self._device, since)
         else:
             raw = self._nvml.process_samples(self._device, since)
+        newest_us = max((s.timestamp_us for s in raw if s.pid and s.sm_util <= 100), default=0)
+        if catch_up is not None and newest_us > max(self.grid_until_us, device_cursor_us):
+            # Whether a row is on the device's grid (an average since lastSeen) or not (one
+            # sample) must be known, not judged against an older grid: a row taken for one
+            # sample leaves the rest of its span without evidence.
+            catch_up(newest_us)
         # The driver's newest period may be later than the poll's start on a loaded host
         # (seconds pass between the calls): rows stamped up to it are no future garbage.
-        rows, suspect = self._clean(raw, max(now_us, device_cursor_us))
+        rows, suspect = self._clean(raw, max(now_us, device_cursor_us, self.grid_until_us))
         if suspect and self._another_after(source):
             self.leave(source, suspect)
         if not rows:  # padding and garbage only: as NOT_FOUND
@@ -288,7 +302,8 @@ class EvidenceReader:
                 raw = self._nvml.process_samples(self._device, since_us)
         except NvmlError:
             return None
-        return self._clean(raw, now_us, since_us)[0]
+        # Later than the poll's start on a loaded host: the device's newest period is too.
+        return self._clean(raw, max(now_us, self.grid_until_us), since_us)[0]
 
     def _undiluted(
         self, source: Source, rows: Sequence[UtilSample], since_us: int, now_us: int

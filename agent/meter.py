@@ -47,10 +47,16 @@ DEFAULT_RING_US = 20_000_000  # a ring this long is assumed until the driver sho
 # While a GPU is lost, time older than this (or than its ring, if longer) is given up as a
 # gap at each window close; a shorter ring learnt at start may only mean a young driver.
 MIN_HOLD_US = 60_000_000
-# Busy time is apportioned this often (and at every window close): each settlement costs
-# a fixed part plus the periods it reads again, so settling every poll would cost twice as
-# much for nothing (what settles, and how, does not depend on when).
-SETTLE_INTERVAL_US = 2_000_000
+# Busy time is apportioned at every window close, at least this often (a longer window still
+# settles), and at every poll while an exited process drains. Each settlement fits again
+# every period whose evidence is not all in (seconds of them under stale per-PID stamps), so
+# settling seldom costs less; and a period is committed with more of what follows it.
+# Against 2 s, on the realistic and stale-stamp hours: agent CPU per cycle about 15 % less
+# (mean), per-process |error| 98.3 → 90.1 s and unattributed 11.6 → 10.3 s.
+SETTLE_INTERVAL_US = 10_000_000
+# A row stamped this close to the next device period's end (1/20 of a period: the drivers'
+# stamps jitter) may be on it: the series is read again before the row is judged.
+CATCH_UP_SLACK = 20
 _GPM_SINGLE = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE
 _GPM_SHARED = usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_SHARED
 _NO_SIGNAL = usage_pb2.MEASUREMENT_SOURCE_NONE
@@ -177,6 +183,8 @@ class MeterStats:
     unattributed_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gaps_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gpu_losses: Counter[str] = field(default_factory=Counter)  # by device uuid
+    fits_cut_short: int = 0  # fits whose augmenting paths stopped at their guard
+    series_catch_ups: int = 0  # device series read again within a poll (rows stamped later)
     labels_refused: Counter[str] = field(default_factory=Counter)  # "name:PROBLEM"
 
 
@@ -384,7 +392,9 @@ class Meter:
         busy_fraction = self._read_series(ds, max(step_us, 0)) if ds.has_series else 0.0
         assert ds.evidence is not None
         # Known: listed now, or exited and still draining (its last samples come late).
-        reading = ds.evidence.read(now_us, set(ds.processes), fresh, ds.cursor_us)
+        reading = ds.evidence.read(
+            now_us, set(ds.processes), fresh, ds.cursor_us, lambda us: self._catch_up(ds, us)
+        )
         ds.evidence.judge(reading, busy_fraction)
         self._take_evidence(ds, reading)
         draining = any(t.gone_at_us is not None for t in ds.tracked())
@@ -425,6 +435,17 @@ class Meter:
         ds.cursor_us = read.cursor_us
         span = sum(p.end_us - p.start_us for p in read.periods)
         return sum(p.busy_pct_us for p in read.periods) / (100 * span) if span else 0.0
+
+    def _catch_up(self, ds: DeviceState, stamp_us: int) -> None:
+        """Read the device's periods again where a per-process row is stamped at or after
+        the end of the next one: time passed between the two calls (a loaded host, many
+        GPUs), and the driver may have closed periods since."""
+        period_us = ds.series.period_us
+        if not ds.has_series or not period_us:
+            return
+        if stamp_us >= ds.cursor_us + period_us - period_us // CATCH_UP_SLACK:
+            self.stats.series_catch_ups += 1
+            self._read_series(ds, 0)
 
     def _take_evidence(self, ds: DeviceState, reading: Reading) -> None:
         """Keep this poll's evidence. A piece reaching back into settled time (an average
@@ -511,6 +532,7 @@ class Meter:
                 owner.usage.add_shared(piece, code)
         for reason, pct in result.unattributed.items():
             ds.books.unattributed_pct_us[reason] += pct
+        self.stats.fits_cut_short += result.fits_cut_short
         self.stats.device_busy_us += result.busy_pct_us // 100
 
     def _spend(self, ds: DeviceState, used: dict[int, float], settle_to: int) -> None:

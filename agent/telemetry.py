@@ -127,6 +127,16 @@ class AgentTelemetry:
         self._busy = r.counter(
             "creditmeter_agent_busy_seconds_total", "Busy GPU seconds metered (billed measure)."
         )
+        self._cut_short = r.counter(
+            "creditmeter_agent_fits_cut_short_total",
+            "Apportioning fits whose search for augmenting paths stopped at its guard: busy "
+            "time they left unattributed might have had a taker (reported, never billed).",
+        )
+        self._catch_ups = r.counter(
+            "creditmeter_agent_series_catch_ups_total",
+            "Device utilization series read again within a poll: per-process rows came "
+            "stamped after its newest period (time passed between the calls: a loaded host).",
+        )
         self._dropped = r.counter(
             "creditmeter_agent_dropped_busy_seconds_total",
             "Busy seconds dropped because memory for held records ran out (should stay 0).",
@@ -170,6 +180,10 @@ class AgentTelemetry:
         self._busy.inc((stats.busy_us_metered - self._last.busy_us_metered) / 1e6)
         self._last.processes_seen = stats.processes_seen
         self._last.busy_us_metered = stats.busy_us_metered
+        self._cut_short.inc(stats.fits_cut_short - self._last.fits_cut_short)
+        self._last.fits_cut_short = stats.fits_cut_short
+        self._catch_ups.inc(stats.series_catch_ups - self._last.series_catch_ups)
+        self._last.series_catch_ups = stats.series_catch_ups
         self._dropped.inc((dropped_busy_us - self._last_dropped_us) / 1e6)
         self._last_dropped_us = dropped_busy_us
 

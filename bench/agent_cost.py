@@ -1,9 +1,9 @@
 """The agent's own CPU per poll cycle on 8 GPUs × 8 processes, beside the simulator's cost.
 
-A cycle is what the daemon does every poll interval: one poll of every device (busy time is
-apportioned every second cycle, ``meter.SETTLE_INTERVAL_US``), and every tenth cycle a
-window close turned into record drafts. The median and the mean are both reported: the
-mean is what a core pays. CPU time is the process's (user +
+A cycle is what the daemon does every poll interval: one poll of every device, and every
+tenth cycle a window close turned into record drafts (busy time is apportioned then,
+``meter.SETTLE_INTERVAL_US``: those cycles are the mean's and the p99's). The median and
+the mean are both reported: the mean is what a core pays. CPU time is the process's (user +
 system), minus the time spent inside the simulated driver, which stands in for the real
 libnvidia-ml and is reported beside it. The /proc side (one create-time check per listed
 process per poll, on real processes) is measured separately.

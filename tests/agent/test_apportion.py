@@ -215,6 +215,23 @@ def test_a_period_is_filled_through_others_where_bounds_allow_it() -> None:
     assert got[3] <= 150 * P and got[2] <= 100 * P
 
 
+def test_a_fit_whose_paths_stop_at_their_guard_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same three pieces, with no augmenting path allowed: the period that needed one
+    # keeps its lack unattributed (never billed to a guess), and the fit is counted.
+    monkeypatch.setattr(apportion_module, "AUGMENT_PATHS", 0)
+    periods = [period(0, 100), period(1, 100), period(2, 100)]
+    evidence = [
+        Evidence(1, T, T + P, 10 * P, 100 * P),
+        Evidence(2, T, T + 2 * P, 100 * P, 100 * P),
+        Evidence(3, T + P, T + 3 * P, 150 * P, 150 * P),
+    ]
+    result = apportion(periods, evidence, holding(1, 2, 3), T + 3 * P)
+    assert result.fits_cut_short == 1
+    left = result.unattributed[Unattributed.NO_EVIDENCE]
+    assert left > 0
+    assert sum(shares_by_pid(result.shares).values()) + left == 300 * P
+
+
 def test_a_claim_of_zero_takes_busy_time_nobody_else_can_up_to_its_bound() -> None:
     # A process read at 0 % (under the driver's rounding) over two periods, beside one with
     # no evidence: the busy time is within its bound, and nobody else's evidence claims it.

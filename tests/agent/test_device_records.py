@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import Run, run_scenario
+from bench.harness import Run, drive, metered, run_scenario
+from creditmeter.agent import apportion
 from creditmeter.simnvml import Scenario
 
 TOLERANCE_US = 2_000_000  # the collector's busy tolerance (verifier.Limits)
@@ -49,3 +50,18 @@ def test_the_records_between_two_device_records_carry_their_attributed_time(
         assert since == u.books.attributed_busy_us
         since = 0
     assert since == 0
+
+
+def test_fits_stopped_at_their_guard_are_counted_and_the_books_still_add_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(apportion, "AUGMENT_PATHS", 0)
+    scenario = Scenario.load("timeslice").with_overrides(profile="realistic")
+    with metered(scenario) as (result, meter):
+        drive(result, meter, 120.0)
+        result.usages.extend(meter.close_window())
+        assert meter.stats.fits_cut_short > 0
+    books = [u.books for u in result.usages if u.books is not None]
+    assert sum(b.device_busy_us for b in books) > 0
+    for b in books:
+        assert b.device_busy_us == b.attributed_busy_us + sum(us for _, us in b.unattributed_us)

@@ -286,3 +286,17 @@ def test_the_agents_requery_counters_follow_the_meter() -> None:
     assert (
         _value(shown, "creditmeter_agent_evidence_requery_rows_total", reason="left_out_rows") == 1
     )
+
+
+@pytest.mark.parametrize("name", ["fits_cut_short", "series_catch_ups"])
+def test_the_meters_plain_counts_are_counters(name: str) -> None:
+    registry = Registry()
+    telemetry = AgentTelemetry(registry)
+    stats = MeterStats()
+    telemetry.after_cycle(stats, 0)
+    setattr(stats, name, 2)
+    telemetry.after_cycle(stats, 0)
+    setattr(stats, name, 3)
+    telemetry.after_cycle(stats, 0)
+    _, _, samples = _families(registry.render())[f"creditmeter_agent_{name}"]
+    assert _value(samples, f"creditmeter_agent_{name}_total") == 3
