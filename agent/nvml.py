@@ -239,7 +239,9 @@ class PynvmlNvml:
             raw = _with_size_retry(lambda: _process_utilization(handle, since_us))
         except pynvml.NVMLError as exc:
             raise translate(exc, what) from exc
-        return list(map(UtilSample._make, _SAMPLE_ROW.iter_unpack(raw)))
+        return [
+            _PADDING if t == _ZEROS else UtilSample._make(t) for t in _SAMPLE_ROW.iter_unpack(raw)
+        ]
 
     def processes_utilization_info(self, device: Device, since_us: int) -> list[UtilSample]:
         handle = self._handle(device.uuid)
@@ -248,7 +250,12 @@ class PynvmlNvml:
             raw = _with_size_retry(lambda: _processes_utilization_info(handle, since_us))
         except pynvml.NVMLError as exc:
             raise translate(exc, what) from exc
-        return [UtilSample(p, t, s, m, e, d) for t, p, s, m, e, d in _INFO_ROW.iter_unpack(raw)]
+        return [
+            _PADDING
+            if row == _ZEROS
+            else UtilSample(row[1], row[0], row[2], row[3], row[4], row[5])
+            for row in _INFO_ROW.iter_unpack(raw)
+        ]
 
     def accounting_enabled(self, device: Device) -> bool:
         handle = self._handle(device.uuid)
@@ -420,6 +427,10 @@ def _row_struct(structure: type[ctypes.Structure], names: Sequence[str]) -> stru
 _UTIL_FIELDS = ("pid", "timeStamp", "smUtil", "memUtil", "encUtil", "decUtil")
 _SAMPLE_ROW = _row_struct(ProcessUtilizationSample, _UTIL_FIELDS)  # UtilSample's order
 _INFO_ROW = _row_struct(ProcessUtilizationInfo, _UTIL_FIELDS)  # timeStamp first, then pid
+# Padded answers hold about 97 rows of zeros in 100 (go-nvml#11, nvtop#110): one shared row
+# for them all, since building a row each cost more than the rest of reading the answer.
+_ZEROS = (0,) * len(_UTIL_FIELDS)
+_PADDING = UtilSample(*_ZEROS)
 
 
 def _filled(rows: ctypes.Array[Any], count: int) -> bytes:
