@@ -148,9 +148,14 @@ def drive(
             next_close += window_s
 
 
-def run_scenario(scenario: Scenario, *, poll_s: float = 1.0, window_s: float = 10.0) -> Run:
-    """Meter a whole scenario, draining exits at the end."""
+def run_scenario(
+    scenario: Scenario, *, poll_s: float = 1.0, window_s: float = 10.0, call_us: int = 0
+) -> Run:
+    """Meter a whole scenario, draining exits at the end. ``call_us``: the driver's clock
+    moves this much at each NVML call (a loaded host, where periods close between calls)."""
     with metered(scenario) as (run, meter):
+        if call_us:
+            run.lib.before_call = lambda _: run.clock.advance_us(call_us)
         drive(run, meter, scenario_end_s(scenario) + DRAIN_S, poll_s=poll_s, window_s=window_s)
         run.usages.extend(meter.close_window())
     return run
