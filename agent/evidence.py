@@ -48,6 +48,7 @@ period before that sample: its row, if it has one, is then that sample alone.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
 from collections import Counter
@@ -66,6 +67,8 @@ ZERO_STRIKES = 3  # polls in a row of zero rows on a busy device before leaving 
 BUSY_ENOUGH = 0.10  # the device this busy over a poll counts as busy
 MAX_SPAN_US = 10_000_000  # no row stands for more than this, whatever the stamps say
 UNLEARNT_WAIT_US = 5_000_000  # a row waits this long at most for its PID's next row
+GRID_KEPT = 1024  # period ends kept when the grid is trimmed (minutes of them at 1/6 s)
+ALWAYS = 2**62  # a stamp for ``catch_up`` later than any period: read the series again
 
 
 class Source(enum.Enum):
@@ -133,6 +136,7 @@ class EvidenceReader:
         }
         self._zero_strikes = 0
         self._grid: set[int] = set()  # recent device period ends
+        self._ends: list[int] = []  # the same, in order
         self.busy_until_us = 0  # the end of the device's latest busy period
         self.grid_until_us = 0  # the end of the device's latest period read
         # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
@@ -142,8 +146,11 @@ class EvidenceReader:
         """The device periods just read: a row stamped at one's end is on the device grid."""
         if len(self._grid) > 4096:
             self._grid.clear()
+            del self._ends[:-GRID_KEPT]
+            self._grid.update(self._ends)
         for p in periods:
             self._grid.add(p.end_us)
+            self._ends.append(p.end_us)
             self.grid_until_us = max(self.grid_until_us, p.end_us)
             if p.busy_pct_us:
                 self.busy_until_us = max(self.busy_until_us, p.end_us)
@@ -196,7 +203,7 @@ class EvidenceReader:
         while (source := self.source) is not None:
             try:
                 if source is Source.ACCOUNTING:
-                    return self._accounting_reading(now_us, listed, fresh)
+                    return self._accounting_reading(now_us, listed, fresh, catch_up)
                 return self._rows_reading(source, now_us, listed, device_cursor_us, catch_up)
             except NotSupported:
                 self.leave(source, "not_supported")
@@ -527,16 +534,23 @@ class EvidenceReader:
     # -- accounting ---------------------------------------------------------------------------
 
     def _accounting_reading(
-        self, now_us: int, listed: Collection[int], fresh: Collection[int]
+        self,
+        now_us: int,
+        listed: Collection[int],
+        fresh: Collection[int],
+        catch_up: Callable[[int], None] | None,
     ) -> Reading:
         if not self._nvml.accounting_enabled(self._device):
             raise NotSupported(f"{self._device.uuid}: accounting mode is off", 0)
+        read = [(c, c.pid in fresh) for pid in sorted(listed) if (c := self._counters(pid))]
+        if catch_up is not None and read:
+            # A counter holds every sample up to its call and carries no stamp: where time
+            # passed since the series was read, its newest samples are of periods not read
+            # yet. The series is read again (NOT_FOUND where no period closed).
+            catch_up(ALWAYS)
         pieces = []
-        for pid in sorted(listed):
-            counters = self._nvml.accounting_counters(self._device, pid)
-            if counters is None:
-                continue
-            piece = self._accounted(counters, now_us, pid in fresh)
+        for counters, is_fresh in read:
+            piece = self._accounted(counters, now_us, is_fresh)
             if piece is not None:
                 pieces.append(piece)
         for pid in [p for p in self._accounting if p not in listed]:
@@ -544,12 +558,28 @@ class EvidenceReader:
         self._read_us = now_us  # a read that answered: completeness may count up to it
         return Reading(pieces, len(pieces), sum(p.pct_us == 0 for p in pieces))
 
+    def _counters(self, pid: int) -> AccountingCounters | None:
+        return self._nvml.accounting_counters(self._device, pid)
+
+    def _once_a_period(self, samples: int, lived_us: int) -> int | None:
+        """The device's period where a PID's ``samples`` since its last read, over the
+        ``lived_us`` its context lived meanwhile, are one a device period (calls straddle
+        period ends differently: a period either way still is); else None."""
+        ends = self._ends
+        if len(ends) < 2 or samples <= 0:
+            return None
+        period_us = ends[-1] - ends[-2]
+        if abs(lived_us - samples * period_us) > period_us + samples * period_us // 4:
+            return None
+        return period_us
+
     def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:
         """The counters' difference since the PID's previous read, as evidence of the span
-        between the two. Its end is the device's newest period end, not the time of the
-        call: a counter holds whole samples only, and where it samples on the device's
-        grid (as every accounting driver seen does) its latest sample ends there. Spans
-        of one PID chain end to start, so no busy time is claimed twice or left between."""
+        between the two. A counter holds whole samples only, and where it samples on the
+        device's grid (as every accounting driver seen does) its latest sample ends at a
+        period end: so many periods after the previous span's end where it samples once a
+        period, else the device's newest period end, never the time of the call. Spans of
+        one PID chain end to start, so no busy time is claimed twice or left between."""
         before = self._accounting.get(c.pid)
         end_us = min(now_us, self.grid_until_us) if self.grid_until_us else now_us
         self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
@@ -559,12 +589,26 @@ class EvidenceReader:
             before = (0, 0, 0, now_us - c.time_ms * 1000)
         count, total, time_ms, read_us = before
         samples = c.sample_count - count
+        grid_period = self._once_a_period(samples, (c.time_ms - time_ms) * 1000)
+        if grid_period is not None:
+            # Counted in periods: the span ends where its last sample does, whenever the
+            # counters were read (time passes between the calls on a loaded host), and the
+            # next span starts there.
+            k = bisect.bisect_right(self._ends, read_us) + samples - 1
+            if k >= len(self._ends):  # its periods not read yet: claim it next time
+                self._accounting[c.pid] = before
+                return None
+            end_us = self._ends[k]
+            self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
         if samples <= 0 or end_us <= read_us:
             if samples > 0:  # counted, but no newer device period: claim it next time
                 self._accounting[c.pid] = before
             return None
-        period_us = max(1, (c.time_ms - time_ms) * 1000 // samples) if c.time_ms > time_ms else 0
-        period_us = period_us or (end_us - read_us) // samples
+        if grid_period is not None:
+            period_us = grid_period
+        else:
+            period_us = (c.time_ms - time_ms) * 1000 // samples if c.time_ms > time_ms else 0
+            period_us = max(1, period_us or (end_us - read_us) // samples)
         pct_us = (c.sum_gpu_util - total) * period_us // 100  # sumGpuUtil is percent × 100
         bound = pct_us + samples * period_us // 2  # each sample's rounding, half a percent
         return Evidence(c.pid, read_us, end_us, pct_us, bound, known=True)
