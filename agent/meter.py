@@ -437,9 +437,10 @@ class Meter:
         return sum(p.busy_pct_us for p in read.periods) / (100 * span) if span else 0.0
 
     def _catch_up(self, ds: DeviceState, stamp_us: int) -> None:
-        """Read the device's periods again where a per-process row is stamped at or after
-        the end of the next one: time passed between the two calls (a loaded host, many
-        GPUs), and the driver may have closed periods since."""
+        """Read the device's periods again where per-process evidence reaches at or past
+        the end of the next one (a row's stamp; for accounting counters, which have none,
+        ``evidence.ALWAYS``): time passed between the calls (a loaded host, many GPUs), and
+        the driver may have closed periods since."""
         period_us = ds.series.period_us
         if not ds.has_series or not period_us:
             return
