@@ -68,6 +68,7 @@ BUSY_ENOUGH = 0.10  # the device this busy over a poll counts as busy
 MAX_SPAN_US = 10_000_000  # no row stands for more than this, whatever the stamps say
 UNLEARNT_WAIT_US = 5_000_000  # a row waits this long at most for its PID's next row
 GRID_KEPT = 1024  # period ends kept when the grid is trimmed (minutes of them at 1/6 s)
+GRID_MAX = 4096  # period ends held before the grid is trimmed to GRID_KEPT
 ALWAYS = 2**62  # a stamp for ``catch_up`` later than any period: read the series again
 
 
@@ -135,8 +136,7 @@ class EvidenceReader:
             int(k): tuple(v) for k, v in state.get("accounting", {}).items()
         }
         self._zero_strikes = 0
-        self._grid: set[int] = set()  # recent device period ends
-        self._ends: list[int] = []  # the same, in order
+        self._ends: list[int] = []  # recent device period ends, in order, each once
         self.busy_until_us = 0  # the end of the device's latest busy period
         self.grid_until_us = 0  # the end of the device's latest period read
         # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
@@ -144,16 +144,23 @@ class EvidenceReader:
 
     def on_periods(self, periods: Sequence[Period]) -> None:
         """The device periods just read: a row stamped at one's end is on the device grid."""
-        if len(self._grid) > 4096:
-            self._grid.clear()
-            del self._ends[:-GRID_KEPT]
-            self._grid.update(self._ends)
+        ends = self._ends
+        if len(ends) > GRID_MAX:
+            del ends[:-GRID_KEPT]
         for p in periods:
-            self._grid.add(p.end_us)
-            self._ends.append(p.end_us)
+            if not ends or p.end_us > ends[-1]:
+                ends.append(p.end_us)
+            elif not self._on_grid(p.end_us):  # a period read again after a re-find
+                bisect.insort(ends, p.end_us)
             self.grid_until_us = max(self.grid_until_us, p.end_us)
             if p.busy_pct_us:
                 self.busy_until_us = max(self.busy_until_us, p.end_us)
+
+    def _on_grid(self, stamp_us: int) -> bool:
+        """Whether ``stamp_us`` is the end of a device period read."""
+        ends = self._ends
+        i = bisect.bisect_left(ends, stamp_us)
+        return i < len(ends) and ends[i] == stamp_us
 
     def state(self) -> dict[str, Any]:
         return {
@@ -285,7 +292,7 @@ class EvidenceReader:
         """Whether row ``s`` may be the mean of several of its PID's samples. A new PID's
         first row may be: its period is not known yet, and once it is, the row is no longer
         its PID's latest sample, which is all a query can single out."""
-        if self.reading is RowReading.PER_SAMPLE or s.timestamp_us in self._grid:
+        if self.reading is RowReading.PER_SAMPLE or self._on_grid(s.timestamp_us):
             return False
         stride = self.strides.get(s.pid)
         if stride is None:
@@ -515,7 +522,7 @@ class EvidenceReader:
         self._previous[s.pid] = stamp
         floor = previous if previous is not None else stamp - MAX_SPAN_US
         last_start = stamp - stride if stamp - stride > floor else floor
-        if stamp in self._grid and self.reading is not RowReading.PER_SAMPLE:
+        if self.reading is not RowReading.PER_SAMPLE and self._on_grid(stamp):
             # On the device grid: the average of every period since lastSeen.
             out.pieces.append(_evidence(s, max(floor, min(stamp - stride, since_us)), known))
             return
@@ -542,7 +549,8 @@ class EvidenceReader:
     ) -> Reading:
         if not self._nvml.accounting_enabled(self._device):
             raise NotSupported(f"{self._device.uuid}: accounting mode is off", 0)
-        read = [(c, c.pid in fresh) for pid in sorted(listed) if (c := self._counters(pid))]
+        query = self._nvml.accounting_counters
+        read = [(c, c.pid in fresh) for pid in sorted(listed) if (c := query(self._device, pid))]
         if catch_up is not None and read:
             # A counter holds every sample up to its call and carries no stamp: where time
             # passed since the series was read, its newest samples are of periods not read
@@ -558,9 +566,6 @@ class EvidenceReader:
         self._read_us = now_us  # a read that answered: completeness may count up to it
         return Reading(pieces, len(pieces), sum(p.pct_us == 0 for p in pieces))
 
-    def _counters(self, pid: int) -> AccountingCounters | None:
-        return self._nvml.accounting_counters(self._device, pid)
-
     def _once_a_period(self, samples: int, lived_us: int) -> int | None:
         """The device's period where a PID's ``samples`` since its last read, over the
         ``lived_us`` its context lived meanwhile, are one a device period (calls straddle
@@ -573,6 +578,16 @@ class EvidenceReader:
             return None
         return period_us
 
+    def _newest_end_us(self, now_us: int) -> int:
+        """The newest device period end read, where one was: a counter's samples end there."""
+        return min(now_us, self.grid_until_us) if self.grid_until_us else now_us
+
+    def _periods_on_us(self, from_us: int, periods: int) -> int | None:
+        """The end of the ``periods``-th device period after ``from_us``; None where it is
+        not read yet."""
+        k = bisect.bisect_right(self._ends, from_us) + periods - 1
+        return self._ends[k] if k < len(self._ends) else None
+
     def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:
         """The counters' difference since the PID's previous read, as evidence of the span
         between the two. A counter holds whole samples only, and where it samples on the
@@ -581,11 +596,12 @@ class EvidenceReader:
         period, else the device's newest period end, never the time of the call. Spans of
         one PID chain end to start, so no busy time is claimed twice or left between."""
         before = self._accounting.get(c.pid)
-        end_us = min(now_us, self.grid_until_us) if self.grid_until_us else now_us
-        self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
+        if before is None and not fresh:
+            # Counted before the agent watched: not this span's evidence. The chain starts here.
+            end_us = self._newest_end_us(now_us)
+            self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
+            return None
         if before is None:
-            if not fresh:
-                return None  # counted before the agent watched: not this span's evidence
             before = (0, 0, 0, now_us - c.time_ms * 1000)
         count, total, time_ms, read_us = before
         samples = c.sample_count - count
@@ -594,15 +610,16 @@ class EvidenceReader:
             # Counted in periods: the span ends where its last sample does, whenever the
             # counters were read (time passes between the calls on a loaded host), and the
             # next span starts there.
-            k = bisect.bisect_right(self._ends, read_us) + samples - 1
-            if k >= len(self._ends):  # its periods not read yet: claim it next time
-                self._accounting[c.pid] = before
-                return None
-            end_us = self._ends[k]
-            self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
-        if samples <= 0 or end_us <= read_us:
-            if samples > 0:  # counted, but no newer device period: claim it next time
-                self._accounting[c.pid] = before
+            span_end_us = self._periods_on_us(read_us, samples)
+        else:
+            span_end_us = self._newest_end_us(now_us)
+        if span_end_us is None or (samples > 0 and span_end_us <= read_us):
+            # Counted, but its periods are not read yet: claim it next time.
+            self._accounting[c.pid] = before
+            return None
+        end_us = span_end_us
+        self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
+        if samples <= 0:
             return None
         if grid_period is not None:
             period_us = grid_period
