@@ -402,18 +402,22 @@ class EvidenceReader:
         discarded = self.stats.discarded
         suspect = ""
         seen: dict[tuple[int, int], UtilSample | None] = {}
+        padding = 0
+        future_us = now_us + FUTURE_SLACK_US
+        # By index, and padding counted once: a padded answer is ~97 zero rows a call.
         for s in raw:
-            if s.pid == 0 or s.timestamp_us == 0:
-                discarded["padding"] += 1
+            pid, stamp = s[0], s[1]
+            if not pid or not stamp:
+                padding += 1
                 suspect = suspect or "padded_answer"
-            elif s.sm_util > 100:
+            elif s[2] > 100:
                 discarded["util_over_100"] += 1
-            elif s.timestamp_us <= floor:
+            elif stamp <= floor:
                 discarded["stale_timestamp"] += 1
-            elif s.timestamp_us > now_us + FUTURE_SLACK_US:
+            elif stamp > future_us:
                 discarded["future_timestamp"] += 1
             else:
-                key = (s.pid, s.timestamp_us)
+                key = (pid, stamp)
                 if key in seen:
                     discarded["duplicate_row"] += 1
                     suspect = suspect or "duplicate_rows"
@@ -421,6 +425,8 @@ class EvidenceReader:
                         seen[key] = None  # two different answers for one sample: neither
                 else:
                     seen[key] = s
+        if padding:
+            discarded["padding"] += padding
         rows = [s for s in seen.values() if s is not None]
         rows.sort(key=lambda s: (s.timestamp_us, s.pid))
         return rows, suspect
