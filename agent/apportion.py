@@ -18,7 +18,8 @@ device grid, or a cadence per PID): each device period of the shared time is a *
 holding its busy time, each piece of evidence a column over the periods it overlaps, and
 the pieces are fitted to the rows by iterative proportional fitting (rows to their busy
 time, pieces to their claims, never past their bounds), each settlement continuing the
-last one's fit (``FitMemory``). What the rows then lack is moved along augmenting paths to
+last one's fit (``FitMemory``); rows that hold the same pieces, each over the whole row,
+are fitted as one (``_Segment``). What the rows then lack is moved along augmenting paths to
 the room left under the pieces' bounds (a maximum flow), so that only the minimum cut
 stays unattributed. A period is never cut at an evidence boundary, since where its busy
 time fell inside it is unknown. Where every piece lies within one row, the split is direct.
@@ -611,17 +612,108 @@ def _fit(
         for cells in mine:
             for c in cells:
                 c.w *= start.get(c.key, 1.0)
-    _ipf(rows, mine, by_piece, bound, goals, complete_until_us)
+    segments = _segments(rows, mine, evidence, complete_until_us)
+    seg_rows = [seg.row for seg in segments]
+    seg_mine = [seg.row.cells for seg in segments]
+    seg_pieces: dict[int, list[_Cell]] = {}
+    for cells in seg_mine:
+        for c in cells:
+            seg_pieces.setdefault(c.i, []).append(c)
+    _ipf(seg_rows, seg_mine, seg_pieces, bound, goals, complete_until_us)
     # Remembered before the bounds' repair below: the fit alone only scales each row and
     # piece, so the next settlement starts from a scaling of the claims, as a cold one does.
+    for seg in segments:
+        seg.spread()
     for cells in mine:
         for c in cells:
             if c.start_w > 0:
                 fitted[c.key] = c.w / c.start_w
     # Rows had the last word; now bounds, and what rows lack goes to the room left under
     # them (also where claims of zero left the rows nothing to scale).
-    _cap_pieces(by_piece, bound)
-    return _top_up(rows, mine, by_piece, bound, complete_until_us)
+    _cap_pieces(seg_pieces, bound)
+    cut_short = _top_up(seg_rows, seg_mine, seg_pieces, bound, complete_until_us)
+    for seg in segments:
+        seg.spread()
+    return cut_short
+
+
+class _Segment:
+    """Rows fitted as one: busy rows in a run whose known pieces are the same and each span
+    the whole of every row (no piece starts or ends among them: a piece sampled once a
+    second spans six periods of 1/6 s). Plain fitting scales a row's cells alike and a
+    piece's cells alike, so cells that start in proportion to their rows' busy time (a cold
+    start) stay so, and such rows fitted as one, their result spread back by busy time,
+    are the same fit in a fraction of the cells. Over-relaxed rounds scale each row by a
+    power of its factor, and take the rows as one by another path to the same fixed point:
+    nearer it in the same rounds (``tests/agent/test_apportion.py``)."""
+
+    __slots__ = ("members", "row")
+
+    def __init__(self, row: _Row, members: list[tuple[_Row, list[_Cell]]]) -> None:
+        self.row = row  # the rows as one: its cells are the members' known cells summed
+        self.members = members  # each row, and its known cells (as the segment's, in order)
+
+    def spread(self) -> None:
+        """Give each member row its part of the segment's cells, by its busy time."""
+        if len(self.members) == 1:
+            return
+        total = self.row.busy_pct_us
+        for row, cells in self.members:
+            part = row.busy_pct_us / total
+            for c, merged in zip(cells, self.row.cells, strict=True):
+                c.w = merged.w * part
+
+
+def _segments(
+    rows: Sequence[_Row],
+    mine: Sequence[list[_Cell]],
+    evidence: Sequence[Evidence],
+    complete_until_us: int,
+) -> list[_Segment]:
+    """The busy ``rows`` (with their known cells ``mine``) as segments (``_Segment``). The
+    known pieces change only at their own starts and ends, and completeness at its own
+    edge: rows between two such boundaries, none inside, have the same pieces, each over
+    the whole of every row."""
+    edges = sorted(
+        {complete_until_us}.union(
+            *((evidence[c.i].start_us, evidence[c.i].end_us) for cells in mine for c in cells)
+        )
+    )
+    out: list[_Segment] = []
+    group: list[tuple[_Row, list[_Cell]]] = []
+    until = 0  # the first edge after the group's start: it may grow up to there
+    for row, cells in zip(rows, mine, strict=True):
+        if group and row.end_us > until:
+            out.append(_segment(group))
+            group = []
+        if not group:
+            until = (
+                edges[bisect.bisect_right(edges, row.start_us)]
+                if row.start_us < edges[-1]
+                else _NEVER
+            )
+            if until < row.end_us:  # an edge inside it: a segment of its own
+                out.append(_segment([(row, cells)]))
+                continue
+        group.append((row, cells))
+    if group:
+        out.append(_segment(group))
+    return out
+
+
+def _segment(group: list[tuple[_Row, list[_Cell]]]) -> _Segment:
+    if len(group) == 1:
+        row, cells = group[0]
+        return _Segment(_Row(row.start_us, row.end_us, row.busy_pct_us, cells), group)
+    first, cells = group[0]
+    merged = [_Cell(c.i, 0.0) for c in cells]
+    busy = 0
+    for row, members in group:
+        busy += row.busy_pct_us
+        for m, c in zip(merged, members, strict=True):
+            m.w += c.w
+            m.start_w += c.start_w
+    return _Segment(_Row(first.start_us, group[-1][0].end_us, busy, merged), group)
 
 
 def _ipf(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -303,6 +305,59 @@ def test_a_fit_remembers_only_the_cells_it_fitted() -> None:
     memory.ratios[(9, T - 2 * P, T - P, T - 2 * P)] = 2.0  # a piece settled long ago
     apportion(periods, evidence, holding(1, 2, 3), T + 2 * P, memory=memory)
     assert memory.ratios and all(pid in (1, 2, 3) for pid, *_ in memory.ratios)
+
+
+def same_pieces_over_periods() -> tuple[list[Period], list[Evidence]]:
+    """A 1 s process grid beside a device grid of 1/10 s, the two processes' grids half a
+    second apart: between two piece edges every period holds the same two pieces."""
+    tenth = P // 10
+    busy = [90, 40, 100, 70, 20, 60, 100, 80, 30, 50, 90, 10]
+    periods = [Period(T + k * tenth, T + (k + 1) * tenth, b * tenth) for k, b in enumerate(busy)]
+    evidence = [
+        Evidence(1, T, T + P, 30 * P, 31 * P),
+        Evidence(1, T + P, T + 2 * P, 20 * P, 21 * P),
+        Evidence(2, T - P // 2, T + P // 2, 40 * P, 41 * P),
+        Evidence(2, T + P // 2, T + 3 * P // 2, 35 * P, 36 * P),
+        Evidence(2, T + 3 * P // 2, T + 5 * P // 2, 30 * P, 31 * P),
+    ]
+    return periods, evidence
+
+
+def test_rows_with_the_same_pieces_are_fitted_as_one_to_the_same_fixed_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    periods, evidence = same_pieces_over_periods()
+    end = periods[-1].end_us
+    merged = apportion_module._segments
+    sizes: list[int] = []
+
+    def counted(*args: Any) -> list[Any]:
+        out = merged(*args)
+        sizes.extend(len(s.members) for s in out)
+        return out
+
+    def one_each(rows: Any, mine: Any, *_: Any) -> list[Any]:
+        return [apportion_module._segment([(r, c)]) for r, c in zip(rows, mine, strict=True)]
+
+    def fit(segments: Any) -> tuple[list[Share], dict[int, int]]:
+        monkeypatch.setattr(apportion_module, "_segments", segments)
+        result = apportion(periods, evidence, holding(1, 2), end)
+        return result.shares, shares_by_pid(result.shares)
+
+    as_one, as_one_by_pid = fit(counted)
+    assert sizes == [5, 5, 2]  # edges at 0.5 s and 1 s, and the last row's own
+    row_by_row, row_by_row_by_pid = fit(one_each)
+    # Plain rounds scale a segment's rows alike: the same fit, period by period.
+    monkeypatch.setattr(apportion_module, "IPF_OVERRELAX", 1.0)
+    assert fit(counted)[0] == fit(one_each)[0]
+    # Over-relaxed rounds take the rows by another path to the same fixed point, and in
+    # the same rounds as one they get nearer it (here 0.06 % off pid 1's share, against 0.9 %).
+    monkeypatch.setattr(apportion_module, "IPF_ROUNDS", 5_000)
+    monkeypatch.setattr(apportion_module, "IPF_STALL", 1.0)
+    fixed = fit(counted)[1]
+    assert fixed == fit(one_each)[1]
+    assert abs(as_one_by_pid[1] - fixed[1]) * 10 < abs(row_by_row_by_pid[1] - fixed[1])
+    assert len(as_one) == len(row_by_row)
 
 
 def test_only_the_committed_periods_are_returned() -> None:
