@@ -137,6 +137,7 @@ class EvidenceReader:
         }
         self._zero_strikes = 0
         self._ends: list[int] = []  # recent device period ends, in order, each once
+        self._held_from_us: int | None = None  # every period ending after this is in _ends
         self.busy_until_us = 0  # the end of the device's latest busy period
         self.grid_until_us = 0  # the end of the device's latest period read
         # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
@@ -147,6 +148,9 @@ class EvidenceReader:
         ends = self._ends
         if len(ends) > GRID_MAX:
             del ends[:-GRID_KEPT]
+            self._held_from_us = ends[0]
+        if periods and self._held_from_us is None:
+            self._held_from_us = periods[0].start_us
         for p in periods:
             if not ends or p.end_us > ends[-1]:
                 ends.append(p.end_us)
@@ -564,7 +568,7 @@ class EvidenceReader:
             catch_up(ALWAYS)
         pieces = []
         for counters, is_fresh in read:
-            piece = self._accounted(counters, now_us, is_fresh)
+            piece = self._accounted(counters, now_us, is_fresh, catch_up is not None)
             if piece is not None:
                 pieces.append(piece)
         for pid in [p for p in self._accounting if p not in listed]:
@@ -588,27 +592,52 @@ class EvidenceReader:
         """The newest device period end read, where one was: a counter's samples end there."""
         return min(now_us, self.grid_until_us) if self.grid_until_us else now_us
 
+    def _read_since(self, start_us: int) -> bool:
+        """Whether every device period that ended after ``start_us`` has been read."""
+        return self._held_from_us is not None and start_us >= self._held_from_us
+
+    def _last_counted_us(self, c: AccountingCounters, now_us: int, caught_up: bool) -> int | None:
+        """The end of the newest period counters ``c`` hold: the last one that ended before
+        the call, placed by the process's start and the time it has run (to the ms ``time``
+        is given in), where the series was read again after the call (``caught_up``); None
+        where no period read ended before it. Without those (or once the process exited:
+        ``time`` is then its whole life), the newest period end read."""
+        if not (caught_up and c.start_us and c.running):
+            return self._newest_end_us(now_us)
+        k = bisect.bisect_right(self._ends, c.start_us + c.time_ms * 1000)
+        return self._ends[k - 1] if k else None
+
     def _periods_on_us(self, from_us: int, periods: int) -> int | None:
         """The end of the ``periods``-th device period after ``from_us``; None where it is
         not read yet."""
         k = bisect.bisect_right(self._ends, from_us) + periods - 1
         return self._ends[k] if k < len(self._ends) else None
 
-    def _accounted(self, c: AccountingCounters, now_us: int, fresh: bool) -> Evidence | None:
+    def _accounted(
+        self, c: AccountingCounters, now_us: int, fresh: bool, caught_up: bool
+    ) -> Evidence | None:
         """The counters' difference since the PID's previous read, as evidence of the span
         between the two. A counter holds whole samples only, and where it samples on the
         device's grid (as every accounting driver seen does) its latest sample ends at a
         period end: so many periods after the previous span's end where it samples once a
         period, else the device's newest period end, never the time of the call. Spans of
-        one PID chain end to start, so no busy time is claimed twice or left between."""
+        one PID chain end to start, so no busy time is claimed twice or left between. A
+        chain starts at the process's start where every period since is read, else (a PID
+        the agent found running) at the newest period its counters hold."""
         before = self._accounting.get(c.pid)
-        if before is None and not fresh:
-            # Counted before the agent watched: not this span's evidence. The chain starts here.
-            end_us = self._newest_end_us(now_us)
-            self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, end_us)
-            return None
         if before is None:
-            before = (0, 0, 0, now_us - c.time_ms * 1000)
+            # Its start from the counters' startTime: the poll's time less the time it has
+            # run is early by however long the poll had taken by this call (a loaded host).
+            start_us = c.start_us or now_us - c.time_ms * 1000
+            if not (fresh and self._read_since(start_us)):
+                # Counted before the agent watched, or before the first period it read (a
+                # new agent on a busy GPU): not this span's evidence. The chain starts at
+                # its newest sample, the last period that ended before the call.
+                anchor_us = self._last_counted_us(c, now_us, caught_up)
+                if anchor_us is not None:  # else the series is not read that far: next time
+                    self._accounting[c.pid] = (c.sample_count, c.sum_gpu_util, c.time_ms, anchor_us)
+                return None
+            before = (0, 0, 0, start_us)  # started since: its samples count from its start
         count, total, time_ms, read_us = before
         samples = c.sample_count - count
         grid_period = self._once_a_period(samples, (c.time_ms - time_ms) * 1000)

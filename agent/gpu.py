@@ -71,6 +71,9 @@ class AccountingCounters:
     sum_gpu_util: int  # their utilization summed, in percent × 100
     time_ms: int  # ms its context was active
     running: bool
+    # startTime: when the process started, CPU µs (the clock the driver stamps samples
+    # with); 0 where unknown. With time_ms it places the call: counters carry no stamp.
+    start_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,7 +275,12 @@ class PynvmlNvml:
                 return None
             raise error from exc
         return AccountingCounters(
-            pid, stats.sampleCount, stats.sumGpuUtil, stats.time, bool(stats.isRunning)
+            pid,
+            stats.sampleCount,
+            stats.sumGpuUtil,
+            stats.time,
+            bool(stats.isRunning),
+            stats.startTime,
         )
 
     def device_samples(self, device: Device, since_us: int) -> list[DeviceSample]:
