@@ -229,8 +229,19 @@ class EvidenceReader:
         it was busy, lastSeen stays: a driver that answers NOT_FOUND while the GPU looks
         quiet (nvtop#364) shows the same sample to a query over a longer, busier span."""
         if self.busy_until_us <= self.cursor_us:
-            self.cursor_us = max(self.cursor_us, min(device_cursor_us, now_us))
+            self.cursor_us = max(self.cursor_us, self._idle_cursor_us(device_cursor_us, now_us))
         self._read_us = now_us
+
+    def _idle_cursor_us(self, device_cursor_us: int, now_us: int) -> int:
+        """Where the next query starts after idle time: the device's newest period end, or
+        the newest one read that is plausible (not past the agent's clock by more than
+        FUTURE_SLACK_US). On the grid either way: a driver's average since lastSeen covers
+        every period ending after it, so a lastSeen inside a period (the poll's own time,
+        which a period read after a slow call may pass) would leave part of that period
+        out of the span the meter gives the average, and its claim short."""
+        ends = self._ends
+        k = bisect.bisect_right(ends, min(device_cursor_us, now_us + FUTURE_SLACK_US))
+        return ends[k - 1] if k else min(device_cursor_us, now_us)
 
     def leave(self, source: Source, reason: str) -> None:
         if self.left.get(source.value) not in (None, *SOFT_REASONS):

@@ -370,6 +370,19 @@ def test_an_agent_started_on_a_busy_gpu_bills_accounting_from_its_first_poll(
     assert 0 < unattributed_us < 1_100_000  # of 291 s busy
 
 
+@pytest.mark.parametrize("call_us", [20_000, 50_000])
+def test_a_query_after_idle_time_starts_on_the_device_grid(call_us: int) -> None:
+    """After idle time the next per-process query starts at the device's newest period.
+    On a loaded host (20-50 ms per NVML call) that period may end after the poll's own
+    time, and lastSeen fell back to the poll's time, inside a period: the driver's average
+    since then covered the whole period, the meter's span of it only part, and the claim
+    came up short. per_query × timeslice left 0.58 s (20 ms) and 0.45 s (50 ms) of 305 s
+    unattributed; now nothing."""
+    row = measure("per_query", "timeslice", 166_667, call_us=call_us)
+    assert row.unattributed_s == 0
+    assert row.misses == []
+
+
 def test_periods_wait_for_the_evidence_a_failed_read_left_unread() -> None:
     """The per-process query fails for 5 s while the device series answers (and windows
     close): those periods are settled once the rows are read, not as busy time nobody
