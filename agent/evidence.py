@@ -72,6 +72,15 @@ GRID_MAX = 4096  # period ends held before the grid is trimmed to GRID_KEPT
 ALWAYS = 2**62  # a stamp for ``catch_up`` later than any period: read the series again
 
 
+_Waiting = tuple[UtilSample, int, int, bool, int | None]  # see EvidenceReader._waiting
+
+
+def _waiting_row(entry: list[Any]) -> _Waiting:
+    """A waiting row as the state holds it: [row fields, lastSeen, read, known, recent]."""
+    row, since_us, read_us, known, recent = entry
+    return UtilSample(*row), int(since_us), int(read_us), bool(known), recent
+
+
 class Source(enum.Enum):
     """Where per-process evidence comes from (the values name the record's source)."""
 
@@ -128,7 +137,10 @@ class EvidenceReader:
             int(k): v for k, v in state.get("last_stamp", {}).items()
         }
         # The stamp of each PID's latest row made evidence: no row reaches back past it.
-        self._previous: dict[int, int] = dict(self.last_stamp)
+        # (Not last_stamp: a row waiting for its PID's period is read, not evidence yet.)
+        self._previous: dict[int, int] = {
+            int(k): v for k, v in state.get("previous", self.last_stamp).items()
+        }
         self.reading = RowReading(state.get("reading", RowReading.UNKNOWN.value))
         self._votes: list[RowReading] = []
         self._read_us = int(state.get("read_us", 0))  # when the previous answer was read
@@ -140,8 +152,13 @@ class EvidenceReader:
         self._held_from_us: int | None = None  # every period ending after this is in _ends
         self.busy_until_us = 0  # the end of the device's latest busy period
         self.grid_until_us = 0  # the end of the device's latest period read
-        # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time).
-        self._waiting: dict[int, list[tuple[UtilSample, int, int, bool, int | None]]] = {}
+        # Rows of PIDs whose sample period is not known yet: (row, lastSeen, read time,
+        # known, recent). Kept in the state: lastSeen has passed them, and a restart would
+        # never be shown them again.
+        self._waiting: dict[int, list[_Waiting]] = {
+            int(pid): [_waiting_row(entry) for entry in rows]
+            for pid, rows in state.get("waiting", {}).items()
+        }
 
     def on_periods(self, periods: Sequence[Period]) -> None:
         """The device periods just read: a row stamped at one's end is on the device grid."""
@@ -175,6 +192,11 @@ class EvidenceReader:
             "reading": self.reading.value,
             "read_us": self._read_us,
             "accounting": self._accounting,
+            "previous": self._previous,
+            "waiting": {
+                pid: [[list(row), *rest] for row, *rest in rows]
+                for pid, rows in self._waiting.items()
+            },
         }
 
     @property

@@ -513,6 +513,56 @@ def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
     assert total == 34_300_000
 
 
+TAKE_TURNS = """[host]
+seed = 9
+name = "turns-host"
+
+[[gpu]]
+product = "H100"
+sample_period_us = 200000
+phase_us = 0
+ring_periods = 3000
+sample_reading = "per_period"
+
+[[process]]
+pid = 3000
+gpu = 0
+start_s = 1.0
+exit_s = 120.0
+busy = [[4.0, 6.6, 50], [14.0, 15.8, 25]]
+
+[[process]]
+pid = 3001
+gpu = 0
+start_s = 1.0
+exit_s = 120.0
+busy = [[9.0, 12.6, 25], [19.0, 21.2, 100]]
+"""
+
+
+def test_a_row_waiting_for_its_pids_period_survives_a_restart() -> None:
+    """Found by the SIGKILL end-to-end test (seed 34759661, one run in about thirty): a
+    PID's first row waits for its next one to show the PID's sample period, and lastSeen
+    moves past it. A window closed in that poll, the agent was killed, and the restart
+    was never shown the row again: its period (0.2 s at 25 %) went unattributed, and the
+    same on the other GPU. The waiting rows, and the stamp each PID's evidence reached
+    (not the stamp it was read at), are now in the state."""
+    scenario = Scenario.from_toml(TAKE_TURNS)
+    with metered(scenario, start_s=0.25) as (run, meter):
+        # Windows close at 5.25 s and at 9.25 s, whose poll reads pid 3001's first row
+        # (stamped 9.2 s) and nothing after it.
+        drive(run, meter, 9.25, window_s=4.5)
+        state, kept = meter.state(), list(run.usages)
+        drive(run, meter, 12.25, window_s=100)  # polled but never written: lost in the crash
+    with metered(scenario, state=state, start_s=40) as (rerun, meter2):
+        drive(rerun, meter2, scenario_end_s(scenario) + 5)
+        rerun.usages.extend(meter2.close_window())
+        assert not meter2.stats.unattributed_us
+    run.usages[:] = kept
+    total = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
+    assert total == sum(rerun.truth_us().values()) == 4_850_000
+
+
 def test_energy_goes_to_busy_processes_only() -> None:
     run = run_scenario(Scenario.load("timeslice"))
     busy = [u for u in run.usages if u.slices]  # (a final may hold only a rounding carry)

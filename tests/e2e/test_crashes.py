@@ -67,7 +67,10 @@ def truth_busy_us(scenario: Scenario) -> Fraction:
 # Seeds that once failed, kept as regressions beside a fresh one each run (CRASH_SEED sets
 # the fresh one). 678127295: the agent is killed before its first window, and its restart
 # left the time between its cursor and its first process list to nobody (NO_PROCESS).
-KNOWN_SEEDS = [678127295]
+# 34759661 (one run in about thirty): a window closed in the poll that read a PID's first
+# row, which waits for the PID's period; the restart was never shown it again (NO_EVIDENCE,
+# tests/agent/test_meter.py::test_a_row_waiting_for_its_pids_period_survives_a_restart).
+KNOWN_SEEDS = [678127295, 34759661]
 
 
 @pytest.mark.parametrize("known_seed", [None, *KNOWN_SEEDS])
