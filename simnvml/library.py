@@ -38,22 +38,24 @@ class Symbol:
         lib = self._library
         if lib.before_call is not None:
             lib.before_call(self.__name__)
-        started = time.perf_counter()
+        started = time.thread_time()
         try:
             return self._impl(lib.core, *args)
         except NvmlFailure as failure:
             return int(failure.code)
         finally:
-            lib.account(time.perf_counter() - started)
+            lib.account(time.thread_time() - started)
 
 
 class FakeNvmlLibrary:
     """The simulated NVML shared library of one :class:`SimHost`.
 
-    ``sim_seconds``/``calls`` total the time spent inside the simulator (not in pynvml's
-    wrappers, which run in a real agent too), so a benchmark can subtract it from the agent's
-    CPU time. ``before_call``, if set, is called with each symbol's name before it runs: tests
-    use it to move the clock between pynvml's two calls of one query.
+    ``sim_seconds``/``calls`` total the CPU time spent inside the simulator (the calling
+    thread's, not in pynvml's wrappers, which run in a real agent too), so a benchmark can
+    subtract it from the agent's CPU time: CPU from CPU, where wall time would count the
+    machine's other load against the simulator and flatter the agent. ``before_call``, if
+    set, is called with each symbol's name before it runs: tests use it to move the clock
+    between pynvml's two calls of one query.
     """
 
     def __init__(self, host: SimHost) -> None:
