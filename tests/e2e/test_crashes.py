@@ -19,11 +19,21 @@ from pathlib import Path
 import pytest
 
 from creditmeter.simnvml import ManualClock, Scenario, SimHost
-from tests.e2e.daemons import EXACT_GPU, Agent, Collector, free_port, simulated_agent, wait_for
+from tests.e2e.daemons import (
+    EXACT_GPU,
+    Agent,
+    Collector,
+    free_port,
+    sim_s,
+    simulated_agent,
+    stored_head,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 SPEED = 20.0  # simulated seconds per real second
+AGENT = "crash-agent"
 PERIOD_S = 0.2
 SCENARIO_S = 240.0
 
@@ -88,7 +98,7 @@ def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
     collector = Collector(tmp_path, free_port())
     collector.start()
     settings = {"meter.window": "5s", "collector.ack_timeout": "5s"}
-    agent = simulated_agent(tmp_path, "crash-agent", collector, scenario_file, SPEED, settings)
+    agent = simulated_agent(tmp_path, AGENT, collector, scenario_file, SPEED, settings)
     agent.start()
     try:
         crash_while_running(rng, agent, collector, real_s=(SCENARIO_S + 20) / SPEED)
@@ -96,7 +106,15 @@ def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
             collector.start()
         if not agent.alive():
             agent.start()
-        time.sleep(20 / SPEED)  # a few windows on the live pair, then a clean stop
+        # A few windows on the live pair, then a clean stop. The agent must be up first: on
+        # a loaded machine one restarted by the last kill may still be importing, and a
+        # SIGTERM before its handler is in place ends it with -15. Then 20 simulated
+        # seconds, so that every period's evidence is in and settled before the stop (a
+        # clean stop keeps unsettled periods in its state for the next start).
+        db, head = tmp_path / "collector.db", stored_head(tmp_path / "collector.db", AGENT)
+        wait_for("the restarted agent's records", lambda: stored_head(db, AGENT) > head, 60)
+        up_s = sim_s(tmp_path / "clock.anchor")
+        wait_for("20 s on the live pair", lambda: sim_s(tmp_path / "clock.anchor") >= up_s + 20)
         assert agent.stop() == 0, agent.log()[-3000:]
         report = collector.report()
         collector.cli("audit")
