@@ -22,6 +22,7 @@ from creditmeter.simnvml import ManualClock, Scenario, SimHost, installed
 from creditmeter.simnvml.profiles import profile_names
 from creditmeter.simnvml.scenario import shipped_text
 from creditmeter.v1 import usage_pb2
+from tests.e2e.daemons import EXACT_GPU
 
 PERIODS_US = (166_667, 500_000, 1_000_000)
 READINGS = ("per_period", "per_query")
@@ -513,17 +514,10 @@ def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
     assert total == 34_300_000
 
 
-TAKE_TURNS = """[host]
+TAKE_TURNS = f"""[host]
 seed = 9
 name = "turns-host"
-
-[[gpu]]
-product = "H100"
-sample_period_us = 200000
-phase_us = 0
-ring_periods = 3000
-sample_reading = "per_period"
-
+{EXACT_GPU}
 [[process]]
 pid = 3000
 gpu = 0
