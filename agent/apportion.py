@@ -117,20 +117,29 @@ class Apportioned:
             self.unattributed[reason] = self.unattributed.get(reason, 0) + pct_us
 
 
-CellKey = tuple[int, int, int, int]  # (pid, piece start_us, piece end_us, period start_us)
+PieceKey = tuple[int, int, int]  # (pid, start_us, end_us)
 
 
 class FitMemory:
-    """Where the last fit of one GPU's shared time left each cell, as a multiple of the
-    weight it starts from. Settlements come every few seconds and fit mostly the same
-    periods and pieces again (those not yet committed): starting where the last fit
-    stopped, a few rounds each go as far as many from a cold start, since fitting on the
-    same rows compounds. Empty: a cold start (a new agent, or a GPU found again)."""
+    """Where the last fit of one GPU's shared time left it: a factor per piece of evidence
+    and one per device period, on the weights a cold fit starts from. Settlements come
+    every few seconds and fit mostly the same periods and pieces again (those not yet
+    committed): starting where the last fit stopped, a few rounds each go as far as many
+    from a cold start, since fitting on the same rows compounds.
 
-    __slots__ = ("ratios",)
+    Fitting only ever scales a row's cells alike and a piece's cells alike, so where it
+    left the cells is exactly a factor per piece times a factor per period (the
+    biproportional form), and the memory holds one number per piece and per period, not per
+    cell. A piece or period new to the fit starts at 1: the start stays a scaling of the
+    claims, as a cold one is. A piece fitted in two runs of shared time (broken by a period
+    that needs no fit) keeps the later run's factor: a start only, which the fit corrects.
+    Empty: a cold start (a new agent, or a GPU found again)."""
+
+    __slots__ = ("periods", "pieces")
 
     def __init__(self) -> None:
-        self.ratios: dict[CellKey, float] = {}
+        self.pieces: dict[PieceKey, float] = {}
+        self.periods: dict[int, float] = {}  # by the period's start_us
 
 
 def apportion(
@@ -200,19 +209,19 @@ def apportion(
     runs = _runs(shared)
     last_end_us = periods[-1].end_us if periods else 0
     spans = _spans_to_fit(evidence, runs, last_end_us) if runs else []
-    ratios = {} if memory is None else memory.ratios
-    fitted: dict[CellKey, float] = {}
+    fitted = None if memory is None else FitMemory()
     for run in runs:
         goals = _goals(run, evidence, remaining, spans)
-        rows = _rows(run, evidence)
-        busy_rows = [r for r in rows if r.busy_pct_us]
-        if _fit(busy_rows, evidence, remaining, goals, complete, ratios, fitted):
+        layout = _layout(run, evidence, complete, memory)
+        if _fit(layout.segments, evidence, remaining, goals, complete, memory, fitted):
             out.fits_cut_short += 1
-        for row in rows:
-            if row.end_us <= commit_until_us and row.busy_pct_us:
-                _commit_row(row, evidence, presence, remaining, out)
-    if memory is not None:
-        memory.ratios = fitted
+        for segment in layout.segments:
+            if segment.members[0].end_us <= commit_until_us:
+                _commit_segment(
+                    segment, evidence, presence, remaining, layout, commit_until_us, out
+                )
+    if memory is not None and fitted is not None:
+        memory.pieces, memory.periods = fitted.pieces, fitted.periods
     return out
 
 
@@ -527,13 +536,12 @@ def _runs(periods: Sequence[Period]) -> list[list[Period]]:
 class _Cell:
     """One piece of evidence's weight in one row."""
 
-    __slots__ = ("i", "key", "start_w", "w")
+    __slots__ = ("i", "start_w", "w")
 
-    def __init__(self, i: int, w: float, key: CellKey = (0, 0, 0, 0)) -> None:
+    def __init__(self, i: int, w: float, start_w: float | None = None) -> None:
         self.i = i  # the piece's index
         self.w = w  # its busy time in the row, µs × %: fitted in place
-        self.start_w = w  # its weight from its piece's claim alone, before any fit
-        self.key = key  # where FitMemory keeps it
+        self.start_w = w if start_w is None else start_w  # from its claim alone, cold
 
 
 @dataclass(slots=True)
@@ -547,40 +555,132 @@ class _Row:
     exact: bool = False
 
 
-def _rows(run: Sequence[Period], evidence: Sequence[Evidence]) -> list[_Row]:
-    """One row per device period of the run, with the evidence overlapping it as cells
-    (a piece's claim spread over its span by time: only its starting weight).
+class _Segment:
+    """Busy periods of a run fitted as one row: those whose known pieces are the same and
+    each span the whole of every period (no piece starts or ends among them: a piece
+    sampled once a second spans six periods of 1/6 s), or one period alone. Plain fitting
+    scales a row's cells alike and a piece's cells alike, so periods fitted as one and
+    their result spread back by busy time are the same fit in a fraction of the cells.
+    Over-relaxed rounds scale each row by a power of its factor, and take the periods as
+    one by another path to the same fixed point: nearer it in the same rounds
+    (``tests/agent/test_apportion.py``)."""
+
+    __slots__ = ("base", "members", "row")
+
+    def __init__(self, members: list[Period], base: float) -> None:
+        self.members = members
+        busy = sum(p.busy_pct_us for p in members)
+        self.row = _Row(members[0].start_us, members[-1].end_us, busy, [])
+        # Σ length × memory factor over the members: what a piece over all of them weighs
+        # per unit of density and of its own factor (the length alone on a cold start).
+        self.base = base
+
+
+class _Layout(NamedTuple):
+    """A run's busy periods as segments, with their known pieces as cells, and the pieces
+    of pids the driver never listed (by index: only ever unattributed)."""
+
+    segments: list[_Segment]
+    unknown: list[int]
+
+
+def _layout(
+    run: Sequence[Period],
+    evidence: Sequence[Evidence],
+    complete_until_us: int,
+    memory: FitMemory | None,
+) -> _Layout:
+    """The run's busy periods as segments (``_Segment``), each known piece overlapping
+    them a cell of each segment it overlaps: its claim spread over its span by time, times
+    its factor and the periods' in ``memory``.
 
     A period is never cut at an evidence boundary: where inside a period its busy time fell
     is unknown, and spreading it by time would put busy time where a process's own sample
     says it was idle (a 1 s process grid half a second off the device's grid), leaving it
     unattributed. The fit instead moves each piece's weight between the periods it spans."""
-    rows = [_Row(p.start_us, p.end_us, p.busy_pct_us, []) for p in run]
-    starts = [p.start_us for p in run]
     start, end = run[0].start_us, run[-1].end_us
+    known: list[int] = []
+    unknown: list[int] = []
     for i, e in enumerate(evidence):
-        if e.end_us <= start or e.start_us >= end:
-            continue
+        if e.start_us < end and e.end_us > start:
+            (known if e.known else unknown).append(i)
+    busy = [p for p in run if p.busy_pct_us]
+    if not busy:
+        return _Layout([], unknown)
+    # The known pieces change only at their own starts and ends, and completeness at its
+    # own edge: periods between two such edges, none inside, have the same pieces.
+    edges = [complete_until_us]
+    for i in known:
+        edges += (evidence[i].start_us, evidence[i].end_us)
+    periods = {} if memory is None else memory.periods
+    segments = [
+        _Segment(group, sum((p.end_us - p.start_us) * periods.get(p.start_us, 1.0) for p in group))
+        for group in _groups(busy, sorted(set(edges)))
+    ]
+    _place_cells(segments, busy, evidence, known, {} if memory is None else memory.pieces)
+    return _Layout(segments, unknown)
+
+
+def _groups(busy: Sequence[Period], edges: Sequence[int]) -> list[list[Period]]:
+    """The busy periods cut at every edge: a period with an edge inside is a group alone."""
+    out: list[list[Period]] = []
+    group: list[Period] = []
+    until = 0  # the first edge after the group's start: it may grow up to there
+    for p in busy:
+        if group and p.end_us > until:
+            out.append(group)
+            group = []
+        if not group:
+            k = bisect.bisect_right(edges, p.start_us)
+            until = edges[k] if k < len(edges) else _NEVER
+            if until < p.end_us:
+                out.append([p])
+                continue
+        group.append(p)
+    if group:
+        out.append(group)
+    return out
+
+
+def _place_cells(
+    segments: Sequence[_Segment],
+    busy: Sequence[Period],
+    evidence: Sequence[Evidence],
+    known: Sequence[int],
+    factors: dict[PieceKey, float],
+) -> None:
+    """A cell for each known piece in each segment it overlaps. A piece spans the whole of
+    a segment of several periods, so the walk steps a segment at a time."""
+    starts = [p.start_us for p in busy]
+    segment_of: list[int] = []
+    after: list[int] = []  # the index of the first busy period after each segment
+    for n, segment in enumerate(segments):
+        segment_of += [n] * len(segment.members)
+        after.append(len(segment_of))
+    for i in known:
+        e = evidence[i]
         density = e.pct_us / max(1, e.end_us - e.start_us)
+        factor = factors.get((e.pid, e.start_us, e.end_us), 1.0)
         k = max(0, bisect.bisect_right(starts, e.start_us) - 1)
-        while k < len(rows) and rows[k].start_us < e.end_us:
-            row = rows[k]
+        while k < len(busy) and busy[k].start_us < e.end_us:
+            n = segment_of[k]
+            row = segments[n].row
             part = min(e.end_us, row.end_us) - max(e.start_us, row.start_us)
             if part > 0:
-                key = (e.pid, e.start_us, e.end_us, row.start_us)
-                row.cells.append(_Cell(i, density * part, key))
-            k += 1
-    return rows
+                start_w = density * part  # a segment of several: part is its whole span
+                w = start_w * factor * segments[n].base / (row.end_us - row.start_us)
+                row.cells.append(_Cell(i, w, start_w))
+            k = after[n]
 
 
 def _fit(
-    rows: Sequence[_Row],
+    segments: Sequence[_Segment],
     evidence: Sequence[Evidence],
     bound: Sequence[float],
     goals: dict[int, float],
     complete_until_us: int,
-    start: dict[CellKey, float],
-    fitted: dict[CellKey, float],
+    memory: FitMemory | None,
+    fitted: FitMemory | None,
 ) -> bool:
     """Fit the known pieces' cells: each row whose evidence is complete to its busy time,
     each piece to its claim (``goals``), and never past its bound. Later rows are only held
@@ -595,146 +695,75 @@ def _fit(
     over an hour a process sampled slowly is billed about 1 % more than it ran, one
     sampled fast 1 % less, though each one's claims add up to within 0.1 %.
 
-    The fit starts where the last settlement's left each cell (``start``, from FitMemory)
-    and leaves its own in ``fitted``. Where bounds bind, what the rows still lack is then
-    given out along augmenting paths (``_top_up``), not by more rounds. True: that search
-    stopped at its guard (``AUGMENT_PATHS``)."""
-    mine = [[c for c in r.cells if evidence[c.i].known] for r in rows]
+    The fit starts where the last settlement's left it (``memory``, applied to the cells
+    already) and leaves its own in ``fitted``. Where bounds bind, what the rows still lack
+    is then given out along augmenting paths (``_top_up``), not by more rounds. True: that
+    search stopped at its guard (``AUGMENT_PATHS``)."""
+    rows = [segment.row for segment in segments]
     by_piece: dict[int, list[_Cell]] = {}
-    for cells in mine:
-        for c in cells:
+    periods: dict[int, int] = {}  # piece: how many busy periods it overlaps
+    for segment in segments:
+        for c in segment.row.cells:
             by_piece.setdefault(c.i, []).append(c)
-    if all(len(cells) == 1 for cells in by_piece.values()):
-        for row, cells in zip(rows, mine, strict=True):
-            _fit_aligned(row, cells, bound)
+            periods[c.i] = periods.get(c.i, 0) + len(segment.members)
+    if all(n == 1 for n in periods.values()):
+        for row in rows:
+            for c in row.cells:
+                c.w = c.start_w  # each row split by its pieces' own claims
+            _fit_aligned(row, row.cells, bound)
         return False
-    if start:
-        for cells in mine:
-            for c in cells:
-                c.w *= start.get(c.key, 1.0)
-    segments = _segments(rows, mine, evidence, complete_until_us)
-    seg_rows = [seg.row for seg in segments]
-    seg_mine = [seg.row.cells for seg in segments]
-    seg_pieces: dict[int, list[_Cell]] = {}
-    for cells in seg_mine:
-        for c in cells:
-            seg_pieces.setdefault(c.i, []).append(c)
-    _ipf(seg_rows, seg_mine, seg_pieces, bound, goals, complete_until_us)
+    row_factors, piece_factors = _ipf(rows, by_piece, bound, goals, complete_until_us)
     # Remembered before the bounds' repair below: the fit alone only scales each row and
     # piece, so the next settlement starts from a scaling of the claims, as a cold one does.
-    for seg in segments:
-        seg.spread()
-    for cells in mine:
-        for c in cells:
-            if c.start_w > 0:
-                fitted[c.key] = c.w / c.start_w
+    if fitted is not None:
+        _remember(segments, evidence, row_factors, piece_factors, memory, fitted)
     # Rows had the last word; now bounds, and what rows lack goes to the room left under
     # them (also where claims of zero left the rows nothing to scale).
-    _cap_pieces(seg_pieces, bound)
-    cut_short = _top_up(seg_rows, seg_mine, seg_pieces, bound, complete_until_us)
-    for seg in segments:
-        seg.spread()
-    return cut_short
+    _cap_pieces(by_piece, bound)
+    return _top_up(rows, [row.cells for row in rows], by_piece, bound, complete_until_us)
 
 
-class _Segment:
-    """Rows fitted as one: busy rows in a run whose known pieces are the same and each span
-    the whole of every row (no piece starts or ends among them: a piece sampled once a
-    second spans six periods of 1/6 s). Plain fitting scales a row's cells alike and a
-    piece's cells alike, so cells that start in proportion to their rows' busy time (a cold
-    start) stay so, and such rows fitted as one, their result spread back by busy time,
-    are the same fit in a fraction of the cells. Over-relaxed rounds scale each row by a
-    power of its factor, and take the rows as one by another path to the same fixed point:
-    nearer it in the same rounds (``tests/agent/test_apportion.py``)."""
-
-    __slots__ = ("members", "row")
-
-    def __init__(self, row: _Row, members: list[tuple[_Row, list[_Cell]]]) -> None:
-        self.row = row  # the rows as one: its cells are the members' known cells summed
-        self.members = members  # each row, and its known cells (as the segment's, in order)
-
-    def spread(self) -> None:
-        """Give each member row its part of the segment's cells, by its busy time."""
-        if len(self.members) == 1:
-            return
-        total = self.row.busy_pct_us
-        for row, cells in self.members:
-            part = row.busy_pct_us / total
-            for c, merged in zip(cells, self.row.cells, strict=True):
-                c.w = merged.w * part
-
-
-def _segments(
-    rows: Sequence[_Row],
-    mine: Sequence[list[_Cell]],
+def _remember(
+    segments: Sequence[_Segment],
     evidence: Sequence[Evidence],
-    complete_until_us: int,
-) -> list[_Segment]:
-    """The busy ``rows`` (with their known cells ``mine``) as segments (``_Segment``). The
-    known pieces change only at their own starts and ends, and completeness at its own
-    edge: rows between two such boundaries, none inside, have the same pieces, each over
-    the whole of every row."""
-    edges = sorted(
-        {complete_until_us}.union(
-            *((evidence[c.i].start_us, evidence[c.i].end_us) for cells in mine for c in cells)
-        )
-    )
-    out: list[_Segment] = []
-    group: list[tuple[_Row, list[_Cell]]] = []
-    until = 0  # the first edge after the group's start: it may grow up to there
-    for row, cells in zip(rows, mine, strict=True):
-        if group and row.end_us > until:
-            out.append(_segment(group))
-            group = []
-        if not group:
-            until = (
-                edges[bisect.bisect_right(edges, row.start_us)]
-                if row.start_us < edges[-1]
-                else _NEVER
-            )
-            if until < row.end_us:  # an edge inside it: a segment of its own
-                out.append(_segment([(row, cells)]))
-                continue
-        group.append((row, cells))
-    if group:
-        out.append(_segment(group))
-    return out
-
-
-def _segment(group: list[tuple[_Row, list[_Cell]]]) -> _Segment:
-    if len(group) == 1:
-        row, cells = group[0]
-        return _Segment(_Row(row.start_us, row.end_us, row.busy_pct_us, cells), group)
-    first, cells = group[0]
-    merged = [_Cell(c.i, 0.0) for c in cells]
-    busy = 0
-    for row, members in group:
-        busy += row.busy_pct_us
-        for m, c in zip(merged, members, strict=True):
-            m.w += c.w
-            m.start_w += c.start_w
-    return _Segment(_Row(first.start_us, group[-1][0].end_us, busy, merged), group)
+    row_factors: Sequence[float],
+    piece_factors: dict[int, float],
+    memory: FitMemory | None,
+    fitted: FitMemory,
+) -> None:
+    """Put in ``fitted`` the factors that start the next fit where this one stopped: each
+    piece's, times what it started from, and each period's, its segment's factor spread
+    back by busy time (the next fit may take the period in another segment)."""
+    before = {} if memory is None else memory.pieces
+    for i, factor in piece_factors.items():
+        e = evidence[i]
+        key = (e.pid, e.start_us, e.end_us)
+        fitted.pieces[key] = before.get(key, 1.0) * factor
+    for segment, factor in zip(segments, row_factors, strict=True):
+        per_busy = factor * segment.base / segment.row.busy_pct_us
+        for p in segment.members:
+            fitted.periods[p.start_us] = per_busy * p.busy_pct_us / (p.end_us - p.start_us)
 
 
 def _ipf(
     rows: Sequence[_Row],
-    mine: Sequence[list[_Cell]],
     by_piece: dict[int, list[_Cell]],
     bound: Sequence[float],
     goals: dict[int, float],
     complete_until_us: int,
-) -> None:
+) -> tuple[list[float], dict[int, float]]:
     """Over-relaxed iterative proportional fitting, ``IPF_ROUNDS`` at most, until every
     piece is at its claim or within its bound; then rows to their busy time exactly.
+    Returns what each row and each piece was scaled by in all.
 
     The rounds are the agent's hottest loop under drivers with cadences of their own, so
     what each row and piece is held to is worked out once, not once a round."""
-    lines = [
-        (r.busy_pct_us, r.end_us <= complete_until_us, cells)
-        for r, cells in zip(rows, mine, strict=True)
-    ]
+    lines = [(r.busy_pct_us, r.end_us <= complete_until_us, r.cells) for r in rows]
+    row_factors = [1.0] * len(rows)
+    piece_factors = dict.fromkeys(by_piece, 1.0)
     pieces = [
         (
+            i,
             cells,
             bound[i] * (1 + IPF_TOLERANCE),  # over this: capped to its bound
             bound[i],
@@ -746,9 +775,9 @@ def _ipf(
     power = IPF_OVERRELAX
     previous_short = float("inf")
     for _ in range(IPF_ROUNDS):
-        _scale_lines(lines, power)
+        _scale_lines(lines, power, row_factors)
         capped, short = False, 0.0
-        for cells, over, cap, under, goal in pieces:
+        for i, cells, over, cap, under, goal in pieces:
             total = 0.0
             for c in cells:
                 total += c.w
@@ -760,6 +789,7 @@ def _ipf(
             else:
                 continue
             factor **= power
+            piece_factors[i] *= factor
             for c in cells:
                 c.w *= factor
         if not capped and not short:
@@ -767,18 +797,25 @@ def _ipf(
         if not capped and short > IPF_STALL * previous_short:
             break  # claims the rows cannot all give (a rounded claim, a row still to come)
         previous_short = short
-    _scale_lines(lines, 1.0)
+    _scale_lines(lines, 1.0, row_factors)
+    return row_factors, piece_factors
 
 
-def _scale_lines(lines: Sequence[tuple[int, bool, list[_Cell]]], power: float) -> None:
+def _scale_lines(
+    lines: Sequence[tuple[int, bool, list[_Cell]]],
+    power: float,
+    factors: list[float] | None = None,
+) -> None:
     """Each row to its busy time (or, where its evidence may still come, down to it at
-    most), the factor to the ``power``."""
-    for busy, up, cells in lines:
+    most), the factor to the ``power``; each row's factor multiplied into ``factors``."""
+    for n, (busy, up, cells) in enumerate(lines):
         total = 0.0
         for c in cells:
             total += c.w
         if total > 0 and (up or total > busy):
             factor = busy / total if power == 1.0 else (busy / total) ** power
+            if factors is not None:
+                factors[n] *= factor
             for c in cells:
                 c.w *= factor
 
@@ -958,39 +995,126 @@ def _commit_row(
 ) -> None:
     """Turn a fitted row into integer shares; what its known pieces cannot take goes to
     unknown pids' claims (as unattributed), then to no evidence."""
-    busy = row.busy_pct_us
-    weights: dict[int, float] = {}
-    claims: dict[int, int] = {}
     unknown = 0.0
     for c in row.cells:
-        e = evidence[c.i]
+        if c.w > 0 and not evidence[c.i].known:
+            unknown += min(c.w, remaining[c.i])
+    known = [c for c in row.cells if evidence[c.i].known]
+    weights, claims = _spend(known, evidence, 1.0, remaining, out)
+    pids = sorted(weights)
+    busy = row.busy_pct_us
+    taken = min(busy, round(sum(weights.values())))
+    _add_shares(row.start_us, row.end_us, taken, pids, _ratios(pids, weights, claims, row), out)
+    _leave(row.start_us, row.end_us, busy - taken, unknown, presence, out)
+
+
+def _commit_segment(
+    segment: _Segment,
+    evidence: Sequence[Evidence],
+    presence: Sequence[Presence],
+    remaining: list[float],
+    layout: _Layout,
+    commit_until_us: int,
+    out: Apportioned,
+) -> None:
+    """Turn a fitted segment's committed periods into integer shares: each period takes
+    its part of the segment's cells by its busy time, and is split as a row is
+    (``_commit_row``), the pids' ratios worked out once for the segment."""
+    members = [p for p in segment.members if p.end_us <= commit_until_us]
+    row = segment.row
+    total = row.busy_pct_us
+    spent = (
+        1.0 if len(members) == len(segment.members) else sum(p.busy_pct_us for p in members) / total
+    )
+    weights, claims = _spend(row.cells, evidence, spent, remaining, out)
+    pids = sorted(weights)
+    whole = sum(weights.values())
+    ratios = _ratios(pids, weights, claims, row)
+    for p in members:
+        busy = p.busy_pct_us
+        taken = min(busy, round(whole * (busy / total)))
+        _add_shares(p.start_us, p.end_us, taken, pids, ratios, out)
+        if busy > taken:
+            unknown = _unknown_claims(p, layout.unknown, evidence, remaining)
+            _leave(p.start_us, p.end_us, busy - taken, unknown, presence, out)
+
+
+def _spend(
+    cells: Sequence[_Cell],
+    evidence: Sequence[Evidence],
+    part: float,
+    remaining: list[float],
+    out: Apportioned,
+) -> tuple[dict[int, float], dict[int, int]]:
+    """Take ``part`` of the known ``cells`` from their pieces: the weight and the claims
+    of each pid."""
+    weights: dict[int, float] = {}
+    claims: dict[int, int] = {}
+    for c in cells:
         if c.w <= 0:
             continue
-        if not e.known:
-            unknown += min(c.w, remaining[c.i])
-            continue
+        e = evidence[c.i]
         weights[e.pid] = weights.get(e.pid, 0.0) + c.w
         claims[e.pid] = claims.get(e.pid, 0) + e.pct_us
-        out.used[c.i] = out.used.get(c.i, 0.0) + c.w
-        remaining[c.i] = max(0.0, remaining[c.i] - c.w)
-    taken = min(busy, round(sum(weights.values())))
-    if taken and len(weights) == 1:  # one process computed: its share needs no split
-        (pid,) = weights
-        out.shares.append(Share(pid, row.start_us, row.end_us, taken, exact=False))
+        taken = c.w * part
+        out.used[c.i] = out.used.get(c.i, 0.0) + taken
+        remaining[c.i] = max(0.0, remaining[c.i] - taken)
+    return weights, claims
+
+
+def _ratios(
+    pids: Sequence[int], weights: dict[int, float], claims: dict[int, int], row: _Row
+) -> list[int]:
+    """The integer ratios a row's busy time is split by among ``pids``: their own claims
+    where the row is exact, else their fitted weights."""
+    if len(pids) < 2:
+        return []
+    if row.exact and all(claims.values()):
+        return [claims[p] for p in pids]
+    return _integral([weights[p] for p in pids])
+
+
+def _add_shares(
+    start_us: int, end_us: int, taken: int, pids: Sequence[int], ratios: list[int], out: Apportioned
+) -> None:
+    if taken and len(pids) == 1:  # one process computed: its share needs no split
+        out.shares.append(Share(pids[0], start_us, end_us, taken, exact=False))
     elif taken:
-        pids = sorted(weights)
-        exact = [claims[p] for p in pids] if row.exact and all(claims.values()) else None
-        split = largest_remainders(taken, exact or _integral([weights[p] for p in pids]))
-        for pid, pct in zip(pids, split, strict=True):
+        for pid, pct in zip(pids, largest_remainders(taken, ratios), strict=True):
             if pct:
-                out.shares.append(Share(pid, row.start_us, row.end_us, pct, exact=False))
-    left = busy - taken
+                out.shares.append(Share(pid, start_us, end_us, pct, exact=False))
+
+
+def _unknown_claims(
+    period: Period, unknown: Sequence[int], evidence: Sequence[Evidence], remaining: list[float]
+) -> float:
+    """What the pieces of pids the driver never listed claim of ``period``."""
+    claimed = 0.0
+    for i in unknown:
+        e = evidence[i]
+        part = _overlap(e, period.start_us, period.end_us)
+        if part > 0 and e.pct_us > 0:
+            density = e.pct_us / max(1, e.end_us - e.start_us)
+            claimed += min(density * part, remaining[i])
+    return claimed
+
+
+def _leave(
+    start_us: int,
+    end_us: int,
+    left: int,
+    unknown: float,
+    presence: Sequence[Presence],
+    out: Apportioned,
+) -> None:
+    """Busy time of a row no known piece took: to unknown pids' claims (as unattributed),
+    then to no evidence, or to nobody where no process held a context."""
     if not left:
         return
     claimed = min(left, round(unknown))
     out.leave(Unattributed.UNKNOWN_PROCESS, claimed)
     reason = Unattributed.NO_EVIDENCE
-    if not _present(presence, row.start_us, row.end_us):
+    if not _present(presence, start_us, end_us):
         reason = Unattributed.NO_PROCESS
     out.leave(reason, left - claimed)
 

@@ -271,7 +271,7 @@ def test_a_fit_continued_from_its_memory_goes_on_where_it_stopped(
     memory = FitMemory()
     # A settlement that fits all six periods (their evidence is in) and commits none:
     apportion(periods, evidence, holding(1, 2, 3), T, memory=memory, complete_until_us=end)
-    assert len(memory.ratios) == 3 + 4 + 4 + 2 + 4  # every (piece, period) it overlaps
+    assert len(memory.pieces) == 5 and len(memory.periods) == 6  # a factor each, not a cell
     continued = apportion(periods, evidence, holding(1, 2, 3), end, memory=memory)
     cold = apportion(periods, evidence, holding(1, 2, 3), end)
     # Three rounds and three more split the periods as six rounds do (to the float), and
@@ -302,9 +302,11 @@ def test_over_relaxed_fitting_fits_in_rounds_where_plain_fitting_falls_short(
 def test_a_fit_remembers_only_the_cells_it_fitted() -> None:
     periods, evidence = staggered()
     memory = FitMemory()
-    memory.ratios[(9, T - 2 * P, T - P, T - 2 * P)] = 2.0  # a piece settled long ago
+    memory.pieces[(9, T - 2 * P, T - P)] = 2.0  # a piece settled long ago
+    memory.periods[T - 2 * P] = 2.0  # and its period
     apportion(periods, evidence, holding(1, 2, 3), T + 2 * P, memory=memory)
-    assert memory.ratios and all(pid in (1, 2, 3) for pid, *_ in memory.ratios)
+    assert memory.pieces and all(pid in (1, 2, 3) for pid, *_ in memory.pieces)
+    assert memory.periods and min(memory.periods) >= T
 
 
 def same_pieces_over_periods() -> tuple[list[Period], list[Evidence]]:
@@ -328,19 +330,19 @@ def test_rows_with_the_same_pieces_are_fitted_as_one_to_the_same_fixed_point(
 ) -> None:
     periods, evidence = same_pieces_over_periods()
     end = periods[-1].end_us
-    merged = apportion_module._segments
+    merged = apportion_module._groups
     sizes: list[int] = []
 
-    def counted(*args: Any) -> list[Any]:
-        out = merged(*args)
-        sizes.extend(len(s.members) for s in out)
+    def counted(busy: list[Period], edges: list[int]) -> list[list[Period]]:
+        out = merged(busy, edges)
+        sizes.extend(len(group) for group in out)
         return out
 
-    def one_each(rows: Any, mine: Any, *_: Any) -> list[Any]:
-        return [apportion_module._segment([(r, c)]) for r, c in zip(rows, mine, strict=True)]
+    def one_each(busy: list[Period], edges: list[int]) -> list[list[Period]]:
+        return [[p] for p in busy]
 
-    def fit(segments: Any) -> tuple[list[Share], dict[int, int]]:
-        monkeypatch.setattr(apportion_module, "_segments", segments)
+    def fit(groups: Any) -> tuple[list[Share], dict[int, int]]:
+        monkeypatch.setattr(apportion_module, "_groups", groups)
         result = apportion(periods, evidence, holding(1, 2), end)
         return result.shares, shares_by_pid(result.shares)
 
@@ -358,6 +360,48 @@ def test_rows_with_the_same_pieces_are_fitted_as_one_to_the_same_fixed_point(
     assert fixed == fit(one_each)[1]
     assert abs(as_one_by_pid[1] - fixed[1]) * 10 < abs(row_by_row_by_pid[1] - fixed[1])
     assert len(as_one) == len(row_by_row)
+
+
+def two_grids() -> tuple[list[Period], list[Evidence]]:
+    """Twenty periods of 1/10 s, two processes sampled every 1 s and every 1/2 s: every
+    piece holds its process's exact busy time, and periods between two piece edges are
+    fitted as one (four segments of five)."""
+    tenth = P // 10
+    one = [40, 10, 60, 0, 30, 50, 20, 70, 10, 40, 60, 30, 0, 20, 50, 10, 40, 30, 60, 20]
+    two = [30, 60, 10, 50, 20, 10, 40, 0, 60, 30, 20, 50, 70, 10, 30, 60, 20, 40, 10, 50]
+    periods = [
+        Period(T + k * tenth, T + (k + 1) * tenth, (x + y) * tenth)
+        for k, (x, y) in enumerate(zip(one, two, strict=True))
+    ]
+
+    def piece(pid: int, busy: list[int], first: int, last: int) -> Evidence:
+        claim = sum(busy[first:last]) * tenth
+        span = (last - first) * tenth
+        return Evidence(pid, T + first * tenth, T + last * tenth, claim, claim + span)
+
+    evidence = [piece(1, one, 0, 10), piece(1, one, 10, 20)]
+    evidence += [piece(2, two, 0, 5), piece(2, two, 5, 15), piece(2, two, 15, 20)]
+    return periods, evidence
+
+
+def test_a_fit_over_periods_fitted_as_one_is_continued_period_by_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The memory keeps a factor per period, spread back from its segment by busy time: a
+    # continued fit starts from each period's own part, as the rounds left it.
+    periods, evidence = two_grids()
+    end = periods[-1].end_us
+    monkeypatch.setattr(apportion_module, "IPF_OVERRELAX", 1.0)
+    monkeypatch.setattr(apportion_module, "IPF_ROUNDS", 6)
+    at_once = apportion(periods, evidence, holding(1, 2), end)
+    monkeypatch.setattr(apportion_module, "IPF_ROUNDS", 3)
+    memory = FitMemory()
+    apportion(periods, evidence, holding(1, 2), T, memory=memory, complete_until_us=end)
+    assert len(memory.pieces) == 5 and len(memory.periods) == 20  # not 40 cells
+    continued = apportion(periods, evidence, holding(1, 2), end, memory=memory)
+    cold = apportion(periods, evidence, holding(1, 2), end)
+    assert continued.shares == at_once.shares
+    assert cold.shares != at_once.shares
 
 
 def test_only_the_committed_periods_are_returned() -> None:
