@@ -70,6 +70,11 @@ class MeterLoop:
 
     def run(self, stop: threading.Event) -> None:
         """Meter until ``stop`` is set, then close every window and write it."""
+        # Where metering starts is made durable before the first poll. An agent killed
+        # before its first window close would otherwise leave no state, and its restart
+        # would be a first start: metering from the driver's newest period, with the busy
+        # time since this start billed to nobody and reported nowhere.
+        self._write([])
         next_poll = self._clock.monotonic()
         next_close = next_poll + self._window_s
         while not self._clock.wait(stop, next_poll - self._clock.monotonic()):

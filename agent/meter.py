@@ -15,9 +15,9 @@ device periods wait until every listed process's evidence of them can have arriv
 
 The meter's committed state (cursors, carried remainders, learnt evidence, unsettled
 evidence, the processes it knows) is serialised with every batch of records written to the
-outbox, in the same transaction, so an agent killed at any moment resumes exactly where its
-written records end: the driver's ring buffer still holds the samples of the time in
-between, or the lost time is a gap.
+outbox, in the same transaction, and once before the first poll (``MeterLoop.run``), so an
+agent killed at any moment resumes exactly where its written records end: the driver's ring
+buffer still holds the samples of the time in between, or the lost time is a gap.
 """
 
 from __future__ import annotations

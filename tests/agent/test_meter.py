@@ -557,6 +557,26 @@ def test_a_row_waiting_for_its_pids_period_survives_a_restart() -> None:
     assert total == sum(rerun.truth_us().values()) == 4_850_000
 
 
+def test_a_restart_from_the_state_at_start_bills_everything_since_that_start() -> None:
+    """An agent killed before its first window close: what ``MeterLoop.run`` wrote before
+    its first poll (the meter's state at start) lets the restart, 28 s later, read the ring
+    back to the first start and bill it all. Without it the restart is a first start: the
+    busy time before it goes to nobody, unreported (the SIGKILL e2e test, seed 34759661)."""
+    scenario = Scenario.from_toml(TAKE_TURNS)
+    with metered(scenario, start_s=2.0) as (run, meter):
+        state = meter.state()
+        drive(run, meter, 6.0, window_s=100)  # polled but never written: lost in the kill
+    with metered(scenario, state=state, start_s=30) as (rerun, meter2):
+        drive(rerun, meter2, scenario_end_s(scenario) + 5)
+        rerun.usages.extend(meter2.close_window())
+        assert not meter2.stats.unattributed_us
+    assert sum(rerun.measured_us().values()) == sum(rerun.truth_us().values()) == 4_850_000
+    with metered(scenario, start_s=30) as (fresh, meter3):  # no state: a first start
+        drive(fresh, meter3, scenario_end_s(scenario) + 5)
+        fresh.usages.extend(meter3.close_window())
+    assert sum(fresh.measured_us().values()) < 4_850_000
+
+
 def test_energy_goes_to_busy_processes_only() -> None:
     run = run_scenario(Scenario.load("timeslice"))
     busy = [u for u in run.usages if u.slices]  # (a final may hold only a rounding carry)

@@ -80,6 +80,8 @@ def truth_busy_us(scenario: Scenario) -> Fraction:
 # 34759661 (one run in about thirty): a window closed in the poll that read a PID's first
 # row, which waits for the PID's period; the restart was never shown it again (NO_EVIDENCE,
 # tests/agent/test_meter.py::test_a_row_waiting_for_its_pids_period_survives_a_restart).
+# Once more with that seed: the agent killed before its first window had written no state,
+# so its restart metered from the driver's newest period (below, made to happen each run).
 KNOWN_SEEDS = [678127295, 34759661]
 
 
@@ -125,6 +127,42 @@ def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
     stored = Decimal(report["totals"]["busy_seconds"])
     assert stored == Decimal(int(truth)) / 1_000_000, f"seed {seed}"
     assert agent.starts >= 3 and collector.starts >= 3, f"seed {seed}"
+
+
+def test_an_agent_killed_before_its_first_window_bills_everything_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Killed as soon as it is ready, before any window closed, the agent used to leave no
+    state: its restart was a first start, metering from the driver's newest period, and
+    the busy time since the first start (0.8 s of 171.75 in one run of the test above) was
+    billed to nobody and reported nowhere. The loop now writes the state before its first
+    poll, and the restart reads the ring back to the first start."""
+    text = exact_scenario(34759661)
+    scenario_file = tmp_path / "scenario.toml"
+    scenario_file.write_text(text)
+    truth = truth_busy_us(Scenario.from_toml(text))
+    collector = Collector(tmp_path, free_port())
+    collector.start()
+    settings = {"meter.window": "5s", "collector.ack_timeout": "5s"}
+    agent = simulated_agent(tmp_path, AGENT, collector, scenario_file, SPEED, settings)
+    anchor, db = tmp_path / "clock.anchor", tmp_path / "collector.db"
+    agent.start()
+    try:
+        wait_for("the agent ready", lambda: "ready" in agent.log(), 60)
+        agent.kill()
+        # Restarted once the GPUs are busy (from 4 s): whatever its start-up takes, it
+        # starts after busy time only the ring still holds.
+        wait_for("busy GPUs", lambda: sim_s(anchor) >= 4.0, 60)
+        agent.start()
+        wait_for("the scenario's end", lambda: sim_s(anchor) >= SCENARIO_S + 20, 60)
+        wait_for("the restarted agent's records", lambda: stored_head(db, AGENT) > 0, 60)
+        assert agent.stop() == 0, agent.log()[-3000:]
+        report = collector.report()
+    finally:
+        for daemon in (agent, collector):
+            if daemon.alive():
+                daemon.kill()
+    assert Decimal(report["totals"]["busy_seconds"]) == Decimal(int(truth)) / 1_000_000
 
 
 def crash_while_running(
