@@ -283,7 +283,12 @@ class EvidenceReader:
         self.reading = RowReading.UNKNOWN
 
     def vote(self, reading: RowReading) -> None:
-        """A re-query's verdict; two alike settle how rows are read."""
+        """A re-query's verdict; two alike settle how rows are read. A mean seen outweighs
+        a row alike, which a mean of samples alike gives too: on a steady load, votes of
+        both kinds in turn would never settle that an averaging driver averages, and its
+        rows' earlier samples would go to nobody."""
+        if reading is RowReading.PER_SAMPLE and self._averaging():
+            return
         self._votes = [*self._votes[-1:], reading]
         if len(self._votes) == 2 and self._votes[0] is self._votes[1]:
             if self.reading is not reading:
@@ -375,13 +380,23 @@ class EvidenceReader:
             if recent is None:
                 continue
             out[(s.pid, s.timestamp_us)] = recent
-            if recent > s.sm_util:
+            if recent != s.sm_util:
+                # Its last sample alone reads otherwise: the row is a mean (a driver that
+                # answers each PID's latest sample answers that same sample again).
                 self.stats.requery_rows["ambiguous_rows"] += 1
                 self.vote(RowReading.AVERAGED)
             elif s.sm_util and not self._first_row(s.pid):
-                # (a first row alike proves nothing: it may be one sample either way)
+                # Alike: one sample, or a mean of samples alike (a steady load). (A first
+                # row alike proves nothing: it may be one sample either way.)
                 self.vote(RowReading.PER_SAMPLE)
         return out
+
+    def _averaging(self) -> bool:
+        """Whether the driver's rows are means: known, or a mean seen and nothing since
+        to say otherwise."""
+        return self.reading is RowReading.AVERAGED or (
+            self.reading is RowReading.UNKNOWN and RowReading.AVERAGED in self._votes
+        )
 
     def _due_unanswered(
         self, rows: Sequence[UtilSample], since_us: int, listed: Collection[int]
@@ -569,10 +584,19 @@ class EvidenceReader:
             # On the device grid: the average of every period since lastSeen.
             out.pieces.append(_evidence(s, max(floor, min(stamp - stride, since_us)), known))
             return
-        if recent is not None and recent > s.sm_util:
-            # A mean: its last sample at ``recent``, the earlier ones since lastSeen the rest.
-            start = max(floor, since_us)
-            out.pieces.extend(_averaged_pieces(s, start, last_start, stride, recent, known))
+        # A mean holds its PID's samples since lastSeen, each over the stride before its
+        # stamp: it starts where the earliest one's span does (lastSeen may fall inside it),
+        # and never before the PID's previous row.
+        samples = -(-(stamp - max(floor, since_us)) // stride)
+        mean_start = max(floor, stamp - samples * stride)
+        if recent is not None and (recent != s.sm_util or self._averaging()):
+            # A mean: its last sample at ``recent``, the earlier ones the rest (on a driver
+            # known to average, also where the last sample reads as the mean: taken for one
+            # sample, the earlier ones' busy time would go to nobody).
+            out.pieces.extend(_averaged_pieces(s, mean_start, last_start, stride, recent, known))
+        elif recent is None and samples > 1 and self._averaging():
+            # A mean whose last sample could not be asked for alone: over all of them.
+            out.pieces.append(_evidence(s, mean_start, known))
         else:
             out.pieces.append(_evidence(s, last_start, known))  # one sample: the common case
 
