@@ -1030,10 +1030,11 @@ def _commit_segment(
     pids = sorted(weights)
     whole = sum(weights.values())
     ratios = _ratios(pids, weights, claims, row)
+    splits: dict[int, list[int]] = {}  # periods alike (a steady load) are split alike
     for p in members:
         busy = p.busy_pct_us
         taken = min(busy, round(whole * (busy / total)))
-        _add_shares(p.start_us, p.end_us, taken, pids, ratios, out)
+        _add_shares(p.start_us, p.end_us, taken, pids, ratios, out, splits)
         if busy > taken:
             unknown = _unknown_claims(p, layout.unknown, evidence, remaining)
             _leave(p.start_us, p.end_us, busy - taken, unknown, presence, out)
@@ -1075,12 +1076,25 @@ def _ratios(
 
 
 def _add_shares(
-    start_us: int, end_us: int, taken: int, pids: Sequence[int], ratios: list[int], out: Apportioned
+    start_us: int,
+    end_us: int,
+    taken: int,
+    pids: Sequence[int],
+    ratios: list[int],
+    out: Apportioned,
+    splits: dict[int, list[int]] | None = None,
 ) -> None:
+    """``taken`` split among ``pids`` by ``ratios``, as shares of [start_us, end_us);
+    ``splits``: the splits already worked out with these ratios, by what was split."""
     if taken and len(pids) == 1:  # one process computed: its share needs no split
         out.shares.append(Share(pids[0], start_us, end_us, taken, exact=False))
     elif taken:
-        for pid, pct in zip(pids, largest_remainders(taken, ratios), strict=True):
+        split = None if splits is None else splits.get(taken)
+        if split is None:
+            split = largest_remainders(taken, ratios)
+            if splits is not None:
+                splits[taken] = split
+        for pid, pct in zip(pids, split, strict=True):
             if pct:
                 out.shares.append(Share(pid, start_us, end_us, pct, exact=False))
 
