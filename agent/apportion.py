@@ -209,7 +209,7 @@ def apportion(
     runs = _runs(shared)
     last_end_us = periods[-1].end_us if periods else 0
     spans = _spans_to_fit(evidence, runs, last_end_us) if runs else []
-    fitted = None if memory is None else FitMemory()
+    fitted = FitMemory()  # this fit's, for the next settlement
     for run in runs:
         goals = _goals(run, evidence, remaining, spans)
         layout = _layout(run, evidence, complete, memory)
@@ -220,7 +220,7 @@ def apportion(
                 _commit_segment(
                     segment, evidence, presence, remaining, layout, commit_until_us, out
                 )
-    if memory is not None and fitted is not None:
+    if memory is not None:
         memory.pieces, memory.periods = fitted.pieces, fitted.periods
     return out
 
@@ -680,7 +680,7 @@ def _fit(
     goals: dict[int, float],
     complete_until_us: int,
     memory: FitMemory | None,
-    fitted: FitMemory | None,
+    fitted: FitMemory,
 ) -> bool:
     """Fit the known pieces' cells: each row whose evidence is complete to its busy time,
     each piece to its claim (``goals``), and never past its bound. Later rows are only held
@@ -715,8 +715,7 @@ def _fit(
     row_factors, piece_factors = _ipf(rows, by_piece, bound, goals, complete_until_us)
     # Remembered before the bounds' repair below: the fit alone only scales each row and
     # piece, so the next settlement starts from a scaling of the claims, as a cold one does.
-    if fitted is not None:
-        _remember(segments, evidence, row_factors, piece_factors, memory, fitted)
+    _remember(segments, evidence, row_factors, piece_factors, memory, fitted)
     # Rows had the last word; now bounds, and what rows lack goes to the room left under
     # them (also where claims of zero left the rows nothing to scale).
     _cap_pieces(by_piece, bound)

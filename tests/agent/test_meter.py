@@ -14,7 +14,7 @@ import pytest
 
 from bench.accuracy import measure, row_of
 from bench.harness import DRAIN_S, Run, drive, metered, run_scenario, scenario_end_s
-from creditmeter.agent.meter import Meter
+from creditmeter.agent.meter import Meter, MeterStats
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
 from creditmeter.agent.usage import ProcessKey
@@ -516,6 +516,17 @@ def test_mig_without_gpm_records_wall_time_and_a_gap_never_zero_busy() -> None:
         assert dict(u.gaps_us)[usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL] > 0
 
 
+def run_restarted(
+    scenario: Scenario, state: bytes | None, start_s: float
+) -> tuple[Run, MeterStats]:
+    """A meter started at simulated ``start_s`` from ``state`` (None: a first start) and
+    run to the scenario's end; the run and the meter's stats."""
+    with metered(scenario, state=state, start_s=start_s) as (run, meter):
+        drive(run, meter, scenario_end_s(scenario) + 5)
+        run.usages.extend(meter.close_window())
+        return run, meter.stats
+
+
 def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
     # Crash 6 s after the close at 20 s: that window's state is all that survives; the
     # driver's ring (600 periods of 0.2 s) still holds what ran in between.
@@ -525,9 +536,7 @@ def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
         run.usages.extend(meter.close_window())
         state = meter.state()
         drive(run, meter, 26, window_s=100)  # polled but never written: lost in the crash
-    with metered(scenario, state=state, start_s=26) as (rerun, meter2):
-        drive(rerun, meter2, scenario_end_s(scenario) + 5)
-        rerun.usages.extend(meter2.close_window())
+    rerun, _ = run_restarted(scenario, state, 26)
     total = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
     assert total == 34_300_000
 
@@ -566,10 +575,8 @@ def test_a_row_waiting_for_its_pids_period_survives_a_restart() -> None:
         drive(run, meter, 9.25, window_s=4.5)
         state, kept = meter.state(), list(run.usages)
         drive(run, meter, 12.25, window_s=100)  # polled but never written: lost in the crash
-    with metered(scenario, state=state, start_s=40) as (rerun, meter2):
-        drive(rerun, meter2, scenario_end_s(scenario) + 5)
-        rerun.usages.extend(meter2.close_window())
-        assert not meter2.stats.unattributed_us
+    rerun, stats = run_restarted(scenario, state, 40)
+    assert not stats.unattributed_us
     run.usages[:] = kept
     total = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
     assert total == sum(rerun.truth_us().values()) == 4_850_000
@@ -584,14 +591,10 @@ def test_a_restart_from_the_state_at_start_bills_everything_since_that_start() -
     with metered(scenario, start_s=2.0) as (run, meter):
         state = meter.state()
         drive(run, meter, 6.0, window_s=100)  # polled but never written: lost in the kill
-    with metered(scenario, state=state, start_s=30) as (rerun, meter2):
-        drive(rerun, meter2, scenario_end_s(scenario) + 5)
-        rerun.usages.extend(meter2.close_window())
-        assert not meter2.stats.unattributed_us
+    rerun, stats = run_restarted(scenario, state, 30)
+    assert not stats.unattributed_us
     assert sum(rerun.measured_us().values()) == sum(rerun.truth_us().values()) == 4_850_000
-    with metered(scenario, start_s=30) as (fresh, meter3):  # no state: a first start
-        drive(fresh, meter3, scenario_end_s(scenario) + 5)
-        fresh.usages.extend(meter3.close_window())
+    fresh, _ = run_restarted(scenario, None, 30)  # no state: a first start
     assert sum(fresh.measured_us().values()) < 4_850_000
 
 
