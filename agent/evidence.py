@@ -742,6 +742,10 @@ class EvidenceReader:
             self._zero_strikes = 0
             self.leave(source, "zero_while_busy")
 
+    def rebind(self, device: Device) -> None:
+        """The same GPU, as the driver lists it after it was found again."""
+        self._device = device
+
     def forget(self, pid: int) -> None:
         """A process left the device for good: its learnt stamps go with it."""
         self.strides.pop(pid, None)

@@ -22,6 +22,7 @@ buffer still holds the samples of the time in between, or the lost time is a gap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -234,6 +235,9 @@ class Meter:
         saved_devices = saved.get("devices", {})
         for device in self._nvml.devices():
             self._add_device(device, saved_devices.get(device.uuid), now_us)
+        for uuid, doc in saved_devices.items():
+            if uuid not in self._devices:
+                self._add_missing(uuid, doc, now_us)
         for gpu, states in self._physical_gpus().items():
             if self._energy.committed(gpu) is None:
                 self._energy.restore(gpu, self._energy_counter(states[0].device))
@@ -243,18 +247,42 @@ class Meter:
             ProcessKey(u, p, c): through for u, p, c, through in saved.get("finished", [])
         }
 
-    def _add_device(self, device: Device, saved: dict[str, Any] | None, now_us: int) -> None:
+    def _add_device(
+        self, device: Device, saved: dict[str, Any] | None, now_us: int, *, listed: bool = True
+    ) -> None:
         ds = DeviceState(device, books=Books(now_us))
         self._devices[device.uuid] = ds
         if not device.is_mig:
             ev_state = saved.get("evidence") if saved else None
             ds.evidence = EvidenceReader(self._nvml, device, self._evidence_stats, ev_state)
-        self._resume(ds, saved, now_us)
+        self._resume(ds, saved, now_us, listed=listed)
         ds.last_poll_mono_us = self._now_mono_us
         ds.committed = self._snapshot(ds)
 
-    def _resume(self, ds: DeviceState, saved: dict[str, Any] | None, now_us: int) -> None:
-        latest = self._ring_bounds(ds)
+    def _add_missing(self, uuid: str, saved: dict[str, Any], now_us: int) -> None:
+        """A device metered before this start that the driver does not list now (fallen off
+        the bus, Xid 79): lost from where its records end, with its processes, and looked
+        for by UUID as any lost GPU is. Found again, it resumes from its saved cursor where
+        the ring still holds the samples; only the rest is a gap."""
+        device = _saved_device(uuid, saved)
+        if device is None:
+            log.error(
+                "%s: metered before this start but not listed now, and its saved state "
+                "predates device identities: metered again only once listed at a start",
+                uuid,
+            )
+            return
+        self._add_device(device, saved, now_us, listed=False)
+        ds = self._devices[uuid]
+        log.error("%s: not listed by the driver at start; lost until it is found again", uuid)
+        ds.lost_at_us = now_us
+        ds.was_lost = True
+        self._next_reopen = self._clock.monotonic()
+
+    def _resume(
+        self, ds: DeviceState, saved: dict[str, Any] | None, now_us: int, *, listed: bool = True
+    ) -> None:
+        latest = self._ring_bounds(ds) if listed else None
         newest = latest if latest is not None else now_us  # nothing yet: bill from now on
         if saved is not None:
             ds.series = DeviceSeries(saved.get("period_us"))
@@ -331,6 +359,7 @@ class Meter:
     def _snapshot(self, ds: DeviceState) -> dict[str, Any]:
         """What a restart needs of a device, as it is now (taken at every close)."""
         doc: dict[str, Any] = {
+            "device": _device_entry(ds.device),
             "cursor_us": ds.settled_us,
             "period_us": ds.series.period_us,
             "books": _books_entry(ds.books),
@@ -763,10 +792,22 @@ class Meter:
             if ds.device.uuid in present:
                 log.warning("%s: GPU is back", ds.device.uuid)
                 ds.lost_at_us = None
+                self._rebind(ds, present[ds.device.uuid])
         for uuid, device in present.items():
             if uuid not in self._devices:
                 log.warning("%s: a GPU not seen before; metering it from now", uuid)
                 self._add_device(device, None, now_us)
+
+    @staticmethod
+    def _rebind(ds: DeviceState, device: Device) -> None:
+        """A device found again as the driver lists it now (its index may have changed)."""
+        if device == ds.device:
+            return
+        ds.device = device
+        for t in ds.tracked():
+            t.device = device
+        if ds.evidence is not None:
+            ds.evidence.rebind(device)
 
     def _give_up_lost(self, ds: DeviceState, now_us: int) -> None:
         """Time a lost GPU's ring can no longer hold is a gap now."""
@@ -958,6 +999,18 @@ class _EnergyLedger:
             usage.add_energy(share)
             handed += share
         self._leftover[gpu] = pool - handed
+
+
+def _device_entry(device: Device) -> dict[str, Any]:
+    """What a restart needs to know a device by, should the driver not list it then."""
+    doc = dataclasses.asdict(device)
+    del doc["uuid"]
+    return doc
+
+
+def _saved_device(uuid: str, saved: dict[str, Any]) -> Device | None:
+    doc = saved.get("device")
+    return None if doc is None else Device(uuid=uuid, **doc)
 
 
 def _piece_entry(p: Evidence) -> Sequence[Any]:

@@ -11,7 +11,8 @@ from collections import defaultdict
 
 import pytest
 
-from bench.harness import drive, metered
+from bench.harness import Run, drive, metered
+from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import Scenario
 from creditmeter.v1 import usage_pb2
 
@@ -21,6 +22,7 @@ END_S = 160.0
 RING_S = 20.0  # 100 periods of 0.2 s
 REOPEN_S = 5.0  # the meter looks for a lost GPU this often
 POLL_S = 1.0
+WINDOW_S = 10.0  # drive()'s window
 
 
 def eight_exact_gpus(ring_cleared: bool) -> Scenario:
@@ -82,3 +84,47 @@ def test_losing_gpus_0_3_and_7_in_turn_bills_every_other_gpu_exactly(ring_cleare
             per_process_s + (POLL_S if found_s - RING_S > start_s - POLL_S else 0), ring_lost_s
         )
         assert 2 * low_s * 1e6 <= gaps[g] <= 2 * high_s * 1e6, (g, gaps[g])
+
+
+def metered_with_restarts(scenario: Scenario, stops_s: list[float]) -> Run:
+    """Metered to the end with a clean stop at each of ``stops_s`` and a start a second
+    later from the state it wrote; the runs' usages together."""
+    usages: list[WindowUsage] = []
+    state, start_s = None, 0.0
+    for until_s in [*stops_s, END_S + 12]:
+        with metered(scenario, state=state, start_s=start_s) as (run, meter):
+            drive(run, meter, until_s)
+            run.usages.extend(meter.close_window())
+            usages.extend(run.usages)
+            state = meter.state()
+        start_s = until_s + 1.0
+    run.usages[:] = usages
+    return run
+
+
+@pytest.mark.parametrize("ring_cleared", [True, False], ids=["ring-cleared", "ring-kept"])
+def test_a_gpu_missing_at_a_restart_is_lost_from_its_cursor_not_forgotten(
+    ring_cleared: bool,
+) -> None:
+    """An agent restarted while a GPU is off the bus is not shown that GPU by the driver.
+    It used to drop the GPU's saved state: the GPU was looked for again only if another
+    was lost while running, its processes' seconds went to nobody and no gap said so. Now
+    it is lost from its saved cursor, found again by UUID, and read back from its ring."""
+    scenario = eight_exact_gpus(ring_cleared)
+    run = metered_with_restarts(scenario, [34.0, 64.0, 99.0])  # each while one GPU is lost
+    uuids = {g.index: g.uuid for g in run.host.gpus}
+    lost = {uuids[g]: end_s - start_s for g, start_s, end_s in LOSSES}
+    measured = run.measured_us()
+    gaps: dict[ProcessKey, int] = defaultdict(int)
+    for u in run.process_usages():
+        gaps[u.key] += sum(us for reason, us in u.gaps_us if reason == GAP_LOST)
+    for key, truth in run.truth_us().items():
+        if key.gpu_uuid not in lost:
+            assert measured.get(key, 0) == truth and gaps[key] == 0, key
+            continue
+        # What was not billed is a gap, and the GPU was found again: billed after its loss.
+        assert 0 <= truth - measured.get(key, 0) <= gaps[key], (key, gaps[key])
+        # ... and at most the time it was away and until found, and what was read since the
+        # last close before the loss (in memory only: a cleared ring cannot give it back).
+        away_s = lost[key.gpu_uuid] + REOPEN_S + POLL_S
+        assert gaps[key] <= (away_s + WINDOW_S + POLL_S) * 1e6, (key, gaps[key])
