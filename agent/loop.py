@@ -68,13 +68,16 @@ class MeterLoop:
         self._on_written = on_written
         self.stats = LoopStats()
 
-    def run(self, stop: threading.Event) -> None:
-        """Meter until ``stop`` is set, then close every window and write it."""
-        # Where metering starts is made durable before the first poll. An agent killed
-        # before its first window close would otherwise leave no state, and its restart
-        # would be a first start: metering from the driver's newest period, with the busy
-        # time since this start billed to nobody and reported nowhere.
+    def run(self, stop: threading.Event, ready: Callable[[], None] = lambda: None) -> None:
+        """Meter until ``stop`` is set, then close every window and write it. ``ready`` is
+        called once where metering starts is durable, before the first poll."""
+        # Where metering starts is made durable before the first poll, and before the agent
+        # says it is ready. An agent killed before its first window close would otherwise
+        # leave no state, and its restart would be a first start: metering from the
+        # driver's newest period, with the busy time since this start billed to nobody and
+        # reported nowhere (the SIGKILL e2e test kills it as soon as it says it is ready).
         self._write([])
+        ready()
         next_poll = self._clock.monotonic()
         next_close = next_poll + self._window_s
         while not self._clock.wait(stop, next_poll - self._clock.monotonic()):

@@ -232,9 +232,13 @@ def run(config: Config) -> int:
         ship_stop = threading.Event()
         shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
         shipping.start()
-        notifier.ready(f"metering {len(nvml.devices())} devices as {agent_id}")
-        log.info("metering as agent %s: ready", agent_id)
-        loop.run(stop)
+        devices = len(nvml.devices())
+
+        def ready() -> None:
+            notifier.ready(f"metering {devices} devices as {agent_id}")
+            log.info("metering as agent %s: ready", agent_id)
+
+        loop.run(stop, ready)
         notifier.stopping("windows closed; delivering the outbox")
         ship_stop.set()
         shipping.join()

@@ -57,5 +57,9 @@ def test_where_metering_starts_is_durable_before_the_first_poll() -> None:
     outbox, stop = StateLog(), threading.Event()
     meter = OnePoll(outbox, stop)
     loop = MeterLoop(meter, Flusher(outbox), lambda usages: [], SystemClock(), window_s=60)
-    loop.run(stop)
+    durable_when_ready: list[bytes] = []
+    loop.run(stop, ready=lambda: durable_when_ready.extend(outbox.states))
     assert meter.durable_at_first_poll == [b"cursors where metering starts"]
+    # READY=1 (and the log line saying so) only once it is durable: the SIGKILL e2e test
+    # kills the agent as soon as it says it is ready, and once killed it in between.
+    assert durable_when_ready == [b"cursors where metering starts"]
