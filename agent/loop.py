@@ -26,8 +26,24 @@ class MeterLike(Protocol):
 
     def written_through_us(self) -> int: ...
 
+    def read_through_us(self) -> dict[str, int]: ...
+
+    def settle_now(self) -> None: ...
+
+    def settled_through(self, read_us: dict[str, int]) -> bool: ...
+
+    def retire(self) -> list[WindowUsage]: ...
+
 
 DraftBuilder = Callable[[Sequence[WindowUsage]], list[usage_pb2.UsageRecord]]
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """How a retiring agent's last metering ended."""
+
+    evidence_complete: bool  # every GPU's evidence of the time read at the start came in
+    written: bool  # the last records and the state are in the outbox (else: nothing moved)
 
 
 @dataclass(slots=True)
@@ -88,6 +104,29 @@ class MeterLoop:
                 next_close = _advance(next_close, self._window_s, now)
             self._heartbeat()
         self.cycle(close=True)  # SIGTERM: the open windows go to the outbox before exit
+
+    def retire(self, deadline: float) -> Retired:
+        """Meter until every GPU's evidence covers the time read at the first poll (each
+        process's late samples in), or until ``deadline`` (clock monotonic seconds), then
+        settle everything read and write it: the last records of a host leaving service."""
+        self._write([])
+        self.cycle(close=False)
+        read_us = self._meter.read_through_us()
+        never = threading.Event()
+        next_poll = self._clock.monotonic()
+        while True:
+            self._meter.settle_now()
+            complete = self._meter.settled_through(read_us)
+            now = self._clock.monotonic()
+            if complete or now >= deadline:
+                break
+            next_poll = _advance(next_poll, self._poll_interval_s, now)
+            self._clock.wait(never, min(next_poll, deadline) - now)
+            self.cycle(close=False)
+        written = self._write(self._meter.retire())
+        if written:
+            self._on_written(self._meter.written_through_us())
+        return Retired(complete, written)
 
     def cycle(self, *, close: bool) -> None:
         started = time.perf_counter()

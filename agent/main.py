@@ -1,9 +1,12 @@
-"""``creditmeter-agent``: the daemon (``run``) and its key tool (``keygen``).
+"""``creditmeter-agent``: the daemon (``run``), its last run on a host leaving service
+(``retire``) and its tools (``keygen``, ``outbox``, ``rotate-key``).
 
 Startup is ordered so that nothing meters before its records have somewhere durable to go:
 NVML, key, outbox (with the meter's saved state), meter, shipper, metrics, then READY=1.
 Shutdown runs the other way: the loop closes every open window into the outbox, the
-shipper gets a bounded drain, then the outbox and NVML are closed.
+shipper gets a bounded drain, then the outbox and NVML are closed. Periods still waiting
+for late per-process evidence stay in the saved state for the next start; ``retire``, run
+with the daemon stopped, is that start for a host that will have no other.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -32,7 +36,7 @@ from creditmeter.agent.gpu import Clock, Nvml, ProcessTable, SystemClock
 from creditmeter.agent.health import AgentHealth, serve_health
 from creditmeter.agent.jobapi import CallerResolver, JobServer, create_server, supervisor_uids
 from creditmeter.agent.jobs import JobRegistry, Owner
-from creditmeter.agent.loop import MeterLoop
+from creditmeter.agent.loop import MeterLoop, Retired
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.outbox import Outbox
@@ -103,6 +107,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rotate-key", help="hand the record chain to a new signing key (agent stopped)"
     )
     cli.add_arguments(rotate_parser)
+    retire_parser = commands.add_parser(
+        "retire",
+        help="settle and deliver the last usage of a host leaving service (agent stopped)",
+    )
+    cli.add_arguments(retire_parser)
+    retire_parser.add_argument(
+        "--evidence-wait",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for processes' late per-process samples (default 30)",
+    )
+    retire_parser.add_argument(
+        "--delivery-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to keep delivering the outbox to the collector (default 300)",
+    )
     # Dispatched by agent.cli before this module is imported; listed here for --help.
     commands.add_parser("selftest", help="measure known GPU work (CUDA) through NVML")
     args, rest = parser.parse_known_args(argv)
@@ -130,8 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT])
+    # retire's stdout is its summary, for the operator (and scripts) to read: logs go beside.
+    stream = sys.stderr if args.command == "retire" else None
+    setup_logging(config[settings.LOG_LEVEL], config[settings.LOG_FORMAT], stream)
     try:
+        if args.command == "retire":
+            return retire(config, args.evidence_wait, args.delivery_timeout)
         return run(config)
     except NvmlUnavailable as exc:
         print(f"creditmeter-agent: {exc}", file=sys.stderr)
@@ -140,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"creditmeter-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except AgentError as exc:
-        print(f"creditmeter-agent: {exc}", file=sys.stderr)
+        print(f"creditmeter-agent {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -169,83 +196,162 @@ def _list_scenarios() -> int:
     return EXIT_OK
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds") from None
+    if not 0 <= value <= 86_400 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds from 0 to 86400")
+    return value
+
+
 def main_entry() -> None:
     sys.exit(main())
+
+
+@dataclass
+class Metering:
+    """What metering needs, opened in start-up order: the daemon's and ``retire``'s."""
+
+    agent_id: str
+    host: Host
+    nvml: Nvml
+    outbox: Outbox
+    meter: Meter
+    flusher: Flusher
+    registry: JobRegistry
+    telemetry: AgentTelemetry
+    shipper: Shipper
+    damaged: int  # unacknowledged records found damaged at start
+
+
+def open_metering(stack: ExitStack, config: Config) -> Metering:
+    """NVML, key, outbox (with the meter's saved state), meter and shipper; closed by
+    ``stack`` the other way round."""
+    agent_id = config[settings.AGENT_ID] or socket.gethostname()
+    host = stack.enter_context(open_host(config))
+    nvml = host.nvml or open_nvml()
+    stack.callback(nvml.shutdown)
+    log.info(
+        "agent %s: metering %d GPUs of %s (driver %s); shipping to %s",
+        agent_id,
+        len(nvml.devices()),
+        _backend_text(config),
+        nvml.driver_version(),
+        config[settings.COLLECTOR],
+    )
+    outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
+    damaged = _damaged(outbox)
+    meter = Meter(
+        nvml,
+        host.processes,
+        host.meter_clock or host.clock,
+        state=outbox.state().get(STATE_KEY),
+        reopen_interval_s=config[settings.REOPEN_INTERVAL],
+    )
+    flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
+    registry = stack.enter_context(_job_registry(config))
+    telemetry = AgentTelemetry(Registry())
+    shipper = Shipper(
+        outbox,
+        _channel_factory(config, agent_id),
+        agent_id,
+        batch_max=config[settings.BATCH_MAX],
+        ack_timeout_s=config[settings.ACK_TIMEOUT],
+        backoff=Backoff(cap_s=config[settings.BACKOFF_MAX]),
+        # A simulated host's clock may run 30 times faster: waits for the collector are
+        # real seconds all the same (the logs said 24.8 s and retried after 0.8).
+        record_wall=host.clock.wall,
+        observer=telemetry,
+        idle_close_s=config[settings.IDLE_CLOSE],
+    )
+    return Metering(
+        agent_id, host, nvml, outbox, meter, flusher, registry, telemetry, shipper, damaged
+    )
 
 
 def run(config: Config) -> int:
     stop = threading.Event()
     _on_signals(stop)
     notifier = Notifier.from_environment()
-    agent_id = config[settings.AGENT_ID] or socket.gethostname()
     with ExitStack() as stack:
-        host = stack.enter_context(open_host(config))
-        nvml = host.nvml or open_nvml()
-        stack.callback(nvml.shutdown)
-        log.info(
-            "agent %s: metering %d GPUs of %s (driver %s); shipping to %s",
-            agent_id,
-            len(nvml.devices()),
-            _backend_text(config),
-            nvml.driver_version(),
-            config[settings.COLLECTOR],
-        )
-        outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
-        damaged = _damaged(outbox)
-        meter = Meter(
-            nvml,
-            host.processes,
-            host.meter_clock or host.clock,
-            state=outbox.state().get(STATE_KEY),
-            reopen_interval_s=config[settings.REOPEN_INTERVAL],
-        )
-        flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
-        registry = stack.enter_context(_job_registry(config))
-        telemetry = AgentTelemetry(Registry())
+        m = open_metering(stack, config)
         if config[settings.JOBS_ENABLED]:
-            jobs = _serve_jobs(stack, config, registry, host)
-            telemetry.follow_jobs(jobs.servicer.outcomes)
-        _gauges(telemetry, outbox, flusher)
-        telemetry.gauge(
+            jobs = _serve_jobs(stack, config, m.registry, m.host)
+            m.telemetry.follow_jobs(jobs.servicer.outcomes)
+        _gauges(m.telemetry, m.outbox, m.flusher)
+        m.telemetry.gauge(
             "creditmeter_agent_outbox_damaged_records",
             "Unacknowledged records found damaged at start (creditmeter-agent outbox repair).",
-            lambda: damaged,
+            lambda: m.damaged,
         )
-        shipper = Shipper(
-            outbox,
-            _channel_factory(config, agent_id),
-            agent_id,
-            batch_max=config[settings.BATCH_MAX],
-            ack_timeout_s=config[settings.ACK_TIMEOUT],
-            backoff=Backoff(cap_s=config[settings.BACKOFF_MAX]),
-            # A simulated host's clock may run 30 times faster: waits for the collector are
-            # real seconds all the same (the logs said 24.8 s and retried after 0.8).
-            record_wall=host.clock.wall,
-            observer=telemetry,
-            idle_close_s=config[settings.IDLE_CLOSE],
-        )
-        _metrics_server(stack, config, telemetry.registry)
-        cycle_done = _health_server(stack, config, lambda: shipper.stats().connected)
-        loop = _meter_loop(
-            config, agent_id, meter, flusher, host, notifier, telemetry, registry, cycle_done
-        )
+        _metrics_server(stack, config, m.telemetry.registry)
+        cycle_done = _health_server(stack, config, lambda: m.shipper.stats().connected)
+        loop = _meter_loop(config, m, notifier, cycle_done)
         ship_stop = threading.Event()
-        shipping = threading.Thread(target=shipper.run, args=(ship_stop,), name="shipper")
+        shipping = threading.Thread(target=m.shipper.run, args=(ship_stop,), name="shipper")
         shipping.start()
-        devices = len(nvml.devices())
+        devices = len(m.nvml.devices())
 
         def ready() -> None:
-            notifier.ready(f"metering {devices} devices as {agent_id}")
-            log.info("metering as agent %s: ready", agent_id)
+            notifier.ready(f"metering {devices} devices as {m.agent_id}")
+            log.info("metering as agent %s: ready", m.agent_id)
 
         loop.run(stop, ready)
         notifier.stopping("windows closed; delivering the outbox")
         ship_stop.set()
         shipping.join()
         deadline = time.monotonic() + config[settings.DRAIN_TIMEOUT]
-        if not shipper.drain(deadline):
-            log.warning("%d records wait in the outbox for the next start", outbox.depth())
+        if not m.shipper.drain(deadline):
+            log.warning("%d records wait in the outbox for the next start", m.outbox.depth())
     return 0
+
+
+def retire(config: Config, evidence_wait_s: float, delivery_timeout_s: float) -> int:
+    """The last metering of a host leaving service, with its daemon stopped: what the stop
+    left waiting for late evidence is settled and written, and the outbox delivered."""
+    with ExitStack() as stack:
+        m = open_metering(stack, config)
+        loop = _meter_loop(config, m, Notifier(None), lambda: None)
+        retired = loop.retire(m.host.clock.monotonic() + evidence_wait_s)
+        if not retired.written:
+            print(
+                "creditmeter-agent retire: the outbox took nothing (see the log); the saved "
+                "state is unchanged, so running retire again loses nothing",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        delivered = m.shipper.drain(time.monotonic() + delivery_timeout_s)
+        _print_retired(m, retired, evidence_wait_s)
+        if not delivered:
+            print(
+                f"creditmeter-agent retire: {m.outbox.depth()} records wait in the outbox "
+                f"{m.outbox.path}: run retire again once the collector takes them",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        print(f"# agent {m.agent_id}: retired; every record acknowledged by the collector")
+    return EXIT_OK
+
+
+def _print_retired(m: Metering, retired: Retired, evidence_wait_s: float) -> None:
+    for uuid, through_us in sorted(m.meter.read_through_us().items()):
+        print(f"{uuid}: metered and settled through {_iso(through_us)}")
+    for reason, us in sorted(m.meter.stats.gaps_us.items()):
+        print(f"gap {reason}: {us / 1e6:.6f} s (recorded with the usage it interrupts)")
+    for name, us in sorted(m.meter.stats.unattributed_us.items()):
+        print(f"unattributed {name}: {us / 1e6:.6f} s (on the GPUs' device records, not billed)")
+    if not retired.evidence_complete:
+        print(
+            f"# some processes' evidence did not come within {evidence_wait_s:g} s: their "
+            "shared busy time since is unattributed (no evidence), never billed to a guess"
+        )
+
+
+def _iso(wall_us: int) -> str:
+    at = datetime.fromtimestamp(wall_us // 1_000_000, UTC).replace(microsecond=wall_us % 1_000_000)
+    return at.isoformat().replace("+00:00", "Z")
 
 
 def _backend_text(config: Config) -> str:
@@ -476,34 +582,27 @@ def _check_client_certificate(files: TlsFiles, agent_id: str) -> None:
 
 
 def _meter_loop(
-    config: Config,
-    agent_id: str,
-    meter: Meter,
-    flusher: Flusher,
-    host: Host,
-    notifier: Notifier,
-    telemetry: AgentTelemetry,
-    registry: JobRegistry,
-    cycle_done: Callable[[], None],
+    config: Config, m: Metering, notifier: Notifier, cycle_done: Callable[[], None]
 ) -> MeterLoop:
     # The agent id by default: what the operator enrolled, so that a report by host names
     # the hosts as `enroll` and `revoke` do (the id is itself the host name unless set).
-    drafts = RecordBuilder(config[settings.HOST] or agent_id, registry)
+    drafts = RecordBuilder(config[settings.HOST] or m.agent_id, m.registry)
+    processes = m.host.processes
 
     def written(through_us: int) -> None:
-        registry.prune_before(through_us)
-        registry.reap(lambda owner: _alive(host.processes, owner), through_us)
+        m.registry.prune_before(through_us)
+        m.registry.reap(lambda owner: _alive(processes, owner), through_us)
 
     def observe(seconds: float) -> None:
-        telemetry.poll_seconds.observe(seconds)
-        telemetry.after_cycle(meter.stats, flusher.dropped_busy_us)
+        m.telemetry.poll_seconds.observe(seconds)
+        m.telemetry.after_cycle(m.meter.stats, m.flusher.dropped_busy_us)
         cycle_done()
 
     return MeterLoop(
-        meter,
-        flusher,
+        m.meter,
+        m.flusher,
         drafts,
-        host.clock,
+        m.host.clock,
         poll_interval_s=config[settings.POLL_INTERVAL],
         window_s=config[settings.WINDOW],
         heartbeat=_watchdog(notifier),

@@ -505,15 +505,17 @@ class Meter:
             return ds.cursor_us
         return ds.evidence.complete_until_us(now_us, pids)
 
-    def _settle(self, ds: DeviceState, now_us: int) -> None:
-        """Apportion the periods old enough that their evidence is in."""
+    def _settle(self, ds: DeviceState, now_us: int, *, everything: bool = False) -> None:
+        """Apportion the periods old enough that their evidence is in (``everything``: all
+        periods read, with the evidence at hand)."""
         if not ds.pending:
             return
         complete = self._complete_us(ds, now_us)
         # A piece that straddles the complete point can only be placed once the evidence
         # after it is in.
         straddling = [p.start_us for p in ds.pieces if p.start_us < complete < p.end_us]
-        settle_to = self._settle_point(ds, min([complete, *straddling]))
+        horizon = ds.cursor_us if everything else min([complete, *straddling])
+        settle_to = self._settle_point(ds, horizon)
         if settle_to <= ds.settled_us:
             return
         presence = [t.presence() for t in ds.tracked()]
@@ -809,9 +811,9 @@ class Meter:
         if ds.evidence is not None:
             ds.evidence.rebind(device)
 
-    def _give_up_lost(self, ds: DeviceState, now_us: int) -> None:
-        """Time a lost GPU's ring can no longer hold is a gap now."""
-        horizon = now_us - max(ds.ring_us, MIN_HOLD_US)
+    def _give_up_lost(self, ds: DeviceState, now_us: int, hold_us: int | None = None) -> None:
+        """Time a lost GPU's ring can no longer hold (or older than ``hold_us``) is a gap now."""
+        horizon = now_us - (max(ds.ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
         if ds.settled_us >= horizon:
             return
         self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, horizon - ds.settled_us)
@@ -959,6 +961,53 @@ class Meter:
         """Driver time up to which every device's usage is in closed windows."""
         cursors = [ds.committed_us for ds in self._devices.values() if ds.committed_us]
         return min(cursors, default=_us(self._clock.wall()))
+
+    # -- retiring -------------------------------------------------------------------------
+
+    def read_through_us(self) -> dict[str, int]:
+        """Per GPU metered by its device series, the driver time read so far."""
+        return {
+            uuid: ds.cursor_us
+            for uuid, ds in self._devices.items()
+            if ds.has_series and not ds.device.is_mig and ds.lost_at_us is None
+        }
+
+    def settle_now(self) -> None:
+        """Apportion whatever evidence allows on every whole GPU, not waiting for the next
+        settlement (a retiring agent waits on it)."""
+        now_us = _us(self._clock.wall())
+        for ds in self._devices.values():
+            if not ds.device.is_mig and ds.lost_at_us is None:
+                self._settle_device(ds, now_us)
+
+    def settled_through(self, read_us: dict[str, int]) -> bool:
+        """Whether every GPU of ``read_us`` (``read_through_us`` earlier) is apportioned up
+        to there: the evidence of that time is all in. A GPU lost since waits for nothing."""
+        return all(
+            ds.settled_us >= read_us[uuid] or ds.lost_at_us is not None
+            for uuid, ds in self._devices.items()
+            if uuid in read_us
+        )
+
+    def retire(self) -> list[WindowUsage]:
+        """Settle everything read and close every window, for an agent whose host leaves
+        service: its next start, which would settle the periods still waiting for evidence,
+        never comes. Busy time whose evidence did not come is unattributed (no evidence),
+        a lost GPU's unread time a gap; processes whose time is all settled are final."""
+        now_us = _us(self._clock.wall())
+        finals: list[WindowUsage] = []
+        for ds in self._devices.values():
+            if ds.lost_at_us is not None:
+                self._give_up_lost(ds, now_us, hold_us=0)
+                continue
+            if not ds.device.is_mig:
+                ds.settled_now = True
+                if ds.has_series:
+                    self._settle(ds, now_us, everything=True)
+                else:
+                    self._settle_by_evidence(ds)
+            finals.extend(self._drained(ds, now_us))
+        return finals + self.close_window()
 
     def shutdown(self) -> None:
         self._nvml.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from creditmeter import chain
 from creditmeter.agent.outbox import Outbox
+from creditmeter.agent.records import STATE_KEY
 from creditmeter.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 
 AGENT_ID = "gpu-host-7"
@@ -239,3 +240,16 @@ class FakeCollector:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class StateLog:
+    """An outbox that keeps the meter state written with each append (and no records)."""
+
+    def __init__(self) -> None:
+        self.states: list[bytes] = []
+
+    def append(
+        self, drafts: Sequence[usage_pb2.UsageRecord], state: Mapping[str, bytes] | None = None
+    ) -> list[int]:
+        self.states.append((state or {})[STATE_KEY])
+        return list(range(len(drafts)))

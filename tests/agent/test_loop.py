@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
 
 from creditmeter.agent.gpu import SystemClock
 from creditmeter.agent.loop import MeterLoop
-from creditmeter.agent.records import STATE_KEY, Flusher
+from creditmeter.agent.records import Flusher
 from creditmeter.agent.usage import WindowUsage
-from creditmeter.v1 import usage_pb2
-
-
-class StateLog:
-    """An outbox that keeps the state written with each append."""
-
-    def __init__(self) -> None:
-        self.states: list[bytes] = []
-
-    def append(
-        self, drafts: Sequence[usage_pb2.UsageRecord], state: Mapping[str, bytes] | None = None
-    ) -> list[int]:
-        self.states.append((state or {})[STATE_KEY])
-        return list(range(len(drafts)))
+from tests.agent.outbox_helpers import StateLog
 
 
 class OnePoll:
@@ -46,6 +32,18 @@ class OnePoll:
 
     def written_through_us(self) -> int:
         return 0
+
+    def read_through_us(self) -> dict[str, int]:
+        return {}
+
+    def settle_now(self) -> None:
+        pass
+
+    def settled_through(self, read_us: dict[str, int]) -> bool:
+        return True
+
+    def retire(self) -> list[WindowUsage]:
+        return []
 
 
 def test_where_metering_starts_is_durable_before_the_first_poll() -> None:

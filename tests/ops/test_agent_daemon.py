@@ -456,6 +456,16 @@ def test_an_unknown_scenario_exits_2_naming_the_list(capsys: pytest.CaptureFixtu
     assert "<file>" not in err and "creditmeter-agent scenarios" in err
 
 
+@pytest.mark.parametrize("value", ["soon", "-1", "nan", "1e9"])
+def test_retire_refuses_a_wait_that_is_no_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["retire", "--evidence-wait", value])
+    assert exited.value.code == 2
+    assert f"argument --evidence-wait: {value!r}: " in capsys.readouterr().err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
