@@ -728,11 +728,28 @@ class Meter:
 
     @staticmethod
     def _drain_complete(ds: DeviceState, t: Tracked) -> bool:
+        """Exited, and settled up to its exit: on a lost GPU, given up as a gap that far
+        (until then its last seconds may still be in the ring when the GPU is back)."""
         if ds.device.is_mig:
             return True
-        if ds.lost_at_us is not None:
-            return False  # its last seconds may still be in the ring when the GPU is back
         return t.gone_at_us is not None and ds.settled_us >= t.gone_at_us
+
+    def _exited_while_lost(self, ds: DeviceState, now_us: int) -> None:
+        """Processes of a lost GPU that are gone from the host (a CUDA process whose GPU fell
+        off the bus mostly dies): they may have run until now at the latest. Once the time up
+        to now is given up as a gap they are final, not carried as gaps for as long as the
+        GPU stays away (for good, if it was taken out)."""
+        for t in ds.tracked():
+            if t.gone_at_us is None and not self._alive(t):
+                t.listed = False
+                t.gone_at_us = now_us
+
+    def _alive(self, t: Tracked) -> bool:
+        try:
+            created_us = _us(self._proc.create_time(t.key.pid))
+        except ProcessGone:
+            return False
+        return t.key.create_time_us in (0, created_us)
 
     # -- energy ---------------------------------------------------------------------------
 
@@ -849,6 +866,7 @@ class Meter:
         now_us = _us(self._clock.wall())
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
+                self._exited_while_lost(ds, now_us)
                 self._give_up_lost(ds, now_us)
             elif not ds.device.is_mig and not ds.settled_now:
                 self._settle_device(ds, now_us)
@@ -998,9 +1016,9 @@ class Meter:
         finals: list[WindowUsage] = []
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
+                self._exited_while_lost(ds, now_us)
                 self._give_up_lost(ds, now_us, hold_us=0)
-                continue
-            if not ds.device.is_mig:
+            elif not ds.device.is_mig:
                 ds.settled_now = True
                 if ds.has_series:
                     self._settle(ds, now_us, everything=True)

@@ -128,3 +128,63 @@ def test_a_gpu_missing_at_a_restart_is_lost_from_its_cursor_not_forgotten(
         # last close before the loss (in memory only: a cleared ring cannot give it back).
         away_s = lost[key.gpu_uuid] + REOPEN_S + POLL_S
         assert gaps[key] <= (away_s + WINDOW_S + POLL_S) * 1e6, (key, gaps[key])
+
+
+GONE_FOR_GOOD = """[host]
+seed = 5
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 100
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 100
+
+[[process]]
+pid = 100
+gpu = 0
+start_s = 1.0
+exit_s = 230.0
+busy = [[2.0, 220.0, 50]]
+
+[[process]]
+pid = 200
+gpu = 1
+start_s = 1.0
+exit_s = 25.0
+busy = [[2.0, 19.0, 50]]
+
+[[fault]]
+kind = "gpu_lost"
+gpu = 1
+start_s = 21.0
+end_s = 10000.0
+"""
+
+
+def test_the_processes_of_a_gpu_gone_for_good_end_in_a_final_record() -> None:
+    """GPU 1 falls off the bus at 21 s and never comes back; its process dies at 25 s. The
+    process used to be carried as a gap at every window close for as long as the agent ran
+    (and, restored from the state, after every restart). Once it is gone from the host and
+    the lost time up to then is given up as a gap, its record is final."""
+    scenario = Scenario.from_toml(GONE_FOR_GOOD)
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 240.0)
+        run.usages.extend(meter.close_window())
+    dead = [u for u in run.process_usages() if u.key.pid == 200]
+    assert [u.final for u in dead] == [False] * (len(dead) - 1) + [True]
+    # Noticed gone at the close at 30 s; final once 60 s of holding on to the ring passed.
+    assert dead[-1].end_us - run.host.clock.start_wall_us <= 101_000_000
+    truth = run.truth_us()
+    (key,) = [k for k in truth if k.pid == 200]
+    measured = sum(u.busy_us for u in dead)
+    gap = sum(us for u in dead for reason, us in u.gaps_us if reason == GAP_LOST)
+    # The time it was unseen is a gap, from the last period settled before the loss (19.8 s)
+    # to where it was seen gone (30 s).
+    assert truth[key] == measured  # its last burst ended at 19 s, before the loss
+    assert 10_000_000 <= gap <= 10_400_000
+    (alive,) = [k for k in truth if k.pid == 100]
+    assert run.measured_us()[alive] == truth[alive]
