@@ -505,16 +505,16 @@ class Meter:
             return ds.cursor_us
         return ds.evidence.complete_until_us(now_us, pids)
 
-    def _settle(self, ds: DeviceState, now_us: int, *, everything: bool = False) -> None:
-        """Apportion the periods old enough that their evidence is in (``everything``: all
-        periods read, with the evidence at hand)."""
+    def _settle(self, ds: DeviceState, now_us: int, *, through_us: int | None = None) -> None:
+        """Apportion the periods old enough that their evidence is in (``through_us``: every
+        period read that ends by then, with the evidence at hand)."""
         if not ds.pending:
             return
         complete = self._complete_us(ds, now_us)
         # A piece that straddles the complete point can only be placed once the evidence
         # after it is in.
         straddling = [p.start_us for p in ds.pieces if p.start_us < complete < p.end_us]
-        horizon = ds.cursor_us if everything else min([complete, *straddling])
+        horizon = min([complete, *straddling]) if through_us is None else through_us
         settle_to = self._settle_point(ds, horizon)
         if settle_to <= ds.settled_us:
             return
@@ -829,8 +829,18 @@ class Meter:
             ds.evidence.rebind(device)
 
     def _give_up_lost(self, ds: DeviceState, now_us: int, hold_us: int | None = None) -> None:
-        """Time a lost GPU's ring can no longer hold (or older than ``hold_us``) is a gap now."""
+        """Give up the time a lost GPU's ring can no longer hold (or older than ``hold_us``):
+        what was read of it before the loss is apportioned with the evidence at hand (no
+        more can come: the driver keeps no older samples), and only the rest is a gap."""
         horizon = now_us - (max(ds.ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
+        if ds.settled_us >= horizon:
+            return
+        if not ds.device.is_mig and ds.has_series:
+            self._settle(ds, now_us, through_us=horizon)
+            if ds.cursor_us >= horizon:
+                return  # all read: the period across the horizon goes with the next
+        elif not ds.device.is_mig:
+            self._settle_by_evidence(ds)
         if ds.settled_us >= horizon:
             return
         self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, horizon - ds.settled_us)
@@ -1021,7 +1031,7 @@ class Meter:
             elif not ds.device.is_mig:
                 ds.settled_now = True
                 if ds.has_series:
-                    self._settle(ds, now_us, everything=True)
+                    self._settle(ds, now_us, through_us=ds.cursor_us)
                 else:
                     self._settle_by_evidence(ds)
             finals.extend(self._drained(ds, now_us))

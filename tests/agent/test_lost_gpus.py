@@ -8,12 +8,14 @@ records end wherever the driver's ring still holds the samples.
 from __future__ import annotations
 
 from collections import defaultdict
+from fractions import Fraction
 
 import pytest
 
 from bench.harness import Run, drive, metered
 from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import Scenario
+from creditmeter.simnvml.scenario import shipped_text
 from creditmeter.v1 import usage_pb2
 
 GAP_LOST = usage_pb2.GAP_REASON_GPU_LOST
@@ -188,3 +190,23 @@ def test_the_processes_of_a_gpu_gone_for_good_end_in_a_final_record() -> None:
     assert 10_000_000 <= gap <= 10_400_000
     (alive,) = [k for k in truth if k.pid == 100]
     assert run.measured_us()[alive] == truth[alive]
+
+
+def test_what_a_lost_gpu_read_before_the_loss_is_billed_and_only_the_rest_is_a_gap() -> None:
+    """Two processes time-slice a GPU whose per-PID stamps lag by seconds; it falls off the
+    bus at 45.5 s for good. The periods read before the loss but still waiting for evidence
+    were given up with the rest, as a gap (2.1 s of busy time here). No more evidence can
+    come once the ring's hold has passed: they are apportioned with what is at hand."""
+    text = shipped_text("timeslice") + '\n[[fault]]\nkind = "gpu_lost"\ngpu = 0\n'
+    text += "start_s = 45.5\nend_s = 10000.0\n"
+    scenario = Scenario.from_toml(text).with_overrides(profile="stale_stamps")
+    read: dict[str, int] = {}
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 150.0, each_poll=lambda: read.update(meter.read_through_us()))
+        run.usages.extend(meter.close_window())
+    ((uuid, read_us),) = read.items()  # the newest period read before the loss
+    read_s = (read_us - run.host.clock.start_wall_us) / 1e6
+    truth = sum((t.busy_us for t in run.host.truth(until_s=read_s).values()), Fraction(0))
+    assert abs(run.device_busy_us()[uuid] - truth) <= truth / 1000
+    gaps = run.gaps_us()[GAP_LOST]  # each process's, from the read point to 150 − 60 s
+    assert gaps == 2 * (90_000_000 - (read_us - run.host.clock.start_wall_us))
