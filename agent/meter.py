@@ -13,11 +13,12 @@ Evidence arrives late on real drivers (a PID's sample covers seconds before its 
 device periods wait until every listed process's evidence of them can have arrived (the
 *settlement lag*, learnt from the evidence) before they are apportioned.
 
-The meter's committed state (cursors, carried remainders, learnt evidence, unsettled
-evidence, the processes it knows) is serialised with every batch of records written to the
-outbox, in the same transaction, and once before the first poll (``MeterLoop.run``), so an
-agent killed at any moment resumes exactly where its written records end: the driver's ring
-buffer still holds the samples of the time in between, or the lost time is a gap.
+The meter's committed state (cursors, periods read and not yet settled, carried
+remainders, learnt evidence, unsettled evidence, the processes it knows) is serialised with
+every batch of records written to the outbox, in the same transaction, and once before the
+first poll (``MeterLoop.run``), so an agent killed at any moment resumes exactly where its
+written records end: what it had read comes back with the state, the driver's ring buffer
+still holds the samples of the time since, or the lost time is a gap.
 """
 
 from __future__ import annotations
@@ -286,22 +287,27 @@ class Meter:
         newest = latest if latest is not None else now_us  # nothing yet: bill from now on
         if saved is not None:
             ds.series = DeviceSeries(saved.get("period_us"))
-            ds.cursor_us = int(saved["cursor_us"])
+            ds.settled_us = int(saved["cursor_us"])
+            # The periods read and not yet settled come back with the state, not from the
+            # ring: a driver reloaded, a host rebooted or a GPU reset since has none of them.
+            ds.cursor_us = int(saved.get("read_us", ds.settled_us))
+            ds.pending = [Period(*p) for p in saved.get("pending", [])]
             if ds.cursor_us > newest and latest is not None:
                 # The driver's stamps went back (clock set back, driver reloaded): what it
                 # holds now is all new to us.
                 log.info("%s: resuming from the driver's newest sample", ds.device.uuid)
-                ds.cursor_us = newest
+                ds.pending = []
+                ds.cursor_us = ds.settled_us = min(ds.settled_us, newest)
             ds.books = _restore_books(saved.get("books"), now_us)
             ds.pieces = [Evidence(*p) for p in saved.get("pieces", [])]
             ds.used = [float(u) for u in saved.get("used", [0.0] * len(ds.pieces))]
             self._energy.restore(ds.device.parent_uuid or ds.device.uuid, saved.get("energy_mj"))
         else:
             # First start: what ran before the agent existed is not ours to bill.
-            ds.cursor_us = newest
-        ds.settled_us = ds.committed_us = ds.cursor_us
+            ds.cursor_us = ds.settled_us = newest
+        ds.committed_us = ds.settled_us
         if ds.evidence is not None:
-            ds.evidence.start(ds.cursor_us)
+            ds.evidence.start(ds.settled_us)
 
     def _ring_bounds(self, ds: DeviceState) -> int | None:
         """The newest period the driver holds (learning how far back its ring reaches)."""
@@ -361,6 +367,8 @@ class Meter:
         doc: dict[str, Any] = {
             "device": _device_entry(ds.device),
             "cursor_us": ds.settled_us,
+            "read_us": ds.cursor_us,
+            "pending": [list(p) for p in ds.pending],
             "period_us": ds.series.period_us,
             "books": _books_entry(ds.books),
         }

@@ -142,9 +142,10 @@ def test_a_gpu_lost_when_the_host_retires_ends_in_a_gap() -> None:
             if reason == usage_pb2.GAP_REASON_GPU_LOST
         )
         if key.gpu_uuid == gpu0:
-            # From where its records end (19.8 s: the last period settled at the close at
-            # 20 s) to the retirement's last close (36 s): unknown, so a gap, never zero.
-            assert gap == 16_200_000
+            # From the last period read before the loss (29 s: what was read since the
+            # close at 20 s comes back with the state) to the retirement's last close
+            # (36 s): unknown, so a gap, never zero.
+            assert gap == 7_000_000
             assert 0 < truth[key] - measured <= gap
         else:
             assert (measured, gap) == (truth[key], 0)
