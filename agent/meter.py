@@ -1088,9 +1088,8 @@ class _EnergyLedger:
 
 def _device_entry(device: Device) -> dict[str, Any]:
     """What a restart needs to know a device by, should the driver not list it then."""
-    doc = dataclasses.asdict(device)
-    del doc["uuid"]
-    return doc
+    # Not dataclasses.asdict: it deep-copies, and this runs for every device at every close.
+    return {f.name: getattr(device, f.name) for f in dataclasses.fields(device) if f.name != "uuid"}
 
 
 def _saved_device(uuid: str, saved: dict[str, Any]) -> Device | None:
