@@ -236,9 +236,10 @@ class Meter:
         saved_devices = saved.get("devices", {})
         for device in self._nvml.devices():
             self._add_device(device, saved_devices.get(device.uuid), now_us)
+        listed_gpus = {ds.device.parent_uuid or uuid for uuid, ds in self._devices.items()}
         for uuid, doc in saved_devices.items():
             if uuid not in self._devices:
-                self._add_missing(uuid, doc, now_us)
+                self._add_missing(uuid, doc, now_us, listed_gpus)
         for gpu, states in self._physical_gpus().items():
             if self._energy.committed(gpu) is None:
                 self._energy.restore(gpu, self._energy_counter(states[0].device))
@@ -260,16 +261,28 @@ class Meter:
         ds.last_poll_mono_us = self._now_mono_us
         ds.committed = self._snapshot(ds)
 
-    def _add_missing(self, uuid: str, saved: dict[str, Any], now_us: int) -> None:
+    def _add_missing(
+        self, uuid: str, saved: dict[str, Any], now_us: int, listed_gpus: set[str]
+    ) -> None:
         """A device metered before this start that the driver does not list now (fallen off
         the bus, Xid 79): lost from where its records end, with its processes, and looked
         for by UUID as any lost GPU is. Found again, it resumes from its saved cursor where
-        the ring still holds the samples; only the rest is a gap."""
+        the ring still holds the samples; only the rest is a gap. A device whose GPU is
+        listed, in MIG mode or out of it, was configured away: it will never be back."""
         device = _saved_device(uuid, saved)
         if device is None:
             log.error(
                 "%s: metered before this start but not listed now, and its saved state "
                 "predates device identities: metered again only once listed at a start",
+                uuid,
+            )
+            return
+        if (device.parent_uuid or uuid) in listed_gpus:
+            # A MIG mode change or new instances need the GPU idle and reset: its processes
+            # ended before, and its ring went with the reset.
+            log.warning(
+                "%s: not listed, but its GPU is (MIG mode or instances changed): its "
+                "metering ends where its records end",
                 uuid,
             )
             return

@@ -7,6 +7,8 @@ records end wherever the driver's ring still holds the samples.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import defaultdict
 from fractions import Fraction
 
@@ -209,3 +211,30 @@ def test_what_a_lost_gpu_read_before_the_loss_is_billed_and_only_the_rest_is_a_g
     assert abs(run.device_busy_us()[uuid] - truth) <= truth / 1000
     gaps = run.gaps_us()[GAP_LOST]  # each process's, from the read point to 150 − 60 s
     assert gaps == 2 * (90_000_000 - (read_us - run.host.clock.start_wall_us))
+
+
+def test_a_device_configured_away_while_stopped_is_not_taken_for_a_lost_gpu(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The state knows a MIG instance that no longer exists, and the GPU whole, as it was
+    before MIG mode: its GPU is listed, in MIG mode, so neither is lost (a lost device is
+    looked for by re-initialising NVML every reopen interval, for as long as it is away)."""
+    scenario = Scenario.load("mig")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 20.0)
+        run.usages.extend(meter.close_window())
+        doc = json.loads(meter.state())
+    instance = next(iter(doc["devices"].values()))  # a MIG instance: only they are metered
+    parent = instance["device"]["parent_uuid"]
+    doc["devices"]["MIG-00000000-0000-0000-0000-000000000000"] = instance
+    whole = dict(instance, device=dict(instance["device"], parent_uuid=None, mig_index=None))
+    doc["devices"][parent] = whole
+    with (
+        caplog.at_level(logging.WARNING),
+        metered(scenario, state=json.dumps(doc).encode(), start_s=21.0) as (run, meter),
+    ):
+        drive(run, meter, 40.0)
+        assert not meter.stats.nvml_errors
+    assert "lost until it is found again" not in caplog.text
+    configured_away = [r for r in caplog.records if "MIG mode or instances changed" in r.message]
+    assert len(configured_away) == 2
