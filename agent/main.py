@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -50,10 +49,11 @@ from creditmeter.agent.shipper import (
     secure_channel_factory,
 )
 from creditmeter.agent.telemetry import AgentTelemetry
-from creditmeter.config import Config, ConfigArgs, ConfigError
+from creditmeter.config import FLOAT, Config, ConfigArgs, ConfigError, Option, option_argument
 from creditmeter.logs import setup_logging
 from creditmeter.metrics import Registry, serve_metrics
 from creditmeter.sdnotify import Notifier
+from creditmeter.times import iso_text
 from creditmeter.tls import TlsError, TlsFiles, client_credentials, common_name, load_material
 
 log = logging.getLogger("creditmeter.agent")
@@ -62,6 +62,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 DEFAULT_SCENARIO = "demo"
 EXIT_CONFIG = 2  # as creditmeter.config exits: the unit's RestartPreventExitStatus=2
+EVIDENCE_WAIT = Option("retire.evidence_wait", FLOAT, 30.0, "seconds", ge=0, le=86_400)
+DELIVERY_TIMEOUT = Option("retire.delivery_timeout", FLOAT, 300.0, "seconds", ge=0, le=86_400)
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_arguments(retire_parser)
     retire_parser.add_argument(
         "--evidence-wait",
-        type=_seconds,
-        default=30.0,
+        type=option_argument(EVIDENCE_WAIT),
+        default=EVIDENCE_WAIT.default,
         metavar="SECONDS",
         help="how long to wait for processes' late per-process samples (default 30)",
     )
     retire_parser.add_argument(
         "--delivery-timeout",
-        type=_seconds,
-        default=300.0,
+        type=option_argument(DELIVERY_TIMEOUT),
+        default=DELIVERY_TIMEOUT.default,
         metavar="SECONDS",
         help="how long to keep delivering the outbox to the collector (default 300)",
     )
@@ -194,16 +196,6 @@ def _list_scenarios() -> int:
         print(f"{name:<{width}}  {scenario_summary(name)}")
     print(f"\nrun one: creditmeter-agent run --simulate NAME (default {DEFAULT_SCENARIO})")
     return EXIT_OK
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds") from None
-    if not 0 <= value <= 86_400 or value != value:
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds from 0 to 86400")
-    return value
 
 
 def main_entry() -> None:
@@ -337,7 +329,7 @@ def retire(config: Config, evidence_wait_s: float, delivery_timeout_s: float) ->
 
 def _print_retired(m: Metering, retired: Retired, evidence_wait_s: float) -> None:
     for uuid, through_us in sorted(m.meter.read_through_us().items()):
-        print(f"{uuid}: metered and settled through {_iso(through_us)}")
+        print(f"{uuid}: metered and settled through {iso_text(through_us)}")
     for reason, us in sorted(m.meter.stats.gaps_us.items()):
         print(f"gap {reason}: {us / 1e6:.6f} s (recorded with the usage it interrupts)")
     for name, us in sorted(m.meter.stats.unattributed_us.items()):
@@ -347,11 +339,6 @@ def _print_retired(m: Metering, retired: Retired, evidence_wait_s: float) -> Non
             f"# some processes' evidence did not come within {evidence_wait_s:g} s: their "
             "shared busy time since is unattributed (no evidence), never billed to a guess"
         )
-
-
-def _iso(wall_us: int) -> str:
-    at = datetime.fromtimestamp(wall_us // 1_000_000, UTC).replace(microsecond=wall_us % 1_000_000)
-    return at.isoformat().replace("+00:00", "Z")
 
 
 def _backend_text(config: Config) -> str:

@@ -451,11 +451,11 @@ class Meter:
         if self._now_mono_us >= ds.next_settle_mono_us or draining:
             self._settle_device(ds, now_us)
 
-    def _settle_device(self, ds: DeviceState, now_us: int) -> None:
+    def _settle_device(self, ds: DeviceState, now_us: int, through_us: int | None = None) -> None:
         ds.next_settle_mono_us = self._now_mono_us + SETTLE_INTERVAL_US
         ds.settled_now = True
         if ds.has_series:
-            self._settle(ds, now_us)
+            self._settle(ds, now_us, through_us=through_us)
         else:
             self._settle_by_evidence(ds)
 
@@ -711,11 +711,17 @@ class Meter:
     def _same_process(self, current: Tracked, pid: int) -> bool:
         """Whether ``pid`` still names ``current``: a pid reused between two polls must not
         inherit the old holder's seconds."""
-        try:
-            created_us = _us(self._proc.create_time(pid))
-        except ProcessGone:
+        created_us = self._created_us(pid)
+        if created_us is None:
             return True  # gone from /proc, still listed by NVML: the same dying process
-        return created_us == current.key.create_time_us or current.key.create_time_us == 0
+        return current.key.create_time_us in (0, created_us)
+
+    def _created_us(self, pid: int) -> int | None:
+        """When ``pid`` started, by /proc; None when no such process is running."""
+        try:
+            return _us(self._proc.create_time(pid))
+        except ProcessGone:
+            return None
 
     def _info(self, pid: int) -> ProcessInfo | None:
         try:
@@ -766,11 +772,8 @@ class Meter:
                 t.gone_at_us = now_us
 
     def _alive(self, t: Tracked) -> bool:
-        try:
-            created_us = _us(self._proc.create_time(t.key.pid))
-        except ProcessGone:
-            return False
-        return t.key.create_time_us in (0, created_us)
+        created_us = self._created_us(t.key.pid)
+        return created_us is not None and t.key.create_time_us in (0, created_us)
 
     # -- energy ---------------------------------------------------------------------------
 
@@ -853,15 +856,14 @@ class Meter:
         """Give up the time a lost GPU's ring can no longer hold (or older than ``hold_us``):
         what was read of it before the loss is apportioned with the evidence at hand (no
         more can come: the driver keeps no older samples), and only the rest is a gap."""
+        self._exited_while_lost(ds, now_us)
         horizon = now_us - (max(ds.ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
         if ds.settled_us >= horizon:
             return
-        if not ds.device.is_mig and ds.has_series:
-            self._settle(ds, now_us, through_us=horizon)
-            if ds.cursor_us >= horizon:
+        if not ds.device.is_mig:
+            self._settle_device(ds, now_us, through_us=horizon)
+            if ds.has_series and ds.cursor_us >= horizon:
                 return  # all read: the period across the horizon goes with the next
-        elif not ds.device.is_mig:
-            self._settle_by_evidence(ds)
         if ds.settled_us >= horizon:
             return
         self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, horizon - ds.settled_us)
@@ -897,7 +899,6 @@ class Meter:
         now_us = _us(self._clock.wall())
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
-                self._exited_while_lost(ds, now_us)
                 self._give_up_lost(ds, now_us)
             elif not ds.device.is_mig and not ds.settled_now:
                 self._settle_device(ds, now_us)
@@ -1047,14 +1048,9 @@ class Meter:
         finals: list[WindowUsage] = []
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
-                self._exited_while_lost(ds, now_us)
                 self._give_up_lost(ds, now_us, hold_us=0)
             elif not ds.device.is_mig:
-                ds.settled_now = True
-                if ds.has_series:
-                    self._settle(ds, now_us, through_us=ds.cursor_us)
-                else:
-                    self._settle_by_evidence(ds)
+                self._settle_device(ds, now_us, through_us=ds.cursor_us)
             finals.extend(self._drained(ds, now_us))
         return finals + self.close_window()
 

@@ -31,10 +31,11 @@ from creditmeter.agent.trace import (
     traced_cycle,
 )
 from creditmeter.agent.usage import WindowUsage
-from creditmeter.config import Config
+from creditmeter.config import FLOAT, Config, Option, option_argument
 from creditmeter.v1 import usage_pb2
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SECONDS = Option("trace.seconds", FLOAT, 60.0, "how long to meter", gt=0)
 
 
 def trace_main(argv: Sequence[str]) -> int:
@@ -42,7 +43,9 @@ def trace_main(argv: Sequence[str]) -> int:
         prog="creditmeter-agent trace",
         description="Record every NVML answer the meter uses on this host, with call times.",
     )
-    parser.add_argument("--seconds", type=_positive, required=True, help="how long to meter")
+    parser.add_argument(
+        "--seconds", type=option_argument(SECONDS), required=True, help="how long to meter"
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="the trace file to write (.gz: compressed)"
     )
@@ -164,13 +167,3 @@ def summary(usages: Sequence[WindowUsage]) -> str:
     for (gpu, pid, quality), busy_us in sorted(billed.items()):
         lines.append(f"{gpu}  pid {pid}  {quality}  billed {busy_us} µs")
     return "".join(line + "\n" for line in lines)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not more than 0")
-    return value

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from creditmeter.collector.errors import InvalidRequest
+from creditmeter.times import iso_text as iso_text  # where the collector has long found it
 
 MIN_ANCHOR_DAY, MAX_ANCHOR_DAY = 1, 31
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -73,11 +74,3 @@ def _next(year: int, month: int) -> tuple[int, int]:
 
 def _previous_month(year: int, month: int) -> tuple[int, int]:
     return (year - 1, 12) if month == 1 else (year, month - 1)
-
-
-def iso_text(time_us: int) -> str:
-    """ "2025-06-15T00:00:00Z" (µs shown only when there are any), for messages and reports."""
-    moment = _EPOCH + timedelta(microseconds=time_us)
-    if moment.microsecond:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

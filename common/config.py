@@ -318,6 +318,18 @@ class Option(Generic[T]):
 Options = Sequence[Option[Any]]
 
 
+def option_argument(option: Option[T]) -> Callable[[str], T]:
+    """An argparse ``type`` reading a command's flag as ``option``: its kind, its bounds."""
+
+    def read(text: str) -> T:
+        try:
+            return option.check(option.kind.from_text(text))
+        except _Invalid as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+    return read
+
+
 def check_options(options: Options) -> dict[str, Option[Any]]:
     """The options by name; ValueError for a declaration that cannot work (a bug, not config)."""
     by_name: dict[str, Option[Any]] = {}

@@ -163,8 +163,7 @@ def setup_logging(
     handler.setFormatter(_Formatter(fmt, on_journal))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
-        root.removeHandler(old)
+    remove_handler(root)
     root.addHandler(handler)
     root.setLevel(levelno)
 
@@ -174,3 +173,9 @@ def log_fields(logger: logging.Logger, level: str | int, msg: str, /, **fields: 
     levelno = parse_level(level)
     # stacklevel=2: the record names the caller, not this helper.
     logger.log(levelno, msg, extra={"fields": fields}, stacklevel=2)
+
+
+def remove_handler(logger: logging.Logger) -> None:
+    """Take off ``logger`` the handler ``setup_logging`` installed, if any."""
+    for old in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
+        logger.removeHandler(old)

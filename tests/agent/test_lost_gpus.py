@@ -26,16 +26,20 @@ END_S = 160.0
 RING_S = 20.0  # 100 periods of 0.2 s
 REOPEN_S = 5.0  # the meter looks for a lost GPU this often
 POLL_S = 1.0
+# Exact samples (0.2 s periods on a fixed grid) and a ring of 20 s.
+SHORT_RING_GPU = """
+[[gpu]]
+product = "H100"
+sample_period_us = 200_000
+phase_us = 0
+ring_periods = 100
+"""
 
 
 def eight_exact_gpus(ring_cleared: bool) -> Scenario:
     """Eight GPUs of two processes each, every edge on the 0.2 s grid and every sm a
     multiple of 25: per-period samples are exact, so a GPU's billing is its truth exactly."""
-    gpus = "".join(
-        '\n[[gpu]]\nproduct = "H100"\nsample_period_us = 200_000\nphase_us = 0\n'
-        "ring_periods = 100\n"
-        for _ in range(8)
-    )
+    gpus = SHORT_RING_GPU * 8
     processes = ""
     for g in range(8):
         for j, sm in enumerate((50, 25)):
@@ -133,19 +137,9 @@ def test_a_gpu_missing_at_a_restart_is_lost_from_its_cursor_not_forgotten(
         assert gaps[key] <= (away_s + POLL_S) * 1e6, (key, gaps[key])
 
 
-GONE_FOR_GOOD = """[host]
+GONE_FOR_GOOD = f"""[host]
 seed = 5
-[[gpu]]
-product = "H100"
-sample_period_us = 200_000
-phase_us = 0
-ring_periods = 100
-[[gpu]]
-product = "H100"
-sample_period_us = 200_000
-phase_us = 0
-ring_periods = 100
-
+{SHORT_RING_GPU * 2}
 [[process]]
 pid = 100
 gpu = 0
