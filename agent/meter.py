@@ -135,8 +135,16 @@ class DeviceState:
     processes: dict[int, list[Tracked]] = field(default_factory=dict)  # pid -> oldest first
     last_poll_mono_us: int | None = None  # monotonic µs: durations never follow wall steps
     lost_at_us: int | None = None  # wall µs the GPU was found lost
-    was_lost: bool = False  # lost since its cursor: a hole at the cursor is GPU_LOST
+    # Why a hole at the cursor is a hole: the agent was down since it (a restart), the GPU
+    # was lost since it, else the driver's ring dropped periods not yet read.
+    hole_reason: int = usage_pb2.GAP_REASON_RING_OVERFLOW
     gpm_supported: bool = True
+    # MIG: monotonic µs of the GPM sample the next reading is measured from (None: no
+    # sample yet, so the time since the last poll is unmeasured).
+    gpm_from_mono_us: int | None = None
+    # MIG after a restart: (wall µs its records end, wall µs this meter measures from, gap
+    # reason). GPM cannot look back: what ran in between is unknown, a gap, never free.
+    down_us: tuple[int, int, int] | None = None
     has_series: bool = True  # False: nvmlDeviceGetSamples is not supported
     ring_us: int = DEFAULT_RING_US  # how far back the driver's ring reaches
     books: Books = field(default_factory=lambda: Books(0))
@@ -259,6 +267,8 @@ class Meter:
             ds.evidence = EvidenceReader(self._nvml, device, self._evidence_stats, ev_state)
         self._resume(ds, saved, now_us, listed=listed)
         ds.last_poll_mono_us = self._now_mono_us
+        if device.is_mig and listed:
+            self._prime_instance(ds, self._now_mono_us)
         ds.committed = self._snapshot(ds)
 
     def _add_missing(
@@ -290,7 +300,7 @@ class Meter:
         ds = self._devices[uuid]
         log.error("%s: not listed by the driver at start; lost until it is found again", uuid)
         ds.lost_at_us = now_us
-        ds.was_lost = True
+        ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
         self._next_reopen = self._clock.monotonic()
 
     def _resume(
@@ -315,6 +325,13 @@ class Meter:
             ds.pieces = [Evidence(*p) for p in saved.get("pieces", [])]
             ds.used = [float(u) for u in saved.get("used", [0.0] * len(ds.pieces))]
             self._energy.restore(ds.device.parent_uuid or ds.device.uuid, saved.get("energy_mj"))
+            # Lost when the agent stopped: a GPU lost and not found since is still lost.
+            lost = saved.get("lost", False)
+            ds.hole_reason = (
+                usage_pb2.GAP_REASON_GPU_LOST if lost else usage_pb2.GAP_REASON_AGENT_DOWN
+            )
+            if ds.device.is_mig and now_us > ds.settled_us:
+                ds.down_us = (ds.settled_us, now_us, ds.hole_reason)
         else:
             # First start: what ran before the agent existed is not ours to bill.
             ds.cursor_us = ds.settled_us = newest
@@ -384,6 +401,7 @@ class Meter:
             "pending": [list(p) for p in ds.pending],
             "period_us": ds.series.period_us,
             "books": _books_entry(ds.books),
+            "lost": ds.lost_at_us is not None,
         }
         if ds.evidence is not None:
             doc["evidence"] = json.loads(json.dumps(ds.evidence.state()))
@@ -476,9 +494,8 @@ class Meter:
         # A forward wall step leaves a hole in the driver's timestamps that is no lost time.
         lost_us = sum(end - start for start, end in read.lost) - forward_step_us
         if lost_us > (ds.series.period_us or 0) // 2:
-            overflow = usage_pb2.GAP_REASON_RING_OVERFLOW
-            self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST if ds.was_lost else overflow, lost_us)
-        ds.was_lost = False
+            self._gap_all(ds, ds.hole_reason, lost_us)
+        ds.hole_reason = usage_pb2.GAP_REASON_RING_OVERFLOW
         assert ds.evidence is not None
         ds.evidence.on_periods(read.periods)
         ds.pending.extend(read.periods)
@@ -616,37 +633,90 @@ class Meter:
         return through is not None and end_us <= through
 
     def _poll_instance(self, ds: DeviceState, now_us: int) -> None:
-        """MIG: GPM says how busy the instance was; its processes share that evenly."""
-        elapsed_us = ds.elapsed_us(self._now_mono_us)
+        """MIG: GPM says how busy the instance was since its previous sample; its processes
+        share that evenly. Time no pair of GPM samples covers is a gap, never free."""
         present = [t for t in ds.tracked() if t.listed]
+        self._gap_downtime(ds)
         if not ds.gpm_supported:
-            self._no_signal(present, elapsed_us)
+            self._no_signal(present, ds.elapsed_us(self._now_mono_us))
+            return
+        if ds.gpm_from_mono_us is None:
+            # No sample to measure from (the one taken at start or after a re-init failed).
+            elapsed_us = ds.elapsed_us(self._now_mono_us)
+            self._gap_each(present, usage_pb2.GAP_REASON_NVML_ERROR, elapsed_us)
+            self._prime_instance(ds, self._now_mono_us)
             return
         try:
             fraction = self._nvml.instance_busy_fraction(ds.device)
         except NotSupported:
-            ds.gpm_supported = False
-            log.warning(
-                "%s: no GPM on this GPU: MIG processes get wall time and a gap, no busy time",
-                ds.device.uuid,
-            )
-            self._no_signal(present, elapsed_us)
+            self._without_gpm(ds)
+            self._no_signal(present, ds.elapsed_us(self._now_mono_us))
             return
-        if fraction is None or not present or elapsed_us <= 0:
+        interval_us = self._now_mono_us - ds.gpm_from_mono_us
+        ds.gpm_from_mono_us = self._now_mono_us
+        if fraction is None:
+            # The library no longer had the sample this one is measured from.
+            self._gap_each(present, usage_pb2.GAP_REASON_NVML_ERROR, interval_us)
             return
-        total = round(min(max(fraction, 0.0), 1.0) * 100 * elapsed_us)
+        if not present or interval_us <= 0:
+            return
+        total = round(min(max(fraction, 0.0), 1.0) * 100 * interval_us)
         source = _GPM_SINGLE if len(present) == 1 else _GPM_SHARED
         share, extra = divmod(total, len(present))
-        start_us = now_us - elapsed_us
+        start_us = now_us - interval_us
         for i, t in enumerate(present):
             t.usage.source = source
             t.usage.add(Slice(start_us, now_us, share + (1 if i < extra else 0)))
         ds.settled_us = now_us
 
+    def _prime_instance(self, ds: DeviceState, at_mono_us: int) -> None:
+        """Take the GPM sample an instance's next reading is measured from: at start, and
+        after every re-init (nvmlShutdown frees the samples the library held)."""
+        ds.gpm_from_mono_us = None
+        if not ds.gpm_supported:
+            return
+        try:
+            self._nvml.instance_busy_fraction(ds.device)
+        except NotSupported:
+            self._without_gpm(ds)
+            return
+        except NvmlError as exc:
+            self._count_error(exc)
+            log.warning("%s: GPM sample failed: %s", ds.device.uuid, exc)
+            return
+        ds.gpm_from_mono_us = at_mono_us
+
+    @staticmethod
+    def _without_gpm(ds: DeviceState) -> None:
+        ds.gpm_supported = False
+        log.warning(
+            "%s: no GPM on this GPU: MIG processes get wall time and a gap, no busy time",
+            ds.device.uuid,
+        )
+
+    def _gap_downtime(self, ds: DeviceState) -> None:
+        """Once after a restart (at the first poll, or when the instance is found again or
+        given up): each process the instance had or has now ran unmeasured from where its
+        records end (or its start, when later) to this start."""
+        if ds.down_us is None:
+            return
+        from_us, to_us, reason = ds.down_us
+        ds.down_us = None
+        ds.settled_us = max(ds.settled_us, to_us)
+        self._count_gap(reason, to_us - from_us)
+        for t in ds.tracked():
+            t.usage.add_gap(reason, to_us - max(from_us, t.key.create_time_us))
+
+    def _gap_each(self, present: list[Tracked], reason: int, duration_us: int) -> None:
+        if present:
+            self._count_gap(reason, duration_us)
+        for t in present:
+            t.usage.add_gap(reason, duration_us)
+
     def _no_signal(self, present: list[Tracked], elapsed_us: int) -> None:
         for t in present:
             t.usage.source = _NO_SIGNAL
-            t.usage.add_gap(usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL, elapsed_us)
+        self._gap_each(present, usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL, elapsed_us)
 
     # -- processes --------------------------------------------------------------------------
 
@@ -817,7 +887,7 @@ class Meter:
         self.stats.gpu_losses[ds.device.uuid] += 1
         log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
-        ds.was_lost = True
+        ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
         self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
 
     def _recover_lost(self, now_us: int) -> None:
@@ -836,10 +906,30 @@ class Meter:
                 log.warning("%s: GPU is back", ds.device.uuid)
                 ds.lost_at_us = None
                 self._rebind(ds, present[ds.device.uuid])
+                if ds.device.is_mig:  # no ring to read back: all the time away is a gap
+                    self._gap_downtime(ds)
+                    self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, now_us - ds.settled_us)
+                    ds.settled_us = max(ds.settled_us, now_us)
+        self._prime_instances(lost)
         for uuid, device in present.items():
             if uuid not in self._devices:
                 log.warning("%s: a GPU not seen before; metering it from now", uuid)
                 self._add_device(device, None, now_us)
+
+    def _prime_instances(self, lost: list[DeviceState]) -> None:
+        """After a re-init, every listed MIG instance measures from a new GPM sample. For one
+        that was not lost, the moments between its sample at this poll and the new one are
+        unmeasured (the re-init's own time)."""
+        at_mono_us = _us(self._clock.monotonic())
+        for ds in self._devices.values():
+            if not ds.device.is_mig or ds.lost_at_us is not None:
+                continue
+            if ds not in lost and ds.gpm_from_mono_us is not None:
+                present = [t for t in ds.tracked() if t.listed]
+                self._gap_each(
+                    present, usage_pb2.GAP_REASON_NVML_ERROR, at_mono_us - ds.gpm_from_mono_us
+                )
+            self._prime_instance(ds, at_mono_us)
 
     @staticmethod
     def _rebind(ds: DeviceState, device: Device) -> None:
@@ -857,6 +947,7 @@ class Meter:
         what was read of it before the loss is apportioned with the evidence at hand (no
         more can come: the driver keeps no older samples), and only the rest is a gap."""
         self._exited_while_lost(ds, now_us)
+        self._gap_downtime(ds)  # a MIG instance lost at a restart
         horizon = now_us - (max(ds.ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
         if ds.settled_us >= horizon:
             return
@@ -878,9 +969,13 @@ class Meter:
     def _gap_all(self, ds: DeviceState, reason: int, duration_us: int) -> None:
         if duration_us <= 0:
             return
-        self.stats.gaps_us[usage_pb2.GapReason.Name(reason)] += duration_us
+        self._count_gap(reason, duration_us)
         for t in ds.tracked():
             t.usage.add_gap(reason, duration_us)
+
+    def _count_gap(self, reason: int, duration_us: int) -> None:
+        if duration_us > 0:
+            self.stats.gaps_us[usage_pb2.GapReason.Name(reason)] += duration_us
 
     def _count_error(self, exc: NvmlError) -> None:
         self.stats.nvml_errors[type(exc).__name__] += 1
