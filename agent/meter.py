@@ -635,7 +635,9 @@ class Meter:
     def _poll_instance(self, ds: DeviceState, now_us: int) -> None:
         """MIG: GPM says how busy the instance was since its previous sample; its processes
         share that evenly. Time no pair of GPM samples covers is a gap, never free."""
-        present = [t for t in ds.tracked() if t.listed]
+        # Listed now, or at the previous poll: one that exited since ran for part of this
+        # interval (its last seconds are in it, and in no other).
+        present = [t for t in ds.tracked() if t.listed or t.gone_at_us == now_us]
         self._gap_downtime(ds)
         if not ds.gpm_supported:
             self._no_signal(present, ds.elapsed_us(self._now_mono_us))

@@ -506,6 +506,33 @@ def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
     assert all(k.gpu_uuid.startswith("MIG-") for k in measured)
 
 
+def one_job_per_instance_at_a_time() -> Scenario:
+    """Twenty short jobs on two MIG instances in turn, each exiting between two polls."""
+    text = '[host]\nseed = 3\n\n[[gpu]]\nproduct = "H100"\n'
+    for gi, profile in ((1, "3g.40gb"), (5, "2g.20gb")):
+        text += f'\n[[gpu.mig]]\ngi = {gi}\nci = 0\nprofile = "{profile}"\n'
+    for i in range(20):
+        start_s = 2.0 + i * 10.3
+        text += (
+            f"\n[[process]]\npid = {100 + i}\ngpu = 0\ngi = {1 if i % 2 else 5}\n"
+            f"start_s = {start_s}\nexit_s = {start_s + 7.55}\n"
+            f"busy = [[{start_s + 0.2}, {start_s + 7.5}, 90]]\n"
+        )
+    return Scenario.from_toml(text)
+
+
+def test_a_mig_process_that_exits_between_polls_is_billed_its_last_seconds() -> None:
+    """GPM's reading at the poll after an exit covers the process's last seconds; they went
+    to the processes still listed, so to nobody when it was alone (8.1 s of 131.4 s here,
+    no gap). It shares the reading with them now."""
+    run = run_scenario(one_job_per_instance_at_a_time())
+    measured, truth = run.measured_us(), run.truth_us()
+    assert len(truth) == 20
+    for key, busy in truth.items():
+        assert abs(measured.get(key, 0) - busy) <= 1, key
+    assert not run.gaps_us()
+
+
 def test_mig_without_gpm_records_wall_time_and_a_gap_never_zero_busy() -> None:
     text = shipped_text("mig")
     run = run_scenario(Scenario.from_toml(text.replace('product = "H100"', 'product = "A100"')))
