@@ -56,6 +56,10 @@ MIN_HOLD_US = 60_000_000
 # Against 2 s, on the realistic and stale-stamp hours: agent CPU per cycle about 15 % less
 # (mean), per-process |error| 98.3 → 90.1 s and unattributed 11.6 → 10.3 s.
 SETTLE_INTERVAL_US = 10_000_000
+# The driver's devices are listed afresh (a new NVML session) at least this often: a session
+# lists the devices of its nvmlInit only, and a device created since (a MIG instance made
+# where no process shows it yet, MIG mode turned off) is found at the latest then.
+RELIST_INTERVAL_S = 300.0
 # A row stamped this close to the next device period's end (1/20 of a period: the drivers'
 # stamps jitter) may be on it: the series is read again before the row is judged.
 CATCH_UP_SLACK = 20
@@ -155,6 +159,9 @@ class DeviceState:
     # No process list read yet by this meter: the ones listed first may have held a context
     # since they started, over ring history read from before the meter did.
     never_listed: bool = True
+    # Listed no more while its GPU is (MIG instances destroyed, MIG mode changed): metering
+    # ends, its processes are final and it leaves the state at the next close.
+    configured_away: bool = False
     settled_now: bool = False  # settled at this poll (energy goes with settled busy time)
 
     def elapsed_us(self, now_mono_us: int) -> int:
@@ -228,12 +235,18 @@ class Meter:
         self._clock = clock
         self._reopen_interval_s = reopen_interval_s
         self._next_reopen = 0.0
+        self._relist = False  # a device may have been created or destroyed: list them again
+        self._next_relist = 0.0  # set at the start, from its monotonic reading
+        self._listed_us = 0  # wall µs the driver's devices were last listed
+        self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
+        self._unwatched: set[str] = set()  # ... whose processes cannot be listed
         self._devices: dict[str, DeviceState] = {}
         self._energy = _EnergyLedger()
         self._finished: dict[ProcessKey, int] = {}  # exited since the last close: -> settled
         self._evidence_stats = EvidenceStats()
         self.stats = MeterStats()
         self._now_mono_us = _us(clock.monotonic())
+        self._next_relist = self._now_mono_us / 1e6 + RELIST_INTERVAL_S
         self._wall_offset_us = _us(clock.wall()) - self._now_mono_us  # wall − monotonic
         self._start(_decode_state(state))
 
@@ -242,7 +255,9 @@ class Meter:
     def _start(self, saved: dict[str, Any]) -> None:
         now_us = _us(self._clock.wall())
         saved_devices = saved.get("devices", {})
-        for device in self._nvml.devices():
+        listed = self._nvml.devices()
+        self._note_listed(listed, now_us)
+        for device in listed:
             self._add_device(device, saved_devices.get(device.uuid), now_us)
         listed_gpus = {ds.device.parent_uuid or uuid for uuid, ds in self._devices.items()}
         for uuid, doc in saved_devices.items():
@@ -258,17 +273,25 @@ class Meter:
         }
 
     def _add_device(
-        self, device: Device, saved: dict[str, Any] | None, now_us: int, *, listed: bool = True
+        self,
+        device: Device,
+        saved: dict[str, Any] | None,
+        now_us: int,
+        *,
+        listed: bool = True,
+        created_after_us: int | None = None,
     ) -> None:
+        """``created_after_us``: a device created while this meter ran, after the listing at
+        that moment; its processes are metered from there, not from now."""
         ds = DeviceState(device, books=Books(now_us))
         self._devices[device.uuid] = ds
         if not device.is_mig:
             ev_state = saved.get("evidence") if saved else None
             ds.evidence = EvidenceReader(self._nvml, device, self._evidence_stats, ev_state)
-        self._resume(ds, saved, now_us, listed=listed)
+        self._resume(ds, saved, now_us, listed=listed, created_after_us=created_after_us)
         ds.last_poll_mono_us = self._now_mono_us
         if device.is_mig and listed:
-            self._prime_instance(ds, self._now_mono_us)
+            self._prime_instance(ds, _us(self._clock.monotonic()))
         ds.committed = self._snapshot(ds)
 
     def _add_missing(
@@ -304,7 +327,13 @@ class Meter:
         self._next_reopen = self._clock.monotonic()
 
     def _resume(
-        self, ds: DeviceState, saved: dict[str, Any] | None, now_us: int, *, listed: bool = True
+        self,
+        ds: DeviceState,
+        saved: dict[str, Any] | None,
+        now_us: int,
+        *,
+        listed: bool = True,
+        created_after_us: int | None = None,
     ) -> None:
         latest = self._ring_bounds(ds) if listed else None
         newest = latest if latest is not None else now_us  # nothing yet: bill from now on
@@ -332,6 +361,14 @@ class Meter:
             )
             if ds.device.is_mig and now_us > ds.settled_us:
                 ds.down_us = (ds.settled_us, now_us, ds.hole_reason)
+        elif created_after_us is not None:
+            # Created while this meter ran: from the listing before, read back from the ring
+            # (a whole GPU) or a gap (GPM cannot look back). It did not exist before then.
+            reason = usage_pb2.GAP_REASON_DEVICE_UNLISTED
+            ds.cursor_us = ds.settled_us = min(created_after_us, newest)
+            ds.hole_reason = reason
+            if ds.device.is_mig and now_us > created_after_us:
+                ds.down_us = (created_after_us, now_us, reason)
         else:
             # First start: what ran before the agent existed is not ours to bill.
             ds.cursor_us = ds.settled_us = newest
@@ -420,7 +457,7 @@ class Meter:
         before = {id(t): t.usage.pct_us for ds in self._devices.values() for t in ds.tracked()}
         for ds in self._devices.values():
             ds.settled_now = ds.device.is_mig
-            if ds.lost_at_us is not None:
+            if ds.lost_at_us is not None or ds.configured_away:
                 ds.last_poll_mono_us = self._now_mono_us
                 continue
             try:
@@ -431,10 +468,13 @@ class Meter:
                 # The cursors did not move: the next poll reads these periods again.
                 self._count_error(exc)
                 log.warning("%s: poll failed: %s", ds.device.uuid, exc)
+                # An instance destroyed since the session began answers NOT_FOUND.
+                self._relist = self._relist or ds.device.is_mig
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before)
+        self._watch_instances()
+        self._relist_devices(now_us)
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
-        self._recover_lost(now_us)
         self._sync_stats()
         return finals
 
@@ -449,6 +489,11 @@ class Meter:
 
     def _poll_device(self, ds: DeviceState, now_us: int, step_us: int) -> None:
         listed = self._nvml.compute_processes(ds.device)
+        if not ds.device.is_mig and any(p.gpu_instance_id is not None for p in listed):
+            # In MIG mode since this session began: those processes are its instances'.
+            log.info("%s: processes on MIG instances: listing devices again", ds.device.uuid)
+            self._relist = True
+            listed = [p for p in listed if p.gpu_instance_id is None]
         fresh = self._update_processes(ds, listed, now_us)
         if ds.device.is_mig:
             self._poll_instance(ds, now_us)  # GPM counts time itself: no driver timestamps
@@ -697,9 +742,10 @@ class Meter:
         )
 
     def _gap_downtime(self, ds: DeviceState) -> None:
-        """Once after a restart (at the first poll, or when the instance is found again or
-        given up): each process the instance had or has now ran unmeasured from where its
-        records end (or its start, when later) to this start."""
+        """Once after a restart, or for an instance made while the meter ran (at the first
+        poll, or when the instance is found again or given up): each process the instance
+        had or has now ran unmeasured from where its records end, or the listing before it
+        was made (or the process's start, when later), to when this meter measures from."""
         if ds.down_us is None:
             return
         from_us, to_us, reason = ds.down_us
@@ -829,7 +875,7 @@ class Meter:
     def _drain_complete(ds: DeviceState, t: Tracked) -> bool:
         """Exited, and settled up to its exit: on a lost GPU, given up as a gap that far
         (until then its last seconds may still be in the ring when the GPU is back)."""
-        if ds.device.is_mig:
+        if ds.device.is_mig or ds.configured_away:
             return True
         return t.gone_at_us is not None and ds.settled_us >= t.gone_at_us
 
@@ -892,17 +938,58 @@ class Meter:
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
         self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
 
-    def _recover_lost(self, now_us: int) -> None:
-        lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
-        if not lost or self._clock.monotonic() < self._next_reopen:
+    def _watch_instances(self) -> None:
+        """A process on a MIG instance this meter does not list means instances were made
+        since the session began (it lists those of its nvmlInit only): list them again. On
+        the parent's handle the process list has every instance's processes, with their ids
+        (nvml.h, nvmlDeviceGetComputeRunningProcesses: aggregate information for a
+        privileged caller)."""
+        if self._relist:
             return
-        self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
+        for parent_uuid, parent in self._mig_gpus.items():
+            if parent_uuid in self._unwatched:
+                continue
+            known = {
+                (ds.device.gpu_instance_id, ds.device.compute_instance_id)
+                for ds in self._devices.values()
+                if ds.device.parent_uuid == parent_uuid and not ds.configured_away
+            }
+            try:
+                listed = self._nvml.compute_processes(parent)
+            except NvmlError as exc:
+                self._count_error(exc)
+                log.warning(
+                    "%s: its processes cannot be listed (%s): MIG instances made while the "
+                    "agent runs are found by the relisting every %.0f s only",
+                    parent_uuid, exc, RELIST_INTERVAL_S,
+                )  # fmt: skip
+                self._unwatched.add(parent_uuid)
+                continue
+            unknown = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
+            if unknown:
+                log.info("%s: processes on MIG instances %s not listed", parent_uuid, unknown)
+                self._relist = True
+                return
+
+    def _relist_devices(self, now_us: int) -> None:
+        """List the driver's devices afresh, in a new NVML session, at most once per reopen
+        interval: while a GPU is lost (found again by UUID), when a device may have been
+        created or destroyed, and every RELIST_INTERVAL_S."""
+        lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
+        mono = self._now_mono_us / 1e6  # this poll's: no clock reading of its own
+        if not (lost or self._relist or mono >= self._next_relist) or mono < self._next_reopen:
+            return
+        self._next_reopen = mono + self._reopen_interval_s
+        self._next_relist = mono + RELIST_INTERVAL_S
         try:
             self._nvml.reopen()
             present = {d.uuid: d for d in self._nvml.devices()}
         except NvmlError as exc:
             self._count_error(exc)
             return
+        self._relist = False
+        listed_before_us = self._listed_us
+        self._note_listed(list(present.values()), now_us)
         for ds in lost:
             if ds.device.uuid in present:
                 log.warning("%s: GPU is back", ds.device.uuid)
@@ -912,11 +999,44 @@ class Meter:
                     self._gap_downtime(ds)
                     self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, now_us - ds.settled_us)
                     ds.settled_us = max(ds.settled_us, now_us)
+        self._end_configured_away(present, now_us)
         self._prime_instances(lost)
         for uuid, device in present.items():
             if uuid not in self._devices:
-                log.warning("%s: a GPU not seen before; metering it from now", uuid)
-                self._add_device(device, None, now_us)
+                log.warning("%s: a device not listed before; metering it", uuid)
+                self._add_device(device, None, now_us, created_after_us=listed_before_us)
+
+    def _note_listed(self, devices: list[Device], now_us: int) -> None:
+        """Remember when the devices were listed, and which GPUs are in MIG mode (kept while
+        none of their instances is listed: instances may be made on them again)."""
+        self._listed_us = now_us
+        for d in devices:
+            if d.parent_uuid is not None:
+                self._mig_gpus[d.parent_uuid] = Device(d.index, d.parent_uuid, d.name, True)
+            else:
+                self._mig_gpus.pop(d.uuid, None)
+
+    def _end_configured_away(self, present: dict[str, Device], now_us: int) -> None:
+        """Devices not listed while their GPU is: configured away (a MIG instance destroyed,
+        MIG mode turned on or off), not lost. An instance is destroyed only when not in use,
+        and a GPU changes mode only when idle: their processes have ended."""
+        gpus = {d.parent_uuid or d.uuid for d in present.values()}
+        for uuid, ds in self._devices.items():
+            if uuid in present or ds.configured_away:
+                continue
+            if (ds.device.parent_uuid or uuid) not in gpus:
+                continue  # the GPU itself is gone: lost, or found lost at its next poll
+            log.warning("%s: no longer listed while its GPU is: configured away", uuid)
+            if ds.lost_at_us is not None:  # lost, and back in another configuration
+                self._give_up_lost(ds, now_us, hold_us=0)
+            elif not ds.device.is_mig:
+                self._settle_device(ds, now_us, through_us=ds.cursor_us)
+            ds.lost_at_us = None
+            ds.configured_away = True
+            for t in ds.tracked():
+                if t.gone_at_us is None:
+                    t.listed = False
+                    t.gone_at_us = now_us
 
     def _prime_instances(self, lost: list[DeviceState]) -> None:
         """After a re-init, every listed MIG instance measures from a new GPM sample. For one
@@ -924,7 +1044,7 @@ class Meter:
         unmeasured (the re-init's own time)."""
         at_mono_us = _us(self._clock.monotonic())
         for ds in self._devices.values():
-            if not ds.device.is_mig or ds.lost_at_us is not None:
+            if not ds.device.is_mig or ds.lost_at_us is not None or ds.configured_away:
                 continue
             if ds not in lost and ds.gpm_from_mono_us is not None:
                 present = [t for t in ds.tracked() if t.listed]
@@ -997,7 +1117,7 @@ class Meter:
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
                 self._give_up_lost(ds, now_us)
-            elif not ds.device.is_mig and not ds.settled_now:
+            elif not ds.device.is_mig and not ds.settled_now and not ds.configured_away:
                 self._settle_device(ds, now_us)
         closed = [
             self._emit(ds, t, now_us, final=False)
@@ -1014,6 +1134,10 @@ class Meter:
             if books is not None:
                 closed.append(books)
             ds.committed = self._snapshot(ds)
+        for uuid in [
+            u for u, ds in self._devices.items() if ds.configured_away and not ds.processes
+        ]:
+            del self._devices[uuid]  # its books are closed: it leaves the state
         self._energy.commit()
         self._finished.clear()
         return closed

@@ -178,7 +178,12 @@ class PynvmlNvml:
                 handle = _call(what, pynvml.nvmlDeviceGetMigDeviceHandleByIndex, parent, slot)
             except NoData:  # an empty slot: no instance created there
                 continue
-            uuid = str(_call(what, pynvml.nvmlDeviceGetUUID, handle))
+            try:
+                uuid = str(_call(what, pynvml.nvmlDeviceGetUUID, handle))
+            except NoData:
+                # Destroyed since this session's nvmlInit, still handed out by index
+                # (NVIDIA/libcudacxx#224).
+                continue
             self._handles[uuid] = handle
             instances.append(
                 Device(

@@ -51,7 +51,12 @@ WINDOW = Option(
     "meter.window", DURATION, 10.0, "Usage windows close this often (and at exits).", gt=0
 )
 REOPEN_INTERVAL = Option(
-    "meter.reopen_interval", DURATION, 5.0, "How often a lost GPU is looked for again.", gt=0
+    "meter.reopen_interval",
+    DURATION,
+    5.0,
+    "How often a lost GPU is looked for again, and the shortest time between two listings "
+    "of the devices (each a new NVML session).",
+    gt=0,
 )
 ENV_LABELS = Option(
     "meter.environment_labels",

@@ -6,6 +6,15 @@ handle is identified by its address as in the real library. An NVML *session* ru
 nvmlInit that raised the refcount from 0 to the nvmlShutdown that brought it back: a GPU that
 was lost at any time during the session stays lost for it; a new session finds the GPU again
 once the fault is over.
+
+A session lists the MIG instances that existed at its nvmlInit, and only those: one created
+later is not found by index until a new session (NVIDIA/k8s-device-plugin#992: "the
+device-plugin needs to be restarted after a MIG reconfiguration"; openshift/instaslice-
+operator#288: DCGM needs a restart to see MIG instances created since), and one destroyed
+since is still handed out by index (NVIDIA/libcudacxx#224: three handles with SUCCESS after
+one of three was deleted). Queries on the handle of an instance that no longer exists answer
+NOT_FOUND, the choice of NVIDIA/k8s-test-infra's NVML mock (PR #829) for a torn-down MIG
+device: the real answer is undocumented.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ class DriverCore:
         self._lock = threading.Lock()
         self._refcount = 0
         self._session_start_us = 0
+        self._listed_migs: frozenset[tuple[int, int]] = frozenset()  # (gpu index, slot)
         self.gpu_refs = tuple(DeviceRef(g, None, pynvml.struct_c_nvmlDevice_t()) for g in host.gpus)
         self.mig_refs = {
             (g.index, m.spec.slot): DeviceRef(g, m, pynvml.struct_c_nvmlDevice_t())
@@ -95,6 +105,9 @@ class DriverCore:
         with self._lock:
             if self._refcount == 0:
                 self._session_start_us = now_us
+                self._listed_migs = frozenset(
+                    key for key, r in self.mig_refs.items() if r.mig and r.mig.spec.exists(now_us)
+                )
             self._refcount += 1
 
     def shutdown(self) -> None:
@@ -111,6 +124,10 @@ class DriverCore:
         if self._refcount == 0:
             fail(Ret.UNINITIALIZED)
 
+    def lists_mig(self, gpu_index: int, slot: int) -> bool:
+        """Whether this session lists the MIG instance in ``slot`` (it existed at nvmlInit)."""
+        return (gpu_index, slot) in self._listed_migs
+
     def is_lost(self, gpu_index: int, now_us: int) -> bool:
         return self.host.faults.struck_between(
             "gpu_lost", gpu_index, self._session_start_us, now_us
@@ -126,6 +143,8 @@ class DriverCore:
             fail(Ret.INVALID_ARGUMENT)
         if self.is_lost(ref.gpu.index, now_us):
             fail(Ret.GPU_IS_LOST)
+        if ref.mig is not None and not ref.mig.spec.exists(now_us):
+            fail(Ret.NOT_FOUND)
         return ref
 
     def hand_out(self, out_arg: Any, ref: DeviceRef, now_us: int) -> None:

@@ -151,8 +151,9 @@ class SimGpu:
 
     # -- GPM scopes ---------------------------------------------------------------------------
 
-    def gpu_instance_ids(self) -> list[int]:
-        return sorted(self._gi_activity)
+    def gpu_instance_ids(self, now_us: int) -> list[int]:
+        """The GPU instances that exist at ``now_us``."""
+        return sorted({m.spec.gi for m in self.migs if m.spec.exists(now_us)})
 
     def scope_activity(self, gi: int | None) -> tuple[StepFunction, int]:
         """Activity of the whole GPU (gi None) or of one GPU instance, with its full scale."""

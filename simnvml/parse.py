@@ -243,9 +243,18 @@ def _parse_mig(m: Table, position: int, max_mig: int) -> MigSpec:
         gpu_slices=gpu_slices,
         memory_total_bytes=memory_gb * 1000 * 1024**2,
         uuid=_opt_uuid(m, "uuid", "MIG-"),
+        created_us=s_to_us(m.number("created_s", 0.0, minimum=0.0)),
+        destroyed_us=_opt_us(m, "destroyed_s"),
     )
+    if spec.destroyed_us is not None and spec.destroyed_us <= spec.created_us:
+        raise m.error("destroyed_s", "must be after created_s")
     m.finish()
     return spec
+
+
+def _opt_us(t: Table, key: str) -> int | None:
+    value = t.opt_number(key)
+    return None if value is None else s_to_us(value)
 
 
 def _parse_process(t: Table, ordinal: int, gpus: tuple[GpuSpec, ...], seed: int) -> ProcessSpec:
@@ -261,6 +270,7 @@ def _parse_process(t: Table, ordinal: int, gpus: tuple[GpuSpec, ...], seed: int)
     exit_us = None if exit_s is None else s_to_us(exit_s)
     if exit_us is not None and exit_us <= start_us:
         raise t.error("exit_s", "must be after start_s")
+    _within_instance(t, gpus[gpu_index], gi, ci, start_us, exit_us)
     lead_us = s_to_us(t.number("proc_exit_lead_s", 0.0, minimum=0.0))
     if lead_us and (exit_us is None or lead_us > exit_us - start_us):
         raise t.error("proc_exit_lead_s", "needs exit_s and must not exceed the process's life")
@@ -298,6 +308,21 @@ def _process_instance(t: Table, gpu: GpuSpec) -> tuple[int | None, int | None]:
     if not any((m.gi, m.ci) == (gi, ci) for m in gpu.mig):
         raise t.error("gi", f"GPU {gpu.index} has no MIG instance gi {gi} ci {ci}")
     return gi, ci
+
+
+def _within_instance(
+    t: Table, gpu: GpuSpec, gi: int | None, ci: int | None, start_us: int, exit_us: int | None
+) -> None:
+    """A process runs within its MIG instance's life: an instance is created before anything
+    can run on it, and cannot be destroyed while in use ("in use by another client",
+    NVIDIA/DCGM#95)."""
+    mig = next((m for m in gpu.mig if (m.gi, m.ci) == (gi, ci)), None)
+    if mig is None:
+        return
+    if start_us < mig.created_us:
+        raise t.error("start_s", f"is before MIG instance gi {gi} ci {ci} is created")
+    if mig.destroyed_us is not None and (exit_us is None or exit_us > mig.destroyed_us):
+        raise t.error("exit_s", f"must be no later than MIG instance gi {gi} ci {ci} is destroyed")
 
 
 def _memory(t: Table) -> int | None:

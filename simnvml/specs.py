@@ -45,6 +45,15 @@ class MigSpec:
     gpu_slices: int
     memory_total_bytes: int
     uuid: str | None
+    # Created and destroyed while the host runs (sim µs); an instance in use cannot be
+    # destroyed, so its processes live within these.
+    created_us: int = 0
+    destroyed_us: int | None = None
+
+    def exists(self, now_us: int) -> bool:
+        return self.created_us <= now_us and (
+            self.destroyed_us is None or now_us < self.destroyed_us
+        )
 
 
 @dataclass(frozen=True, slots=True)

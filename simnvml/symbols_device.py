@@ -38,10 +38,11 @@ def handle_by_uuid(core: DriverCore, uuid: Any, out: Any) -> int:
     core.require_init()
     wanted = text_arg(uuid)
     refs = (*core.gpu_refs, *core.mig_refs.values())
+    now_us = core.now_us()
     ref = next((r for r in refs if r.uuid == wanted), None)
-    if ref is None:
+    if ref is None or (ref.mig is not None and not ref.mig.spec.exists(now_us)):
         fail(Ret.NOT_FOUND)
-    core.hand_out(out, ref, core.now_us())
+    core.hand_out(out, ref, now_us)
     return Ret.SUCCESS
 
 

@@ -81,7 +81,7 @@ def mig_sample_get(core: DriverCore, handle: Any, gpu_instance_id: Any, sample: 
     if not ref.gpu.spec.gpm_supported or not ref.gpu.mig_enabled:
         fail(Ret.NOT_SUPPORTED)
     gi = scalar(gpu_instance_id)
-    if gi not in ref.gpu.gpu_instance_ids():
+    if gi not in ref.gpu.gpu_instance_ids(now_us):
         fail(Ret.INVALID_ARGUMENT)
     core.gpm_samples[_sample_key(core, sample)] = GpmRecord(ref.gpu.index, gi, now_us)
     return Ret.SUCCESS

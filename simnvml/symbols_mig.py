@@ -34,7 +34,7 @@ def max_mig_device_count(core: DriverCore, handle: Any, out: Any) -> int:
 
 
 def mig_handle_by_index(core: DriverCore, handle: Any, index: Any, out: Any) -> int:
-    """NOT_FOUND for a slot with no instance (or MIG disabled)."""
+    """NOT_FOUND for a slot with no instance (or MIG disabled) when this session began."""
     now_us = core.now_us()
     ref = core.device(handle, now_us)
     if ref.mig is not None:
@@ -46,8 +46,8 @@ def mig_handle_by_index(core: DriverCore, handle: Any, index: Any, out: Any) -> 
     if not 0 <= slot < spec.max_mig_devices:
         fail(Ret.INVALID_ARGUMENT)
     mig_ref = core.mig_refs.get((ref.gpu.index, slot))
-    if mig_ref is None or not spec.mig_enabled:
-        fail(Ret.NOT_FOUND)
+    if mig_ref is None or not spec.mig_enabled or not core.lists_mig(ref.gpu.index, slot):
+        fail(Ret.NOT_FOUND)  # stale: as of this session's nvmlInit (see driver.py)
     core.hand_out(out, mig_ref, now_us)
     return Ret.SUCCESS
 

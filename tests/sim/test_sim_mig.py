@@ -203,3 +203,46 @@ def test_gpm_not_supported_without_hopper(sim: Callable[[str], Sim]) -> None:
     sample = pynvml.nvmlGpmSampleAlloc()
     with pytest.raises(pynvml.NVMLError_NotSupported):
         pynvml.nvmlGpmSampleGet(a100, sample)
+
+
+RECONFIGURED_HOST = """
+[host]
+seed = 12
+[[gpu]]
+product = "H100"
+[[gpu.mig]]
+gi = 1
+profile = "3g.40gb"
+destroyed_s = 10.0
+[[gpu.mig]]
+gi = 5
+profile = "2g.20gb"
+created_s = 20.0
+"""
+
+
+def test_a_session_lists_the_mig_instances_of_its_init(sim: Callable[[str], Sim]) -> None:
+    """An instance made since nvmlInit is not found by index until a new session; one
+    destroyed since is still handed out by index (libcudacxx#224), and its queries answer
+    NOT_FOUND, as a handle by its UUID does."""
+    s = sim(RECONFIGURED_HOST)
+    s.clock.advance(5.0)
+    pynvml.nvmlInit()
+    parent = pynvml.nvmlDeviceGetHandleByIndex(0)
+    first = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    gone_uuid = pynvml.nvmlDeviceGetUUID(first)
+    s.clock.advance(20.0)  # gi 1 destroyed at 10 s, gi 5 made at 20 s
+    stale = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        pynvml.nvmlDeviceGetUUID(stale)
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 1)
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        pynvml.nvmlDeviceGetHandleByUUID(gone_uuid)
+    pynvml.nvmlShutdown()
+    pynvml.nvmlInit()  # a new session lists the instances of now
+    parent = pynvml.nvmlDeviceGetHandleByIndex(0)
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 0)
+    made = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, 1)
+    assert pynvml.nvmlDeviceGetGpuInstanceId(made) == 5

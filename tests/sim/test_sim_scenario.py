@@ -54,6 +54,21 @@ BAD = [
     (GPU + PROC + "exit_s = 5\n" + PROC + "start_s = 4\n", "process[1].pid", "overlap"),
     (GPU + PROC + PROC, "process[1].pid", "overlap"),
     (GPU + PROC + "gi = 1\n", "process[0].gi", "not in MIG mode"),
+    (
+        GPU + '[[gpu.mig]]\ngi = 1\nprofile = "1g.10gb"\ncreated_s = 5\ndestroyed_s = 5\n',
+        "gpu[0].mig[0].destroyed_s",
+        "after created_s",
+    ),
+    (
+        GPU + '[[gpu.mig]]\ngi = 1\nprofile = "1g.10gb"\ncreated_s = 5\n' + PROC + "gi = 1\n",
+        "process[0].start_s",
+        "before MIG instance gi 1 ci 0 is created",
+    ),
+    (
+        GPU + '[[gpu.mig]]\ngi = 1\nprofile = "1g.10gb"\ndestroyed_s = 9\n' + PROC + "gi = 1\n",
+        "process[0].exit_s",
+        "no later than MIG instance gi 1 ci 0 is destroyed",
+    ),
     (GPU + "[[process]]\npid = 1\ngpu = 3\n", "process[0].gpu", "no GPU 3"),
     (GPU + PROC + "start_s = 5\nexit_s = 4\n", "process[0].exit_s", "after start_s"),
     (GPU + PROC + "env = { CREDITMETER_ACCOUNT = 42 }\n", "process[0].env.CREDITMETER_ACCOUNT", ""),

@@ -66,6 +66,7 @@ class GapReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GAP_REASON_AGENT_DOWN: _ClassVar[GapReason]
     GAP_REASON_CLOCK_STEP: _ClassVar[GapReason]
     GAP_REASON_OUTBOX_DAMAGED: _ClassVar[GapReason]
+    GAP_REASON_DEVICE_UNLISTED: _ClassVar[GapReason]
 
 class AttributionSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -112,6 +113,7 @@ GAP_REASON_NO_UTILIZATION_SIGNAL: GapReason
 GAP_REASON_AGENT_DOWN: GapReason
 GAP_REASON_CLOCK_STEP: GapReason
 GAP_REASON_OUTBOX_DAMAGED: GapReason
+GAP_REASON_DEVICE_UNLISTED: GapReason
 ATTRIBUTION_SOURCE_UNSPECIFIED: AttributionSource
 ATTRIBUTION_SOURCE_JOB_API: AttributionSource
 ATTRIBUTION_SOURCE_ENVIRONMENT: AttributionSource

@@ -1,0 +1,131 @@
+"""MIG instances made and destroyed while the agent runs.
+
+An NVML session lists the MIG instances of its nvmlInit only (NVIDIA/k8s-device-plugin#992,
+openshift/instaslice-operator#288) and hands out a destroyed one by index still
+(NVIDIA/libcudacxx#224). The meter used to list devices at its start only (and again only
+while a GPU was lost): a job on an instance made later was never metered, with no gap, and a
+destroyed instance was taken for a lost GPU and looked for by re-initialising NVML every
+reopen interval for as long as the agent ran.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from bench.harness import Run, drive, metered
+from creditmeter.agent.usage import ProcessKey
+from creditmeter.simnvml import Scenario
+from creditmeter.v1 import usage_pb2
+from tests.agent.test_lost_gpus import SHORT_RING_GPU
+
+UNLISTED = usage_pb2.GAP_REASON_DEVICE_UNLISTED
+END_S = 250.0
+POLL_S = 1.0
+REOPEN_S = 5.0  # devices are listed again at most this often
+
+RECONFIGURED = f"""[host]
+seed = 21
+
+[[gpu]]
+product = "H100"
+
+[[gpu.mig]]
+gi = 1
+profile = "3g.40gb"
+
+[[gpu.mig]]
+gi = 5
+profile = "2g.20gb"
+destroyed_s = 100.0
+
+[[gpu.mig]]
+gi = 13
+profile = "1g.10gb"
+created_s = 60.0
+
+[[gpu.mig]]
+gi = 11
+profile = "1g.10gb"
+created_s = 120.0
+{SHORT_RING_GPU}
+[[process]]
+pid = 100
+gpu = 0
+gi = 1
+start_s = 1.0
+exit_s = 240.0
+busy = [[2.0, 230.0, 60]]
+
+[[process]]
+pid = 200
+gpu = 0
+gi = 5
+start_s = 1.0
+exit_s = 95.0
+busy = [[2.0, 94.0, 70]]
+
+[[process]]
+pid = 300
+gpu = 0
+gi = 13
+start_s = 62.3
+exit_s = 200.0
+busy = [[63.0, 190.0, 90]]
+
+[[process]]
+pid = 400
+gpu = 0
+gi = 11
+start_s = 130.4
+exit_s = 230.0
+busy = [[131.0, 225.0, 40]]
+
+[[process]]
+pid = 500
+gpu = 1
+start_s = 1.0
+exit_s = 240.0
+busy = [[2.0, 230.0, 50]]
+"""
+
+
+def reconfigured_run() -> tuple[Run, dict[str, int], dict[str, object]]:
+    """The whole run; the meter's GPU losses and its state at the end."""
+    with metered(Scenario.from_toml(RECONFIGURED)) as (run, meter):
+        drive(run, meter, END_S)
+        run.usages.extend(meter.close_window())
+        return run, dict(meter.stats.gpu_losses), json.loads(meter.state())
+
+
+def test_a_job_on_an_instance_made_while_the_agent_runs_is_metered() -> None:
+    """The parent's process list shows a process on an instance the meter does not know:
+    it lists devices in a new session and meters the instance from the listing before;
+    what ran until then is a DEVICE_UNLISTED gap, at most a poll and a reopen interval."""
+    run, _, _ = reconfigured_run()
+    billed, truth = run.measured_us(), run.truth_us()
+    gaps: dict[ProcessKey, dict[int, int]] = defaultdict(dict)
+    for u in run.process_usages():
+        for reason, us in u.gaps_us:
+            gaps[u.key][reason] = gaps[u.key].get(reason, 0) + us
+    for key, busy in truth.items():
+        if key.pid in (300, 400):
+            assert set(gaps[key]) == {UNLISTED}, key
+            gap_us = gaps[key][UNLISTED]
+            assert 0 < gap_us <= (POLL_S + REOPEN_S + POLL_S) * 1e6, (key, gap_us)
+            assert billed[key] <= busy <= billed[key] + gap_us, key
+        else:  # never touched: the instance destroyed after its job, the others throughout
+            assert not gaps[key], key
+            assert abs(billed[key] - busy) <= busy / 10_000, key
+
+
+def test_a_destroyed_instance_is_configured_away_not_lost() -> None:
+    """Its job ended before (an instance in use cannot be destroyed): the job's record is
+    final, no GPU is taken for lost, and the instance leaves the meter's state."""
+    run, losses, state = reconfigured_run()
+    assert losses == {}
+    destroyed = next(m.uuid for g in run.host.gpus for m in g.migs if m.spec.gi == 5)
+    assert destroyed not in state["devices"]  # type: ignore[operator]
+    assert len(state["devices"]) == 4  # type: ignore[arg-type]
+    finals = [u for u in run.process_usages() if u.key.pid == 200 and u.final]
+    assert len(finals) == 1
