@@ -100,6 +100,12 @@ class Nvml(Protocol):
         is lost now is left out (and logged); the others are listed all the same."""
         ...
 
+    def mig_gpus(self) -> list[Device]:
+        """The GPUs the last ``devices()`` found in MIG mode, as parent devices, with or
+        without instances: the process list of each shows every instance's processes,
+        those of instances made since included."""
+        ...
+
     def compute_processes(self, device: Device) -> list[ComputeProcess]: ...
 
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:

@@ -1007,14 +1007,15 @@ class Meter:
                 self._add_device(device, None, now_us, created_after_us=listed_before_us)
 
     def _note_listed(self, devices: list[Device], now_us: int) -> None:
-        """Remember when the devices were listed, and which GPUs are in MIG mode (kept while
-        none of their instances is listed: instances may be made on them again)."""
+        """Remember when the devices were listed, and which GPUs are in MIG mode, instances
+        or not (dynamic MIG makes them as jobs come)."""
         self._listed_us = now_us
-        for d in devices:
-            if d.parent_uuid is not None:
-                self._mig_gpus[d.parent_uuid] = Device(d.index, d.parent_uuid, d.name, True)
-            else:
-                self._mig_gpus.pop(d.uuid, None)
+        try:
+            gpus = self._nvml.mig_gpus()
+        except NvmlError as exc:
+            self._count_error(exc)
+            gpus = [Device(d.index, d.parent_uuid, d.name, True) for d in devices if d.parent_uuid]
+        self._mig_gpus = {g.uuid: g for g in gpus}
 
     def _end_configured_away(self, present: dict[str, Device], now_us: int) -> None:
         """Devices not listed while their GPU is: configured away (a MIG instance destroyed,

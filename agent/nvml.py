@@ -101,6 +101,7 @@ class PynvmlNvml:
     def __init__(self) -> None:
         self._handles: dict[str, Any] = {}
         self._devices: dict[str, Device] = {}
+        self._mig_gpus: list[Device] = []
         self._v2_processes = False  # driver lacks nvmlDeviceGetComputeRunningProcesses_v3
         self._gpm_samples: dict[str, Any] = {}  # device uuid -> previous GPM sample
         self._open = False
@@ -143,6 +144,7 @@ class PynvmlNvml:
 
     def devices(self) -> list[Device]:
         found: list[Device] = []
+        self._mig_gpus = []
         for index in range(_call("device count", pynvml.nvmlDeviceGetCount)):
             try:
                 handle = _call(f"GPU {index}", pynvml.nvmlDeviceGetHandleByIndex, index)
@@ -158,9 +160,13 @@ class PynvmlNvml:
         self._handles[uuid] = handle
         if not self._mig_enabled(index, handle):
             return [Device(index=index, uuid=uuid, name=name, mig_enabled=False)]
+        self._mig_gpus.append(Device(index=index, uuid=uuid, name=name, mig_enabled=True))
         instances = self._mig_instances(index, handle, uuid, name)
         # The parent in MIG mode runs nothing itself; its instances are the metered devices.
         return instances
+
+    def mig_gpus(self) -> list[Device]:
+        return list(self._mig_gpus)
 
     def _mig_enabled(self, index: int, handle: Any) -> bool:
         try:

@@ -46,6 +46,7 @@ TRACE_VERSION = 1
 NVML_CALLS = (
     "driver_version",
     "devices",
+    "mig_gpus",
     "compute_processes",
     "process_samples",
     "processes_utilization_info",
@@ -121,7 +122,7 @@ def decode(fn: str, value: Any) -> Any:
     """The typed answer of call ``fn`` from its JSON."""
     if value is None:
         return None
-    if fn == "devices":
+    if fn in ("devices", "mig_gpus"):
         return [Device(**d) for d in value]
     if fn == "compute_processes":
         return [ComputeProcess(**p) for p in value]
@@ -208,6 +209,9 @@ class TracingNvml:
 
     def devices(self) -> list[Device]:
         return list(self._traced("devices", [], self._inner.devices))
+
+    def mig_gpus(self) -> list[Device]:
+        return list(self._traced("mig_gpus", [], self._inner.mig_gpus))
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         fn = self._inner.compute_processes

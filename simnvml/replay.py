@@ -30,7 +30,8 @@ from creditmeter.agent.gpu import (
 from creditmeter.agent.usage import WindowUsage
 
 _SAMPLE_CALLS = frozenset({"process_samples", "processes_utilization_info", "device_samples"})
-_KEEP_LAST = frozenset({"driver_version", "devices"})  # answers that hold between calls
+# Answers that hold between calls.
+_KEEP_LAST = frozenset({"driver_version", "devices", "mig_gpus"})
 
 Key = tuple[Any, ...]
 
@@ -129,6 +130,7 @@ class ReplayNvml:
     def __init__(self, entries: list[dict[str, Any]]) -> None:
         self._answers = _Answers(entries, _nvml_key)
         self.unanswered: Counter[str] = Counter()  # calls past the recorded answers
+        self._listed: list[Device] = []  # the latest devices() answer
 
     def _answer(self, key: Key) -> Any:
         return self._answered(key)[0]
@@ -158,7 +160,19 @@ class ReplayNvml:
         return str(self._answer(("driver_version",)))
 
     def devices(self) -> list[Device]:
-        return list(self._answer(("devices",)))
+        self._listed = list(self._answer(("devices",)))
+        return self._listed
+
+    def mig_gpus(self) -> list[Device]:
+        """As recorded; a trace recorded before agents asked this answers from its devices
+        (the GPUs its MIG instances are on), not as a call past the recorded answers."""
+        entry = self._answers.next(("mig_gpus",))
+        if entry is None:
+            parents = {d.parent_uuid: d for d in self._listed if d.parent_uuid is not None}
+            return [Device(d.index, uuid, d.name, True) for uuid, d in parents.items()]
+        if "e" in entry:
+            raise trace.decode_error(entry)
+        return list(trace.decode("mig_gpus", entry["v"]))
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         return list(self._answer(("compute_processes", device.uuid)))

@@ -129,3 +129,38 @@ def test_a_destroyed_instance_is_configured_away_not_lost() -> None:
     assert len(state["devices"]) == 4  # type: ignore[arg-type]
     finals = [u for u in run.process_usages() if u.key.pid == 200 and u.final]
     assert len(finals) == 1
+
+
+EMPTY_AT_START = """[host]
+seed = 22
+
+[[gpu]]
+product = "H100"
+
+[[gpu.mig]]
+gi = 2
+profile = "3g.40gb"
+created_s = 30.0
+
+[[process]]
+pid = 600
+gpu = 0
+gi = 2
+start_s = 31.4
+exit_s = 90.0
+busy = [[32.0, 80.0, 75]]
+"""
+
+
+def test_a_gpu_in_mig_mode_without_instances_at_the_start_is_watched() -> None:
+    """Dynamic MIG keeps GPUs in MIG mode with no instance until a job comes: the meter
+    knows them from the driver's listing, not from instances, and finds the first one as
+    soon as a process shows on its GPU (it used to wait for the 300 s relisting)."""
+    with metered(Scenario.from_toml(EMPTY_AT_START)) as (run, meter):
+        drive(run, meter, 100.0)
+        run.usages.extend(meter.close_window())
+    ((key, busy),) = run.truth_us().items()
+    gaps = [dict(u.gaps_us) for u in run.process_usages() if u.key == key]
+    gap_us = sum(g.get(UNLISTED, 0) for g in gaps)
+    assert 0 < gap_us <= (POLL_S + REOPEN_S) * 1e6, gap_us
+    assert run.measured_us()[key] <= busy <= run.measured_us()[key] + gap_us
