@@ -315,7 +315,7 @@ def retire(config: Config, evidence_wait_s: float, delivery_timeout_s: float) ->
             )
             return EXIT_FAILURE
         delivered = m.shipper.drain(time.monotonic() + delivery_timeout_s)
-        _print_retired(m, retired, evidence_wait_s)
+        print_retired(m.meter, retired, evidence_wait_s)
         if not delivered:
             print(
                 f"creditmeter-agent retire: {m.outbox.depth()} records wait in the outbox "
@@ -327,12 +327,18 @@ def retire(config: Config, evidence_wait_s: float, delivery_timeout_s: float) ->
     return EXIT_OK
 
 
-def _print_retired(m: Metering, retired: Retired, evidence_wait_s: float) -> None:
-    for uuid, through_us in sorted(m.meter.read_through_us().items()):
+def print_retired(meter: Meter, retired: Retired, evidence_wait_s: float) -> None:
+    """What a retirement metered, per device, and what it could not."""
+    for uuid, through_us in sorted(meter.read_through_us().items()):
         print(f"{uuid}: metered and settled through {iso_text(through_us)}")
-    for reason, us in sorted(m.meter.stats.gaps_us.items()):
+    for uuid, lost_us in sorted(meter.lost_since_us().items()):
+        print(
+            f"{uuid}: lost since {iso_text(lost_us)} (not listed by the driver): what it ran "
+            "since its records end is a GAP_REASON_GPU_LOST gap"
+        )
+    for reason, us in sorted(meter.stats.gaps_us.items()):
         print(f"gap {reason}: {us / 1e6:.6f} s (recorded with the usage it interrupts)")
-    for name, us in sorted(m.meter.stats.unattributed_us.items()):
+    for name, us in sorted(meter.stats.unattributed_us.items()):
         print(f"unattributed {name}: {us / 1e6:.6f} s (on the GPUs' device records, not billed)")
     if not retired.evidence_complete:
         print(

@@ -1244,6 +1244,10 @@ class Meter:
             if ds.has_series and not ds.device.is_mig and ds.lost_at_us is None
         }
 
+    def lost_since_us(self) -> dict[str, int]:
+        """The devices lost now, each with the wall µs it was found lost."""
+        return {u: ds.lost_at_us for u, ds in self._devices.items() if ds.lost_at_us is not None}
+
     def settle_now(self) -> None:
         """Apportion whatever evidence allows on every whole GPU, not waiting for the next
         settlement (a retiring agent waits on it)."""

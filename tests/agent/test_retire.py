@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 
+import pytest
+
 from bench.harness import Run, drive, metered
 from creditmeter.agent.loop import MeterLoop, Retired
+from creditmeter.agent.main import print_retired
 from creditmeter.agent.records import Flusher
 from creditmeter.agent.usage import WindowUsage
 from creditmeter.simnvml import Scenario
@@ -149,3 +152,21 @@ def test_a_gpu_lost_when_the_host_retires_ends_in_a_gap() -> None:
             assert 0 < truth[key] - measured <= gap
         else:
             assert (measured, gap) == (truth[key], 0)
+
+
+def test_the_retirement_summary_names_a_lost_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every GPU metered says how far; one lost says since when, and that its time since
+    its records end is a gap (it used to show only in the gap totals)."""
+    scenario = eight_exact_gpus(ring_cleared=True)
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 34.0)
+        state = meter.state()
+    with metered(scenario, state=state, start_s=35.0) as (run, meter):
+        loop = MeterLoop(meter, Flusher(StateLog()), lambda usages: [], run.clock)
+        print_retired(meter, loop.retire(run.clock.monotonic() + 30), 30)
+    lines = capsys.readouterr().out.splitlines()
+    gpu0 = next(g.uuid for g in run.host.gpus if g.index == 0)
+    (lost,) = [line for line in lines if " lost since " in line]
+    assert lost.startswith(f"{gpu0}: lost since 2025-") and "GAP_REASON_GPU_LOST gap" in lost
+    assert sum(" metered and settled through " in line for line in lines) == 7
+    assert not any(line.startswith(gpu0) and "settled" in line for line in lines)
