@@ -985,7 +985,11 @@ class Meter:
             self._nvml.reopen()
             present = {d.uuid: d for d in self._nvml.devices()}
         except NvmlError as exc:
+            # No session, or a partial listing (a driver reloading): every device waits for
+            # the next try, a reopen interval on, not for the next periodic listing.
             self._count_error(exc)
+            log.warning("listing the devices again failed: %s", exc)
+            self._relist = True
             return
         self._relist = False
         listed_before_us = self._listed_us

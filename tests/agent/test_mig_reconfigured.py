@@ -164,3 +164,23 @@ def test_a_gpu_in_mig_mode_without_instances_at_the_start_is_watched() -> None:
     gap_us = sum(g.get(UNLISTED, 0) for g in gaps)
     assert 0 < gap_us <= (POLL_S + REOPEN_S) * 1e6, gap_us
     assert run.measured_us()[key] <= busy <= run.measured_us()[key] + gap_us
+
+
+def test_a_relisting_that_fails_is_tried_again_within_a_reopen_interval() -> None:
+    """The driver is reloading when the periodic relisting comes (300 s): nvmlInit fails.
+    The meter has no NVML session then, so it tries again a reopen interval on, and the
+    GPU's ring (20 s) still holds the time in between: billed exactly, no gap. It used to
+    wait for the next periodic listing, 300 s on, its ring long overrun."""
+    scenario = Scenario.from_toml(
+        f"[host]\nseed = 23\n{SHORT_RING_GPU}\n[[process]]\npid = 500\ngpu = 0\n"
+        "start_s = 1.0\nexit_s = 400.0\nbusy = [[2.0, 390.0, 50]]\n"
+        '\n[[fault]]\nkind = "driver_not_loaded"\nstart_s = 299.5\nend_s = 302.0\n'
+    )
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 420.0)
+        run.usages.extend(meter.close_window())
+        errors = dict(meter.stats.nvml_errors)
+    assert errors.get("DriverNotLoaded", 0) == 1
+    ((key, busy),) = run.truth_us().items()
+    assert run.measured_us()[key] == busy
+    assert not any(u.gaps_us for u in run.process_usages())
