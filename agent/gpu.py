@@ -103,7 +103,8 @@ class Nvml(Protocol):
     def mig_gpus(self) -> list[Device]:
         """The GPUs the last ``devices()`` found in MIG mode, as parent devices, with or
         without instances: the process list of each shows every instance's processes,
-        those of instances made since included."""
+        those of instances made since included. No NVML call of its own: it answers from
+        that listing, and raises nothing."""
         ...
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]: ...

@@ -256,7 +256,7 @@ class Meter:
         now_us = _us(self._clock.wall())
         saved_devices = saved.get("devices", {})
         listed = self._nvml.devices()
-        self._note_listed(listed, now_us)
+        self._note_listed(now_us)
         for device in listed:
             self._add_device(device, saved_devices.get(device.uuid), now_us)
         listed_gpus = {ds.device.parent_uuid or uuid for uuid, ds in self._devices.items()}
@@ -993,7 +993,7 @@ class Meter:
             return
         self._relist = False
         listed_before_us = self._listed_us
-        self._note_listed(list(present.values()), now_us)
+        self._note_listed(now_us)
         for ds in lost:
             if ds.device.uuid in present:
                 log.warning("%s: GPU is back", ds.device.uuid)
@@ -1010,16 +1010,11 @@ class Meter:
                 log.warning("%s: a device not listed before; metering it", uuid)
                 self._add_device(device, None, now_us, created_after_us=listed_before_us)
 
-    def _note_listed(self, devices: list[Device], now_us: int) -> None:
+    def _note_listed(self, now_us: int) -> None:
         """Remember when the devices were listed, and which GPUs are in MIG mode, instances
         or not (dynamic MIG makes them as jobs come)."""
         self._listed_us = now_us
-        try:
-            gpus = self._nvml.mig_gpus()
-        except NvmlError as exc:
-            self._count_error(exc)
-            gpus = [Device(d.index, d.parent_uuid, d.name, True) for d in devices if d.parent_uuid]
-        self._mig_gpus = {g.uuid: g for g in gpus}
+        self._mig_gpus = {g.uuid: g for g in self._nvml.mig_gpus()}
 
     def _end_configured_away(self, present: dict[str, Device], now_us: int) -> None:
         """Devices not listed while their GPU is: configured away (a MIG instance destroyed,

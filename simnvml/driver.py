@@ -55,6 +55,10 @@ class DeviceRef:
     def name(self) -> str:
         return self.mig.name if self.mig else self.gpu.name
 
+    def exists(self, now_us: int) -> bool:
+        """A whole GPU always; a MIG instance between its creation and its destruction."""
+        return self.mig is None or self.mig.spec.exists(now_us)
+
     @property
     def on_mig(self) -> bool:
         """A MIG instance, or a parent in MIG mode: per-process and device sampling is off."""
@@ -106,7 +110,7 @@ class DriverCore:
             if self._refcount == 0:
                 self._session_start_us = now_us
                 self._listed_migs = frozenset(
-                    key for key, r in self.mig_refs.items() if r.mig and r.mig.spec.exists(now_us)
+                    key for key, r in self.mig_refs.items() if r.exists(now_us)
                 )
             self._refcount += 1
 
@@ -143,7 +147,7 @@ class DriverCore:
             fail(Ret.INVALID_ARGUMENT)
         if self.is_lost(ref.gpu.index, now_us):
             fail(Ret.GPU_IS_LOST)
-        if ref.mig is not None and not ref.mig.spec.exists(now_us):
+        if not ref.exists(now_us):
             fail(Ret.NOT_FOUND)
         return ref
 

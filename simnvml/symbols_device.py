@@ -40,7 +40,7 @@ def handle_by_uuid(core: DriverCore, uuid: Any, out: Any) -> int:
     refs = (*core.gpu_refs, *core.mig_refs.values())
     now_us = core.now_us()
     ref = next((r for r in refs if r.uuid == wanted), None)
-    if ref is None or (ref.mig is not None and not ref.mig.spec.exists(now_us)):
+    if ref is None or not ref.exists(now_us):
         fail(Ret.NOT_FOUND)
     core.hand_out(out, ref, now_us)
     return Ret.SUCCESS
