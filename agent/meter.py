@@ -33,6 +33,7 @@ from typing import Any
 
 from creditmeter.agent import apportion
 from creditmeter.agent.apportion import Evidence, Period, Presence, Unattributed
+from creditmeter.agent.backoff import ceiling_s
 from creditmeter.agent.errors import GpuLost, NoData, NotSupported, NvmlError, ProcessGone
 from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
@@ -60,6 +61,12 @@ SETTLE_INTERVAL_US = 10_000_000
 # lists the devices of its nvmlInit only, and a device created since (a MIG instance made
 # where no process shows it yet, MIG mode turned off) is found at the latest then.
 RELIST_INTERVAL_S = 300.0
+# A lost GPU is looked for a reopen interval after its loss, then ever less often, doubling up
+# to this. Each look is a new NVML session over every GPU (nvmlInit: seconds on a large host
+# without persistence mode, and on some drivers a hang after hours of them: NVIDIA/go-nvml#152),
+# and a GPU that fell off the bus does not come back by itself: it needs a GPU reset (Xid 79),
+# after which its ring holds what ran since, so a late find costs at most this less the ring.
+LOST_SEARCH_MAX_S = 60.0
 # A row stamped this close to the next device period's end (1/20 of a period: the drivers'
 # stamps jitter) may be on it: the series is read again before the row is judged.
 CATCH_UP_SLACK = 20
@@ -156,8 +163,9 @@ class DeviceState:
     # attributed µs excepted: those follow every write, finals between closes included).
     committed: dict[str, Any] = field(default_factory=dict)
     next_settle_mono_us: int = 0  # monotonic µs of the next settlement
-    # No process list read yet by this meter: the ones listed first may have held a context
-    # since they started, over ring history read from before the meter did.
+    # No process list read yet by this meter, or since the device was found again after a
+    # loss: the ones listed first may have held a context since they started, over ring
+    # history read from before the meter did.
     never_listed: bool = True
     # Listed no more while its GPU is (MIG instances destroyed, MIG mode changed): metering
     # ends, its processes are final and it leaves the state at the next close.
@@ -200,6 +208,7 @@ class MeterStats:
     unattributed_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gaps_us: Counter[str] = field(default_factory=Counter)  # by reason name
     gpu_losses: Counter[str] = field(default_factory=Counter)  # by device uuid
+    relistings: Counter[str] = field(default_factory=Counter)  # new NVML sessions, by why
     fits_cut_short: int = 0  # fits whose augmenting paths stopped at their guard
     series_catch_ups: int = 0  # device series read again within a poll (rows stamped later)
     labels_refused: Counter[str] = field(default_factory=Counter)  # "name:PROBLEM"
@@ -234,7 +243,10 @@ class Meter:
         self._proc = processes
         self._clock = clock
         self._reopen_interval_s = reopen_interval_s
-        self._next_reopen = 0.0
+        self._next_reopen = 0.0  # no new NVML session before this (monotonic s)
+        self._next_search = 0.0  # lost GPUs are looked for again from this (monotonic s)
+        self._searches = 0  # lookings for lost GPUs that left one lost, since the last loss
+        self._failed_listings = 0  # new NVML sessions that failed, in a row
         self._relist = False  # a device may have been created or destroyed: list them again
         self._next_relist = 0.0  # set at the start, from its monotonic reading
         self._listed_us = 0  # wall µs the driver's devices were last listed
@@ -324,7 +336,7 @@ class Meter:
         log.error("%s: not listed by the driver at start; lost until it is found again", uuid)
         ds.lost_at_us = now_us
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
-        self._next_reopen = self._clock.monotonic()
+        self._search_soon(self._clock.monotonic())
 
     def _resume(
         self,
@@ -539,7 +551,7 @@ class Meter:
         # A forward wall step leaves a hole in the driver's timestamps that is no lost time.
         lost_us = sum(end - start for start, end in read.lost) - forward_step_us
         if lost_us > (ds.series.period_us or 0) // 2:
-            self._gap_all(ds, ds.hole_reason, lost_us)
+            self._gap_spans(ds, ds.hole_reason, read.lost, forward_step_us)
         ds.hole_reason = usage_pb2.GAP_REASON_RING_OVERFLOW
         assert ds.evidence is not None
         ds.evidence.on_periods(read.periods)
@@ -936,7 +948,14 @@ class Meter:
         log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
-        self._next_reopen = self._clock.monotonic() + self._reopen_interval_s
+        self._search_soon(self._clock.monotonic() + self._reopen_interval_s)
+
+    def _search_soon(self, at_s: float) -> None:
+        """A GPU was just lost: look for it at ``at_s``, and often at first (a driver
+        recovering by itself comes back within seconds), whatever the backoff had reached."""
+        self._searches = 0
+        self._next_search = at_s
+        self._next_reopen = min(self._next_reopen, at_s)
 
     def _watch_instances(self) -> None:
         """A process on a MIG instance this meter does not list means instances were made
@@ -973,12 +992,14 @@ class Meter:
 
     def _relist_devices(self, now_us: int) -> None:
         """List the driver's devices afresh, in a new NVML session, at most once per reopen
-        interval: while a GPU is lost (found again by UUID), when a device may have been
-        created or destroyed, and every RELIST_INTERVAL_S."""
+        interval: when a device may have been created or destroyed, every RELIST_INTERVAL_S,
+        and while a GPU is lost (found again by UUID), backing off to LOST_SEARCH_MAX_S."""
         lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
         mono = self._now_mono_us / 1e6  # this poll's: no clock reading of its own
-        if not (lost or self._relist or mono >= self._next_relist) or mono < self._next_reopen:
+        why = self._listing_due(mono, bool(lost))
+        if why is None:
             return
+        self.stats.relistings[why] += 1
         self._next_reopen = mono + self._reopen_interval_s
         self._next_relist = mono + RELIST_INTERVAL_S
         try:
@@ -986,11 +1007,16 @@ class Meter:
             present = {d.uuid: d for d in self._nvml.devices()}
         except NvmlError as exc:
             # No session, or a partial listing (a driver reloading): every device waits for
-            # the next try, a reopen interval on, not for the next periodic listing.
+            # the next try, not for the next periodic listing. A driver that stays unusable
+            # (a library/driver version mismatch after an upgrade lasts until the reboot) is
+            # tried less and less often.
             self._count_error(exc)
+            self._failed_listings += 1
+            self._next_reopen = mono + self._backoff_s(self._failed_listings)
             log.warning("listing the devices again failed: %s", exc)
             self._relist = True
             return
+        self._failed_listings = 0
         self._relist = False
         listed_before_us = self._listed_us
         self._note_listed(now_us)
@@ -998,6 +1024,9 @@ class Meter:
             if ds.device.uuid in present:
                 log.warning("%s: GPU is back", ds.device.uuid)
                 ds.lost_at_us = None
+                # Its process list while away is unknown: a process listed now may have
+                # held a context since its start (a job begun after the GPU's reset).
+                ds.never_listed = True
                 self._rebind(ds, present[ds.device.uuid])
                 if ds.device.is_mig:  # no ring to read back: all the time away is a gap
                     self._gap_downtime(ds)
@@ -1009,6 +1038,29 @@ class Meter:
             if uuid not in self._devices:
                 log.warning("%s: a device not listed before; metering it", uuid)
                 self._add_device(device, None, now_us, created_after_us=listed_before_us)
+        if any(ds.lost_at_us is not None for ds in lost):
+            self._searches += 1
+            self._next_search = mono + self._backoff_s(self._searches)
+
+    def _listing_due(self, mono_s: float, lost: bool) -> str | None:
+        """Why the devices are to be listed afresh now, or None."""
+        if mono_s < self._next_reopen:
+            return None
+        if self._failed_listings:
+            return "retry"
+        if self._relist:
+            return "changed"
+        if lost and mono_s >= self._next_search:
+            return "lost"
+        return "periodic" if mono_s >= self._next_relist else None
+
+    def _backoff_s(self, tries: int) -> float:
+        """The wait after ``tries`` fruitless tries in a row: the reopen interval, doubling."""
+        return ceiling_s(
+            tries - 1,
+            initial_s=self._reopen_interval_s,
+            cap_s=max(LOST_SEARCH_MAX_S, self._reopen_interval_s),
+        )
 
     def _note_listed(self, now_us: int) -> None:
         """Remember when the devices were listed, and which GPUs are in MIG mode, instances
@@ -1094,6 +1146,21 @@ class Meter:
         self._count_gap(reason, duration_us)
         for t in ds.tracked():
             t.usage.add_gap(reason, duration_us)
+
+    def _gap_spans(
+        self, ds: DeviceState, reason: int, spans: Sequence[tuple[int, int]], less_us: int
+    ) -> None:
+        """A hole in the device's series (wall µs spans, ``less_us`` of them a forward clock
+        step): each process's gap is the part within its life. One started since (a job on
+        a GPU found again after its reset) was not there to lose any of it."""
+        self._count_gap(reason, sum(end - start for start, end in spans) - less_us)
+        for t in ds.tracked():
+            until_us = t.gone_at_us if t.gone_at_us is not None else spans[-1][1]
+            within_us = sum(
+                max(0, min(end, until_us) - max(start, t.key.create_time_us))
+                for start, end in spans
+            )
+            t.usage.add_gap(reason, within_us - less_us)
 
     def _count_gap(self, reason: int, duration_us: int) -> None:
         if duration_us > 0:

@@ -54,8 +54,9 @@ REOPEN_INTERVAL = Option(
     "meter.reopen_interval",
     DURATION,
     5.0,
-    "How often a lost GPU is looked for again, and the shortest time between two listings "
-    "of the devices (each a new NVML session).",
+    "The shortest time between two listings of the devices (each a new NVML session). A "
+    "lost GPU is looked for this long after its loss, then ever less often (doubling, up to "
+    "60 s); a listing that failed is retried the same way.",
     gt=0,
 )
 ENV_LABELS = Option(

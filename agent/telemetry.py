@@ -98,6 +98,16 @@ class AgentTelemetry:
             ),
             "gpu",
         )
+        self._sessions = _Tallied(
+            r.counter(
+                "creditmeter_agent_nvml_sessions_total",
+                "New NVML sessions (nvmlShutdown, nvmlInit) opened to list the devices again, "
+                "by why: lost (looking for a lost GPU), changed (MIG devices made or "
+                "destroyed), periodic, retry (the one before failed).",
+                ["why"],
+            ),
+            "why",
+        )
         self._job_requests = _Tallied(
             r.counter(
                 "creditmeter_agent_job_requests_total",
@@ -173,6 +183,7 @@ class AgentTelemetry:
         self._requeries.follow(stats.evidence_requeries)
         self._requery_rows.follow(stats.evidence_requery_rows)
         self._losses.follow(stats.gpu_losses)
+        self._sessions.follow(stats.relistings)
         self._refused.follow(stats.labels_refused)
         self._device_busy.inc((stats.device_busy_us - self._last.device_busy_us) / 1e6)
         self._last.device_busy_us = stats.device_busy_us

@@ -96,6 +96,7 @@ AGENT_SERIES = (
     "creditmeter_agent_delivery_lag_seconds",
     "creditmeter_agent_reconnects",
     "creditmeter_agent_gap_seconds",
+    "creditmeter_agent_nvml_sessions",
 )
 
 
@@ -207,6 +208,8 @@ def check_metrics(metrics: dict[str, Any]) -> None:
     assert sample_value(metrics["creditmeter_agent_nvml_errors"], "_total", kind="GpuLost") >= 1
     gaps = metrics["creditmeter_agent_gap_seconds"]
     assert sample_value(gaps, "_total", reason="GAP_REASON_GPU_LOST") > 0
+    # The lost GPU is looked for in new NVML sessions.
+    assert sample_value(metrics["creditmeter_agent_nvml_sessions"], "_total", why="lost") >= 1
     assert sample_value(metrics["creditmeter_agent_processes_seen"], "_total") >= 2
     reconnects = metrics["creditmeter_agent_reconnects"]
     assert sample_value(reconnects, "_total", outcome="transient") >= 1
