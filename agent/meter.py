@@ -171,6 +171,7 @@ class DeviceState:
     # ends, its processes are final and it leaves the state at the next close.
     configured_away: bool = False
     settled_now: bool = False  # settled at this poll (energy goes with settled busy time)
+    failed_polls: int = 0  # polls in a row that failed (NvmlError, the GPU not lost)
 
     def elapsed_us(self, now_mono_us: int) -> int:
         if self.last_poll_mono_us is None:
@@ -478,10 +479,11 @@ class Meter:
                 self._lose(ds, now_us, exc)
             except NvmlError as exc:
                 # The cursors did not move: the next poll reads these periods again.
-                self._count_error(exc)
-                log.warning("%s: poll failed: %s", ds.device.uuid, exc)
+                self._poll_failed(ds, exc)
                 # An instance destroyed since the session began answers NOT_FOUND.
                 self._relist = self._relist or ds.device.is_mig
+            else:
+                self._poll_succeeded(ds)
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before)
         self._watch_instances()
@@ -489,6 +491,27 @@ class Meter:
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
         self._sync_stats()
         return finals
+
+    def _poll_failed(self, ds: DeviceState, exc: NvmlError) -> None:
+        """Count the failure; log the first of a run of them. A driver gone for an hour
+        would otherwise write a warning per GPU per poll (28,800 an hour on 8 GPUs):
+        creditmeter_agent_nvml_errors_total counts every one."""
+        self._count_error(exc)
+        ds.failed_polls += 1
+        if ds.failed_polls == 1:
+            log.warning(
+                "%s: poll failed: %s (until it polls again, failures are only counted)",
+                ds.device.uuid,
+                exc,
+            )
+        else:
+            log.debug("%s: poll failed (%d in a row): %s", ds.device.uuid, ds.failed_polls, exc)
+
+    @staticmethod
+    def _poll_succeeded(ds: DeviceState) -> None:
+        if ds.failed_polls:
+            log.warning("%s: polled again after %d failed polls", ds.device.uuid, ds.failed_polls)
+            ds.failed_polls = 0
 
     def _wall_step(self, now_us: int) -> int:
         """How far the wall clock stepped since the last poll (0 when it did not)."""

@@ -10,9 +10,12 @@ to LOST_SEARCH_MAX_S, and a GPU back from its reset is read back from its ring.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import pytest
 
 from bench.harness import Run, drive, metered
 from creditmeter.agent.meter import LOST_SEARCH_MAX_S, Meter
@@ -144,3 +147,29 @@ def test_a_driver_that_stays_unusable_is_tried_ever_less_often() -> None:
     assert sessions(calls) == 6 + 7
     assert errors["DriverNotLoaded"] == 6 + 7
     assert relistings == {"periodic": 1, "retry": 6 + 7 - 1}
+
+
+def test_a_driver_back_after_a_reload_is_read_back_and_logged_once_each_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nvmlInit fails from 299.5 s to 312 s (a driver reloading). The relisting at 300 s
+    and its retry at 305 s fail, the one at 315 s succeeds; the rings (20 s) still hold
+    the time between: billed exactly, no gap. Each GPU's failed polls are logged once as
+    they begin and once as they end (a warning per GPU per poll before)."""
+    scenario = two_gpus(
+        process(100, 0, 1.0, 400.0) + process(200, 1, 1.0, 400.0),
+        fault("driver_not_loaded", None, 299.5, 312.0),
+    )
+    with caplog.at_level(logging.WARNING), counted(scenario) as (run, meter, calls):
+        drive(run, meter, 420.0)
+        run.usages.extend(meter.close_window())
+    assert sessions(calls) == 3  # 300, 305, 315
+    for key, busy in run.truth_us().items():
+        assert run.measured_us()[key] == busy, key.pid
+    assert not any(u.gaps_us for u in run.process_usages())
+    messages = [r.getMessage() for r in caplog.records]
+    for uuid in {key.gpu_uuid for key in run.truth_us()}:
+        failed = [m for m in messages if m.startswith(f"{uuid}: poll failed")]
+        back = [m for m in messages if m.startswith(f"{uuid}: polled again after")]
+        assert len(failed) == 1 and len(back) == 1, (failed, back)
+        assert back[0].endswith("after 15 failed polls")  # 301 s to 315 s
