@@ -13,6 +13,11 @@ driver's clock moves each of ``LOADED_CALLS_US`` at each NVML call and device pe
 between the agent's calls (at 50 ms a poll takes about half a second); they are judged by
 the same bars.
 
+A last table runs the MIG scenarios of the library (``MIG_SCENARIOS``), one row per
+instance. GPM measures each instance, whatever the driver profile or device sample period,
+so those runs take neither; NVML has no per-process signal on MIG, so the processes sharing
+an instance are split evenly and judged against the time-slicing bar like any other.
+
 Beside what was left unattributed, each run shows the busy time in per-process samples its
 driver never shows, even to a query for that one sample (below a quiet threshold): no meter
 has evidence of it, though rounding bounds may still place part of it.
@@ -49,6 +54,7 @@ QUICK = ("sdxl", "timeslice", "idle_context", "pid_reuse", "exact")
 # profile × these.
 LOADED_CALLS_US = (2_000, 50_000, 200_000)
 LOADED_SCENARIOS = ("timeslice",)
+MIG_SCENARIOS = ("mig",)
 PERIODS_US = (166_667, 1_000_000)
 POLL_S = 1.0
 GPU_BAR_PCT = ALONE_BAR_PCT = 0.1
@@ -162,6 +168,95 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MigRow:
+    """One MIG instance of a run: its processes' truth, what was billed and left as gaps."""
+
+    scenario: str
+    instance: str
+    processes: int
+    truth_s: float
+    billed_s: float
+    gaps_s: float
+    instance_pct: float | None  # |billed − truth| / truth over the instance (None: idle)
+    alone_pct: float | None  # its process, when it is the only one
+    shared_pct: float | None  # worst of its processes, when it has several
+    idle_exact: bool
+
+    @property
+    def misses(self) -> list[str]:
+        bars = (
+            ("instance", self.instance_pct, GPU_BAR_PCT),
+            ("alone", self.alone_pct, ALONE_BAR_PCT),
+            ("shared", self.shared_pct, SHARED_BAR_PCT),
+        )
+        out = [name for name, pct, bar in bars if pct is not None and pct > bar]
+        return out + ([] if self.idle_exact else ["idle"])
+
+
+def mig_rows(name: str) -> list[MigRow]:
+    run = run_scenario(Scenario.load(name), poll_s=POLL_S)
+    measured, truth = run.measured_us(), run.truth_us()
+    gaps: dict[ProcessKey, int] = defaultdict(int)
+    for u in run.process_usages():
+        gaps[u.key] += sum(us for _, us in u.gaps_us)
+    names = {m.uuid: m.name for g in run.host.gpus for m in g.migs}
+    rows = []
+    for uuid, label in names.items():
+        keys = [k for k in truth if k.gpu_uuid == uuid]
+        t = sum((truth[k] for k in keys), Fraction(0))
+        billed = sum(measured.get(k, 0) for k in keys)
+        errors = [_pct(measured.get(k, 0), truth[k]) for k in keys if truth[k]]
+        rows.append(
+            MigRow(
+                name,
+                label,
+                len(keys),
+                float(t) / 1e6,
+                billed / 1e6,
+                sum(gaps[k] for k in keys) / 1e6,
+                _pct(billed, t) if t else None,
+                _worst(errors) if len(keys) == 1 else None,
+                _worst(errors) if len(keys) > 1 else None,
+                all(measured.get(k, 0) == 0 for k in keys if not truth[k]),
+            )
+        )
+    return rows
+
+
+def mig_table(rows: list[MigRow]) -> str:
+    lines = [
+        "| scenario | instance | processes | truth s | billed s | gaps s | instance | alone | "
+        "shared | bar |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = "met" if not r.misses else "**missed: " + ", ".join(r.misses) + "**"
+        lines.append(
+            f"| {r.scenario} | {r.instance} | {r.processes} | {r.truth_s:.3f} | "
+            f"{r.billed_s:.3f} | {r.gaps_s:.3f} | {_opt(r.instance_pct)} | "
+            f"{_opt(r.alone_pct)} | {_opt(r.shared_pct)} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def _mig_results(rows: list[MigRow]) -> list[Result]:
+    def worst(values: list[float | None]) -> float:
+        return max((v for v in values if v is not None), default=0.0)
+
+    instance = worst([r.instance_pct for r in rows])
+    alone = worst([r.alone_pct for r in rows])
+    shared = worst([r.shared_pct for r in rows])
+    return [
+        Result("accuracy", "MIG: worst instance billed error", instance, "%",
+               target="≤ 0.1 %", ok=instance <= GPU_BAR_PCT),
+        Result("accuracy", "MIG: worst process alone on its instance", alone, "%",
+               target="≤ 0.1 %", ok=alone <= ALONE_BAR_PCT),
+        Result("accuracy", "MIG: worst process sharing an instance (split evenly)", shared,
+               "%", target="≤ 1 %", ok=shared <= SHARED_BAR_PCT),
+    ]  # fmt: skip
+
+
 def run(quick: bool = False) -> tuple[list[Result], str]:
     names = QUICK if quick else SCENARIOS
     rows = [measure(p, n, t) for p in profile_names() for n in names for t in PERIODS_US]
@@ -170,6 +265,9 @@ def run(quick: bool = False) -> tuple[list[Result], str]:
         loaded = loaded_rows(call_us)
         text += f"\n\nLoaded host ({call_us} µs per NVML call):\n\n{table(loaded)}"
         results.append(_loaded_result(loaded, call_us))
+    mig = [r for n in MIG_SCENARIOS for r in mig_rows(n)]
+    text += f"\n\nMIG instances (GPM):\n\n{mig_table(mig)}"
+    results.extend(_mig_results(mig))
     return results, text
 
 

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from bench.accuracy import measure, row_of
+from bench.accuracy import measure, mig_rows, row_of
 from bench.harness import DRAIN_S, Run, drive, metered, run_scenario, scenario_end_s
 from creditmeter.agent.meter import Meter, MeterStats
 from creditmeter.agent.nvml import PynvmlNvml
@@ -507,6 +507,17 @@ def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
     # the truth of an instance is its capped busy time too (each µs rounded once).
     assert abs(sum(measured[k] for k in shared) - sum(truth[k] for k in shared)) <= len(shared)
     assert all(k.gpu_uuid.startswith("MIG-") for k in measured)
+
+
+def test_the_bench_judges_each_mig_instance_and_shows_the_shared_split_missing_its_bar() -> None:
+    rows = {r.instance.split()[-1]: r for r in mig_rows("mig")}
+    assert rows["2g.20gb"].misses == [] and rows["2g.20gb"].alone_pct is not None
+    assert rows["1g.10gb"].misses == [] and rows["1g.10gb"].processes == 0
+    shared = rows["3g.40gb"]
+    assert shared.instance_pct is not None and shared.instance_pct <= 0.1
+    # NVML has no per-process signal on MIG: the even split of two processes with
+    # different loads misses the time-slicing bar, and the table says so.
+    assert shared.misses == ["shared"]
 
 
 def one_job_per_instance_at_a_time() -> Scenario:
