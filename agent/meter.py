@@ -31,12 +31,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from creditmeter.agent import apportion
+from creditmeter.agent import apportion, listings
 from creditmeter.agent.apportion import Evidence, Period, Presence, Unattributed
-from creditmeter.agent.backoff import ceiling_s
 from creditmeter.agent.errors import GpuLost, NoData, NotSupported, NvmlError, ProcessGone
 from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
+from creditmeter.agent.listings import ListingSchedule
 from creditmeter.agent.sampling import DeviceSeries
 from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
 from creditmeter.labels import LabelProblem
@@ -57,16 +57,6 @@ MIN_HOLD_US = 60_000_000
 # Against 2 s, on the realistic and stale-stamp hours: agent CPU per cycle about 15 % less
 # (mean), per-process |error| 98.3 → 90.1 s and unattributed 11.6 → 10.3 s.
 SETTLE_INTERVAL_US = 10_000_000
-# The driver's devices are listed afresh (a new NVML session) at least this often: a session
-# lists the devices of its nvmlInit only, and a device created since (a MIG instance made
-# where no process shows it yet, MIG mode turned off) is found at the latest then.
-RELIST_INTERVAL_S = 300.0
-# A lost GPU is looked for a reopen interval after its loss, then ever less often, doubling up
-# to this. Each look is a new NVML session over every GPU (nvmlInit: seconds on a large host
-# without persistence mode, and on some drivers a hang after hours of them: NVIDIA/go-nvml#152),
-# and a GPU that fell off the bus does not come back by itself: it needs a GPU reset (Xid 79),
-# after which its ring holds what ran since, so a late find costs at most this less the ring.
-LOST_SEARCH_MAX_S = 60.0
 # A row stamped this close to the next device period's end (1/20 of a period: the drivers'
 # stamps jitter) may be on it: the series is read again before the row is judged.
 CATCH_UP_SLACK = 20
@@ -244,12 +234,6 @@ class Meter:
         self._proc = processes
         self._clock = clock
         self._reopen_interval_s = reopen_interval_s
-        self._next_reopen = 0.0  # no new NVML session before this (monotonic s)
-        self._next_search = 0.0  # lost GPUs are looked for again from this (monotonic s)
-        self._searches = 0  # lookings for lost GPUs that left one lost, since the last loss
-        self._failed_listings = 0  # new NVML sessions that failed, in a row
-        self._relist = False  # a device may have been created or destroyed: list them again
-        self._next_relist = 0.0  # set at the start, from its monotonic reading
         self._listed_us = 0  # wall µs the driver's devices were last listed
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
@@ -259,7 +243,7 @@ class Meter:
         self._evidence_stats = EvidenceStats()
         self.stats = MeterStats()
         self._now_mono_us = _us(clock.monotonic())
-        self._next_relist = self._now_mono_us / 1e6 + RELIST_INTERVAL_S
+        self._listings = ListingSchedule(self._now_mono_us / 1e6, reopen_interval_s)
         self._wall_offset_us = _us(clock.wall()) - self._now_mono_us  # wall − monotonic
         self._start(_decode_state(state))
 
@@ -337,7 +321,7 @@ class Meter:
         log.error("%s: not listed by the driver at start; lost until it is found again", uuid)
         ds.lost_at_us = now_us
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
-        self._search_soon(self._clock.monotonic())
+        self._listings.lost(self._clock.monotonic())
 
     def _resume(
         self,
@@ -481,7 +465,8 @@ class Meter:
                 # The cursors did not move: the next poll reads these periods again.
                 self._poll_failed(ds, exc)
                 # An instance destroyed since the session began answers NOT_FOUND.
-                self._relist = self._relist or ds.device.is_mig
+                if ds.device.is_mig:
+                    self._listings.changed()
             else:
                 self._poll_succeeded(ds)
             ds.last_poll_mono_us = self._now_mono_us
@@ -527,7 +512,7 @@ class Meter:
         if not ds.device.is_mig and any(p.gpu_instance_id is not None for p in listed):
             # In MIG mode since this session began: those processes are its instances'.
             log.info("%s: processes on MIG instances: listing devices again", ds.device.uuid)
-            self._relist = True
+            self._listings.changed()
             listed = [p for p in listed if p.gpu_instance_id is None]
         fresh = self._update_processes(ds, listed, now_us)
         if ds.device.is_mig:
@@ -971,14 +956,7 @@ class Meter:
         log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
-        self._search_soon(self._clock.monotonic() + self._reopen_interval_s)
-
-    def _search_soon(self, at_s: float) -> None:
-        """A GPU was just lost: look for it at ``at_s``, and often at first (a driver
-        recovering by itself comes back within seconds), whatever the backoff had reached."""
-        self._searches = 0
-        self._next_search = at_s
-        self._next_reopen = min(self._next_reopen, at_s)
+        self._listings.lost(self._clock.monotonic() + self._reopen_interval_s)
 
     def _watch_instances(self) -> None:
         """A process on a MIG instance this meter does not list means instances were made
@@ -986,7 +964,7 @@ class Meter:
         the parent's handle the process list has every instance's processes, with their ids
         (nvml.h, nvmlDeviceGetComputeRunningProcesses: aggregate information for a
         privileged caller)."""
-        if self._relist:
+        if self._listings.change_pending:
             return
         for parent_uuid, parent in self._mig_gpus.items():
             if parent_uuid in self._unwatched:
@@ -1003,44 +981,33 @@ class Meter:
                 log.warning(
                     "%s: its processes cannot be listed (%s): MIG instances made while the "
                     "agent runs are found by the relisting every %.0f s only",
-                    parent_uuid, exc, RELIST_INTERVAL_S,
+                    parent_uuid, exc, listings.RELIST_INTERVAL_S,
                 )  # fmt: skip
                 self._unwatched.add(parent_uuid)
                 continue
             unknown = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
             if unknown:
                 log.info("%s: processes on MIG instances %s not listed", parent_uuid, unknown)
-                self._relist = True
+                self._listings.changed()
                 return
 
     def _relist_devices(self, now_us: int) -> None:
-        """List the driver's devices afresh, in a new NVML session, at most once per reopen
-        interval: when a device may have been created or destroyed, every RELIST_INTERVAL_S,
-        and while a GPU is lost (found again by UUID), backing off to LOST_SEARCH_MAX_S."""
+        """List the driver's devices afresh when the schedule says so: a lost GPU is found
+        again by UUID, a device made since is metered, one configured away ends."""
         lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
         mono = self._now_mono_us / 1e6  # this poll's: no clock reading of its own
-        why = self._listing_due(mono, bool(lost))
+        why = self._listings.due(mono, lost=bool(lost))
         if why is None:
             return
         self.stats.relistings[why] += 1
-        self._next_reopen = mono + self._reopen_interval_s
-        self._next_relist = mono + RELIST_INTERVAL_S
         try:
             self._nvml.reopen()
             present = {d.uuid: d for d in self._nvml.devices()}
         except NvmlError as exc:
-            # No session, or a partial listing (a driver reloading): every device waits for
-            # the next try, not for the next periodic listing. A driver that stays unusable
-            # (a library/driver version mismatch after an upgrade lasts until the reboot) is
-            # tried less and less often.
             self._count_error(exc)
-            self._failed_listings += 1
-            self._next_reopen = mono + self._backoff_s(self._failed_listings)
+            self._listings.failed(mono)
             log.warning("listing the devices again failed: %s", exc)
-            self._relist = True
             return
-        self._failed_listings = 0
-        self._relist = False
         listed_before_us = self._listed_us
         self._note_listed(now_us)
         for ds in lost:
@@ -1061,29 +1028,7 @@ class Meter:
             if uuid not in self._devices:
                 log.warning("%s: a device not listed before; metering it", uuid)
                 self._add_device(device, None, now_us, created_after_us=listed_before_us)
-        if any(ds.lost_at_us is not None for ds in lost):
-            self._searches += 1
-            self._next_search = mono + self._backoff_s(self._searches)
-
-    def _listing_due(self, mono_s: float, lost: bool) -> str | None:
-        """Why the devices are to be listed afresh now, or None."""
-        if mono_s < self._next_reopen:
-            return None
-        if self._failed_listings:
-            return "retry"
-        if self._relist:
-            return "changed"
-        if lost and mono_s >= self._next_search:
-            return "lost"
-        return "periodic" if mono_s >= self._next_relist else None
-
-    def _backoff_s(self, tries: int) -> float:
-        """The wait after ``tries`` fruitless tries in a row: the reopen interval, doubling."""
-        return ceiling_s(
-            tries - 1,
-            initial_s=self._reopen_interval_s,
-            cap_s=max(LOST_SEARCH_MAX_S, self._reopen_interval_s),
-        )
+        self._listings.listed(mono, still_lost=any(ds.lost_at_us is not None for ds in lost))
 
     def _note_listed(self, now_us: int) -> None:
         """Remember when the devices were listed, and which GPUs are in MIG mode, instances

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 import pytest
 
 from bench.harness import Run, drive, metered
-from creditmeter.agent.meter import LOST_SEARCH_MAX_S, Meter
+from creditmeter.agent.listings import LOST_SEARCH_MAX_S
+from creditmeter.agent.meter import Meter
 from creditmeter.simnvml import Scenario
 from creditmeter.v1 import usage_pb2
 from tests.agent.test_lost_gpus import SHORT_RING_GPU
