@@ -39,6 +39,7 @@ from creditmeter.agent.loop import MeterLoop, Retired
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.outbox import Outbox
+from creditmeter.agent.payers import LabelsAndJobs
 from creditmeter.agent.pidns import PidResolver, ProcessTableResolver
 from creditmeter.agent.procfs import ProcFs, PsutilProcessTable
 from creditmeter.agent.records import STATE_KEY, Flusher
@@ -235,15 +236,16 @@ def open_metering(stack: ExitStack, config: Config) -> Metering:
     )
     outbox = stack.enter_context(_outbox(config, agent_id, host.clock))
     damaged = _damaged(outbox)
+    registry = stack.enter_context(_job_registry(config))
     meter = Meter(
         nvml,
         host.processes,
         host.meter_clock or host.clock,
         state=outbox.state().get(STATE_KEY),
         reopen_interval_s=config[settings.REOPEN_INTERVAL],
+        payers=LabelsAndJobs(registry),
     )
     flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
-    registry = stack.enter_context(_job_registry(config))
     telemetry = AgentTelemetry(Registry())
     shipper = Shipper(
         outbox,

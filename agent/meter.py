@@ -37,6 +37,7 @@ from creditmeter.agent.errors import GpuLost, NoData, NotSupported, NvmlError, P
 from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
 from creditmeter.agent.listings import ListingSchedule
+from creditmeter.agent.payers import LabelsAndJobs, Payers
 from creditmeter.agent.sampling import DeviceSeries
 from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
 from creditmeter.labels import LabelProblem
@@ -229,8 +230,12 @@ class Meter:
         *,
         state: bytes | None = None,
         reopen_interval_s: float = 5.0,
+        payers: Payers | None = None,
     ) -> None:
+        """``payers``: who each process's time is billed to (default: its account label),
+        asked where a reading has no per-process evidence to split it by."""
         self._nvml = nvml
+        self._payers: Payers = payers if payers is not None else LabelsAndJobs()
         self._proc = processes
         self._clock = clock
         self._reopen_interval_s = reopen_interval_s
@@ -731,10 +736,28 @@ class Meter:
         source = _GPM_SINGLE if len(present) == 1 else _GPM_SHARED
         share, extra = divmod(total, len(present))
         start_us = now_us - interval_us
+        ds.settled_us = now_us
+        if len(present) > 1 and not self._one_payer(present, start_us, now_us):
+            # Split evenly, it would be a guess billed across accounts: nobody's.
+            for t in present:
+                t.usage.source = source
+            ds.books.unattributed_pct_us[Unattributed.NO_EVIDENCE] += total
+            ds.books.cover(start_us, now_us)
+            return
         for i, t in enumerate(present):
             t.usage.source = source
             t.usage.add(Slice(start_us, now_us, share + (1 if i < extra else 0)))
-        ds.settled_us = now_us
+
+    def _one_payer(self, present: list[Tracked], start_us: int, end_us: int) -> bool:
+        """Whether one account pays for all of ``present`` over the span: then an even
+        split moves seconds between that account's own records only."""
+        payers: set[str] = set()
+        for t in present:
+            accounts = self._payers.accounts(t.key, t.info, start_us, end_us)
+            if accounts is None:
+                return False
+            payers |= accounts
+        return len(payers) == 1
 
     def _prime_instance(self, ds: DeviceState, at_mono_us: int) -> None:
         """Take the GPM sample an instance's next reading is measured from: at start, and
@@ -1189,9 +1212,8 @@ class Meter:
         # window's start: it then ends where it began, never before (the collector refuses
         # an end before the start, and would block the agent's chain on it).
         end = max([start, now_us, *(s.end_us for s in usage.slices)])
-        if not ds.device.is_mig:
-            ds.books.attributed_us += busy_us
-            ds.books.cover(start, end)
+        ds.books.attributed_us += busy_us
+        ds.books.cover(start, end)
         return WindowUsage(
             key=t.key,
             device=t.device,
@@ -1211,9 +1233,10 @@ class Meter:
         )
 
     def _close_books(self, ds: DeviceState, now_us: int) -> WindowUsage | None:
-        """The device record of a whole GPU: its books since the previous one."""
+        """The device record of a whole GPU or MIG instance: its books since the previous
+        one."""
         books = ds.books
-        if ds.device.is_mig or books.empty:
+        if books.empty:
             books.start_us = now_us if books.empty else books.start_us
             return None
         unattributed = []
@@ -1238,7 +1261,7 @@ class Meter:
             peak_memory_bytes=None,
             energy_mj=None,
             gaps_us=(),
-            source=_PROCESS_EVIDENCE if not ds.has_series else _DEVICE_UTIL,
+            source=_device_source(ds),
             final=False,
             slices=(),
             quality=usage_pb2.QUALITY_UNATTRIBUTED,
@@ -1316,6 +1339,13 @@ class Meter:
 
     def shutdown(self) -> None:
         self._nvml.shutdown()
+
+
+def _device_source(ds: DeviceState) -> int:
+    """What a device record's busy time was measured by."""
+    if ds.device.is_mig:
+        return _GPM_SINGLE
+    return _DEVICE_UTIL if ds.has_series else _PROCESS_EVIDENCE
 
 
 class _EnergyLedger:

@@ -81,8 +81,9 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class DeviceBooks:
-    """A whole GPU's books since its previous device record: its busy time, the part the
-    process records in between carry, and the part nobody could take, by reason."""
+    """A whole GPU's or MIG instance's books since its previous device record: its busy
+    time, the part the process records in between carry, and the part nobody could take,
+    by reason."""
 
     device_busy_us: int
     attributed_busy_us: int

@@ -1,0 +1,125 @@
+"""Who pays for a process's time, from its labels and its jobs in a real job registry; and
+what the meter makes of a shared MIG instance with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.accuracy import MIG_SCENARIOS
+from bench.harness import drive, metered, run_scenario
+from creditmeter.agent.errors import AgentError
+from creditmeter.agent.gpu import ProcessInfo
+from creditmeter.agent.jobs import JobRegistry, Owner, WindowSpans
+from creditmeter.agent.payers import LabelsAndJobs
+from creditmeter.agent.usage import ProcessKey
+from creditmeter.simnvml import Scenario
+from creditmeter.simnvml.scenario import shipped_text
+
+S = 1_000_000
+KEY = ProcessKey("MIG-x", 4242, 7 * S)
+OWNER = Owner(KEY.pid, KEY.create_time_us)
+
+
+def info(account: str | None) -> ProcessInfo:
+    labels = {} if account is None else {"account": account}
+    return ProcessInfo(KEY.pid, KEY.create_time_us / S, "worker", labels)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[JobRegistry]:
+    r = JobRegistry(tmp_path / "jobs.db")
+    yield r
+    r.close()
+
+
+def test_without_jobs_the_account_label_pays() -> None:
+    payers = LabelsAndJobs()
+    assert payers.accounts(KEY, info("acme"), 10 * S, 11 * S) == {"acme"}
+    assert payers.accounts(KEY, info(None), 10 * S, 11 * S) == {""}
+    assert payers.accounts(KEY, None, 10 * S, 11 * S) == {""}
+
+
+def test_jobs_pay_for_what_they_cover_and_the_label_for_the_rest(registry: JobRegistry) -> None:
+    registry.start("a", "acme", "sdxl", OWNER, start_us=10 * S)
+    registry.end("a", 12 * S)
+    registry.start("b", "globex", "flux", OWNER, start_us=12 * S)  # still open
+    payers = LabelsAndJobs(registry)
+    assert payers.accounts(KEY, info("initech"), 10 * S, 11 * S) == {"acme"}
+    assert payers.accounts(KEY, info("initech"), 11 * S, 13 * S) == {"acme", "globex"}
+    assert payers.accounts(KEY, info("initech"), 20 * S, 21 * S) == {"globex"}
+    assert payers.accounts(KEY, info("initech"), 9 * S, 11 * S) == {"acme", "initech"}
+
+
+def test_jobs_declared_for_another_gpu_pay_nothing_here(registry: JobRegistry) -> None:
+    registry.start("a", "acme", "sdxl", OWNER, start_us=10 * S, gpu_uuid="GPU-other")
+    payers = LabelsAndJobs(registry)
+    assert payers.accounts(KEY, info("initech"), 10 * S, 11 * S) == {"initech"}
+
+
+def test_jobs_that_could_not_be_delivered_leave_the_label_paying_too(
+    registry: JobRegistry,
+) -> None:
+    registry.start("a", "acme", "sdxl", OWNER, start_us=10 * S)
+    registry.record_undelivered(OWNER, 10 * S, 11 * S, 1)
+    payers = LabelsAndJobs(registry)
+    assert payers.accounts(KEY, info("initech"), 10 * S, 11 * S) == {"acme", "initech"}
+
+
+class Unreadable:
+    """A registry whose database fails (a full disk): every read raises."""
+
+    def spans_for(self, *args: object, **kwargs: object) -> WindowSpans:
+        raise AgentError("jobs.db: disk I/O error")
+
+    def close_process(self, pid: int, create_time_us: int, exit_us: int) -> list[str]:
+        return []
+
+    def prune_before(self, us: int) -> int:
+        return 0
+
+
+def test_an_unreadable_registry_means_the_payer_is_unknown() -> None:
+    assert LabelsAndJobs(Unreadable()).accounts(KEY, info("acme"), 10 * S, 11 * S) is None
+
+
+def test_a_shared_mig_instance_is_nobodys_while_its_payer_is_unknown() -> None:
+    """Same account on both processes, but the registry cannot be read: no even split."""
+    scenario = MIG_SCENARIOS["mig_one_account"]()
+    with metered(scenario) as (run, meter):
+        meter._payers = LabelsAndJobs(Unreadable())
+        drive(run, meter, 120.0)
+        run.usages.extend(meter.close_window())
+    billed = {k.pid: us for k, us in run.measured_us().items()}
+    assert billed.get(9101, 0) == billed.get(9102, 0) == 0
+    assert billed[9103] > 0  # alone on its instance: no payer question
+    assert sum(run.unattributed_us().values()) > 0
+
+
+def test_jobs_of_one_account_on_both_processes_make_the_shared_instance_billable(
+    tmp_path: Path,
+) -> None:
+    """The labels name two accounts, but from 5 s on each process runs in a job of acme's
+    for the rest of its life: acme pays for both, so the instance is split evenly and
+    billed from then on."""
+    text = shipped_text("mig")
+    scenario = Scenario.from_toml(text)
+    with metered(scenario) as (run, meter):
+        registry = JobRegistry(tmp_path / "jobs.db")
+        try:
+            drive(run, meter, 5.0)  # every process started
+            for k in run.truth_us():
+                registry.start(f"job-{k.pid}", "acme", "m", Owner(k.pid, k.create_time_us),
+                               start_us=0)  # fmt: skip
+            meter._payers = LabelsAndJobs(registry)
+            drive(run, meter, 120.0)
+            run.usages.extend(meter.close_window())
+        finally:
+            registry.close()
+    billed = {k.pid: us for k, us in run.measured_us().items()}
+    assert billed[9101] > 0 and abs(billed[9101] - billed[9102]) <= 1_000
+    assert sum(run.unattributed_us().values()) == 0
+    whole = run_scenario(Scenario.from_toml(text))  # labels only: two accounts, nobody's
+    assert sum(whole.unattributed_us().values()) > 0
