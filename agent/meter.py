@@ -29,7 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from creditmeter.agent import apportion, listings
 from creditmeter.agent.apportion import Evidence, Period, Presence, Unattributed
@@ -76,6 +76,16 @@ EVIDENCE_CODES = {
 
 def _us(seconds: float) -> int:
     return round(seconds * 1_000_000)
+
+
+class SharedReading(NamedTuple):
+    """A MIG instance's GPM reading over [start_us, end_us) (µs × 100) while several
+    processes held it: split evenly only if one account pays for all of them."""
+
+    start_us: int
+    end_us: int
+    pct_us: int
+    present: tuple[Tracked, ...]
 
 
 @dataclass(slots=True)
@@ -163,6 +173,9 @@ class DeviceState:
     configured_away: bool = False
     settled_now: bool = False  # settled at this poll (energy goes with settled busy time)
     failed_polls: int = 0  # polls in a row that failed (NvmlError, the GPU not lost)
+    # MIG: readings of several processes at once, whose payers are judged when the window
+    # closes (or one of them is final), as the record path bills jobs declared until then.
+    shared: list[SharedReading] = field(default_factory=list)
 
     def elapsed_us(self, now_mono_us: int) -> int:
         if self.last_poll_mono_us is None:
@@ -475,7 +488,7 @@ class Meter:
             else:
                 self._poll_succeeded(ds)
             ds.last_poll_mono_us = self._now_mono_us
-        self._allocate_energy(before)
+        self._allocate_energy(before, now_us)
         self._watch_instances()
         self._relist_devices(now_us)
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
@@ -733,22 +746,30 @@ class Meter:
         if not present or interval_us <= 0:
             return
         total = round(min(max(fraction, 0.0), 1.0) * 100 * interval_us)
-        source = _GPM_SINGLE if len(present) == 1 else _GPM_SHARED
-        share, extra = divmod(total, len(present))
         start_us = now_us - interval_us
         ds.settled_us = now_us
-        if len(present) > 1 and not self._one_payer(present, start_us, now_us):
-            # Split evenly, it would be a guess billed across accounts: nobody's.
-            for t in present:
-                t.usage.source = source
-            ds.books.unattributed_pct_us[Unattributed.NO_EVIDENCE] += total
-            ds.books.cover(start_us, now_us)
+        if len(present) == 1:
+            present[0].usage.source = _GPM_SINGLE
+            present[0].usage.add(Slice(start_us, now_us, total))
             return
-        for i, t in enumerate(present):
-            t.usage.source = source
-            t.usage.add(Slice(start_us, now_us, share + (1 if i < extra else 0)))
+        for t in present:
+            t.usage.source = _GPM_SHARED
+        ds.shared.append(SharedReading(start_us, now_us, total, tuple(present)))
 
-    def _one_payer(self, present: list[Tracked], start_us: int, end_us: int) -> bool:
+    def _resolve_shared(self, ds: DeviceState) -> None:
+        """Split each shared reading evenly where one account pays for all its processes;
+        between accounts that would be a guess billed to someone: nobody's."""
+        for r in ds.shared:
+            if not self._one_payer(r.present, r.start_us, r.end_us):
+                ds.books.unattributed_pct_us[Unattributed.NO_EVIDENCE] += r.pct_us
+                ds.books.cover(r.start_us, r.end_us)
+                continue
+            share, extra = divmod(r.pct_us, len(r.present))
+            for i, t in enumerate(r.present):
+                t.usage.add(Slice(r.start_us, r.end_us, share + (1 if i < extra else 0)))
+        ds.shared.clear()
+
+    def _one_payer(self, present: Sequence[Tracked], start_us: int, end_us: int) -> bool:
         """Whether one account pays for all of ``present`` over the span: then an even
         split moves seconds between that account's own records only."""
         payers: set[str] = set()
@@ -900,6 +921,8 @@ class Meter:
 
     def _drained(self, ds: DeviceState, now_us: int) -> list[WindowUsage]:
         """Exited processes whose time is all settled: their final usage."""
+        if ds.shared and any(t.gone_at_us is not None for t in ds.tracked()):
+            self._resolve_shared(ds)  # a final record carries its share
         finals = []
         for pid, entries in list(ds.processes.items()):
             for t in list(entries):
@@ -938,9 +961,11 @@ class Meter:
 
     # -- energy ---------------------------------------------------------------------------
 
-    def _allocate_energy(self, before: dict[int, int]) -> None:
+    def _allocate_energy(self, before: dict[int, int], now_us: int) -> None:
         """Hand each physical GPU's energy since the last poll to the processes that computed
-        in that poll, by their share of its busy time; energy while idle goes to nobody."""
+        in that poll, by their share of its busy time; energy while idle goes to nobody. A
+        shared MIG reading, whose payer is judged later, counts evenly here: energy is
+        reported, not billed."""
         for gpu, states in self._physical_gpus().items():
             if any(ds.lost_at_us is not None for ds in states):
                 continue
@@ -953,6 +978,13 @@ class Meter:
                 (t.usage, t.usage.pct_us - before.get(id(t), 0))
                 for ds in states
                 for t in ds.tracked()
+            ]
+            gained += [
+                (t.usage, r.pct_us // len(r.present))
+                for ds in states
+                for r in ds.shared
+                if r.end_us == now_us
+                for t in r.present
             ]
             self._energy.allocate(gpu, counter, gained)
 
@@ -1173,6 +1205,7 @@ class Meter:
         a device record per GPU, and a new committed state."""
         now_us = _us(self._clock.wall())
         for ds in self._devices.values():
+            self._resolve_shared(ds)
             if ds.lost_at_us is not None:
                 self._give_up_lost(ds, now_us)
             elif not ds.device.is_mig and not ds.settled_now and not ds.configured_away:

@@ -515,6 +515,12 @@ def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
     assert abs(unattributed - sum(truth[k] for k in shared)) <= len(books)
     assert all(b.attributed_busy_us == 0 for b in books)
     assert all(k.gpu_uuid.startswith("MIG-") for k in measured)
+    # Energy is reported, not billed: the shared reading's goes to its processes evenly
+    # (it went to the process on the other instance when its busy time went to nobody).
+    energy = {pid: 0 for pid in (9101, 9102, 9103)}
+    for u in run.process_usages():
+        energy[u.key.pid] += u.energy_mj or 0
+    assert energy[9101] == energy[9102] > 0 and energy[9103] > 0
 
 
 def test_a_mig_instance_shared_within_one_account_is_split_evenly() -> None:

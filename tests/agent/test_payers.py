@@ -123,3 +123,34 @@ def test_jobs_of_one_account_on_both_processes_make_the_shared_instance_billable
     assert sum(run.unattributed_us().values()) == 0
     whole = run_scenario(Scenario.from_toml(text))  # labels only: two accounts, nobody's
     assert sum(whole.unattributed_us().values()) > 0
+
+
+def test_a_job_declared_after_the_poll_but_before_the_close_decides_the_payer(
+    tmp_path: Path,
+) -> None:
+    """The job API takes a worker's own start time, backdated by as much as an hour (a
+    backlog after an outage), and the record path bills the jobs it finds when the window
+    closes. So the payer of a shared reading is judged then too, not at the poll. The
+    labels name two accounts; at 15 s both processes declare jobs of acme's from their
+    start. The window closed at 10 s was judged by the labels (nobody's); the readings of
+    10 s to 15 s, taken before the declarations, are acme's all the same."""
+    scenario = Scenario.from_toml(shipped_text("mig"))
+    with metered(scenario) as (run, meter):
+        registry = JobRegistry(tmp_path / "jobs.db")
+        try:
+            meter._payers = LabelsAndJobs(registry)
+            drive(run, meter, 15.0)
+            for k in run.truth_us():
+                registry.start(f"job-{k.pid}", "acme", "m", Owner(k.pid, k.create_time_us),
+                               start_us=k.create_time_us)  # fmt: skip
+            drive(run, meter, 120.0)
+            run.usages.extend(meter.close_window())
+        finally:
+            registry.close()
+    shared = {9101, 9102}
+    before_us = sum(t.busy_us for k, t in run.host.truth(until_s=10.0).items() if k.pid in shared)
+    total_us = sum(t for k, t in run.truth_us().items() if k.pid in shared)
+    assert before_us > 0  # the first burst began at 6.17 s
+    assert abs(sum(run.unattributed_us().values()) - before_us) <= 100
+    billed = sum(us for k, us in run.measured_us().items() if k.pid in shared)
+    assert abs(billed - (total_us - before_us)) <= 100
