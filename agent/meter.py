@@ -757,12 +757,21 @@ class Meter:
         ds.shared.append(SharedReading(start_us, now_us, total, tuple(present)))
 
     def _resolve_shared(self, ds: DeviceState) -> None:
-        """Split each shared reading evenly where one account pays for all its processes;
-        between accounts that would be a guess billed to someone: nobody's."""
+        """Split each shared reading evenly where one account pays for all its processes.
+        Between accounts that would be a guess billed to someone: the busy time is nobody's,
+        and each process's record says it had no signal of its own for that span (so its
+        record, and the time it held the instance, are kept)."""
         for r in ds.shared:
+            if r.pct_us == 0:
+                continue  # idle: nothing to split
             if not self._one_payer(r.present, r.start_us, r.end_us):
                 ds.books.unattributed_pct_us[Unattributed.NO_EVIDENCE] += r.pct_us
                 ds.books.cover(r.start_us, r.end_us)
+                self._gap_each(
+                    list(r.present),
+                    usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL,
+                    r.end_us - r.start_us,
+                )
                 continue
             share, extra = divmod(r.pct_us, len(r.present))
             for i, t in enumerate(r.present):

@@ -499,9 +499,22 @@ def test_mig_instances_are_measured_by_gpm_and_marked() -> None:
     unattributed on the instance's books, reported and never billed."""
     run = run_scenario(Scenario.load("mig"))
     sources: dict[int, set[int]] = {}
+    no_signal_us = {9101: 0, 9102: 0}
     for u in reportable(run.process_usages()):
         sources.setdefault(u.key.pid, set()).add(u.source)
-    assert sources == {9103: {usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE}}
+        no_signal_us[u.key.pid] = no_signal_us.get(u.key.pid, 0) + dict(u.gaps_us).get(
+            usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL, 0
+        )
+    shared_source = {usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_SHARED}
+    assert sources == {
+        9101: shared_source,
+        9102: shared_source,
+        9103: {usage_pb2.MEASUREMENT_SOURCE_GPM_MIG_INSTANCE},
+    }
+    # Their records stay, with no busy time: a gap with no signal of their own for each
+    # busy span of the instance they shared (the whole run but idle stretches).
+    assert no_signal_us[9101] == no_signal_us[9102] > 400_000_000
+    assert no_signal_us[9103] == 0
     measured, truth = run.measured_us(), run.truth_us()
     alone = next(k for k in truth if k.pid == 9103)
     assert relative_error(measured[alone], truth[alone]) <= 0.001

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 SPEED = 20.0
 END_S = 75.0
 NO_EVIDENCE = usage_pb2.UNATTRIBUTED_REASON_NO_EVIDENCE
+NO_SIGNAL = usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL
 
 
 def process(pid: int, gi: int, busy: tuple[float, float, int], account: str) -> str:
@@ -60,6 +61,14 @@ def test_a_mig_instance_of_two_accounts_is_nobodys_and_the_collector_keeps_its_b
         if r.process.pid:
             billed[r.process.pid] = billed.get(r.process.pid, 0) + r.busy_us
     assert billed.get(7101, 0) == billed.get(7102, 0) == 0
+    # Their records stay, with a gap with no signal of their own while the instance was
+    # busy (4 s to 40 s): the time they held it is on record, not billed.
+    no_signal = {7101: 0, 7102: 0}
+    for r in records:
+        for g in r.gaps:
+            if r.process.pid in no_signal and g.reason == NO_SIGNAL:
+                no_signal[r.process.pid] += g.duration_us
+    assert no_signal[7101] == no_signal[7102] >= 35_000_000
     assert abs(billed[7103] - truth[7103]) <= truth[7103] / 1000  # alone: the whole reading
     shared_uuid = next(r.gpu.uuid for r in records if r.process.pid == 7101)
     books = [r.device for r in records if r.HasField("device") and r.gpu.uuid == shared_uuid]
