@@ -1336,11 +1336,14 @@ class Meter:
     # -- retiring -------------------------------------------------------------------------
 
     def read_through_us(self) -> dict[str, int]:
-        """Per GPU metered by its device series, the driver time read so far."""
+        """Per whole GPU, the time its evidence is to cover before a retiring agent settles:
+        the driver time read so far by its device series; with none, now (its processes'
+        own samples of the time until now come seconds late: nvtop#110, go-nvml#51)."""
+        now_us = _us(self._clock.wall())
         return {
-            uuid: ds.cursor_us
+            uuid: ds.cursor_us if ds.has_series else now_us
             for uuid, ds in self._devices.items()
-            if ds.has_series and not ds.device.is_mig and ds.lost_at_us is None
+            if not ds.device.is_mig and ds.lost_at_us is None
         }
 
     def lost_since_us(self) -> dict[str, int]:
@@ -1358,11 +1361,22 @@ class Meter:
     def settled_through(self, read_us: dict[str, int]) -> bool:
         """Whether every GPU of ``read_us`` (``read_through_us`` earlier) is apportioned up
         to there: the evidence of that time is all in. A GPU lost since waits for nothing."""
+        now_us = _us(self._clock.wall())
         return all(
-            ds.settled_us >= read_us[uuid] or ds.lost_at_us is not None
+            self._evidence_through_us(ds, now_us) >= read_us[uuid] or ds.lost_at_us is not None
             for uuid, ds in self._devices.items()
             if uuid in read_us
         )
+
+    @staticmethod
+    def _evidence_through_us(ds: DeviceState, now_us: int) -> int:
+        """Up to when a GPU's busy time is settled: with no device series, up to when the
+        evidence of its listed processes is all in."""
+        if ds.has_series:
+            return ds.settled_us
+        assert ds.evidence is not None
+        pids = {t.key.pid for t in ds.tracked() if t.listed}
+        return ds.evidence.complete_until_us(now_us, pids) if pids else now_us
 
     def retire(self) -> list[WindowUsage]:
         """Settle everything read and close every window, for an agent whose host leaves

@@ -170,3 +170,23 @@ def test_the_retirement_summary_names_a_lost_gpu(capsys: pytest.CaptureFixture[s
     assert lost.startswith(f"{gpu0}: lost since 2025-") and "GAP_REASON_GPU_LOST gap" in lost
     assert sum(" metered and settled through " in line for line in lines) == 7
     assert not any(line.startswith(gpu0) and "settled" in line for line in lines)
+
+
+def test_a_gpu_without_a_device_series_waits_for_its_processes_late_samples() -> None:
+    """No device series (some virtual GPUs): per-process samples are all the evidence, and
+    under stale stamps those of the last seconds come seconds late. Retiring used to wait
+    for no such GPU: 21.307 s billed where 22.539 s ran until the retirement began, the rest
+    lost without a gap, and the evidence called complete. Now it waits until its listed
+    processes' evidence covers the retirement's start."""
+    text = shipped_text("timeslice") + (
+        "\n[driver]\ndevice_series = false\nprocess_period_us = 1000000\nstale_max_s = 4.5\n"
+    )
+    scenario = Scenario.from_toml(text)
+    run, state = stopped(scenario)
+    last, outcome, _ = retired(scenario, state, wait_s=30)
+    assert outcome == Retired(evidence_complete=True, written=True)
+    billed = sum(u.busy_us for r in (run, last) for u in r.process_usages())
+    began_s = STOP_S + 1  # retired a second after the stop
+    assert billed >= truth_us(last, began_s) - 100_000  # the truth to there, to rounding
+    # and it did not wait out the 30 s: a stride of evidence past the start is enough.
+    assert billed <= truth_us(last, began_s + 6)
