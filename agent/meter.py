@@ -1279,7 +1279,7 @@ class Meter:
         one."""
         books = ds.books
         if books.empty:
-            books.start_us = now_us if books.empty else books.start_us
+            books.start_us = now_us
             return None
         unattributed = []
         for reason in sorted(books.unattributed_pct_us):

@@ -56,7 +56,9 @@ class LabelsAndJobs:
             log.warning("pid %d: its jobs cannot be read (%s): payer unknown", key.pid, exc)
             return None
         accounts = {j.account for j in window.jobs}
-        spans = [Interval(j.start_us, j.end_us or end_us) for j in window.jobs]
+        spans = [
+            Interval(j.start_us, end_us if j.end_us is None else j.end_us) for j in window.jobs
+        ]
         if window.undelivered or not _covers(spans, start_us, end_us):
             accounts.add(label)
         return frozenset(accounts)

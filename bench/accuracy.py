@@ -165,21 +165,38 @@ def _opt(pct: float | None) -> str:
     return "" if pct is None else f"{pct:.3f} %"
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, then one line per row."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def table(rows: list[Row]) -> str:
-    lines = [
-        "| profile | scenario | period | truth s | billed s | unattributed s | never shown s | "
-        "GPU | alone | shared | worst job | bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        verdict = _verdict(r.misses)
-        lines.append(
-            f"| {r.profile} | {r.scenario} | {r.period_us / 1e6:.3f} s | {r.truth_s:.3f} | "
-            f"{r.billed_s:.3f} | {r.unattributed_s:.3f} | {r.unshown_s:.3f} | {r.gpu_pct:.4f} % | "
-            f"{_opt(r.alone_pct)} | {_opt(r.shared_pct)} | {r.job_s * 1000:.0f} ms "
-            f"(≤ {r.job_bar_s * 1000:.0f}) | {verdict} |"
-        )
-    return "\n".join(lines)
+    header = ["profile", "scenario", "period", "truth s", "billed s", "unattributed s",
+              "never shown s", "GPU", "alone", "shared", "worst job", "bar"]  # fmt: skip
+    return _markdown(
+        header,
+        [
+            [
+                r.profile,
+                r.scenario,
+                f"{r.period_us / 1e6:.3f} s",
+                f"{r.truth_s:.3f}",
+                f"{r.billed_s:.3f}",
+                f"{r.unattributed_s:.3f}",
+                f"{r.unshown_s:.3f}",
+                f"{r.gpu_pct:.4f} %",
+                _opt(r.alone_pct),
+                _opt(r.shared_pct),
+                f"{r.job_s * 1000:.0f} ms (≤ {r.job_bar_s * 1000:.0f})",
+                _verdict(r.misses),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def _mig_one_account() -> Scenario:
@@ -278,20 +295,30 @@ def _mig_row(
 
 
 def mig_table(rows: list[MigRow]) -> str:
-    lines = [
-        "| scenario | instance | processes | accounts | truth s | billed s | unattributed s | "
-        "gaps s | instance | alone | account | shared (no bar) | bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        verdict = _verdict(r.misses)
-        lines.append(
-            f"| {r.scenario} | {r.instance} | {r.processes} | {r.accounts} | {r.truth_s:.3f} | "
-            f"{r.billed_s:.3f} | {r.unattributed_s:.3f} | {r.gaps_s:.3f} | "
-            f"{_opt(r.instance_pct)} | {_opt(r.alone_pct)} | {_opt(r.account_pct)} | "
-            f"{_opt(r.shared_pct)} | {verdict} |"
-        )
-    return "\n".join(lines)
+    header = ["scenario", "instance", "processes", "accounts", "truth s", "billed s",
+              "unattributed s", "gaps s", "instance", "alone", "account", "shared (no bar)",
+              "bar"]  # fmt: skip
+    return _markdown(
+        header,
+        [
+            [
+                r.scenario,
+                r.instance,
+                str(r.processes),
+                str(r.accounts),
+                f"{r.truth_s:.3f}",
+                f"{r.billed_s:.3f}",
+                f"{r.unattributed_s:.3f}",
+                f"{r.gaps_s:.3f}",
+                _opt(r.instance_pct),
+                _opt(r.alone_pct),
+                _opt(r.account_pct),
+                _opt(r.shared_pct),
+                _verdict(r.misses),
+            ]
+            for r in rows
+        ],
+    )
 
 
 def _mig_results(rows: list[MigRow]) -> list[Result]:

@@ -101,6 +101,10 @@ class _Answers:
             self._queues[key(e)].append(e)
         self._last: dict[Key, dict[str, Any]] = {}
 
+    def holds(self, key: Key) -> bool:
+        """Whether the trace recorded any answer to ``key``."""
+        return key in self._queues
+
     def next(self, key: Key) -> dict[str, Any] | None:
         queue = self._queues.get(key)
         if queue:
@@ -166,13 +170,10 @@ class ReplayNvml:
     def mig_gpus(self) -> list[Device]:
         """As recorded; a trace recorded before agents asked this answers from its devices
         (the GPUs its MIG instances are on), not as a call past the recorded answers."""
-        entry = self._answers.next(("mig_gpus",))
-        if entry is None:
-            parents = {d.parent_uuid: d for d in self._listed if d.parent_uuid is not None}
-            return [Device(d.index, uuid, d.name, True) for uuid, d in parents.items()]
-        if "e" in entry:
-            raise trace.decode_error(entry)
-        return list(trace.decode("mig_gpus", entry["v"]))
+        if self._answers.holds(("mig_gpus",)):
+            return list(self._answer(("mig_gpus",)))
+        parents = {d.parent_uuid: d for d in self._listed if d.parent_uuid is not None}
+        return [Device(d.index, uuid, d.name, True) for uuid, d in parents.items()]
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         return list(self._answer(("compute_processes", device.uuid)))
