@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.gpu import ProcessInfo
-from creditmeter.agent.split import Interval
-from creditmeter.agent.usage import ProcessKey
+from creditmeter.agent.split import split
+from creditmeter.agent.usage import ProcessKey, Slice
 
 if TYPE_CHECKING:  # the registry's module brings sqlite3, which the selftest must not load
-    from creditmeter.agent.jobs import JobSpanSource
+    from creditmeter.agent.jobs import JobSpanSource, WindowSpans
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,20 @@ class LabelsAndJobs:
         except AgentError as exc:
             log.warning("pid %d: its jobs cannot be read (%s): payer unknown", key.pid, exc)
             return None
-        accounts = {j.account for j in window.jobs}
-        spans = [
-            Interval(j.start_us, end_us if j.end_us is None else j.end_us) for j in window.jobs
-        ]
-        if window.undelivered or not _covers(spans, start_us, end_us):
-            accounts.add(label)
-        return frozenset(accounts)
+        return _billed_accounts(window, label, start_us, end_us)
 
 
-def _covers(spans: list[Interval], start_us: int, end_us: int) -> bool:
-    """Whether the spans together cover [start_us, end_us)."""
-    reached_us = start_us
-    for span in sorted(spans, key=lambda s: s.start_us):
-        if span.start_us > reached_us:
-            return False
-        reached_us = max(reached_us, span.end_us)
-    return reached_us >= end_us
+def _billed_accounts(window: WindowSpans, label: str, start_us: int, end_us: int) -> frozenset[str]:
+    """The accounts ``split`` gives a share of busy time spread over [start_us, end_us):
+    the record path's own rule, so that a job that only touches the span's edge pays
+    nothing, and the label pays only for time outside every job."""
+    span_us = end_us - start_us
+    if span_us <= 0:
+        return frozenset({label})
+    parts = split(
+        [Slice(start_us, end_us, span_us * 100)], span_us, window.jobs, window.undelivered
+    )
+    accounts = {p.account for p in parts.jobs if p.busy_us > 0}
+    if parts.fallback_busy_us > 0 or parts.undelivered_busy_us > 0:
+        accounts.add(label)
+    return frozenset(accounts)

@@ -62,10 +62,29 @@ def test_jobs_declared_for_another_gpu_pay_nothing_here(registry: JobRegistry) -
 def test_jobs_that_could_not_be_delivered_leave_the_label_paying_too(
     registry: JobRegistry,
 ) -> None:
+    """Time outside every job, in jobs the worker could not deliver, is billed by the label
+    (flagged fallback); time inside a job that did arrive stays that job's."""
     registry.start("a", "acme", "sdxl", OWNER, start_us=10 * S)
-    registry.record_undelivered(OWNER, 10 * S, 11 * S, 1)
+    registry.end("a", 11 * S)
+    registry.record_undelivered(OWNER, 10 * S, 12 * S, 1)
     payers = LabelsAndJobs(registry)
-    assert payers.accounts(KEY, info("initech"), 10 * S, 11 * S) == {"acme", "initech"}
+    assert payers.accounts(KEY, info("initech"), 10 * S, 11 * S) == {"acme"}
+    assert payers.accounts(KEY, info("initech"), 10 * S, 12 * S) == {"acme", "initech"}
+    assert payers.accounts(KEY, info("initech"), 11 * S, 12 * S) == {"initech"}
+
+
+def test_a_job_that_only_touches_the_span_pays_nothing_in_it(registry: JobRegistry) -> None:
+    """The registry hands over jobs that touch a window at its edges; the record path gives
+    them no share, so neither do the payers (before, acme "paid" for [12 s, 13 s) beside
+    globex and made the span nobody's)."""
+    registry.start("a", "acme", "sdxl", OWNER, start_us=10 * S)
+    registry.end("a", 12 * S)
+    registry.start("b", "globex", "flux", OWNER, start_us=12 * S)
+    registry.end("b", 13 * S)
+    payers = LabelsAndJobs(registry)
+    assert payers.accounts(KEY, info("initech"), 12 * S, 13 * S) == {"globex"}
+    assert payers.accounts(KEY, info("initech"), 9 * S, 10 * S) == {"initech"}
+    assert payers.accounts(KEY, info("initech"), 13 * S, 14 * S) == {"initech"}
 
 
 class Unreadable:
