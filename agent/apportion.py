@@ -58,6 +58,7 @@ class Unattributed(enum.IntEnum):
     NO_PROCESS = 1  # the device was busy while no process held a context on it
     UNKNOWN_PROCESS = 2  # claimed by a pid the driver never listed on the device
     NO_EVIDENCE = 3  # several processes held contexts and none has evidence for it
+    PROCESSES_UNLISTED = 4  # the driver would not list the device's processes
 
 
 class Period(NamedTuple):

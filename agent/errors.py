@@ -72,6 +72,11 @@ class NotSupported(NvmlError):
     """This device or driver does not offer the query (e.g. per-process utilization on MIG)."""
 
 
+class NotPermitted(NvmlError):
+    """The driver refuses this query to the agent's user: on a MIG GPU, the GPU's own process
+    list (every instance's processes) needs privileges (nvml.h) that a non-root agent may lack."""
+
+
 class NoData(NvmlError):
     """NVML has no sample newer than the cursor: the device was idle. Not a failure."""
 

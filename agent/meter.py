@@ -29,11 +29,18 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from creditmeter.agent import apportion, listings
 from creditmeter.agent.apportion import Evidence, Period, Presence, Unattributed
-from creditmeter.agent.errors import GpuLost, NoData, NotSupported, NvmlError, ProcessGone
+from creditmeter.agent.errors import (
+    GpuLost,
+    NoData,
+    NotPermitted,
+    NotSupported,
+    NvmlError,
+    ProcessGone,
+)
 from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
 from creditmeter.agent.listings import ListingSchedule
@@ -151,6 +158,10 @@ class DeviceState:
     # was lost since it, else the driver's ring dropped periods not yet read.
     hole_reason: int = usage_pb2.GAP_REASON_RING_OVERFLOW
     gpm_supported: bool = True
+    # MIG: how its processes are listed. Its own list is not supported on a host in vGPU
+    # host virtualization mode (nvml.h), where its GPU's list (every instance's) is read
+    # instead; that one needs privileges. "none": neither answers.
+    process_list: Literal["own", "gpu", "none"] = "own"
     # MIG: monotonic µs of the GPM sample the next reading is measured from (None: no
     # sample yet, so the time since the last poll is unmeasured).
     gpm_from_mono_us: int | None = None
@@ -255,6 +266,8 @@ class Meter:
         self._listed_us = 0  # wall µs the driver's devices were last listed
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
+        # This poll's process lists of GPUs in MIG mode, or why there is none.
+        self._gpu_lists: dict[str, list[ComputeProcess] | NvmlError] = {}
         self._devices: dict[str, DeviceState] = {}
         self._energy = _EnergyLedger()
         self._finished: dict[ProcessKey, int] = {}  # exited since the last close: -> settled
@@ -470,6 +483,7 @@ class Meter:
         self._now_mono_us = _us(self._clock.monotonic())
         step_us = self._wall_step(now_us)
         before = {id(t): t.usage.pct_us for ds in self._devices.values() for t in ds.tracked()}
+        self._gpu_lists.clear()
         for ds in self._devices.values():
             ds.settled_now = ds.device.is_mig
             if ds.lost_at_us is not None or ds.configured_away:
@@ -483,7 +497,7 @@ class Meter:
                 # The cursors did not move: the next poll reads these periods again.
                 self._poll_failed(ds, exc)
                 # An instance destroyed since the session began answers NOT_FOUND.
-                if ds.device.is_mig:
+                if ds.device.is_mig and isinstance(exc, NoData):
                     self._listings.changed()
             else:
                 self._poll_succeeded(ds)
@@ -526,16 +540,20 @@ class Meter:
         return step_us
 
     def _poll_device(self, ds: DeviceState, now_us: int, step_us: int) -> None:
+        if ds.device.is_mig:
+            listed = self._instance_processes(ds)
+            if listed is not None:
+                self._update_processes(ds, listed, now_us)
+            # GPM counts time itself: no driver timestamps.
+            self._poll_instance(ds, now_us, unlisted=listed is None)
+            return
         listed = self._nvml.compute_processes(ds.device)
-        if not ds.device.is_mig and any(p.gpu_instance_id is not None for p in listed):
+        if any(p.gpu_instance_id is not None for p in listed):
             # In MIG mode since this session began: those processes are its instances'.
             log.info("%s: processes on MIG instances: listing devices again", ds.device.uuid)
             self._listings.changed()
             listed = [p for p in listed if p.gpu_instance_id is None]
         fresh = self._update_processes(ds, listed, now_us)
-        if ds.device.is_mig:
-            self._poll_instance(ds, now_us)  # GPM counts time itself: no driver timestamps
-            return
         if step_us < 0:
             # Samples stamped before the clock reaches the cursor again look exactly like
             # ones already billed: that stretch is a gap, never a guess.
@@ -715,12 +733,67 @@ class Meter:
         through = self._finished.get(key)
         return through is not None and end_us <= through
 
-    def _poll_instance(self, ds: DeviceState, now_us: int) -> None:
+    def _instance_processes(self, ds: DeviceState) -> list[ComputeProcess] | None:
+        """A MIG instance's processes: from its own handle, or where the driver does not
+        support that (a host in vGPU host virtualization mode, nvml.h on
+        nvmlDeviceGetComputeRunningProcesses) from its GPU's list, by instance ids. None when
+        neither answers, for good (the GPU's list needs privileges: nvml.h); a passing
+        failure raises, and the next poll reads the instance again."""
+        if ds.process_list == "own":
+            try:
+                return self._nvml.compute_processes(ds.device)
+            except NotSupported:
+                log.warning(
+                    "%s: the driver does not list its processes (a host in vGPU host mode): "
+                    "they are read from its GPU's list",
+                    ds.device.uuid,
+                )
+                ds.process_list = "gpu"
+        parent = ds.device.parent_uuid
+        everyone = self._gpu_list(parent) if parent is not None else NotSupported("no GPU", 0)
+        if isinstance(everyone, (NotSupported, NotPermitted)):
+            if ds.process_list != "none":
+                log.error(
+                    "%s: its processes cannot be listed (%s): its busy time is unattributed "
+                    "(PROCESSES_UNLISTED) until they can",
+                    ds.device.uuid, everyone,
+                )  # fmt: skip
+                ds.process_list = "none"
+            return None
+        if isinstance(everyone, NvmlError):
+            raise everyone
+        if ds.process_list == "none":
+            log.warning("%s: its processes are listed again", ds.device.uuid)
+            ds.process_list = "gpu"
+        ids = (ds.device.gpu_instance_id, ds.device.compute_instance_id)
+        return [p for p in everyone if (p.gpu_instance_id, p.compute_instance_id) == ids]
+
+    def _gpu_list(self, parent_uuid: str) -> list[ComputeProcess] | NvmlError:
+        """The process list of a GPU in MIG mode (every instance's processes, with their
+        ids), read once a poll however many instances and the watch ask for it."""
+        if parent_uuid not in self._gpu_lists:
+            parent = self._mig_gpus.get(parent_uuid)
+            try:
+                if parent is None:
+                    raise NotSupported(f"{parent_uuid}: not listed in MIG mode", 0)
+                self._gpu_lists[parent_uuid] = self._nvml.compute_processes(parent)
+            except GpuLost:
+                raise
+            except NvmlError as exc:
+                self._count_error(exc)
+                self._gpu_lists[parent_uuid] = exc
+        return self._gpu_lists[parent_uuid]
+
+    def _poll_instance(self, ds: DeviceState, now_us: int, *, unlisted: bool = False) -> None:
         """MIG: GPM says how busy the instance was since its previous sample; its processes
-        share that evenly. Time no pair of GPM samples covers is a gap, never free."""
+        share that evenly. Time no pair of GPM samples covers is a gap, never free. Busy time
+        with no process to take it (none listed, or ``unlisted``: none could be) is
+        unattributed on the instance's books."""
         # Listed now, or at the previous poll: one that exited since ran for part of this
         # interval (its last seconds are in it, and in no other).
-        present = [t for t in ds.tracked() if t.listed or t.gone_at_us == now_us]
+        present = (
+            [] if unlisted else [t for t in ds.tracked() if t.listed or t.gone_at_us == now_us]
+        )
         self._gap_downtime(ds)
         if not ds.gpm_supported:
             self._no_signal(present, ds.elapsed_us(self._now_mono_us))
@@ -743,11 +816,17 @@ class Meter:
             # The library no longer had the sample this one is measured from.
             self._gap_each(present, usage_pb2.GAP_REASON_NVML_ERROR, interval_us)
             return
-        if not present or interval_us <= 0:
+        if interval_us <= 0:
             return
         total = round(min(max(fraction, 0.0), 1.0) * 100 * interval_us)
         start_us = now_us - interval_us
         ds.settled_us = now_us
+        if not present:
+            if total:
+                why = Unattributed.PROCESSES_UNLISTED if unlisted else Unattributed.NO_PROCESS
+                ds.books.unattributed_pct_us[why] += total
+                ds.books.cover(start_us, now_us)
+            return
         if len(present) == 1:
             present[0].usage.source = _GPM_SINGLE
             present[0].usage.add(Slice(start_us, now_us, total))
@@ -1030,7 +1109,7 @@ class Meter:
         privileged caller)."""
         if self._listings.change_pending:
             return
-        for parent_uuid, parent in self._mig_gpus.items():
+        for parent_uuid in self._mig_gpus:
             if parent_uuid in self._unwatched:
                 continue
             known = {
@@ -1039,16 +1118,19 @@ class Meter:
                 if ds.device.parent_uuid == parent_uuid and not ds.configured_away
             }
             try:
-                listed = self._nvml.compute_processes(parent)
-            except NvmlError as exc:
-                self._count_error(exc)
+                listed = self._gpu_list(parent_uuid)
+            except GpuLost:
+                continue  # its instances are found lost at their own polls
+            if isinstance(listed, (NotSupported, NotPermitted)):
                 log.warning(
                     "%s: its processes cannot be listed (%s): MIG instances made while the "
                     "agent runs are found by the relisting every %.0f s only",
-                    parent_uuid, exc, listings.RELIST_INTERVAL_S,
+                    parent_uuid, listed, listings.RELIST_INTERVAL_S,
                 )  # fmt: skip
                 self._unwatched.add(parent_uuid)
                 continue
+            if isinstance(listed, NvmlError):
+                continue  # a passing failure: watched again at the next poll
             unknown = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
             if unknown:
                 log.info("%s: processes on MIG instances %s not listed", parent_uuid, unknown)

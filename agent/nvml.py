@@ -23,6 +23,7 @@ from creditmeter.agent.errors import (
     LibraryNotFound,
     NoData,
     NoPermission,
+    NotPermitted,
     NotSupported,
     NvmlError,
     NvmlUnavailable,
@@ -79,6 +80,8 @@ def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
         return NotSupported(f"{what}: not supported by this device or driver", code)
     if code == pynvml.NVML_ERROR_NOT_FOUND:
         return NoData(f"{what}: no data", code)
+    if code == pynvml.NVML_ERROR_NO_PERMISSION:
+        return NotPermitted(f"{what}: not permitted to this user", code)
     return NvmlError(f"{what}: {exc} (NVML error {code})", code)
 
 

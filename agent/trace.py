@@ -64,6 +64,7 @@ ERRORS: dict[str, type[errors.AgentError]] = {
         errors.NvmlError,
         errors.GpuLost,
         errors.NotSupported,
+        errors.NotPermitted,
         errors.NoData,
         errors.ProcessGone,
     )

@@ -64,6 +64,7 @@ def _parse_host(t: Table) -> HostSpec:
         cuda_driver_version=t.integer("cuda_driver_version", 12080, minimum=1000),
         start_wall_s=t.epoch_seconds("start_wall"),
         has_v3_symbol=t.boolean("has_v3_symbol", True),
+        privileged=t.boolean("privileged", True),
     )
     t.finish()
     return spec
@@ -166,6 +167,7 @@ def _parse_gpu(t: Table, position: int, host_driver: DriverSpec) -> GpuSpec:
         mig_enabled=mig_enabled,
         mig_pending=t.boolean("mig_pending", mig_enabled),
         mig=mig,
+        host_vgpu=t.boolean("host_vgpu", False),
     )
     t.finish()
     return spec

@@ -34,6 +34,8 @@ class HostSpec:
     cuda_driver_version: int
     start_wall_s: float | None  # default wall time at sim t=0 for clocks built from the scenario
     has_v3_symbol: bool  # False: an old driver without nvmlDeviceGetComputeRunningProcesses_v3
+    # False: the caller lacks the privileges a MIG GPU's aggregate process list needs.
+    privileged: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,9 @@ class GpuSpec:
     mig_enabled: bool
     mig_pending: bool
     mig: tuple[MigSpec, ...]
+    # A host in vGPU host virtualization mode: its MIG instances' own process lists are not
+    # supported (nvml.h, nvmlDeviceGetComputeRunningProcesses).
+    host_vgpu: bool = False
 
     @property
     def sample_reading(self) -> SampleReading:

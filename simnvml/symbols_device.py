@@ -93,9 +93,18 @@ def memory_info_v2(core: DriverCore, handle: Any, out: Any) -> int:
 
 def compute_processes(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
     """Contexts held now. On a MIG parent: all, with their instance ids; on an instance:
-    its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count."""
+    its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count.
+
+    nvml.h: on a MIG GPU the aggregate list is "only if the caller has appropriate
+    privileges" (the error an unprivileged caller gets is not documented: NO_PERMISSION, the
+    stricter choice), and an instance's own list "is not supported if the device is in vGPU
+    Host virtualization mode"."""
     now_us = core.now_us()
     ref = core.device(handle, now_us)
+    if ref.mig is not None and ref.gpu.spec.host_vgpu:
+        fail(Ret.NOT_SUPPORTED)
+    if ref.mig is None and ref.gpu.spec.mig_enabled and not core.host.scenario.host.privileged:
+        fail(Ret.NO_PERMISSION)
     procs = ref.gpu.context_processes(now_us, ref.mig)
     n = target(count)
     if infos is None or n.value < len(procs):

@@ -108,6 +108,24 @@ def test_processes_on_mig_parent_and_instances(sim: Callable[[str], Sim]) -> Non
     assert pynvml.nvmlDeviceGetMemoryInfo(migs[1]).used == 1_000_000
 
 
+def test_process_lists_follow_privileges_and_vgpu_host_mode(sim: Callable[[str], Sim]) -> None:
+    """nvml.h: a MIG GPU's aggregate list is for a privileged caller only; an instance's own
+    list is not supported in vGPU host virtualization mode. A whole GPU's list is neither."""
+    sim(
+        MIG_HOST.replace("seed = 11", "seed = 11\nprivileged = false").replace(
+            'product = "H100"', 'product = "H100"\nhost_vgpu = true'
+        )
+    )
+    pynvml.nvmlInit()
+    parent = pynvml.nvmlDeviceGetHandleByIndex(0)
+    with pytest.raises(pynvml.NVMLError_NoPermission):
+        pynvml.nvmlDeviceGetComputeRunningProcesses(parent)
+    for mig in _mig_handles(parent):
+        with pytest.raises(pynvml.NVMLError_NotSupported):
+            pynvml.nvmlDeviceGetComputeRunningProcesses(mig)
+    assert pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(1)) == []
+
+
 def test_per_process_queries_are_not_supported_on_mig(sim: Callable[[str], Sim]) -> None:
     s = sim(MIG_HOST)
     pynvml.nvmlInit()

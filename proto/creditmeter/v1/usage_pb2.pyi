@@ -40,6 +40,7 @@ class UnattributedReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNATTRIBUTED_REASON_NO_PROCESS: _ClassVar[UnattributedReason]
     UNATTRIBUTED_REASON_UNKNOWN_PROCESS: _ClassVar[UnattributedReason]
     UNATTRIBUTED_REASON_NO_EVIDENCE: _ClassVar[UnattributedReason]
+    UNATTRIBUTED_REASON_PROCESSES_UNLISTED: _ClassVar[UnattributedReason]
 
 class LabelProblem(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -96,6 +97,7 @@ UNATTRIBUTED_REASON_UNSPECIFIED: UnattributedReason
 UNATTRIBUTED_REASON_NO_PROCESS: UnattributedReason
 UNATTRIBUTED_REASON_UNKNOWN_PROCESS: UnattributedReason
 UNATTRIBUTED_REASON_NO_EVIDENCE: UnattributedReason
+UNATTRIBUTED_REASON_PROCESSES_UNLISTED: UnattributedReason
 LABEL_PROBLEM_UNSPECIFIED: LabelProblem
 LABEL_PROBLEM_TOO_LONG: LabelProblem
 LABEL_PROBLEM_FORBIDDEN_CHARACTER: LabelProblem
