@@ -4,8 +4,8 @@ An NVML session lists the devices of its nvmlInit only, so finding a lost GPU ag
 MIG instance made since, takes a new one: nvmlShutdown, then nvmlInit over every GPU of
 the host. That costs seconds on a large host without persistence mode, and on some drivers
 a hang after hours of them (NVIDIA/go-nvml#152, driver 570.x). So a listing is at most one
-per reopen interval, and a search that keeps finding nothing, or a driver that keeps
-failing, backs off.
+per reopen interval, and a search that keeps finding nothing, a driver that keeps
+failing, or evidence of a change that listings keep failing to explain, backs off.
 
 All times are monotonic seconds: the schedule reads no clock of its own, so a meter replayed
 from a trace asks for listings at the same polls.
@@ -38,14 +38,25 @@ class ListingSchedule:
         self._searches = 0  # listings that left a lost GPU lost, since the last loss
         self._failures = 0  # listings that failed, in a row
         self._changed = False  # a device may have been made or destroyed
+        self._evidence: set[str] = set()  # what showed it, since the last listing
+        # Evidence that asked for listings: how many in a row it outlived, and from when it
+        # may ask again.
+        self._outlived: dict[str, int] = {}
+        self._evidence_due_s: dict[str, float] = {}
 
     @property
     def change_pending(self) -> bool:
         """A listing is wanted for a device made or destroyed (or the last one failed)."""
         return self._changed
 
-    def changed(self) -> None:
-        """Evidence that a device was made or destroyed since the last listing."""
+    def changed(self, evidence: str = "") -> None:
+        """Evidence that a device was made or destroyed since the last listing, named by
+        what showed it (a MIG instance's ids, a device's UUID). Evidence that listings did
+        not explain, shown again, asks for the next one later each time (a reopen interval,
+        doubling up to LOST_SEARCH_MAX_S): a listing that finds nothing new will not find it
+        at the next poll either, and each is an nvmlInit over every GPU. New evidence asks
+        at once."""
+        self._evidence.add(evidence)
         self._changed = True
 
     def lost(self, search_at_s: float) -> None:
@@ -61,7 +72,7 @@ class ListingSchedule:
             return None
         if self._failures:
             return "retry"
-        if self._changed:
+        if self._changed and now_s >= self._change_due_s():
             return "changed"
         if lost and now_s >= self._next_search_s:
             return "lost"
@@ -82,11 +93,25 @@ class ListingSchedule:
         it."""
         self._failures = 0
         self._changed = False
+        self._settle_evidence(now_s)
         self._next_periodic_s = now_s + RELIST_INTERVAL_S
         self._next_reopen_s = now_s + self._reopen_interval_s
         if still_lost:
             self._searches += 1
             self._next_search_s = now_s + self._backoff_s(self._searches)
+
+    def _change_due_s(self) -> float:
+        """When the evidence shown since the last listing may ask for the next: at once if
+        any of it is new."""
+        return min((self._evidence_due_s.get(e, 0.0) for e in self._evidence), default=0.0)
+
+    def _settle_evidence(self, now_s: float) -> None:
+        """After a listing: each piece of evidence shown since has outlived one more (if it
+        shows again); evidence not shown since was explained, and is forgotten."""
+        asked = self._evidence - {""}
+        self._evidence.clear()
+        self._outlived = {e: self._outlived.get(e, 0) + 1 for e in asked}
+        self._evidence_due_s = {e: now_s + self._backoff_s(n) for e, n in self._outlived.items()}
 
     def _backoff_s(self, tries: int) -> float:
         """The wait after ``tries`` fruitless tries in a row: the reopen interval, doubling."""

@@ -81,6 +81,11 @@ EVIDENCE_CODES = {
 }
 
 
+def _instance_key(parent_uuid: str, gi: int | None, ci: int | None) -> str:
+    """A MIG instance by its GPU and ids: known from a process list before any listing."""
+    return f"{parent_uuid} gi {gi} ci {ci}"
+
+
 def _us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
@@ -266,6 +271,8 @@ class Meter:
         self._listed_us = 0  # wall µs the driver's devices were last listed
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
+        # Processes on MIG instances not listed, by instance: since which listing.
+        self._unlisted_since_us: dict[str, int] = {}
         # This poll's process lists of GPUs in MIG mode, or why there is none.
         self._gpu_lists: dict[str, list[ComputeProcess] | NvmlError] = {}
         self._devices: dict[str, DeviceState] = {}
@@ -498,7 +505,7 @@ class Meter:
                 self._poll_failed(ds, exc)
                 # An instance destroyed since the session began answers NOT_FOUND.
                 if ds.device.is_mig and isinstance(exc, NoData):
-                    self._listings.changed()
+                    self._listings.changed(ds.device.uuid)
             else:
                 self._poll_succeeded(ds)
             ds.last_poll_mono_us = self._now_mono_us
@@ -551,7 +558,7 @@ class Meter:
         if any(p.gpu_instance_id is not None for p in listed):
             # In MIG mode since this session began: those processes are its instances'.
             log.info("%s: processes on MIG instances: listing devices again", ds.device.uuid)
-            self._listings.changed()
+            self._listings.changed(ds.device.uuid)
             listed = [p for p in listed if p.gpu_instance_id is None]
         fresh = self._update_processes(ds, listed, now_us)
         if step_us < 0:
@@ -1106,9 +1113,7 @@ class Meter:
         since the session began (it lists those of its nvmlInit only): list them again. On
         the parent's handle the process list has every instance's processes, with their ids
         (nvml.h, nvmlDeviceGetComputeRunningProcesses: aggregate information for a
-        privileged caller)."""
-        if self._listings.change_pending:
-            return
+        privileged caller). The list is read once a poll in any case."""
         for parent_uuid in self._mig_gpus:
             if parent_uuid in self._unwatched:
                 continue
@@ -1131,11 +1136,17 @@ class Meter:
                 continue
             if isinstance(listed, NvmlError):
                 continue  # a passing failure: watched again at the next poll
-            unknown = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
-            if unknown:
-                log.info("%s: processes on MIG instances %s not listed", parent_uuid, unknown)
-                self._listings.changed()
-                return
+            ids = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
+            unknown = {_instance_key(parent_uuid, gi, ci) for gi, ci in ids}
+            if unknown and not self._listings.change_pending:
+                log.info("%s: processes on MIG instances %s not listed", parent_uuid, ids)
+            for key in sorted(unknown):
+                # Made after the listing before the first sight of it, at the latest.
+                self._unlisted_since_us.setdefault(key, self._listed_us)
+                self._listings.changed(key)
+            for key in [k for k in self._unlisted_since_us if k.startswith(f"{parent_uuid} ")]:
+                if key not in unknown:
+                    del self._unlisted_since_us[key]
 
     def _relist_devices(self, now_us: int) -> None:
         """List the driver's devices afresh when the schedule says so: a lost GPU is found
@@ -1173,7 +1184,13 @@ class Meter:
         for uuid, device in present.items():
             if uuid not in self._devices:
                 log.warning("%s: a device not listed before; metering it", uuid)
-                self._add_device(device, None, now_us, created_after_us=listed_before_us)
+                since_us = listed_before_us
+                if device.parent_uuid is not None:
+                    key = _instance_key(
+                        device.parent_uuid, device.gpu_instance_id, device.compute_instance_id
+                    )
+                    since_us = min(since_us, self._unlisted_since_us.pop(key, since_us))
+                self._add_device(device, None, now_us, created_after_us=since_us)
         self._listings.listed(mono, still_lost=any(ds.lost_at_us is not None for ds in lost))
 
     def _note_listed(self, now_us: int) -> None:

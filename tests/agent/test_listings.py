@@ -83,3 +83,39 @@ def test_a_failing_driver_is_retried_ever_less_often_and_then_as_usual() -> None
     # The try at 555 s succeeds: from then on, the periodic listing as before.
     assert got[7:] == [(555.0, "retry")]
     assert listings(schedule, 701, 900) == [(855.0, "periodic")]
+
+
+def evidence_listings(
+    schedule: ListingSchedule, from_s: int, to_s: int, shown: Callable[[int], list[str]]
+) -> list[float]:
+    """Each second: the evidence ``shown`` then, and when a listing was due for a change."""
+    out = []
+    for t in range(from_s, to_s + 1):
+        for evidence in shown(t):
+            schedule.changed(evidence)
+        if schedule.due(float(t), lost=False) == "changed":
+            out.append(float(t))
+            schedule.listed(float(t), still_lost=False)
+    return out
+
+
+def test_evidence_that_listings_do_not_explain_asks_ever_less_often() -> None:
+    """A process on an instance no listing finds, shown at every poll."""
+    schedule = ListingSchedule(0.0, REOPEN_S)
+    got = evidence_listings(schedule, 10, 300, lambda t: ["GPU-a gi 3 ci 0"])
+    assert got[:6] == [10.0, 15.0, 25.0, 45.0, 85.0, 145.0]
+    assert {b - a for a, b in pairwise(got[5:])} == {LOST_SEARCH_MAX_S}
+
+
+def test_new_evidence_asks_at_once_and_explained_evidence_is_forgotten() -> None:
+    schedule = ListingSchedule(0.0, REOPEN_S)
+
+    def shown(t: int) -> list[str]:
+        old = ["GPU-a gi 3 ci 0"] if t < 100 else []  # explained by a listing from 100 s
+        return old + (["MIG-b"] if t == 52 else []) + (["GPU-a gi 3 ci 0"] if t == 200 else [])
+
+    got = evidence_listings(schedule, 10, 210, shown)
+    # 10, 15, 25, 45 for the first; MIG-b at 52 at once, a listing the first outlives
+    # too, so its next is 60 s on (shown until 99 s, it still asks then); at 200 s the
+    # first shows again after a listing without it: at once.
+    assert got == [10.0, 15.0, 25.0, 45.0, 52.0, 112.0, 200.0]

@@ -14,8 +14,11 @@ import json
 from collections import defaultdict
 
 from bench.harness import Run, drive, metered
+from creditmeter.agent.gpu import Device
+from creditmeter.agent.meter import Meter
+from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.usage import ProcessKey
-from creditmeter.simnvml import Scenario
+from creditmeter.simnvml import ManualClock, Scenario, SimHost, installed
 from creditmeter.v1 import usage_pb2
 from tests.agent.test_lost_gpus import SHORT_RING_GPU
 
@@ -184,3 +187,51 @@ def test_a_relisting_that_fails_is_tried_again_within_a_reopen_interval() -> Non
     ((key, busy),) = run.truth_us().items()
     assert run.measured_us()[key] == busy
     assert not any(u.gaps_us for u in run.process_usages())
+
+
+class MissingInstanceNvml(PynvmlNvml):
+    """The real NVML seam over the simulator, whose listings leave out one MIG instance
+    until ``until_s`` while its GPU's process list shows the instance's processes. No public
+    report shows a driver doing this; it stands for whatever makes a listing miss what the
+    process list shows, which the meter cannot rule out."""
+
+    hidden_gi = 13
+    until_s = 150.0
+    clock: ManualClock
+
+    def devices(self) -> list[Device]:
+        listed = super().devices()
+        if self.clock.monotonic() >= self.until_s:
+            return listed
+        return [d for d in listed if d.gpu_instance_id != self.hidden_gi]
+
+
+def test_an_instance_that_listings_keep_missing_is_listed_for_ever_less_often() -> None:
+    """The process of the instance made at 60 s shows on its GPU's list from 62.3 s, but
+    the listings miss the instance until 150 s. Each listing is a new NVML session over
+    every GPU: for the same evidence they back off as a lost GPU's search does (5, 10, 20,
+    40 s, then 60 s); new evidence (an instance destroyed at 100 s, one made at 120 s) is
+    listed at once. Before, one every reopen interval: 19 in the run. All the process's time
+    before the listing that finds the instance is a DEVICE_UNLISTED gap, from the listing
+    before the first sight of it: before, the gap began at the last listing that missed it,
+    and 76 s of its 114.3 s of busy time were neither billed nor a gap. The price of the
+    backoff: found at 191 s, 41 s after a listing could first have found it."""
+    host, clock = SimHost.manual(Scenario.from_toml(RECONFIGURED))
+    with installed(host) as lib:
+        nvml = MissingInstanceNvml.open()
+        nvml.clock = clock
+        meter = Meter(nvml, host.process_table(), clock)
+        try:
+            run = Run(host, clock, lib)
+            drive(run, meter, END_S)
+            run.usages.extend(meter.close_window())
+            relistings = dict(meter.stats.relistings)
+        finally:
+            meter.shutdown()
+    # At 63, 68, 78 and 98 s; at 103 s (gi 5 destroyed) and 131 s (gi 11 made); at 191 s.
+    assert relistings == {"changed": 7}
+    key = next(k for k in run.truth_us() if k.pid == 300)
+    truth, billed = run.truth_us()[key], run.measured_us().get(key, 0)
+    gap_us = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == key)
+    assert gap_us >= (191.0 - 62.3 - POLL_S) * 1e6, gap_us
+    assert billed <= truth <= billed + gap_us
