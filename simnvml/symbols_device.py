@@ -96,9 +96,10 @@ def compute_processes(core: DriverCore, handle: Any, count: Any, infos: Any) -> 
     its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count.
 
     nvml.h: on a MIG GPU the aggregate list is "only if the caller has appropriate
-    privileges" (the error an unprivileged caller gets is not documented: NO_PERMISSION, the
-    stricter choice), and an instance's own list "is not supported if the device is in vGPU
-    Host virtualization mode"."""
+    privileges" (the error is not documented: NO_PERMISSION, as a container gets from
+    nvmlDeviceGetMemoryInfo on a MIG GPU's handle, NVIDIA/nvidia-container-toolkit#842), and
+    an instance's own list "is not supported if the device is in vGPU Host virtualization
+    mode"."""
     now_us = core.now_us()
     ref = core.device(handle, now_us)
     if ref.mig is not None and ref.gpu.spec.host_vgpu:
