@@ -23,6 +23,7 @@ BENCHES = {
     "latency": "bench.latency",
     "jobapi": "bench.jobapi",
     "ledger": "bench.ledger",
+    "account_reads": "bench.account_reads",
     "web": "bench.web",
     "pg_ingest": "bench.pg_ingest",
     "soak": "bench.soak",

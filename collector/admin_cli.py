@@ -666,9 +666,7 @@ def _jobs(args: argparse.Namespace) -> int:
     period = parse_period(args.from_, args.to)
     with _store(args, writing=False) as store:
         prices = PriceSchedule(store.price_versions())
-        events = store.usage_events(period.from_us, period.to_us)
-        if args.account is not None:
-            events = (e for e in events if e.account == args.account)
+        events = store.usage_events(period.from_us, period.to_us, args.account)
         jobs = job_credits(events, prices)
     table = typical_rows(typical(jobs)) if args.typical else job_rows(jobs)
     sys.stdout.write(render_jobs(*table, args.format))

@@ -408,9 +408,12 @@ class LedgerStore(Protocol):
         rows separately."""
         ...
 
-    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
-        """Stored records with busy time that start in [from_us, to_us), by agent and seq.
-        Reads its own snapshot: ingest goes on meanwhile."""
+    def usage_events(
+        self, from_us: int | None, to_us: int | None, account: str | None = None
+    ) -> Iterator[UsageEvent]:
+        """Stored records with busy time that start in [from_us, to_us), of one ``account``
+        or all, by agent and seq. Reads its own snapshot: ingest goes on meanwhile. One
+        account's reads only the seq ranges its spans name (account_spans.py)."""
         ...
 
     def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:

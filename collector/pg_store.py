@@ -100,6 +100,13 @@ from psycopg.rows import TupleRow
 from psycopg.types.string import BytesBinaryDumper
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from creditmeter.collector.account_spans import (
+    AccountSpans,
+    backfill_rows,
+    first_bucket_us,
+    merged_ranges,
+    span_rows,
+)
 from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
@@ -210,6 +217,8 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # Work SQL cannot do (reading record bytes), after the statements, in their transaction.
+    backfill: Callable[[Connection], None] | None = None
 
 
 # The month (UTC) of a rollup's hour, in µs (rollup.month_start_us), and its day (1-31).
@@ -615,6 +624,21 @@ MIGRATIONS: tuple[Migration, ...] = (
                   AND m.shard = s.shard""",
         ),
     ),
+    Migration(
+        16,
+        "where each account's records lie: per account, 10-minute bucket and agent, a span of seqs",
+        (
+            """CREATE TABLE account_spans (
+                bucket_us BIGINT NOT NULL,
+                agent_id TEXT COLLATE "C" NOT NULL,
+                account TEXT COLLATE "C" NOT NULL,
+                first_seq BIGINT NOT NULL,
+                last_seq BIGINT NOT NULL,
+                PRIMARY KEY (bucket_us, agent_id, account)
+            )""",
+        ),
+        backfill=lambda conn: _backfill_account_spans(conn),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -881,6 +905,8 @@ class PostgresStore:
                 sums = account_sums(device_sums)
             with _refused_rows(agent_id, head):
                 _copy_records(cur, new_rows)
+                # The whole batch's spans: wider is harmless (account_spans.py).
+                _add_account_spans(cur, agent_id, records.account_spans)
                 if held:
                     cur.executemany(
                         "INSERT INTO quarantine VALUES (%s, %s, %s, %s, %s, NULL, NULL)",
@@ -1200,12 +1226,21 @@ class PostgresStore:
             _add_gpu_rollups(cur, checked.gpu_sums)
             _add_gpu_usage(cur, self._shard(agent_id), checked.device_sums)
             _add_rollups(cur, self._shard(agent_id), checked.sums, checked.device_sums)
+            _add_account_spans(cur, agent_id, checked.account_spans)  # held at ingest too
         return QuarantineEntry(*row)
 
-    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+    def usage_events(
+        self, from_us: int | None, to_us: int | None, account: str | None = None
+    ) -> Iterator[UsageEvent]:
         """Read from the record bytes (the only copy of their fields): every record in the
-        range is fetched, those without busy time are left out here."""
+        range is fetched (of one account: in the seq ranges of its spans), those without busy
+        time are left out here."""
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
+        if account is not None:
+            for event in usage_events(self._account_rows(account, *bounds)):
+                if event.account == account:
+                    yield event
+            return
         yield from usage_events(
             self._read_rows(
                 f"""SELECT agent_id, seq, record FROM records r
@@ -1324,6 +1359,32 @@ class PostgresStore:
                     cur.itersize = _AUDIT_FETCH_ROWS
                     cur.execute(sql, parameters)
                     yield from cur
+            finally:
+                conn.close()
+
+    def _account_rows(self, account: str, from_us: int, to_us: int) -> Iterator[TupleRow]:
+        """The rows in [from_us, to_us) of the seq ranges the account's spans name, in one
+        REPEATABLE READ transaction: its records, and others' stored between them."""
+        with _translated(f"reading {self.where}", self.where):
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                spans = conn.execute(
+                    """SELECT agent_id, first_seq, last_seq FROM account_spans
+                       WHERE account = %s AND bucket_us >= %s AND bucket_us < %s""",
+                    (account, first_bucket_us(from_us), to_us),
+                ).fetchall()
+                for agent_id, first, last in merged_ranges(spans):
+                    with conn.cursor(name="account_rows") as cur:
+                        cur.itersize = _AUDIT_FETCH_ROWS
+                        cur.execute(
+                            f"""SELECT agent_id, seq, record FROM records r
+                               WHERE agent_id = %s AND seq BETWEEN %s AND %s
+                                 AND start_us >= %s AND start_us < %s AND {NOT_HELD}
+                               ORDER BY seq""",
+                            (agent_id, first, last, from_us, to_us),
+                        )
+                        yield from cur
             finally:
                 conn.close()
 
@@ -1638,6 +1699,8 @@ def _migrate(
         for migration in pending:
             for statement in migration.statements:
                 conn.execute(statement)
+            if migration.backfill is not None:
+                migration.backfill(conn)
             conn.execute(
                 "INSERT INTO schema_version VALUES (%s, %s, %s)",
                 (migration.version, migration.description, clock_us()),
@@ -1772,6 +1835,31 @@ def _refused_rows(agent_id: str, head: ChainHead) -> Iterator[None]:
         raise InsaneField(
             f"a value cannot be stored: {_first_line(exc)}", agent_id=agent_id
         ) from exc
+
+
+# One statement a batch, its rows as arrays (keys are unique within a batch and a chunk).
+_UPSERT_ACCOUNT_SPANS = """
+    INSERT INTO account_spans (bucket_us, agent_id, account, first_seq, last_seq)
+    SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])
+    ON CONFLICT (bucket_us, agent_id, account) DO UPDATE SET
+        first_seq = LEAST(account_spans.first_seq, excluded.first_seq),
+        last_seq = GREATEST(account_spans.last_seq, excluded.last_seq)"""
+
+
+def _add_account_spans(cur: Cursor, agent_id: str, spans: AccountSpans) -> None:
+    """One agent's rows: only the stream that holds the agent's row locked writes them."""
+    rows = sorted(span_rows(agent_id, spans))
+    if rows:
+        cur.execute(_UPSERT_ACCOUNT_SPANS, _columns(rows, 5))
+
+
+def _backfill_account_spans(conn: Connection) -> None:
+    """Migration 16: the spans of the records stored before it, read from their bytes."""
+    with conn.cursor(name="account_spans_backfill") as read, conn.cursor() as write:
+        read.itersize = _AUDIT_FETCH_ROWS
+        read.execute("SELECT agent_id, seq, start_us, record FROM records")
+        for chunk in backfill_rows(read):
+            write.execute(_UPSERT_ACCOUNT_SPANS, _columns(sorted(chunk), 5))
 
 
 def _copy_records(cur: Cursor, rows: Sequence[RecordRow]) -> None:

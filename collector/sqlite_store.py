@@ -28,6 +28,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from creditmeter.collector.account_spans import (
+    BUCKET_US,
+    AccountSpans,
+    first_bucket_us,
+    merged_ranges,
+    record_account,
+    span_rows,
+)
 from creditmeter.collector.capacity import Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
@@ -549,6 +557,25 @@ MIGRATIONS: tuple[Migration, ...] = (
                   AND m.gpu_uuid = s.gpu_uuid AND m.account = s.account AND m.model = s.model""",
         ),
     ),
+    Migration(
+        17,
+        "where each account's records lie: per account, 10-minute bucket and agent, a span of seqs",
+        (
+            """CREATE TABLE account_spans (
+                bucket_us INTEGER NOT NULL,
+                agent_id TEXT NOT NULL,
+                account TEXT NOT NULL,
+                first_seq INTEGER NOT NULL,
+                last_seq INTEGER NOT NULL,
+                PRIMARY KEY (bucket_us, agent_id, account)
+            ) WITHOUT ROWID""",
+            # record_account: a function of each migrating connection (_migrate).
+            f"""INSERT INTO account_spans
+                SELECT MAX(start_us - start_us % {BUCKET_US}, 0), agent_id, record_account(record),
+                       MIN(seq), MAX(seq)
+                FROM records GROUP BY 1, 2, 3""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -576,6 +603,12 @@ _UPSERT_ROLLUP = """
         busy_us = busy_us + excluded.busy_us,
         wall_us = wall_us + excluded.wall_us,
         record_count = record_count + excluded.record_count"""
+_UPSERT_ACCOUNT_SPAN = """
+    INSERT INTO account_spans (bucket_us, agent_id, account, first_seq, last_seq)
+    VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (bucket_us, agent_id, account) DO UPDATE SET
+        first_seq = MIN(first_seq, excluded.first_seq),
+        last_seq = MAX(last_seq, excluded.last_seq)"""
 _UPSERT_DEVICE_ROLLUP = """
     INSERT INTO rollups_device_hourly
         (hour_start_us, host, gpu_uuid, account, model, busy_us, wall_us, record_count)
@@ -783,6 +816,8 @@ class SQLiteStore:
             else:
                 device_sums, gpu_sums = device_hourly_sums(new_rows, {q.seq for q in held})
                 _add_rollups(conn, account_sums(device_sums), device_sums, gpu_sums)
+            # The whole batch's spans, resent rows too: wider is harmless (account_spans.py).
+            _add_account_spans(conn, agent_id, records.account_spans)
             conn.execute(
                 "UPDATE agents SET head_seq = ?, head_hash = ? WHERE agent_id = ?",
                 (new_head.seq, new_head.hash, agent_id),
@@ -849,6 +884,7 @@ class SQLiteStore:
                     f"agent {agent_id!r} seq {seq} is not in quarantine (or was released)"
                 )
             _add_rollups(conn, checked.sums, checked.device_sums, checked.gpu_sums)
+            _add_account_spans(conn, agent_id, checked.account_spans)  # held at ingest too
             return next(e for e in _quarantine(conn) if (e.agent_id, e.seq) == (agent_id, seq))
 
     # -- the ledger (LedgerStore) --------------------------------------------------------
@@ -1032,16 +1068,48 @@ class SQLiteStore:
             groups.extend(UsageGroup(*row) for row in api.fetchall())
         return groups
 
-    def usage_events(self, from_us: int | None, to_us: int | None) -> Iterator[UsageEvent]:
+    def usage_events(
+        self, from_us: int | None, to_us: int | None, account: str | None = None
+    ) -> Iterator[UsageEvent]:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
-        yield from usage_events(
-            self._read_rows(
-                f"""SELECT agent_id, seq, record FROM records r
-                   WHERE start_us >= ? AND start_us < ? AND {NOT_HELD}
-                   ORDER BY agent_id, seq""",
-                bounds,
+        if account is None:
+            yield from usage_events(
+                self._read_rows(
+                    f"""SELECT agent_id, seq, record FROM records r
+                       WHERE start_us >= ? AND start_us < ? AND {NOT_HELD}
+                       ORDER BY agent_id, seq""",
+                    bounds,
+                )
             )
-        )
+            return
+        for event in usage_events(self._account_rows(account, *bounds)):
+            if event.account == account:
+                yield event
+
+    def _account_rows(
+        self, account: str, from_us: int, to_us: int
+    ) -> Iterator[tuple[str, int, bytes]]:
+        """The rows in [from_us, to_us) of the seq ranges the account's spans name, in one
+        read transaction: its records, and others' stored between them."""
+        with _translated(f"reading {self.path}"):
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN")
+                spans = conn.execute(
+                    """SELECT agent_id, first_seq, last_seq FROM account_spans
+                       WHERE account = ? AND bucket_us >= ? AND bucket_us < ?""",
+                    (account, first_bucket_us(from_us), to_us),
+                ).fetchall()
+                for agent_id, first, last in merged_ranges(spans):
+                    yield from conn.execute(
+                        f"""SELECT agent_id, seq, record FROM records r
+                           WHERE agent_id = ? AND seq BETWEEN ? AND ?
+                             AND start_us >= ? AND start_us < ? AND {NOT_HELD}
+                           ORDER BY seq""",
+                        (agent_id, first, last, from_us, to_us),
+                    )
+            finally:
+                conn.close()
 
     def api_charges(self, from_us: int | None, to_us: int | None) -> Iterator[ApiCharge]:
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
@@ -1415,6 +1483,8 @@ def _migrate(
     """Applies the pending migrations in one transaction: a failure leaves the database as
     it was."""
     known = migrations[-1].version if migrations else 0
+    # Migrations that read what only a record's bytes hold call this (17: account_spans).
+    conn.create_function("record_account", 1, record_account, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -1566,6 +1636,13 @@ def _add_rollups(
         )
     if gpu_sums:
         conn.executemany(_UPSERT_GPU_ROLLUP, [(*key, us) for key, us in gpu_sums.items()])
+
+
+def _add_account_spans(conn: sqlite3.Connection, agent_id: str, spans: AccountSpans) -> None:
+    conn.executemany(
+        _UPSERT_ACCOUNT_SPAN,
+        span_rows(agent_id, spans),
+    )
 
 
 def _quarantine(conn: sqlite3.Connection) -> list[QuarantineEntry]:

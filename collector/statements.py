@@ -139,8 +139,8 @@ def gather_evidence(
     seqs: dict[str, list[int]] = {}
     sums: Sums = {}
     first_us = period.start_us if not late_busy else account.first_period_start_us
-    for event in store.usage_events(first_us, period.end_us):
-        if event.account != account.name or summed.has_record(event.agent_id, event.seq):
+    for event in store.usage_events(first_us, period.end_us, account.name):
+        if summed.has_record(event.agent_id, event.seq):
             continue
         if event.start_us < period.start_us and summed.covers(event.start_us):
             continue

@@ -18,11 +18,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from creditmeter import chain
+from creditmeter.collector.account_spans import BUCKET_US as SPAN_BUCKET_US
+from creditmeter.collector.account_spans import AccountSpans, bucket_of
 from creditmeter.collector.capacity import Budget, Capacity
 from creditmeter.collector.clock import WallClock, wall_clock_us
 from creditmeter.collector.errors import (
@@ -168,6 +171,10 @@ class CheckedRecords:
     capacity: Capacity | None = None
     capacity_base_seq: int = 0
     rotations: tuple[Rotation, ...] = ()
+    # Per 10-minute bucket and account, the first and last seq of the rows' records
+    # (account_spans.py): every record's, quarantined ones too, as a release makes them
+    # billable.
+    account_spans: AccountSpans = dataclass_field(default_factory=dict)
 
     @property
     def first_seq(self) -> int:
@@ -305,6 +312,7 @@ class Verifier:
         device_sums: dict[DeviceRollupKey, RollupSums] = {}
         get_sums = device_sums.get
         gpu_sums: GpuSums = {}
+        account_spans: AccountSpans = {}
         quarantined: list[Quarantine] = []
         rotations: list[Rotation] = []
         process_qualities = _PROCESS_QUALITIES
@@ -312,6 +320,8 @@ class Verifier:
         # The hour a record starts in, worked out again only when a record leaves it: two
         # comparisons cost less than the modulo of a 51-bit integer.
         hour_us = next_hour_us = 0
+        bucket_us = next_bucket_us = 0  # the same for the account spans' bucket
+        spans_in_bucket: dict[str, list[int]] = {}
         budget = None
         counted_seq = 0
         if capacity is not None:
@@ -448,6 +458,16 @@ class Verifier:
                         total[1] += wall_us
                         total[2] += 1
 
+            if not bucket_us <= start_us < next_bucket_us:
+                bucket_us = bucket_of(start_us)
+                next_bucket_us = bucket_us + SPAN_BUCKET_US
+                spans_in_bucket = account_spans.setdefault(bucket_us, {})
+            # Keyed by the account string alone (its hash is one C pass; a tuple's is more).
+            span = spans_in_bucket.get(account)
+            if span is None:
+                spans_in_bucket[account] = [seq, seq]
+            else:
+                span[1] = seq  # rows come in seq order
             digest = sha256(data).digest()
             append((agent_id, seq, start_us, bytearray(data)))
             append_hash(digest)
@@ -465,6 +485,7 @@ class Verifier:
             _advanced(budget, expected_seq - 1),
             counted_seq,
             tuple(rotations),
+            account_spans,
         )
 
     def _parse(self, agent_id: str, data: bytes, index: int) -> usage_pb2.UsageRecord:

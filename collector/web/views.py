@@ -91,8 +91,7 @@ def burn_down(store: WebStore, ledger: Ledger, account: str, now_us: int) -> Bur
 
 
 def jobs(store: WebStore, ledger: Ledger, account: str, period: Period) -> list[JobCredits]:
-    events = (e for e in store.usage_events(period.from_us, period.to_us) if e.account == account)
-    return job_credits(events, ledger.prices)
+    return job_credits(store.usage_events(period.from_us, period.to_us, account), ledger.prices)
 
 
 def jobs_document(rows: Sequence[JobCredits]) -> list[dict[str, object]]:

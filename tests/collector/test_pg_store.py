@@ -381,8 +381,8 @@ def versions(pg: PostgresBackend) -> list[int]:
 
 def test_a_new_database_gets_every_migration(pg: PostgresBackend) -> None:
     pg.open()
-    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 16))
-    assert SCHEMA_VERSION == 15
+    assert versions(pg) == [m.version for m in MIGRATIONS] == list(range(1, 17))
+    assert SCHEMA_VERSION == 16
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
 
 
@@ -458,7 +458,7 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     assert versions(pg) == [1]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 16))
+    assert versions(pg) == list(range(1, 17))
     assert current.usage(None, None) == [
         UsageTotal("acme", "llama-3-70b", 4 * BUSY_US, 4 * WALL_US, 4)
     ]
@@ -498,7 +498,7 @@ def test_records_of_schema_version_4_keep_their_bytes_and_signatures(
     assert versions(pg) == [1, 2, 3, 4]
 
     current = pg.open()
-    assert versions(pg) == list(range(1, 16))
+    assert versions(pg) == list(range(1, 17))
     assert columns(pg, "records") == sorted(ROW_COLUMNS)
     signatures = {
         (agent.agent_id, last): agent.batch(first, last).signature

@@ -57,8 +57,8 @@ def schema_versions(db_path: Path) -> list[int]:
 
 
 def test_a_new_database_gets_every_migration(store: SQLiteStore, db_path: Path) -> None:
-    assert schema_versions(db_path) == list(range(1, 17)) == [m.version for m in MIGRATIONS]
-    assert SCHEMA_VERSION == 16
+    assert schema_versions(db_path) == list(range(1, 18)) == [m.version for m in MIGRATIONS]
+    assert SCHEMA_VERSION == 17
 
 
 # The records table as schema version 1 made it: every field extracted into a column.
@@ -128,7 +128,7 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
 
     current = SQLiteStore(db_path)
     try:
-        assert schema_versions(db_path) == list(range(1, 17))
+        assert schema_versions(db_path) == list(range(1, 18))
         with sqlite3.connect(db_path) as conn:
             assert conn.execute("SELECT * FROM records ORDER BY seq").fetchall() == [
                 (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)
