@@ -29,6 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 from creditmeter.agent import apportion, listings
@@ -119,6 +120,22 @@ class Tracked:
 
     def presence(self) -> Presence:
         return Presence(self.key.pid, self.seen_from_us, self.gone_at_us)
+
+
+@dataclass(slots=True)
+class SeenProcess:
+    """A process seen on a MIG instance no listing has shown yet (on its GPU's list)."""
+
+    info: ProcessInfo | None  # read from /proc when first seen: it may be gone by the listing
+    gone_us: int | None = None  # wall µs it was first missing from the GPU's list
+
+
+@dataclass(slots=True)
+class UnlistedInstance:
+    """A MIG instance whose processes its GPU's list shows, not yet listed itself."""
+
+    since_us: int  # the listing before the first sight of it: it was made after that
+    processes: dict[int, SeenProcess] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -271,8 +288,8 @@ class Meter:
         self._listed_us = 0  # wall µs the driver's devices were last listed
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
-        # Processes on MIG instances not listed, by instance: since which listing.
-        self._unlisted_since_us: dict[str, int] = {}
+        # MIG instances with processes on their GPU's list that no listing has shown yet.
+        self._unlisted: dict[str, UnlistedInstance] = {}
         # This poll's process lists of GPUs in MIG mode, or why there is none.
         self._gpu_lists: dict[str, list[ComputeProcess] | NvmlError] = {}
         self._devices: dict[str, DeviceState] = {}
@@ -510,7 +527,7 @@ class Meter:
                 self._poll_succeeded(ds)
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before, now_us)
-        self._watch_instances()
+        self._watch_instances(now_us)
         self._relist_devices(now_us)
         finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
         self._sync_stats()
@@ -1108,7 +1125,7 @@ class Meter:
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
         self._listings.lost(self._clock.monotonic() + self._reopen_interval_s)
 
-    def _watch_instances(self) -> None:
+    def _watch_instances(self, now_us: int) -> None:
         """A process on a MIG instance this meter does not list means instances were made
         since the session began (it lists those of its nvmlInit only): list them again. On
         the parent's handle the process list has every instance's processes, with their ids
@@ -1136,17 +1153,32 @@ class Meter:
                 continue
             if isinstance(listed, NvmlError):
                 continue  # a passing failure: watched again at the next poll
-            ids = {(p.gpu_instance_id, p.compute_instance_id) for p in listed} - known
-            unknown = {_instance_key(parent_uuid, gi, ci) for gi, ci in ids}
+            unknown: dict[str, set[int]] = {}
+            for p in listed:
+                if (p.gpu_instance_id, p.compute_instance_id) not in known:
+                    key = _instance_key(parent_uuid, p.gpu_instance_id, p.compute_instance_id)
+                    unknown.setdefault(key, set()).add(p.pid)
             if unknown and not self._listings.change_pending:
-                log.info("%s: processes on MIG instances %s not listed", parent_uuid, ids)
+                log.info("%s: processes on MIG instances not listed: %s", parent_uuid, unknown)
             for key in sorted(unknown):
-                # Made after the listing before the first sight of it, at the latest.
-                self._unlisted_since_us.setdefault(key, self._listed_us)
                 self._listings.changed(key)
-            for key in [k for k in self._unlisted_since_us if k.startswith(f"{parent_uuid} ")]:
-                if key not in unknown:
-                    del self._unlisted_since_us[key]
+            self._see_unlisted(parent_uuid, unknown, now_us)
+
+    def _see_unlisted(self, parent_uuid: str, unknown: dict[str, set[int]], now_us: int) -> None:
+        """Remember the processes of instances not listed yet, with their labels while
+        /proc has them: one that exits before a listing finds its instance still gets a
+        record, its time there a DEVICE_UNLISTED gap, never nothing."""
+        for key, pids in unknown.items():
+            # Made after the listing before the first sight of it, at the latest.
+            instance = self._unlisted.setdefault(key, UnlistedInstance(self._listed_us))
+            for pid in pids:
+                if pid not in instance.processes:
+                    instance.processes[pid] = SeenProcess(self._info(pid))
+        for key, instance in self._unlisted.items():
+            if key.startswith(f"{parent_uuid} "):
+                for pid, seen in instance.processes.items():
+                    if seen.gone_us is None and pid not in unknown.get(key, ()):
+                        seen.gone_us = now_us
 
     def _relist_devices(self, now_us: int) -> None:
         """List the driver's devices afresh when the schedule says so: a lost GPU is found
@@ -1184,14 +1216,48 @@ class Meter:
         for uuid, device in present.items():
             if uuid not in self._devices:
                 log.warning("%s: a device not listed before; metering it", uuid)
-                since_us = listed_before_us
+                instance = None
                 if device.parent_uuid is not None:
                     key = _instance_key(
                         device.parent_uuid, device.gpu_instance_id, device.compute_instance_id
                     )
-                    since_us = min(since_us, self._unlisted_since_us.pop(key, since_us))
+                    instance = self._unlisted.pop(key, None)
+                since_us = min(listed_before_us, instance.since_us if instance else now_us)
                 self._add_device(device, None, now_us, created_after_us=since_us)
+                if instance is not None:
+                    self._track_exited(self._devices[uuid], instance, since_us)
+        self._forget_unlisted(now_us)
         self._listings.listed(mono, still_lost=any(ds.lost_at_us is not None for ds in lost))
+
+    def _track_exited(self, ds: DeviceState, instance: UnlistedInstance, since_us: int) -> None:
+        """The processes seen on a new instance that exited before this listing found it:
+        final at once, all their time there a DEVICE_UNLISTED gap (GPM cannot look back).
+        Those still running are listed at the next poll, their time until then a gap too."""
+        for pid, seen in instance.processes.items():
+            if seen.gone_us is None:
+                continue
+            created_us = _us(seen.info.create_time) if seen.info is not None else 0
+            from_us = max(since_us, created_us)
+            key = ProcessKey(ds.device.uuid, pid, created_us)
+            t = Tracked(key, ds.device, seen.info, Usage(start_us=from_us), from_us)
+            t.gone_at_us = seen.gone_us
+            t.usage.add_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, seen.gone_us - from_us)
+            self._count_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, seen.gone_us - from_us)
+            ds.processes.setdefault(pid, []).append(t)
+            self.stats.processes_seen += 1
+
+    def _forget_unlisted(self, now_us: int) -> None:
+        """Instances a listing did not find whose processes have all exited: nothing will
+        list them (destroyed, or never to be listed); what ran there is unknown, and said."""
+        for key, instance in list(self._unlisted.items()):
+            if all(seen.gone_us is not None for seen in instance.processes.values()):
+                del self._unlisted[key]
+                log.error(
+                    "MIG instance %s was never listed; its processes %s ran there unmetered, "
+                    "from %s at the earliest",
+                    key, sorted(instance.processes),
+                    datetime.fromtimestamp(instance.since_us / 1e6, UTC).isoformat(),
+                )  # fmt: skip
 
     def _note_listed(self, now_us: int) -> None:
         """Remember when the devices were listed, and which GPUs are in MIG mode, instances

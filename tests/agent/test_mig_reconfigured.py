@@ -235,3 +235,83 @@ def test_an_instance_that_listings_keep_missing_is_listed_for_ever_less_often() 
     gap_us = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == key)
     assert gap_us >= (191.0 - 62.3 - POLL_S) * 1e6, gap_us
     assert billed <= truth <= billed + gap_us
+
+
+SHORT_ON_NEW = """[host]
+seed = 24
+
+[[gpu]]
+product = "H100"
+
+[[gpu.mig]]
+gi = 1
+profile = "3g.40gb"
+
+[[gpu.mig]]
+gi = 11
+profile = "1g.10gb"
+created_s = 57.0
+
+[[gpu.mig]]
+gi = 13
+profile = "1g.10gb"
+created_s = 60.0
+
+[[process]]
+pid = 100
+gpu = 0
+gi = 1
+start_s = 1.0
+exit_s = 120.0
+busy = [[2.0, 110.0, 50]]
+
+[[process]]
+pid = 200
+gpu = 0
+gi = 11
+start_s = 57.3
+exit_s = 120.0
+busy = [[58.0, 110.0, 40]]
+
+[[process]]
+pid = 301
+gpu = 0
+gi = 13
+start_s = 60.5
+exit_s = 62.4
+busy = [[60.6, 62.3, 90]]
+env = { CREDITMETER_ACCOUNT = "acme" }
+
+[[process]]
+pid = 302
+gpu = 0
+gi = 13
+start_s = 61.2
+exit_s = 120.0
+busy = [[61.5, 110.0, 70]]
+"""
+
+
+def test_a_process_gone_before_its_new_instance_is_listed_has_a_record_with_its_gap() -> None:
+    """Instance gi 11, made at 57 s, is listed at 58 s; gi 13, made at 60 s, cannot be
+    listed before 63 s (a reopen interval on). Its pid 301 ran 60.5 s to 62.4 s: seen on
+    the GPU's list at 61 and 62 s, gone at 63 s. It used to leave no record at all; now it
+    has a final one, acme's, with no busy time and its time there as a DEVICE_UNLISTED gap
+    (from its start, as the listing before was at 58 s, to 63 s)."""
+    with metered(Scenario.from_toml(SHORT_ON_NEW)) as (run, meter):
+        drive(run, meter, 130.0)
+        run.usages.extend(meter.close_window())
+    by_pid = {k.pid: k for k in run.truth_us()}
+    gone = by_pid[301]
+    records = [u for u in run.process_usages() if u.key == gone]
+    assert len(records) == 1 and records[0].final
+    (record,) = records
+    assert record.busy_us == 0
+    assert record.info is not None and record.info.labels.get("account") == "acme"
+    gap_us = dict(record.gaps_us)[UNLISTED]
+    assert gap_us == 63_000_000 - 60_500_000
+    assert run.truth_us()[gone] <= gap_us
+    alive = by_pid[302]  # listed at the next poll: from 61.2 s to 64 s a gap, then metered
+    gaps = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == alive)
+    billed, truth = run.measured_us()[alive], run.truth_us()[alive]
+    assert 0 < gaps <= 3_000_000 and billed <= truth <= billed + gaps
