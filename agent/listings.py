@@ -37,8 +37,8 @@ class ListingSchedule:
         self._next_periodic_s = now_s + RELIST_INTERVAL_S
         self._searches = 0  # listings that left a lost GPU lost, since the last loss
         self._failures = 0  # listings that failed, in a row
-        self._changed = False  # a device may have been made or destroyed
-        self._evidence: set[str] = set()  # what showed it, since the last listing
+        # What showed, since the last listing, that a device may have been made or destroyed.
+        self._evidence: set[str] = set()
         # Evidence that asked for listings: how many in a row it outlived, and from when it
         # may ask again.
         self._outlived: dict[str, int] = {}
@@ -47,9 +47,9 @@ class ListingSchedule:
     @property
     def change_pending(self) -> bool:
         """A listing is wanted for a device made or destroyed (or the last one failed)."""
-        return self._changed
+        return bool(self._evidence) or self._failures > 0
 
-    def changed(self, evidence: str = "") -> None:
+    def changed(self, evidence: str) -> None:
         """Evidence that a device was made or destroyed since the last listing, named by
         what showed it (a MIG instance's ids, a device's UUID). Evidence that listings did
         not explain, shown again, asks for the next one later each time (a reopen interval,
@@ -57,7 +57,6 @@ class ListingSchedule:
         at the next poll either, and each is an nvmlInit over every GPU. New evidence asks
         at once."""
         self._evidence.add(evidence)
-        self._changed = True
 
     def lost(self, search_at_s: float) -> None:
         """A GPU was just lost: look for it at ``search_at_s`` and often at first (a driver
@@ -72,7 +71,7 @@ class ListingSchedule:
             return None
         if self._failures:
             return "retry"
-        if self._changed and now_s >= self._change_due_s():
+        if self._evidence and now_s >= self._change_due_s():
             return "changed"
         if lost and now_s >= self._next_search_s:
             return "lost"
@@ -84,7 +83,6 @@ class ListingSchedule:
         driver that stays unusable (a library/driver version mismatch after an upgrade lasts
         until the reboot) is tried less and less often."""
         self._failures += 1
-        self._changed = True
         self._next_periodic_s = now_s + RELIST_INTERVAL_S
         self._next_reopen_s = now_s + self._backoff_s(self._failures)
 
@@ -92,7 +90,6 @@ class ListingSchedule:
         """The listing begun at ``now_s`` succeeded; ``still_lost``: a lost GPU was not in
         it."""
         self._failures = 0
-        self._changed = False
         self._settle_evidence(now_s)
         self._next_periodic_s = now_s + RELIST_INTERVAL_S
         self._next_reopen_s = now_s + self._reopen_interval_s
@@ -103,14 +100,13 @@ class ListingSchedule:
     def _change_due_s(self) -> float:
         """When the evidence shown since the last listing may ask for the next: at once if
         any of it is new."""
-        return min((self._evidence_due_s.get(e, 0.0) for e in self._evidence), default=0.0)
+        return min(self._evidence_due_s.get(e, 0.0) for e in self._evidence)
 
     def _settle_evidence(self, now_s: float) -> None:
         """After a listing: each piece of evidence shown since has outlived one more (if it
         shows again); evidence not shown since was explained, and is forgotten."""
-        asked = self._evidence - {""}
+        self._outlived = {e: self._outlived.get(e, 0) + 1 for e in self._evidence}
         self._evidence.clear()
-        self._outlived = {e: self._outlived.get(e, 0) + 1 for e in asked}
         self._evidence_due_s = {e: now_s + self._backoff_s(n) for e, n in self._outlived.items()}
 
     def _backoff_s(self, tries: int) -> float:

@@ -82,8 +82,13 @@ EVIDENCE_CODES = {
 }
 
 
-def _instance_key(parent_uuid: str, gi: int | None, ci: int | None) -> str:
-    """A MIG instance by its GPU and ids: known from a process list before any listing."""
+# A MIG instance by its GPU and ids: known from a process list before any listing.
+InstanceId = tuple[str, int | None, int | None]
+
+
+def _evidence(instance: InstanceId) -> str:
+    """The instance as evidence of a change, for the listing schedule and the logs."""
+    parent_uuid, gi, ci = instance
     return f"{parent_uuid} gi {gi} ci {ci}"
 
 
@@ -289,7 +294,7 @@ class Meter:
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
         # MIG instances with processes on their GPU's list that no listing has shown yet.
-        self._unlisted: dict[str, UnlistedInstance] = {}
+        self._unlisted: dict[InstanceId, UnlistedInstance] = {}
         # This poll's process lists of GPUs in MIG mode, or why there is none.
         self._gpu_lists: dict[str, list[ComputeProcess] | NvmlError] = {}
         self._devices: dict[str, DeviceState] = {}
@@ -1153,18 +1158,20 @@ class Meter:
                 continue
             if isinstance(listed, NvmlError):
                 continue  # a passing failure: watched again at the next poll
-            unknown: dict[str, set[int]] = {}
+            unknown: dict[InstanceId, set[int]] = {}
             for p in listed:
                 if (p.gpu_instance_id, p.compute_instance_id) not in known:
-                    key = _instance_key(parent_uuid, p.gpu_instance_id, p.compute_instance_id)
-                    unknown.setdefault(key, set()).add(p.pid)
+                    instance = (parent_uuid, p.gpu_instance_id, p.compute_instance_id)
+                    unknown.setdefault(instance, set()).add(p.pid)
             if unknown and not self._listings.change_pending:
                 log.info("%s: processes on MIG instances not listed: %s", parent_uuid, unknown)
-            for key in sorted(unknown):
-                self._listings.changed(key)
+            for instance in unknown:
+                self._listings.changed(_evidence(instance))
             self._see_unlisted(parent_uuid, unknown, now_us)
 
-    def _see_unlisted(self, parent_uuid: str, unknown: dict[str, set[int]], now_us: int) -> None:
+    def _see_unlisted(
+        self, parent_uuid: str, unknown: dict[InstanceId, set[int]], now_us: int
+    ) -> None:
         """Remember the processes of instances not listed yet, with their labels while
         /proc has them: one that exits before a listing finds its instance still gets a
         record, its time there a DEVICE_UNLISTED gap, never nothing."""
@@ -1175,7 +1182,7 @@ class Meter:
                 if pid not in instance.processes:
                     instance.processes[pid] = SeenProcess(self._info(pid))
         for key, instance in self._unlisted.items():
-            if key.startswith(f"{parent_uuid} "):
+            if key[0] == parent_uuid:
                 for pid, seen in instance.processes.items():
                     if seen.gone_us is None and pid not in unknown.get(key, ()):
                         seen.gone_us = now_us
@@ -1218,9 +1225,7 @@ class Meter:
                 log.warning("%s: a device not listed before; metering it", uuid)
                 instance = None
                 if device.parent_uuid is not None:
-                    key = _instance_key(
-                        device.parent_uuid, device.gpu_instance_id, device.compute_instance_id
-                    )
+                    key = (device.parent_uuid, device.gpu_instance_id, device.compute_instance_id)
                     instance = self._unlisted.pop(key, None)
                 since_us = min(listed_before_us, instance.since_us if instance else now_us)
                 self._add_device(device, None, now_us, created_after_us=since_us)
@@ -1255,7 +1260,7 @@ class Meter:
                 log.error(
                     "MIG instance %s was never listed; its processes %s ran there unmetered, "
                     "from %s at the earliest",
-                    key, sorted(instance.processes),
+                    _evidence(key), sorted(instance.processes),
                     datetime.fromtimestamp(instance.since_us / 1e6, UTC).isoformat(),
                 )  # fmt: skip
 

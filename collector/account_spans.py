@@ -12,9 +12,11 @@ record in one to its last: an hour let two jobs of one account on two GPUs of a 
 minutes apart read everything the host did between them (78 records read per record of
 the account in the benchmark, against 8 with 10 minutes, its 8 GPUs interleaved).
 
-A span is a superset, never a subset: ingest widens it with every record of a batch
-(quarantined ones too, which a release makes billable), so a reader that filters what the
-ranges return finds exactly what a full scan would. Kept per batch, not per record: one
+A span is a superset, never a subset: it covers every record with busy time that is not
+held (what ``usage_events`` reads: ingest adds a batch's, a release the record it releases,
+the migration's backfill those stored before), so a reader that filters what the ranges
+return finds exactly what a full scan would. Held records never reach a span: a hostile
+agent's start time or label stays out of the index. Kept per batch, not per record: one
 upsert per account and bucket a batch touches (a handful), where an index row per record
 cost ingest what the slim record row saved (rows.py).
 """
@@ -39,13 +41,6 @@ def span_rows(agent_id: str, spans: AccountSpans) -> list[tuple[int, str, str, i
     ]
 
 
-def record_account(record: bytes) -> str:
-    """The account a stored record's bytes name ("" when none)."""
-    rec = usage_pb2.UsageRecord()
-    rec.ParseFromString(record)
-    return rec.attribution.account
-
-
 def merged_ranges(spans: Iterable[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     """(agent_id, first seq, last seq) spans as disjoint ranges, by agent and seq: each
     record in them is then read once."""
@@ -59,10 +54,9 @@ def merged_ranges(spans: Iterable[tuple[str, int, int]]) -> list[tuple[str, int,
 
 
 def bucket_of(start_us: int) -> int:
-    """The bucket a record starting at ``start_us`` is kept under. A start before 1970 is
-    an insane record's (quarantined, never released as it is): bucket 0, so that no
-    record's bucket leaves 64 bits."""
-    return start_us - start_us % BUCKET_US if start_us >= 0 else 0
+    """The bucket a record starting at ``start_us`` is kept under (a record that is not
+    held starts after 2020: its bucket stays within 64 bits)."""
+    return start_us - start_us % BUCKET_US
 
 
 def first_bucket_us(from_us: int) -> int:
@@ -72,24 +66,26 @@ def first_bucket_us(from_us: int) -> int:
 
 
 def backfill_rows(
-    records: Iterable[tuple[str, int, int, bytes]], flush_every: int = 200_000
+    records: Iterable[tuple[str, int, int, bytes]], max_spans: int = 200_000
 ) -> Iterator[list[tuple[int, str, str, int, int]]]:
-    """The spans of stored (agent_id, seq, start_us, record) rows, in chunks of
-    (bucket_us, agent_id, account, first seq, last seq) to upsert (a chunk every
-    ``flush_every`` records keeps the memory bounded on a large store)."""
+    """The spans of stored (agent_id, seq, start_us, record) rows that are not held, in
+    chunks of (bucket_us, agent_id, account, first seq, last seq) to upsert (at most
+    ``max_spans`` a chunk keeps the memory bounded on a large store)."""
     spans: dict[tuple[int, str, str], list[int]] = {}
     rec = usage_pb2.UsageRecord()
-    for n, (agent_id, seq, start_us, record) in enumerate(records, 1):
+    for agent_id, seq, start_us, record in records:
         rec.ParseFromString(bytes(record))
+        if not rec.busy_us:
+            continue  # never read through a span (usage_events)
         key = (bucket_of(start_us), agent_id, rec.attribution.account)
         span = spans.get(key)
         if span is None:
+            if len(spans) == max_spans:
+                yield [(*k, first, last) for k, (first, last) in spans.items()]
+                spans = {}
             spans[key] = [seq, seq]
         else:
             span[0] = min(span[0], seq)
             span[1] = max(span[1], seq)
-        if n % flush_every == 0:
-            yield [(*k, first, last) for k, (first, last) in spans.items()]
-            spans = {}
     if spans:
         yield [(*k, first, last) for k, (first, last) in spans.items()]

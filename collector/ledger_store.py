@@ -237,13 +237,16 @@ class UsageEvent:
     busy_us: int
 
 
-def usage_events(rows: Iterable[tuple[str, int, bytes]]) -> Iterator[UsageEvent]:
-    """The events of stored (agent_id, seq, record bytes) rows that have busy time, read
-    from the bytes (the stores keep no other copy of these fields; see rows.py)."""
+def usage_events(
+    rows: Iterable[tuple[str, int, bytes]], account: str | None = None
+) -> Iterator[UsageEvent]:
+    """The events of stored (agent_id, seq, record bytes) rows that have busy time, of one
+    ``account`` or all, read from the bytes (the stores keep no other copy of these fields;
+    see rows.py)."""
     rec = usage_pb2.UsageRecord()
     for agent_id, seq, record in rows:
         rec.ParseFromString(record)
-        if rec.busy_us > 0:
+        if rec.busy_us > 0 and (account is None or rec.attribution.account == account):
             yield UsageEvent(
                 agent_id,
                 seq,

@@ -1237,9 +1237,7 @@ class PostgresStore:
         time are left out here."""
         bounds = (_MIN_US if from_us is None else from_us, _MAX_US if to_us is None else to_us)
         if account is not None:
-            for event in usage_events(self._account_rows(account, *bounds)):
-                if event.account == account:
-                    yield event
+            yield from usage_events(self._account_rows(account, *bounds), account)
             return
         yield from usage_events(
             self._read_rows(
@@ -1857,7 +1855,7 @@ def _backfill_account_spans(conn: Connection) -> None:
     """Migration 16: the spans of the records stored before it, read from their bytes."""
     with conn.cursor(name="account_spans_backfill") as read, conn.cursor() as write:
         read.itersize = _AUDIT_FETCH_ROWS
-        read.execute("SELECT agent_id, seq, start_us, record FROM records")
+        read.execute(f"SELECT agent_id, seq, start_us, record FROM records r WHERE {NOT_HELD}")
         for chunk in backfill_rows(read):
             write.execute(_UPSERT_ACCOUNT_SPANS, _columns(sorted(chunk), 5))
 

@@ -22,18 +22,17 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from creditmeter.collector.account_spans import (
-    BUCKET_US,
     AccountSpans,
+    backfill_rows,
     first_bucket_us,
     merged_ranges,
-    record_account,
     span_rows,
 )
 from creditmeter.collector.capacity import Capacity
@@ -142,6 +141,8 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # Work SQL cannot do (reading record bytes), after the statements, in their transaction.
+    backfill: Callable[[sqlite3.Connection], None] | None = None
 
 
 ROLLUP_OVERFLOW = "rollup sum beyond 64 bits:"
@@ -569,12 +570,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 last_seq INTEGER NOT NULL,
                 PRIMARY KEY (bucket_us, agent_id, account)
             ) WITHOUT ROWID""",
-            # record_account: a function of each migrating connection (_migrate).
-            f"""INSERT INTO account_spans
-                SELECT MAX(start_us - start_us % {BUCKET_US}, 0), agent_id, record_account(record),
-                       MIN(seq), MAX(seq)
-                FROM records GROUP BY 1, 2, 3""",
         ),
+        backfill=lambda conn: _backfill_account_spans(conn),
     ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -1082,9 +1079,7 @@ class SQLiteStore:
                 )
             )
             return
-        for event in usage_events(self._account_rows(account, *bounds)):
-            if event.account == account:
-                yield event
+        yield from usage_events(self._account_rows(account, *bounds), account)
 
     def _account_rows(
         self, account: str, from_us: int, to_us: int
@@ -1483,8 +1478,6 @@ def _migrate(
     """Applies the pending migrations in one transaction: a failure leaves the database as
     it was."""
     known = migrations[-1].version if migrations else 0
-    # Migrations that read what only a record's bytes hold call this (17: account_spans).
-    conn.create_function("record_account", 1, record_account, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -1509,6 +1502,8 @@ def _migrate(
         for migration in pending:
             for statement in migration.statements:
                 conn.execute(statement)
+            if migration.backfill is not None:
+                migration.backfill(conn)
             conn.execute(
                 "INSERT INTO schema_version VALUES (?, ?, ?)",
                 (migration.version, migration.description, clock_us()),
@@ -1639,10 +1634,14 @@ def _add_rollups(
 
 
 def _add_account_spans(conn: sqlite3.Connection, agent_id: str, spans: AccountSpans) -> None:
-    conn.executemany(
-        _UPSERT_ACCOUNT_SPAN,
-        span_rows(agent_id, spans),
-    )
+    conn.executemany(_UPSERT_ACCOUNT_SPAN, span_rows(agent_id, spans))
+
+
+def _backfill_account_spans(conn: sqlite3.Connection) -> None:
+    """Migration 17: the spans of the records stored before it, read from their bytes."""
+    stored = conn.execute(f"SELECT agent_id, seq, start_us, record FROM records r WHERE {NOT_HELD}")
+    for chunk in backfill_rows(stored):
+        conn.executemany(_UPSERT_ACCOUNT_SPAN, chunk)
 
 
 def _quarantine(conn: sqlite3.Connection) -> list[QuarantineEntry]:

@@ -171,9 +171,8 @@ class CheckedRecords:
     capacity: Capacity | None = None
     capacity_base_seq: int = 0
     rotations: tuple[Rotation, ...] = ()
-    # Per 10-minute bucket and account, the first and last seq of the rows' records
-    # (account_spans.py): every record's, quarantined ones too, as a release makes them
-    # billable.
+    # Per 10-minute bucket and account, the first and last seq of the rows' records with busy
+    # time (account_spans.py); a held one's are added when it is released.
     account_spans: AccountSpans = dataclass_field(default_factory=dict)
 
     @property
@@ -457,17 +456,18 @@ class Verifier:
                         total[0] += busy_us
                         total[1] += wall_us
                         total[2] += 1
+                    if busy_us:  # what usage_events reads (account_spans.py)
+                        if not bucket_us <= start_us < next_bucket_us:
+                            bucket_us = bucket_of(start_us)
+                            next_bucket_us = bucket_us + SPAN_BUCKET_US
+                            spans_in_bucket = account_spans.setdefault(bucket_us, {})
+                        # Keyed by the account alone: a str's hash is one C pass, a tuple's more.
+                        span = spans_in_bucket.get(account)
+                        if span is None:
+                            spans_in_bucket[account] = [seq, seq]
+                        else:
+                            span[1] = seq  # rows come in seq order
 
-            if not bucket_us <= start_us < next_bucket_us:
-                bucket_us = bucket_of(start_us)
-                next_bucket_us = bucket_us + SPAN_BUCKET_US
-                spans_in_bucket = account_spans.setdefault(bucket_us, {})
-            # Keyed by the account string alone (its hash is one C pass; a tuple's is more).
-            span = spans_in_bucket.get(account)
-            if span is None:
-                spans_in_bucket[account] = [seq, seq]
-            else:
-                span[1] = seq  # rows come in seq order
             digest = sha256(data).digest()
             append((agent_id, seq, start_us, bytearray(data)))
             append_hash(digest)

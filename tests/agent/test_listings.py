@@ -42,11 +42,11 @@ def test_the_devices_are_listed_every_relist_interval_and_no_more() -> None:
 
 def test_a_change_is_listed_at_once_but_no_sooner_than_a_reopen_interval_after_the_last() -> None:
     schedule = ListingSchedule(0.0, REOPEN_S)
-    schedule.changed()
+    schedule.changed("MIG-a")
     assert schedule.change_pending
     assert listings(schedule, 10, 10) == [(10.0, "changed")]
     assert not schedule.change_pending
-    schedule.changed()
+    schedule.changed("MIG-a")
     assert listings(schedule, 11, 20) == [(15.0, "changed")]
 
 
