@@ -139,6 +139,7 @@ class SeenProcess:
 class UnlistedInstance:
     """A MIG instance whose processes its GPU's list shows, not yet listed itself."""
 
+    gpu: Device  # its physical GPU, in MIG mode
     since_us: int  # the listing before the first sight of it: it was made after that
     processes: dict[int, SeenProcess] = field(default_factory=dict)
 
@@ -533,8 +534,8 @@ class Meter:
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before, now_us)
         self._watch_instances(now_us)
-        self._relist_devices(now_us)
-        finals = [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
+        finals = self._relist_devices(now_us)
+        finals += [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
         self._sync_stats()
         return finals
 
@@ -1167,17 +1168,16 @@ class Meter:
                 log.info("%s: processes on MIG instances not listed: %s", parent_uuid, unknown)
             for instance in unknown:
                 self._listings.changed(_evidence(instance))
-            self._see_unlisted(parent_uuid, unknown, now_us)
+            self._see_unlisted(self._mig_gpus[parent_uuid], unknown, now_us)
 
-    def _see_unlisted(
-        self, parent_uuid: str, unknown: dict[InstanceId, set[int]], now_us: int
-    ) -> None:
+    def _see_unlisted(self, gpu: Device, unknown: dict[InstanceId, set[int]], now_us: int) -> None:
         """Remember the processes of instances not listed yet, with their labels while
         /proc has them: one that exits before a listing finds its instance still gets a
         record, its time there a DEVICE_UNLISTED gap, never nothing."""
+        parent_uuid = gpu.uuid
         for key, pids in unknown.items():
             # Made after the listing before the first sight of it, at the latest.
-            instance = self._unlisted.setdefault(key, UnlistedInstance(self._listed_us))
+            instance = self._unlisted.setdefault(key, UnlistedInstance(gpu, self._listed_us))
             for pid in pids:
                 if pid not in instance.processes:
                     instance.processes[pid] = SeenProcess(self._info(pid))
@@ -1187,14 +1187,15 @@ class Meter:
                     if seen.gone_us is None and pid not in unknown.get(key, ()):
                         seen.gone_us = now_us
 
-    def _relist_devices(self, now_us: int) -> None:
+    def _relist_devices(self, now_us: int) -> list[WindowUsage]:
         """List the driver's devices afresh when the schedule says so: a lost GPU is found
-        again by UUID, a device made since is metered, one configured away ends."""
+        again by UUID, a device made since is metered, one configured away ends. Returns
+        the final usage of processes on instances no listing found."""
         lost = [ds for ds in self._devices.values() if ds.lost_at_us is not None]
         mono = self._now_mono_us / 1e6  # this poll's: no clock reading of its own
         why = self._listings.due(mono, lost=bool(lost))
         if why is None:
-            return
+            return []
         self.stats.relistings[why] += 1
         try:
             self._nvml.reopen()
@@ -1203,7 +1204,7 @@ class Meter:
             self._count_error(exc)
             self._listings.failed(mono)
             log.warning("listing the devices again failed: %s", exc)
-            return
+            return []
         listed_before_us = self._listed_us
         self._note_listed(now_us)
         for ds in lost:
@@ -1231,8 +1232,8 @@ class Meter:
                 self._add_device(device, None, now_us, created_after_us=since_us)
                 if instance is not None:
                     self._track_exited(self._devices[uuid], instance, since_us)
-        self._forget_unlisted(now_us)
         self._listings.listed(mono, still_lost=any(ds.lost_at_us is not None for ds in lost))
+        return self._forget_unlisted(now_us)
 
     def _track_exited(self, ds: DeviceState, instance: UnlistedInstance, since_us: int) -> None:
         """The processes seen on a new instance that exited before this listing found it:
@@ -1251,18 +1252,46 @@ class Meter:
             ds.processes.setdefault(pid, []).append(t)
             self.stats.processes_seen += 1
 
-    def _forget_unlisted(self, now_us: int) -> None:
-        """Instances a listing did not find whose processes have all exited: nothing will
-        list them (destroyed, or never to be listed); what ran there is unknown, and said."""
+    def _forget_unlisted(self, now_us: int, *, all_of_them: bool = False) -> list[WindowUsage]:
+        """Instances a listing did not find whose processes have all exited (``all_of_them``:
+        every one, for an agent leaving service): nothing will list them (destroyed, or never
+        to be listed). What ran there is unknown: the final usage of their processes, with
+        no busy time and their time there a DEVICE_UNLISTED gap."""
+        finals = []
         for key, instance in list(self._unlisted.items()):
-            if all(seen.gone_us is not None for seen in instance.processes.values()):
+            if all_of_them or all(s.gone_us is not None for s in instance.processes.values()):
                 del self._unlisted[key]
                 log.error(
-                    "MIG instance %s was never listed; its processes %s ran there unmetered, "
-                    "from %s at the earliest",
+                    "MIG instance %s was never listed; the time of its processes %s there, "
+                    "from %s at the earliest, is a DEVICE_UNLISTED gap",
                     _evidence(key), sorted(instance.processes),
                     datetime.fromtimestamp(instance.since_us / 1e6, UTC).isoformat(),
                 )  # fmt: skip
+                finals += self._never_listed(key, instance, now_us)
+        return finals
+
+    def _never_listed(
+        self, key: InstanceId, instance: UnlistedInstance, now_us: int
+    ) -> list[WindowUsage]:
+        """The usage of processes on an instance never listed: on its GPU, known by the
+        instance's ids there (its own UUID never was), from the listing before the first
+        sight of it or their start, to when they left its list (or ``now_us``)."""
+        _, gi, ci = key
+        device = dataclasses.replace(instance.gpu, gpu_instance_id=gi, compute_instance_id=ci)
+        finals = []
+        for pid, seen in instance.processes.items():
+            created_us = _us(seen.info.create_time) if seen.info is not None else 0
+            from_us = max(instance.since_us, created_us)
+            until_us = seen.gone_us if seen.gone_us is not None else now_us
+            self._count_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, until_us - from_us)
+            self.stats.processes_seen += 1
+            usage = Usage(start_us=from_us, source=_GPM_SINGLE)
+            usage.add_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, until_us - from_us)
+            process = ProcessKey(device.uuid, pid, created_us)
+            final = seen.gone_us is not None
+            span = (from_us, until_us)
+            finals.append(_window(process, device, seen.info, usage, 0, span, final=final))
+        return finals
 
     def _note_listed(self, now_us: int) -> None:
         """Remember when the devices were listed, and which GPUs are in MIG mode, instances
@@ -1426,23 +1455,7 @@ class Meter:
         end = max([start, now_us, *(s.end_us for s in usage.slices)])
         ds.books.attributed_us += busy_us
         ds.books.cover(start, end)
-        return WindowUsage(
-            key=t.key,
-            device=t.device,
-            info=t.info,
-            start_us=start,
-            end_us=end,
-            busy_us=busy_us,
-            wall_us=usage.wall_us,
-            peak_memory_bytes=usage.peak_memory_bytes,
-            energy_mj=usage.energy_mj,
-            gaps_us=tuple(sorted(usage.gaps_us.items())),
-            source=usage.source,
-            final=final,
-            slices=tuple(usage.slices),
-            quality=usage.quality,
-            evidence=usage.evidence if usage.apportioned_pct_us else usage_pb2.EVIDENCE_SOURCE_NONE,
-        )
+        return _window(t.key, t.device, t.info, usage, busy_us, (start, end), final=final)
 
     def _close_books(self, ds: DeviceState, now_us: int) -> WindowUsage | None:
         """The device record of a whole GPU or MIG instance: its books since the previous
@@ -1561,10 +1574,40 @@ class Meter:
             elif not ds.device.is_mig:
                 self._settle_device(ds, now_us, through_us=ds.cursor_us)
             finals.extend(self._drained(ds, now_us))
-        return finals + self.close_window()
+        return finals + self._forget_unlisted(now_us, all_of_them=True) + self.close_window()
 
     def shutdown(self) -> None:
         self._nvml.shutdown()
+
+
+def _window(
+    key: ProcessKey,
+    device: Device,
+    info: ProcessInfo | None,
+    usage: Usage,
+    busy_us: int,
+    span_us: tuple[int, int],
+    *,
+    final: bool,
+) -> WindowUsage:
+    """A process's window over ``span_us`` from its accumulators: ``busy_us`` whole µs."""
+    return WindowUsage(
+        key=key,
+        device=device,
+        info=info,
+        start_us=span_us[0],
+        end_us=span_us[1],
+        busy_us=busy_us,
+        wall_us=usage.wall_us,
+        peak_memory_bytes=usage.peak_memory_bytes,
+        energy_mj=usage.energy_mj,
+        gaps_us=tuple(sorted(usage.gaps_us.items())),
+        source=usage.source,
+        final=final,
+        slices=tuple(usage.slices),
+        quality=usage.quality,
+        evidence=usage.evidence if usage.apportioned_pct_us else usage_pb2.EVIDENCE_SOURCE_NONE,
+    )
 
 
 def _device_source(ds: DeviceState) -> int:

@@ -17,10 +17,13 @@ from bench.harness import Run, drive, metered
 from creditmeter.agent.gpu import Device
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
-from creditmeter.agent.usage import ProcessKey
+from creditmeter.agent.records import draft
+from creditmeter.agent.usage import ProcessKey, WindowUsage
+from creditmeter.collector.verifier import Verifier
 from creditmeter.simnvml import ManualClock, Scenario, SimHost, installed
 from creditmeter.v1 import usage_pb2
 from tests.agent.test_lost_gpus import SHORT_RING_GPU
+from tests.collector.records import AgentChain
 
 UNLISTED = usage_pb2.GAP_REASON_DEVICE_UNLISTED
 END_S = 250.0
@@ -206,6 +209,23 @@ class MissingInstanceNvml(PynvmlNvml):
         return [d for d in listed if d.gpu_instance_id != self.hidden_gi]
 
 
+def missing_instance_run(end_s: float, *, retire: bool) -> tuple[Run, Meter]:
+    """RECONFIGURED to ``end_s`` under MissingInstanceNvml, its windows closed at the end
+    (``retire``: as an agent leaving service closes them)."""
+    host, clock = SimHost.manual(Scenario.from_toml(RECONFIGURED))
+    with installed(host) as lib:
+        nvml = MissingInstanceNvml.open()
+        nvml.clock = clock
+        meter = Meter(nvml, host.process_table(), clock)
+        try:
+            run = Run(host, clock, lib)
+            drive(run, meter, end_s)
+            run.usages.extend(meter.retire() if retire else meter.close_window())
+        finally:
+            meter.shutdown()
+    return run, meter
+
+
 def test_an_instance_that_listings_keep_missing_is_listed_for_ever_less_often() -> None:
     """The process of the instance made at 60 s shows on its GPU's list from 62.3 s, but
     the listings miss the instance until 150 s. Each listing is a new NVML session over
@@ -216,18 +236,8 @@ def test_an_instance_that_listings_keep_missing_is_listed_for_ever_less_often() 
     before the first sight of it: before, the gap began at the last listing that missed it,
     and 76 s of its 114.3 s of busy time were neither billed nor a gap. The price of the
     backoff: found at 191 s, 41 s after a listing could first have found it."""
-    host, clock = SimHost.manual(Scenario.from_toml(RECONFIGURED))
-    with installed(host) as lib:
-        nvml = MissingInstanceNvml.open()
-        nvml.clock = clock
-        meter = Meter(nvml, host.process_table(), clock)
-        try:
-            run = Run(host, clock, lib)
-            drive(run, meter, END_S)
-            run.usages.extend(meter.close_window())
-            relistings = dict(meter.stats.relistings)
-        finally:
-            meter.shutdown()
+    run, meter = missing_instance_run(END_S, retire=False)
+    relistings = dict(meter.stats.relistings)
     # At 63, 68, 78 and 98 s; at 103 s (gi 5 destroyed) and 131 s (gi 11 made); at 191 s.
     assert relistings == {"changed": 7}
     key = next(k for k in run.truth_us() if k.pid == 300)
@@ -315,3 +325,74 @@ def test_a_process_gone_before_its_new_instance_is_listed_has_a_record_with_its_
     gaps = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == alive)
     billed, truth = run.measured_us()[alive], run.truth_us()[alive]
     assert 0 < gaps <= 3_000_000 and billed <= truth <= billed + gaps
+
+
+# Dynamic MIG (a slice made for a job, destroyed after it) makes an instance that can live
+# and die between two listings: gi 13 is made at 60 s and destroyed at 62.6 s, before the
+# listing at 63 s (a reopen interval after the one at 58 s).
+NEVER_LISTED = (
+    SHORT_ON_NEW.split("[[process]]\npid = 302")[0]
+    .replace("created_s = 60.0\n", "created_s = 60.0\ndestroyed_s = 62.6\n")
+    .rstrip()
+    + "\n"
+)
+
+
+def test_a_process_on_an_instance_never_listed_has_a_record_on_its_gpu() -> None:
+    """Pid 301 ran 60.5 s to 62.4 s on gi 13, which no listing ever found: seen on its GPU's
+    list at 61 and 62 s, gone at 63 s. It used to be only logged. Now it has a final record
+    on its GPU, known by the instance's ids there, acme's, with no busy time and its time
+    there (from its start to 63 s) a DEVICE_UNLISTED gap, which the collector accepts and
+    counts among the GPU's gaps."""
+    assert "destroyed_s = 62.6" in NEVER_LISTED and "pid = 302" not in NEVER_LISTED
+    with metered(Scenario.from_toml(NEVER_LISTED)) as (run, meter):
+        drive(run, meter, 130.0)
+        run.usages.extend(meter.close_window())
+        gaps = dict(meter.stats.gaps_us)
+        gpu_uuid = run.host.gpus[0].uuid
+    (gone,) = [k for k in run.truth_us() if k.pid == 301]
+    (record,) = [u for u in run.process_usages() if u.key.pid == 301]
+    assert record.key == ProcessKey(gpu_uuid, 301, gone.create_time_us)
+    assert record.final and record.busy_us == 0
+    assert (record.device.uuid, record.device.gpu_instance_id) == (gpu_uuid, 13)
+    assert record.info is not None and record.info.labels.get("account") == "acme"
+    assert dict(record.gaps_us) == {UNLISTED: 63_000_000 - 60_500_000}
+    assert run.truth_us()[gone] <= 2_500_000
+    # gi 11, made at 57 s and listed at 58 s, counts its 58 s since the listing at the start.
+    assert gaps.get("GAP_REASON_DEVICE_UNLISTED") == 58_000_000 + 2_500_000
+    stored = accepted_by_a_collector(record)
+    assert (stored.gpu.uuid, stored.gpu.gpu_instance_id, stored.gpu.compute_instance_id) == (
+        gpu_uuid, 13, 0,
+    )  # fmt: skip
+    assert [(g.reason, g.duration_us) for g in stored.gaps] == [(UNLISTED, 2_500_000)]
+
+
+def accepted_by_a_collector(usage: WindowUsage) -> usage_pb2.UsageRecord:
+    """``usage`` as the agent drafts it, chained, signed and verified by a collector's
+    verifier: held records would fail (none of their time reaches the GPU's gaps)."""
+    agent = AgentChain()
+
+    def as_drafted(rec: usage_pb2.UsageRecord) -> None:
+        ids = (rec.agent_id, rec.seq, rec.prev_hash)
+        rec.CopyFrom(draft(usage, "gpu-host-17"))
+        rec.agent_id, rec.seq, rec.prev_hash = ids
+
+    batch = agent.extend(1, as_drafted)
+    checked = Verifier(clock_us=lambda: usage.end_us).verify(batch, agent.key.public_key())
+    assert not checked.records.quarantined
+    gap_kinds = {key[-1]: us for key, us in checked.records.gpu_sums.items()}
+    assert gap_kinds == {"gap:DEVICE_UNLISTED": 2_500_000}
+    return usage_pb2.UsageRecord.FromString(agent.records[0])
+
+
+def test_an_agent_retired_while_an_instance_is_unlisted_records_its_processes_time() -> None:
+    """Retired at 100 s, while the listings still miss gi 13 (until 150 s): its pid 300,
+    running since 62.3 s, gets a record on its GPU (not final: it has not exited) with its
+    time there a DEVICE_UNLISTED gap, where before it got nothing."""
+    run, _ = missing_instance_run(100.0, retire=True)
+    key = next(k for k in run.truth_us() if k.pid == 300)
+    (record,) = [u for u in run.process_usages() if u.key.pid == 300]
+    assert record.key == ProcessKey(run.host.gpus[0].uuid, 300, key.create_time_us)
+    assert record.device.gpu_instance_id == 13 and not record.final
+    assert dict(record.gaps_us) == {UNLISTED: 100_000_000 - 62_300_000}
+    assert run.truth_us()[key] <= dict(record.gaps_us)[UNLISTED]
