@@ -315,8 +315,13 @@ class Meter:
         saved_devices = saved.get("devices", {})
         listed = self._nvml.devices()
         self._note_listed(now_us)
+        # A device the previous run did not meter was made since its last listing (while it
+        # ran, or while no agent did): from there, as a device found by a relisting is.
+        made_after_us = _listed_through_us(saved)
         for device in listed:
-            self._add_device(device, saved_devices.get(device.uuid), now_us)
+            doc = saved_devices.get(device.uuid)
+            after_us = made_after_us if doc is None else None
+            self._add_device(device, doc, now_us, created_after_us=after_us)
         listed_gpus = {ds.device.parent_uuid or uuid for uuid, ds in self._devices.items()}
         for uuid, doc in saved_devices.items():
             if uuid not in self._devices:
@@ -478,7 +483,14 @@ class Meter:
         devices = {uuid: self._device_state(ds) for uuid, ds in self._devices.items()}
         processes = [_process_entry(t) for ds in self._devices.values() for t in ds.tracked()]
         finished = [[k.gpu_uuid, k.pid, k.create_time_us, c] for k, c in self._finished.items()]
-        doc = {"v": STATE_VERSION, "devices": devices, "processes": processes, "finished": finished}
+        doc = {
+            "v": STATE_VERSION,
+            "devices": devices,
+            "processes": processes,
+            "finished": finished,
+            # Every device made before this is among ``devices`` or was gone by then.
+            "listed_us": min([self._listed_us, *(u.since_us for u in self._unlisted.values())]),
+        }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def _device_state(self, ds: DeviceState) -> dict[str, Any]:
@@ -1702,6 +1714,18 @@ def _process_entry(t: Tracked) -> dict[str, Any]:
         "pod_uid": info.pod_uid if info else "",
         "carry_pct_us": t.carry_pct_us,
     }
+
+
+def _listed_through_us(saved: dict[str, Any]) -> int | None:
+    """When the saved run's devices were last listed: None on a first start (what ran
+    before any agent is not ours to bill), and for a state written before this was kept
+    (nothing in it bounds that listing: such a device is metered from now, as before)."""
+    if not saved.get("devices"):
+        return None
+    if "listed_us" not in saved:
+        log.warning("the saved state predates listing times: new devices are metered from now")
+        return None
+    return int(saved["listed_us"])
 
 
 def _decode_state(state: bytes | None) -> dict[str, Any]:

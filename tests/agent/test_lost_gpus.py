@@ -137,8 +137,11 @@ def test_a_gpu_missing_at_a_restart_is_lost_from_its_cursor_not_forgotten(
         assert gaps[key] <= (away_s + POLL_S) * 1e6, (key, gaps[key])
 
 
-GONE_FOR_GOOD = f"""[host]
-seed = 5
+def gpu_1_lost(seed: int, process_200: str, lost_s: tuple[float, float]) -> str:
+    """Two GPUs: pid 100 busy on GPU 0 all along, pid 200 (``process_200``: its start_s,
+    exit_s and busy lines) on GPU 1, which is lost over ``lost_s``."""
+    return f"""[host]
+seed = {seed}
 {SHORT_RING_GPU * 2}
 [[process]]
 pid = 100
@@ -150,16 +153,19 @@ busy = [[2.0, 220.0, 50]]
 [[process]]
 pid = 200
 gpu = 1
-start_s = 1.0
-exit_s = 25.0
-busy = [[2.0, 19.0, 50]]
+{process_200}
 
 [[fault]]
 kind = "gpu_lost"
 gpu = 1
-start_s = 21.0
-end_s = 10000.0
+start_s = {lost_s[0]}
+end_s = {lost_s[1]}
 """
+
+
+GONE_FOR_GOOD = gpu_1_lost(
+    5, "start_s = 1.0\nexit_s = 25.0\nbusy = [[2.0, 19.0, 50]]", (21.0, 10000.0)
+)
 
 
 def test_the_processes_of_a_gpu_gone_for_good_end_in_a_final_record() -> None:
@@ -232,3 +238,30 @@ def test_a_device_configured_away_while_stopped_is_not_taken_for_a_lost_gpu(
     assert "lost until it is found again" not in caplog.text
     configured_away = [r for r in caplog.records if "MIG mode or instances changed" in r.message]
     assert len(configured_away) == 2
+
+
+BACK_WHILE_STOPPED = gpu_1_lost(
+    6, "start_s = 103.0\nexit_s = 230.0\nbusy = [[103.2, 220.0, 75]]", (0.0, 102.0)
+)
+
+
+def test_a_gpu_back_while_the_agent_was_stopped_is_read_back_from_its_ring() -> None:
+    """GPU 1 is off the bus from before the agent starts until 102 s: the first run (to
+    100 s) never lists it, and its state holds GPU 0 only. The next run starts at 110 s
+    and lists GPU 1, where pid 200 has run since 103 s. It is read back from its ring, from
+    the previous run's last listing: both GPUs billed their truth exactly. It used to be
+    metered from the start as on a first start: 5.1 s of pid 200's busy time, no gap."""
+    usages: list[WindowUsage] = []
+    state = None
+    for start_s, until_s in ((0.0, 100.0), (110.0, END_S + 12)):
+        with metered(Scenario.from_toml(BACK_WHILE_STOPPED), state, start_s=start_s) as (
+            run,
+            meter,
+        ):
+            drive(run, meter, until_s)
+            run.usages.extend(meter.close_window())
+            usages.extend(run.usages)
+            state = meter.state()
+    run.usages[:] = usages
+    assert not any(u.gaps_us for u in run.process_usages())
+    assert run.measured_us() == run.truth_us()

@@ -396,3 +396,24 @@ def test_an_agent_retired_while_an_instance_is_unlisted_records_its_processes_ti
     assert record.device.gpu_instance_id == 13 and not record.final
     assert dict(record.gaps_us) == {UNLISTED: 100_000_000 - 62_300_000}
     assert run.truth_us()[key] <= dict(record.gaps_us)[UNLISTED]
+
+
+def test_an_instance_made_while_the_agent_was_down_is_a_gap_from_its_last_listing() -> None:
+    """The agent stops at 55 s and starts again at 70 s; gi 13 was made at 60 s and its
+    pid 300 started at 62.3 s. The new agent lists gi 13 at its start, but its state did not
+    meter it: it was made after the previous run's last listing (at 0 s), so pid 300's time
+    from its start to 70 s is a DEVICE_UNLISTED gap. It used to be metered from the start as
+    on a first start: 6.3 s of its busy time neither billed nor a gap."""
+    with metered(Scenario.from_toml(RECONFIGURED)) as (first, meter):
+        drive(first, meter, 55.0)
+        first.usages.extend(meter.close_window())
+        state = meter.state()
+    assert json.loads(state)["listed_us"] == first.clock.start_wall_us  # listed at 0 s only
+    with metered(Scenario.from_toml(RECONFIGURED), state=state, start_s=70.0) as (run, meter):
+        drive(run, meter, END_S)
+        run.usages.extend(meter.close_window())
+    key = next(k for k in run.truth_us() if k.pid == 300)
+    gap_us = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == key)
+    assert gap_us == 70_000_000 - 62_300_000
+    billed, truth = run.measured_us()[key], run.truth_us()[key]
+    assert billed <= truth <= billed + gap_us
