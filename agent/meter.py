@@ -296,6 +296,7 @@ class Meter:
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
         # MIG instances with processes on their GPU's list that no listing has shown yet.
         self._unlisted: dict[InstanceId, UnlistedInstance] = {}
+        self._held_finals: list[WindowUsage] = []  # found at the start: the first poll's
         # This poll's process lists of GPUs in MIG mode, or why there is none.
         self._gpu_lists: dict[str, list[ComputeProcess] | NvmlError] = {}
         self._devices: dict[str, DeviceState] = {}
@@ -318,10 +319,15 @@ class Meter:
         # A device the previous run did not meter was made since its last listing (while it
         # ran, or while no agent did): from there, as a device found by a relisting is.
         made_after_us = _listed_through_us(saved)
+        self._unlisted = self._restored_unlisted(saved.get("unlisted", []), now_us)
         for device in listed:
             doc = saved_devices.get(device.uuid)
-            after_us = made_after_us if doc is None else None
-            self._add_device(device, doc, now_us, created_after_us=after_us)
+            if doc is None:
+                self._held_finals += self._add_made(device, made_after_us, now_us)
+            else:
+                self._add_device(device, doc, now_us)
+        for key in self._unlisted:  # still unlisted: their processes are resolved by a listing
+            self._listings.changed(_evidence(key))
         listed_gpus = {ds.device.parent_uuid or uuid for uuid, ds in self._devices.items()}
         for uuid, doc in saved_devices.items():
             if uuid not in self._devices:
@@ -334,6 +340,45 @@ class Meter:
         self._finished = {
             ProcessKey(u, p, c): through for u, p, c, through in saved.get("finished", [])
         }
+
+    def _add_made(
+        self, device: Device, made_after_us: int | None, now_us: int
+    ) -> list[WindowUsage]:
+        """A device made since the listing at ``made_after_us`` (None: nothing before now is
+        ours to bill, a first start): metered from there, or from the listing before its
+        processes were first seen on its GPU's list. Returns the usage of those of them
+        gone already (those running are listed at the next poll, their time until then a
+        gap too)."""
+        instance = None
+        if device.parent_uuid is not None:
+            key = (device.parent_uuid, device.gpu_instance_id, device.compute_instance_id)
+            instance = self._unlisted.pop(key, None)
+        bounds = [made_after_us, instance.since_us if instance else None]
+        since_us = min([b for b in bounds if b is not None], default=None)
+        self._add_device(device, None, now_us, created_after_us=since_us)
+        if instance is None or since_us is None:
+            return []
+        return self._seen_usage(device, instance, since_us, now_us, gone_only=True)
+
+    def _restored_unlisted(
+        self, entries: list[dict[str, Any]], now_us: int
+    ) -> dict[InstanceId, UnlistedInstance]:
+        """The saved run's unlisted instances and the processes seen on them. One no
+        longer running (it exited while no agent ran) left their list by now at the
+        latest."""
+        restored = {}
+        for entry in entries:
+            gpu = Device(mig_enabled=True, **entry["gpu"])
+            instance = UnlistedInstance(gpu, int(entry["since_us"]))
+            for doc in entry["processes"]:
+                pid, gone_us = int(doc["pid"]), doc.get("gone_us")
+                info = _restored_info(pid, doc) if "create_time_us" in doc else None
+                created_us = self._created_us(pid)
+                if gone_us is None and (info is None or created_us != _us(info.create_time)):
+                    gone_us = now_us
+                instance.processes[pid] = SeenProcess(info, gone_us)
+            restored[(gpu.uuid, entry["gi"], entry["ci"])] = instance
+        return restored
 
     def _add_device(
         self,
@@ -464,14 +509,7 @@ class Meter:
         if ds is None:
             return
         key = ProcessKey(entry["gpu"], int(entry["pid"]), int(entry["create_time_us"]))
-        info = ProcessInfo(
-            pid=key.pid,
-            create_time=key.create_time_us / 1e6,
-            name=entry.get("name", ""),
-            labels=dict(entry.get("labels", {})),
-            container_id=entry.get("container_id", ""),
-            pod_uid=entry.get("pod_uid", ""),
-        )
+        info = _restored_info(key.pid, entry)
         seen_from = int(entry.get("seen_from_us", key.create_time_us or now_us))
         tracked = Tracked(key, ds.device, info, Usage(start_us=now_us), seen_from)
         tracked.carry_pct_us = int(entry.get("carry_pct_us", 0))
@@ -490,6 +528,7 @@ class Meter:
             "finished": finished,
             # Every device made before this is among ``devices`` or was gone by then.
             "listed_us": min([self._listed_us, *(u.since_us for u in self._unlisted.values())]),
+            "unlisted": [_unlisted_entry(key, u) for key, u in self._unlisted.items()],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -546,7 +585,8 @@ class Meter:
             ds.last_poll_mono_us = self._now_mono_us
         self._allocate_energy(before, now_us)
         self._watch_instances(now_us)
-        finals = self._relist_devices(now_us)
+        finals, self._held_finals = self._held_finals, []
+        finals += self._relist_devices(now_us)
         finals += [f for ds in self._devices.values() for f in self._drained(ds, now_us)]
         self._sync_stats()
         return finals
@@ -1233,36 +1273,13 @@ class Meter:
                     ds.settled_us = max(ds.settled_us, now_us)
         self._end_configured_away(present, now_us)
         self._prime_instances(lost)
+        finals: list[WindowUsage] = []
         for uuid, device in present.items():
             if uuid not in self._devices:
                 log.warning("%s: a device not listed before; metering it", uuid)
-                instance = None
-                if device.parent_uuid is not None:
-                    key = (device.parent_uuid, device.gpu_instance_id, device.compute_instance_id)
-                    instance = self._unlisted.pop(key, None)
-                since_us = min(listed_before_us, instance.since_us if instance else now_us)
-                self._add_device(device, None, now_us, created_after_us=since_us)
-                if instance is not None:
-                    self._track_exited(self._devices[uuid], instance, since_us)
+                finals += self._add_made(device, listed_before_us, now_us)
         self._listings.listed(mono, still_lost=any(ds.lost_at_us is not None for ds in lost))
-        return self._forget_unlisted(now_us)
-
-    def _track_exited(self, ds: DeviceState, instance: UnlistedInstance, since_us: int) -> None:
-        """The processes seen on a new instance that exited before this listing found it:
-        final at once, all their time there a DEVICE_UNLISTED gap (GPM cannot look back).
-        Those still running are listed at the next poll, their time until then a gap too."""
-        for pid, seen in instance.processes.items():
-            if seen.gone_us is None:
-                continue
-            created_us = _us(seen.info.create_time) if seen.info is not None else 0
-            from_us = max(since_us, created_us)
-            key = ProcessKey(ds.device.uuid, pid, created_us)
-            t = Tracked(key, ds.device, seen.info, Usage(start_us=from_us), from_us)
-            t.gone_at_us = seen.gone_us
-            t.usage.add_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, seen.gone_us - from_us)
-            self._count_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, seen.gone_us - from_us)
-            ds.processes.setdefault(pid, []).append(t)
-            self.stats.processes_seen += 1
+        return finals + self._forget_unlisted(now_us)
 
     def _forget_unlisted(self, now_us: int, *, all_of_them: bool = False) -> list[WindowUsage]:
         """Instances a listing did not find whose processes have all exited (``all_of_them``:
@@ -1279,21 +1296,33 @@ class Meter:
                     _evidence(key), sorted(instance.processes),
                     datetime.fromtimestamp(instance.since_us / 1e6, UTC).isoformat(),
                 )  # fmt: skip
-                finals += self._never_listed(key, instance, now_us)
+                # On its GPU, known by the instance's ids there: its UUID never was.
+                _, gi, ci = key
+                gpu = dataclasses.replace(instance.gpu, gpu_instance_id=gi, compute_instance_id=ci)
+                finals += self._seen_usage(
+                    gpu, instance, instance.since_us, now_us, gone_only=False
+                )
         return finals
 
-    def _never_listed(
-        self, key: InstanceId, instance: UnlistedInstance, now_us: int
+    def _seen_usage(
+        self,
+        device: Device,
+        instance: UnlistedInstance,
+        since_us: int,
+        now_us: int,
+        *,
+        gone_only: bool,
     ) -> list[WindowUsage]:
-        """The usage of processes on an instance never listed: on its GPU, known by the
-        instance's ids there (its own UUID never was), from the listing before the first
-        sight of it or their start, to when they left its list (or ``now_us``)."""
-        _, gi, ci = key
-        device = dataclasses.replace(instance.gpu, gpu_instance_id=gi, compute_instance_id=ci)
+        """The usage on ``device`` of the processes seen on ``instance`` through its GPU's
+        list: no busy time, their time there a DEVICE_UNLISTED gap (GPM cannot look back),
+        from ``since_us`` or their start to when they left the list (or ``now_us``); final
+        for those gone. ``gone_only``: those still running are left to be listed."""
         finals = []
         for pid, seen in instance.processes.items():
+            if gone_only and seen.gone_us is None:
+                continue
             created_us = _us(seen.info.create_time) if seen.info is not None else 0
-            from_us = max(instance.since_us, created_us)
+            from_us = max(since_us, created_us)
             until_us = seen.gone_us if seen.gone_us is not None else now_us
             self._count_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, until_us - from_us)
             self.stats.processes_seen += 1
@@ -1579,7 +1608,7 @@ class Meter:
         never comes. Busy time whose evidence did not come is unattributed (no evidence),
         a lost GPU's unread time a gap; processes whose time is all settled are final."""
         now_us = _us(self._clock.wall())
-        finals: list[WindowUsage] = []
+        finals, self._held_finals = self._held_finals, []
         for ds in self._devices.values():
             if ds.lost_at_us is not None:
                 self._give_up_lost(ds, now_us, hold_us=0)
@@ -1702,17 +1731,51 @@ def _restore_books(doc: dict[str, Any] | None, now_us: int) -> Books:
 
 
 def _process_entry(t: Tracked) -> dict[str, Any]:
-    info = t.info
     return {
         "gpu": t.key.gpu_uuid,
         "pid": t.key.pid,
-        "create_time_us": t.key.create_time_us,
         "seen_from_us": t.seen_from_us,
+        "carry_pct_us": t.carry_pct_us,
+        **_info_entry(t.key.create_time_us, t.info),
+    }
+
+
+def _info_entry(create_time_us: int, info: ProcessInfo | None) -> dict[str, Any]:
+    return {
+        "create_time_us": create_time_us,
         "name": info.name if info else "",
         "labels": dict(info.labels) if info else {},
         "container_id": info.container_id if info else "",
         "pod_uid": info.pod_uid if info else "",
-        "carry_pct_us": t.carry_pct_us,
+    }
+
+
+def _restored_info(pid: int, entry: dict[str, Any]) -> ProcessInfo:
+    return ProcessInfo(
+        pid=pid,
+        create_time=int(entry["create_time_us"]) / 1e6,
+        name=entry.get("name", ""),
+        labels=dict(entry.get("labels", {})),
+        container_id=entry.get("container_id", ""),
+        pod_uid=entry.get("pod_uid", ""),
+    )
+
+
+def _unlisted_entry(key: InstanceId, instance: UnlistedInstance) -> dict[str, Any]:
+    """An unlisted instance as saved: its GPU, ids, since when, and what was seen on it."""
+    gpu = instance.gpu
+    processes = []
+    for pid, seen in instance.processes.items():
+        doc: dict[str, Any] = {"pid": pid, "gone_us": seen.gone_us}
+        if seen.info is not None:
+            doc.update(_info_entry(_us(seen.info.create_time), seen.info))
+        processes.append(doc)
+    return {
+        "gpu": {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name},
+        "gi": key[1],
+        "ci": key[2],
+        "since_us": instance.since_us,
+        "processes": processes,
     }
 
 

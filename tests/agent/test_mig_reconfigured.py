@@ -417,3 +417,30 @@ def test_an_instance_made_while_the_agent_was_down_is_a_gap_from_its_last_listin
     assert gap_us == 70_000_000 - 62_300_000
     billed, truth = run.measured_us()[key], run.truth_us()[key]
     assert billed <= truth <= billed + gap_us
+
+
+def test_what_was_seen_on_an_unlisted_instance_survives_a_restart() -> None:
+    """gi 13 (made at 60 s) is seen through its GPU's list at 61 and 62 s, not listed yet,
+    when the agent stops at 62.8 s; it starts again at 70 s. Pid 301 (acme's) ran 60.5 s to
+    62.4 s: it used to leave no record, what was seen of it gone with the stopped agent. It
+    is in the state now: a final record, acme's, its time there a DEVICE_UNLISTED gap up to
+    the new start (when it ended is unknown). Pid 302 runs on, a gap from its start at
+    61.2 s to the new start, then metered."""
+    with metered(Scenario.from_toml(SHORT_ON_NEW)) as (first, meter):
+        drive(first, meter, 62.8)
+        first.usages.extend(meter.close_window())
+        state = meter.state()
+    assert [p["pid"] for u in json.loads(state)["unlisted"] for p in u["processes"]] == [301, 302]
+    with metered(Scenario.from_toml(SHORT_ON_NEW), state=state, start_s=70.0) as (run, meter):
+        drive(run, meter, 130.0)
+        run.usages.extend(meter.close_window())
+    by_pid = {k.pid: k for k in run.truth_us()}
+    (record,) = [u for u in run.process_usages() if u.key == by_pid[301]]
+    assert record.final and record.busy_us == 0
+    assert record.info is not None and record.info.labels.get("account") == "acme"
+    assert dict(record.gaps_us) == {UNLISTED: 70_000_000 - 60_500_000}
+    alive = by_pid[302]
+    gaps = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == alive)
+    assert gaps == 70_000_000 - 61_200_000
+    billed, truth = run.measured_us()[alive], run.truth_us()[alive]
+    assert billed <= truth <= billed + gaps
