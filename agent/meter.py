@@ -152,6 +152,7 @@ class Books:
     attributed_us: int = 0  # µs of process usage emitted for the GPU since then
     unattributed_pct_us: Counter[int] = field(default_factory=Counter)  # by reason
     carry_pct_us: Counter[int] = field(default_factory=Counter)  # below 1 µs, by reason
+    gaps_us: Counter[int] = field(default_factory=Counter)  # unmeasured device time, by reason
     # The time the booked µs lie in: a process record written now may cover periods settled
     # before the previous device record's end (a stalled agent, a long window), and the
     # device record must span its books (the collector refuses more busy than time).
@@ -164,7 +165,11 @@ class Books:
 
     @property
     def empty(self) -> bool:
-        return not self.attributed_us and not any(self.unattributed_pct_us.values())
+        return (
+            not self.attributed_us
+            and not any(self.unattributed_pct_us.values())
+            and not any(self.gaps_us.values())
+        )
 
 
 @dataclass(slots=True)
@@ -985,7 +990,7 @@ class Meter:
         from_us, to_us, reason = ds.down_us
         ds.down_us = None
         ds.settled_us = max(ds.settled_us, to_us)
-        self._count_gap(reason, to_us - from_us)
+        self._device_gap(ds, reason, to_us - from_us)
         for t in ds.tracked():
             t.usage.add_gap(reason, to_us - max(from_us, t.key.create_time_us))
 
@@ -1415,7 +1420,7 @@ class Meter:
     def _gap_all(self, ds: DeviceState, reason: int, duration_us: int) -> None:
         if duration_us <= 0:
             return
-        self._count_gap(reason, duration_us)
+        self._device_gap(ds, reason, duration_us)
         for t in ds.tracked():
             t.usage.add_gap(reason, duration_us)
 
@@ -1425,7 +1430,7 @@ class Meter:
         """A hole in the device's series (wall µs spans, ``less_us`` of them a forward clock
         step): each process's gap is the part within its life. One started since (a job on
         a GPU found again after its reset) was not there to lose any of it."""
-        self._count_gap(reason, sum(end - start for start, end in spans) - less_us)
+        self._device_gap(ds, reason, sum(end - start for start, end in spans) - less_us)
         for t in ds.tracked():
             until_us = t.gone_at_us if t.gone_at_us is not None else spans[-1][1]
             within_us = sum(
@@ -1433,6 +1438,13 @@ class Meter:
                 for start, end in spans
             )
             t.usage.add_gap(reason, within_us - less_us)
+
+    def _device_gap(self, ds: DeviceState, reason: int, duration_us: int) -> None:
+        """Time of the device itself nobody measured: on its books (its next device record)
+        whether or not a process was there to carry it, and counted."""
+        if duration_us > 0:
+            ds.books.gaps_us[reason] += duration_us
+            self._count_gap(reason, duration_us)
 
     def _count_gap(self, reason: int, duration_us: int) -> None:
         if duration_us > 0:
@@ -1532,7 +1544,12 @@ class Meter:
             slices=(),
             quality=usage_pb2.QUALITY_UNATTRIBUTED,
             evidence=EVIDENCE_CODES[ds.evidence.source if ds.evidence else None],
-            books=DeviceBooks(device_us, books.attributed_us, tuple(unattributed)),
+            books=DeviceBooks(
+                device_us,
+                books.attributed_us,
+                tuple(unattributed),
+                tuple(sorted((int(r), us) for r, us in books.gaps_us.items() if us)),
+            ),
         )
 
     def learned(self) -> dict[str, Learned]:
@@ -1716,6 +1733,7 @@ def _books_entry(books: Books) -> dict[str, Any]:
         "attributed_us": books.attributed_us,
         "unattributed": {str(int(k)): v for k, v in books.unattributed_pct_us.items()},
         "carry": {str(int(k)): v for k, v in books.carry_pct_us.items()},
+        "gaps": {str(int(k)): v for k, v in books.gaps_us.items()},
     }
 
 
@@ -1727,6 +1745,7 @@ def _restore_books(doc: dict[str, Any] | None, now_us: int) -> Books:
         int(doc.get("attributed_us", 0)),
         Counter({int(k): int(v) for k, v in doc.get("unattributed", {}).items()}),
         Counter({int(k): int(v) for k, v in doc.get("carry", {}).items()}),
+        Counter({int(k): int(v) for k, v in doc.get("gaps", {}).items()}),
     )
 
 

@@ -15,10 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
 from creditmeter.agent.errors import AgentError
 from creditmeter.agent.usage import DeviceBooks, WindowUsage
 from creditmeter.labels import lawful_text
 from creditmeter.v1 import usage_pb2
+
+RepeatedGaps = RepeatedCompositeFieldContainer[usage_pb2.Gap]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,8 @@ def _fill_books(books: usage_pb2.DeviceBooks, of: DeviceBooks) -> None:
     books.attributed_busy_us = of.attributed_busy_us
     for reason, busy_us in of.unattributed_us:
         books.unattributed.add(reason=reason, busy_us=busy_us)
+    for reason, duration_us in of.gaps_us:
+        books.gaps.add(reason=reason, duration_us=duration_us)
 
 
 def _fill_process(process: usage_pb2.ProcessRef, usage: WindowUsage) -> None:
@@ -145,10 +151,7 @@ def merge(into: usage_pb2.UsageRecord, more: usage_pb2.UsageRecord) -> None:
         into.peak_memory_bytes = max(into.peak_memory_bytes, more.peak_memory_bytes)
     if more.HasField("energy_mj"):
         into.energy_mj = into.energy_mj + more.energy_mj
-    gaps = _by_reason([(g.reason, g.duration_us) for g in (*into.gaps, *more.gaps)])
-    del into.gaps[:]
-    for reason, duration_us in gaps:
-        into.gaps.add(duration_us=duration_us, reason=reason)
+    _merge_gaps(into.gaps, more.gaps)
     if more.quality == usage_pb2.QUALITY_APPORTIONED:  # shared somewhere: apportioned
         into.quality = more.quality
         into.evidence = more.evidence
@@ -163,6 +166,14 @@ def _merge_books(into: usage_pb2.DeviceBooks, more: usage_pb2.DeviceBooks) -> No
     del into.unattributed[:]
     for reason, busy_us in busy:
         into.unattributed.add(reason=reason, busy_us=busy_us)
+    _merge_gaps(into.gaps, more.gaps)
+
+
+def _merge_gaps(into: RepeatedGaps, more: RepeatedGaps) -> None:
+    gaps = _by_reason([(g.reason, g.duration_us) for g in (*into, *more)])
+    del into[:]
+    for reason, duration_us in gaps:
+        into.add(duration_us=duration_us, reason=reason)
 
 
 def _by_reason(amounts: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -82,12 +82,13 @@ class Usage:
 @dataclass(frozen=True, slots=True)
 class DeviceBooks:
     """A whole GPU's or MIG instance's books since its previous device record: its busy
-    time, the part the process records in between carry, and the part nobody could take,
-    by reason."""
+    time, the part the process records in between carry, the part nobody could take, by
+    reason, and the time of its own nobody measured, by reason."""
 
     device_busy_us: int
     attributed_busy_us: int
     unattributed_us: tuple[tuple[int, int], ...]  # (UnattributedReason, µs)
+    gaps_us: tuple[tuple[int, int], ...] = ()  # (GapReason, µs) of the device's own time
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,16 @@ class Run:
                 totals[u.device.uuid] += sum(us for _, us in u.books.unattributed_us)
         return dict(totals)
 
+    def unmeasured_us(self) -> dict[str, dict[int, int]]:
+        """Per GPU uuid, the device's own time its device records say nobody measured, by
+        gap reason."""
+        totals: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for u in self.usages:
+            if u.books is not None:
+                for reason, us in u.books.gaps_us:
+                    totals[u.device.uuid][reason] += us
+        return {uuid: dict(by_reason) for uuid, by_reason in totals.items()}
+
     def device_busy_us(self) -> dict[str, int]:
         """Per GPU uuid, the device's busy µs as its device records carry it."""
         totals: dict[str, int] = defaultdict(int)

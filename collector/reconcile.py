@@ -7,7 +7,11 @@ For each GPU and UTC day, from the hourly rollups the store keeps with the recor
 - ``device busy``: the GPU's own busy seconds, from its device records (its books);
 - ``billed``: the busy seconds of its process records, what accounts are charged;
 - ``unattributed``: busy seconds no process could take, by reason (reported, never billed);
-- ``gaps``: seconds nobody could measure, by reason (never billed, never filled in);
+- ``gaps``: seconds of processes nobody could measure, by reason (never billed, never
+  filled in), summed over the processes that carry them;
+- ``unmeasured``: seconds of the GPU's own time nobody measured, by reason (the agent down
+  past the ring, the GPU lost, samples dropped, a clock step), from its device records:
+  whether any process ran then is unknown, so a process record may carry none of it;
 - ``unexplained``: device busy − billed − unattributed, 0 where the books add up (hours before
   agents wrote device records have no books: their device busy is 0 and this is negative).
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from creditmeter.collector.ledger_store import DeviceRollup, GpuRollup
 from creditmeter.collector.periods import iso_text
 from creditmeter.collector.report import Period, seconds_text
-from creditmeter.collector.rollup import ATTRIBUTED, DEVICE_BUSY, GAP, UNATTRIBUTED
+from creditmeter.collector.rollup import ATTRIBUTED, DEVICE_BUSY, GAP, UNATTRIBUTED, UNMEASURED
 from creditmeter.labels import MAX_LABEL_BYTES, printable
 
 
@@ -35,6 +39,7 @@ class GpuDay:
     booked_us: int = 0  # what the books say was attributed (equals billed when they add up)
     unattributed_us: dict[str, int] = field(default_factory=dict)
     gaps_us: dict[str, int] = field(default_factory=dict)
+    unmeasured_us: dict[str, int] = field(default_factory=dict)
 
     @property
     def unexplained_us(self) -> int:
@@ -80,10 +85,13 @@ def _add_kind(d: GpuDay, kind: str, amount_us: int) -> None:
     elif kind.startswith(GAP):
         name = kind.removeprefix(GAP)
         d.gaps_us[name] = d.gaps_us.get(name, 0) + amount_us
+    elif kind.startswith(UNMEASURED):
+        name = kind.removeprefix(UNMEASURED)
+        d.unmeasured_us[name] = d.unmeasured_us.get(name, 0) + amount_us
 
 
 _HEADER = ("DAY", "HOST", "GPU", "HELD_S", "DEVICE_BUSY_S", "BILLED_S", "UNATTRIBUTED_S",
-           "GAPS_S", "UNEXPLAINED_S")  # fmt: skip
+           "GAPS_S", "UNMEASURED_S", "UNEXPLAINED_S")  # fmt: skip
 
 
 def render_reconcile_table(rows: list[GpuDay]) -> str:
@@ -97,6 +105,7 @@ def render_reconcile_table(rows: list[GpuDay]) -> str:
             seconds_text(r.billed_us),
             seconds_text(sum(r.unattributed_us.values())),
             seconds_text(sum(r.gaps_us.values())),
+            seconds_text(sum(r.unmeasured_us.values())),
             seconds_text(r.unexplained_us),
         )
         for r in rows
@@ -126,6 +135,7 @@ def reconcile_json(rows: list[GpuDay]) -> list[dict[str, object]]:
             "booked_seconds": seconds_text(r.booked_us),
             "unattributed_seconds": {k: seconds_text(v) for k, v in r.unattributed_us.items()},
             "gap_seconds": {k: seconds_text(v) for k, v in r.gaps_us.items()},
+            "unmeasured_seconds": {k: seconds_text(v) for k, v in r.unmeasured_us.items()},
             "unexplained_seconds": seconds_text(r.unexplained_us),
         }
         for r in rows

@@ -30,7 +30,8 @@ RollupKey = tuple[int, str, str]  # (hour_start_us, account, model)
 RollupSums = list[int]
 DeviceRollupKey = tuple[int, str, str, str, str]  # (hour_start_us, host, gpu_uuid, account, model)
 # (hour_start_us, host, gpu_uuid, kind): a GPU's device busy, attributed and unattributed µs
-# (from its device records) and its gap µs (from its process records), one kind each.
+# and unmeasured time (from its device records) and its gap µs (from its process records),
+# one kind each.
 # (hour_start_us, host, gpu_uuid, model): the device rollups summed over accounts, which
 # reports by host or GPU (but not by account) read: a GPU serves few models an hour, and
 # often many accounts.
@@ -41,6 +42,7 @@ DEVICE_BUSY = "device_busy"
 ATTRIBUTED = "attributed"
 UNATTRIBUTED = "unattributed:"  # + UnattributedReason name
 GAP = "gap:"  # + GapReason name
+UNMEASURED = "unmeasured:"  # + GapReason name: the device's own time (its device records)
 _UNATTRIBUTED_KINDS = {
     v: UNATTRIBUTED + usage_pb2.UnattributedReason.Name(v).removeprefix("UNATTRIBUTED_REASON_")
     for v in usage_pb2.UnattributedReason.values()
@@ -49,6 +51,7 @@ _GAP_KINDS = {
     v: GAP + usage_pb2.GapReason.Name(v).removeprefix("GAP_REASON_")
     for v in usage_pb2.GapReason.values()
 }
+_UNMEASURED_KINDS = {v: UNMEASURED + k.removeprefix(GAP) for v, k in _GAP_KINDS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,8 @@ def add_gpu_books(into: GpuSums, hour_us: int, rec: usage_pb2.UsageRecord) -> No
     _add_gpu(into, (*key, ATTRIBUTED), books.attributed_busy_us)
     for u in books.unattributed:
         _add_gpu(into, (*key, _UNATTRIBUTED_KINDS[u.reason]), u.busy_us)
+    for g in books.gaps:
+        _add_gpu(into, (*key, _UNMEASURED_KINDS[g.reason]), g.duration_us)
 
 
 def add_gaps(into: GpuSums, hour_us: int, rec: usage_pb2.UsageRecord) -> None:

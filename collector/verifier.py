@@ -693,6 +693,13 @@ def _device_record_problem(rec: usage_pb2.UsageRecord, tolerance_us: int) -> tup
         parts.append(u.busy_us)
     if any(p < 0 for p in parts):
         return "device", "negative busy time in the books"
+    for g in books.gaps:
+        if g.reason not in _KNOWN_GAP_REASONS:
+            return "device.gaps.reason", f"unspecified or unknown reason {g.reason}"
+        if g.duration_us < 0:
+            return "device.gaps.duration_us", f"gap of {g.duration_us} µs is negative"
+    if sum(g.duration_us for g in books.gaps) > INT64_MAX:
+        return "device.gaps.duration_us", "gaps add up to more than a signed 64-bit integer"
     if sum(parts) != books.device_busy_us:
         return "device.device_busy_us", (
             f"{books.device_busy_us} µs is not the attributed {books.attributed_busy_us} µs "

@@ -265,3 +265,19 @@ def test_a_gpu_back_while_the_agent_was_stopped_is_read_back_from_its_ring() -> 
     run.usages[:] = usages
     assert not any(u.gaps_us for u in run.process_usages())
     assert run.measured_us() == run.truth_us()
+
+
+def test_a_lost_gpu_with_no_process_has_its_unmeasured_time_on_its_device_records() -> None:
+    """GPU 1 runs nothing and is lost from 50 s to 100 s. The listings looking for it back
+    off (5, 10, 20, 40 s): it is found at 130 s, its ring (20 s) holding back to 111 s.
+    From 49 s, where its series was read and settled, to 111 s, its time is unknown:
+    whether anything ran then cannot be told. It used to be a metric only (no process
+    record to carry a gap); now its device records carry the 62 s as GPU_LOST (given up
+    at window closes past the hold, the rest when found), and GPU 0 has none."""
+    scenario = gpu_1_lost(7, "start_s = 1.0\nexit_s = 2.0\nbusy = []", (50.0, 100.0))
+    with metered(Scenario.from_toml(scenario)) as (run, meter):
+        drive(run, meter, 150.0)
+        run.usages.extend(meter.close_window())
+    gpu_1 = run.host.gpus[1].uuid
+    assert run.unmeasured_us() == {gpu_1: {GAP_LOST: 111_000_000 - 49_000_000}}
+    assert not run.gaps_us()

@@ -123,6 +123,13 @@ def test_the_time_an_agent_was_down_is_a_gap_on_every_mig_instance() -> None:
     assert down[100] == down[200] == {AGENT_DOWN: 10_000_000}
     assert down[300] == {AGENT_DOWN: 5_000_000}
     assert not down.get(400) and billed[400] == truth[400]
+    # Each instance's own 10 s are unmeasured on its device records, gi 13's too (nothing
+    # ran there before 105 s that the agent could know of); the whole GPU's ring held them.
+    unmeasured = run.unmeasured_us()
+    instances = [u for u in unmeasured if u.startswith("MIG-")]
+    assert len(instances) == 3
+    assert all(unmeasured[u] == {AGENT_DOWN: 10_000_000} for u in instances)
+    assert len(unmeasured) == 3
     for pid in (100, 200, 300):
         assert billed[pid] <= truth[pid] <= billed[pid] + down[pid][AGENT_DOWN], pid
 

@@ -422,7 +422,13 @@ def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -
     agent = AgentChain()
     agent.extend(2, add_gap(1_000, usage_pb2.GAP_REASON_GPU_LOST))  # two process windows
     books = device_books(2 * BUSY_US, [(NO_PROCESS, 300), (NO_EVIDENCE, 20)])
-    agent.append(then(books, shift_interval(T0_US, T0_US + 2 * WINDOW_US)))  # both windows
+    agent.append(
+        then(
+            books,
+            device_gap(7_000, usage_pb2.GAP_REASON_GPU_LOST),  # the GPU's own, beyond the pids'
+            shift_interval(T0_US, T0_US + 2 * WINDOW_US),  # both windows
+        )
+    )
     records = verifier.verify(agent.batch(1, 3), agent.key.public_key()).records
     assert len(records.rows) == 3
     assert records.sums == {(HOUR0_US, "acme", "llama-3-70b"): [2 * BUSY_US, 2 * WALL_US, 2]}
@@ -433,7 +439,15 @@ def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -
         (*gpu, "unattributed:NO_PROCESS"): 300,
         (*gpu, "unattributed:NO_EVIDENCE"): 20,
         (*gpu, "gap:GPU_LOST"): 2_000,
+        (*gpu, "unmeasured:GPU_LOST"): 7_000,
     }
+
+
+def device_gap(duration_us: int, reason: int) -> Mutator:
+    def mutate(rec: usage_pb2.UsageRecord) -> None:
+        rec.device.gaps.add(duration_us=duration_us, reason=reason)  # type: ignore[arg-type]
+
+    return mutate
 
 
 @pytest.mark.parametrize(
@@ -444,6 +458,14 @@ def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -
         (device_books(5, [(0, 1)]), "device.unattributed.reason", "unspecified"),
         (device_books(5, [(77, 1)]), "device.unattributed.reason", "unknown reason 77"),
         (device_books(5, [(NO_PROCESS, -1)]), "device", "negative"),
+        (then(device_books(5), device_gap(1, 0)), "device.gaps.reason", "unspecified"),
+        (then(device_books(5), device_gap(1, 77)), "device.gaps.reason", "unknown reason 77"),
+        (then(device_books(5), device_gap(-1, 1)), "device.gaps.duration_us", "negative"),
+        (
+            then(device_books(5), device_gap(2**62, 1), device_gap(2**62, 2)),
+            "device.gaps.duration_us",
+            "64-bit",
+        ),
         (then(device_books(5), set_field("busy_us", 5)), "busy_us", "bills nothing"),
         (then(device_books(5), set_field("process.pid", 9)), "busy_us", "bills nothing"),
         (then(device_books(5), set_field("attribution.account", "a")), "attribution", "names"),

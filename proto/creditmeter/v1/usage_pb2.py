@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63reditmeter/v1/usage.proto\x12\x0e\x63reditmeter.v1\"g\n\x0cRefusedLabel\x12(\n\x05label\x18\x01 \x01(\x0e\x32\x19.creditmeter.v1.LabelName\x12-\n\x07problem\x18\x02 \x01(\x0e\x32\x1c.creditmeter.v1.LabelProblem\"E\n\x03Gap\x12\x13\n\x0b\x64uration_us\x18\x01 \x01(\x03\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.creditmeter.v1.GapReason\"S\n\x0cUnattributed\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".creditmeter.v1.UnattributedReason\x12\x0f\n\x07\x62usy_us\x18\x02 \x01(\x03\":\n\x0bKeyRotation\x12\x16\n\x0enew_public_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x65ndorsement\x18\x02 \x01(\x0c\"u\n\x0b\x44\x65viceBooks\x12\x16\n\x0e\x64\x65vice_busy_us\x18\x01 \x01(\x03\x12\x1a\n\x12\x61ttributed_busy_us\x18\x02 \x01(\x03\x12\x32\n\x0cunattributed\x18\x03 \x03(\x0b\x32\x1c.creditmeter.v1.Unattributed\"\xb4\x01\n\x06GpuRef\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bparent_uuid\x18\x04 \x01(\t\x12\x1c\n\x0fgpu_instance_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12 \n\x13\x63ompute_instance_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_gpu_instance_idB\x16\n\x14_compute_instance_id\"f\n\nProcessRef\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x16\n\x0e\x63reate_time_us\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\"\xb1\x01\n\x0b\x41ttribution\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x31\n\x06source\x18\x04 \x01(\x0e\x32!.creditmeter.v1.AttributionSource\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x08\x12-\n\x07refused\x18\x06 \x03(\x0b\x32\x1c.creditmeter.v1.RefusedLabel\"\x9c\x05\n\x0bUsageRecord\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tprev_hash\x18\x03 \x01(\x0c\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x15\n\rstart_unix_us\x18\x05 \x01(\x03\x12\x13\n\x0b\x65nd_unix_us\x18\x06 \x01(\x03\x12#\n\x03gpu\x18\x07 \x01(\x0b\x32\x16.creditmeter.v1.GpuRef\x12+\n\x07process\x18\x08 \x01(\x0b\x32\x1a.creditmeter.v1.ProcessRef\x12\x30\n\x0b\x61ttribution\x18\t \x01(\x0b\x32\x1b.creditmeter.v1.Attribution\x12\x0f\n\x07\x62usy_us\x18\n \x01(\x03\x12\x0f\n\x07wall_us\x18\x0b \x01(\x03\x12\x1e\n\x11peak_memory_bytes\x18\x0c \x01(\x04H\x00\x88\x01\x01\x12\x16\n\tenergy_mj\x18\r \x01(\x04H\x01\x88\x01\x01\x12!\n\x04gaps\x18\x0e \x03(\x0b\x32\x13.creditmeter.v1.Gap\x12\x31\n\x06source\x18\x0f \x01(\x0e\x32!.creditmeter.v1.MeasurementSource\x12\r\n\x05\x66inal\x18\x10 \x01(\x08\x12(\n\x07quality\x18\x11 \x01(\x0e\x32\x17.creditmeter.v1.Quality\x12\x30\n\x08\x65vidence\x18\x12 \x01(\x0e\x32\x1e.creditmeter.v1.EvidenceSource\x12+\n\x06\x64\x65vice\x18\x13 \x01(\x0b\x32\x1b.creditmeter.v1.DeviceBooks\x12\x31\n\x0ckey_rotation\x18\x14 \x01(\x0b\x32\x1b.creditmeter.v1.KeyRotationB\x14\n\x12_peak_memory_bytesB\x0c\n\n_energy_mj*\xa5\x02\n\x11MeasurementSource\x12\"\n\x1eMEASUREMENT_SOURCE_UNSPECIFIED\x10\x00\x12(\n$MEASUREMENT_SOURCE_NVML_PROCESS_UTIL\x10\x01\x12\'\n#MEASUREMENT_SOURCE_GPM_MIG_INSTANCE\x10\x02\x12%\n!MEASUREMENT_SOURCE_GPM_MIG_SHARED\x10\x03\x12\x1b\n\x17MEASUREMENT_SOURCE_NONE\x10\x04\x12\'\n#MEASUREMENT_SOURCE_NVML_DEVICE_UTIL\x10\x05\x12,\n(MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE\x10\x06*\xca\x01\n\x0e\x45videnceSource\x12\x1f\n\x1b\x45VIDENCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VIDENCE_SOURCE_NONE\x10\x01\x12.\n*EVIDENCE_SOURCE_PROCESSES_UTILIZATION_INFO\x10\x02\x12\'\n#EVIDENCE_SOURCE_PROCESS_UTILIZATION\x10\x03\x12$\n EVIDENCE_SOURCE_ACCOUNTING_STATS\x10\x04*\xa0\x01\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x11\n\rQUALITY_EXACT\x10\x01\x12\x17\n\x13QUALITY_APPORTIONED\x10\x02\x12\x18\n\x14QUALITY_UNATTRIBUTED\x10\x03\x12\x1c\n\x18QUALITY_PROCESS_EVIDENCE\x10\x04\x12\x18\n\x14QUALITY_KEY_ROTATION\x10\x05*\xd7\x01\n\x12UnattributedReason\x12#\n\x1fUNATTRIBUTED_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eUNATTRIBUTED_REASON_NO_PROCESS\x10\x01\x12\'\n#UNATTRIBUTED_REASON_UNKNOWN_PROCESS\x10\x02\x12#\n\x1fUNATTRIBUTED_REASON_NO_EVIDENCE\x10\x03\x12*\n&UNATTRIBUTED_REASON_PROCESSES_UNLISTED\x10\x04*\xa7\x01\n\x0cLabelProblem\x12\x1d\n\x19LABEL_PROBLEM_UNSPECIFIED\x10\x00\x12\x1a\n\x16LABEL_PROBLEM_TOO_LONG\x10\x01\x12%\n!LABEL_PROBLEM_FORBIDDEN_CHARACTER\x10\x02\x12\x19\n\x15LABEL_PROBLEM_NOT_NFC\x10\x03\x12\x1a\n\x16LABEL_PROBLEM_RESERVED\x10\x04*i\n\tLabelName\x12\x1a\n\x16LABEL_NAME_UNSPECIFIED\x10\x00\x12\x16\n\x12LABEL_NAME_ACCOUNT\x10\x01\x12\x14\n\x10LABEL_NAME_MODEL\x10\x02\x12\x12\n\x0eLABEL_NAME_JOB\x10\x03*\x94\x02\n\tGapReason\x12\x1a\n\x16GAP_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18GAP_REASON_RING_OVERFLOW\x10\x01\x12\x17\n\x13GAP_REASON_GPU_LOST\x10\x02\x12\x19\n\x15GAP_REASON_NVML_ERROR\x10\x03\x12$\n GAP_REASON_NO_UTILIZATION_SIGNAL\x10\x04\x12\x19\n\x15GAP_REASON_AGENT_DOWN\x10\x05\x12\x19\n\x15GAP_REASON_CLOCK_STEP\x10\x06\x12\x1d\n\x19GAP_REASON_OUTBOX_DAMAGED\x10\x07\x12\x1e\n\x1aGAP_REASON_DEVICE_UNLISTED\x10\x08*\x98\x01\n\x11\x41ttributionSource\x12\"\n\x1e\x41TTRIBUTION_SOURCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41TTRIBUTION_SOURCE_JOB_API\x10\x01\x12\"\n\x1e\x41TTRIBUTION_SOURCE_ENVIRONMENT\x10\x02\x12\x1b\n\x17\x41TTRIBUTION_SOURCE_NONE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63reditmeter/v1/usage.proto\x12\x0e\x63reditmeter.v1\"g\n\x0cRefusedLabel\x12(\n\x05label\x18\x01 \x01(\x0e\x32\x19.creditmeter.v1.LabelName\x12-\n\x07problem\x18\x02 \x01(\x0e\x32\x1c.creditmeter.v1.LabelProblem\"E\n\x03Gap\x12\x13\n\x0b\x64uration_us\x18\x01 \x01(\x03\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.creditmeter.v1.GapReason\"S\n\x0cUnattributed\x12\x32\n\x06reason\x18\x01 \x01(\x0e\x32\".creditmeter.v1.UnattributedReason\x12\x0f\n\x07\x62usy_us\x18\x02 \x01(\x03\":\n\x0bKeyRotation\x12\x16\n\x0enew_public_key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x65ndorsement\x18\x02 \x01(\x0c\"\x98\x01\n\x0b\x44\x65viceBooks\x12\x16\n\x0e\x64\x65vice_busy_us\x18\x01 \x01(\x03\x12\x1a\n\x12\x61ttributed_busy_us\x18\x02 \x01(\x03\x12\x32\n\x0cunattributed\x18\x03 \x03(\x0b\x32\x1c.creditmeter.v1.Unattributed\x12!\n\x04gaps\x18\x04 \x03(\x0b\x32\x13.creditmeter.v1.Gap\"\xb4\x01\n\x06GpuRef\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0bparent_uuid\x18\x04 \x01(\t\x12\x1c\n\x0fgpu_instance_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12 \n\x13\x63ompute_instance_id\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x12\n\x10_gpu_instance_idB\x16\n\x14_compute_instance_id\"f\n\nProcessRef\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x16\n\x0e\x63reate_time_us\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\"\xb1\x01\n\x0b\x41ttribution\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x31\n\x06source\x18\x04 \x01(\x0e\x32!.creditmeter.v1.AttributionSource\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x08\x12-\n\x07refused\x18\x06 \x03(\x0b\x32\x1c.creditmeter.v1.RefusedLabel\"\x9c\x05\n\x0bUsageRecord\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tprev_hash\x18\x03 \x01(\x0c\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x15\n\rstart_unix_us\x18\x05 \x01(\x03\x12\x13\n\x0b\x65nd_unix_us\x18\x06 \x01(\x03\x12#\n\x03gpu\x18\x07 \x01(\x0b\x32\x16.creditmeter.v1.GpuRef\x12+\n\x07process\x18\x08 \x01(\x0b\x32\x1a.creditmeter.v1.ProcessRef\x12\x30\n\x0b\x61ttribution\x18\t \x01(\x0b\x32\x1b.creditmeter.v1.Attribution\x12\x0f\n\x07\x62usy_us\x18\n \x01(\x03\x12\x0f\n\x07wall_us\x18\x0b \x01(\x03\x12\x1e\n\x11peak_memory_bytes\x18\x0c \x01(\x04H\x00\x88\x01\x01\x12\x16\n\tenergy_mj\x18\r \x01(\x04H\x01\x88\x01\x01\x12!\n\x04gaps\x18\x0e \x03(\x0b\x32\x13.creditmeter.v1.Gap\x12\x31\n\x06source\x18\x0f \x01(\x0e\x32!.creditmeter.v1.MeasurementSource\x12\r\n\x05\x66inal\x18\x10 \x01(\x08\x12(\n\x07quality\x18\x11 \x01(\x0e\x32\x17.creditmeter.v1.Quality\x12\x30\n\x08\x65vidence\x18\x12 \x01(\x0e\x32\x1e.creditmeter.v1.EvidenceSource\x12+\n\x06\x64\x65vice\x18\x13 \x01(\x0b\x32\x1b.creditmeter.v1.DeviceBooks\x12\x31\n\x0ckey_rotation\x18\x14 \x01(\x0b\x32\x1b.creditmeter.v1.KeyRotationB\x14\n\x12_peak_memory_bytesB\x0c\n\n_energy_mj*\xa5\x02\n\x11MeasurementSource\x12\"\n\x1eMEASUREMENT_SOURCE_UNSPECIFIED\x10\x00\x12(\n$MEASUREMENT_SOURCE_NVML_PROCESS_UTIL\x10\x01\x12\'\n#MEASUREMENT_SOURCE_GPM_MIG_INSTANCE\x10\x02\x12%\n!MEASUREMENT_SOURCE_GPM_MIG_SHARED\x10\x03\x12\x1b\n\x17MEASUREMENT_SOURCE_NONE\x10\x04\x12\'\n#MEASUREMENT_SOURCE_NVML_DEVICE_UTIL\x10\x05\x12,\n(MEASUREMENT_SOURCE_NVML_PROCESS_EVIDENCE\x10\x06*\xca\x01\n\x0e\x45videnceSource\x12\x1f\n\x1b\x45VIDENCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VIDENCE_SOURCE_NONE\x10\x01\x12.\n*EVIDENCE_SOURCE_PROCESSES_UTILIZATION_INFO\x10\x02\x12\'\n#EVIDENCE_SOURCE_PROCESS_UTILIZATION\x10\x03\x12$\n EVIDENCE_SOURCE_ACCOUNTING_STATS\x10\x04*\xa0\x01\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x11\n\rQUALITY_EXACT\x10\x01\x12\x17\n\x13QUALITY_APPORTIONED\x10\x02\x12\x18\n\x14QUALITY_UNATTRIBUTED\x10\x03\x12\x1c\n\x18QUALITY_PROCESS_EVIDENCE\x10\x04\x12\x18\n\x14QUALITY_KEY_ROTATION\x10\x05*\xd7\x01\n\x12UnattributedReason\x12#\n\x1fUNATTRIBUTED_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eUNATTRIBUTED_REASON_NO_PROCESS\x10\x01\x12\'\n#UNATTRIBUTED_REASON_UNKNOWN_PROCESS\x10\x02\x12#\n\x1fUNATTRIBUTED_REASON_NO_EVIDENCE\x10\x03\x12*\n&UNATTRIBUTED_REASON_PROCESSES_UNLISTED\x10\x04*\xa7\x01\n\x0cLabelProblem\x12\x1d\n\x19LABEL_PROBLEM_UNSPECIFIED\x10\x00\x12\x1a\n\x16LABEL_PROBLEM_TOO_LONG\x10\x01\x12%\n!LABEL_PROBLEM_FORBIDDEN_CHARACTER\x10\x02\x12\x19\n\x15LABEL_PROBLEM_NOT_NFC\x10\x03\x12\x1a\n\x16LABEL_PROBLEM_RESERVED\x10\x04*i\n\tLabelName\x12\x1a\n\x16LABEL_NAME_UNSPECIFIED\x10\x00\x12\x16\n\x12LABEL_NAME_ACCOUNT\x10\x01\x12\x14\n\x10LABEL_NAME_MODEL\x10\x02\x12\x12\n\x0eLABEL_NAME_JOB\x10\x03*\x94\x02\n\tGapReason\x12\x1a\n\x16GAP_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18GAP_REASON_RING_OVERFLOW\x10\x01\x12\x17\n\x13GAP_REASON_GPU_LOST\x10\x02\x12\x19\n\x15GAP_REASON_NVML_ERROR\x10\x03\x12$\n GAP_REASON_NO_UTILIZATION_SIGNAL\x10\x04\x12\x19\n\x15GAP_REASON_AGENT_DOWN\x10\x05\x12\x19\n\x15GAP_REASON_CLOCK_STEP\x10\x06\x12\x1d\n\x19GAP_REASON_OUTBOX_DAMAGED\x10\x07\x12\x1e\n\x1aGAP_REASON_DEVICE_UNLISTED\x10\x08*\x98\x01\n\x11\x41ttributionSource\x12\"\n\x1e\x41TTRIBUTION_SOURCE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41TTRIBUTION_SOURCE_JOB_API\x10\x01\x12\"\n\x1e\x41TTRIBUTION_SOURCE_ENVIRONMENT\x10\x02\x12\x1b\n\x17\x41TTRIBUTION_SOURCE_NONE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'creditmeter.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEASUREMENTSOURCE']._serialized_start=1625
-  _globals['_MEASUREMENTSOURCE']._serialized_end=1918
-  _globals['_EVIDENCESOURCE']._serialized_start=1921
-  _globals['_EVIDENCESOURCE']._serialized_end=2123
-  _globals['_QUALITY']._serialized_start=2126
-  _globals['_QUALITY']._serialized_end=2286
-  _globals['_UNATTRIBUTEDREASON']._serialized_start=2289
-  _globals['_UNATTRIBUTEDREASON']._serialized_end=2504
-  _globals['_LABELPROBLEM']._serialized_start=2507
-  _globals['_LABELPROBLEM']._serialized_end=2674
-  _globals['_LABELNAME']._serialized_start=2676
-  _globals['_LABELNAME']._serialized_end=2781
-  _globals['_GAPREASON']._serialized_start=2784
-  _globals['_GAPREASON']._serialized_end=3060
-  _globals['_ATTRIBUTIONSOURCE']._serialized_start=3063
-  _globals['_ATTRIBUTIONSOURCE']._serialized_end=3215
+  _globals['_MEASUREMENTSOURCE']._serialized_start=1661
+  _globals['_MEASUREMENTSOURCE']._serialized_end=1954
+  _globals['_EVIDENCESOURCE']._serialized_start=1957
+  _globals['_EVIDENCESOURCE']._serialized_end=2159
+  _globals['_QUALITY']._serialized_start=2162
+  _globals['_QUALITY']._serialized_end=2322
+  _globals['_UNATTRIBUTEDREASON']._serialized_start=2325
+  _globals['_UNATTRIBUTEDREASON']._serialized_end=2540
+  _globals['_LABELPROBLEM']._serialized_start=2543
+  _globals['_LABELPROBLEM']._serialized_end=2710
+  _globals['_LABELNAME']._serialized_start=2712
+  _globals['_LABELNAME']._serialized_end=2817
+  _globals['_GAPREASON']._serialized_start=2820
+  _globals['_GAPREASON']._serialized_end=3096
+  _globals['_ATTRIBUTIONSOURCE']._serialized_start=3099
+  _globals['_ATTRIBUTIONSOURCE']._serialized_end=3251
   _globals['_REFUSEDLABEL']._serialized_start=46
   _globals['_REFUSEDLABEL']._serialized_end=149
   _globals['_GAP']._serialized_start=151
@@ -55,14 +55,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNATTRIBUTED']._serialized_end=305
   _globals['_KEYROTATION']._serialized_start=307
   _globals['_KEYROTATION']._serialized_end=365
-  _globals['_DEVICEBOOKS']._serialized_start=367
-  _globals['_DEVICEBOOKS']._serialized_end=484
-  _globals['_GPUREF']._serialized_start=487
-  _globals['_GPUREF']._serialized_end=667
-  _globals['_PROCESSREF']._serialized_start=669
-  _globals['_PROCESSREF']._serialized_end=771
-  _globals['_ATTRIBUTION']._serialized_start=774
-  _globals['_ATTRIBUTION']._serialized_end=951
-  _globals['_USAGERECORD']._serialized_start=954
-  _globals['_USAGERECORD']._serialized_end=1622
+  _globals['_DEVICEBOOKS']._serialized_start=368
+  _globals['_DEVICEBOOKS']._serialized_end=520
+  _globals['_GPUREF']._serialized_start=523
+  _globals['_GPUREF']._serialized_end=703
+  _globals['_PROCESSREF']._serialized_start=705
+  _globals['_PROCESSREF']._serialized_end=807
+  _globals['_ATTRIBUTION']._serialized_start=810
+  _globals['_ATTRIBUTION']._serialized_end=987
+  _globals['_USAGERECORD']._serialized_start=990
+  _globals['_USAGERECORD']._serialized_end=1658
 # @@protoc_insertion_point(module_scope)

@@ -154,14 +154,16 @@ class KeyRotation(_message.Message):
     def __init__(self, new_public_key: _Optional[bytes] = ..., endorsement: _Optional[bytes] = ...) -> None: ...
 
 class DeviceBooks(_message.Message):
-    __slots__ = ("device_busy_us", "attributed_busy_us", "unattributed")
+    __slots__ = ("device_busy_us", "attributed_busy_us", "unattributed", "gaps")
     DEVICE_BUSY_US_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTED_BUSY_US_FIELD_NUMBER: _ClassVar[int]
     UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    GAPS_FIELD_NUMBER: _ClassVar[int]
     device_busy_us: int
     attributed_busy_us: int
     unattributed: _containers.RepeatedCompositeFieldContainer[Unattributed]
-    def __init__(self, device_busy_us: _Optional[int] = ..., attributed_busy_us: _Optional[int] = ..., unattributed: _Optional[_Iterable[_Union[Unattributed, _Mapping]]] = ...) -> None: ...
+    gaps: _containers.RepeatedCompositeFieldContainer[Gap]
+    def __init__(self, device_busy_us: _Optional[int] = ..., attributed_busy_us: _Optional[int] = ..., unattributed: _Optional[_Iterable[_Union[Unattributed, _Mapping]]] = ..., gaps: _Optional[_Iterable[_Union[Gap, _Mapping]]] = ...) -> None: ...
 
 class GpuRef(_message.Message):
     __slots__ = ("uuid", "index", "name", "parent_uuid", "gpu_instance_id", "compute_instance_id")
