@@ -556,7 +556,7 @@ def busy_rollup_parts(
         edges = month_edges(from_us, to_us, unbounded)
     if edges is None:
         return [RollupPart(table, "hour_start_us", from_us, to_us)]
-    around_from, after_from, before_to, _around_to = edges
+    around_from, after_from, before_to = edges
     if after_from > before_to:  # inside one month
         return _cut_month(around_from, from_us, to_us)
     parts = _cut_month(around_from, from_us, after_from)

@@ -241,11 +241,11 @@ def device_month_day_sums(
 
 def month_edges(
     from_us: int, to_us: int, unbounded: tuple[int, int]
-) -> tuple[int, int, int, int] | None:
+) -> tuple[int, int, int] | None:
     """The month edges around the hours [from_us, to_us): (start of the month holding
-    from_us, the first month start at or after it, the last month start at or before to_us,
-    the end of the month holding to_us). An open bound is its own edge, both ways; None for a
-    bound outside the calendar (past year 9999)."""
+    from_us, the first month start at or after it, the last month start at or before to_us).
+    An open bound is its own edge, both ways; None for a bound outside the calendar (past
+    year 9999)."""
     low, high = unbounded
     try:
         if from_us == low:
@@ -254,11 +254,7 @@ def month_edges(
             around_from = after_from = month_start_us(from_us)
             if after_from < from_us:
                 after_from = next_month_start_us(after_from)
-        if to_us == high:
-            before_to = around_to = high
-        else:
-            before_to = month_start_us(to_us)
-            around_to = before_to if before_to == to_us else next_month_start_us(before_to)
+        before_to = high if to_us == high else month_start_us(to_us)
     except (OverflowError, OSError, ValueError):
         return None
-    return around_from, after_from, before_to, around_to
+    return around_from, after_from, before_to
