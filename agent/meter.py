@@ -66,6 +66,10 @@ MIN_HOLD_US = 60_000_000
 # Against 2 s, on the realistic and stale-stamp hours: agent CPU per cycle about 15 % less
 # (mean), per-process |error| 98.3 → 90.1 s and unattributed 11.6 → 10.3 s.
 SETTLE_INTERVAL_US = 10_000_000
+# A lost GPU whose books hold nothing but the time it is missing closes them this often, not
+# at every window: a GPU gone for good (pulled, dead) would otherwise write a device record
+# every window for as long as the agent runs. Its books are in the saved state meanwhile.
+LOST_BOOKS_US = 600_000_000
 # A row stamped this close to the next device period's end (1/20 of a period: the drivers'
 # stamps jitter) may be on it: the series is read again before the row is judged.
 CATCH_UP_SLACK = 20
@@ -165,11 +169,12 @@ class Books:
 
     @property
     def empty(self) -> bool:
-        return (
-            not self.attributed_us
-            and not any(self.unattributed_pct_us.values())
-            and not any(self.gaps_us.values())
-        )
+        return self.gaps_only and not any(self.gaps_us.values())
+
+    @property
+    def gaps_only(self) -> bool:
+        """Nothing but unmeasured time (if that): no busy time booked."""
+        return not self.attributed_us and not any(self.unattributed_pct_us.values())
 
 
 @dataclass(slots=True)
@@ -1461,9 +1466,10 @@ class Meter:
 
     # -- windows --------------------------------------------------------------------------
 
-    def close_window(self) -> list[WindowUsage]:
+    def close_window(self, *, all_books: bool = False) -> list[WindowUsage]:
         """Close every process's window, then every whole GPU's books: usage with activity,
-        a device record per GPU, and a new committed state."""
+        a device record per GPU, and a new committed state. ``all_books``: a lost GPU's
+        books of missing time too, however young (an agent leaving service)."""
         now_us = _us(self._clock.wall())
         for ds in self._devices.values():
             self._resolve_shared(ds)
@@ -1482,7 +1488,9 @@ class Meter:
             for t in ds.tracked():
                 if not t.usage.has_activity:
                     t.usage.start_us = now_us
-            books = self._close_books(ds, now_us)
+            books = (
+                None if self._books_held(ds, now_us, all_books) else self._close_books(ds, now_us)
+            )
             if books is not None:
                 closed.append(books)
             ds.committed = self._snapshot(ds)
@@ -1509,6 +1517,12 @@ class Meter:
         ds.books.attributed_us += busy_us
         ds.books.cover(start, end)
         return _window(t.key, t.device, t.info, usage, busy_us, (start, end), final=final)
+
+    @staticmethod
+    def _books_held(ds: DeviceState, now_us: int, all_books: bool) -> bool:
+        """A lost GPU's books of missing time alone, younger than LOST_BOOKS_US: kept open."""
+        young = now_us - ds.books.start_us < LOST_BOOKS_US
+        return ds.lost_at_us is not None and ds.books.gaps_only and young and not all_books
 
     def _close_books(self, ds: DeviceState, now_us: int) -> WindowUsage | None:
         """The device record of a whole GPU or MIG instance: its books since the previous
@@ -1632,7 +1646,8 @@ class Meter:
             elif not ds.device.is_mig:
                 self._settle_device(ds, now_us, through_us=ds.cursor_us)
             finals.extend(self._drained(ds, now_us))
-        return finals + self._forget_unlisted(now_us, all_of_them=True) + self.close_window()
+        unlisted = self._forget_unlisted(now_us, all_of_them=True)
+        return finals + unlisted + self.close_window(all_books=True)
 
     def shutdown(self) -> None:
         self._nvml.shutdown()

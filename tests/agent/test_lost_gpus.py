@@ -15,6 +15,7 @@ from fractions import Fraction
 import pytest
 
 from bench.harness import Run, drive, metered
+from creditmeter.agent.meter import LOST_BOOKS_US
 from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import Scenario
 from creditmeter.simnvml.scenario import shipped_text
@@ -281,3 +282,19 @@ def test_a_lost_gpu_with_no_process_has_its_unmeasured_time_on_its_device_record
     gpu_1 = run.host.gpus[1].uuid
     assert run.unmeasured_us() == {gpu_1: {GAP_LOST: 111_000_000 - 49_000_000}}
     assert not run.gaps_us()
+
+
+def test_a_gpu_gone_for_good_writes_its_missing_time_every_ten_minutes() -> None:
+    """GPU 1 falls off the bus at 21 s for good. Its missing time (from 20 s, the last
+    period read) is given up at each window close past the hold, but its books, holding
+    nothing else, close every LOST_BOOKS_US: 2 device records in 1300 s, not one a window
+    (122). Retired at 1300 s, it writes the rest: all 1280 s, each once."""
+    with metered(Scenario.from_toml(GONE_FOR_GOOD)) as (run, meter):
+        drive(run, meter, 1300.0)
+        run.usages.extend(meter.close_window())
+        gpu_1 = run.host.gpus[1].uuid
+        written = [u for u in run.usages if u.books is not None and u.books.gaps_us]
+        assert [u.device.uuid for u in written] == [gpu_1, gpu_1]
+        assert all(u.end_us - u.start_us == LOST_BOOKS_US for u in written)
+        run.usages.extend(meter.retire())
+    assert run.unmeasured_us() == {gpu_1: {GAP_LOST: 1_300_000_000 - 20_000_000}}
