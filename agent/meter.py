@@ -383,8 +383,9 @@ class Meter:
             for doc in entry["processes"]:
                 pid, gone_us = int(doc["pid"]), doc.get("gone_us")
                 info = _restored_info(pid, doc) if "create_time_us" in doc else None
-                created_us = self._created_us(pid)
-                if gone_us is None and (info is None or created_us != _us(info.create_time)):
+                if gone_us is None and (
+                    info is None or self._created_us(pid) != _us(info.create_time)
+                ):
                     gone_us = now_us
                 instance.processes[pid] = SeenProcess(info, gone_us)
             restored[(gpu.uuid, entry["gi"], entry["ci"])] = instance
@@ -1309,9 +1310,13 @@ class Meter:
                 # On its GPU, known by the instance's ids there: its UUID never was.
                 _, gi, ci = key
                 gpu = dataclasses.replace(instance.gpu, gpu_instance_id=gi, compute_instance_id=ci)
-                finals += self._seen_usage(
-                    gpu, instance, instance.since_us, now_us, gone_only=False
-                )
+                seen = self._seen_usage(gpu, instance, instance.since_us, now_us, gone_only=False)
+                # No device to count the time on (a found one counts its own): its processes'.
+                for usage in seen:
+                    self._count_gap(
+                        usage_pb2.GAP_REASON_DEVICE_UNLISTED, usage.end_us - usage.start_us
+                    )
+                finals += seen
         return finals
 
     def _seen_usage(
@@ -1334,7 +1339,6 @@ class Meter:
             created_us = _us(seen.info.create_time) if seen.info is not None else 0
             from_us = max(since_us, created_us)
             until_us = seen.gone_us if seen.gone_us is not None else now_us
-            self._count_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, until_us - from_us)
             self.stats.processes_seen += 1
             usage = Usage(start_us=from_us, source=_GPM_SINGLE)
             usage.add_gap(usage_pb2.GAP_REASON_DEVICE_UNLISTED, until_us - from_us)

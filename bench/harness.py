@@ -158,6 +158,17 @@ def drive(
             next_close += window_s
 
 
+def run_until(
+    scenario: Scenario, until_s: float, *, state: bytes | None = None, start_s: float = 0.0
+) -> tuple[Run, Meter]:
+    """A meter started at simulated ``start_s`` (from ``state``), driven to ``until_s`` and
+    its windows closed: the run, and the meter (shut down; its state and stats readable)."""
+    with metered(scenario, state, start_s=start_s) as (run, meter):
+        drive(run, meter, until_s)
+        run.usages.extend(meter.close_window())
+    return run, meter
+
+
 def run_scenario(
     scenario: Scenario, *, poll_s: float = 1.0, window_s: float = 10.0, call_us: int = 0
 ) -> Run:

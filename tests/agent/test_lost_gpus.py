@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import pytest
 
-from bench.harness import Run, drive, metered
+from bench.harness import Run, drive, metered, run_until
 from creditmeter.agent.meter import LOST_BOOKS_US
 from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import Scenario
@@ -94,18 +94,16 @@ def test_losing_gpus_0_3_and_7_in_turn_bills_every_other_gpu_exactly(ring_cleare
         assert 2 * low_s * 1e6 <= gaps[g] <= 2 * high_s * 1e6, (g, gaps[g])
 
 
-def metered_with_restarts(scenario: Scenario, stops_s: list[float]) -> Run:
-    """Metered to the end with a clean stop at each of ``stops_s`` and a start a second
+def metered_with_restarts(scenario: Scenario, stops_s: list[float], down_s: float = 1.0) -> Run:
+    """Metered to the end with a clean stop at each of ``stops_s`` and a start ``down_s``
     later from the state it wrote; the runs' usages together."""
     usages: list[WindowUsage] = []
     state, start_s = None, 0.0
     for until_s in [*stops_s, END_S + 12]:
-        with metered(scenario, state=state, start_s=start_s) as (run, meter):
-            drive(run, meter, until_s)
-            run.usages.extend(meter.close_window())
-            usages.extend(run.usages)
-            state = meter.state()
-        start_s = until_s + 1.0
+        run, meter = run_until(scenario, until_s, state=state, start_s=start_s)
+        usages.extend(run.usages)
+        state = meter.state()
+        start_s = until_s + down_s
     run.usages[:] = usages
     return run
 
@@ -252,18 +250,7 @@ def test_a_gpu_back_while_the_agent_was_stopped_is_read_back_from_its_ring() -> 
     and lists GPU 1, where pid 200 has run since 103 s. It is read back from its ring, from
     the previous run's last listing: both GPUs billed their truth exactly. It used to be
     metered from the start as on a first start: 5.1 s of pid 200's busy time, no gap."""
-    usages: list[WindowUsage] = []
-    state = None
-    for start_s, until_s in ((0.0, 100.0), (110.0, END_S + 12)):
-        with metered(Scenario.from_toml(BACK_WHILE_STOPPED), state, start_s=start_s) as (
-            run,
-            meter,
-        ):
-            drive(run, meter, until_s)
-            run.usages.extend(meter.close_window())
-            usages.extend(run.usages)
-            state = meter.state()
-    run.usages[:] = usages
+    run = metered_with_restarts(Scenario.from_toml(BACK_WHILE_STOPPED), [100.0], down_s=10.0)
     assert not any(u.gaps_us for u in run.process_usages())
     assert run.measured_us() == run.truth_us()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from bench.harness import Run, drive, metered
+from bench.harness import Run, drive, run_until
 from creditmeter.agent.gpu import Device
 from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
@@ -98,10 +98,8 @@ busy = [[2.0, 230.0, 50]]
 
 def reconfigured_run() -> tuple[Run, dict[str, int], dict[str, object]]:
     """The whole run; the meter's GPU losses and its state at the end."""
-    with metered(Scenario.from_toml(RECONFIGURED)) as (run, meter):
-        drive(run, meter, END_S)
-        run.usages.extend(meter.close_window())
-        return run, dict(meter.stats.gpu_losses), json.loads(meter.state())
+    run, meter = run_until(Scenario.from_toml(RECONFIGURED), END_S)
+    return run, dict(meter.stats.gpu_losses), json.loads(meter.state())
 
 
 def test_a_job_on_an_instance_made_while_the_agent_runs_is_metered() -> None:
@@ -162,9 +160,7 @@ def test_a_gpu_in_mig_mode_without_instances_at_the_start_is_watched() -> None:
     """Dynamic MIG keeps GPUs in MIG mode with no instance until a job comes: the meter
     knows them from the driver's listing, not from instances, and finds the first one as
     soon as a process shows on its GPU (it used to wait for the 300 s relisting)."""
-    with metered(Scenario.from_toml(EMPTY_AT_START)) as (run, meter):
-        drive(run, meter, 100.0)
-        run.usages.extend(meter.close_window())
+    run, _ = run_until(Scenario.from_toml(EMPTY_AT_START), 100.0)
     ((key, busy),) = run.truth_us().items()
     gaps = [dict(u.gaps_us) for u in run.process_usages() if u.key == key]
     gap_us = sum(g.get(UNLISTED, 0) for g in gaps)
@@ -182,10 +178,8 @@ def test_a_relisting_that_fails_is_tried_again_within_a_reopen_interval() -> Non
         "start_s = 1.0\nexit_s = 400.0\nbusy = [[2.0, 390.0, 50]]\n"
         '\n[[fault]]\nkind = "driver_not_loaded"\nstart_s = 299.5\nend_s = 302.0\n'
     )
-    with metered(scenario) as (run, meter):
-        drive(run, meter, 420.0)
-        run.usages.extend(meter.close_window())
-        errors = dict(meter.stats.nvml_errors)
+    run, meter = run_until(scenario, 420.0)
+    errors = dict(meter.stats.nvml_errors)
     assert errors.get("DriverNotLoaded", 0) == 1
     ((key, busy),) = run.truth_us().items()
     assert run.measured_us()[key] == busy
@@ -308,9 +302,7 @@ def test_a_process_gone_before_its_new_instance_is_listed_has_a_record_with_its_
     the GPU's list at 61 and 62 s, gone at 63 s. It used to leave no record at all; now it
     has a final one, acme's, with no busy time and its time there as a DEVICE_UNLISTED gap
     (from its start, as the listing before was at 58 s, to 63 s)."""
-    with metered(Scenario.from_toml(SHORT_ON_NEW)) as (run, meter):
-        drive(run, meter, 130.0)
-        run.usages.extend(meter.close_window())
+    run, _ = run_until(Scenario.from_toml(SHORT_ON_NEW), 130.0)
     by_pid = {k.pid: k for k in run.truth_us()}
     gone = by_pid[301]
     records = [u for u in run.process_usages() if u.key == gone]
@@ -345,11 +337,9 @@ def test_a_process_on_an_instance_never_listed_has_a_record_on_its_gpu() -> None
     there (from its start to 63 s) a DEVICE_UNLISTED gap, which the collector accepts and
     counts among the GPU's gaps."""
     assert "destroyed_s = 62.6" in NEVER_LISTED and "pid = 302" not in NEVER_LISTED
-    with metered(Scenario.from_toml(NEVER_LISTED)) as (run, meter):
-        drive(run, meter, 130.0)
-        run.usages.extend(meter.close_window())
-        gaps = dict(meter.stats.gaps_us)
-        gpu_uuid = run.host.gpus[0].uuid
+    run, meter = run_until(Scenario.from_toml(NEVER_LISTED), 130.0)
+    gaps = dict(meter.stats.gaps_us)
+    gpu_uuid = run.host.gpus[0].uuid
     (gone,) = [k for k in run.truth_us() if k.pid == 301]
     (record,) = [u for u in run.process_usages() if u.key.pid == 301]
     assert record.key == ProcessKey(gpu_uuid, 301, gone.create_time_us)
@@ -404,14 +394,10 @@ def test_an_instance_made_while_the_agent_was_down_is_a_gap_from_its_last_listin
     meter it: it was made after the previous run's last listing (at 0 s), so pid 300's time
     from its start to 70 s is a DEVICE_UNLISTED gap. It used to be metered from the start as
     on a first start: 6.3 s of its busy time neither billed nor a gap."""
-    with metered(Scenario.from_toml(RECONFIGURED)) as (first, meter):
-        drive(first, meter, 55.0)
-        first.usages.extend(meter.close_window())
-        state = meter.state()
+    first, stopped = run_until(Scenario.from_toml(RECONFIGURED), 55.0)
+    state = stopped.state()
     assert json.loads(state)["listed_us"] == first.clock.start_wall_us  # listed at 0 s only
-    with metered(Scenario.from_toml(RECONFIGURED), state=state, start_s=70.0) as (run, meter):
-        drive(run, meter, END_S)
-        run.usages.extend(meter.close_window())
+    run, _ = run_until(Scenario.from_toml(RECONFIGURED), END_S, state=state, start_s=70.0)
     key = next(k for k in run.truth_us() if k.pid == 300)
     gap_us = sum(dict(u.gaps_us).get(UNLISTED, 0) for u in run.process_usages() if u.key == key)
     assert gap_us == 70_000_000 - 62_300_000
@@ -426,14 +412,10 @@ def test_what_was_seen_on_an_unlisted_instance_survives_a_restart() -> None:
     is in the state now: a final record, acme's, its time there a DEVICE_UNLISTED gap up to
     the new start (when it ended is unknown). Pid 302 runs on, a gap from its start at
     61.2 s to the new start, then metered."""
-    with metered(Scenario.from_toml(SHORT_ON_NEW)) as (first, meter):
-        drive(first, meter, 62.8)
-        first.usages.extend(meter.close_window())
-        state = meter.state()
+    _, stopped = run_until(Scenario.from_toml(SHORT_ON_NEW), 62.8)
+    state = stopped.state()
     assert [p["pid"] for u in json.loads(state)["unlisted"] for p in u["processes"]] == [301, 302]
-    with metered(Scenario.from_toml(SHORT_ON_NEW), state=state, start_s=70.0) as (run, meter):
-        drive(run, meter, 130.0)
-        run.usages.extend(meter.close_window())
+    run, _ = run_until(Scenario.from_toml(SHORT_ON_NEW), 130.0, state=state, start_s=70.0)
     by_pid = {k.pid: k for k in run.truth_us()}
     (record,) = [u for u in run.process_usages() if u.key == by_pid[301]]
     assert record.final and record.busy_us == 0
