@@ -207,7 +207,7 @@ class DeviceState:
     # reason). GPM cannot look back: what ran in between is unknown, a gap, never free.
     down_us: tuple[int, int, int] | None = None
     has_series: bool = True  # False: nvmlDeviceGetSamples is not supported
-    ring_us: int = DEFAULT_RING_US  # how far back the driver's ring reaches
+    ring_us: int | None = None  # how far back the driver's ring reaches; None: not yet seen
     books: Books = field(default_factory=lambda: Books(0))
     # The state as of the last window close, which a restart resumes from (the books'
     # attributed µs excepted: those follow every write, finals between closes included).
@@ -272,13 +272,15 @@ class MeterStats:
 class Learned:
     """What the meter learned of one GPU's driver: its device sample period (None: no
     device series), the per-process evidence source in use and how its rows read, each
-    PID's sampling stride (µs), and the sources left, with why."""
+    PID's sampling stride (µs), the sources left, with why, and how far back the device
+    series reached when first read (None: not seen; a driver loaded since holds less)."""
 
     period_us: int | None
     source: str | None
     reading: str
     strides_us: dict[int, int]
     left: dict[str, str]
+    ring_us: int | None = None
 
 
 class Meter:
@@ -1408,7 +1410,8 @@ class Meter:
         more can come: the driver keeps no older samples), and only the rest is a gap."""
         self._exited_while_lost(ds, now_us)
         self._gap_downtime(ds)  # a MIG instance lost at a restart
-        horizon = now_us - (max(ds.ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
+        ring_us = ds.ring_us or DEFAULT_RING_US
+        horizon = now_us - (max(ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
         if ds.settled_us >= horizon:
             return
         if not ds.device.is_mig:
@@ -1584,6 +1587,7 @@ class Meter:
                 ev.reading.value,
                 dict(ev.strides),
                 dict(ev.left),
+                ds.ring_us,
             )
         return out
 

@@ -18,6 +18,7 @@ from creditmeter.agent.selftest import CudaWorkload, Phase, SelftestHost
 from creditmeter.agent.selftest_worker import KERNEL_NS, kernels_ns
 from creditmeter.agent.trace_cli import replay_trace
 from creditmeter.simnvml.profiles import profile_names
+from creditmeter.simnvml.specs import DEFAULT_RING_PERIODS
 from creditmeter.simnvml.workload import SimWorkload, sim_host
 
 NOT_NEEDED = ("grpc", "cryptography", "sqlite3", "_sqlite3", "psycopg", "creditmeter.collector")
@@ -45,6 +46,20 @@ def test_every_pattern_meets_its_bar_under_every_profile(
     ]
     assert all(row[-1] == "met" for row in table)
     assert "device sample period" in out and "evidence" in out
+
+
+@pytest.mark.parametrize(
+    ("profile", "ring"),
+    [("ideal", f"{(DEFAULT_RING_PERIODS - 1) / 6:.2f} s"), ("no_device_series", "unknown")],
+)
+def test_it_says_how_far_back_the_drivers_ring_reached(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, profile: str, ring: str
+) -> None:
+    """What a lost GPU's search interval waits on (agent/listings.py): the simulated
+    driver's ring holds DEFAULT_RING_PERIODS samples of 1/6 s."""
+    argv = ["--trace-dir", str(tmp_path), "--pattern", "rhythm"]
+    assert selftest.main(argv, lambda p: sim_host(p, profile)) == 0
+    assert f"; ring {ring} of samples at the first read;" in capsys.readouterr().out
 
 
 def test_the_traces_it_writes_replay_to_what_it_measured(
