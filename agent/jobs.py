@@ -505,6 +505,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         create_private(path)  # job spans name accounts: not for every local user
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (sqlite3.Error, OSError) as exc:
+        raise JobStoreError(f"cannot open the job database {path}: {exc}") from exc
+    try:
+        return _prepared(db, path)
+    except BaseException:
+        db.close()  # the agent goes on without it, or exits: either way not left to GC
+        raise
+
+
+def _prepared(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
+    try:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode = WAL")
         # FULL: a job acknowledged to the worker survives a power loss, not only a crash.

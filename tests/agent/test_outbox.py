@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_ack_prunes_and_the_head_survives_in_meta(path: Path, key: Ed25519Privat
         assert outbox.ack(3, chain.record_hash(third)) == 3
         assert (outbox.acked_seq, outbox.depth(), outbox.pruned_through) == (3, 0, 3)
         assert outbox.batch_after(3, 10) is None
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         assert db.execute("SELECT count(*) FROM records").fetchone() == (0,)
     db.close()
     with open_outbox(path, key) as outbox:
@@ -320,7 +321,7 @@ def test_a_file_that_is_not_a_database_is_named(path: Path, key: Ed25519PrivateK
 
 def test_a_database_of_another_application_is_refused(path: Path, key: Ed25519PrivateKey) -> None:
     path.parent.mkdir(parents=True)
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("CREATE TABLE invoices (id INTEGER)")
     db.close()
     with pytest.raises(OutboxOpenError, match="not an outbox"):
@@ -344,7 +345,7 @@ def test_a_second_process_cannot_open_the_outbox(path: Path, key: Ed25519Private
 def test_a_damaged_head_is_named(path: Path, key: Ed25519PrivateKey) -> None:
     with open_outbox(path, key) as outbox:
         outbox.append(drafts(2))
-    with sqlite3.connect(path) as db:
+    with closing(sqlite3.connect(path)) as db, db:
         db.execute("DELETE FROM records WHERE seq = 2")
     db.close()
     with pytest.raises(OutboxOpenError, match="damaged"):

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,11 +68,11 @@ class SQLiteBackend:
         return store
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.path) as conn:
+        with closing(sqlite3.connect(self.path)) as conn, conn:
             return conn.execute(sql, params).fetchall()
 
     def execute(self, sql: str, *params: object) -> None:
-        with sqlite3.connect(self.path) as conn:
+        with closing(sqlite3.connect(self.path)) as conn, conn:
             conn.execute(sql, params)
 
     def close(self) -> None:

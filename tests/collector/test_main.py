@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -175,7 +176,7 @@ def test_audit_exits_0_when_clean_and_1_with_findings(
         "audit: 1 agents, 4 records, 0 findings\n",
         "",
     )
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         conn.execute("DELETE FROM records WHERE seq = 2")
     code, out, _ = run(capsys, "audit", "--db", db_url)
     assert code == 1

@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def ack(agent: AgentChain, seq: int) -> tuple[int, bytes]:
 
 
 def stored_count(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         count: int = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
     return count
 
@@ -260,7 +261,7 @@ def test_a_signed_record_that_breaks_the_checks_is_quarantined_and_the_chain_goe
     assert result.code is grpc.StatusCode.OK, result.details
     assert result.acks[-1] == ack(agent, head)
     assert stored_count(db_path) == head
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         held = conn.execute("SELECT seq, field, problem FROM quarantine").fetchall()
         billed = conn.execute("SELECT SUM(record_count) FROM rollups_hourly").fetchone()[0]
     assert len(held) == 1 and held[0][1] == field and problem in held[0][2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_a_database_locked_by_another_writer_is_busy_and_stores_nothing(
 
 
 def schema_versions(db_path: Path) -> list[int]:
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         return [row[0] for row in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
 
 
@@ -106,13 +107,16 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     old = SQLiteStore(db_path, migrations=MIGRATIONS[:1])  # as schema version 1 left it
     old.close()
     agent = AgentChain()
-    with sqlite3.connect(db_path) as conn:  # enrolled as version 1 did: no key history
+    with (
+        closing(sqlite3.connect(db_path)) as conn,
+        conn,
+    ):  # enrolled as version 1 did: no key history
         conn.execute(
             "INSERT INTO agents (agent_id, public_key_hex, enrolled_at_us) VALUES (?, ?, ?)",
             (agent.agent_id, agent.public_key_hex, NOW_US),
         )
     batch = agent.extend(4)
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         conn.executemany(
             f"INSERT INTO records ({V1_COLUMNS}) VALUES ({', '.join('?' * 24)})",
             [
@@ -129,7 +133,7 @@ def test_an_older_database_is_migrated_and_its_rollups_backfilled(
     current = SQLiteStore(db_path)
     try:
         assert schema_versions(db_path) == list(range(1, 18))
-        with sqlite3.connect(db_path) as conn:
+        with closing(sqlite3.connect(db_path)) as conn, conn:
             assert conn.execute("SELECT * FROM records ORDER BY seq").fetchall() == [
                 (agent.agent_id, seq, T0_US + (seq - 1) * WINDOW_US, record)
                 for seq, record in enumerate(batch.records, 1)
@@ -157,7 +161,7 @@ def test_an_older_database_is_not_migrated_by_read_only_commands(db_path: Path) 
 
 
 def test_a_database_from_newer_code_is_refused(store: SQLiteStore, db_path: Path) -> None:
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         conn.execute(
             "INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)
         )
@@ -191,7 +195,7 @@ def test_a_file_that_is_no_database_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_new_database_uses_16_kib_pages_in_wal_mode(store: SQLiteStore, db_path: Path) -> None:
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

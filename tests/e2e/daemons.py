@@ -60,8 +60,10 @@ class Daemon:
         self.starts = 0
 
     def start(self) -> None:
+        # As the systemd units run them: SIGABRT writes every thread's stack to the log.
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.starts += 1
 
     def kill(self) -> None:
@@ -71,10 +73,27 @@ class Daemon:
         self.proc.wait()
 
     def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, and its exit status. A daemon still running ``timeout_s`` later is
+        aborted, and the failure shows where each of its threads was."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self._abort()
+            raise AssertionError(
+                f"{self.name} was still running {timeout_s} s after SIGTERM; its log ends "
+                f"with its threads' stacks:\n{self.log()[-12000:]}"
+            ) from None
+
+    def _abort(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGABRT)  # faulthandler dumps, then the process dies
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

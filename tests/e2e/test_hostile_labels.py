@@ -10,6 +10,7 @@ naming why on the record; everything is delivered and the honest tenant gets its
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_hostile_labels_are_refused_at_the_agent_and_every_tenant_is_billed(
 
 
 def stored_refusals(db: Path) -> set[tuple[int, int]]:
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         rows = conn.execute("SELECT record FROM records").fetchall()
     refusals = set()
     for (data,) in rows:

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,7 @@ def daemon_env_plain() -> dict[str, str]:
 
 
 def stored(tmp_path: Path) -> int:
-    with sqlite3.connect(tmp_path / "collector.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "collector.db")) as conn, conn:
         count: int = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
     return count
 

@@ -9,6 +9,7 @@ import json
 import queue
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,7 @@ def check_metrics(metrics: dict[str, Any]) -> None:
 
 
 def stored_seqs(db: Path) -> list[int]:
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         rows = conn.execute("SELECT seq FROM records WHERE agent_id = 'agent-1' ORDER BY seq")
         return [int(seq) for (seq,) in rows]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def deliver(ch: grpc.Channel, claimed_id: str, agent: AgentChain) -> tuple[list[
 
 
 def stored(store: SQLiteStore) -> int:
-    with sqlite3.connect(store.path) as conn:
+    with closing(sqlite3.connect(store.path)) as conn, conn:
         count: int = conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
     return count
 

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -83,7 +84,7 @@ def test_eight_agents_per_slot_deliver_every_round_and_hold_no_slot_between(
 def stored_by_agent(db_path: Path) -> dict[str, tuple[int, int]]:
     """Per agent: (records stored, their busy µs); every seq once (the primary key)."""
     stored: dict[str, tuple[int, int]] = {}
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn, conn:
         for agent_id, blob in conn.execute("SELECT agent_id, record FROM records"):
             count, busy_us = stored.get(agent_id, (0, 0))
             stored[agent_id] = (count + 1, busy_us + usage_pb2.UsageRecord.FromString(blob).busy_us)
