@@ -44,7 +44,7 @@ class Package:
     name: str  # distribution name
     version: str | None  # None: not importable here
     carried: bool  # from a carried wheel, not the host's own packages
-    problem: str = ""  # why it does not import, when it does not
+    problem: str = ""  # why it cannot serve: it does not import, or another copy loaded
 
 
 def gencode_version(pb2: Path) -> str:
@@ -140,8 +140,8 @@ def problem(found: list[Package], gencode: str) -> str | None:
     """Why the selftest cannot run on these packages, in one line, or None. The generated
     code is imported here: its own check is the one that counts."""
     for p in found:
-        if p.version is None or p.problem:
-            return f"{p.name}: {p.problem or 'not installed'}; {_carry_hint(gencode)}"
+        if p.problem:
+            return f"{p.name}: {p.problem}; {_carry_hint(gencode)}"
     try:
         importlib.import_module("creditmeter.v1.usage_pb2")
     except Exception as exc:  # VersionError, or older runtimes failing otherwise (TypeError)

@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -504,31 +504,28 @@ class JobRegistry:
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         create_private(path)  # job spans name accounts: not for every local user
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except (sqlite3.Error, OSError) as exc:
-        raise JobStoreError(f"cannot open the job database {path}: {exc}") from exc
-    try:
-        return _prepared(db, path)
-    except BaseException:
-        db.close()  # the agent goes on without it, or exits: either way not left to GC
-        raise
-
-
-def _prepared(db: sqlite3.Connection, path: Path) -> sqlite3.Connection:
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a job acknowledged to the worker survives a power loss, not only a crash.
-        db.execute("PRAGMA synchronous = FULL")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise JobStoreError(
-                f"{path}: schema version {version} is newer than this agent's ({SCHEMA_VERSION})"
-            )
-        db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        with ExitStack() as on_failure:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Closed on any failure, not left to the garbage collector in the traceback.
+            on_failure.callback(db.close)
+            _prepare(db, path)
+            on_failure.pop_all()
     except (sqlite3.Error, OSError) as exc:
         raise JobStoreError(f"cannot open the job database {path}: {exc}") from exc
     return db
+
+
+def _prepare(db: sqlite3.Connection, path: Path) -> None:
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode = WAL")
+    # FULL: a job acknowledged to the worker survives a power loss, not only a crash.
+    db.execute("PRAGMA synchronous = FULL")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise JobStoreError(
+            f"{path}: schema version {version} is newer than this agent's ({SCHEMA_VERSION})"
+        )
+    db.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
 
 def _check_job(job_id: str, account: str, model: str, weight: float) -> None:

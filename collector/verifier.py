@@ -693,13 +693,9 @@ def _device_record_problem(rec: usage_pb2.UsageRecord, tolerance_us: int) -> tup
         parts.append(u.busy_us)
     if any(p < 0 for p in parts):
         return "device", "negative busy time in the books"
-    for g in books.gaps:
-        if g.reason not in _KNOWN_GAP_REASONS:
-            return "device.gaps.reason", f"unspecified or unknown reason {g.reason}"
-        if g.duration_us < 0:
-            return "device.gaps.duration_us", f"gap of {g.duration_us} µs is negative"
-    if sum(g.duration_us for g in books.gaps) > INT64_MAX:
-        return "device.gaps.duration_us", "gaps add up to more than a signed 64-bit integer"
+    gaps = _gaps_problem(books.gaps)
+    if gaps is not None:
+        return f"device.gaps.{gaps[0]}", gaps[1]
     if sum(parts) != books.device_busy_us:
         return "device.device_busy_us", (
             f"{books.device_busy_us} µs is not the attributed {books.attributed_busy_us} µs "
@@ -773,34 +769,23 @@ def _broken_link(agent_id: str, index: int, seq: int, expected_seq: int) -> Brok
 
 
 def _check_gaps(agent_id: str, index: int, seq: int, gaps: Sequence[usage_pb2.Gap]) -> None:
-    """Raises on a negative gap, an unknown reason, or gaps summing past 64 bits."""
-    total_us = 0
+    problem = _gaps_problem(gaps)
+    if problem is not None:
+        field, text = problem
+        raise InsaneField(text, agent_id=agent_id, seq=seq, field=f"gaps.{field}", index=index)
+
+
+def _gaps_problem(gaps: Sequence[usage_pb2.Gap]) -> tuple[str, str] | None:
+    """(the Gap field, the problem) of a negative gap, an unknown reason, or gaps summing
+    past 64 bits; None when the gaps are sound."""
     for gap in gaps:
         if gap.duration_us < 0:
-            raise InsaneField(
-                f"gap of {gap.duration_us} µs is negative",
-                agent_id=agent_id,
-                seq=seq,
-                field="gaps.duration_us",
-                index=index,
-            )
+            return "duration_us", f"gap of {gap.duration_us} µs is negative"
         if gap.reason not in _KNOWN_GAP_REASONS:
-            raise InsaneField(
-                f"gap reason {gap.reason} is unspecified or unknown",
-                agent_id=agent_id,
-                seq=seq,
-                field="gaps.reason",
-                index=index,
-            )
-        total_us += gap.duration_us
-    if total_us > INT64_MAX:
-        raise InsaneField(
-            "gaps add up to more than a signed 64-bit integer holds",
-            agent_id=agent_id,
-            seq=seq,
-            field="gaps.duration_us",
-            index=index,
-        )
+            return "reason", f"unspecified or unknown reason {gap.reason}"
+    if sum(gap.duration_us for gap in gaps) > INT64_MAX:
+        return "duration_us", "gaps add up to more than a signed 64-bit integer holds"
+    return None
 
 
 def _check_agent(rec: usage_pb2.UsageRecord, agent_id: str, index: int) -> None:
