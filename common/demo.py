@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -83,12 +83,13 @@ class Demo:
         public_hex = self.keygen(agent_id)
         self.collector_cli("enroll", agent_id, public_hex)
         print(f"enrolled agent {agent_id}; collector on 127.0.0.1:{port}")
-        # The simulated host's timeline starts a few seconds from now, so the agent is
-        # metering before its first process starts; a restarted agent joins the same timeline.
-        start_in_s = 4.0
-        AnchorFile(self.anchor).open_or_create(self.speed, None, starts_in_s=start_in_s)
+        # The simulated host's timeline stands at t=0 until the agent is metering, so no
+        # process starts before it however slow the machine; a restart joins the timeline.
+        AnchorFile(self.anchor).open_or_create(self.speed, None, held=True)
         clock = SimClock.shared(self.anchor, self.speed)
         agent = self.start_agent(agent_id, port)
+        self.wait_for_log("agent", "metering as agent")
+        AnchorFile(self.anchor).release()
         self.wait_for_scenario(clock)
         print("scenario done; stopping the agent (it closes its windows and drains)")
         agent.send_signal(signal.SIGTERM)
@@ -156,13 +157,22 @@ class Demo:
         return f"http://127.0.0.1:{port}/", accounts[0], tokens[accounts[0]], tokens["staff"]
 
     def wait_for_port(self, port_file: Path, name: str) -> int:
+        self.wait_until(name, lambda: port_file.exists() and bool(port_file.read_text().strip()))
+        return int(port_file.read_text())
+
+    def wait_for_log(self, name: str, line: str) -> None:
+        log = self.dir / f"{name}.log"
+        self.wait_until(name, lambda: line in log.read_text(errors="replace"))
+
+    def wait_until(self, name: str, done: Callable[[], bool]) -> None:
+        """Until ``done``, for at most START_TIMEOUT_S; a daemon that exits ends the demo."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if port_file.exists() and port_file.read_text().strip():
-                return int(port_file.read_text())
+            if done():
+                return
             self.check_alive()
             time.sleep(0.05)
-        raise SystemExit(f"{name} did not start; see {name}.log")
+        raise SystemExit(f"{name} did not start; see {self.dir / name}.log")
 
     def serve_until_interrupted(self) -> None:
         try:

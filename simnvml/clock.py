@@ -19,6 +19,7 @@ from creditmeter.simnvml.anchor import Anchor, AnchorFile
 from creditmeter.simnvml.units import US_PER_S, s_to_us
 
 DEFAULT_START_WALL_S = 1_750_000_000.0  # 2025-06-15T15:06:40Z: fixed, so tests are repeatable
+HELD_POLL_S = 0.01  # how soon a wait on a held timeline notices its release (real seconds)
 
 
 class SimTime(Protocol):
@@ -194,8 +195,16 @@ class SimClock:
         return self._wall.start_wall_us
 
     def now_us(self) -> int:
-        self._reload_jumps()
-        return int((time.monotonic_ns() - self._anchor_ns) * self.speed) // 1000
+        self._reload()
+        anchor_ns = self._anchor_ns
+        if anchor_ns is None:
+            return 0  # held: the timeline stands at t=0 until released
+        return int((time.monotonic_ns() - anchor_ns) * self.speed) // 1000
+
+    def held(self) -> bool:
+        """Whether the timeline still stands at t=0, waiting for its release."""
+        self._reload()
+        return self._anchor_ns is None
 
     def monotonic(self) -> float:
         return self.now_us() / US_PER_S
@@ -204,6 +213,13 @@ class SimClock:
         return self._wall.wall_us_at(self.now_us()) / US_PER_S
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
+        """Waits ``seconds`` of sim time. None passes on a held timeline, so a positive wait
+        lasts until the release and then its full length: a loop on sim deadlines neither
+        spins nor runs ahead of the simulation while it is held."""
+        if seconds > 0:
+            while self.held():
+                if event.wait(HELD_POLL_S):
+                    return True
         return event.wait(max(0.0, seconds) / self.speed)
 
     def jump_wall(self, seconds: float) -> None:
@@ -215,7 +231,7 @@ class SimClock:
                 self._wall.add_made(at_us, delta_us)
                 return
             self._file.add_jump(at_us, delta_us)
-        self._reload_jumps()
+        self._reload()
 
     def wall_us_at(self, sim_us: int) -> int:
         return self._wall.wall_us_at(sim_us)
@@ -227,8 +243,10 @@ class SimClock:
         with self._lock:
             self._wall.schedule(at_us, delta_us)
 
-    def _reload_jumps(self) -> None:
-        # One stat per read: cheap, and it lets a jump made by another process show here.
+    def _reload(self) -> None:
+        # One stat per read: cheap, and it lets a jump made or a release done by another
+        # process show here. Only a held timeline takes its start from the file: a
+        # running one never moves.
         if self._file is None:
             return
         version = self._file.version()
@@ -238,3 +256,5 @@ class SimClock:
         with self._lock:
             self._file_version = version
             self._wall.set_made(list(anchor.wall_jumps))
+            if self._anchor_ns is None:
+                self._anchor_ns = anchor.monotonic_ns

@@ -28,6 +28,8 @@ def sim_s(anchor: Path) -> float:
     from creditmeter.simnvml.anchor import AnchorFile
 
     a = AnchorFile(anchor).read()
+    if a.monotonic_ns is None:
+        return 0.0  # held
     return (time.monotonic_ns() - a.monotonic_ns) / 1e9 * a.speed
 
 
@@ -149,7 +151,14 @@ def make_key(work: Path, agent_id: str, collector: Collector) -> Path:
 
 
 class Agent(Daemon):
-    def __init__(self, state: Path, agent_id: str, settings: dict[str, str]) -> None:
+    """``creditmeter-agent run``; with ``timeline``, the anchor of a held simulated
+    timeline that its first start releases once the agent is metering."""
+
+    def __init__(
+        self, state: Path, agent_id: str, settings: dict[str, str], timeline: Path | None = None
+    ) -> None:
+        self.timeline = timeline
+        self._log_offset = 0  # where the log of the latest start begins
         base = {
             "agent.id": agent_id,
             "agent.state_dir": str(state),
@@ -162,6 +171,35 @@ class Agent(Daemon):
         for key, value in {**base, **settings}.items():
             args += ["--set", f"{key}={value}"]
         super().__init__(agent_id, args, state)
+
+    def start(self) -> None:
+        """Starts the agent. A held timeline starts once it is metering: the simulated work
+        then begins with the agent up, however long its start-up took (a first start bills
+        nothing that ran before it, by design)."""
+        # A start killed while importing logs nothing: what this start logged is what
+        # follows this offset, not the n-th line of the log.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start()
+        if self.timeline is None:
+            return
+        from creditmeter.simnvml.anchor import AnchorFile
+
+        anchor = AnchorFile(self.timeline)
+        if anchor.read().monotonic_ns is None:
+            self.wait_metering()
+            anchor.release()
+
+    def wait_metering(self, timeout_s: float = 60.0) -> None:
+        """Until this start of the agent says it is metering."""
+
+        def metering() -> bool:
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                return b"metering as agent" in log.read()
+
+        wait_for(f"{self.name} to meter", metering, timeout_s)
 
 
 # A GPU whose every sample is exact: 0.2 s periods on a fixed grid, each period read as it
@@ -183,22 +221,22 @@ def simulated_agent(
     scenario_file: Path,
     speed: float,
     settings: dict[str, str],
-    starts_in_s: float = 2.0,
 ) -> Agent:
     """An agent enrolled at ``collector``, metering ``scenario_file`` on a clock anchored in
-    ``work`` (restarts see the same timeline); not started."""
+    ``work`` (restarts see the same timeline), held at t=0 until its first start is
+    metering; not started."""
     from creditmeter.simnvml.anchor import AnchorFile
 
     state = make_key(work, agent_id, collector)
     anchor = work / "clock.anchor"
-    AnchorFile(anchor).open_or_create(speed, None, starts_in_s=starts_in_s)
+    AnchorFile(anchor).open_or_create(speed, None, held=True)
     base = {
         "nvml.scenario": str(scenario_file),
         "nvml.speed": str(speed),
         "nvml.clock_anchor": str(anchor),
         "collector.address": f"127.0.0.1:{collector.port}",
     }
-    return Agent(state, agent_id, {**base, **settings})
+    return Agent(state, agent_id, {**base, **settings}, timeline=anchor)
 
 
 def environment_without_notify() -> dict[str, str]:

@@ -108,13 +108,14 @@ def test_sigkill_of_agent_and_collector_loses_nothing_and_counts_nothing_twice(
             collector.start()
         if not agent.alive():
             agent.start()
-        # A few windows on the live pair, then a clean stop. The agent must be up first: on
-        # a loaded machine one restarted by the last kill may still be importing, and a
-        # SIGTERM before its handler is in place ends it with -15. Then 20 simulated
-        # seconds, so that every period's evidence is in and settled before the stop (a
-        # clean stop keeps unsettled periods in its state for the next start).
-        db, head = tmp_path / "collector.db", stored_head(tmp_path / "collector.db", AGENT)
-        wait_for("the restarted agent's records", lambda: stored_head(db, AGENT) > head, 60)
+        # A few windows on the live pair, then a clean stop. The agent must be metering
+        # first: on a loaded machine one restarted by the last kill may still be importing,
+        # and a SIGTERM before its handler is in place ends it with -15. (Waiting for its
+        # next record instead hung once every process had exited: an idle host writes
+        # none.) Then 20 simulated seconds, so that every period's evidence is in and
+        # settled before the stop (a clean stop keeps unsettled periods in its state for
+        # the next start).
+        agent.wait_metering()
         up_s = sim_s(tmp_path / "clock.anchor")
         wait_for("20 s on the live pair", lambda: sim_s(tmp_path / "clock.anchor") >= up_s + 20)
         assert agent.stop() == 0, agent.log()[-3000:]
@@ -146,9 +147,8 @@ def test_an_agent_killed_before_its_first_window_bills_everything_after_a_restar
     settings = {"meter.window": "5s", "collector.ack_timeout": "5s"}
     agent = simulated_agent(tmp_path, AGENT, collector, scenario_file, SPEED, settings)
     anchor, db = tmp_path / "clock.anchor", tmp_path / "collector.db"
-    agent.start()
+    agent.start()  # returns once it is ready
     try:
-        wait_for("the agent ready", lambda: "ready" in agent.log(), 60)
         agent.kill()
         # Restarted once the GPUs are busy (from 4 s): whatever its start-up takes, it
         # starts after busy time only the ring still holds.

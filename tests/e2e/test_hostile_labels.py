@@ -69,7 +69,7 @@ def test_hostile_labels_are_refused_at_the_agent_and_every_tenant_is_billed(
     collector = Collector(tmp_path, free_port())
     collector.start()
     agent = simulated_agent(
-        tmp_path, "hostile-agent", collector, scenario_file, SPEED, {"meter.window": "5s"}, 1.0
+        tmp_path, "hostile-agent", collector, scenario_file, SPEED, {"meter.window": "5s"}
     )
     agent.start()
     try:

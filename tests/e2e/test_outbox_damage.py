@@ -83,7 +83,7 @@ def test_a_damaged_record_is_named_repaired_and_the_rest_delivered(tmp_path: Pat
     scenario.write_text(SCENARIO)
     collector = Collector(tmp_path, free_port())  # enrolls the agent; not serving yet
     settings = {"meter.window": "2s", "outbox.max_segment": "4"}
-    agent = simulated_agent(tmp_path, "disk-agent", collector, scenario, SPEED, settings, 1.0)
+    agent = simulated_agent(tmp_path, "disk-agent", collector, scenario, SPEED, settings)
     outbox = tmp_path / "disk-agent" / "outbox.db"
     agent.start()
     try:

@@ -66,7 +66,7 @@ def test_a_rotated_key_delivers_the_chain_across_the_change(tmp_path: Path) -> N
     scenario.write_text(SCENARIO)
     collector = Collector(tmp_path, free_port())  # enrolls the agent; not serving yet
     settings = {"meter.window": "2s", "outbox.max_segment": "4"}
-    agent = simulated_agent(tmp_path, "rot-agent", collector, scenario, SPEED, settings, 1.0)
+    agent = simulated_agent(tmp_path, "rot-agent", collector, scenario, SPEED, settings)
     db = tmp_path / "collector.db"
     anchor = tmp_path / "clock.anchor"
     agent.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import tomllib
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -229,14 +228,13 @@ def running_pair(
     speed: float,
     settings: dict[str, str] | None = None,
     agent_id: str = "fault-agent",
-    starts_in_s: float = 3.0,
     address: str | None = None,
     collector_port: int | None = None,
     start_collector: bool = True,
     start_agent: bool = True,
 ) -> Iterator[Pair]:
     """A collector (started unless told not to) and an agent, on a fresh simulated timeline
-    whose t=0 is ``starts_in_s`` real seconds away, so the agent is up before work starts.
+    held at t=0 until the agent's first start is metering, so work starts after it.
     ``address`` routes the agent elsewhere (a fault proxy in front of ``collector_port``);
     ``settings`` override ``agent_settings``. Both processes are killed when the block ends."""
     scenario = work / "scenario.toml"
@@ -247,33 +245,19 @@ def running_pair(
     if not start_collector:
         assert collector.stop() == 0
     anchor = work / "clock.anchor"
-    AnchorFile(anchor).open_or_create(speed, None, starts_in_s=starts_in_s)
+    AnchorFile(anchor).open_or_create(speed, None, held=True)
     target = address or f"127.0.0.1:{collector.port}"
     merged = {**agent_settings(scenario, speed, anchor, target), **(settings or {})}
-    agent = Agent(state, agent_id, merged)
+    agent = Agent(state, agent_id, merged, timeline=anchor)
     pair = Pair(work, collector, agent, speed, anchor, agent_id)
     try:
         if start_agent:
-            start_before_work(pair, text)
+            agent.start()  # returns once it is metering, and the timeline starts
         yield pair
     finally:
         for daemon in (agent, collector):
             if daemon.alive():
                 daemon.kill()
-
-
-def start_before_work(pair: Pair, text: str) -> None:
-    """Starts the agent and checks it was metering before the first busy span began: one
-    that starts later does not bill what ran before it (by design), and the test would
-    then fail on a confusing difference instead of on this."""
-    pair.agent.start()
-    wait_for("the agent to meter", lambda: "metering as agent" in pair.agent.log())
-    first_busy_s = min(span[0] for p in tomllib.loads(text)["process"] for span in p["busy"])
-    ready_s = pair.sim_s()
-    assert ready_s < first_busy_s, (
-        f"the agent was ready at sim t={ready_s:.1f} s, after work began at "
-        f"{first_busy_s} s: the machine is slower than starts_in_s allows for"
-    )
 
 
 def stop_agent(pair: Pair) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from creditmeter.simnvml import ManualClock, SimClock
+from creditmeter.simnvml.anchor import AnchorFile
 
 
 def test_manual_clock_moves_only_when_told() -> None:
@@ -85,3 +86,62 @@ def test_wall_jump_on_a_shared_clock_reaches_every_reader(tmp_path: Path) -> Non
     assert first.wall() == pytest.approx(2000.0 + 3600 + first.monotonic(), abs=0.1)
     third = SimClock.shared(anchor, speed=1.0)  # a process started after the jump
     assert third.wall() == pytest.approx(first.wall(), abs=0.1)
+
+
+def test_a_held_timeline_stands_at_zero_until_released(tmp_path: Path) -> None:
+    anchor = AnchorFile(tmp_path / "clock.json")
+    anchor.open_or_create(100.0, 2000.0, held=True)
+    clock = SimClock.shared(anchor.path, speed=100.0)
+    assert clock.held()
+    assert (clock.now_us(), clock.wall()) == (0, 2000.0)
+    assert clock.wait(threading.Event(), 0.0) is False  # no sim time asked for: no wait
+    clock.jump_wall(5)  # made at t=0, the only time there is
+    started = anchor.release()
+    assert not clock.held() and started.wall_jumps == ((0, 5_000_000),)
+    assert started.start_wall_us == 2_000_000_000  # what was stamped is not restamped
+    now_us = clock.now_us()
+    assert clock.wall_us_at(now_us) == 2_005_000_000 + now_us  # one reading, two clocks
+    assert anchor.release() == started  # a running timeline is left as it is
+
+
+class CountedEvent(threading.Event):
+    """An event that counts the waits on it: how a test sees a waiter still waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_a_wait_on_a_held_timeline_lasts_until_the_release_then_its_length(
+    tmp_path: Path,
+) -> None:
+    """A loop on sim deadlines (the agent's) neither spins nor runs ahead while held."""
+    anchor = AnchorFile(tmp_path / "clock.json")
+    anchor.open_or_create(1000.0, None, held=True)
+    clock = SimClock.shared(anchor.path, speed=1000.0)
+    event, returned = CountedEvent(), list[bool]()
+    waiter = threading.Thread(target=lambda: returned.append(clock.wait(event, 2.0)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while event.waits < 5:  # a wait on a running clock would be one 2 ms wait
+        assert time.monotonic() < deadline and not returned, returned
+        time.sleep(0.001)
+    assert not returned and clock.monotonic() == 0.0
+    anchor.release()
+    waiter.join(10)
+    assert returned == [False]
+    assert clock.monotonic() >= 2.0  # the whole wait ran on the released timeline
+
+
+def test_a_set_event_ends_a_wait_on_a_held_timeline(tmp_path: Path) -> None:
+    anchor = AnchorFile(tmp_path / "clock.json")
+    anchor.open_or_create(1.0, None, held=True)
+    clock = SimClock.shared(anchor.path, speed=1.0)
+    event = threading.Event()
+    threading.Timer(0.0, event.set).start()
+    assert clock.wait(event, 3600.0) is True  # a SIGTERM ends a held agent's loop
+    assert clock.held()
