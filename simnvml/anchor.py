@@ -46,9 +46,9 @@ class Anchor:
     def from_json(cls, text: str, path: Path) -> Anchor:
         try:
             data = json.loads(text)
-            held = data["monotonic_ns"] is None
+            mono_ns = data["monotonic_ns"]
             return cls(
-                None if held else int(data["monotonic_ns"]),
+                None if mono_ns is None else int(mono_ns),
                 int(data["start_wall_us"]),
                 float(data["speed"]),
                 tuple((int(a), int(d)) for a, d in data["wall_jumps"]),
@@ -62,19 +62,12 @@ class AnchorFile:
         self.path = path
 
     def open_or_create(
-        self,
-        speed: float,
-        start_wall_s: float | None,
-        *,
-        starts_in_s: float = 0.0,
-        held: bool = False,
+        self, speed: float, start_wall_s: float | None, *, held: bool = False
     ) -> Anchor:
-        """The timeline in the file, or a new one whose sim t=0 is ``starts_in_s`` from now
-        (before then sim time is negative: the driver is loading, nothing has run), or,
-        ``held``, one standing at t=0 until :meth:`release`."""
-        wall_s = time.time() + starts_in_s if start_wall_s is None else start_wall_s
-        mono_ns = None if held else time.monotonic_ns() + round(starts_in_s * 1e9)
-        fresh = Anchor(mono_ns, s_to_us(wall_s), speed, ())
+        """The timeline in the file, or a new one whose sim t=0 is now or, ``held``, one
+        standing at t=0 until :meth:`release`."""
+        wall_s = time.time() if start_wall_s is None else start_wall_s
+        fresh = Anchor(None if held else time.monotonic_ns(), s_to_us(wall_s), speed, ())
         if self._create(fresh):
             return fresh
         return self.read()

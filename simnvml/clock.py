@@ -203,6 +203,8 @@ class SimClock:
 
     def held(self) -> bool:
         """Whether the timeline still stands at t=0, waiting for its release."""
+        if self._anchor_ns is not None:
+            return False  # released for good: no stat of the file in a running loop's waits
         self._reload()
         return self._anchor_ns is None
 
