@@ -28,6 +28,9 @@ from tests.e2e.daemons import (
 pytestmark = pytest.mark.slow
 
 SPEED = 20.0
+# Busy for as long as any run of the test lasts: each phase waits for records, and an idle
+# host writes none. Work that ended at 400 s (20 s of real time) ended, on a loaded
+# machine, before the third start, which then waited in vain for its records.
 SCENARIO = f"""[host]
 seed = 12
 name = "rotating-host"
@@ -36,9 +39,9 @@ name = "rotating-host"
 pid = 4100
 gpu = 0
 start_s = 1.0
-exit_s = 400.0
+exit_s = 100000.0
 env = {{ CREDITMETER_ACCOUNT = "acme", CREDITMETER_MODEL = "sdxl" }}
-busy = [[2.0, 400.0, 50]]
+busy = [[2.0, 100000.0, 50]]
 """
 
 
