@@ -180,6 +180,11 @@ class Clock(Protocol):
 
     def wall(self) -> float: ...  # seconds since the epoch
 
+    def boottime(self) -> float:
+        """Seconds since boot, suspend included (CLOCK_BOOTTIME): the clock some drivers
+        stamp the device series with (agent/stamps.py)."""
+        ...
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         """Block up to ``seconds`` of this clock's time; True when ``event`` was set."""
         ...
@@ -193,6 +198,9 @@ class SystemClock:
 
     def wall(self) -> float:
         return time.time()
+
+    def boottime(self) -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return event.wait(max(0.0, seconds))

@@ -47,6 +47,7 @@ from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessIn
 from creditmeter.agent.listings import ListingSchedule
 from creditmeter.agent.payers import LabelsAndJobs, Payers
 from creditmeter.agent.sampling import DeviceSeries
+from creditmeter.agent.stamps import SeriesStamps
 from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
 from creditmeter.labels import LabelProblem
 from creditmeter.v1 import usage_pb2
@@ -180,9 +181,10 @@ class Books:
 @dataclass(slots=True)
 class DeviceState:
     device: Device
+    stamps: SeriesStamps  # the clock its series is stamped with, and the way to the wall
     series: DeviceSeries = field(default_factory=DeviceSeries)
     evidence: EvidenceReader | None = None  # whole GPUs
-    cursor_us: int = 0  # driver time of the newest device period read
+    cursor_us: int = 0  # driver time (stamps placed on the wall clock) of the newest period read
     settled_us: int = 0  # driver time up to which busy time is apportioned
     committed_us: int = 0  # settled_us as of the last window close (what records cover)
     pending: list[Period] = field(default_factory=list)  # read, not yet settled
@@ -273,7 +275,8 @@ class Learned:
     """What the meter learned of one GPU's driver: its device sample period (None: no
     device series), the per-process evidence source in use and how its rows read, each
     PID's sampling stride (µs), the sources left, with why, and how far back the device
-    series reached when first read (None: not seen; a driver loaded since holds less)."""
+    series reached when first read (None: not seen; a driver loaded since holds less), and
+    the clock its stamps count on ("wall", "boot"; None: not seen)."""
 
     period_us: int | None
     source: str | None
@@ -281,6 +284,7 @@ class Learned:
     strides_us: dict[int, int]
     left: dict[str, str]
     ring_us: int | None = None
+    stamps: str | None = None
 
 
 class Meter:
@@ -319,6 +323,7 @@ class Meter:
         self._now_mono_us = _us(clock.monotonic())
         self._listings = ListingSchedule(self._now_mono_us / 1e6, reopen_interval_s)
         self._wall_offset_us = _us(clock.wall()) - self._now_mono_us  # wall − monotonic
+        self._now_us = self._now_mono_us + self._wall_offset_us  # the wall clock of the poll
         self._start(_decode_state(state))
 
     # -- start and state ------------------------------------------------------------------
@@ -404,7 +409,7 @@ class Meter:
     ) -> None:
         """``created_after_us``: a device created while this meter ran, after the listing at
         that moment; its processes are metered from there, not from now."""
-        ds = DeviceState(device, books=Books(now_us))
+        ds = DeviceState(device, SeriesStamps(self._clock), books=Books(now_us))
         self._devices[device.uuid] = ds
         if not device.is_mig:
             ev_state = saved.get("evidence") if saved else None
@@ -456,7 +461,7 @@ class Meter:
         listed: bool = True,
         created_after_us: int | None = None,
     ) -> None:
-        latest = self._ring_bounds(ds) if listed else None
+        latest = self._ring_bounds(ds, now_us) if listed else None
         newest = latest if latest is not None else now_us  # nothing yet: bill from now on
         if saved is not None:
             ds.series = DeviceSeries(saved.get("period_us"))
@@ -497,12 +502,12 @@ class Meter:
         if ds.evidence is not None:
             ds.evidence.start(ds.settled_us)
 
-    def _ring_bounds(self, ds: DeviceState) -> int | None:
+    def _ring_bounds(self, ds: DeviceState, now_us: int) -> int | None:
         """The newest period the driver holds (learning how far back its ring reaches)."""
         if ds.device.is_mig:
             return None
         try:
-            samples = self._nvml.device_samples(ds.device, 0)
+            samples = ds.stamps.samples(self._nvml, ds.device, 0, now_us)
         except NoData:
             return None
         except NotSupported:
@@ -573,7 +578,7 @@ class Meter:
     def poll(self) -> list[WindowUsage]:
         """One pass over every device. Returns the final usage of processes that exited."""
         self.stats.polls += 1
-        now_us = _us(self._clock.wall())
+        now_us = self._now_us = _us(self._clock.wall())
         self._now_mono_us = _us(self._clock.monotonic())
         step_us = self._wall_step(now_us)
         before = {id(t): t.usage.pct_us for ds in self._devices.values() for t in ds.tracked()}
@@ -676,7 +681,7 @@ class Meter:
     def _read_series(self, ds: DeviceState, forward_step_us: int) -> float:
         """Read new device periods; returns how busy they were (0..1)."""
         try:
-            samples = self._nvml.device_samples(ds.device, ds.cursor_us)
+            samples = ds.stamps.samples(self._nvml, ds.device, ds.cursor_us, self._now_us)
         except NoData:
             return 0.0
         except NotSupported:
@@ -1588,6 +1593,7 @@ class Meter:
                 dict(ev.strides),
                 dict(ev.left),
                 ds.ring_us,
+                ds.stamps.stamped.value if ds.stamps.stamped is not None else None,
             )
         return out
 

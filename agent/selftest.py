@@ -312,12 +312,18 @@ def _seconds(us: int | None) -> str:
     return "unknown" if us is None else f"{us / 1e6:.2f} s"
 
 
+def _series(got: Learned) -> str:
+    if got.period_us is None:
+        return "no device series"
+    return f"device sample period {got.period_us} µs, stamped on the {got.stamps} clock"
+
+
 def report(lines: Sequence[Line], learned: dict[str, Learned]) -> str:
     out = []
     for name, got in learned.items():
         strides = ", ".join(f"pid {p}: {us} µs" for p, us in sorted(got.strides_us.items()))
         out.append(
-            f"{name}: device sample period {got.period_us} µs; "
+            f"{name}: {_series(got)}; "
             f"ring {_seconds(got.ring_us)} of samples at the first read; evidence {got.source} "
             f"({got.reading}); process sample strides {strides or 'none'}"
             + (f"; left {got.left}" if got.left else "")

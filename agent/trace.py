@@ -301,6 +301,11 @@ class TracingClock:
         self._writer.clock("wall", value)
         return value
 
+    def boottime(self) -> float:
+        value = self._inner.boottime()
+        self._writer.clock("boottime", value)
+        return value
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return self._inner.wait(event, seconds)
 

@@ -1,10 +1,12 @@
 """Simulated time: a monotonic sim timeline (µs since the driver loaded) and a wall clock
 that may jump.
 
-Both clocks satisfy ``agent.gpu.Clock`` (``monotonic``, ``wall``, ``wait``) for the agent, and
-:class:`SimTime` for the simulated host, which reads ``now_us`` and stamps samples with
-``wall_us_at``: the driver stamps a sample with the CPU's wall clock when it records it, so a
-wall-clock jump shifts the stamps of periods that end after it, and only those.
+Both clocks satisfy ``agent.gpu.Clock`` (``monotonic``, ``wall``, ``boottime``, ``wait``) for
+the agent, and :class:`SimTime` for the simulated host, which reads ``now_us`` and stamps
+samples with ``wall_us_at``: the driver stamps a sample with the CPU's wall clock when it
+records it, so a wall-clock jump shifts the stamps of periods that end after it, and only
+those. A driver that stamps with the boot clock instead (``series_boot_stamps``) stamps
+``UPTIME_AT_T0_US`` + sim time, which no wall jump moves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from creditmeter.simnvml.anchor import Anchor, AnchorFile
 from creditmeter.simnvml.units import US_PER_S, s_to_us
 
 DEFAULT_START_WALL_S = 1_750_000_000.0  # 2025-06-15T15:06:40Z: fixed, so tests are repeatable
+# The host's uptime at sim t=0: CLOCK_BOOTTIME, which some drivers stamp the device series
+# with, is this plus sim time. 58 days, the uptime of the host in
+# polarsignals/gpu-metrics-agent#36, where those stamps landed in February 1970.
+UPTIME_AT_T0_US = 58 * 86_400 * US_PER_S
 HELD_POLL_S = 0.01  # how soon a wait on a held timeline notices its release (real seconds)
 
 
@@ -130,6 +136,9 @@ class ManualClock:
     def wall(self) -> float:
         return self._wall.wall_us_at(self._now_us) / US_PER_S
 
+    def boottime(self) -> float:
+        return (UPTIME_AT_T0_US + self._now_us) / US_PER_S
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         if event.is_set():
             return True
@@ -213,6 +222,9 @@ class SimClock:
 
     def wall(self) -> float:
         return self._wall.wall_us_at(self.now_us()) / US_PER_S
+
+    def boottime(self) -> float:
+        return (UPTIME_AT_T0_US + self.now_us()) / US_PER_S
 
     def wait(self, event: threading.Event, seconds: float) -> bool:
         """Waits ``seconds`` of sim time. None passes on a held timeline, so a positive wait

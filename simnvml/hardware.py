@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from creditmeter.simnvml.activity import SHARE_SCALE, Segment, StepFunction, capped_shares
-from creditmeter.simnvml.clock import SimTime
+from creditmeter.simnvml.clock import UPTIME_AT_T0_US, SimTime
 from creditmeter.simnvml.procsampler import Cadence, ProcessSampler, Sampled, cadences
 from creditmeter.simnvml.sampling import (
     PeriodActivity,
@@ -232,6 +232,18 @@ class SimGpu:
         first = (cursor_us - offset_us - g.phase_us) // g.period_us + 1
         ks = range(max(ring.start, first), ring.stop)
         return [(offset_us + g.end_us(k), a) for k, a in zip(ks, self._activities(ks), strict=True)]
+
+    def boot_stamped_samples(self, now_us: int, cursor_us: int) -> list[tuple[int, int]]:
+        """``device_samples`` of a driver that stamps them in µs since boot, compared with a
+        cursor in the same (polarsignals/gpu-metrics-agent#36): no wall jump moves them."""
+        g = self.grid
+        ring = g.ring(now_us)
+        first = (cursor_us - UPTIME_AT_T0_US - g.phase_us) // g.period_us + 1
+        ks = [k for k in range(max(ring.start, first), ring.stop) if not self.cleared(g.end_us(k))]
+        return [
+            (UPTIME_AT_T0_US + g.end_us(k), a.device_util)
+            for k, a in zip(ks, self._activities(ks), strict=True)
+        ]
 
     def latest_stamp_us(self, now_us: int) -> int | None:
         ring = self.grid.ring(now_us)

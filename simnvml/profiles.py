@@ -94,6 +94,13 @@ PROFILES: dict[str, Profile] = {
             device_series=False,
         ),
         _profile(
+            "boot_stamps",
+            "the device series stamped in µs since boot (CLOCK_BOOTTIME), not since the "
+            'epoch as nvml.h\'s "CPU timestamp" reads elsewhere: nvmlDeviceGetSamples on a '
+            "DGX Spark (polarsignals/gpu-metrics-agent#36)",
+            series_boot_stamps=True,
+        ),
+        _profile(
             "accounting",
             "no per-process utilization call, accounting mode on with the cumulative "
             "sumGpuUtil and sampleCount of nvmlAccountingStats_v2 (nvml.h)",

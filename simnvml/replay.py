@@ -88,6 +88,9 @@ class ReplayClock:
     def wall(self) -> float:
         return self._read("wall")
 
+    def boottime(self) -> float:
+        return self._read("boottime")
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return event.is_set()  # replayed time does not pass by waiting
 

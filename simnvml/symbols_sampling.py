@@ -176,7 +176,10 @@ def samples(
         fail(Ret.INVALID_ARGUMENT)
     if kind != GPU_UTILIZATION_SAMPLES or ref.on_mig or not ref.gpu.driver.device_series:
         fail(Ret.NOT_SUPPORTED)
-    found = ref.gpu.device_samples(now_us, scalar(last_seen))
+    if ref.gpu.driver.series_boot_stamps:
+        found = ref.gpu.boot_stamped_samples(now_us, scalar(last_seen))
+    else:
+        found = ref.gpu.device_samples(now_us, scalar(last_seen))
     if not found:
         fail(Ret.NOT_FOUND)
     target(value_type).value = VALUE_TYPE_UNSIGNED_INT

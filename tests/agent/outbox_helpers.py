@@ -59,6 +59,9 @@ class ManualClock:
     def wall(self) -> float:
         return self.wall_s
 
+    def boottime(self) -> float:
+        return self.monotonic_s
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return event.is_set()
 

@@ -28,6 +28,9 @@ class FakeClock:
     def wall(self) -> float:
         return self.wall_s
 
+    def boottime(self) -> float:
+        return self.wall_s
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         return event.is_set()
 

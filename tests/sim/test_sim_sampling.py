@@ -14,6 +14,8 @@ import pynvml
 import pytest
 from sim_helpers import ONE_GPU, W0_US, S, Sim
 
+from creditmeter.simnvml.clock import UPTIME_AT_T0_US
+
 
 def _util(handle: object, cursor_us: int = W0_US) -> list[tuple[int, int, int, int]]:
     samples = pynvml.nvmlDeviceGetProcessUtilization(handle, cursor_us)
@@ -304,3 +306,29 @@ def test_scheduled_wall_jump_applies_from_its_start(sim: Callable[[str], Sim]) -
     # The period ending at 2.0 s, the very instant of the step, was stamped before it.
     assert [t for t, _ in _device(h)] == [1 * S, 2 * S, 103 * S]
     assert s.clock.wall() == (W0_US + 103 * S) / S
+
+
+def test_a_boot_stamping_driver_stamps_the_series_from_boot_whatever_the_wall_does(
+    sim: Callable[[str], Sim],
+) -> None:
+    """polarsignals/gpu-metrics-agent#36: nvmlDeviceGetSamples in µs since boot (the host
+    was up UPTIME_AT_T0_US at t=0); the per-process samples stay on the wall clock."""
+    s = sim(
+        ONE_GPU
+        + "[gpu.driver]\nseries_boot_stamps = true\n"
+        + "[[process]]\npid = 902\ngpu = 0\nbusy = [[1.0, 3.0, 100]]\n"
+    )
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    s.clock.advance(2)
+    s.clock.jump_wall(-30)
+    s.clock.advance(2)
+    boot = _device(h, UPTIME_AT_T0_US)  # stamps less W0, as the helper reads them
+    assert [(t + W0_US - UPTIME_AT_T0_US, util) for t, util in boot] == [
+        (1 * S, 0),
+        (2 * S, 100),
+        (3 * S, 100),
+        (4 * S, 0),
+    ]
+    assert len(_device(h, UPTIME_AT_T0_US + 3 * S)) == 1  # the cursor is on the same clock
+    assert [t for _, t, _, _ in _util(h, 0)] == [2 * S, 3 * S - 30 * S]
