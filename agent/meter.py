@@ -23,6 +23,7 @@ still holds the samples of the time since, or the lost time is a gap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,7 +47,7 @@ from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, S
 from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
 from creditmeter.agent.listings import ListingSchedule
 from creditmeter.agent.payers import LabelsAndJobs, Payers
-from creditmeter.agent.sampling import DeviceSeries
+from creditmeter.agent.sampling import DeviceSeries, Quiet
 from creditmeter.agent.stamps import SeriesStamps
 from creditmeter.agent.usage import DeviceBooks, ProcessKey, Slice, Usage, WindowUsage
 from creditmeter.labels import LabelProblem
@@ -197,6 +198,7 @@ class DeviceState:
     # Why a hole at the cursor is a hole: the agent was down since it (a restart), the GPU
     # was lost since it, else the driver's ring dropped periods not yet read.
     hole_reason: int = usage_pb2.GAP_REASON_RING_OVERFLOW
+    quiet: Quiet = field(default_factory=Quiet)  # a series that holds no idle period
     gpm_supported: bool = True
     # MIG: how its processes are listed. Its own list is not supported on a host in vGPU
     # host virtualization mode (nvml.h), where its GPU's list (every instance's) is read
@@ -464,7 +466,7 @@ class Meter:
         latest = self._ring_bounds(ds, now_us) if listed else None
         newest = latest if latest is not None else now_us  # nothing yet: bill from now on
         if saved is not None:
-            ds.series = DeviceSeries(saved.get("period_us"))
+            ds.series = DeviceSeries(_shorter(saved.get("period_us"), ds.series.period_us))
             ds.settled_us = int(saved["cursor_us"])
             # The periods read and not yet settled come back with the state, not from the
             # ring: a driver reloaded, a host rebooted or a GPU reset since has none of them.
@@ -520,6 +522,7 @@ class Meter:
             return None
         if len(samples) > 1:
             ds.ring_us = samples[-1].timestamp_us - samples[0].timestamp_us
+        ds.series.learn(samples)
         return samples[-1].timestamp_us
 
     def _restore_process(self, entry: dict[str, Any], now_us: int) -> None:
@@ -654,6 +657,8 @@ class Meter:
             self._listings.changed(ds.device.uuid)
             listed = [p for p in listed if p.gpu_instance_id is None]
         fresh = self._update_processes(ds, listed, now_us)
+        if step_us:
+            ds.quiet.forget()
         if step_us < 0:
             # Samples stamped before the clock reaches the cursor again look exactly like
             # ones already billed: that stretch is a gap, never a guess.
@@ -683,6 +688,7 @@ class Meter:
         try:
             samples = ds.stamps.samples(self._nvml, ds.device, ds.cursor_us, self._now_us)
         except NoData:
+            self._nothing_new(ds)
             return 0.0
         except NotSupported:
             log.warning(
@@ -691,7 +697,19 @@ class Meter:
             )
             ds.has_series = False
             return 0.0
-        read = ds.series.read(ds.cursor_us, samples)
+        if ds.series.period_us is None and samples:
+            self._learn_period(ds)
+        read = ds.series.read(ds.cursor_us, samples, self._now_us)
+        if not read.periods and not read.held:
+            self._nothing_new(ds)
+        elif read.lost and not forward_step_us and ds.series.period_us:
+            ds.quiet.idle_in(
+                read,
+                ds.cursor_us,
+                ds.series.period_us,
+                lambda us: self._reaches(ds, us),
+                lambda start, end: _claimed(ds.pieces, start, end),
+            )
         # A forward wall step leaves a hole in the driver's timestamps that is no lost time.
         lost_us = sum(end - start for start, end in read.lost) - forward_step_us
         if lost_us > (ds.series.period_us or 0) // 2:
@@ -703,6 +721,28 @@ class Meter:
         ds.cursor_us = read.cursor_us
         span = sum(p.end_us - p.start_us for p in read.periods)
         return sum(p.busy_pct_us for p in read.periods) / (100 * span) if span else 0.0
+
+    def _nothing_new(self, ds: DeviceState) -> None:
+        if ds.quiet.nothing_new(ds.cursor_us, self._now_us, ds.series.period_us):
+            log.warning(
+                "%s: the device series holds no idle periods (it answers nothing for "
+                "seconds): holes the driver did not drop are idle time from here on",
+                ds.device.uuid,
+            )
+
+    def _reaches(self, ds: DeviceState, cursor_us: int) -> bool:
+        """Whether the driver's ring still holds a sample at or before ``cursor_us``."""
+        try:
+            ring = ds.stamps.samples(self._nvml, ds.device, 0, self._now_us)
+        except NvmlError:
+            return False
+        return bool(ring) and ring[0].timestamp_us <= cursor_us
+
+    def _learn_period(self, ds: DeviceState) -> None:
+        """The period from the whole ring, where the answers since the cursor show none (a
+        series that holds no idle period answers one sample at a time after a hole)."""
+        with contextlib.suppress(NvmlError):  # learnt from a later answer, then
+            ds.series.learn(ds.stamps.samples(self._nvml, ds.device, 0, self._now_us))
 
     def _catch_up(self, ds: DeviceState, stamp_us: int) -> None:
         """Read the device's periods again where per-process evidence reaches at or past
@@ -1851,3 +1891,13 @@ def _decode_state(state: bytes | None) -> dict[str, Any]:
         log.error("the saved meter state has an unknown version; starting afresh")
         return {}
     return doc
+
+
+def _shorter(a: int | None, b: int | None) -> int | None:
+    """The shorter of two periods learnt, either of them None (not learnt)."""
+    return min(a, b) if a is not None and b is not None else a or b
+
+
+def _claimed(pieces: Sequence[Evidence], start_us: int, end_us: int) -> bool:
+    """Whether a piece of evidence puts busy time in [start_us, end_us)."""
+    return any(p.pct_us and p.start_us < end_us and p.end_us > start_us for p in pieces)

@@ -110,6 +110,7 @@ def parse_driver(t: Table, base: DriverSpec) -> DriverSpec:
         not_found_below_pct=t.integer("not_found_below_pct", base.not_found_below_pct, minimum=0),
         device_series=t.boolean("device_series", base.device_series),
         series_boot_stamps=t.boolean("series_boot_stamps", base.series_boot_stamps),
+        series_dry_when_idle=t.boolean("series_dry_when_idle", base.series_dry_when_idle),
         accounting=t.boolean("accounting", base.accounting),
         accounting_v2=t.boolean("accounting_v2", base.accounting_v2),
         mps=t.boolean("mps", base.mps),

@@ -101,6 +101,13 @@ PROFILES: dict[str, Profile] = {
             series_boot_stamps=True,
         ),
         _profile(
+            "dry_when_idle",
+            "the device series runs dry while the GPU idles: nvmlDeviceGetSamples answers "
+            "NOT_FOUND or nothing new, and samples come again with work, on a DGX Spark "
+            "(polarsignals/gpu-metrics-agent#37)",
+            series_dry_when_idle=True,
+        ),
+        _profile(
             "accounting",
             "no per-process utilization call, accounting mode on with the cumulative "
             "sumGpuUtil and sampleCount of nvmlAccountingStats_v2 (nvml.h)",

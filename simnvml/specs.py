@@ -84,6 +84,7 @@ class DriverSpec:
     not_found_below_pct: int = 0  # samples below this percent are left out (quiet: NOT_FOUND)
     device_series: bool = True  # False: nvmlDeviceGetSamples(GPU_UTILIZATION) NOT_SUPPORTED
     series_boot_stamps: bool = False  # that series stamped in µs since boot, not the epoch
+    series_dry_when_idle: bool = False  # that series holds no sample of an idle period
     accounting: bool = False  # accounting mode on
     accounting_v2: bool = True  # nvmlDeviceGetAccountingStats_v2 (sumGpuUtil, sampleCount)
     mps: bool = False  # concurrent kernels: per-process samples overlap, their sum exceeds 100

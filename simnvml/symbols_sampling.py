@@ -180,6 +180,8 @@ def samples(
         found = ref.gpu.boot_stamped_samples(now_us, scalar(last_seen))
     else:
         found = ref.gpu.device_samples(now_us, scalar(last_seen))
+    if ref.gpu.driver.series_dry_when_idle:
+        found = [(stamp, util) for stamp, util in found if util > 0]
     if not found:
         fail(Ret.NOT_FOUND)
     target(value_type).value = VALUE_TYPE_UNSIGNED_INT

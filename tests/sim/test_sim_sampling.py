@@ -332,3 +332,20 @@ def test_a_boot_stamping_driver_stamps_the_series_from_boot_whatever_the_wall_do
     ]
     assert len(_device(h, UPTIME_AT_T0_US + 3 * S)) == 1  # the cursor is on the same clock
     assert [t for _, t, _, _ in _util(h, 0)] == [2 * S, 3 * S - 30 * S]
+
+
+def test_a_series_that_runs_dry_holds_no_idle_period(sim: Callable[[str], Sim]) -> None:
+    """polarsignals/gpu-metrics-agent#37: NOT_FOUND while the GPU idles, samples again with
+    work, and none for the idle periods between."""
+    s = sim(
+        ONE_GPU
+        + "[gpu.driver]\nseries_dry_when_idle = true\n"
+        + "[[process]]\npid = 903\ngpu = 0\nbusy = [[1.0, 2.0, 100], [5.0, 6.0, 50]]\n"
+    )
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    s.clock.advance(1.5)
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        _device(h)
+    s.clock.advance(5.5)
+    assert _device(h) == [(2 * S, 100), (6 * S, 50)]
