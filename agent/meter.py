@@ -482,6 +482,7 @@ class Meter:
             ds.pieces = [Evidence(*p) for p in saved.get("pieces", [])]
             ds.used = [float(u) for u in saved.get("used", [0.0] * len(ds.pieces))]
             self._energy.restore(ds.device.parent_uuid or ds.device.uuid, saved.get("energy_mj"))
+            ds.quiet.dry = bool(saved.get("dry", False))
             # Lost when the agent stopped: a GPU lost and not found since is still lost.
             lost = saved.get("lost", False)
             ds.hole_reason = (
@@ -570,6 +571,8 @@ class Meter:
             "books": _books_entry(ds.books),
             "lost": ds.lost_at_us is not None,
         }
+        if ds.quiet.dry:
+            doc["dry"] = True  # so that what the ring shows of the time it was down is idle
         if ds.evidence is not None:
             doc["evidence"] = json.loads(json.dumps(ds.evidence.state()))
             doc["pieces"] = [list(_piece_entry(p)) for p in ds.pieces]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import run_scenario
+from bench.harness import drive, metered, run_scenario, scenario_end_s
 from creditmeter.simnvml import Scenario
 
 
@@ -30,3 +30,23 @@ def test_a_dry_series_bills_as_a_full_one_and_its_idle_time_is_no_gap(period_us:
     # to where the agent started, so what came after the last answer that showed nothing
     # (a poll and a period at most) may have been dropped.
     assert gaps_us <= 1_000_000 + period_us
+
+
+def test_a_restart_on_a_dry_series_finds_the_idle_time_it_was_down_idle() -> None:
+    """What the ring shows of the time the agent was down is read back, as on any driver:
+    the bursts billed, and (the series being known dry from the saved state) the holes it
+    never dropped idle, not AGENT_DOWN gaps on every process present (10.3 s here when the
+    state did not say so)."""
+    scenario = Scenario.load("sdxl").with_overrides(profile="dry_when_idle")
+    with metered(scenario) as (run, meter):
+        drive(run, meter, 40)
+        run.usages.extend(meter.close_window())
+        state = meter.state()
+        drive(run, meter, 44, window_s=100)  # polled but never written: lost in a crash
+    with metered(scenario, state=state, start_s=50) as (rerun, meter):
+        drive(rerun, meter, scenario_end_s(scenario) + 5)
+        rerun.usages.extend(meter.close_window())
+    ideal = run_scenario(Scenario.load("sdxl").with_overrides(profile="ideal"))
+    billed_us = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
+    assert abs(billed_us - sum(ideal.measured_us().values())) <= 10
+    assert rerun.gaps_us() == {}
