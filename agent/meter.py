@@ -23,7 +23,6 @@ still holds the samples of the time since, or the lost time is a gap.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -44,7 +43,15 @@ from creditmeter.agent.errors import (
     ProcessGone,
 )
 from creditmeter.agent.evidence import EvidenceReader, EvidenceStats, Reading, Source
-from creditmeter.agent.gpu import Clock, ComputeProcess, Device, Nvml, ProcessInfo, ProcessTable
+from creditmeter.agent.gpu import (
+    Clock,
+    ComputeProcess,
+    Device,
+    DeviceSample,
+    Nvml,
+    ProcessInfo,
+    ProcessTable,
+)
 from creditmeter.agent.listings import ListingSchedule
 from creditmeter.agent.payers import LabelsAndJobs, Payers
 from creditmeter.agent.sampling import DeviceSeries, Quiet
@@ -734,18 +741,27 @@ class Meter:
             )
 
     def _reaches(self, ds: DeviceState, cursor_us: int) -> bool:
-        """Whether the driver's ring still holds a sample at or before ``cursor_us``."""
-        try:
-            ring = ds.stamps.samples(self._nvml, ds.device, 0, self._now_us)
-        except NvmlError:
-            return False
+        """Whether the driver's ring still holds a sample at or before ``cursor_us`` (not
+        known: no, so what it may have dropped stays a gap)."""
+        ring = self._whole_ring(ds)
         return bool(ring) and ring[0].timestamp_us <= cursor_us
 
     def _learn_period(self, ds: DeviceState) -> None:
         """The period from the whole ring, where the answers since the cursor show none (a
-        series that holds no idle period answers one sample at a time after a hole)."""
-        with contextlib.suppress(NvmlError):  # learnt from a later answer, then
-            ds.series.learn(ds.stamps.samples(self._nvml, ds.device, 0, self._now_us))
+        series that holds no idle period answers one sample at a time after a hole); one
+        not read is learnt from a later answer."""
+        ds.series.learn(self._whole_ring(ds))
+
+    def _whole_ring(self, ds: DeviceState) -> list[DeviceSample]:
+        """Every sample the driver holds, on the wall clock; none where it answers none or
+        fails (counted, as every failed NVML call is)."""
+        try:
+            return ds.stamps.samples(self._nvml, ds.device, 0, self._now_us)
+        except NoData:
+            return []
+        except NvmlError as exc:
+            self._count_error(exc)
+            return []
 
     def _catch_up(self, ds: DeviceState, stamp_us: int) -> None:
         """Read the device's periods again where per-process evidence reaches at or past

@@ -66,11 +66,13 @@ class DeviceSeries:
         if self.period_us is None and now_us is not None and _young_and_lone(fresh, now_us):
             return SeriesRead(cursor_us, held=True)
         period = self.period_us or SHORTEST_PERIOD_US
+        # More than half a period unaccounted for before a sample is a hole; of an unknown
+        # period, anything past the shortest is.
+        slack = period // 2 if self.period_us else 0
         out = SeriesRead(fresh[-1].timestamp_us)
         start = cursor_us
         for s in fresh:
-            # More than half a period unaccounted for before this sample: a hole.
-            if s.timestamp_us - start > period + period // 2 * bool(self.period_us):
+            if s.timestamp_us - start > period + slack:
                 out.lost.append((start, s.timestamp_us - period))
                 start = s.timestamp_us - period
             out.periods.append(Period(start, s.timestamp_us, (s.timestamp_us - start) * s.util))

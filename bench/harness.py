@@ -169,6 +169,17 @@ def run_until(
     return run, meter
 
 
+def crashed(scenario: Scenario, closed_s: float, crashed_s: float) -> tuple[Run, bytes]:
+    """A meter run to a window close at simulated ``closed_s``, and its state then, the
+    only one a crash at ``crashed_s`` leaves: what it polled in between was never written."""
+    with metered(scenario) as (run, meter):
+        drive(run, meter, closed_s)
+        run.usages.extend(meter.close_window())
+        state = meter.state()
+        drive(run, meter, crashed_s, window_s=crashed_s + 1)  # no close: nothing written
+    return run, state
+
+
 def run_scenario(
     scenario: Scenario, *, poll_s: float = 1.0, window_s: float = 10.0, call_us: int = 0
 ) -> Run:

@@ -229,17 +229,15 @@ class SimGpu:
             return [(stamp, a) for (stamp, _), a in zip(kept, activities, strict=True)]
         g = self.grid
         offset_us = self._stamp(lo_end) - lo_end  # stamp(k) = offset + end(k)
-        first = (cursor_us - offset_us - g.phase_us) // g.period_us + 1
-        ks = range(max(ring.start, first), ring.stop)
+        ks = g.stamped_after(ring, cursor_us, offset_us)
         return [(offset_us + g.end_us(k), a) for k, a in zip(ks, self._activities(ks), strict=True)]
 
     def boot_stamped_samples(self, now_us: int, cursor_us: int) -> list[tuple[int, int]]:
         """``device_samples`` of a driver that stamps them in µs since boot, compared with a
         cursor in the same (polarsignals/gpu-metrics-agent#36): no wall jump moves them."""
         g = self.grid
-        ring = g.ring(now_us)
-        first = (cursor_us - UPTIME_AT_T0_US - g.phase_us) // g.period_us + 1
-        ks = [k for k in range(max(ring.start, first), ring.stop) if not self.cleared(g.end_us(k))]
+        after = g.stamped_after(g.ring(now_us), cursor_us, UPTIME_AT_T0_US)
+        ks = [k for k in after if not self.cleared(g.end_us(k))]
         return [
             (UPTIME_AT_T0_US + g.end_us(k), a.device_util)
             for k, a in zip(ks, self._activities(ks), strict=True)

@@ -29,6 +29,12 @@ class PeriodGrid:
         """The latest period ended at or before ``now_us``."""
         return (now_us - self.phase_us) // self.period_us
 
+    def stamped_after(self, ring: range, cursor_us: int, offset_us: int) -> range:
+        """The periods of ``ring`` whose stamp, ``offset_us`` + their end, is after
+        ``cursor_us``."""
+        first = (cursor_us - offset_us - self.phase_us) // self.period_us + 1
+        return range(max(ring.start, first), ring.stop)
+
     def ring(self, now_us: int) -> range:
         """Periods the ring buffer still holds at ``now_us``, oldest first. The driver was
         loaded before the scenario's t=0, as on any real host (NVML opens only once it is):

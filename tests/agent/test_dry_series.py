@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import drive, metered, run_scenario, scenario_end_s
+from bench.harness import crashed, run_scenario, run_until, scenario_end_s
 from creditmeter.simnvml import Scenario
 
 
@@ -38,14 +38,8 @@ def test_a_restart_on_a_dry_series_finds_the_idle_time_it_was_down_idle() -> Non
     never dropped idle, not AGENT_DOWN gaps on every process present (10.3 s here when the
     state did not say so)."""
     scenario = Scenario.load("sdxl").with_overrides(profile="dry_when_idle")
-    with metered(scenario) as (run, meter):
-        drive(run, meter, 40)
-        run.usages.extend(meter.close_window())
-        state = meter.state()
-        drive(run, meter, 44, window_s=100)  # polled but never written: lost in a crash
-    with metered(scenario, state=state, start_s=50) as (rerun, meter):
-        drive(rerun, meter, scenario_end_s(scenario) + 5)
-        rerun.usages.extend(meter.close_window())
+    run, state = crashed(scenario, closed_s=40, crashed_s=44)
+    rerun, _ = run_until(scenario, scenario_end_s(scenario) + 5, state=state, start_s=50)
     ideal = run_scenario(Scenario.load("sdxl").with_overrides(profile="ideal"))
     billed_us = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
     assert abs(billed_us - sum(ideal.measured_us().values())) <= 10

@@ -13,7 +13,16 @@ from fractions import Fraction
 import pytest
 
 from bench.accuracy import MIG_SCENARIOS, measure, mig_rows, row_of
-from bench.harness import DRAIN_S, Run, drive, metered, run_scenario, scenario_end_s
+from bench.harness import (
+    DRAIN_S,
+    Run,
+    crashed,
+    drive,
+    metered,
+    run_scenario,
+    run_until,
+    scenario_end_s,
+)
 from creditmeter.agent.meter import Meter, MeterStats
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
@@ -606,21 +615,15 @@ def run_restarted(
 ) -> tuple[Run, MeterStats]:
     """A meter started at simulated ``start_s`` from ``state`` (None: a first start) and
     run to the scenario's end; the run and the meter's stats."""
-    with metered(scenario, state=state, start_s=start_s) as (run, meter):
-        drive(run, meter, scenario_end_s(scenario) + 5)
-        run.usages.extend(meter.close_window())
-        return run, meter.stats
+    run, meter = run_until(scenario, scenario_end_s(scenario) + 5, state=state, start_s=start_s)
+    return run, meter.stats
 
 
 def test_a_restarted_meter_resumes_from_its_committed_state_exactly() -> None:
     # Crash 6 s after the close at 20 s: that window's state is all that survives; the
     # driver's ring (600 periods of 0.2 s) still holds what ran in between.
     scenario = Scenario.load("exact")
-    with metered(scenario) as (run, meter):
-        drive(run, meter, 20)
-        run.usages.extend(meter.close_window())
-        state = meter.state()
-        drive(run, meter, 26, window_s=100)  # polled but never written: lost in the crash
+    run, state = crashed(scenario, closed_s=20, crashed_s=26)
     rerun, _ = run_restarted(scenario, state, 26)
     total = sum(run.measured_us().values()) + sum(rerun.measured_us().values())
     assert total == 34_300_000

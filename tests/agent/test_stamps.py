@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import Run, drive, metered, run_scenario, scenario_end_s
+from bench.harness import Run, crashed, drive, metered, run_scenario, run_until, scenario_end_s
 from creditmeter.agent.gpu import Device, DeviceSample
 from creditmeter.agent.stamps import SeriesStamps, StampClock
 from creditmeter.agent.usage import ProcessKey
@@ -61,14 +61,8 @@ def test_a_meter_restarted_on_a_boot_clock_resumes_exactly() -> None:
     """The restored cursor is on the wall clock: the restart learns the driver's clock from
     the whole ring before it asks from there."""
     scenario = profiled("exact", "boot_stamps")
-    with metered(scenario) as (run, meter):
-        drive(run, meter, 20)
-        run.usages.extend(meter.close_window())
-        state = meter.state()
-        drive(run, meter, 26, window_s=100)  # polled but never written: lost in a crash
-    with metered(scenario, state=state, start_s=26) as (rerun, meter):
-        drive(rerun, meter, scenario_end_s(scenario) + 5)
-        rerun.usages.extend(meter.close_window())
+    run, state = crashed(scenario, closed_s=20, crashed_s=26)
+    rerun, _ = run_until(scenario, scenario_end_s(scenario) + 5, state=state, start_s=26)
     assert sum(run.measured_us().values()) + sum(rerun.measured_us().values()) == 34_300_000
     assert not rerun.gaps_us()
 
