@@ -81,5 +81,12 @@ class NoData(NvmlError):
     """NVML has no sample newer than the cursor: the device was idle. Not a failure."""
 
 
+class BadAnswer(NvmlError):
+    """The driver answered, but the answer cannot be read as nvml.h describes it: process
+    entries of no size a driver writes, or rows that are no process (a pid of 0 or past the
+    kernel's limit). The poll fails and is counted; its periods are read again at the next
+    one, and become a gap if no answer reads before the driver's ring drops them."""
+
+
 class ProcessGone(AgentError):
     """The process exited between NVML listing it and the agent reading /proc."""

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from creditmeter.agent import process_entries
 from creditmeter.agent.errors import (
     DriverMismatch,
     DriverNotLoaded,
@@ -38,7 +39,6 @@ from creditmeter.agent.gpu import (
 from creditmeter.nvml_abi import (
     AccountingStatsV2,
     ProcessesUtilizationInfo,
-    ProcessInfo,
     ProcessUtilizationInfo,
     ProcessUtilizationSample,
     Sample,
@@ -65,10 +65,8 @@ _UNAVAILABLE_HINTS = {
     "(driver upgraded without reloading the module or rebooting)",
     NoPermission: "this user may not open the GPU device nodes /dev/nvidia*",
 }
-_NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG
 _PROCESSES_V3 = "nvmlDeviceGetComputeRunningProcesses_v3"
 _PROCESSES_V2 = "nvmlDeviceGetComputeRunningProcesses_v2"
-_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
 
 
 def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
@@ -106,6 +104,8 @@ class PynvmlNvml:
         self._devices: dict[str, Device] = {}
         self._mig_gpus: list[Device] = []
         self._v2_processes = False  # driver lacks nvmlDeviceGetComputeRunningProcesses_v3
+        # The size of the entries the driver writes there, as last measured (None: not yet).
+        self.process_entry_bytes: int | None = None
         self._gpm_samples: dict[str, Any] = {}  # device uuid -> previous GPM sample
         self._open = False
 
@@ -231,9 +231,10 @@ class PynvmlNvml:
 
     def _running_processes(self, handle: Any) -> list[ComputeProcess]:
         """nvmlDeviceGetComputeRunningProcesses_v3 (or _v2 on older drivers), read straight
-        from the ctypes structs: pynvml's wrapper turns each entry into a "friendly object"
-        whose attribute access costs more than everything else the agent does per process,
-        and this list is read for every device at every poll."""
+        from the buffer in entries of the size the driver wrote (``process_entries``): not
+        through pynvml's wrapper, which reads nvml.h's size and turns each entry into a
+        "friendly object" whose attribute access costs more than everything else the agent
+        does per process, and this list is read for every device at every poll."""
         if not self._v2_processes:
             try:
                 fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V3)
@@ -244,7 +245,26 @@ class PynvmlNvml:
                 self._v2_processes = True
         if self._v2_processes:
             fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V2)
-        return _sized_call(fn, handle)
+        answer, count = _sized_call(fn, handle)
+        if not count:
+            return []
+        size = process_entries.entry_bytes(answer, count)
+        if size is None:  # the answer cannot tell: as last measured, else as nvml.h has it
+            size = self.process_entry_bytes or process_entries.NVML_H_ENTRY_BYTES
+        elif size != self.process_entry_bytes:
+            self._measured_entries(size)
+        return process_entries.processes(answer, count, size)
+
+    def _measured_entries(self, size: int) -> None:
+        nvml_h = process_entries.NVML_H_ENTRY_BYTES
+        if size != nvml_h:
+            log.warning(
+                "the driver writes process entries of %d bytes (nvml.h: %d): read at that size",
+                size, nvml_h,
+            )  # fmt: skip
+        elif self.process_entry_bytes is not None:
+            log.info("the driver writes process entries of %d bytes again", size)
+        self.process_entry_bytes = size
 
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
         handle = self._handle(device.uuid)
@@ -463,29 +483,21 @@ def _check(ret: int) -> None:
         raise pynvml.NVMLError(ret)
 
 
-def _sized_call(fn: Any, handle: Any) -> list[ComputeProcess]:
+def _sized_call(fn: Any, handle: Any) -> tuple[bytes, int]:
     """NVML's two-call protocol: ask for the count, then fill a buffer with headroom (more
-    processes may start in between; INSUFFICIENT_SIZE then, and the next poll tries again)."""
+    processes may start in between; INSUFFICIENT_SIZE then, and the next poll tries again).
+    Returns the buffer as the driver left it and the count of entries it wrote; the buffer
+    has room for entries of any size a driver writes (``process_entries``)."""
     count = ctypes.c_uint(0)
     ret = fn(handle, ctypes.byref(count), None)
     if ret == pynvml.NVML_SUCCESS:
-        return []  # no process holds a context
+        return b"", 0  # no process holds a context
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
     count.value = count.value * 2 + 5
-    entries = (ProcessInfo * count.value)()
-    _check(fn(handle, ctypes.byref(count), entries))
-    return [_compute_process(p) for p in entries[: count.value]]
-
-
-def _compute_process(p: ProcessInfo) -> ComputeProcess:
-    memory, gi, ci = p.usedGpuMemory, p.gpuInstanceId, p.computeInstanceId
-    return ComputeProcess(
-        pid=p.pid,
-        used_memory_bytes=None if memory == _NOT_AVAILABLE else memory,
-        gpu_instance_id=None if gi == _NOT_MIG else gi,
-        compute_instance_id=None if ci == _NOT_MIG else ci,
-    )
+    buffer = process_entries.blank_buffer(count.value)
+    _check(fn(handle, ctypes.byref(count), buffer))
+    return bytes(buffer), count.value
 
 
 def _graphics_util(what: str, first: Any, second: Any) -> float:

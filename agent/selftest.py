@@ -85,6 +85,8 @@ class SelftestHost(NamedTuple):
     clock: Clock
     workload: Workload
     gpu_uuid: str
+    # The size of the process entries the driver was measured writing (None: not measured).
+    entry_bytes: Callable[[], int | None]
 
 
 HostFactory = Callable[[str], AbstractContextManager[SelftestHost]]  # pattern -> its host
@@ -214,20 +216,24 @@ def trace_file(trace_dir: Path, pattern: str) -> Path:
     return trace_dir / f"selftest-{pattern}.jsonl.gz"
 
 
-def run_patterns(
-    host_for: HostFactory, names: Sequence[str], trace_dir: Path
-) -> tuple[list[Line], dict[str, Learned]]:
-    lines: list[Line] = []
-    learned_by: dict[str, Learned] = {}
+class Results(NamedTuple):
+    lines: list[Line]
+    learned: dict[str, Learned]  # per pattern
+    entry_bytes: dict[str, int | None]  # per pattern: process entries as measured
+
+
+def run_patterns(host_for: HostFactory, names: Sequence[str], trace_dir: Path) -> Results:
+    results = Results([], {}, {})
     for name in names:
         with host_for(name) as host, open_text(trace_file(trace_dir, name), "w") as f:
             header = {"driver": host.nvml.driver_version(), "selftest": name, "gpu": host.gpu_uuid}
             measured = measure(host, PATTERNS[name], TraceWriter(f, header))
+            results.entry_bytes[name] = host.entry_bytes()
         if measured.learned is None:
             raise AgentError(f"{host.gpu_uuid}: the meter never read this GPU")
-        learned_by[name] = measured.learned
-        lines += lines_of(name, measured, measured.learned)
-    return lines, learned_by
+        results.learned[name] = measured.learned
+        results.lines.extend(lines_of(name, measured, measured.learned))
+    return results
 
 
 # -- the real host ---------------------------------------------------------------------------
@@ -300,6 +306,7 @@ def real_host(index: int) -> Iterator[SelftestHost]:
             SystemClock(),
             CudaWorkload(index, whole[0].uuid),
             whole[0].uuid,
+            lambda: nvml.process_entry_bytes,
         )
     finally:
         nvml.shutdown()
@@ -318,20 +325,27 @@ def _series(got: Learned) -> str:
     return f"device sample period {got.period_us} µs, stamped on the {got.stamps} clock"
 
 
-def report(lines: Sequence[Line], learned: dict[str, Learned]) -> str:
+def _entries(size: int | None) -> str:
+    if size is None:
+        return "process entries not measured (the answers could not tell)"
+    return f"process entries {size} bytes"
+
+
+def report(results: Results) -> str:
     out = []
-    for name, got in learned.items():
+    for name, got in results.learned.items():
         strides = ", ".join(f"pid {p}: {us} µs" for p, us in sorted(got.strides_us.items()))
         out.append(
             f"{name}: {_series(got)}; "
             f"ring {_seconds(got.ring_us)} of samples at the first read; evidence {got.source} "
-            f"({got.reading}); process sample strides {strides or 'none'}"
+            f"({got.reading}); process sample strides {strides or 'none'}; "
+            f"{_entries(results.entry_bytes.get(name))}"
             + (f"; left {got.left}" if got.left else "")
         )
     out.append(
         f"{'pattern':<10} {'process':>8} {'expected s':>11} {'measured s':>11} {'error':>9}  bar"
     )
-    for x in lines:
+    for x in results.lines:
         pct = (x.measured_s - x.expected_s) / x.expected_s * 100 if x.expected_s else 0.0
         verdict = "met" if x.met else "MISSED"
         out.append(
@@ -364,14 +378,15 @@ def main(argv: Sequence[str] | None = None, host_for: HostFactory | None = None)
     names = args.pattern or list(PATTERNS)
     factory = host_for or (lambda _pattern: real_host(args.gpu))
     try:
-        lines, learned = run_patterns(factory, names, args.trace_dir)
+        results = run_patterns(factory, names, args.trace_dir)
     except (CudaUnavailable, NvmlUnavailable) as exc:
         print(f"creditmeter-agent selftest: no GPU to test: {exc}", file=sys.stderr)
         return EXIT_NO_GPU
     except AgentError as exc:
         print(f"creditmeter-agent selftest: {exc}", file=sys.stderr)
         return EXIT_BEYOND_BAR
-    print(report(lines, learned), end="")
+    print(report(results), end="")
     for name in names:
         print(f"trace: {trace_file(args.trace_dir, name)}")
-    return EXIT_OK if lines and all(x.met for x in lines) else EXIT_BEYOND_BAR
+    met = bool(results.lines) and all(x.met for x in results.lines)
+    return EXIT_OK if met else EXIT_BEYOND_BAR

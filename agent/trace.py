@@ -66,6 +66,7 @@ ERRORS: dict[str, type[errors.AgentError]] = {
         errors.NotSupported,
         errors.NotPermitted,
         errors.NoData,
+        errors.BadAnswer,
         errors.ProcessGone,
     )
 }

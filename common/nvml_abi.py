@@ -23,6 +23,31 @@ class ProcessInfo(ctypes.Structure):
     ]
 
 
+class ProcessInfoV1(ctypes.Structure):
+    """nvmlProcessInfo_v1_t: what nvmlDeviceGetComputeRunningProcesses_v3 writes on at least
+    one driver (550.127.08 on Hopper, XuehaiPan/nvitop PR #226), 16 bytes an entry."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+    ]
+
+
+class ProcessInfoCc(ctypes.Structure):
+    """nvmlProcessInfo_t as R535's nvml.h had it (535.43 to 535.86): v2 and the confidential
+    computing memory, 32 bytes an entry, written by nvmlDeviceGetComputeRunningProcesses_v3
+    without a version bump (XuehaiPan/nvitop PR #79 and #89). Later headers moved it to
+    nvmlProcessDetail_v1_t."""
+
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+        ("usedGpuCcProtectedMemory", ctypes.c_ulonglong),
+    ]
+
+
 class ProcessUtilizationSample(ctypes.Structure):
     """nvmlProcessUtilizationSample_t."""
 

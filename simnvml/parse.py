@@ -15,6 +15,7 @@ from creditmeter.simnvml.specs import (
     FAULT_KINDS,
     GPU_FAULTS,
     MAX_PID,
+    PROCESS_ENTRY_BYTES,
     READINGS,
     DriverSpec,
     FaultSpec,
@@ -114,7 +115,10 @@ def parse_driver(t: Table, base: DriverSpec) -> DriverSpec:
         accounting=t.boolean("accounting", base.accounting),
         accounting_v2=t.boolean("accounting_v2", base.accounting_v2),
         mps=t.boolean("mps", base.mps),
+        process_entry_bytes=t.integer("process_entry_bytes", base.process_entry_bytes),
     )
+    if spec.process_entry_bytes not in PROCESS_ENTRY_BYTES:
+        raise t.error("process_entry_bytes", "must be 16, 24 or 32")
     if spec.stale_max_us and spec.stale_max_us < 1_000_000:
         raise t.error("stale_max_s", "must be 0 (off) or at least 1 s")
     if spec.not_found_below_pct > 100:

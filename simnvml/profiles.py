@@ -108,6 +108,22 @@ PROFILES: dict[str, Profile] = {
             series_dry_when_idle=True,
         ),
         _profile(
+            "r535_entries",
+            "nvmlDeviceGetComputeRunningProcesses_v3 writes 32-byte entries (nvmlProcessInfo_v3_t, "
+            "usedGpuCcProtectedMemory appended without a version bump) on R535, 535.43 to "
+            "535.86, where nvml.h lays out 24: read as 24, only the first process is right "
+            "(XuehaiPan/nvitop PR #79 and #89, wookayin/gpustat#161 and NVIDIA/go-nvml#75 on "
+            "535.54.03)",
+            process_entry_bytes=32,
+        ),
+        _profile(
+            "v1_entries",
+            "nvmlDeviceGetComputeRunningProcesses_v3 writes 16-byte nvmlProcessInfo_v1_t "
+            "entries (pid, usedGpuMemory) on 550.127.08, 8 Hopper GPUs (XuehaiPan/nvitop PR "
+            "#226, which measures the size the driver writes with a sentinel)",
+            process_entry_bytes=16,
+        ),
+        _profile(
             "accounting",
             "no per-process utilization call, accounting mode on with the cumulative "
             "sumGpuUtil and sampleCount of nvmlAccountingStats_v2 (nvml.h)",

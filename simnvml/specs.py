@@ -17,6 +17,7 @@ DEFAULT_STALE_MIN_US = 1_000_000  # a stale PID is sampled every 1 s at the quic
 DEFAULT_RING_PERIODS = 120
 DEFAULT_CONTEXT_MEMORY_BYTES = 512 * 1024**2
 MAX_PID = 4_194_304  # Linux pid_max ceiling
+PROCESS_ENTRY_BYTES = (16, 24, 32)  # entry sizes drivers write: v1, nvml.h's, R535's
 # process_samples_fail: the per-process calls answer NVML_ERROR_UNKNOWN while the device
 # series still answers (a transient failure, or INSUFFICIENT_SIZE twice on a loaded host).
 GPU_FAULTS = ("gpu_lost", "garbage_samples", "size_query_success", "process_samples_fail")
@@ -88,6 +89,9 @@ class DriverSpec:
     accounting: bool = False  # accounting mode on
     accounting_v2: bool = True  # nvmlDeviceGetAccountingStats_v2 (sumGpuUtil, sampleCount)
     mps: bool = False  # concurrent kernels: per-process samples overlap, their sum exceeds 100
+    # The size of the entries nvmlDeviceGetComputeRunningProcesses_v3 writes: 24 as nvml.h
+    # lays them out, 32 on R535 (usedGpuCcProtectedMemory appended), 16 (nvmlProcessInfo_v1_t).
+    process_entry_bytes: int = 24
 
 
 @dataclass(frozen=True, slots=True)

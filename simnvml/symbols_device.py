@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from creditmeter.nvml_abi import ProcessInfo
+from creditmeter.nvml_abi import ProcessInfo, ProcessInfoCc, ProcessInfoV1
 from creditmeter.simnvml.abi import (
     NO_INSTANCE_ID,
     NOT_AVAILABLE_ULL,
@@ -91,7 +91,31 @@ def memory_info_v2(core: DriverCore, handle: Any, out: Any) -> int:
     return Ret.SUCCESS
 
 
-def compute_processes(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+# The entries nvmlDeviceGetComputeRunningProcesses_v3 writes, by their size (DriverSpec).
+_V3_ENTRIES: dict[int, type[ProcessInfo | ProcessInfoCc | ProcessInfoV1]] = {
+    16: ProcessInfoV1,
+    24: ProcessInfo,
+    32: ProcessInfoCc,
+}
+
+
+def compute_processes_v3(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+    """As _v2, in entries of the size this driver writes: nvml.h's 24 bytes, or 32 on R535
+    (535.43 to 535.86 wrote nvmlProcessInfo_v3_t, usedGpuCcProtectedMemory appended, without
+    a version bump: XuehaiPan/nvitop PR #79 and #89; a reader of 24-byte entries sees the
+    first process right and garbage after it, wookayin/gpustat#161 and NVIDIA/go-nvml#75 on
+    535.54.03), or 16 (nvmlProcessInfo_v1_t, on 550.127.08: XuehaiPan/nvitop PR #226)."""
+    entry = _V3_ENTRIES[core.device(handle, core.now_us()).gpu.driver.process_entry_bytes]
+    return compute_processes(core, handle, count, infos, entry)
+
+
+def compute_processes(
+    core: DriverCore,
+    handle: Any,
+    count: Any,
+    infos: Any,
+    entry: type[ProcessInfo | ProcessInfoCc | ProcessInfoV1] = ProcessInfo,
+) -> int:
     """Contexts held now. On a MIG parent: all, with their instance ids; on an instance:
     its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count.
 
@@ -113,18 +137,21 @@ def compute_processes(core: DriverCore, handle: Any, count: Any, infos: Any) -> 
         if procs:
             fail(Ret.INSUFFICIENT_SIZE)
         return Ret.SUCCESS
-    copy_out(infos, ProcessInfo, [_process_info(p) for p in procs])
+    fields = len(entry._fields_)
+    copy_out(infos, entry, [_process_info(p)[:fields] for p in procs])
     n.value = len(procs)
     return Ret.SUCCESS
 
 
-def _process_info(p: SimProcess) -> tuple[int, int, int, int]:
+def _process_info(p: SimProcess) -> tuple[int, int, int, int, int]:
+    """Every field any entry layout has, in their order (no confidential computing: 0)."""
     s = p.spec
     return (
         p.pid,
         NOT_AVAILABLE_ULL if s.memory_bytes is None else s.memory_bytes,
         NO_INSTANCE_ID if s.gi is None else s.gi,
         NO_INSTANCE_ID if s.ci is None else s.ci,
+        0,
     )
 
 
@@ -226,5 +253,5 @@ def symbols(has_v3: bool, accounting_v2: bool = True) -> dict[str, Callable[...,
     if accounting_v2:
         table["nvmlDeviceGetAccountingStats_v2"] = accounting_stats_v2
     if has_v3:
-        table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes
+        table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes_v3
     return table

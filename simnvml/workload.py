@@ -74,6 +74,13 @@ def sim_host(pattern: str, profile: str = "ideal", product: str = "H100") -> Ite
         nvml = PynvmlNvml.open()
         try:
             uuid = nvml.devices()[0].uuid
-            yield SelftestHost(nvml, host.process_table(), clock, SimWorkload(host, clock), uuid)
+            yield SelftestHost(
+                nvml,
+                host.process_table(),
+                clock,
+                SimWorkload(host, clock),
+                uuid,
+                lambda: nvml.process_entry_bytes,
+            )
         finally:
             nvml.shutdown()

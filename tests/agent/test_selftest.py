@@ -17,7 +17,7 @@ from creditmeter.agent.cuda import PTX, CudaUnavailable, Span
 from creditmeter.agent.selftest import CudaWorkload, Phase, SelftestHost
 from creditmeter.agent.selftest_worker import KERNEL_NS, kernels_ns
 from creditmeter.agent.trace_cli import replay_trace
-from creditmeter.simnvml.profiles import profile_names
+from creditmeter.simnvml.profiles import find_profile, profile_names
 from creditmeter.simnvml.specs import DEFAULT_RING_PERIODS
 from creditmeter.simnvml.workload import SimWorkload, sim_host
 
@@ -51,6 +51,9 @@ def test_every_pattern_meets_its_bar_under_every_profile(
     else:
         clock = "boot" if profile == "boot_stamps" else "wall"
         assert f"device sample period 166667 µs, stamped on the {clock} clock" in out
+    driver = find_profile(profile)
+    assert driver is not None
+    assert f"process entries {driver.driver.process_entry_bytes} bytes" in out
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import pytest
 from creditmeter.agent import nvml
 from creditmeter.nvml_abi import (
     ProcessInfo,
+    ProcessInfoCc,
+    ProcessInfoV1,
     ProcessUtilizationInfo,
     ProcessUtilizationSample,
     Sample,
@@ -27,6 +29,7 @@ from creditmeter.simnvml.abi import ERROR_STRINGS, Ret
         (ProcessUtilizationSample, pynvml.c_nvmlProcessUtilizationSample_t),
         (ProcessUtilizationInfo, pynvml.c_nvmlProcessUtilizationInfo_v1_t),
         (ProcessInfo, pynvml.c_nvmlProcessInfo_v3_t),
+        (ProcessInfoCc, pynvml.c_nvmlProcessDetail_v1_t),  # R535's nvmlProcessInfo_v3_t
         (Sample, pynvml.c_nvmlSample_t),
         (Value, pynvml.c_nvmlValue_t),
     ],
@@ -35,6 +38,14 @@ def test_result_records_have_nvml_layouts(ours: type, theirs: type) -> None:
     assert ctypes.sizeof(ours) == ctypes.sizeof(theirs)
     assert [(name, getattr(ours, name).offset) for name, _ in ours._fields_] == [
         (name, getattr(theirs, name).offset) for name, _ in theirs._fields_
+    ]
+
+
+def test_the_v1_process_entry_is_v2s_first_two_fields() -> None:
+    """nvmlProcessInfo_v1_t, which pynvml no longer carries: pid and usedGpuMemory."""
+    assert ctypes.sizeof(ProcessInfoV1) == 16
+    assert [(n, getattr(ProcessInfoV1, n).offset) for n, _ in ProcessInfoV1._fields_] == [
+        (n, getattr(ProcessInfo, n).offset) for n, _ in ProcessInfo._fields_[:2]
     ]
 
 

@@ -9,6 +9,9 @@ import pynvml
 import pytest
 from sim_helpers import ONE_GPU, W0_US, S, Sim
 
+from creditmeter.nvml_abi import ProcessInfoCc, ProcessInfoV1
+from creditmeter.simnvml import ScenarioError
+
 TWO_GPUS = """
 [host]
 seed = 7
@@ -98,6 +101,35 @@ def test_compute_processes_list_contexts_busy_or_idle(sim: Callable[[str], Sim])
     )
     s.clock.advance(7.5)  # t = 10: pid 100 has exited
     assert [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h0)] == [101]
+
+
+@pytest.mark.parametrize("entry_bytes", [16, 32])
+def test_a_v3_call_writing_entries_of_another_size_reads_right_only_at_that_size(
+    sim: Callable[[str], Sim], entry_bytes: int
+) -> None:
+    """R535 wrote 32-byte entries from _v3 (XuehaiPan/nvitop PR #79), 550.127.08 16-byte ones
+    (nvitop PR #226). pynvml reads 24: the first process right, the rest garbage, as
+    gpustat and go-nvml saw on 535.54.03 (wookayin/gpustat#161, NVIDIA/go-nvml#75)."""
+    s = sim(TWO_GPUS + f"[driver]\nprocess_entry_bytes = {entry_bytes}\n")
+    pynvml.nvmlInit()
+    h0 = pynvml.nvmlDeviceGetHandleByIndex(0)
+    s.clock.advance(2.5)
+    misread = pynvml.nvmlDeviceGetComputeRunningProcesses(h0)
+    assert misread[0].pid == 100 and misread[1].pid != 101
+    assert [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses_v2(h0)] == [100, 101]
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses_v3")
+    entry = {16: ProcessInfoV1, 32: ProcessInfoCc}[entry_bytes]
+    count, rows = ctypes.c_uint(4), (entry * 4)()
+    assert fn(h0, ctypes.byref(count), rows) == pynvml.NVML_SUCCESS
+    assert [(r.pid, r.usedGpuMemory) for r in rows[: count.value]] == [
+        (100, 2_000_000_000),
+        (101, 0xFFFF_FFFF_FFFF_FFFF),
+    ]
+
+
+def test_a_process_entry_size_no_driver_writes_is_refused(sim: Callable[[str], Sim]) -> None:
+    with pytest.raises(ScenarioError, match="process_entry_bytes"):
+        sim(TWO_GPUS + "[driver]\nprocess_entry_bytes = 20\n")
 
 
 def test_old_driver_without_v3_symbol(sim: Callable[[str], Sim]) -> None:
