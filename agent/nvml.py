@@ -65,8 +65,13 @@ _UNAVAILABLE_HINTS = {
     "(driver upgraded without reloading the module or rebooting)",
     NoPermission: "this user may not open the GPU device nodes /dev/nvidia*",
 }
-_PROCESSES_V3 = "nvmlDeviceGetComputeRunningProcesses_v3"
-_PROCESSES_V2 = "nvmlDeviceGetComputeRunningProcesses_v2"
+# Newest first. Drivers before R450 have only the unversioned call (nvmlProcessInfo_v1_t
+# entries, NVIDIA/go-nvml#21, Syllo/nvtop#107); 535.98 took _v3 away again (nvitop PR #89).
+_PROCESS_LISTS = (
+    "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
+    "nvmlDeviceGetComputeRunningProcesses",
+)
 
 
 def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
@@ -103,7 +108,7 @@ class PynvmlNvml:
         self._handles: dict[str, Any] = {}
         self._devices: dict[str, Device] = {}
         self._mig_gpus: list[Device] = []
-        self._v2_processes = False  # driver lacks nvmlDeviceGetComputeRunningProcesses_v3
+        self._process_list: str | None = None  # the newest of _PROCESS_LISTS the driver has
         # The size of the entries the driver writes there, as last measured (None: not yet).
         self.process_entry_bytes: int | None = None
         self._gpm_samples: dict[str, Any] = {}  # device uuid -> previous GPM sample
@@ -230,22 +235,13 @@ class PynvmlNvml:
             raise translate(exc, what) from exc
 
     def _running_processes(self, handle: Any) -> list[ComputeProcess]:
-        """nvmlDeviceGetComputeRunningProcesses_v3 (or _v2 on older drivers), read straight
-        from the buffer in entries of the size the driver wrote (``process_entries``): not
-        through pynvml's wrapper, which reads nvml.h's size and turns each entry into a
-        "friendly object" whose attribute access costs more than everything else the agent
-        does per process, and this list is read for every device at every poll."""
-        if not self._v2_processes:
-            try:
-                fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V3)
-            except pynvml.NVMLError_FunctionNotFound:
-                # An older driver without the _v3 symbol (where pynvml's unversioned call
-                # raises NVMLLibraryMismatchError): its _v2 has the same entries.
-                log.info("driver lacks %s; using _v2", _PROCESSES_V3)
-                self._v2_processes = True
-        if self._v2_processes:
-            fn = pynvml._nvmlGetFunctionPointer(_PROCESSES_V2)
-        answer, count = _sized_call(fn, handle)
+        """nvmlDeviceGetComputeRunningProcesses_v3 (or the newest older one the driver has),
+        read straight from the buffer in entries of the size the driver wrote
+        (``process_entries``): not through pynvml's wrapper, which reads nvml.h's size and
+        turns each entry into a "friendly object" whose attribute access costs more than
+        everything else the agent does per process, and this list is read for every device
+        at every poll."""
+        answer, count = _sized_call(self._process_list_call(), handle)
         if not count:
             return []
         size = process_entries.entry_bytes(answer, count)
@@ -254,6 +250,25 @@ class PynvmlNvml:
         elif size != self.process_entry_bytes:
             self._measured_entries(size)
         return process_entries.processes(answer, count, size)
+
+    def _process_list_call(self) -> Any:
+        """The newest process list call the driver has (where it lacks _v3, pynvml's own
+        wrapper raises NVMLLibraryMismatchError); each writes entries of a size of its own,
+        which are measured, so an older call needs nothing else."""
+        if self._process_list is None:
+            for name in _PROCESS_LISTS:
+                try:
+                    fn = pynvml._nvmlGetFunctionPointer(name)
+                except pynvml.NVMLError_FunctionNotFound:
+                    continue
+                if name != _PROCESS_LISTS[0]:
+                    log.info(
+                        "the driver lacks %s: processes are listed by %s", _PROCESS_LISTS[0], name
+                    )
+                self._process_list = name
+                return fn
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        return pynvml._nvmlGetFunctionPointer(self._process_list)
 
     def _measured_entries(self, size: int) -> None:
         nvml_h = process_entries.NVML_H_ENTRY_BYTES

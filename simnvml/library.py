@@ -69,6 +69,7 @@ class FakeNvmlLibrary:
             **symbols_system.SYMBOLS,
             **symbols_device.symbols(
                 has_v3=host.scenario.host.has_v3_symbol,
+                has_v2=host.scenario.host.has_v2_symbol,
                 # The symbol belongs to the library, not to one GPU: present when any asks.
                 accounting_v2=any(g.driver.accounting_v2 for g in host.scenario.gpus),
             ),

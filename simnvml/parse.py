@@ -57,6 +57,7 @@ def parse(top: Table) -> ScenarioParts:
 
 def _parse_host(t: Table) -> HostSpec:
     driver = t.string("driver_version", "570.124.06")
+    has_v2 = t.boolean("has_v2_symbol", True)
     spec = HostSpec(
         name=t.string("name", "sim-host"),
         seed=t.integer("seed", 0),
@@ -64,9 +65,12 @@ def _parse_host(t: Table) -> HostSpec:
         nvml_version=t.string("nvml_version", f"12.{driver}"),
         cuda_driver_version=t.integer("cuda_driver_version", 12080, minimum=1000),
         start_wall_s=t.epoch_seconds("start_wall"),
-        has_v3_symbol=t.boolean("has_v3_symbol", True),
+        has_v3_symbol=t.boolean("has_v3_symbol", has_v2),
         privileged=t.boolean("privileged", True),
+        has_v2_symbol=has_v2,
     )
+    if spec.has_v3_symbol and not has_v2:
+        raise t.error("has_v3_symbol", "no driver has _v3 without _v2 (has_v2_symbol = false)")
     t.finish()
     return spec
 

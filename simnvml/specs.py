@@ -37,6 +37,9 @@ class HostSpec:
     has_v3_symbol: bool  # False: an old driver without nvmlDeviceGetComputeRunningProcesses_v3
     # False: the caller lacks the privileges a MIG GPU's aggregate process list needs.
     privileged: bool = True
+    # False: a driver before R450, with neither nvmlDeviceGetComputeRunningProcesses_v2 nor
+    # _v3: only the unversioned call, which writes nvmlProcessInfo_v1_t entries (16 bytes).
+    has_v2_symbol: bool = True
 
 
 @dataclass(frozen=True, slots=True)

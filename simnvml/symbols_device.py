@@ -109,6 +109,13 @@ def compute_processes_v3(core: DriverCore, handle: Any, count: Any, infos: Any) 
     return compute_processes(core, handle, count, infos, entry)
 
 
+def compute_processes_v1(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+    """The unversioned call, which every driver keeps: nvmlProcessInfo_v1_t entries, the only
+    list of drivers before R450 (NVIDIA/go-nvml#21 read them as v2 on 430.64 and 440.33.01:
+    one pid right, the next in gpuInstanceId; Syllo/nvtop#107)."""
+    return compute_processes(core, handle, count, infos, ProcessInfoV1)
+
+
 def compute_processes(
     core: DriverCore,
     handle: Any,
@@ -235,7 +242,9 @@ def accounting_stats_v2(core: DriverCore, handle: Any, out: Any) -> int:
     return Ret.SUCCESS
 
 
-def symbols(has_v3: bool, accounting_v2: bool = True) -> dict[str, Callable[..., object]]:
+def symbols(
+    has_v3: bool, accounting_v2: bool = True, has_v2: bool = True
+) -> dict[str, Callable[..., object]]:
     table: dict[str, Callable[..., object]] = {
         "nvmlDeviceGetHandleByIndex_v2": handle_by_index,
         "nvmlDeviceGetHandleByUUID": handle_by_uuid,
@@ -244,7 +253,7 @@ def symbols(has_v3: bool, accounting_v2: bool = True) -> dict[str, Callable[...,
         "nvmlDeviceGetIndex": get_index,
         "nvmlDeviceGetMemoryInfo": memory_info,
         "nvmlDeviceGetMemoryInfo_v2": memory_info_v2,
-        "nvmlDeviceGetComputeRunningProcesses_v2": compute_processes,
+        "nvmlDeviceGetComputeRunningProcesses": compute_processes_v1,
         "nvmlDeviceGetTotalEnergyConsumption": total_energy,
         "nvmlDeviceGetPowerUsage": power_usage,
         "nvmlDeviceGetAccountingStats": accounting_stats,
@@ -252,6 +261,8 @@ def symbols(has_v3: bool, accounting_v2: bool = True) -> dict[str, Callable[...,
     }
     if accounting_v2:
         table["nvmlDeviceGetAccountingStats_v2"] = accounting_stats_v2
+    if has_v2:
+        table["nvmlDeviceGetComputeRunningProcesses_v2"] = compute_processes
     if has_v3:
         table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes_v3
     return table

@@ -217,11 +217,19 @@ def test_size_query_success_is_no_data_not_a_failure() -> None:
         assert meter.stats.nvml_errors == {}
 
 
-def test_an_old_driver_without_the_v3_symbol_still_lists_processes() -> None:
-    text = shipped_text("exact")
-    scenario = Scenario.from_toml(text.replace("[host]\n", "[host]\nhas_v3_symbol = false\n", 1))
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "has_v3_symbol = false",  # 535.98 (XuehaiPan/nvitop PR #89), R450 to R510
+        "has_v2_symbol = false",  # before R450: the unversioned call's 16-byte entries
+    ],
+)
+def test_an_old_driver_without_the_newer_symbols_still_lists_processes(missing: str) -> None:
+    text = shipped_text("timeslice")
+    scenario = Scenario.from_toml(text.replace("[host]\n", f"[host]\n{missing}\n", 1))
     run = run_scenario(scenario)
-    assert sum(run.measured_us().values()) == 34_300_000
+    assert run.measured_us() == run_scenario(Scenario.load("timeslice")).measured_us()
+    assert len(run.measured_us()) == 2
 
 
 def test_a_period_ending_between_the_two_queries_is_not_lost() -> None:

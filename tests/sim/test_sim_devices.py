@@ -9,7 +9,7 @@ import pynvml
 import pytest
 from sim_helpers import ONE_GPU, W0_US, S, Sim
 
-from creditmeter.nvml_abi import ProcessInfoCc, ProcessInfoV1
+from creditmeter.nvml_abi import ProcessInfo, ProcessInfoCc, ProcessInfoV1
 from creditmeter.simnvml import ScenarioError
 
 TWO_GPUS = """
@@ -130,6 +130,29 @@ def test_a_v3_call_writing_entries_of_another_size_reads_right_only_at_that_size
 def test_a_process_entry_size_no_driver_writes_is_refused(sim: Callable[[str], Sim]) -> None:
     with pytest.raises(ScenarioError, match="process_entry_bytes"):
         sim(TWO_GPUS + "[driver]\nprocess_entry_bytes = 20\n")
+
+
+def test_a_driver_before_r450_lists_processes_only_in_v1_entries(
+    sim: Callable[[str], Sim],
+) -> None:
+    """NVIDIA/go-nvml#21 read them as v2 on 430.64: pid 27513's gpuInstanceId was the next
+    process's pid."""
+    s = sim(TWO_GPUS.replace("[host]", "[host]\nhas_v2_symbol = false"))
+    pynvml.nvmlInit()
+    h = pynvml.nvmlDeviceGetHandleByIndex(0)
+    s.clock.advance(2.5)
+    for call in ("_v2", "_v3"):
+        with pytest.raises(pynvml.NVMLError_FunctionNotFound):
+            getattr(pynvml, f"nvmlDeviceGetComputeRunningProcesses{call}")(h)
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses")
+    count, rows = ctypes.c_uint(4), (ProcessInfo * 4)()
+    assert fn(h, ctypes.byref(count), rows) == pynvml.NVML_SUCCESS
+    assert (rows[0].pid, rows[0].usedGpuMemory, rows[0].gpuInstanceId) == (100, 2_000_000_000, 101)
+
+
+def test_v3_without_v2_is_no_driver(sim: Callable[[str], Sim]) -> None:
+    with pytest.raises(ScenarioError, match="has_v3_symbol"):
+        sim(TWO_GPUS.replace("[host]", "[host]\nhas_v2_symbol = false\nhas_v3_symbol = true"))
 
 
 def test_old_driver_without_v3_symbol(sim: Callable[[str], Sim]) -> None:
