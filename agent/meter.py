@@ -628,6 +628,9 @@ class Meter:
         creditmeter_agent_nvml_errors_total counts every one."""
         self._count_error(exc)
         ds.failed_polls += 1
+        if ds.hole_reason == usage_pb2.GAP_REASON_RING_OVERFLOW:
+            # What the ring drops meanwhile is lost to the failing calls, not to slow reads.
+            ds.hole_reason = usage_pb2.GAP_REASON_NVML_ERROR
         if ds.failed_polls == 1:
             log.warning(
                 "%s: poll failed: %s (until it polls again, failures are only counted)",
@@ -1473,6 +1476,13 @@ class Meter:
         what was read of it before the loss is apportioned with the evidence at hand (no
         more can come: the driver keeps no older samples), and only the rest is a gap."""
         self._exited_while_lost(ds, now_us)
+        self._give_up(ds, now_us, usage_pb2.GAP_REASON_GPU_LOST, hold_us)
+
+    def _give_up(
+        self, ds: DeviceState, now_us: int, reason: int, hold_us: int | None = None
+    ) -> None:
+        """Give up the time the ring of a GPU that cannot be read (lost, or its polls
+        failing) no longer holds, as a gap of ``reason``."""
         self._gap_downtime(ds)  # a MIG instance lost at a restart
         ring_us = ds.ring_us or DEFAULT_RING_US
         horizon = now_us - (max(ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
@@ -1484,7 +1494,7 @@ class Meter:
                 return  # all read: the period across the horizon goes with the next
         if ds.settled_us >= horizon:
             return
-        self._gap_all(ds, usage_pb2.GAP_REASON_GPU_LOST, horizon - ds.settled_us)
+        self._gap_all(ds, reason, horizon - ds.settled_us)
         ds.pending = [p for p in ds.pending if p.end_us > horizon]
         keep = [i for i, p in enumerate(ds.pieces) if p.end_us > horizon]
         ds.pieces, ds.used = [ds.pieces[i] for i in keep], [ds.used[i] for i in keep]
@@ -1547,6 +1557,10 @@ class Meter:
             if ds.lost_at_us is not None:
                 self._give_up_lost(ds, now_us)
             elif not ds.device.is_mig and not ds.settled_now and not ds.configured_away:
+                if ds.failed_polls and ds.has_series:
+                    # Unread while its polls fail: what the ring has dropped by now is a gap
+                    # now, not only once a poll reads again, which may be never.
+                    self._give_up(ds, now_us, usage_pb2.GAP_REASON_NVML_ERROR)
                 self._settle_device(ds, now_us)
         closed = [
             self._emit(ds, t, now_us, final=False)

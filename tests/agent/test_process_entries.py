@@ -21,6 +21,8 @@ from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.trace import decode_error
 from creditmeter.nvml_abi import ProcessInfo, ProcessInfoCc, ProcessInfoV1
 from creditmeter.simnvml import FakeNvmlLibrary, Scenario, SimHost, installed
+from creditmeter.simnvml.specs import DEFAULT_RING_PERIODS
+from creditmeter.v1 import usage_pb2
 
 NOT_MIG = 0xFFFFFFFF
 NOT_AVAILABLE = 0xFFFF_FFFF_FFFF_FFFF
@@ -219,6 +221,39 @@ def test_a_list_that_reads_as_no_processes_fails_the_poll_and_nothing_is_guessed
     ideal = run_scenario(scenario)
     assert run.measured_us() == ideal.measured_us()
     assert not run.gaps_us()
+
+
+def test_polls_failing_for_minutes_leave_a_gap_while_they_fail() -> None:
+    """The time a failing device's ring has dropped is a gap at each window close while the
+    polls still fail (older than a minute, as for a lost GPU: a ring learnt short may be a
+    young driver's), not only once a poll reads again, which may be never: before, the
+    device wrote nothing at all for that time, neither billed nor a gap. What its ring
+    still holds when a poll reads again is billed."""
+    scenario = Scenario.load("timeslice")
+    end_s = scenario_end_s(scenario) + 5
+    nvml_error = usage_pb2.GAP_REASON_NVML_ERROR
+    with metered(scenario) as (run, meter):
+        rewriting = Rewriting(run.lib)
+
+        def each_poll() -> None:
+            rewriting.rewrite = second_pid_zero if 30.0 <= run.clock.monotonic() < 160.0 else None
+
+        drive(run, meter, 159.0, each_poll=each_poll)
+        failing = run.unmeasured_us()
+        drive(run, meter, end_s, each_poll=each_poll)
+        run.usages.extend(meter.close_window(all_books=True))
+    (gpu,) = failing
+    ring_s = (DEFAULT_RING_PERIODS - 1) / 6
+    read_through_s = 29  # the last poll that read
+    # At the close at 150 s, all but the last minute:
+    assert failing[gpu][nvml_error] == pytest.approx((150 - 60 - read_through_s) * 1e6, abs=1e6)
+    gaps = run.unmeasured_us()[gpu]
+    assert set(gaps) == {nvml_error}
+    # Once read again at 160 s, all but what the ring still held:
+    assert gaps[nvml_error] == pytest.approx((160 - read_through_s - ring_s) * 1e6, abs=1e6)
+    ideal = run_scenario(scenario)
+    assert 0 < sum(run.measured_us().values()) < sum(ideal.measured_us().values())
+    assert run.unattributed_us() == ideal.unattributed_us()
 
 
 @pytest.mark.parametrize("profile", ["r535_entries", "v1_entries"])
