@@ -64,6 +64,16 @@ class NoPermission(NvmlUnavailable):
     exit_code = 74
 
 
+class ForeignPidNamespace(NvmlUnavailable):
+    """The agent runs in a PID namespace of its own (a container without ``hostPID``, a unit
+    with PrivatePIDs=), not the host's. NVML names processes by host PIDs in some calls and
+    by the caller's namespace in others (Project-HAMi/HAMi-core#112, driver 560.35.03), and
+    /proc here holds other processes under those numbers: usage would be billed to whichever
+    process holds the number here. Run the agent in the host's PID namespace."""
+
+    exit_code = 75
+
+
 class GpuLost(NvmlError):
     """The GPU fell off the bus or needs a reset; its time is recorded as a gap until it returns."""
 

@@ -40,7 +40,12 @@ from creditmeter.agent.meter import Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.outbox import Outbox
 from creditmeter.agent.payers import LabelsAndJobs
-from creditmeter.agent.pidns import PidResolver, ProcessTableResolver
+from creditmeter.agent.pidns import (
+    OwnNamespace,
+    PidResolver,
+    ProcessTableResolver,
+    require_host_pid_namespace,
+)
 from creditmeter.agent.procfs import ProcFs, PsutilProcessTable
 from creditmeter.agent.records import STATE_KEY, Flusher
 from creditmeter.agent.shipper import (
@@ -76,6 +81,9 @@ class Host:
     callers: CallerResolver  # maps job API callers' PIDs to host processes
     nvml: Nvml | None = None  # None: the host's libnvidia-ml (real, or simulated under it)
     meter_clock: Clock | None = None  # None: ``clock``; a replayed host's own readings
+    # The real host's /proc, whose PID namespace must be the host's for NVML's PIDs to name
+    # its processes; None: a simulated or replayed host, whose PIDs are its own.
+    proc: OwnNamespace | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,7 +232,7 @@ def open_metering(stack: ExitStack, config: Config) -> Metering:
     ``stack`` the other way round."""
     agent_id = config[settings.AGENT_ID] or socket.gethostname()
     host = stack.enter_context(open_host(config))
-    nvml = host.nvml or open_nvml()
+    nvml = host.nvml or open_nvml(host)
     stack.callback(nvml.shutdown)
     log.info(
         "agent %s: metering %d GPUs of %s (driver %s); shipping to %s",
@@ -379,8 +387,12 @@ def open_host(config: Config) -> Iterator[Host]:
         return
     if config[settings.BACKEND] == "nvml":
         read_env = config[settings.ENV_LABELS]
+        proc = ProcFs()
         yield Host(
-            SystemClock(), PsutilProcessTable(read_environment=read_env), PidResolver(ProcFs())
+            SystemClock(),
+            PsutilProcessTable(read_environment=read_env),
+            PidResolver(proc),
+            proc=proc,
         )
         return
     # The simulator is imported only here: the agent gets it the way it gets the real library.
@@ -416,8 +428,17 @@ def _replayed_host(config: Config) -> Host:
     return Host(SystemClock(), table, ProcessTableResolver(table), replay.nvml, replay.clock)
 
 
-def open_nvml() -> Nvml:
-    return PynvmlNvml.open()
+def open_nvml(host: Host) -> Nvml:
+    """The host's NVML; on the real host, for an agent in the host's PID namespace (checked
+    once NVML opens: without a driver, that is the error to name)."""
+    nvml = PynvmlNvml.open()
+    if host.proc is not None:
+        try:
+            require_host_pid_namespace(host.proc)
+        except AgentError:
+            nvml.shutdown()
+            raise
+    return nvml
 
 
 def _key_path(config: Config) -> Path:

@@ -14,10 +14,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from creditmeter.agent.errors import AgentError, ProcessGone
+from creditmeter.agent.errors import AgentError, ForeignPidNamespace, ProcessGone
 from creditmeter.agent.gpu import ProcessTable
 
 _NS_LINK = re.compile(r"^pid:\[(\d+)\]$")
+# The host's PID namespace: PROC_PID_INIT_INO in include/linux/proc_ns.h, fixed since 3.8.
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
 
 
 class PidNotFound(AgentError):
@@ -62,6 +64,22 @@ class PidNamespaceView(Protocol):
     def pids(self) -> list[int]: ...
 
     def create_time_us(self, pid: int) -> int: ...
+
+
+class OwnNamespace(Protocol):
+    def own_pid_namespace(self) -> int: ...
+
+
+def require_host_pid_namespace(proc: OwnNamespace) -> None:
+    """Raises ForeignPidNamespace unless the agent runs in the host's PID namespace, where
+    the PIDs NVML reports name the processes /proc shows."""
+    inode = proc.own_pid_namespace()
+    if inode != INITIAL_PID_NAMESPACE:
+        raise ForeignPidNamespace(
+            f"the agent runs in PID namespace pid:[{inode}], not the host's "
+            f"(pid:[{INITIAL_PID_NAMESPACE}]): NVML's PIDs would name other processes here; "
+            "run it in the host's (a container with hostPID, a unit without PrivatePIDs=)"
+        )
 
 
 def parse_nspid(status_text: str) -> tuple[int, ...]:

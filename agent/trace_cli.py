@@ -92,7 +92,7 @@ def record_trace(config: Config, seconds: float, out: Path) -> list[WindowUsage]
     from creditmeter.agent.main import open_host, open_nvml  # the daemon's own host setup
 
     with open_host(config) as host, open_text(out, "w") as f:
-        inner = host.nvml or open_nvml()
+        inner = host.nvml or open_nvml(host)
         try:
             header = {"driver": inner.driver_version(), "backend": config[settings.BACKEND]}
             writer = TraceWriter(f, header)

@@ -9,19 +9,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pynvml
 import pytest
 
 from creditmeter.agent.cgroup import parse_cgroup
-from creditmeter.agent.errors import ProcessGone
+from creditmeter.agent.errors import ForeignPidNamespace, ProcessGone
+from creditmeter.agent.gpu import SystemClock
+from creditmeter.agent.main import Host, open_nvml
 from creditmeter.agent.pidns import (
+    INITIAL_PID_NAMESPACE,
     HostProcess,
     NamespaceUnreadable,
     PidNotFound,
     PidResolver,
+    ProcessTableResolver,
     parse_nspid,
     parse_pid_namespace,
+    require_host_pid_namespace,
 )
 from creditmeter.agent.procfs import ProcFs, PsutilProcessTable, labels_from_environment
+from creditmeter.simnvml import Scenario, SimHost, installed
 
 from .conftest import SAMPLES, this_process
 
@@ -281,3 +288,46 @@ def test_container_identity_on_the_real_proc_matches_the_cgroup_file(
     info = PsutilProcessTable().info(labelled_child.pid)
     expected = parse_cgroup(Path(f"/proc/{labelled_child.pid}/cgroup").read_text())
     assert (info.container_id, info.pod_uid) == (expected.container_id, expected.pod_uid)
+
+
+# -- the agent's own PID namespace ---------------------------------------------------------
+
+
+def proc_in(tmp_path: Path, namespace: int) -> ProcFs:
+    """A /proc whose ``self`` is in ``namespace``."""
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    (tmp_path / "self" / "ns" / "pid").symlink_to(f"pid:[{namespace}]")
+    return ProcFs(tmp_path)
+
+
+def test_an_agent_in_a_pid_namespace_of_its_own_is_refused(tmp_path: Path) -> None:
+    """In a container without hostPID, NVML answers host PIDs in some calls and the
+    container's in others (Project-HAMi/HAMi-core#112), and this /proc holds other processes
+    under those numbers: the agent would bill whichever process holds the number here."""
+    with pytest.raises(ForeignPidNamespace, match=f"pid:\\[{CONTAINER_NS}\\]") as refused:
+        require_host_pid_namespace(proc_in(tmp_path, CONTAINER_NS))
+    assert refused.value.exit_code == 75
+
+
+def test_an_agent_in_the_hosts_pid_namespace_is_not(tmp_path: Path) -> None:
+    assert HOST_NS == INITIAL_PID_NAMESPACE
+    require_host_pid_namespace(proc_in(tmp_path, HOST_NS))
+
+
+def test_the_real_host_opens_nvml_only_in_its_pid_namespace(tmp_path: Path) -> None:
+    """Checked once NVML opens (without a driver, that is the error to name), and NVML is
+    shut again when refused; a simulated host's PIDs are its own and need no check."""
+    host, _ = SimHost.manual(Scenario.load("exact"))
+    table = host.process_table()
+    with installed(host):
+        foreign = Host(
+            SystemClock(), table, ProcessTableResolver(table), proc=proc_in(tmp_path, CONTAINER_NS)
+        )
+        with pytest.raises(ForeignPidNamespace):
+            open_nvml(foreign)
+        with pytest.raises(pynvml.NVMLError_Uninitialized):
+            pynvml.nvmlDeviceGetCount()
+        simulated = Host(SystemClock(), table, ProcessTableResolver(table))
+        nvml = open_nvml(simulated)
+        assert nvml.devices()
+        nvml.shutdown()
