@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from creditmeter.agent.cuda import CudaUnavailable, Span, probe
-from creditmeter.agent.errors import AgentError, NvmlUnavailable
+from creditmeter.agent.errors import AgentError, ForeignPidNamespace, NvmlUnavailable
 from creditmeter.agent.gpu import Clock, Nvml, ProcessTable
 from creditmeter.agent.meter import Learned, Meter
+from creditmeter.agent.pidns import OwnNamespace, require_host_pid_namespace
 from creditmeter.agent.trace import (
     TraceWriter,
     TracingClock,
@@ -286,14 +287,27 @@ class CudaWorkload:
         return out
 
 
+def pid_namespace_warning(proc: OwnNamespace) -> str | None:
+    """A line for a selftest outside the host's PID namespace, which measures anyway (the
+    daemon would refuse): the result says what NVML does with PIDs there."""
+    try:
+        require_host_pid_namespace(proc)
+    except ForeignPidNamespace as exc:
+        return f"creditmeter-agent selftest: warning: {exc}; measuring anyway"
+    return None
+
+
 @contextmanager
 def real_host(index: int) -> Iterator[SelftestHost]:
     from creditmeter.agent.gpu import SystemClock
     from creditmeter.agent.nvml import PynvmlNvml
-    from creditmeter.agent.procfs import PsutilProcessTable
+    from creditmeter.agent.procfs import ProcFs, PsutilProcessTable
 
     probe()  # libcuda and a GPU it can use, before NVML is even opened
     nvml = PynvmlNvml.open()
+    warning = pid_namespace_warning(ProcFs())
+    if warning is not None:
+        print(warning, file=sys.stderr)
     try:
         whole = [d for d in nvml.devices() if not d.is_mig and d.index == index]
         if not whole:

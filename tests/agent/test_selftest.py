@@ -14,6 +14,7 @@ import pytest
 
 from creditmeter.agent import selftest
 from creditmeter.agent.cuda import PTX, CudaUnavailable, Span
+from creditmeter.agent.procfs import ProcFs
 from creditmeter.agent.selftest import CudaWorkload, Phase, SelftestHost
 from creditmeter.agent.selftest_worker import KERNEL_NS, kernels_ns
 from creditmeter.agent.trace_cli import replay_trace
@@ -166,3 +167,16 @@ def test_the_spin_kernel_is_valid_ptx(tmp_path: Path, arch: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_selftest_outside_the_hosts_pid_namespace_warns_and_measures_anyway(
+    tmp_path: Path,
+) -> None:
+    """The daemon refuses there (exit 75); on a lent GPU in a container the selftest's
+    result is what says what NVML does with PIDs there (Project-HAMi/HAMi-core#112)."""
+    for namespace in (4026532177, 4026531836):  # a container's, the host's
+        (tmp_path / str(namespace) / "self" / "ns").mkdir(parents=True)
+        (tmp_path / str(namespace) / "self" / "ns" / "pid").symlink_to(f"pid:[{namespace}]")
+    warning = selftest.pid_namespace_warning(ProcFs(tmp_path / "4026532177"))
+    assert warning is not None and "pid:[4026532177]" in warning and "anyway" in warning
+    assert selftest.pid_namespace_warning(ProcFs(tmp_path / "4026531836")) is None
