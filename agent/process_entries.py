@@ -25,25 +25,26 @@ unreadable (BadAnswer), never a guess.
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Iterable
 
 from creditmeter.agent.errors import BadAnswer
 from creditmeter.agent.gpu import ComputeProcess
-from creditmeter.nvml_abi import ProcessInfo, ProcessInfoCc, ProcessInfoV1
+from creditmeter.nvml_abi import PROCESS_INFO_BY_SIZE, ProcessInfo, row_struct
 
 NVML_H_ENTRY_BYTES = ctypes.sizeof(ProcessInfo)
-LAYOUTS: dict[int, type[ctypes.Structure]] = {
-    ctypes.sizeof(layout): layout for layout in (ProcessInfoV1, ProcessInfo, ProcessInfoCc)
-}
+LAYOUTS = PROCESS_INFO_BY_SIZE
 LARGEST_ENTRY_BYTES = max(LAYOUTS)
 # Every entry ends in a field no driver fills with this byte: memory in bytes (16), a compute
 # instance id, 0xFFFFFFFF outside MIG (24), confidential computing memory, 0 outside it (32).
 UNWRITTEN = 0xA5
 _UNWRITTEN_BYTE = bytes([UNWRITTEN])
 # Each layout's fields that make a ComputeProcess (pid, memory[, gi, ci]), unpacked at C speed
-# from the raw entries; a test holds them to the ctypes layouts.
-_ROWS = {16: struct.Struct("=I4xQ"), 24: struct.Struct("=I4xQII"), 32: struct.Struct("=I4xQII8x")}
+# from the raw entries.
+_FIELDS = ("pid", "usedGpuMemory", "gpuInstanceId", "computeInstanceId")
+_ROWS = {
+    size: row_struct(layout, [f[0] for f in layout._fields_ if f[0] in _FIELDS])
+    for size, layout in LAYOUTS.items()
+}
 _SIZES = sorted(_ROWS)
 PID_LIMIT = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux: /proc/sys/kernel/pid_max goes no higher
 _NOT_MIG = 0xFFFFFFFF  # gpuInstanceId / computeInstanceId of a process outside MIG

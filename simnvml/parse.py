@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 from typing import NamedTuple
 
+from creditmeter.nvml_abi import PROCESS_INFO_BY_SIZE
 from creditmeter.simnvml.bursts import BusySpan, expand_bursts
 from creditmeter.simnvml.products import find_product
 from creditmeter.simnvml.profiles import find_profile, profile_names
@@ -15,7 +16,6 @@ from creditmeter.simnvml.specs import (
     FAULT_KINDS,
     GPU_FAULTS,
     MAX_PID,
-    PROCESS_ENTRY_BYTES,
     READINGS,
     DriverSpec,
     FaultSpec,
@@ -121,7 +121,7 @@ def parse_driver(t: Table, base: DriverSpec) -> DriverSpec:
         mps=t.boolean("mps", base.mps),
         process_entry_bytes=t.integer("process_entry_bytes", base.process_entry_bytes),
     )
-    if spec.process_entry_bytes not in PROCESS_ENTRY_BYTES:
+    if spec.process_entry_bytes not in PROCESS_INFO_BY_SIZE:
         raise t.error("process_entry_bytes", "must be 16, 24 or 32")
     if spec.stale_max_us and spec.stale_max_us < 1_000_000:
         raise t.error("stale_max_s", "must be 0 (off) or at least 1 s")

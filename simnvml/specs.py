@@ -17,7 +17,6 @@ DEFAULT_STALE_MIN_US = 1_000_000  # a stale PID is sampled every 1 s at the quic
 DEFAULT_RING_PERIODS = 120
 DEFAULT_CONTEXT_MEMORY_BYTES = 512 * 1024**2
 MAX_PID = 4_194_304  # Linux pid_max ceiling
-PROCESS_ENTRY_BYTES = (16, 24, 32)  # entry sizes drivers write: v1, nvml.h's, R535's
 # process_samples_fail: the per-process calls answer NVML_ERROR_UNKNOWN while the device
 # series still answers (a transient failure, or INSUFFICIENT_SIZE twice on a loaded host).
 GPU_FAULTS = ("gpu_lost", "garbage_samples", "size_query_success", "process_samples_fail")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
-from creditmeter.nvml_abi import ProcessInfo, ProcessInfoCc, ProcessInfoV1
+from creditmeter.nvml_abi import PROCESS_INFO_BY_SIZE, ProcessInfo, ProcessInfoV1
 from creditmeter.simnvml.abi import (
     NO_INSTANCE_ID,
     NOT_AVAILABLE_ULL,
@@ -91,21 +92,14 @@ def memory_info_v2(core: DriverCore, handle: Any, out: Any) -> int:
     return Ret.SUCCESS
 
 
-# The entries nvmlDeviceGetComputeRunningProcesses_v3 writes, by their size (DriverSpec).
-_V3_ENTRIES: dict[int, type[ProcessInfo | ProcessInfoCc | ProcessInfoV1]] = {
-    16: ProcessInfoV1,
-    24: ProcessInfo,
-    32: ProcessInfoCc,
-}
-
-
 def compute_processes_v3(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
     """As _v2, in entries of the size this driver writes: nvml.h's 24 bytes, or 32 on R535
     (535.43 to 535.86 wrote nvmlProcessInfo_v3_t, usedGpuCcProtectedMemory appended, without
     a version bump: XuehaiPan/nvitop PR #79 and #89; a reader of 24-byte entries sees the
     first process right and garbage after it, wookayin/gpustat#161 and NVIDIA/go-nvml#75 on
     535.54.03), or 16 (nvmlProcessInfo_v1_t, on 550.127.08: XuehaiPan/nvitop PR #226)."""
-    entry = _V3_ENTRIES[core.device(handle, core.now_us()).gpu.driver.process_entry_bytes]
+    size = core.device(handle, core.now_us()).gpu.driver.process_entry_bytes
+    entry = PROCESS_INFO_BY_SIZE[size]
     return compute_processes(core, handle, count, infos, entry)
 
 
@@ -121,7 +115,7 @@ def compute_processes(
     handle: Any,
     count: Any,
     infos: Any,
-    entry: type[ProcessInfo | ProcessInfoCc | ProcessInfoV1] = ProcessInfo,
+    entry: type[ctypes.Structure] = ProcessInfo,
 ) -> int:
     """Contexts held now. On a MIG parent: all, with their instance ids; on an instance:
     its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count.
