@@ -216,6 +216,33 @@ class EvidenceReader:
         if not self.cursor_us:
             self.cursor_us = cursor_us
 
+    def skip_to(self, since_us: int) -> None:
+        """Ask for no row stamped before ``since_us``: the time before it is a gap."""
+        self.cursor_us = max(self.cursor_us, since_us)
+
+    @property
+    def forgets(self) -> bool:
+        """Whether what the source shows of a span is lost once the driver has kept it long
+        enough: sampled rows are kept for a while only; accounting counters count from the
+        process's start, and lose nothing of any span in between."""
+        return self.source is not Source.ACCOUNTING
+
+    def oldest_held_us(self, now_us: int) -> int | None:
+        """The stamp of the oldest row the source still holds (asked with lastSeen 1: 0
+        invites duplicate rows), None where it shows none: nvml.h lists only processes
+        with some utilization, so an idle GPU's memory shows nothing of how far it reaches.
+        Counted among the re-queries. Raises NvmlError where the source fails."""
+        source = self.source
+        if source is None or source is Source.ACCOUNTING:
+            return None
+        self.stats.requeries["memory_reach"] += 1
+        try:
+            raw = self._rows(source, 1)
+        except (NoData, NotSupported):  # NOT_SUPPORTED: the poll's read leaves the source
+            return None
+        rows = self._clean(raw, max(now_us, self.grid_until_us), 1)[0]
+        return min((s.timestamp_us for s in rows), default=None)
+
     # -- reading ------------------------------------------------------------------------------
 
     def read(
@@ -304,10 +331,7 @@ class EvidenceReader:
         catch_up: Callable[[int], None] | None,
     ) -> Reading:
         since = max(1, self.cursor_us)  # lastSeen 0 invites duplicate rows (Kepler)
-        if source is Source.UTILIZATION_INFO:
-            raw = self._nvml.processes_utilization_info(self._device, since)
-        else:
-            raw = self._nvml.process_samples(self._device, since)
+        raw = self._rows(source, since)
         newest_us = max((s.timestamp_us for s in raw if s.pid and s.sm_util <= 100), default=0)
         if catch_up is not None and newest_us > max(self.grid_until_us, device_cursor_us):
             # Whether a row is on the device's grid (an average since lastSeen) or not (one
@@ -329,6 +353,11 @@ class EvidenceReader:
             self._isolated(source, due, rows[-1].timestamp_us, now_us, reading)
         self._read_us = now_us
         return reading
+
+    def _rows(self, source: Source, since_us: int) -> list[UtilSample]:
+        if source is Source.UTILIZATION_INFO:
+            return self._nvml.processes_utilization_info(self._device, since_us)
+        return self._nvml.process_samples(self._device, since_us)
 
     def _ambiguous(self, s: UtilSample, since_us: int) -> bool:
         """Whether row ``s`` may be the mean of several of its PID's samples. A new PID's
@@ -352,10 +381,7 @@ class EvidenceReader:
         driver's threshold)."""
         self.stats.requeries[reason] += 1
         try:
-            if source is Source.UTILIZATION_INFO:
-                raw = self._nvml.processes_utilization_info(self._device, since_us)
-            else:
-                raw = self._nvml.process_samples(self._device, since_us)
+            raw = self._rows(source, since_us)
         except NvmlError:
             return None
         # Later than the poll's start on a loaded host: the device's newest period is too.

@@ -68,6 +68,9 @@ DEFAULT_RING_US = 20_000_000  # a ring this long is assumed until the driver sho
 # While a GPU is lost, time older than this (or than its ring, if longer) is given up as a
 # gap at each window close; a shorter ring learnt at start may only mean a young driver.
 MIN_HOLD_US = 60_000_000
+# No device series: a stretch this long unread (polls failing, the agent down) is checked
+# against how far back the driver's per-process memory reaches; what it has dropped is a gap.
+UNREAD_CHECK_US = 5_000_000
 # Busy time is apportioned at every window close, at least this often (a longer window still
 # settles), and at every poll while an exited process drains. Each settlement fits again
 # every period whose evidence is not all in (seconds of them under stale per-PID stamps), so
@@ -219,6 +222,12 @@ class DeviceState:
     down_us: tuple[int, int, int] | None = None
     has_series: bool = True  # False: nvmlDeviceGetSamples is not supported
     ring_us: int | None = None  # how far back the driver's ring reaches; None: not yet seen
+    # No device series: wall µs through which its processes' own evidence was read (what
+    # the driver keeps of the time since is read at the next poll), and how far back its
+    # per-process memory was seen to reach (None: not seen since the meter began or the GPU
+    # was lost; a reset may have emptied it).
+    read_through_us: int = 0
+    process_reach_us: int | None = None
     books: Books = field(default_factory=lambda: Books(0))
     # The state as of the last window close, which a restart resumes from (the books'
     # attributed µs excepted: those follow every write, finals between closes included).
@@ -509,8 +518,16 @@ class Meter:
             # First start: what ran before the agent existed is not ours to bill.
             ds.cursor_us = ds.settled_us = newest
         ds.committed_us = ds.settled_us
+        ds.read_through_us = int(
+            saved.get("read_through_us", ds.settled_us) if saved else ds.settled_us
+        )
         if ds.evidence is not None:
             ds.evidence.start(ds.settled_us)
+            if listed and not ds.has_series:
+                try:
+                    self._learn_reach(ds, now_us)
+                except NvmlError as exc:  # learnt at the first poll that needs it
+                    self._count_error(exc)
 
     def _ring_bounds(self, ds: DeviceState, now_us: int) -> int | None:
         """The newest period the driver holds (learning how far back its ring reaches)."""
@@ -578,6 +595,8 @@ class Meter:
             "books": _books_entry(ds.books),
             "lost": ds.lost_at_us is not None,
         }
+        if not ds.has_series:
+            doc["read_through_us"] = ds.read_through_us
         if ds.quiet.dry:
             doc["dry"] = True  # so that what the ring shows of the time it was down is idle
         if ds.evidence is not None:
@@ -678,6 +697,8 @@ class Meter:
             self._gap_all(ds, usage_pb2.GAP_REASON_CLOCK_STEP, -step_us)
         busy_fraction = self._read_series(ds, max(step_us, 0)) if ds.has_series else 0.0
         assert ds.evidence is not None
+        if not ds.has_series:
+            self._unread_gap(ds, now_us)
         # Known: listed now, or exited and still draining (its last samples come late).
         reading = ds.evidence.read(
             now_us, set(ds.processes), fresh, ds.cursor_us, lambda us: self._catch_up(ds, us)
@@ -685,8 +706,39 @@ class Meter:
         ds.evidence.judge(reading, busy_fraction)
         self._take_evidence(ds, reading)
         draining = any(t.gone_at_us is not None for t in ds.tracked())
+        ds.read_through_us = now_us
         if self._now_mono_us >= ds.next_settle_mono_us or draining:
             self._settle_device(ds, now_us)
+
+    def _unread_gap(self, ds: DeviceState, now_us: int) -> None:
+        """No device series: what the driver's per-process memory no longer holds of the
+        time since the evidence was last read (polls failing, the agent down, the GPU lost)
+        is a gap of the hole's reason; idle time would show no row either, and cannot be
+        told from it. How far back that memory reaches is documented nowhere: at least as
+        far as its oldest row (nvml.h lists only processes with some utilization). Where the
+        source fails (NvmlError), so does the poll, and nothing is given up."""
+        assert ds.evidence is not None
+        if now_us - ds.read_through_us > UNREAD_CHECK_US and ds.evidence.forgets:
+            self._learn_reach(ds, now_us)
+            self._give_up_unread(ds, now_us - (ds.process_reach_us or 0), ds.hole_reason)
+        ds.hole_reason = usage_pb2.GAP_REASON_RING_OVERFLOW
+
+    def _learn_reach(self, ds: DeviceState, now_us: int) -> None:
+        assert ds.evidence is not None
+        oldest_us = ds.evidence.oldest_held_us(now_us)
+        if oldest_us is not None and oldest_us < now_us:
+            # It holds the row stamped ``oldest_us``: the next query asks from just before.
+            ds.process_reach_us = max(ds.process_reach_us or 0, now_us - oldest_us + 1)
+
+    def _give_up_unread(self, ds: DeviceState, horizon_us: int, reason: int) -> None:
+        """No device series: the time unread before ``horizon_us`` is a gap of ``reason``,
+        and no row stamped in it is billed later."""
+        assert ds.evidence is not None
+        if horizon_us <= ds.read_through_us or not ds.evidence.forgets:
+            return
+        self._gap_spans(ds, reason, [(ds.read_through_us, horizon_us)], 0)
+        ds.read_through_us = horizon_us
+        ds.evidence.skip_to(horizon_us)
 
     def _settle_device(self, ds: DeviceState, now_us: int, through_us: int | None = None) -> None:
         ds.next_settle_mono_us = self._now_mono_us + SETTLE_INTERVAL_US
@@ -1261,6 +1313,7 @@ class Meter:
         log.error("%s: GPU lost (%s); what its ring does not keep is a gap", ds.device.uuid, exc)
         ds.lost_at_us = now_us
         ds.hole_reason = usage_pb2.GAP_REASON_GPU_LOST
+        ds.process_reach_us = None  # a reset empties the driver's memory of the GPU
         self._listings.lost(self._clock.monotonic() + self._reopen_interval_s)
 
     def _watch_instances(self, now_us: int) -> None:
@@ -1484,8 +1537,12 @@ class Meter:
         """Give up the time the ring of a GPU that cannot be read (lost, or its polls
         failing) no longer holds, as a gap of ``reason``."""
         self._gap_downtime(ds)  # a MIG instance lost at a restart
-        ring_us = ds.ring_us or DEFAULT_RING_US
+        ring_us = (ds.ring_us if ds.has_series else ds.process_reach_us) or DEFAULT_RING_US
         horizon = now_us - (max(ring_us, MIN_HOLD_US) if hold_us is None else hold_us)
+        if not ds.device.is_mig and not ds.has_series:
+            self._settle_device(ds, now_us)
+            self._give_up_unread(ds, horizon, reason)
+            return
         if ds.settled_us >= horizon:
             return
         if not ds.device.is_mig:
@@ -1557,7 +1614,7 @@ class Meter:
             if ds.lost_at_us is not None:
                 self._give_up_lost(ds, now_us)
             elif not ds.device.is_mig and not ds.settled_now and not ds.configured_away:
-                if ds.failed_polls and ds.has_series:
+                if ds.failed_polls:
                     # Unread while its polls fail: what the ring has dropped by now is a gap
                     # now, not only once a poll reads again, which may be never.
                     self._give_up(ds, now_us, usage_pb2.GAP_REASON_NVML_ERROR)
