@@ -109,6 +109,11 @@ class Nvml(Protocol):
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]: ...
 
+    def graphics_processes(self, device: Device) -> list[ComputeProcess]:
+        """The processes with a graphics context (OpenGL, Vulkan, DirectX), which nvml.h
+        leaves out of the compute list; one with both contexts is in both lists."""
+        ...
+
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
         """Per-process samples newer than ``since_us``, unfiltered: the meter drops quirks.
 

@@ -228,6 +228,7 @@ class DeviceState:
     # was lost; a reset may have emptied it).
     read_through_us: int = 0
     process_reach_us: int | None = None
+    graphics_listed: bool = True  # False: the driver has no graphics process list
     books: Books = field(default_factory=lambda: Books(0))
     # The state as of the last window close, which a restart resumes from (the books'
     # attributed µs excepted: those follow every write, finals between closes included).
@@ -682,7 +683,7 @@ class Meter:
             # GPM counts time itself: no driver timestamps.
             self._poll_instance(ds, now_us, unlisted=listed is None)
             return
-        listed = self._nvml.compute_processes(ds.device)
+        listed = self._whole_gpu_processes(ds)
         if any(p.gpu_instance_id is not None for p in listed):
             # In MIG mode since this session began: those processes are its instances'.
             log.info("%s: processes on MIG instances: listing devices again", ds.device.uuid)
@@ -709,6 +710,25 @@ class Meter:
         ds.read_through_us = now_us
         if self._now_mono_us >= ds.next_settle_mono_us or draining:
             self._settle_device(ds, now_us)
+
+    def _whole_gpu_processes(self, ds: DeviceState) -> list[ComputeProcess]:
+        """The processes with a compute or a graphics context. nvml.h leaves graphics
+        applications (OpenGL, Vulkan, DirectX) out of the compute list, and their kernels are
+        the device's busy time as any: unlisted, a process alone in the compute list took
+        their time (and shared, it went unattributed). A graphics list the driver will never
+        answer (NOT_SUPPORTED, NO_PERMISSION) is asked no more; any other failure fails the
+        poll, as the compute list's does."""
+        listed = self._nvml.compute_processes(ds.device)
+        if not ds.graphics_listed:
+            return listed
+        try:
+            graphics = self._nvml.graphics_processes(ds.device)
+        except (NotSupported, NotPermitted) as exc:
+            log.warning("%s: graphics processes cannot be listed (%s)", ds.device.uuid, exc)
+            ds.graphics_listed = False
+            return listed
+        pids = {p.pid for p in listed}
+        return listed + [p for p in graphics if p.pid not in pids]
 
     def _unread_gap(self, ds: DeviceState, now_us: int) -> None:
         """No device series: what the driver's per-process memory no longer holds of the

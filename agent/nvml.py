@@ -67,11 +67,15 @@ _UNAVAILABLE_HINTS = {
 }
 # Newest first. Drivers before R450 have only the unversioned call (nvmlProcessInfo_v1_t
 # entries, NVIDIA/go-nvml#21, Syllo/nvtop#107); 535.98 took _v3 away again (nvitop PR #89).
-_PROCESS_LISTS = (
-    "nvmlDeviceGetComputeRunningProcesses_v3",
-    "nvmlDeviceGetComputeRunningProcesses_v2",
-    "nvmlDeviceGetComputeRunningProcesses",
-)
+# The graphics list the same way: nvitop PR #79 read both at 32 bytes on R535.
+_PROCESS_LISTS = {
+    kind: (
+        f"nvmlDeviceGet{kind}RunningProcesses_v3",
+        f"nvmlDeviceGet{kind}RunningProcesses_v2",
+        f"nvmlDeviceGet{kind}RunningProcesses",
+    )
+    for kind in ("Compute", "Graphics")
+}
 
 
 def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
@@ -108,7 +112,7 @@ class PynvmlNvml:
         self._handles: dict[str, Any] = {}
         self._devices: dict[str, Device] = {}
         self._mig_gpus: list[Device] = []
-        self._process_list: str | None = None  # the newest of _PROCESS_LISTS the driver has
+        self._process_lists: dict[str, str] = {}  # kind -> the newest call the driver has
         # The size of the entries the driver writes there, as last measured (None: not yet).
         self.process_entry_bytes: int | None = None
         self._gpm_samples: dict[str, Any] = {}  # device uuid -> previous GPM sample
@@ -227,21 +231,27 @@ class PynvmlNvml:
     # -- processes and samples ---------------------------------------------------------------
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
+        return self._listed(device, "Compute")
+
+    def graphics_processes(self, device: Device) -> list[ComputeProcess]:
+        return self._listed(device, "Graphics")
+
+    def _listed(self, device: Device, kind: str) -> list[ComputeProcess]:
         handle = self._handle(device.uuid)
-        what = f"{device.uuid} compute processes"
+        what = f"{device.uuid} {kind.lower()} processes"
         try:
-            return self._running_processes(handle)
+            return self._running_processes(handle, kind)
         except pynvml.NVMLError as exc:
             raise translate(exc, what) from exc
 
-    def _running_processes(self, handle: Any) -> list[ComputeProcess]:
+    def _running_processes(self, handle: Any, kind: str) -> list[ComputeProcess]:
         """nvmlDeviceGetComputeRunningProcesses_v3 (or the newest older one the driver has),
         read straight from the buffer in entries of the size the driver wrote
         (``process_entries``): not through pynvml's wrapper, which reads nvml.h's size and
         turns each entry into a "friendly object" whose attribute access costs more than
         everything else the agent does per process, and this list is read for every device
         at every poll."""
-        answer, count = _sized_call(self._process_list_call(), handle)
+        answer, count = _sized_call(self._process_list_call(kind), handle)
         if not count:
             return []
         size = process_entries.entry_bytes(answer, count)
@@ -251,24 +261,24 @@ class PynvmlNvml:
             self._measured_entries(size)
         return process_entries.processes(answer, count, size)
 
-    def _process_list_call(self) -> Any:
-        """The newest process list call the driver has (where it lacks _v3, pynvml's own
-        wrapper raises NVMLLibraryMismatchError); each writes entries of a size of its own,
-        which are measured, so an older call needs nothing else."""
-        if self._process_list is None:
-            for name in _PROCESS_LISTS:
-                try:
-                    fn = pynvml._nvmlGetFunctionPointer(name)
-                except pynvml.NVMLError_FunctionNotFound:
-                    continue
-                if name != _PROCESS_LISTS[0]:
-                    log.info(
-                        "the driver lacks %s: processes are listed by %s", _PROCESS_LISTS[0], name
-                    )
-                self._process_list = name
-                return fn
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        return pynvml._nvmlGetFunctionPointer(self._process_list)
+    def _process_list_call(self, kind: str) -> Any:
+        """The newest process list call of ``kind`` the driver has (where it lacks _v3,
+        pynvml's own wrapper raises NVMLLibraryMismatchError); each writes entries of a size
+        of its own, which are measured, so an older call needs nothing else."""
+        known = self._process_lists.get(kind)
+        if known is not None:
+            return pynvml._nvmlGetFunctionPointer(known)
+        names = _PROCESS_LISTS[kind]
+        for name in names:
+            try:
+                fn = pynvml._nvmlGetFunctionPointer(name)
+            except pynvml.NVMLError_FunctionNotFound:
+                continue
+            if name != names[0]:
+                log.info("the driver lacks %s: processes are listed by %s", names[0], name)
+            self._process_lists[kind] = name
+            return fn
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
 
     def _measured_entries(self, size: int) -> None:
         nvml_h = process_entries.NVML_H_ENTRY_BYTES

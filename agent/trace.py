@@ -48,6 +48,7 @@ NVML_CALLS = (
     "devices",
     "mig_gpus",
     "compute_processes",
+    "graphics_processes",
     "process_samples",
     "processes_utilization_info",
     "accounting_enabled",
@@ -126,7 +127,7 @@ def decode(fn: str, value: Any) -> Any:
         return None
     if fn in ("devices", "mig_gpus"):
         return [Device(**d) for d in value]
-    if fn == "compute_processes":
+    if fn in ("compute_processes", "graphics_processes"):
         return [ComputeProcess(**p) for p in value]
     if fn in ("process_samples", "processes_utilization_info"):
         return [UtilSample(*row) for row in value]
@@ -218,6 +219,10 @@ class TracingNvml:
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         fn = self._inner.compute_processes
         return list(self._traced("compute_processes", [device.uuid], lambda: fn(device)))
+
+    def graphics_processes(self, device: Device) -> list[ComputeProcess]:
+        fn = self._inner.graphics_processes
+        return list(self._traced("graphics_processes", [device.uuid], lambda: fn(device)))
 
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
         fn = self._inner.process_samples

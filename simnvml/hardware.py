@@ -323,10 +323,14 @@ class SimGpu:
 
     # -- contexts -----------------------------------------------------------------------------
 
-    def context_processes(self, now_us: int, mig: SimMigDevice | None = None) -> list[SimProcess]:
-        """Processes holding a context now: all of the GPU's, or one MIG instance's."""
+    def context_processes(
+        self, now_us: int, mig: SimMigDevice | None = None, *, kind: str = "compute"
+    ) -> list[SimProcess]:
+        """Processes holding a context of ``kind`` now ("compute", "graphics" or "any"):
+        all of the GPU's, or one MIG instance's."""
         procs = mig.processes if mig is not None else self.processes
-        return [p for p in procs if p.holds_context(now_us)]
+        left_out = {"compute": "graphics", "graphics": "compute"}.get(kind)
+        return [p for p in procs if p.holds_context(now_us) and p.spec.context != left_out]
 
     def accounted_process(self, pid: int, now_us: int) -> SimProcess | None:
         """The latest process with ``pid`` that started on this GPU by ``now_us``."""

@@ -120,6 +120,7 @@ def parse_driver(t: Table, base: DriverSpec) -> DriverSpec:
         accounting_v2=t.boolean("accounting_v2", base.accounting_v2),
         mps=t.boolean("mps", base.mps),
         process_entry_bytes=t.integer("process_entry_bytes", base.process_entry_bytes),
+        graphics_list=t.boolean("graphics_list", base.graphics_list),
     )
     if spec.process_entry_bytes not in PROCESS_INFO_BY_SIZE:
         raise t.error("process_entry_bytes", "must be 16, 24 or 32")
@@ -301,10 +302,24 @@ def _parse_process(t: Table, ordinal: int, gpus: tuple[GpuSpec, ...], seed: int)
         pod_uid=t.string("pod_uid", ""),
         busy=(),
         proc_exit_lead_us=lead_us,
+        context=_context(t, gpus[gpu_index]),
     )
     busy = _busy(t, spec, seed)
     t.finish()
     return dataclasses.replace(spec, busy=busy)
+
+
+CONTEXTS = ("compute", "graphics", "both")
+
+
+def _context(t: Table, gpu: GpuSpec) -> str:
+    context = t.string("context", "compute")
+    if context not in CONTEXTS:
+        raise t.error("context", f"must be one of {', '.join(CONTEXTS)}, not {context!r}")
+    if context != "compute" and gpu.mig_enabled:
+        # The MIG user guide: graphics contexts are not supported on MIG instances.
+        raise t.error("context", f"GPU {gpu.index} is in MIG mode: no graphics contexts")
+    return context
 
 
 def _process_instance(t: Table, gpu: GpuSpec) -> tuple[int | None, int | None]:

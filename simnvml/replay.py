@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from creditmeter.agent import trace
-from creditmeter.agent.errors import GpuLost, ProcessGone
+from creditmeter.agent.errors import GpuLost, NotSupported, ProcessGone
 from creditmeter.agent.gpu import (
     AccountingCounters,
     ComputeProcess,
@@ -180,6 +180,14 @@ class ReplayNvml:
 
     def compute_processes(self, device: Device) -> list[ComputeProcess]:
         return list(self._answer(("compute_processes", device.uuid)))
+
+    def graphics_processes(self, device: Device) -> list[ComputeProcess]:
+        """As recorded; a trace recorded before agents asked this answers NOT_SUPPORTED, as
+        a driver without the list would, not as a call past the recorded answers."""
+        key = ("graphics_processes", device.uuid)
+        if not self._answers.holds(key):
+            raise NotSupported(f"{device.uuid}: the trace predates graphics process lists", 3)
+        return list(self._answer(key))
 
     def process_samples(self, device: Device, since_us: int) -> list[UtilSample]:
         return list(self._rows("process_samples", device, since_us))

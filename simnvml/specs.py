@@ -94,6 +94,9 @@ class DriverSpec:
     # The size of the entries nvmlDeviceGetComputeRunningProcesses_v3 writes: 24 as nvml.h
     # lays them out, 32 on R535 (usedGpuCcProtectedMemory appended), 16 (nvmlProcessInfo_v1_t).
     process_entry_bytes: int = 24
+    # False: nvmlDeviceGetGraphicsRunningProcesses answers NOT_SUPPORTED (nvml.h: "for
+    # Kepler or newer fully supported devices" only).
+    graphics_list: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,10 @@ class ProcessSpec:
     pod_uid: str
     busy: tuple[BusySpan, ...]
     proc_exit_lead_us: int  # /proc entry disappears this long before NVML stops listing it
+    # The contexts it holds: "compute" (CUDA), "graphics" (OpenGL, Vulkan, DirectX) or
+    # "both". nvml.h: the compute list has no graphics applications; the graphics list has
+    # only those. Its kernels count in the device's utilization and its own samples either way.
+    context: str = "compute"
 
     def alive_at(self, t_us: int) -> bool:
         """Holds its GPU context at ``t_us``."""

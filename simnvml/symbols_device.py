@@ -68,7 +68,7 @@ def get_index(core: DriverCore, handle: Any, out: Any) -> int:
 
 def _memory(ref: DeviceRef, now_us: int) -> tuple[int, int]:
     total = ref.mig.spec.memory_total_bytes if ref.mig else ref.gpu.spec.memory_total_bytes
-    procs = ref.gpu.context_processes(now_us, ref.mig)
+    procs = ref.gpu.context_processes(now_us, ref.mig, kind="any")
     used = sum(p.spec.memory_bytes or 0 for p in procs)
     return total, min(used, total)
 
@@ -116,9 +116,11 @@ def compute_processes(
     count: Any,
     infos: Any,
     entry: type[ctypes.Structure] = ProcessInfo,
+    kind: str = "compute",
 ) -> int:
-    """Contexts held now. On a MIG parent: all, with their instance ids; on an instance:
-    its own. NULL buffer: SUCCESS when there are none, else INSUFFICIENT_SIZE with the count.
+    """Compute contexts held now (``kind`` "graphics": graphics ones). On a MIG parent:
+    all, with their instance ids; on an instance: its own. NULL buffer: SUCCESS when there
+    are none, else INSUFFICIENT_SIZE with the count.
 
     nvml.h: on a MIG GPU the aggregate list is "only if the caller has appropriate
     privileges" (the error is not documented: NO_PERMISSION, as a container gets from
@@ -131,7 +133,7 @@ def compute_processes(
         fail(Ret.NOT_SUPPORTED)
     if ref.mig is None and ref.gpu.spec.mig_enabled and not core.host.scenario.host.privileged:
         fail(Ret.NO_PERMISSION)
-    procs = ref.gpu.context_processes(now_us, ref.mig)
+    procs = ref.gpu.context_processes(now_us, ref.mig, kind=kind)
     n = target(count)
     if infos is None or n.value < len(procs):
         n.value = len(procs)
@@ -142,6 +144,32 @@ def compute_processes(
     copy_out(infos, entry, [_process_info(p)[:fields] for p in procs])
     n.value = len(procs)
     return Ret.SUCCESS
+
+
+def graphics_processes_v3(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+    """nvmlDeviceGetGraphicsRunningProcesses_v3: the processes with a graphics context
+    (nvml.h: "applications using OpenGL, DirectX"), which the compute list leaves out
+    (wookayin/gpustat#18: glxgears listed by this call only). Entries as the compute list's:
+    nvitop PR #79 read both lists at 32 bytes on R535. None on a MIG instance: the MIG user
+    guide supports no graphics contexts there."""
+    size = core.device(handle, core.now_us()).gpu.driver.process_entry_bytes
+    return graphics_processes(core, handle, count, infos, PROCESS_INFO_BY_SIZE[size])
+
+
+def graphics_processes_v1(core: DriverCore, handle: Any, count: Any, infos: Any) -> int:
+    return graphics_processes(core, handle, count, infos, ProcessInfoV1)
+
+
+def graphics_processes(
+    core: DriverCore,
+    handle: Any,
+    count: Any,
+    infos: Any,
+    entry: type[ctypes.Structure] = ProcessInfo,
+) -> int:
+    if not core.device(handle, core.now_us()).gpu.driver.graphics_list:
+        fail(Ret.NOT_SUPPORTED)
+    return compute_processes(core, handle, count, infos, entry, kind="graphics")
 
 
 def _process_info(p: SimProcess) -> tuple[int, int, int, int, int]:
@@ -248,6 +276,7 @@ def symbols(
         "nvmlDeviceGetMemoryInfo": memory_info,
         "nvmlDeviceGetMemoryInfo_v2": memory_info_v2,
         "nvmlDeviceGetComputeRunningProcesses": compute_processes_v1,
+        "nvmlDeviceGetGraphicsRunningProcesses": graphics_processes_v1,
         "nvmlDeviceGetTotalEnergyConsumption": total_energy,
         "nvmlDeviceGetPowerUsage": power_usage,
         "nvmlDeviceGetAccountingStats": accounting_stats,
@@ -257,6 +286,8 @@ def symbols(
         table["nvmlDeviceGetAccountingStats_v2"] = accounting_stats_v2
     if has_v2:
         table["nvmlDeviceGetComputeRunningProcesses_v2"] = compute_processes
+        table["nvmlDeviceGetGraphicsRunningProcesses_v2"] = graphics_processes
     if has_v3:
         table["nvmlDeviceGetComputeRunningProcesses_v3"] = compute_processes_v3
+        table["nvmlDeviceGetGraphicsRunningProcesses_v3"] = graphics_processes_v3
     return table

@@ -147,7 +147,7 @@ def _garbage(core: DriverCore, gpu: SimGpu, now_us: int, cursor_us: int) -> list
     latest = gpu.latest_stamp_us(now_us)
     if latest is None:
         return []
-    holders = gpu.context_processes(now_us) or list(gpu.processes)
+    holders = gpu.context_processes(now_us, kind="any") or list(gpu.processes)
     used = {p.pid for p in core.host.processes}
     alien = next(pid for pid in range(4_194_303, 0, -1) if pid not in used)
     real = holders[0].pid if holders else alien

@@ -75,6 +75,24 @@ def _entries_without(path: Path, out: Path, drop: str, last: bool) -> None:
         f.write("".join(lines))
 
 
+def test_a_trace_recorded_before_graphics_lists_replays_as_a_driver_without_one(
+    tmp_path: Path,
+) -> None:
+    """Agents before graphics process lists recorded none: such a trace answers
+    NOT_SUPPORTED to a meter that asks, as a driver without the list would, and replays to
+    its result call for call."""
+    path = FIXTURES / "timeslice-ideal.jsonl.gz"
+    with open_text(path, "r") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("f") != "graphics_processes"]
+    assert len(kept) < len(lines)
+    older = tmp_path / "older.jsonl.gz"
+    with open_text(older, "w") as f:
+        f.write("".join(kept))
+    assert summary(replay_trace(older)) == path.with_name("timeslice-ideal.txt").read_text()
+    assert replayed(older)[1] == ""
+
+
 def test_a_trace_short_of_an_answer_is_no_reproduction_and_exit_1(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
