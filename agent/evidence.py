@@ -224,8 +224,9 @@ class EvidenceReader:
     def forgets(self) -> bool:
         """Whether what the source shows of a span is lost once the driver has kept it long
         enough: sampled rows are kept for a while only; accounting counters count from the
-        process's start, and lose nothing of any span in between."""
-        return self.source is not Source.ACCOUNTING
+        process's start, and lose nothing of any span in between. With no source, there is
+        nothing to lose."""
+        return self.source not in (Source.ACCOUNTING, None)
 
     def oldest_held_us(self, now_us: int) -> int | None:
         """The stamp of the oldest row the source still holds (asked with lastSeen 1: 0

@@ -229,6 +229,7 @@ class DeviceState:
     read_through_us: int = 0
     process_reach_us: int | None = None
     graphics_listed: bool = True  # False: the driver has no graphics process list
+    unmeasurable: bool = False  # no device series and no per-process source (logged once)
     books: Books = field(default_factory=lambda: Books(0))
     # The state as of the last window close, which a restart resumes from (the books'
     # attributed µs excepted: those follow every write, finals between closes included).
@@ -705,11 +706,29 @@ class Meter:
             now_us, set(ds.processes), fresh, ds.cursor_us, lambda us: self._catch_up(ds, us)
         )
         ds.evidence.judge(reading, busy_fraction)
+        if not ds.has_series and ds.evidence.source is None:
+            self._unmeasurable(ds, now_us)
         self._take_evidence(ds, reading)
         draining = any(t.gone_at_us is not None for t in ds.tracked())
         ds.read_through_us = now_us
         if self._now_mono_us >= ds.next_settle_mono_us or draining:
             self._settle_device(ds, now_us)
+
+    def _unmeasurable(self, ds: DeviceState, now_us: int) -> None:
+        """No device series and no per-process source (a virtual GPU without accounting
+        mode): nothing measures its processes' busy time, so their time since the last poll
+        that read is a NO_UTILIZATION_SIGNAL gap, never idle. It used to be nothing at all:
+        no record, no gap."""
+        if not ds.unmeasurable:
+            log.error(
+                "%s: neither a device series nor any per-process source answers: its "
+                "processes' time is a NO_UTILIZATION_SIGNAL gap (accounting mode would "
+                "measure them: nvidia-smi -am 1)",
+                ds.device.uuid,
+            )
+            ds.unmeasurable = True
+        present = [t for t in ds.tracked() if t.listed or t.gone_at_us == now_us]
+        self._no_signal(present, max(0, now_us - ds.read_through_us))
 
     def _whole_gpu_processes(self, ds: DeviceState) -> list[ComputeProcess]:
         """The processes with a compute or a graphics context. nvml.h leaves graphics

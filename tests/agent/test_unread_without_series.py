@@ -32,6 +32,11 @@ pid = 7
 gpu = 0
 start_s = 0.5
 """
+NO_SOURCE = (
+    "\n[driver]\ndevice_series = false\nutilization_info = false\n"
+    "legacy_process_utilization = false\n"
+)
+NO_SIGNAL = usage_pb2.GAP_REASON_NO_UTILIZATION_SIGNAL
 NVML_ERROR = usage_pb2.GAP_REASON_NVML_ERROR
 AGENT_DOWN = usage_pb2.GAP_REASON_AGENT_DOWN
 GPU_LOST = usage_pb2.GAP_REASON_GPU_LOST
@@ -119,3 +124,19 @@ def test_accounting_counters_lose_nothing_of_the_time_the_agent_was_down() -> No
     ideal = run_scenario(scenario)
     assert run.measured_us() == ideal.measured_us()
     assert not run.gaps_us()
+
+
+def test_with_no_series_and_no_source_each_process_carries_its_time_as_a_gap() -> None:
+    """A virtual GPU without accounting mode: nothing measures its processes, and their
+    records say so. It used to write nothing at all: no record, no gap."""
+    scenario = timeslice(NO_SOURCE)
+    run = with_restart(scenario, 60.0, 120.0)
+    assert set(run.measured_us().values()) == {0}
+    gaps = process_gaps_us(run, NO_SIGNAL)
+    for key, truth in run.truth_us().items():
+        life = next(p for p in scenario.processes if p.pid == key.pid)
+        assert truth <= gaps[key]
+        # Listed from its start (to the poll after) until it exited, the agent's downtime
+        # included: that time was as unmeasurable.
+        listed_us = (life.exit_us or 0) - life.start_us
+        assert listed_us - 1e6 <= gaps[key] <= listed_us + 1e6, (key, gaps[key])
