@@ -252,6 +252,7 @@ def open_metering(stack: ExitStack, config: Config) -> Metering:
         state=outbox.state().get(STATE_KEY),
         reopen_interval_s=config[settings.REOPEN_INTERVAL],
         payers=LabelsAndJobs(registry),
+        idle_record_s=config[settings.IDLE_RECORD_INTERVAL],
     )
     flusher = Flusher(outbox, max_pending=config[settings.MAX_HELD])
     telemetry = AgentTelemetry(Registry())

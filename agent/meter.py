@@ -68,6 +68,10 @@ DEFAULT_RING_US = 20_000_000  # a ring this long is assumed until the driver sho
 # While a GPU is lost, time older than this (or than its ring, if longer) is given up as a
 # gap at each window close; a shorter ring learnt at start may only mean a young driver.
 MIN_HOLD_US = 60_000_000
+# A device whose books stay empty (idle: no busy time, none unattributed, no gap) still
+# writes a device record this often, so that the collector can tell an idle host from one
+# whose agent is down or cut off: either way no usage comes, and only this says which.
+IDLE_RECORD_S = 300.0
 # No device series: a stretch this long unread (polls failing, the agent down) is checked
 # against how far back the driver's per-process memory reaches; what it has dropped is a gap.
 UNREAD_CHECK_US = 5_000_000
@@ -230,6 +234,7 @@ class DeviceState:
     process_reach_us: int | None = None
     graphics_listed: bool = True  # False: the driver has no graphics process list
     unmeasurable: bool = False  # no device series and no per-process source (logged once)
+    recorded_through_us: int = 0  # wall µs its latest device record ends (or metering began)
     books: Books = field(default_factory=lambda: Books(0))
     # The state as of the last window close, which a restart resumes from (the books'
     # attributed µs excepted: those follow every write, finals between closes included).
@@ -319,14 +324,18 @@ class Meter:
         state: bytes | None = None,
         reopen_interval_s: float = 5.0,
         payers: Payers | None = None,
+        idle_record_s: float = IDLE_RECORD_S,
     ) -> None:
         """``payers``: who each process's time is billed to (default: its account label),
-        asked where a reading has no per-process evidence to split it by."""
+        asked where a reading has no per-process evidence to split it by.
+        ``idle_record_s``: a device with nothing in its books writes an empty device record
+        at least this often (0: never)."""
         self._nvml = nvml
         self._payers: Payers = payers if payers is not None else LabelsAndJobs()
         self._proc = processes
         self._clock = clock
         self._reopen_interval_s = reopen_interval_s
+        self._idle_record_us = _us(idle_record_s)
         self._listed_us = 0  # wall µs the driver's devices were last listed
         self._mig_gpus: dict[str, Device] = {}  # GPUs in MIG mode, as their parent devices
         self._unwatched: set[str] = set()  # ... whose processes cannot be listed
@@ -430,6 +439,7 @@ class Meter:
         """``created_after_us``: a device created while this meter ran, after the listing at
         that moment; its processes are metered from there, not from now."""
         ds = DeviceState(device, SeriesStamps(self._clock), books=Books(now_us))
+        ds.recorded_through_us = now_us
         self._devices[device.uuid] = ds
         if not device.is_mig:
             ev_state = saved.get("evidence") if saved else None
@@ -1705,13 +1715,23 @@ class Meter:
         young = now_us - ds.books.start_us < LOST_BOOKS_US
         return ds.lost_at_us is not None and ds.books.gaps_only and young and not all_books
 
+    def _idle_record_due(self, ds: DeviceState, now_us: int) -> bool:
+        """Whether an empty device record is due: none written for ``idle_record_s``, and
+        its empty books mean idle. They do not where nothing measures the device (no device
+        series and no per-process source; a MIG instance without GPM), nor while its polls
+        fail or it is lost or configured away: then they only mean unread."""
+        due_us = ds.recorded_through_us + self._idle_record_us
+        return bool(self._idle_record_us) and now_us >= due_us and _measured(ds)
+
     def _close_books(self, ds: DeviceState, now_us: int) -> WindowUsage | None:
         """The device record of a whole GPU or MIG instance: its books since the previous
         one."""
         books = ds.books
         if books.empty:
-            books.start_us = now_us
-            return None
+            if not self._idle_record_due(ds, now_us):
+                books.start_us = now_us
+                return None
+            books.start_us = ds.recorded_through_us  # metered, and idle, all along
         unattributed = []
         for reason in sorted(books.unattributed_pct_us):
             carried = books.carry_pct_us[reason] + books.unattributed_pct_us[reason]
@@ -1723,6 +1743,7 @@ class Meter:
         start = min(books.start_us, now_us, books.first_us or now_us)
         end = max(now_us, books.last_us)
         ds.books = Books(now_us, carry_pct_us=books.carry_pct_us)
+        ds.recorded_through_us = end
         return WindowUsage(
             key=ProcessKey(ds.device.uuid, 0, 0),
             device=ds.device,
@@ -1864,6 +1885,16 @@ def _window(
         quality=usage.quality,
         evidence=usage.evidence if usage.apportioned_pct_us else usage_pb2.EVIDENCE_SOURCE_NONE,
     )
+
+
+def _measured(ds: DeviceState) -> bool:
+    """Whether the device is being measured now, so that books with nothing in them mean
+    that it was idle."""
+    if ds.failed_polls or ds.lost_at_us is not None or ds.configured_away:
+        return False
+    if ds.device.is_mig:
+        return ds.gpm_supported and ds.gpm_from_mono_us is not None
+    return ds.has_series or (ds.evidence is not None and ds.evidence.source is not None)
 
 
 def _device_source(ds: DeviceState) -> int:

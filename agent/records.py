@@ -97,6 +97,7 @@ def _fill_gpu(gpu: usage_pb2.GpuRef, usage: WindowUsage) -> None:
 
 
 def _fill_books(books: usage_pb2.DeviceBooks, of: DeviceBooks) -> None:
+    books.SetInParent()  # an idle device's books are all zeros: present all the same
     books.device_busy_us = of.device_busy_us
     books.attributed_busy_us = of.attributed_busy_us
     for reason, busy_us in of.unattributed_us:

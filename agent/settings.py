@@ -50,6 +50,15 @@ POLL_INTERVAL = Option(
 WINDOW = Option(
     "meter.window", DURATION, 10.0, "Usage windows close this often (and at exits).", gt=0
 )
+IDLE_RECORD_INTERVAL = Option(
+    "meter.idle_record_interval",
+    DURATION,
+    300.0,
+    "A GPU with no busy time, none unattributed and no gap still writes an empty device "
+    "record this often, so that the collector tells an idle host from one whose agent is "
+    "down or cut off (its agents page: last seen); 0: never.",
+    ge=0,
+)
 REOPEN_INTERVAL = Option(
     "meter.reopen_interval",
     DURATION,
@@ -213,6 +222,7 @@ OPTIONS = (
     POLL_INTERVAL,
     WINDOW,
     REOPEN_INTERVAL,
+    IDLE_RECORD_INTERVAL,
     ENV_LABELS,
     BACKEND,
     TRACE,

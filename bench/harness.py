@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from creditmeter.agent.meter import Meter
+from creditmeter.agent.meter import IDLE_RECORD_S, Meter
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.usage import ProcessKey, WindowUsage
 from creditmeter.simnvml import FakeNvmlLibrary, ManualClock, Scenario, SimHost, installed
@@ -124,14 +124,18 @@ def _nearest_burst(bursts: tuple[object, ...], start_us: int, end_us: int) -> in
 
 @contextmanager
 def metered(
-    scenario: Scenario, state: bytes | None = None, *, start_s: float = 0.0
+    scenario: Scenario,
+    state: bytes | None = None,
+    *,
+    start_s: float = 0.0,
+    idle_record_s: float = IDLE_RECORD_S,
 ) -> Iterator[tuple[Run, Meter]]:
     """A meter started at simulated ``start_s`` on a fresh host; yields the run and the meter."""
     host, clock = SimHost.manual(scenario)
     clock.advance(start_s)
     with installed(host) as lib:
         nvml = PynvmlNvml.open()
-        meter = Meter(nvml, host.process_table(), clock, state=state)
+        meter = Meter(nvml, host.process_table(), clock, state=state, idle_record_s=idle_record_s)
         try:
             yield Run(host, clock, lib), meter
         finally:

@@ -26,7 +26,7 @@ from bench.harness import (
 from creditmeter.agent.meter import Meter, MeterStats
 from creditmeter.agent.nvml import PynvmlNvml
 from creditmeter.agent.records import reportable
-from creditmeter.agent.usage import ProcessKey
+from creditmeter.agent.usage import DeviceBooks, ProcessKey
 from creditmeter.simnvml import ManualClock, Scenario, SimHost, installed
 from creditmeter.simnvml.profiles import profile_names
 from creditmeter.simnvml.scenario import shipped_text
@@ -145,7 +145,11 @@ def test_without_a_device_series_no_piece_is_dropped_as_late() -> None:
 def test_an_idle_context_costs_exactly_nothing(reading: str) -> None:
     run = run_scenario(Scenario.load("idle_context").with_overrides(sample_reading=reading))
     assert run.usages  # the meter saw the process, and its exit
-    assert reportable(run.usages) == []  # but no record at all: idle is never billed
+    written = reportable(run.usages)
+    # No process record at all, idle is never billed; only the GPU's empty books, every
+    # IDLE_RECORD_S, which say that it was metered and idle.
+    assert written and all(u.books is not None for u in written)
+    assert {u.books for u in written} == {DeviceBooks(0, 0, (), ())}
     assert all(t == 0 for t in run.truth_us().values())
 
 

@@ -443,6 +443,17 @@ def test_a_gpus_books_go_to_its_rollups_not_to_any_account(verifier: Verifier) -
     }
 
 
+def test_an_idle_gpus_empty_books_verify_and_bill_nothing(verifier: Verifier) -> None:
+    """An idle GPU's agent writes its books every few minutes all the same, all zeros: the
+    collector's agents page then tells an idle host from a silent one."""
+    agent = AgentChain()
+    agent.append(then(device_books(0), shift_interval(T0_US, T0_US + 30 * WINDOW_US)))
+    records = verifier.verify(agent.batch(1, 1), agent.key.public_key()).records
+    assert len(records.rows) == 1 and records.sums == {}
+    gpu = (HOUR0_US, "gpu-host-17", GPU_UUID)
+    assert records.gpu_sums == {(*gpu, "device_busy"): 0, (*gpu, "attributed"): 0}
+
+
 def device_gap(duration_us: int, reason: int) -> Mutator:
     def mutate(rec: usage_pb2.UsageRecord) -> None:
         rec.device.gaps.add(duration_us=duration_us, reason=reason)  # type: ignore[arg-type]
