@@ -43,6 +43,7 @@ from creditmeter.collector import admin_cli, health_cli, quarantine, settings
 from creditmeter.collector.access import ApiAccess, load_access
 from creditmeter.collector.audit import audit
 from creditmeter.collector.auth import AllowEnrolledAgents, Authenticator, CertificateBoundAgents
+from creditmeter.collector.clock import wall_clock_us
 from creditmeter.collector.errors import (
     CollectorError,
     ConfigError,
@@ -247,6 +248,8 @@ def _run_server(config: Config, notifier: Notifier, stopping: threading.Event) -
         store = _open_store(config)
         stack.callback(store.close)
         telemetry.watch_quarantine(lambda: quarantine.held_count(store))
+        silent_after_s = config[settings.AGENT_SILENT_AFTER]
+        telemetry.watch_agents(store.agent_status, wall_clock_us, silent_after_s)
         ingestor = _start_ingest_workers(stack, config)
         server, port = create_server(
             listen,

@@ -120,6 +120,16 @@ STREAM_IDLE_TIMEOUT = Option(
     gt=0,
     le=86_400,
 )
+AGENT_SILENT_AFTER = Option(
+    "server.agent_silent_after",
+    DURATION,
+    900.0,
+    "An enrolled agent whose last batch arrived longer ago than this counts as silent "
+    "(creditmeter_collector_agents_silent): an agent writes at least every "
+    "meter.idle_record_interval (300 s) even when its GPUs idle, so a silent one is down, "
+    "cut off or never delivered.",
+    gt=0,
+)
 HELLO_TIMEOUT = Option(
     "server.hello_timeout",
     DURATION,
@@ -234,6 +244,7 @@ OPTIONS = (
     MAX_STREAMS_PER_AGENT,
     HELLO_TIMEOUT,
     STREAM_IDLE_TIMEOUT,
+    AGENT_SILENT_AFTER,
     INGEST_WORKERS,
     TLS_ENABLED,
     TLS_CERT,

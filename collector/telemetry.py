@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from creditmeter.collector.clock import WallClock
 from creditmeter.collector.errors import (
     ChainFork,
     ChainHole,
@@ -24,6 +25,7 @@ from creditmeter.collector.errors import (
     SeqConflict,
     StoreError,
 )
+from creditmeter.collector.store import AgentStatus
 from creditmeter.metrics import Registry
 from creditmeter.sdnotify import Notifier
 
@@ -128,6 +130,26 @@ class CollectorTelemetry:
             callback=read,
         )
 
+    def watch_agents(
+        self, statuses: Callable[[], list[AgentStatus]], clock_us: WallClock, silent_after_s: float
+    ) -> None:
+        """Reports at every scrape how many enrolled agents are silent (``silent_agents``);
+        NaN while the store cannot answer."""
+
+        def read() -> float:
+            try:
+                return float(silent_agents(statuses(), clock_us(), silent_after_s))
+            except CollectorError:
+                return math.nan
+
+        self.registry.gauge(
+            "creditmeter_collector_agents_silent",
+            "Enrolled agents not revoked whose last batch arrived longer ago than "
+            "server.agent_silent_after, or that never delivered one: down or cut off (an "
+            "agent writes at least every few minutes, idle or not).",
+            callback=read,
+        )
+
     def stream_opened(self) -> None:
         self._streams.inc()
 
@@ -149,6 +171,17 @@ class CollectorTelemetry:
 
     def api_refused(self, method: str, error: Exception) -> None:
         self.api_refusals.labels(method=method).inc()
+
+
+def silent_agents(statuses: list[AgentStatus], now_us: int, silent_after_s: float) -> int:
+    """How many of the agents not revoked have not delivered for ``silent_after_s``: their
+    last batch arrived before then, or none ever did."""
+    since_us = now_us - round(silent_after_s * 1e6)
+    return sum(
+        1
+        for s in statuses
+        if not s.revoked and (s.last_received_us is None or s.last_received_us < since_us)
+    )
 
 
 # -- the health watchdog ------------------------------------------------------------------

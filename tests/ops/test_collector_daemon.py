@@ -34,6 +34,7 @@ COLLECTOR_SERIES = (
     "creditmeter_collector_store_duration_seconds",
     "creditmeter_collector_store_up",
     "creditmeter_collector_api_refusals",
+    "creditmeter_collector_agents_silent",
 )
 
 
@@ -163,6 +164,8 @@ def check_metrics(metrics: dict[str, Any]) -> None:
     assert sample_value(store, "_count", operation="ingest") == 2
     assert sample_value(store, "_count", operation="probe") >= 1
     assert sample_value(metrics["creditmeter_collector_store_up"]) == 1
+    # agent-2 is enrolled and never delivered a batch (its one was refused): silent.
+    assert sample_value(metrics["creditmeter_collector_agents_silent"]) == 1
 
 
 def stored_seqs(db: Path) -> list[int]:
