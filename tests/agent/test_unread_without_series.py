@@ -118,12 +118,17 @@ def test_idle_processes_show_no_rows_so_their_unread_time_is_a_gap_not_idle() ->
 
 
 def test_accounting_counters_lose_nothing_of_the_time_the_agent_was_down() -> None:
-    """Its counters count from each process's start: the whole span is read again."""
+    """Its counters count from each process's start: the whole span is read again. A
+    process that started and ended meanwhile was never listed, so the device's own time
+    then is a gap on its books (not on the processes': theirs is all billed)."""
     scenario = timeslice(ACCOUNTING_ONLY)
     run = with_restart(scenario, 60.0, 120.0)
     ideal = run_scenario(scenario)
     assert run.measured_us() == ideal.measured_us()
     assert not run.gaps_us()
+    (books,) = run.unmeasured_us().values()
+    # From the close at 60 s to the first poll after the start at 120 s.
+    assert books == {AGENT_DOWN: pytest.approx(61e6, abs=1e6)}
 
 
 def test_with_no_series_and_no_source_each_process_carries_its_time_as_a_gap() -> None:
