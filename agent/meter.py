@@ -768,14 +768,15 @@ class Meter:
         source fails (NvmlError), so does the poll, and nothing is given up."""
         assert ds.evidence is not None
         unread_us = now_us - ds.read_through_us
+        reason = ds.hole_reason
         if unread_us > UNREAD_CHECK_US and ds.evidence.forgets:
-            self._learn_reach(ds, now_us)
-            self._give_up_unread(ds, now_us - (ds.process_reach_us or 0), ds.hole_reason)
-        elif unread_us > UNREAD_CHECK_US and ds.hole_reason != usage_pb2.GAP_REASON_RING_OVERFLOW:
+            self._learn_reach(ds, now_us)  # may raise: the reason stays for the next poll
+            self._give_up_unread(ds, now_us - (ds.process_reach_us or 0), reason)
+        elif unread_us > UNREAD_CHECK_US and reason != usage_pb2.GAP_REASON_RING_OVERFLOW:
             # Accounting counters lose nothing of the processes the meter knows, but one that
             # started and ended meanwhile (the agent down, the GPU lost, polls failing) was
             # never listed: the device's own time then is unmeasured.
-            self._device_gap(ds, ds.hole_reason, unread_us)
+            self._device_gap(ds, reason, unread_us)
         ds.hole_reason = usage_pb2.GAP_REASON_RING_OVERFLOW
 
     def _learn_reach(self, ds: DeviceState, now_us: int) -> None:
